@@ -1,0 +1,103 @@
+"""The contract between the serving layer and an inference backend.
+
+An engine receives an already resolved ``SteeringPlan`` (layer -> vector, strength, positions), never
+a persona name, and streams ``TokenChunk``s back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+from server.steering.plan import SteeringPlan
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve as asked (too long for the context, bad sampling values)."""
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens or the context window was reached
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise EngineError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise EngineError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Exactly one of ``prompt`` (raw text) or ``messages`` (rendered with the model's chat template)."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prompt: str | None = None
+    messages: Sequence[ChatMessage] | None = None
+    steering: SteeringPlan | None = None
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise EngineError("a generation request takes either a prompt or messages")
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """A piece of a streamed generation. The last chunk of a stream carries ``finish_reason``."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int  # cumulative, including this chunk
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    backend: str
+    num_layers: int
+    hidden_size: int
+    max_context: int
+    steerable_layers: tuple[int, ...]  # block indices a plan may name
+
+
+@runtime_checkable
+class Backend(Protocol):
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        """Stream the generation; closing the iterator early cancels the request."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,153 @@
+"""The HF transformers backend: a local or hub model, chat templates, continuous batching, steering."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from server.engine.base import EngineError, GenerationRequest, ModelInfo, TokenChunk
+from server.engine.hf.runner import ModelRunner
+from server.engine.hf.scheduler import Scheduler, Sequence
+from server.engine.hf.text_stream import TextStream
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+def _max_context(model: PreTrainedModel, tokenizer: Any) -> int:
+    text_config = model.config.get_text_config(decoder=True)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(min(tokenizer.model_max_length, 1 << 20))
+
+
+class HFBackend:
+    """Serves one transformers causal LM; every request may carry its own steering plan."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: Any, model_id: str, max_batch_size: int = 32) -> None:
+        self._tokenizer = tokenizer
+        self._runner = ModelRunner(model)
+        layout = self._runner.layout
+        self._info = ModelInfo(
+            id=model_id,
+            backend="hf",
+            num_layers=layout.num_layers,
+            hidden_size=layout.hidden_size,
+            max_context=_max_context(model, tokenizer),
+            steerable_layers=tuple(range(layout.num_layers)),
+        )
+        self._scheduler = Scheduler(self._runner, _eos_token_ids(model, tokenizer), max_batch_size)
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        model_id: str | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_batch_size: int = 32,
+        revision: str | None = None,
+    ) -> HFBackend:
+        """Load from a local directory or a hub id (the hub is reached only for ids not on disk)."""
+        if dtype not in DTYPES:
+            raise EngineError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        tokenizer = AutoTokenizer.from_pretrained(str(source), revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(str(source), revision=revision, dtype=DTYPES[dtype])
+        model.to(device)
+        name = model_id or Path(str(source).rstrip("/")).name
+        return cls(model, tokenizer, name, max_batch_size=max_batch_size)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """Token ids of the prompt: raw text as the tokenizer encodes it, or messages via the chat template."""
+        if request.messages is not None:
+            if not self._tokenizer.chat_template:
+                raise EngineError(f"model {self._info.id} has no chat template; use the completions endpoint")
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self._tokenizer(request.prompt)["input_ids"])
+
+    def _sequence(self, request: GenerationRequest, sink: Any) -> Sequence:
+        prompt_ids = self.prompt_ids(request)
+        sampling = request.sampling
+        if not prompt_ids:
+            raise EngineError("the prompt is empty")
+        if len(prompt_ids) + sampling.max_tokens > self._info.max_context:
+            raise EngineError(
+                f"this model's maximum context length is {self._info.max_context} tokens, but "
+                f"{len(prompt_ids) + sampling.max_tokens} were requested ({len(prompt_ids)} in the prompt, "
+                f"{sampling.max_tokens} for the completion)"
+            )
+        if request.steering is not None:
+            request.steering.validate_for(self._info.num_layers, self._info.hidden_size)
+        generator = None
+        if not sampling.greedy:
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+            generator = torch.Generator().manual_seed(seed)
+        return Sequence(
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            plan=None if request.steering is None or request.steering.is_noop else request.steering,
+            text=TextStream(self._tokenizer, sampling.stop),
+            sink=sink,
+            max_new_tokens=sampling.max_tokens,
+            generator=generator,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
+
+        def sink(item: TokenChunk | BaseException) -> None:
+            # Called on the scheduler thread; the loop may already be gone if the client left.
+            try:
+                loop.call_soon_threadsafe(chunks.put_nowait, item)
+            except RuntimeError:
+                sequence.cancelled = True
+
+        sequence = self._sequence(request, sink)
+        self._scheduler.submit(sequence)
+        try:
+            while True:
+                item = await chunks.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            sequence.cancelled = True
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._scheduler.stop)
+        self._runner.hooks.remove()

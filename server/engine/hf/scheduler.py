@@ -1,0 +1,163 @@
+"""Continuous batching for the HF backend.
+
+One thread owns the model. Each iteration it admits waiting requests (prefilled alone, then merged
+into the shared KV cache), runs one decode step for every running row, and drops rows that finished
+or were cancelled, so a new request joins at the next decode step instead of waiting for the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.base import FinishReason, SamplingParams, TokenChunk
+from server.engine.hf.kv_batch import KVBatch
+from server.engine.hf.runner import ModelRunner
+from server.engine.hf.sampler import sample_one, sample_rows
+from server.engine.hf.text_stream import TextStream
+from server.steering.hooks import BatchSteering
+from server.steering.plan import SteeringPlan
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[TokenChunk | BaseException], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the scheduler."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    plan: SteeringPlan | None
+    text: TextStream
+    sink: Sink
+    max_new_tokens: int
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    # Set from the event loop's thread when the client goes away; read by the scheduler thread.
+    cancelled: bool = False
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, eos_token_ids: set[int], max_batch_size: int) -> None:
+        self._runner = runner
+        self._eos = eos_token_ids
+        self._max_batch_size = max_batch_size
+        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._waiting: deque[Sequence] = deque()
+        self._rows: list[Sequence] = []
+        self._batch = KVBatch()
+        self._decode_steering: BatchSteering | None = None
+        self._thread = threading.Thread(target=self._loop, name="hf-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + self._inbox.qsize()
+
+    @property
+    def kv_batch(self) -> KVBatch:
+        return self._batch
+
+    def submit(self, sequence: Sequence) -> None:
+        self._inbox.put(sequence)
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while self._pull_inbox(block=not self._rows and not self._waiting):
+            try:
+                self._admit()
+                self._drop_rows(lambda s: s.cancelled)
+                if self._rows:
+                    self._decode_step()
+            except Exception as exc:  # a failed forward fails its batch, never the server
+                logger.exception("generation step failed")
+                self._fail_all(exc)
+
+    def _pull_inbox(self, block: bool) -> bool:
+        """Move submitted requests to the waiting line; False once stop() was called."""
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is None:
+                    self._fail_all(RuntimeError("the engine is shutting down"))
+                    return False
+                self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._rows) < self._max_batch_size:
+            sequence = self._waiting.popleft()
+            if sequence.cancelled:
+                continue
+            logits, cache = self._runner.prefill(sequence.prompt_ids, sequence.plan)
+            self._emit(sequence, sample_one(logits.cpu(), sequence.sampling, sequence.generator))
+            if not sequence.finished:
+                self._batch.append(cache, len(sequence.prompt_ids))
+                self._rows.append(sequence)
+                self._decode_steering = self._runner.decode_steering([s.plan for s in self._rows])
+
+    def _decode_step(self) -> None:
+        logits = self._runner.decode(
+            self._batch, [s.output_ids[-1] for s in self._rows], self._decode_steering
+        )
+        tokens = sample_rows(logits, [s.sampling for s in self._rows], [s.generator for s in self._rows])
+        for sequence, token in zip(self._rows, tokens, strict=True):
+            self._emit(sequence, token)
+        self._drop_rows(lambda s: s.finished)
+
+    def _drop_rows(self, leaves: Callable[[Sequence], bool]) -> None:
+        keep = [index for index, sequence in enumerate(self._rows) if not leaves(sequence)]
+        if len(keep) == len(self._rows):
+            return
+        self._batch.keep(keep)
+        self._rows = [self._rows[index] for index in keep]
+        self._decode_steering = self._runner.decode_steering([s.plan for s in self._rows])
+
+    def _emit(self, sequence: Sequence, token: int) -> None:
+        sequence.output_ids.append(token)
+        finish: FinishReason | None = None
+        if token in self._eos and not sequence.sampling.ignore_eos:
+            finish, text = FinishReason.STOP, sequence.text.finish()
+        else:
+            text = sequence.text.push(token)
+            if sequence.text.stopped:
+                finish = FinishReason.STOP
+            elif len(sequence.output_ids) >= sequence.max_new_tokens:
+                finish = FinishReason.LENGTH
+                text += sequence.text.finish()
+        sequence.finished = finish is not None
+        sequence.sink(
+            TokenChunk(
+                text=text,
+                token_ids=(token,),
+                prompt_tokens=len(sequence.prompt_ids),
+                completion_tokens=len(sequence.output_ids),
+                finish_reason=finish,
+            )
+        )
+
+    def _fail_all(self, error: BaseException) -> None:
+        for sequence in [*self._rows, *self._waiting]:
+            sequence.finished = True
+            sequence.sink(error)
+        self._rows, self._waiting = [], deque()
+        self._batch = KVBatch()
+        self._decode_steering = None

@@ -1,0 +1,106 @@
+"""Forward hooks that add per-row steering vectors to decoder block outputs.
+
+The hooks are installed once per model and do nothing unless a ``BatchSteering`` is active for the
+forward pass being run. A ``BatchSteering`` describes one batched forward: for each steered layer,
+which rows get which vector at which of the forward's token positions. Rows it does not name are
+left untouched, bit for bit, because the addition goes through ``index_add`` on the steered rows only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from server.steering.layers import DecoderLayout
+from server.steering.plan import SteeringPlan
+
+
+@dataclass(frozen=True)
+class LayerAddition:
+    """What one decoder block adds to its output in one forward pass."""
+
+    rows: torch.Tensor  # long [n]: batch rows steered at this layer
+    vectors: torch.Tensor  # [n, hidden]: strength * vector per steered row
+    mask: torch.Tensor  # [n, tokens]: 1 where the row is steered at that token position, else 0
+
+    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        addition = self.mask.unsqueeze(-1) * self.vectors.unsqueeze(1)
+        return hidden.index_add(0, self.rows, addition)
+
+
+@dataclass(frozen=True)
+class BatchSteering:
+    """Steering of one batched forward pass, keyed by decoder block index."""
+
+    layers: dict[int, LayerAddition]
+
+    @classmethod
+    def build(
+        cls,
+        plans: Sequence[SteeringPlan | None],
+        position_masks: torch.Tensor,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> BatchSteering | None:
+        """``position_masks`` is bool [rows, tokens]: where each row's plan applies in this forward."""
+        per_layer: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for row, plan in enumerate(plans):
+            if plan is None or plan.is_noop or not bool(position_masks[row].any()):
+                continue
+            for layer, delta in plan.deltas.items():
+                per_layer.setdefault(layer, []).append((row, delta))
+        if not per_layer:
+            return None
+        layers: dict[int, LayerAddition] = {}
+        for layer, entries in per_layer.items():
+            rows = torch.tensor([row for row, _ in entries], dtype=torch.long)
+            layers[layer] = LayerAddition(
+                rows=rows.to(device),
+                vectors=torch.stack([delta for _, delta in entries]).to(device=device, dtype=dtype),
+                mask=position_masks[rows].to(device=device, dtype=dtype),
+            )
+        return cls(layers=layers)
+
+
+class SteeringHooks:
+    """Owns one forward hook per decoder block of a model; steering applies only inside ``active``."""
+
+    def __init__(self, layout: DecoderLayout) -> None:
+        self.layout = layout
+        self._current: BatchSteering | None = None
+        self._handles: list[RemovableHandle] = [
+            block.register_forward_hook(self._make_hook(index)) for index, block in enumerate(layout.blocks)
+        ]
+
+    def _make_hook(self, layer: int) -> Any:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+            steering = self._current
+            addition = steering.layers.get(layer) if steering is not None else None
+            if addition is None:
+                return None
+            # transformers >= 5 blocks return the hidden states; older ones a tuple led by them.
+            if isinstance(output, torch.Tensor):
+                return addition.apply(output)
+            return (addition.apply(output[0]), *output[1:])
+
+        return hook
+
+    @contextmanager
+    def active(self, steering: BatchSteering | None) -> Iterator[None]:
+        """Apply ``steering`` to the forward passes run inside this block (one scheduler thread owns a model)."""
+        self._current = steering
+        try:
+            yield
+        finally:
+            self._current = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

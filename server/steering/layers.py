@@ -1,0 +1,70 @@
+"""Finding the decoder blocks of a causal language model.
+
+A layer index everywhere in persona-server is the 0-based index of a decoder block; a vector for
+layer L is added to the output of block L, which is ``output_hidden_states[L + 1]`` in HF terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from server.steering.errors import UnsupportedArchitectureError
+
+# model_type -> attribute path (from the *ForCausalLM object) of the ModuleList of decoder blocks.
+# Explicit rather than guessed: a wrong guess would steer the wrong modules silently.
+DECODER_BLOCK_PATHS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "gemma3": "model.language_model.layers",
+    "phi3": "model.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+}
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Where the residual stream of a model can be steered."""
+
+    model_type: str
+    blocks: nn.ModuleList
+    hidden_size: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+
+def _resolve(root: Any, dotted: str) -> Any:
+    node = root
+    for name in dotted.split("."):
+        node = getattr(node, name, None)
+        if node is None:
+            return None
+    return node
+
+
+def find_decoder_layout(model: nn.Module) -> DecoderLayout:
+    """Return the decoder blocks and widths of ``model``, or raise naming the unsupported architecture."""
+    config = model.config
+    model_type = getattr(config, "model_type", type(model).__name__)
+    path = DECODER_BLOCK_PATHS.get(model_type)
+    blocks = _resolve(model, path) if path else None
+    if not isinstance(blocks, nn.ModuleList):
+        architectures = ", ".join(getattr(config, "architectures", None) or [type(model).__name__])
+        supported = ", ".join(sorted(DECODER_BLOCK_PATHS))
+        raise UnsupportedArchitectureError(
+            f"cannot steer model type '{model_type}' ({architectures}): its decoder blocks are unknown; "
+            f"supported model types: {supported}"
+        )
+    text_config = config.get_text_config(decoder=True)
+    return DecoderLayout(model_type=model_type, blocks=blocks, hidden_size=int(text_config.hidden_size))

@@ -1,0 +1,129 @@
+"""A request's steering: which vector is added to which decoder block's output, how strongly, where.
+
+Positions (the default is ``all``, as llama.cpp control vectors and repeng steer):
+- ``all``: every token, prompt and response;
+- ``prompt``: the prompt tokens only; generated tokens run unsteered (over a steered KV cache);
+- ``response``: every position whose output predicts a response token, that is the last prompt
+  token and each generated token fed back in, as in the reference code of Chen et al. (2025).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+import torch
+
+from server.steering.errors import SteeringError
+
+
+class Positions(StrEnum):
+    ALL = "all"
+    PROMPT = "prompt"
+    RESPONSE = "response"
+
+
+VectorLike = torch.Tensor | np.ndarray | Sequence[float]
+
+
+def _as_vector(layer: int, vector: VectorLike) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(vector, dtype=np.float32) if not isinstance(vector, torch.Tensor) else vector)
+    tensor = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if tensor.ndim != 1:
+        raise SteeringError(f"the vector for layer {layer} must be 1-D, got shape {tuple(tensor.shape)}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise SteeringError(f"the vector for layer {layer} holds NaN or infinite values")
+    return tensor
+
+
+@dataclass(frozen=True)
+class SteeringPlan:
+    """For one request: layer -> float32 vector, a strength, and the positions steered.
+
+    The engine adds ``strength * vectors[L]`` to the output of decoder block ``L``.
+    """
+
+    vectors: Mapping[int, torch.Tensor]
+    strength: float = 1.0
+    positions: Positions = Positions.ALL
+    _deltas: dict[int, torch.Tensor] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.strength):
+            raise SteeringError(f"strength must be a finite number, got {self.strength}")
+        vectors: dict[int, torch.Tensor] = {}
+        for layer, vector in self.vectors.items():
+            if int(layer) != layer or layer < 0:
+                raise SteeringError(f"layer indices are non-negative integers, got {layer!r}")
+            vectors[int(layer)] = _as_vector(int(layer), vector)
+        object.__setattr__(self, "vectors", dict(sorted(vectors.items())))
+        object.__setattr__(self, "positions", Positions(self.positions))
+        deltas = {layer: vector * self.strength for layer, vector in self.vectors.items() if self.strength != 0}
+        object.__setattr__(self, "_deltas", deltas)
+
+    @classmethod
+    def compose(
+        cls,
+        terms: Sequence[tuple[Mapping[int, VectorLike], float]],
+        positions: Positions | str = Positions.ALL,
+    ) -> SteeringPlan:
+        """Sum several personas: each term is (layer -> vector, strength); the result has strength 1."""
+        summed: dict[int, torch.Tensor] = {}
+        for vectors, strength in terms:
+            if not math.isfinite(strength):
+                raise SteeringError(f"strength must be a finite number, got {strength}")
+            for layer, vector in vectors.items():
+                scaled = _as_vector(layer, vector) * float(strength)
+                if layer in summed:
+                    if summed[layer].shape != scaled.shape:
+                        raise SteeringError(f"composed vectors for layer {layer} differ in size")
+                    summed[layer] = summed[layer] + scaled
+                else:
+                    summed[layer] = scaled
+        return cls(vectors=summed, strength=1.0, positions=Positions(positions))
+
+    @property
+    def deltas(self) -> dict[int, torch.Tensor]:
+        """layer -> strength * vector (float32); empty when the plan changes nothing."""
+        return self._deltas
+
+    @property
+    def is_noop(self) -> bool:
+        return not self._deltas
+
+    def validate_for(self, num_layers: int, hidden_size: int) -> None:
+        """Raise SteeringError unless every layer and vector fits a model of this shape."""
+        for layer, vector in self.vectors.items():
+            if layer >= num_layers:
+                raise SteeringError(f"layer {layer} does not exist: the model has blocks 0..{num_layers - 1}")
+            if vector.shape[0] != hidden_size:
+                raise SteeringError(
+                    f"the vector for layer {layer} has size {vector.shape[0]}, the model's hidden size is {hidden_size}"
+                )
+
+    def fingerprint(self) -> str:
+        """A digest of what the plan adds where: equal fingerprints steer identically."""
+        digest = hashlib.sha256(self.positions.value.encode())
+        for layer, delta in self._deltas.items():
+            digest.update(layer.to_bytes(4, "little"))
+            digest.update(delta.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def prompt_position_mask(positions: Positions, num_prompt_tokens: int) -> torch.Tensor:
+    """Which prompt tokens a plan steers during prefill (bool, one entry per prompt token)."""
+    mask = torch.zeros(num_prompt_tokens, dtype=torch.bool)
+    if positions in (Positions.ALL, Positions.PROMPT):
+        mask[:] = True
+    elif num_prompt_tokens > 0:
+        mask[-1] = True
+    return mask
+
+
+def steers_generated_tokens(positions: Positions) -> bool:
+    """Whether a plan steers the positions of generated tokens fed back during decoding."""
+    return positions in (Positions.ALL, Positions.RESPONSE)
