@@ -28,7 +28,16 @@ _WORDS = (
 ).split()
 
 SUPPORTED_ARCHITECTURES = (
-    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "opt",
 )
 
 
@@ -99,21 +108,41 @@ def tiny_config(
         return AutoConfig.for_model(architecture, head_dim=head_dim, sliding_window=max_positions, **common)
     if architecture == "gpt2":
         return AutoConfig.for_model(
-            "gpt2", vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-            n_inner=intermediate_size, n_positions=max_positions, initializer_range=initializer_range, **special,
+            "gpt2",
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            n_positions=max_positions,
+            initializer_range=initializer_range,
+            **special,
         )
     if architecture == "gpt_neox":
         return AutoConfig.for_model(
-            "gpt_neox", vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-            num_attention_heads=num_heads, intermediate_size=intermediate_size,
-            max_position_embeddings=max_positions, initializer_range=initializer_range,
-            tie_word_embeddings=False, **special,
+            "gpt_neox",
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_positions,
+            initializer_range=initializer_range,
+            tie_word_embeddings=False,
+            **special,
         )
     if architecture == "opt":
         return AutoConfig.for_model(
-            "opt", vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-            num_attention_heads=num_heads, ffn_dim=intermediate_size, word_embed_proj_dim=hidden_size,
-            max_position_embeddings=max_positions, init_std=initializer_range, **special,
+            "opt",
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            ffn_dim=intermediate_size,
+            word_embed_proj_dim=hidden_size,
+            max_position_embeddings=max_positions,
+            init_std=initializer_range,
+            **special,
         )
     raise ValueError(f"no tiny config for {architecture}")
 

@@ -93,7 +93,7 @@ class SteeringHooks:
 
     @contextmanager
     def active(self, steering: BatchSteering | None) -> Iterator[None]:
-        """Apply ``steering`` to the forward passes run inside this block (one scheduler thread owns a model)."""
+        """Apply ``steering`` to forward passes run inside this block (one thread drives a model)."""
         self._current = steering
         try:
             yield

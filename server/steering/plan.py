@@ -31,7 +31,9 @@ VectorLike = torch.Tensor | np.ndarray | Sequence[float]
 
 
 def _as_vector(layer: int, vector: VectorLike) -> torch.Tensor:
-    tensor = torch.as_tensor(np.asarray(vector, dtype=np.float32) if not isinstance(vector, torch.Tensor) else vector)
+    tensor = torch.as_tensor(
+        np.asarray(vector, dtype=np.float32) if not isinstance(vector, torch.Tensor) else vector
+    )
     tensor = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
     if tensor.ndim != 1:
         raise SteeringError(f"the vector for layer {layer} must be 1-D, got shape {tuple(tensor.shape)}")
@@ -62,7 +64,9 @@ class SteeringPlan:
             vectors[int(layer)] = _as_vector(int(layer), vector)
         object.__setattr__(self, "vectors", dict(sorted(vectors.items())))
         object.__setattr__(self, "positions", Positions(self.positions))
-        deltas = {layer: vector * self.strength for layer, vector in self.vectors.items() if self.strength != 0}
+        deltas = {
+            layer: vector * self.strength for layer, vector in self.vectors.items() if self.strength != 0
+        }
         object.__setattr__(self, "_deltas", deltas)
 
     @classmethod
@@ -102,7 +106,8 @@ class SteeringPlan:
                 raise SteeringError(f"layer {layer} does not exist: the model has blocks 0..{num_layers - 1}")
             if vector.shape[0] != hidden_size:
                 raise SteeringError(
-                    f"the vector for layer {layer} has size {vector.shape[0]}, the model's hidden size is {hidden_size}"
+                    f"the vector for layer {layer} has size {vector.shape[0]}, "
+                    f"the model's hidden size is {hidden_size}"
                 )
 
     def fingerprint(self) -> str:

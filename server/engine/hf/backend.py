@@ -41,7 +41,9 @@ def _max_context(model: PreTrainedModel, tokenizer: Any) -> int:
 class HFBackend:
     """Serves one transformers causal LM; every request may carry its own steering plan."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: Any, model_id: str, max_batch_size: int = 32) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: Any, model_id: str, max_batch_size: int = 32
+    ) -> None:
         self._tokenizer = tokenizer
         self._runner = ModelRunner(model)
         layout = self._runner.layout
@@ -88,7 +90,7 @@ class HFBackend:
         return self._tokenizer
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Token ids of the prompt: raw text as the tokenizer encodes it, or messages via the chat template."""
+        """Prompt token ids: raw text as the tokenizer encodes it, or messages via the chat template."""
         if request.messages is not None:
             if not self._tokenizer.chat_template:
                 raise EngineError(f"model {self._info.id} has no chat template; use the completions endpoint")

@@ -35,7 +35,11 @@ class ModelRunner:
         cache: DynamicCache,
         steering: BatchSteering | None,
     ) -> torch.Tensor:
-        kwargs: dict[str, object] = {"attention_mask": attention_mask, "past_key_values": cache, "use_cache": True}
+        kwargs: dict[str, object] = {
+            "attention_mask": attention_mask,
+            "past_key_values": cache,
+            "use_cache": True,
+        }
         if self._takes_position_ids:
             kwargs["position_ids"] = position_ids
         if self._takes_logits_to_keep:
@@ -44,7 +48,9 @@ class ModelRunner:
             logits = self.model(input_ids=input_ids, **kwargs).logits
         return logits[:, -1, :].float()
 
-    def prefill(self, prompt_ids: Sequence[int], plan: SteeringPlan | None) -> tuple[torch.Tensor, DynamicCache]:
+    def prefill(
+        self, prompt_ids: Sequence[int], plan: SteeringPlan | None
+    ) -> tuple[torch.Tensor, DynamicCache]:
         """Run a prompt alone; return the next-token logits [vocab] and its cache (batch dimension 1)."""
         length = len(prompt_ids)
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
@@ -65,11 +71,14 @@ class ModelRunner:
     def decode_steering(self, plans: Sequence[SteeringPlan | None]) -> BatchSteering | None:
         """The steering of a decode step for rows carrying ``plans`` (reusable while the rows stay)."""
         mask = torch.tensor(
-            [[plan is not None and steers_generated_tokens(plan.positions)] for plan in plans], dtype=torch.bool
+            [[plan is not None and steers_generated_tokens(plan.positions)] for plan in plans],
+            dtype=torch.bool,
         )
         return BatchSteering.build(plans, mask, dtype=self.dtype, device=self.device)
 
-    def decode(self, batch: KVBatch, last_tokens: Sequence[int], steering: BatchSteering | None) -> torch.Tensor:
+    def decode(
+        self, batch: KVBatch, last_tokens: Sequence[int], steering: BatchSteering | None
+    ) -> torch.Tensor:
         """Feed one token per row; return next-token logits [rows, vocab]."""
         assert batch.cache is not None
         attention_mask, position_ids = batch.begin_step()

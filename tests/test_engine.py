@@ -1,0 +1,180 @@
+"""The HF engine under concurrency: no leakage between rows, joining mid-batch, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import pytest
+import torch
+
+from server.engine.base import (
+    ChatMessage,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenChunk,
+)
+from server.engine.hf.backend import HFBackend
+from server.steering.errors import SteeringError
+from server.steering.plan import Positions, SteeringPlan
+
+QUESTIONS = [
+    "hello friend",
+    "what is the weather today",
+    "tell me of the sea",
+    "where is the treasure",
+    "a storm comes",
+    "good morning captain",
+    "bread and tea",
+    "the map shows north",
+]
+
+
+def chat(
+    question: str, max_tokens: int = 24, plan: SteeringPlan | None = None, **sampling: object
+) -> GenerationRequest:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **sampling)  # type: ignore[arg-type]
+    return GenerationRequest(messages=[ChatMessage("user", question)], sampling=params, steering=plan)
+
+
+async def collect(backend: HFBackend, request: GenerationRequest) -> list[TokenChunk]:
+    return [chunk async for chunk in backend.generate(request)]
+
+
+def tokens_of(chunks: list[TokenChunk]) -> list[int]:
+    return [token for chunk in chunks for token in chunk.token_ids]
+
+
+def persona(seed: int, layers: list[int], strength: float, positions: Positions) -> SteeringPlan:
+    generator = torch.Generator().manual_seed(seed)
+    return SteeringPlan(
+        {layer: torch.randn(64, generator=generator) for layer in layers},
+        strength=strength,
+        positions=positions,
+    )
+
+
+def mixed_requests() -> list[GenerationRequest]:
+    layer_sets = [[0], [1], [2], [0, 2], [0, 1, 2]]
+    positions = itertools.cycle(Positions)
+    requests = []
+    for index in range(16):
+        question = QUESTIONS[index % len(QUESTIONS)]
+        if index % 4 == 3:  # every fourth request carries no persona
+            requests.append(chat(question))
+            continue
+        plan = persona(index, layer_sets[index % 5], strength=1.0 + 0.5 * index, positions=next(positions))
+        requests.append(chat(question, plan=plan))
+    return requests
+
+
+async def test_sixteen_concurrent_personas_equal_their_solo_runs(llama_backend: HFBackend) -> None:
+    requests = mixed_requests()
+    solo = [tokens_of(await collect(llama_backend, request)) for request in requests]
+
+    arrivals: list[int] = []
+
+    async def tagged(index: int) -> list[TokenChunk]:
+        chunks = []
+        async for chunk in llama_backend.generate(requests[index]):
+            arrivals.append(index)
+            chunks.append(chunk)
+        return chunks
+
+    together = await asyncio.gather(*(tagged(i) for i in range(len(requests))))
+    assert [tokens_of(chunks) for chunks in together] == solo
+    # They really ran interleaved: the stream of chunks switches between requests.
+    assert len(set(arrivals[: len(requests)])) > 1
+    # Steering changes what a request generates (the same question without a persona differs).
+    assert solo[0] != tokens_of(await collect(llama_backend, chat(QUESTIONS[0])))
+
+
+async def test_a_request_joining_mid_batch_gets_its_solo_tokens(llama_backend: HFBackend) -> None:
+    long_request = chat(QUESTIONS[1], max_tokens=60, plan=persona(7, [1], 4.0, Positions.ALL))
+    late_request = chat(QUESTIONS[2], max_tokens=8, plan=persona(8, [0, 2], 2.0, Positions.RESPONSE))
+    solo_long = tokens_of(await collect(llama_backend, long_request))
+    solo_late = tokens_of(await collect(llama_backend, late_request))
+
+    long_chunks: list[TokenChunk] = []
+    late_task: asyncio.Task[list[TokenChunk]] | None = None
+    long_progress_when_late_finished: list[int] = []
+    async for chunk in llama_backend.generate(long_request):
+        long_chunks.append(chunk)
+        if len(long_chunks) == 5:
+            late_task = asyncio.create_task(collect(llama_backend, late_request))
+            late_task.add_done_callback(lambda _: long_progress_when_late_finished.append(len(long_chunks)))
+    assert late_task is not None and late_task.done()
+    # The late request did not wait for the long one: it finished while the long one was decoding.
+    assert long_progress_when_late_finished[0] < 40
+    assert tokens_of(long_chunks) == solo_long
+    assert tokens_of(late_task.result()) == solo_late
+
+
+async def wait_until(condition: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def test_a_cancelled_request_frees_its_slot(llama_backend: HFBackend) -> None:
+    scheduler = llama_backend.scheduler
+    survivor = asyncio.create_task(collect(llama_backend, chat(QUESTIONS[3], max_tokens=300)))
+    assert await wait_until(lambda: scheduler.num_running == 1)
+
+    stream = llama_backend.generate(chat(QUESTIONS[4], max_tokens=300))
+    for _ in range(3):
+        await anext(stream)
+    assert scheduler.num_running == 2 and scheduler.kv_batch.size == 2
+    await stream.aclose()
+
+    assert await wait_until(lambda: scheduler.num_running == 1 and scheduler.kv_batch.size == 1)
+    assert not survivor.done()
+    chunks = await survivor
+    assert chunks[-1].finish_reason is FinishReason.LENGTH and chunks[-1].completion_tokens == 300
+    assert await wait_until(lambda: scheduler.num_running == 0 and scheduler.kv_batch.cache is None)
+
+
+async def test_usage_counts_and_finish_reasons(llama_backend: HFBackend) -> None:
+    chunks = await collect(llama_backend, chat(QUESTIONS[0], max_tokens=7))
+    prompt_ids = llama_backend.prompt_ids(chat(QUESTIONS[0]))
+    assert [c.completion_tokens for c in chunks] == list(range(1, 8))
+    assert all(c.prompt_tokens == len(prompt_ids) for c in chunks)
+    assert chunks[-1].finish_reason is FinishReason.LENGTH
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+async def test_stop_string_ends_the_generation_and_is_not_returned(llama_backend: HFBackend) -> None:
+    full = await collect(llama_backend, chat(QUESTIONS[5], max_tokens=30))
+    text = "".join(c.text for c in full)
+    stop = text[10:13]
+    assert stop and text.find(stop) == 10, "pick a stop string that first appears at offset 10"
+    stopped = await collect(llama_backend, chat(QUESTIONS[5], max_tokens=30, stop=(stop,)))
+    assert "".join(c.text for c in stopped) == text[:10]
+    assert stopped[-1].finish_reason is FinishReason.STOP
+
+
+async def test_seeded_sampling_is_reproducible_in_a_batch(llama_backend: HFBackend) -> None:
+    def sampled(seed: int) -> GenerationRequest:
+        params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=seed, ignore_eos=True)
+        return GenerationRequest(prompt="the captain sails", sampling=params)
+
+    alone = tokens_of(await collect(llama_backend, sampled(1)))
+    batched = await asyncio.gather(*(collect(llama_backend, sampled(s)) for s in (1, 2, 1)))
+    assert tokens_of(batched[0]) == alone == tokens_of(batched[2])
+    assert tokens_of(batched[1]) != alone
+
+
+async def test_bad_requests_are_refused_before_generation(llama_backend: HFBackend) -> None:
+    with pytest.raises(EngineError, match="maximum context length"):
+        await collect(llama_backend, chat(QUESTIONS[0], max_tokens=5000))
+    with pytest.raises(SteeringError, match="hidden size"):
+        await collect(llama_backend, chat(QUESTIONS[0], plan=SteeringPlan({0: torch.ones(65)})))
+    with pytest.raises(SteeringError, match="layer 7 does not exist"):
+        await collect(llama_backend, chat(QUESTIONS[0], plan=SteeringPlan({7: torch.ones(64)})))
+    assert await wait_until(lambda: llama_backend.scheduler.num_running == 0)
