@@ -24,13 +24,13 @@ from server.steering.plan import SteeringPlan
 class LayerAddition:
     """What one decoder block adds to its output in one forward pass."""
 
-    rows: torch.Tensor  # long [n]: batch rows steered at this layer
-    vectors: torch.Tensor  # [n, hidden]: strength * vector per steered row
-    mask: torch.Tensor  # [n, tokens]: 1 where the row is steered at that token position, else 0
+    rows: torch.Tensor | None  # long [n]: batch rows steered at this layer; None: every row, in order
+    addition: torch.Tensor  # [n, tokens, hidden]: strength * vector where a row is steered, else 0
 
     def apply(self, hidden: torch.Tensor) -> torch.Tensor:
-        addition = self.mask.unsqueeze(-1) * self.vectors.unsqueeze(1)
-        return hidden.index_add(0, self.rows, addition)
+        if self.rows is None:
+            return hidden + self.addition
+        return hidden.index_add(0, self.rows, self.addition)
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,13 @@ class BatchSteering:
         layers: dict[int, LayerAddition] = {}
         for layer, entries in per_layer.items():
             rows = torch.tensor([row for row, _ in entries], dtype=torch.long)
+            vectors = torch.stack([delta for _, delta in entries])
+            # Precomputed once per batch composition: a decode step reuses it at every token.
+            addition = position_masks[rows].to(vectors.dtype).unsqueeze(-1) * vectors.unsqueeze(1)
+            every_row = len(entries) == len(plans)
             layers[layer] = LayerAddition(
-                rows=rows.to(device),
-                vectors=torch.stack([delta for _, delta in entries]).to(device=device, dtype=dtype),
-                mask=position_masks[rows].to(device=device, dtype=dtype),
+                rows=None if every_row else rows.to(device),
+                addition=addition.to(device=device, dtype=dtype),
             )
         return cls(layers=layers)
 
