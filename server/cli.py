@@ -17,6 +17,29 @@ def main() -> None:
     """persona-server command line."""
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve models over the OpenAI API (flags: `persona-server serve --help`)."""
+    import logging
+
+    import uvicorn
+    from pydantic_settings import CliApp
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    settings = CliApp.run(Settings, cli_args=ctx.args)
+    if not settings.model:
+        raise typer.BadParameter("give at least one --model (or PERSONA_SERVER_MODEL)")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
 @app.command()
 def generate(
     model: Annotated[str, typer.Option(help="Local model directory or hub id.")],

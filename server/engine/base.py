@@ -33,6 +33,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    # True when the client named no max_tokens: stop at the context window instead of refusing.
+    clamp_to_context: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

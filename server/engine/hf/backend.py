@@ -104,7 +104,9 @@ class HFBackend:
         sampling = request.sampling
         if not prompt_ids:
             raise EngineError("the prompt is empty")
-        if len(prompt_ids) + sampling.max_tokens > self._info.max_context:
+        room = self._info.max_context - len(prompt_ids)
+        max_new_tokens = min(sampling.max_tokens, room) if sampling.clamp_to_context else sampling.max_tokens
+        if max_new_tokens < 1 or len(prompt_ids) + max_new_tokens > self._info.max_context:
             raise EngineError(
                 f"this model's maximum context length is {self._info.max_context} tokens, but "
                 f"{len(prompt_ids) + sampling.max_tokens} were requested ({len(prompt_ids)} in the prompt, "
@@ -122,7 +124,7 @@ class HFBackend:
             plan=None if request.steering is None or request.steering.is_noop else request.steering,
             text=TextStream(self._tokenizer, sampling.stop),
             sink=sink,
-            max_new_tokens=sampling.max_tokens,
+            max_new_tokens=max_new_tokens,
             generator=generator,
         )
 

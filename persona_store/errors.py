@@ -1,0 +1,26 @@
+"""Errors of the persona store, independent of any server."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of persona store errors."""
+
+
+class PersonaNotFound(StoreError):
+    def __init__(self, model: str, name: str) -> None:
+        super().__init__(f"persona '{name}' does not exist for model '{model}'")
+        self.model, self.name = model, name
+
+
+class VersionConflict(StoreError):
+    def __init__(self, model: str, name: str, expected: int, actual: int | None) -> None:
+        current = "none" if actual is None else str(actual)
+        super().__init__(
+            f"persona '{name}' for model '{model}' is at version {current}, the write expected {expected}"
+        )
+        self.expected, self.actual = expected, actual
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached; nothing was read or written."""

@@ -1,0 +1,195 @@
+"""The embedded persona store: one SQLite file, safe across restarts, no server to run.
+
+Every version of a persona is a row of ``persona_versions`` (the last ``keep_versions`` are kept);
+``personas`` points at the current version. A write is one transaction, so a crash leaves either the
+old or the new version, never half of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from persona_store.errors import PersonaNotFound, StoreUnavailable, VersionConflict
+from persona_store.records import PersonaDraft, PersonaInfo, PersonaRecord, vectors_checksum
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS persona_versions (
+    model TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    hidden_size INTEGER NOT NULL,
+    layers TEXT NOT NULL,
+    default_strength REAL NOT NULL,
+    description TEXT NOT NULL,
+    provenance TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    vectors BLOB NOT NULL,
+    PRIMARY KEY (model, name, version)
+);
+CREATE TABLE IF NOT EXISTS personas (
+    model TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (model, name)
+);
+"""
+_INFO_COLUMNS = (
+    "v.model, v.name, v.version, v.created_at, v.hidden_size, v.layers, v.default_strength, "
+    "v.description, v.provenance, v.checksum"
+)
+
+
+def _info(row: tuple[Any, ...]) -> PersonaInfo:
+    model, name, version, created_at, hidden_size, layers, strength, description, provenance, checksum = row
+    return PersonaInfo(
+        model=model,
+        name=name,
+        layers=tuple(json.loads(layers)),
+        hidden_size=hidden_size,
+        default_strength=strength,
+        description=description,
+        provenance=json.loads(provenance),
+        version=version,
+        created_at=created_at,
+        checksum=checksum,
+    )
+
+
+class SQLiteStore:
+    def __init__(self, path: str | Path, keep_versions: int = 10) -> None:
+        self.path = Path(path)
+        self.keep_versions = keep_versions
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+
+    async def _run(self, work: Any, *args: Any) -> Any:
+        def locked() -> Any:
+            with self._lock:
+                try:
+                    return work(*args)
+                except sqlite3.OperationalError as exc:
+                    raise StoreUnavailable(f"the SQLite store at {self.path} failed: {exc}") from exc
+
+        return await asyncio.to_thread(locked)
+
+    def _current_version(self, model: str, name: str) -> int | None:
+        row = self._conn.execute(
+            "SELECT version FROM personas WHERE model = ? AND name = ?", (model, name)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _get(self, model: str, name: str) -> PersonaRecord:
+        row = self._conn.execute(
+            f"SELECT {_INFO_COLUMNS}, v.vectors FROM personas p JOIN persona_versions v "
+            "ON v.model = p.model AND v.name = p.name AND v.version = p.version "
+            "WHERE p.model = ? AND p.name = ?",
+            (model, name),
+        ).fetchone()
+        if row is None:
+            raise PersonaNotFound(model, name)
+        info = _info(row[:-1])
+        matrix = np.frombuffer(row[-1], dtype=np.float32).reshape(len(info.layers), info.hidden_size)
+        vectors = {layer: matrix[i].copy() for i, layer in enumerate(info.layers)}
+        return PersonaRecord(info=info, vectors=vectors)
+
+    def _list(self, model: str | None) -> list[PersonaInfo]:
+        query = (
+            f"SELECT {_INFO_COLUMNS} FROM personas p JOIN persona_versions v "
+            "ON v.model = p.model AND v.name = p.name AND v.version = p.version"
+        )
+        params: tuple[Any, ...] = ()
+        if model is not None:
+            query += " WHERE p.model = ?"
+            params = (model,)
+        rows = self._conn.execute(query + " ORDER BY p.model, p.name", params).fetchall()
+        return [_info(row) for row in rows]
+
+    def _check(self, model: str, name: str, expected: int | None) -> int | None:
+        current = self._current_version(model, name)
+        if expected is not None and current != expected:
+            raise VersionConflict(model, name, expected, current)
+        return current
+
+    def _put(self, draft: PersonaDraft, expected: int | None) -> PersonaInfo:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._check(draft.model, draft.name, expected)
+            (latest,) = self._conn.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM persona_versions WHERE model = ? AND name = ?",
+                (draft.model, draft.name),
+            ).fetchone()
+            info = PersonaInfo(
+                model=draft.model,
+                name=draft.name,
+                layers=tuple(draft.vectors),
+                hidden_size=draft.hidden_size,
+                default_strength=float(draft.default_strength),
+                description=draft.description,
+                provenance=draft.provenance,
+                version=int(latest) + 1,
+                created_at=time.time(),
+                checksum=vectors_checksum(draft.vectors),
+            )
+            blob = np.stack(list(draft.vectors.values())).astype(np.float32).tobytes()
+            self._conn.execute(
+                "INSERT INTO persona_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    info.model, info.name, info.version, info.created_at, info.hidden_size,
+                    json.dumps(list(info.layers)), info.default_strength, info.description,
+                    json.dumps(info.provenance), info.checksum, blob,
+                ),
+            )  # fmt: skip
+            self._conn.execute(
+                "INSERT OR REPLACE INTO personas VALUES (?, ?, ?)", (info.model, info.name, info.version)
+            )
+            self._conn.execute(
+                "DELETE FROM persona_versions WHERE model = ? AND name = ? AND version <= ?",
+                (info.model, info.name, info.version - self.keep_versions),
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return info
+
+    def _delete(self, model: str, name: str, expected: int | None) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            if self._check(model, name, expected) is None:
+                raise PersonaNotFound(model, name)
+            self._conn.execute("DELETE FROM personas WHERE model = ? AND name = ?", (model, name))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    async def get(self, model: str, name: str) -> PersonaRecord:
+        return await self._run(self._get, model, name)
+
+    async def list(self, model: str | None = None) -> list[PersonaInfo]:
+        return await self._run(self._list, model)
+
+    async def put(self, draft: PersonaDraft, expected_version: int | None = None) -> PersonaInfo:
+        return await self._run(self._put, draft, expected_version)
+
+    async def delete(self, model: str, name: str, expected_version: int | None = None) -> None:
+        await self._run(self._delete, model, name, expected_version)
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        await self._run(self._conn.close)

@@ -1,0 +1,110 @@
+"""Domain exceptions -> HTTP status + OpenAI error object {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from persona_store.errors import PersonaNotFound, StoreUnavailable, VersionConflict
+from server.engine.base import EngineError
+from server.serving.errors import ModelNotFound, Overloaded, RequestRejected
+from server.steering.errors import SteeringError
+
+logger = logging.getLogger(__name__)
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a lone surrogate echoed from bad input can never break encoding."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+class APIError(Exception):
+    """An error raised directly by a route (authentication, malformed upload)."""
+
+    def __init__(self, status: int, message: str, error_type: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.error_type, self.code = status, error_type, code
+
+
+def error_response(
+    status: int,
+    message: str,
+    error_type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> AsciiJSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return AsciiJSONResponse(body, status_code=status, headers=headers)
+
+
+# exception class -> (status, OpenAI error type, code)
+_MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
+    (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
+    (PersonaNotFound, 404, "invalid_request_error", "persona_not_found"),
+    (SteeringError, 422, "invalid_request_error", "invalid_steering"),
+    (RequestRejected, 400, "invalid_request_error", None),
+    (EngineError, 400, "invalid_request_error", None),
+    (VersionConflict, 409, "invalid_request_error", "version_conflict"),
+    (StoreUnavailable, 503, "server_error", "store_unavailable"),
+]
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for error in exc.errors()[:5]:
+        location = ".".join(str(item) for item in error.get("loc", ()) if item != "body")
+        param = param or location or None
+        parts.append(f"{location}: {error.get('msg')}" if location else str(error.get("msg")))
+    return "; ".join(parts) or "invalid request", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for exc_class, status, error_type, code in _MAPPING:
+
+        async def handler(
+            _request: Request,
+            exc: Exception,
+            status: int = status,
+            error_type: str = error_type,
+            code: Any = code,
+        ) -> AsciiJSONResponse:
+            return error_response(status, str(exc), error_type, getattr(exc, "param", None), code)
+
+        app.add_exception_handler(exc_class, handler)
+
+    async def overloaded(_request: Request, exc: Exception) -> AsciiJSONResponse:
+        retry = str(getattr(exc, "retry_after_seconds", 1))
+        return error_response(429, str(exc), "rate_limit_error", None, "overloaded", {"Retry-After": retry})
+
+    async def api_error(_request: Request, exc: Exception) -> AsciiJSONResponse:
+        assert isinstance(exc, APIError)
+        return error_response(exc.status, str(exc), exc.error_type, None, exc.code)
+
+    async def validation(_request: Request, exc: Exception) -> AsciiJSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        message, param = _validation_message(exc)
+        return error_response(422, message, "invalid_request_error", param, "invalid_value")
+
+    async def http_error(_request: Request, exc: Exception) -> AsciiJSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), error_type, None, None, exc.headers)
+
+    async def unexpected(_request: Request, exc: Exception) -> AsciiJSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal server error", "server_error")
+
+    app.add_exception_handler(Overloaded, overloaded)
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,98 @@
+"""Request bodies of the HTTP API: the OpenAI fields that matter plus persona-server's own.
+
+Unknown OpenAI fields are accepted and ignored, as vLLM does, so that ordinary clients keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints
+
+from persona_store.records import PERSONA_NAME_PATTERN
+from server.steering.plan import Positions
+
+PersonaName = Annotated[str, StringConstraints(pattern=PERSONA_NAME_PATTERN)]
+LayerIndex = Annotated[int, Field(ge=0, le=100_000)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class PersonaTermIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: PersonaName
+    strength: FiniteFloat | None = None
+
+
+class SteeringIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[LayerIndex] | None = Field(None, min_length=1, max_length=1024)
+    positions: Positions | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: FiniteFloat | None = Field(None, ge=0, le=2)
+    top_p: FiniteFloat | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    persona: PersonaName | list[PersonaTermIn] | None = Field(
+        None, description="A persona name, or a list of {name, strength} to compose."
+    )
+    persona_strength: FiniteFloat | None = Field(
+        None, description="Multiplies the persona's vector (default: the persona's default strength)."
+    )
+    steering: SteeringIn | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(stop for stop in stops if stop)
+
+
+class ChatCompletionRequest(_CompletionRequest):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_CompletionRequest):
+    prompt: str | list[str] = Field(description="One prompt (a list must hold exactly one).")
+
+
+class PersonaUpload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    layers: dict[LayerIndex, list[FiniteFloat]] = Field(
+        min_length=1, description="Decoder block index -> vector of the model's hidden size."
+    )
+    default_strength: FiniteFloat = 1.0
+    description: str = Field("", max_length=4000)

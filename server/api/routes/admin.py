@@ -1,0 +1,67 @@
+"""Admin routes: create, read, delete and list persona vectors."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+
+from server.api.auth import require_admin
+from server.api.errors import APIError
+from server.api.protocol import PersonaUpload
+from server.serving.persona_admin import PersonaAdmin
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+NameParam = Annotated[str, Path(max_length=200)]
+
+
+def _admin(request: Request) -> PersonaAdmin:
+    return request.app.state.persona_admin
+
+
+def _expected_version(if_match: str | None) -> int | None:
+    """If-Match carries the version a write expects to replace (quotes, as in an ETag, are allowed)."""
+    if if_match is None:
+        return None
+    value = if_match.strip().strip('"')
+    if not value.isdigit():
+        raise APIError(
+            400, f"If-Match must be a persona version number, got {if_match!r}", "invalid_request_error"
+        )
+    return int(value)
+
+
+@router.put("/personas/{name}")
+async def put_persona(
+    name: NameParam, body: PersonaUpload, request: Request, if_match: Annotated[str | None, Header()] = None
+) -> dict[str, Any]:
+    info = await _admin(request).put(
+        name=name,
+        model=body.model,
+        layers=body.layers,
+        default_strength=body.default_strength,
+        description=body.description,
+        expected_version=_expected_version(if_match),
+    )
+    return info.to_dict()
+
+
+@router.get("/personas/{name}")
+async def get_persona(name: NameParam, model: Annotated[str, Query()], request: Request) -> dict[str, Any]:
+    return await _admin(request).get(name, model)
+
+
+@router.delete("/personas/{name}", status_code=204)
+async def delete_persona(
+    name: NameParam,
+    model: Annotated[str, Query()],
+    request: Request,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    await _admin(request).delete(name, model, expected_version=_expected_version(if_match))
+    return Response(status_code=204)
+
+
+@router.get("/personas")
+async def list_personas(request: Request, model: str | None = None) -> dict[str, Any]:
+    return {"object": "list", "data": [info.to_dict() for info in await _admin(request).list(model)]}

@@ -1,0 +1,125 @@
+"""OpenAI-compatible routes: thin mappings from protocol models to the completion service."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server.api.auth import require_api_key
+from server.api.errors import APIError
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, _CompletionRequest
+from server.engine.base import ChatMessage
+from server.serving.completions import CompletionService
+from server.serving.jobs import CompletionJob, PersonaTerm, SteeringOverride
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+def _service(request: Request) -> CompletionService:
+    return request.app.state.completions
+
+
+def _job(body: _CompletionRequest, **prompt: Any) -> CompletionJob:
+    persona = body.persona
+    if isinstance(persona, list):
+        persona = [PersonaTerm(term.name, term.strength) for term in persona]
+    steering = None
+    if body.steering is not None:
+        layers = tuple(body.steering.layers) if body.steering.layers is not None else None
+        steering = SteeringOverride(layers=layers, positions=body.steering.positions)
+    return CompletionJob(
+        model=body.model,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop_strings(),
+        seed=body.seed,
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        persona=persona,
+        persona_strength=body.persona_strength,
+        steering=steering,
+        **prompt,
+    )
+
+
+async def _until_disconnect(request: Request, work: Any) -> Any:
+    """Run ``work``; cancel it (and so its generation) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    listener = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+    if not task.done():
+        task.cancel()
+        raise APIError(499, "the client closed the request", "invalid_request_error", "client_closed")
+    return task.result()
+
+
+async def _respond(request: Request, job: CompletionJob) -> Any:
+    service = _service(request)
+    if job.stream:
+        events = await service.stream(job)
+        return StreamingResponse(events, media_type="text/event-stream")
+    return await _until_disconnect(request, service.complete(job))
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    messages = [ChatMessage(m.role, m.text()) for m in body.messages]
+    if body.max_tokens is None and body.max_completion_tokens is not None:
+        body.max_tokens = body.max_completion_tokens
+    return await _respond(request, _job(body, messages=messages))
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise APIError(400, "exactly one prompt per request is supported", "invalid_request_error")
+        prompt = prompt[0]
+    return await _respond(request, _job(body, prompt=prompt))
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(b.info) for b in request.app.state.registry]}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    return _model_card(request.app.state.registry.get(model_id).info)
+
+
+@router.get("/personas")
+async def list_personas(request: Request, model: str | None = None) -> dict[str, Any]:
+    infos = await request.app.state.persona_admin.list(model)
+    data = []
+    for info in infos:
+        item = info.to_dict()
+        del item["checksum"]
+        data.append(item)
+    return {"object": "list", "data": data}
+
+
+def _model_card(info: Any) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "persona-server",
+        "backend": info.backend,
+        "num_layers": info.num_layers,
+        "hidden_size": info.hidden_size,
+        "max_model_len": info.max_context,
+    }

@@ -1,0 +1,94 @@
+"""create_app(settings): the one composition root. The lifespan builds the store and the engines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from persona_store.base import PersonaStore
+from persona_store.sqlite import SQLiteStore
+from server.api.body_limit import BodySizeLimit
+from server.api.errors import AsciiJSONResponse, install_error_handlers
+from server.api.routes import admin, health, openai
+from server.engine.base import Backend
+from server.engine.hf.backend import HFBackend
+from server.metrics import Metrics
+from server.serving.completions import CompletionService, Limits
+from server.serving.models import ModelRegistry
+from server.serving.persona_admin import PersonaAdmin
+from server.settings import Settings
+
+logger = logging.getLogger("persona_server")
+
+
+class ConfigurationError(ValueError):
+    """The settings name something this server cannot open."""
+
+
+def open_store(url: str) -> PersonaStore:
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError(
+            "the Redis persona store is not available in this version; use sqlite:///PATH"
+        )
+    raise ConfigurationError(f"unknown store URL {url!r}: use sqlite:///PATH or redis://HOST:PORT/DB")
+
+
+def load_backends(settings: Settings) -> dict[str, Backend]:
+    ids = settings.model_ids()
+    if len(set(ids)) != len(ids):
+        raise ConfigurationError(f"served model names must be unique, got {ids}; use --served-model-name")
+    backends: dict[str, Backend] = {}
+    for source, model_id in zip(settings.model, ids, strict=True):
+        if source.lower().endswith(".gguf"):
+            raise ConfigurationError(f"{source}: GGUF models are not supported by this version")
+        logger.info("loading %s as %s", source, model_id)
+        backends[model_id] = HFBackend.load(
+            source, model_id=model_id, dtype=settings.dtype, device=settings.device,
+            max_batch_size=settings.max_num_seqs,
+        )  # fmt: skip
+    return backends
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    store = open_store(settings.store_url)
+    backends = await asyncio.to_thread(load_backends, settings)
+    registry = ModelRegistry(backends, max_in_flight=settings.max_num_seqs + settings.max_queue)
+    limits = Limits(settings.max_tokens_cap, settings.default_max_tokens, settings.max_strength)
+    app.state.store = store
+    app.state.registry = registry
+    app.state.completions = CompletionService(registry, store, app.state.metrics, limits)
+    app.state.persona_admin = PersonaAdmin(registry, store, settings.max_strength)
+    logger.info("persona store: %s", settings.store_url)
+    if not settings.admin_key:
+        logger.warning("no admin key is configured: admin routes accept loopback clients only")
+    try:
+        yield
+    finally:
+        await registry.close()
+        await store.close()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="persona-server",
+        summary="OpenAI-compatible inference with per-request persona steering.",
+        lifespan=_lifespan,
+        default_response_class=AsciiJSONResponse,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+    app.include_router(health.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,44 @@
+"""Prometheus collectors of one server instance (a registry per app, so tests and apps never share)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ("model", "persona")
+        self.request_latency = Histogram(
+            "persona_server_request_latency_seconds", "End-to-end request latency.",
+            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.time_to_first_token = Histogram(
+            "persona_server_time_to_first_token_seconds", "Time from arrival to the first token.",
+            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.inter_token_latency = Histogram(
+            "persona_server_inter_token_latency_seconds", "Time between consecutive tokens of a request.",
+            labels, buckets=_TOKEN_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "persona_server_prompt_tokens", "Prompt tokens processed.", labels, registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "persona_server_generation_tokens", "Tokens generated.", labels, registry=self.registry
+        )
+        self.requests = Counter(
+            "persona_server_requests", "Finished requests by status (finish reason or error class).",
+            (*labels, "status"), registry=self.registry,
+        )  # fmt: skip
+        self.requests_running = Gauge(
+            "persona_server_requests_running", "Requests generating tokens.",
+            ("model",), registry=self.registry,
+        )  # fmt: skip
+        self.requests_waiting = Gauge(
+            "persona_server_requests_waiting", "Requests admitted but without a first token yet.",
+            ("model",), registry=self.registry,
+        )  # fmt: skip

@@ -1,0 +1,181 @@
+"""Chat and text completions: job -> model -> resolved personas -> engine -> OpenAI objects or SSE."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from persona_store.base import PersonaStore
+from server.engine.base import GenerationRequest, SamplingParams, TokenChunk
+from server.metrics import Metrics
+from server.serving import responses
+from server.serving.errors import RequestRejected
+from server.serving.jobs import CompletionJob
+from server.serving.models import ModelRegistry
+from server.serving.personas import ResolvedPersonas, resolve_personas
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tokens_cap: int
+    default_max_tokens: int
+    max_strength: float
+
+
+@dataclass
+class _Run:
+    """One admitted generation whose first chunk has arrived."""
+
+    job: CompletionJob
+    personas: ResolvedPersonas
+    stream: AsyncIterator[TokenChunk]
+    first: TokenChunk
+    arrived: float
+    release: ExitStack
+    response_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def persona_echo(self) -> Any:
+        echoes = [echo.to_dict() for echo in self.personas.echoes]
+        if not echoes:
+            return None
+        return echoes[0] if isinstance(self.job.persona, str) else echoes
+
+
+class CompletionService:
+    def __init__(
+        self, registry: ModelRegistry, store: PersonaStore, metrics: Metrics, limits: Limits
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self._metrics = metrics
+        self._limits = limits
+
+    def _sampling(self, job: CompletionJob) -> SamplingParams:
+        if job.max_tokens is not None and job.max_tokens > self._limits.max_tokens_cap:
+            raise RequestRejected(
+                f"max_tokens is {job.max_tokens}; this server allows at most {self._limits.max_tokens_cap}",
+                param="max_tokens",
+            )
+        return SamplingParams(
+            max_tokens=job.max_tokens if job.max_tokens is not None else self._limits.default_max_tokens,
+            temperature=1.0 if job.temperature is None else job.temperature,
+            top_p=1.0 if job.top_p is None else job.top_p,
+            stop=job.stop,
+            seed=job.seed,
+            clamp_to_context=job.max_tokens is None,
+        )
+
+    async def _open(self, job: CompletionJob) -> _Run:
+        arrived = time.perf_counter()
+        backend = self._registry.get(job.model)
+        sampling = self._sampling(job)
+        personas = await resolve_personas(
+            self._store,
+            backend.info,
+            job.persona,
+            job.persona_strength,
+            job.steering,
+            self._limits.max_strength,
+        )
+        request = GenerationRequest(
+            sampling=sampling, prompt=job.prompt, messages=job.messages, steering=personas.plan
+        )
+        release = ExitStack()
+        release.enter_context(self._registry.admit(job.model))
+        waiting = self._metrics.requests_waiting.labels(job.model)
+        waiting.inc()
+        stream = backend.generate(request)
+        try:
+            first = await anext(stream)
+        except BaseException:
+            await stream.aclose()  # type: ignore[attr-defined]
+            release.close()
+            raise
+        finally:
+            waiting.dec()
+        return _Run(job=job, personas=personas, stream=stream, first=first, arrived=arrived, release=release)
+
+    async def _chunks(self, run: _Run) -> AsyncIterator[TokenChunk]:
+        """The run's chunks, first included, recording metrics; frees the run's admission place at the end."""
+        labels = (run.job.model, run.personas.label)
+        metrics = self._metrics
+        now = time.perf_counter()
+        metrics.time_to_first_token.labels(*labels).observe(now - run.arrived)
+        running = metrics.requests_running.labels(run.job.model)
+        running.inc()
+        status, last, previous = "cancelled", run.first, now
+        try:
+            yield run.first
+            async for chunk in run.stream:
+                now = time.perf_counter()
+                metrics.inter_token_latency.labels(*labels).observe(now - previous)
+                previous, last = now, chunk
+                yield chunk
+            status = last.finish_reason.value if last.finish_reason else "unfinished"
+        except Exception:
+            status = "error"
+            raise
+        finally:
+            await run.stream.aclose()  # type: ignore[attr-defined]
+            run.release.close()
+            running.dec()
+            metrics.request_latency.labels(*labels).observe(time.perf_counter() - run.arrived)
+            metrics.prompt_tokens.labels(*labels).inc(last.prompt_tokens)
+            metrics.generation_tokens.labels(*labels).inc(last.completion_tokens)
+            metrics.requests.labels(*labels, status).inc()
+
+    async def complete(self, job: CompletionJob) -> dict[str, Any]:
+        run = await self._open(job)
+        text, last = [], run.first
+        async with aclosing(self._chunks(run)) as chunks:
+            async for chunk in chunks:
+                text.append(chunk.text)
+                last = chunk
+        return responses.completion_object(
+            chat=job.is_chat, response_id=self._response_id(run), created=run.created, model=job.model,
+            text="".join(text), last=last, persona=run.persona_echo,
+        )  # fmt: skip
+
+    async def stream(self, job: CompletionJob) -> AsyncIterator[str]:
+        """Open the generation (errors raise here, before any byte is sent), then return its SSE events."""
+        run = await self._open(job)
+        return self._events(run)
+
+    async def _events(self, run: _Run) -> AsyncIterator[str]:
+        job = run.job
+        common = {
+            "chat": job.is_chat,
+            "response_id": self._response_id(run),
+            "created": run.created,
+            "model": job.model,
+        }
+        last = run.first
+        async with aclosing(self._chunks(run)) as chunks:
+            first = True
+            async for chunk in chunks:
+                last = chunk
+                finish = chunk.finish_reason.value if chunk.finish_reason else None
+                if chunk.text or first or finish:
+                    yield responses.sse(
+                        responses.chunk_object(
+                            **common,
+                            text=chunk.text,
+                            finish_reason=finish,
+                            persona=run.persona_echo,
+                            first=first,
+                        )
+                    )
+                first = False
+        if job.include_usage:
+            yield responses.sse(responses.usage_chunk(**common, last=last))
+        yield responses.sse("[DONE]")
+
+    @staticmethod
+    def _response_id(run: _Run) -> str:
+        return ("chatcmpl-" if run.job.is_chat else "cmpl-") + run.response_id

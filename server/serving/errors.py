@@ -1,0 +1,25 @@
+"""Errors of the serving layer; api/errors.py gives each its HTTP status and OpenAI error object."""
+
+from __future__ import annotations
+
+
+class ModelNotFound(LookupError):
+    def __init__(self, model: str, served: list[str]) -> None:
+        super().__init__(f"the model '{model}' does not exist; served models: {', '.join(served)}")
+        self.model = model
+
+
+class RequestRejected(ValueError):
+    """A request outside the server's limits (strength cap, max_tokens cap, conflicting fields)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class Overloaded(Exception):
+    """Every batch row and queue place of a model is taken; the client should retry later."""
+
+    def __init__(self, model: str, retry_after_seconds: int = 1) -> None:
+        super().__init__(f"model '{model}' has too many requests in flight; retry later")
+        self.retry_after_seconds = retry_after_seconds

@@ -1,0 +1,89 @@
+"""Operator work on personas: validated uploads, reads with vectors, deletes, listings."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from persona_store.base import PersonaStore
+from persona_store.records import PersonaDraft, PersonaInfo, is_valid_persona_name
+from server.serving.errors import RequestRejected
+from server.serving.models import ModelRegistry
+from server.steering.errors import SteeringError
+
+
+class PersonaAdmin:
+    def __init__(self, registry: ModelRegistry, store: PersonaStore, max_strength: float) -> None:
+        self._registry = registry
+        self._store = store
+        self._max_strength = max_strength
+
+    def _check_name(self, name: str) -> None:
+        if not is_valid_persona_name(name):
+            raise SteeringError(f"persona name '{name}' must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}$")
+
+    async def put(
+        self,
+        name: str,
+        model: str,
+        layers: Mapping[int, Sequence[float]],
+        default_strength: float,
+        description: str,
+        expected_version: int | None = None,
+        provenance: dict[str, Any] | None = None,
+    ) -> PersonaInfo:
+        """Validate everything against the served model before anything is written."""
+        self._check_name(name)
+        info = self._registry.get(model).info
+        limit = self._max_strength
+        if not math.isfinite(default_strength) or abs(default_strength) > limit:
+            raise RequestRejected(
+                f"default_strength {default_strength} is outside [-{limit}, {limit}]",
+                param="default_strength",
+            )
+        vectors: dict[int, np.ndarray] = {}
+        for layer, values in layers.items():
+            if layer not in info.steerable_layers:
+                raise SteeringError(
+                    f"layer {layer} is outside model '{model}': expected a block index in "
+                    f"{info.steerable_layers[0]}..{info.steerable_layers[-1]}, got {layer}"
+                )
+            if len(values) != info.hidden_size:
+                raise SteeringError(
+                    f"the vector for layer {layer} has {len(values)} values; model '{model}' "
+                    f"expects its hidden size, {info.hidden_size}"
+                )
+            vector = np.asarray(values, dtype=np.float32)
+            if not np.isfinite(vector).all():  # finite as float64 may still overflow float32
+                raise SteeringError(
+                    f"the vector for layer {layer} holds values that are not finite in float32"
+                )
+            vectors[layer] = vector
+        draft = PersonaDraft(
+            model=model,
+            name=name,
+            vectors=vectors,
+            default_strength=default_strength,
+            description=description,
+            provenance=provenance or {"kind": "uploaded"},
+        )
+        return await self._store.put(draft, expected_version=expected_version)
+
+    async def get(self, name: str, model: str) -> dict[str, Any]:
+        self._check_name(name)
+        record = await self._store.get(model, name)
+        body = record.info.to_dict()
+        body["layers"] = {str(layer): vector.tolist() for layer, vector in record.vectors.items()}
+        return body
+
+    async def delete(self, name: str, model: str, expected_version: int | None = None) -> None:
+        self._check_name(name)
+        await self._store.delete(model, name, expected_version=expected_version)
+
+    async def list(self, model: str | None) -> list[PersonaInfo]:
+        if model is not None:
+            self._registry.get(model)
+        return await self._store.list(model)

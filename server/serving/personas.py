@@ -1,0 +1,100 @@
+"""Turning a request's persona fields into a resolved steering plan for one target model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from persona_store.base import PersonaStore
+from server.engine.base import ModelInfo
+from server.serving.errors import RequestRejected
+from server.serving.jobs import PersonaTerm, SteeringOverride
+from server.steering.errors import SteeringError
+from server.steering.plan import Positions, SteeringPlan
+
+
+@dataclass(frozen=True)
+class PersonaEcho:
+    """What the response reports of each persona applied."""
+
+    name: str
+    strength: float
+    version: int
+    layers: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "strength": self.strength,
+            "version": self.version,
+            "layers": list(self.layers),
+        }
+
+
+@dataclass(frozen=True)
+class ResolvedPersonas:
+    plan: SteeringPlan | None
+    echoes: tuple[PersonaEcho, ...]
+
+    @property
+    def label(self) -> str:
+        """The bounded metrics label: persona names (only admins create them), or 'none'."""
+        return "+".join(echo.name for echo in self.echoes) or "none"
+
+
+NO_PERSONA = ResolvedPersonas(plan=None, echoes=())
+
+
+def _terms(persona: str | Sequence[PersonaTerm], persona_strength: float | None) -> list[PersonaTerm]:
+    if isinstance(persona, str):
+        return [PersonaTerm(persona, persona_strength)]
+    if persona_strength is not None:
+        raise RequestRejected(
+            "persona_strength applies to a single persona; give each listed persona its own strength",
+            param="persona_strength",
+        )
+    if not persona:
+        raise RequestRejected("persona is an empty list", param="persona")
+    return list(persona)
+
+
+async def resolve_personas(
+    store: PersonaStore,
+    model: ModelInfo,
+    persona: str | Sequence[PersonaTerm] | None,
+    persona_strength: float | None,
+    override: SteeringOverride | None,
+    max_strength: float,
+) -> ResolvedPersonas:
+    """Look up each persona for ``model`` and compose one plan; raises on unknown or bad input."""
+    if persona is None:
+        if persona_strength is not None or override is not None:
+            raise RequestRejected("persona_strength and steering need a persona", param="persona")
+        return NO_PERSONA
+    positions = override.positions if override and override.positions else Positions.ALL
+    terms, echoes = [], []
+    for term in _terms(persona, persona_strength):
+        record = await store.get(model.id, term.name)
+        strength = record.info.default_strength if term.strength is None else term.strength
+        if not math.isfinite(strength) or abs(strength) > max_strength:
+            raise RequestRejected(
+                f"strength {strength} of persona '{term.name}' is outside [-{max_strength}, {max_strength}]",
+                param="persona_strength",
+            )
+        layers = tuple(record.vectors)
+        if override is not None and override.layers is not None:
+            missing = sorted(set(override.layers) - set(layers))
+            if missing:
+                raise SteeringError(
+                    f"persona '{term.name}' has no vector for layers {missing}; its layers are {list(layers)}"
+                )
+            layers = tuple(sorted(set(override.layers)))
+        terms.append(({layer: record.vectors[layer] for layer in layers}, strength))
+        echoes.append(PersonaEcho(term.name, strength, record.info.version, layers))
+    plan = SteeringPlan.compose(terms, positions=positions)
+    plan.validate_for(model.num_layers, model.hidden_size)
+    for layer in plan.vectors:
+        if layer not in model.steerable_layers:
+            raise SteeringError(f"layer {layer} cannot be steered on model '{model.id}'")
+    return ResolvedPersonas(plan=plan, echoes=tuple(echoes))

@@ -1,0 +1,81 @@
+"""Every knob of the server: a default, an environment variable PERSONA_SERVER_<NAME> and a description.
+
+The `persona-server serve` flags are derived from this class (``--served-model-name`` is
+``PERSONA_SERVER_SERVED_MODEL_NAME``); lists are given by repeating a flag, or in the environment as
+JSON (``PERSONA_SERVER_MODEL='["a", "b"]'``). Flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """$XDG_DATA_HOME/persona-server, else ~/.local/share/persona-server."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "persona-server"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PERSONA_SERVER_",
+        cli_kebab_case=True,
+        cli_prog_name="persona-server serve",
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    model: list[str] = Field(
+        default_factory=list, description="Model to serve: a local directory or a hub id. Repeat for several."
+    )
+    served_model_name: list[str] = Field(
+        default_factory=list,
+        description="Name clients use for the i-th --model (default: its directory or file name).",
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    store: str | None = Field(
+        None,
+        description="Persona store: sqlite:///PATH or redis://HOST:PORT/DB "
+        "(default: sqlite in <data-dir>/personas.sqlite3).",
+    )
+    data_dir: Path = Field(default_factory=default_data_dir, description="Where the embedded store lives.")
+    admin_key: str | None = Field(
+        None, description="Bearer key of the /admin routes (unset: loopback clients only)."
+    )
+    api_key: str | None = Field(None, description="Bearer key of the /v1 routes (unset: open).")
+    dtype: str = Field("float32", description="Weights dtype of HF models: float32, bfloat16 or float16.")
+    device: str = Field("cpu", description="Torch device of HF models, e.g. cpu or cuda:0.")
+    max_num_seqs: int = Field(32, ge=1, description="Requests decoded together per model (batch rows).")
+    max_queue: int = Field(
+        256, ge=0, description="Requests per model that may wait for a batch row before 429 is answered."
+    )
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that names none.")
+    max_strength: float = Field(
+        64.0, gt=0, description="Largest |strength| of a persona in a request (400 above)."
+    )
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+    @model_validator(mode="after")
+    def _names_match_models(self) -> Settings:
+        if len(self.served_model_name) > len(self.model):
+            raise ValueError("more --served-model-name than --model given")
+        return self
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{self.data_dir / 'personas.sqlite3'}"
+
+    def model_ids(self) -> list[str]:
+        names = list(self.served_model_name)
+        for source in self.model[len(names) :]:
+            names.append(Path(source.rstrip("/")).name)
+        return names
