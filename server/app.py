@@ -14,6 +14,7 @@ from persona_store.base import PersonaStore
 from persona_store.sqlite import SQLiteStore
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import AsciiJSONResponse, install_error_handlers
+from server.api.openapi import install_openapi
 from server.api.routes import admin, health, openai
 from server.engine.base import Backend
 from server.engine.hf.backend import HFBackend
@@ -87,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(health.router)

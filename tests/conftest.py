@@ -2,10 +2,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
 
 from server.engine.hf.backend import HFBackend
+from tests.api_helpers import ADMIN_KEY, API_KEY, LLAMA, QWEN, random_vector, upload
+from tests.server_process import ServerProcess
 from tests.tiny_models import build_tiny_model
 
 
@@ -32,3 +36,47 @@ def llama_backend(llama_dir: Path) -> Iterator[HFBackend]:
     backend = HFBackend.load(llama_dir, model_id="tiny-llama", max_batch_size=32)
     yield backend
     backend.scheduler.stop()
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("qwen"), "qwen2", seed=3, hidden_size=48, num_heads=4)
+
+
+@pytest.fixture(scope="session")
+def server(
+    llama_dir: Path, qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    data = tmp_path_factory.mktemp("api-data")
+    args = [
+        "--model", str(llama_dir), "--model", str(qwen_dir),
+        "--served-model-name", LLAMA, "--served-model-name", QWEN,
+        "--admin-key", ADMIN_KEY, "--max-tokens-cap", "900", "--max-strength", "50",
+        "--default-max-tokens", "16", "--max-body-bytes", "200000",
+    ]  # fmt: skip
+    # The API key comes from the environment, as every flag can.
+    with ServerProcess(args, env={"PERSONA_SERVER_API_KEY": API_KEY, "PERSONA_SERVER_DATA_DIR": str(data)},
+                       log_path=data / "server.log") as process:  # fmt: skip
+        yield process
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def personas(server: ServerProcess) -> dict[str, dict[str, Any]]:
+    """Personas uploaded once for the module: name -> stored record."""
+    uploads = {
+        "pirate": (LLAMA, {1: random_vector(64, 1)}, 6.0),
+        "formal": (LLAMA, {0: random_vector(64, 2), 2: random_vector(64, 3)}, 3.0),
+        "quitter": (LLAMA, {1: random_vector(64, 4)}, 1.0),
+        "calm": (QWEN, {1: random_vector(48, 5)}, 5.0),
+    }
+    records = {}
+    for name, (model, layers, strength) in uploads.items():
+        response = upload(server.url, name, model, layers, strength, description=f"{name} test persona")
+        assert response.status_code == 200, response.text
+        records[name] = response.json()
+    return records

@@ -72,6 +72,7 @@ class _CompletionRequest(BaseModel):
         None, description="Multiplies the persona's vector (default: the persona's default strength)."
     )
     steering: SteeringIn | None = None
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (as in vLLM).")
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -28,7 +28,7 @@ class FinishReason(StrEnum):
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below 1e-5) means greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
@@ -48,7 +48,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, sampling is argmax in all but name, and dividing by it overflows.
+        return self.temperature < 1e-5
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class CompletionService:
             top_p=1.0 if job.top_p is None else job.top_p,
             stop=job.stop,
             seed=job.seed,
+            ignore_eos=job.ignore_eos,
             clamp_to_context=job.max_tokens is None,
         )
 

@@ -33,6 +33,7 @@ class CompletionJob:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False
     persona: str | Sequence[PersonaTerm] | None = None

@@ -6,13 +6,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
+from persona_store.records import PERSONA_NAME_PATTERN
 from server.api.auth import require_admin
 from server.api.errors import APIError
 from server.api.protocol import PersonaUpload
 from server.serving.persona_admin import PersonaAdmin
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
-NameParam = Annotated[str, Path(max_length=200)]
+NameParam = Annotated[str, Path(pattern=PERSONA_NAME_PATTERN)]
 
 
 def _admin(request: Request) -> PersonaAdmin:

@@ -37,6 +37,7 @@ def _job(body: _CompletionRequest, **prompt: Any) -> CompletionJob:
         top_p=body.top_p,
         stop=body.stop_strings(),
         seed=body.seed,
+        ignore_eos=body.ignore_eos,
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         persona=persona,

@@ -10,16 +10,19 @@ from server.engine.base import SamplingParams
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Choose a token from ``logits`` [vocab] (float32) under temperature and nucleus sampling."""
+    """Choose a token from ``logits`` [vocab] under temperature and nucleus sampling."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # float64: a top_p or temperature at the edge of float32 must not empty the distribution.
+    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p; the first token always stays.
+        # Keep the smallest prefix whose mass reaches top_p; the most likely token always stays.
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        outside[0] = False
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(torch.argmax(logits))
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -107,8 +107,14 @@ class Scheduler:
             sequence = self._waiting.popleft()
             if sequence.cancelled:
                 continue
-            logits, cache = self._runner.prefill(sequence.prompt_ids, sequence.plan)
-            self._emit(sequence, sample_one(logits.cpu(), sequence.sampling, sequence.generator))
+            try:
+                logits, cache = self._runner.prefill(sequence.prompt_ids, sequence.plan)
+                self._emit(sequence, sample_one(logits.cpu(), sequence.sampling, sequence.generator))
+            except Exception as exc:  # a prompt that fails fails alone; the batch goes on
+                logger.exception("prefill failed")
+                sequence.finished = True
+                sequence.sink(exc)
+                continue
             if not sequence.finished:
                 self._batch.append(cache, len(sequence.prompt_ids))
                 self._rows.append(sequence)

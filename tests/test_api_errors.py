@@ -1,0 +1,194 @@
+"""Every kind of bad input gets a clear 4xx OpenAI error, and a rejected write changes nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api_helpers import ADMIN_KEY, API_KEY, LLAMA, QUESTION, assert_openai_error, random_vector, upload
+from tests.server_process import ServerProcess
+
+API = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def post_chat(server: ServerProcess, **fields: Any) -> httpx.Response:
+    body = {"model": LLAMA, "messages": QUESTION, "max_tokens": 4, **fields}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=API, timeout=30)
+
+
+@pytest.fixture
+def store_unchanged(server: ServerProcess, personas: Any) -> Iterator[None]:
+    """Asserts after the test that the stored personas are exactly as before it."""
+
+    def snapshot() -> tuple[Any, Any]:
+        listing = httpx.get(f"{server.url}/admin/personas", headers=ADMIN).json()["data"]
+        pirate = httpx.get(
+            f"{server.url}/admin/personas/pirate", params={"model": LLAMA}, headers=ADMIN
+        ).json()
+        return listing, pirate
+
+    before = snapshot()
+    yield
+    assert snapshot() == before
+
+
+def test_unknown_model_is_404(server: ServerProcess) -> None:
+    error = assert_openai_error(post_chat(server, model="no-such-model"), 404, "no-such-model")
+    assert error["code"] == "model_not_found"
+
+
+def test_unknown_persona_is_404_naming_persona_and_model(server: ServerProcess, personas: Any) -> None:
+    assert_openai_error(post_chat(server, persona="ghost"), 404, "'ghost'", f"'{LLAMA}'")
+
+
+@pytest.mark.parametrize("name", ["bad name", "-leading-dash", "x" * 65, "semi;colon"])
+def test_bad_persona_name_in_a_request_is_422(server: ServerProcess, name: str) -> None:
+    assert_openai_error(post_chat(server, persona=name), 422, "persona")
+
+
+def test_strength_above_the_cap_is_400(server: ServerProcess, personas: Any) -> None:
+    assert_openai_error(post_chat(server, persona="pirate", persona_strength=51), 400, "strength 51")
+    assert_openai_error(post_chat(server, persona=[{"name": "pirate", "strength": -60}]), 400, "-60")
+
+
+def test_max_tokens_above_the_cap_is_400(server: ServerProcess) -> None:
+    assert_openai_error(post_chat(server, max_tokens=901), 400, "901", "900")
+
+
+def test_prompt_over_the_context_is_400(server: ServerProcess) -> None:
+    long = [{"role": "user", "content": "storm " * 1200}]
+    assert_openai_error(post_chat(server, messages=long), 400, "maximum context length is 1024")
+
+
+def test_layer_override_outside_the_persona_is_422(server: ServerProcess, personas: Any) -> None:
+    assert_openai_error(post_chat(server, persona="pirate", steering={"layers": [2]}), 422, "layers [2]")
+
+
+def test_wrong_or_missing_api_key_is_401(server: ServerProcess) -> None:
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        response = httpx.get(f"{server.url}/v1/models", headers=headers)
+        assert assert_openai_error(response, 401)["type"] == "authentication_error"
+
+
+def test_body_over_the_cap_is_413(server: ServerProcess, store_unchanged: None) -> None:
+    huge = {"model": LLAMA, "layers": {"1": [0.5] * 60_000}}
+    response = httpx.put(f"{server.url}/admin/personas/pirate", json=huge, headers=ADMIN)
+    assert_openai_error(response, 413, "200000")
+
+
+def test_chunked_body_over_the_cap_is_413(server: ServerProcess, store_unchanged: None) -> None:
+    payload = json.dumps({"model": LLAMA, "layers": {"1": [0.5] * 60_000}}).encode()
+    chunks = (payload[i : i + 65536] for i in range(0, len(payload), 65536))
+    response = httpx.put(f"{server.url}/admin/personas/pirate", content=chunks,
+                         headers={**ADMIN, "Content-Type": "application/json"})  # fmt: skip
+    assert_openai_error(response, 413)
+
+
+@pytest.mark.parametrize(
+    ("layers", "status", "fragments"),
+    [
+        ({"1": random_vector(63, 0)}, 422, ("63", "64")),
+        ({"3": random_vector(64, 0)}, 422, ("layer 3", "0..2")),
+        ({"-1": random_vector(64, 0)}, 422, ()),
+        ({"one": random_vector(64, 0)}, 422, ()),
+        ({}, 422, ()),
+        ({"1": [1e39] * 64}, 422, ("not finite",)),
+    ],
+)
+def test_bad_vectors_are_422(
+    server: ServerProcess,
+    store_unchanged: None,
+    layers: dict[str, Any],
+    status: int,
+    fragments: tuple[str, ...],
+) -> None:
+    response = httpx.put(
+        f"{server.url}/admin/personas/pirate", json={"model": LLAMA, "layers": layers}, headers=ADMIN
+    )
+    assert_openai_error(response, status, *fragments)
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinite_values_are_422(server: ServerProcess, store_unchanged: None, token: str) -> None:
+    values = ", ".join(["0.5"] * 63 + [token])
+    body = f'{{"model": "{LLAMA}", "layers": {{"1": [{values}]}}}}'
+    response = httpx.put(f"{server.url}/admin/personas/pirate", content=body,
+                         headers={**ADMIN, "Content-Type": "application/json"})  # fmt: skip
+    assert_openai_error(response, 422, "finite")
+
+
+def test_bad_persona_name_on_upload_is_422(server: ServerProcess, store_unchanged: None) -> None:
+    response = upload(server.url, "bad.name!", LLAMA, {1: random_vector(64, 0)})
+    assert_openai_error(response, 422)
+
+
+def test_default_strength_above_the_cap_is_400(server: ServerProcess, store_unchanged: None) -> None:
+    assert_openai_error(upload(server.url, "pirate", LLAMA, {1: random_vector(64, 0)}, 99.0), 400, "99")
+
+
+def test_upload_for_an_unknown_model_is_404(server: ServerProcess, store_unchanged: None) -> None:
+    assert_openai_error(upload(server.url, "pirate", "no-such-model", {1: random_vector(64, 0)}), 404)
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_admin_without_the_admin_key_is_401(
+    server: ServerProcess, store_unchanged: None, key: str | None
+) -> None:
+    response = upload(server.url, "pirate", LLAMA, {1: random_vector(64, 9)}, admin_key=key)
+    assert_openai_error(response, 401)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    deleted = httpx.delete(f"{server.url}/admin/personas/pirate", params={"model": LLAMA}, headers=headers)
+    assert_openai_error(deleted, 401)
+    # The API key is not an admin key.
+    assert_openai_error(httpx.get(f"{server.url}/admin/personas", headers=API), 401)
+
+
+def test_stale_if_match_is_409(server: ServerProcess, store_unchanged: None, personas: Any) -> None:
+    stale = str(personas["pirate"]["version"] - 1)
+    response = httpx.put(
+        f"{server.url}/admin/personas/pirate",
+        json={"model": LLAMA, "layers": {"1": random_vector(64, 9)}},
+        headers={**ADMIN, "If-Match": stale},
+    )
+    assert_openai_error(response, 409, f"expected {stale}")
+
+
+def test_upload_replace_and_delete_cycle(server: ServerProcess) -> None:
+    first = upload(server.url, "short-lived", LLAMA, {2: random_vector(64, 7)}, 2.0).json()
+    second = upload(server.url, "short-lived", LLAMA, {2: random_vector(64, 8)}, 2.0).json()
+    assert second["version"] == first["version"] + 1 and second["checksum"] != first["checksum"]
+    stored = httpx.get(
+        f"{server.url}/admin/personas/short-lived", params={"model": LLAMA}, headers=ADMIN
+    ).json()
+    assert stored["layers"]["2"] == pytest.approx(random_vector(64, 8), rel=1e-6)
+    deleted = httpx.delete(f"{server.url}/admin/personas/short-lived", params={"model": LLAMA}, headers=ADMIN)
+    assert deleted.status_code == 204
+    gone = httpx.get(f"{server.url}/admin/personas/short-lived", params={"model": LLAMA}, headers=ADMIN)
+    assert_openai_error(gone, 404, "short-lived")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"n": 2},
+        {"temperature": -0.5},
+        {"top_p": 0},
+        {"messages": []},
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"persona_strength": 2.0},
+        {"steering": {"layers": [0]}},
+        {"persona": "pirate", "steering": {"positions": "everywhere"}},
+        {"persona": [{"name": "pirate"}], "persona_strength": 2},
+        {"max_tokens": 0},
+        {"seed": 2**70},
+    ],
+)
+def test_malformed_requests_are_4xx(server: ServerProcess, personas: Any, fields: dict[str, Any]) -> None:
+    response = post_chat(server, **fields)
+    assert 400 <= response.status_code < 500, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}

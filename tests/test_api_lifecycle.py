@@ -1,0 +1,83 @@
+"""Server-level behaviour: a bounded queue, a store that survives restarts, fuzzing for 5xx."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api_helpers import QUESTION, assert_openai_error, random_vector, upload
+from tests.server_process import ServerProcess
+
+MODEL = "solo-llama"
+
+
+def serve_args(llama_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return ["--model", str(llama_dir), "--served-model-name", MODEL, "--data-dir", str(data_dir), *extra]
+
+
+def test_a_full_queue_answers_429_and_personas_survive_a_restart(llama_dir: Path, tmp_path: Path) -> None:
+    args = serve_args(
+        llama_dir, tmp_path, "--max-num-seqs", "1", "--max-queue", "0", "--max-tokens-cap", "900"
+    )
+    with ServerProcess(args, log_path=tmp_path / "first.log") as server:
+        # No admin key configured: loopback clients may administer.
+        stored = upload(server.url, "keeper", MODEL, {1: random_vector(64, 11)}, 2.5, admin_key=None)
+        assert stored.status_code == 200, stored.text
+
+        long_body = {
+            "model": MODEL,
+            "messages": QUESTION,
+            "max_tokens": 900,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        started, release = threading.Event(), threading.Event()
+
+        def occupy() -> None:
+            # Holds the model's only place until released: its stream stays open.
+            url = f"{server.url}/v1/chat/completions"
+            with httpx.stream("POST", url, json=long_body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line:
+                        started.set()
+                        release.wait(30)
+                        return
+
+        worker = threading.Thread(target=occupy)
+        worker.start()
+        assert started.wait(30)
+        refused = httpx.post(f"{server.url}/v1/chat/completions",
+                             json={"model": MODEL, "messages": QUESTION, "max_tokens": 2})  # fmt: skip
+        error = assert_openai_error(refused, 429)
+        assert error["type"] == "rate_limit_error" and refused.headers["Retry-After"] == "1"
+        release.set()
+        worker.join()
+
+    with ServerProcess(serve_args(llama_dir, tmp_path), log_path=tmp_path / "second.log") as server:
+        again = httpx.get(f"{server.url}/admin/personas/keeper", params={"model": MODEL}).json()
+        assert again["checksum"] == stored.json()["checksum"] and again["version"] == 1
+        assert again["layers"]["1"] == pytest.approx(random_vector(64, 11), rel=1e-6)
+        body = {"model": MODEL, "messages": QUESTION, "max_tokens": 3, "persona": "keeper"}
+        answer = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+        assert answer.status_code == 200 and answer.json()["persona"]["strength"] == 2.5
+
+
+def test_schemathesis_finds_no_server_error(llama_dir: Path, tmp_path: Path) -> None:
+    args = serve_args(llama_dir, tmp_path, "--max-tokens-cap", "16", "--default-max-tokens", "8")
+    with ServerProcess(args, log_path=tmp_path / "server.log") as server:
+        upload(server.url, "pirate", MODEL, {1: random_vector(64, 1)}, admin_key=None).raise_for_status()
+        command = [
+            sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
+            "--checks", "not_a_server_error", "--mode", "positive", "--max-examples", "50",
+            "--phases", "coverage,fuzzing", "--generation-database", "none", "--seed", "1",
+            "--workers", "1", "--request-timeout", "30", "--no-color",
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        report = result.stdout[-4000:] + result.stderr[-2000:]
+        assert result.returncode == 0, report
+        assert "generated" in report and " 0 generated" not in report, report
