@@ -25,7 +25,14 @@ def test_a_full_queue_answers_429_and_personas_survive_a_restart(llama_dir: Path
         llama_dir, tmp_path, "--max-num-seqs", "1", "--max-queue", "0", "--max-tokens-cap", "900"
     )
     with ServerProcess(args, log_path=tmp_path / "first.log") as server:
-        # No admin key configured: loopback clients may administer.
+        # No admin key configured: loopback clients may administer, and the log says so.
+        assert "admin routes accept loopback clients only" in server.log()
+        assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+        assert httpx.get(f"{server.url}/ready").json() == {
+            "status": "ready",
+            "models": [MODEL],
+            "store": "ok",
+        }
         stored = upload(server.url, "keeper", MODEL, {1: random_vector(64, 11)}, 2.5, admin_key=None)
         assert stored.status_code == 200, stored.text
 

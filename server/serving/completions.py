@@ -36,8 +36,16 @@ class _Run:
     first: TokenChunk
     arrived: float
     release: ExitStack
-    response_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created: int = field(default_factory=lambda: int(time.time()))
+    shape: responses.ResponseShape = field(init=False)
+
+    def __post_init__(self) -> None:
+        prefix = "chatcmpl-" if self.job.is_chat else "cmpl-"
+        self.shape = responses.ResponseShape(
+            chat=self.job.is_chat,
+            response_id=prefix + uuid.uuid4().hex,
+            created=int(time.time()),
+            model=self.job.model,
+        )
 
     @property
     def persona_echo(self) -> Any:
@@ -138,10 +146,7 @@ class CompletionService:
             async for chunk in chunks:
                 text.append(chunk.text)
                 last = chunk
-        return responses.completion_object(
-            chat=job.is_chat, response_id=self._response_id(run), created=run.created, model=job.model,
-            text="".join(text), last=last, persona=run.persona_echo,
-        )  # fmt: skip
+        return run.shape.completion("".join(text), last, run.persona_echo)
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[str]:
         """Open the generation (errors raise here, before any byte is sent), then return its SSE events."""
@@ -149,34 +154,14 @@ class CompletionService:
         return self._events(run)
 
     async def _events(self, run: _Run) -> AsyncIterator[str]:
-        job = run.job
-        common = {
-            "chat": job.is_chat,
-            "response_id": self._response_id(run),
-            "created": run.created,
-            "model": job.model,
-        }
-        last = run.first
+        last, first = run.first, True
         async with aclosing(self._chunks(run)) as chunks:
-            first = True
             async for chunk in chunks:
                 last = chunk
                 finish = chunk.finish_reason.value if chunk.finish_reason else None
                 if chunk.text or first or finish:
-                    yield responses.sse(
-                        responses.chunk_object(
-                            **common,
-                            text=chunk.text,
-                            finish_reason=finish,
-                            persona=run.persona_echo,
-                            first=first,
-                        )
-                    )
+                    yield responses.sse(run.shape.chunk(chunk.text, finish, run.persona_echo, first=first))
                 first = False
-        if job.include_usage:
-            yield responses.sse(responses.usage_chunk(**common, last=last))
+        if run.job.include_usage:
+            yield responses.sse(run.shape.usage_chunk(last))
         yield responses.sse("[DONE]")
-
-    @staticmethod
-    def _response_id(run: _Run) -> str:
-        return ("chatcmpl-" if run.job.is_chat else "cmpl-") + run.response_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from server.engine.base import TokenChunk
@@ -16,76 +17,48 @@ def usage(chunk: TokenChunk) -> dict[str, int]:
     }
 
 
-def completion_object(
-    *, chat: bool, response_id: str, created: int, model: str, text: str, last: TokenChunk, persona: Any
-) -> dict[str, Any]:
-    finish = last.finish_reason.value if last.finish_reason else None
-    if chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-            "logprobs": None,
-        }
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-    return {
-        "id": response_id,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": usage(last),
-        "persona": persona,
-    }
+@dataclass(frozen=True)
+class ResponseShape:
+    """What every object of one response shares: its kind, id, creation time and model."""
 
+    chat: bool
+    response_id: str
+    created: int
+    model: str
 
-def chunk_object(
-    *,
-    chat: bool,
-    response_id: str,
-    created: int,
-    model: str,
-    text: str | None,
-    finish_reason: str | None,
-    persona: Any,
-    first: bool = False,
-) -> dict[str, Any]:
-    if chat:
-        delta: dict[str, Any] = {}
-        if first:
-            delta["role"] = "assistant"
-        if text is not None:
-            delta["content"] = text
-        choice: dict[str, Any] = {
-            "index": 0,
-            "delta": delta,
-            "finish_reason": finish_reason,
-            "logprobs": None,
-        }
-    else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-    return {
-        "id": response_id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "persona": persona,
-    }
+    def _envelope(self, streamed: bool, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        kind = (
+            ("chat.completion.chunk" if streamed else "chat.completion") if self.chat else "text_completion"
+        )
+        return {"id": self.response_id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices}  # fmt: skip
 
+    def _choice(
+        self, text: str, finish_reason: str | None, *, delta: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if not self.chat:
+            choice["text"] = text
+        elif delta is not None:
+            choice["delta"] = delta
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
+        return {**choice, "finish_reason": finish_reason, "logprobs": None}
 
-def usage_chunk(
-    *, chat: bool, response_id: str, created: int, model: str, last: TokenChunk
-) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage(last),
-    }
+    def completion(self, text: str, last: TokenChunk, persona: Any) -> dict[str, Any]:
+        finish = last.finish_reason.value if last.finish_reason else None
+        body = self._envelope(False, [self._choice(text, finish, delta=None)])
+        return {**body, "usage": usage(last), "persona": persona}
+
+    def chunk(
+        self, text: str, finish_reason: str | None, persona: Any, first: bool = False
+    ) -> dict[str, Any]:
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        delta["content"] = text
+        return {**self._envelope(True, [self._choice(text, finish_reason, delta=delta)]), "persona": persona}
+
+    def usage_chunk(self, last: TokenChunk) -> dict[str, Any]:
+        return {**self._envelope(True, []), "usage": usage(last)}
 
 
 def sse(payload: dict[str, Any] | str) -> str:
