@@ -16,12 +16,15 @@ from server.api.body_limit import BodySizeLimit
 from server.api.errors import AsciiJSONResponse, install_error_handlers
 from server.api.openapi import install_openapi
 from server.api.routes import admin, health, openai
+from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir, seed_demo_personas
 from server.engine.base import Backend
 from server.engine.hf.backend import HFBackend
 from server.metrics import Metrics
+from server.serving.background import JobRegistry
 from server.serving.completions import CompletionService, Limits
 from server.serving.models import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
+from server.serving.persona_extraction import PersonaExtraction
 from server.settings import Settings
 
 logger = logging.getLogger("persona_server")
@@ -41,12 +44,19 @@ def open_store(url: str) -> PersonaStore:
     raise ConfigurationError(f"unknown store URL {url!r}: use sqlite:///PATH or redis://HOST:PORT/DB")
 
 
-def load_backends(settings: Settings) -> dict[str, Backend]:
+def model_sources(settings: Settings) -> list[tuple[str, str]]:
+    """(source, served id) of every model; with no --model, the bundled demo models."""
+    if not settings.model:
+        return [(str(demo_model_dir(name)), name) for name in DEMO_MODEL_NAMES]
     ids = settings.model_ids()
     if len(set(ids)) != len(ids):
         raise ConfigurationError(f"served model names must be unique, got {ids}; use --served-model-name")
+    return list(zip(settings.model, ids, strict=True))
+
+
+def load_backends(settings: Settings) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
-    for source, model_id in zip(settings.model, ids, strict=True):
+    for source, model_id in model_sources(settings):
         if source.lower().endswith(".gguf"):
             raise ConfigurationError(f"{source}: GGUF models are not supported by this version")
         logger.info("loading %s as %s", source, model_id)
@@ -68,12 +78,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.registry = registry
     app.state.completions = CompletionService(registry, store, app.state.metrics, limits)
     app.state.persona_admin = PersonaAdmin(registry, store, settings.max_strength)
+    app.state.jobs = JobRegistry()
+    app.state.persona_extraction = PersonaExtraction(registry, app.state.persona_admin, app.state.jobs)
     logger.info("persona store: %s", settings.store_url)
+    if not settings.model:
+        await seed_demo_personas(store, settings.data_dir)
     if not settings.admin_key:
         logger.warning("no admin key is configured: admin routes accept loopback clients only")
     try:
         yield
     finally:
+        await app.state.jobs.close()
         await registry.close()
         await store.close()
 

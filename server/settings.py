@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     )
 
     model: list[str] = Field(
-        default_factory=list, description="Model to serve: a local directory or a hub id. Repeat for several."
+        default_factory=list,
+        description="Model to serve: a local directory or a hub id. Repeat for several. "
+        "None: the bundled demo models, demo-llama and demo-qwen, with their personas.",
     )
     served_model_name: list[str] = Field(
         default_factory=list,

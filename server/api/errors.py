@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 
 from persona_store.errors import PersonaNotFound, StoreUnavailable, VersionConflict
 from server.engine.base import EngineError
+from server.serving.background import JobNotFound
 from server.serving.errors import ModelNotFound, Overloaded, RequestRejected
 from server.steering.errors import SteeringError
 
@@ -50,6 +51,7 @@ def error_response(
 _MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (PersonaNotFound, 404, "invalid_request_error", "persona_not_found"),
+    (JobNotFound, 404, "invalid_request_error", "job_not_found"),
     (SteeringError, 422, "invalid_request_error", "invalid_steering"),
     (RequestRejected, 400, "invalid_request_error", None),
     (EngineError, 400, "invalid_request_error", None),

@@ -97,3 +97,27 @@ class PersonaUpload(BaseModel):
     )
     default_strength: FiniteFloat = 1.0
     description: str = Field("", max_length=4000)
+
+
+class ExtractionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    positive_prompts: list[Annotated[str, StringConstraints(max_length=4000)]] = Field(
+        min_length=1, max_length=256
+    )
+    negative_prompts: list[Annotated[str, StringConstraints(max_length=4000)]] = Field(
+        min_length=1, max_length=256
+    )
+    questions: list[Annotated[str, StringConstraints(min_length=1, max_length=4000)]] = Field(
+        min_length=1, max_length=5000
+    )
+    layers: list[LayerIndex] | None = Field(
+        None, min_length=1, description="Blocks to store (null: the recommended)."
+    )
+    samples_per_question: int = Field(1, ge=1, le=64)
+    default_strength: FiniteFloat | None = Field(None, description="Stored default strength (null: 1.0).")
+    max_tokens: int = Field(48, ge=1, le=1024, description="Length of each generated answer.")
+    temperature: FiniteFloat = Field(1.0, ge=0, le=2)
+    seed: Seed = 0
+    description: str = Field("", max_length=4000)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from server.steering.plan import SteeringPlan
 
 
@@ -101,6 +103,14 @@ class Backend(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         """Stream the generation; closing the iterator early cancels the request."""
+        ...
+
+    async def response_activations(self, request: GenerationRequest, response_ids: list[int]) -> np.ndarray:
+        """Mean output of every decoder block over the response tokens, unsteered: [num_layers, hidden]."""
+        ...
+
+    async def response_nll(self, request: GenerationRequest, response_ids: list[int]) -> tuple[float, int]:
+        """Summed negative log-likelihood (nats) and count of the response tokens, unsteered."""
         ...
 
     async def close(self) -> None: ...

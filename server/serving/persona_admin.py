@@ -21,7 +21,7 @@ class PersonaAdmin:
         self._store = store
         self._max_strength = max_strength
 
-    def _check_name(self, name: str) -> None:
+    def check_name(self, name: str) -> None:
         if not is_valid_persona_name(name):
             raise SteeringError(f"persona name '{name}' must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}$")
 
@@ -36,7 +36,7 @@ class PersonaAdmin:
         provenance: dict[str, Any] | None = None,
     ) -> PersonaInfo:
         """Validate everything against the served model before anything is written."""
-        self._check_name(name)
+        self.check_name(name)
         info = self._registry.get(model).info
         limit = self._max_strength
         if not math.isfinite(default_strength) or abs(default_strength) > limit:
@@ -73,14 +73,14 @@ class PersonaAdmin:
         return await self._store.put(draft, expected_version=expected_version)
 
     async def get(self, name: str, model: str) -> dict[str, Any]:
-        self._check_name(name)
+        self.check_name(name)
         record = await self._store.get(model, name)
         body = record.info.to_dict()
         body["layers"] = {str(layer): vector.tolist() for layer, vector in record.vectors.items()}
         return body
 
     async def delete(self, name: str, model: str, expected_version: int | None = None) -> None:
-        self._check_name(name)
+        self.check_name(name)
         await self._store.delete(model, name, expected_version=expected_version)
 
     async def list(self, model: str | None) -> list[PersonaInfo]:

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from persona_store.records import PERSONA_NAME_PATTERN
 from server.api.auth import require_admin
 from server.api.errors import APIError
-from server.api.protocol import PersonaUpload
+from server.api.protocol import ExtractionRequest, PersonaUpload
+from server.serving.extraction import ExtractionSpec
 from server.serving.persona_admin import PersonaAdmin
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -66,3 +67,25 @@ async def delete_persona(
 @router.get("/personas")
 async def list_personas(request: Request, model: str | None = None) -> dict[str, Any]:
     return {"object": "list", "data": [info.to_dict() for info in await _admin(request).list(model)]}
+
+
+@router.post("/personas/{name}/extract", status_code=202)
+async def extract_persona(name: NameParam, body: ExtractionRequest, request: Request) -> dict[str, Any]:
+    spec = ExtractionSpec(
+        positive_prompts=body.positive_prompts,
+        negative_prompts=body.negative_prompts,
+        questions=body.questions,
+        samples_per_question=body.samples_per_question,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        seed=body.seed,
+    )
+    job = request.app.state.persona_extraction.start(
+        name, body.model, spec, body.layers, body.default_strength, body.description
+    )
+    return {"id": job.id, "status_url": f"/admin/jobs/{job.id}"}
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    return request.app.state.jobs.get(job_id).to_dict()

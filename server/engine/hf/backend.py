@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -151,6 +152,22 @@ class HFBackend:
                     return
         finally:
             sequence.cancelled = True
+
+    async def _read_back(self, request: GenerationRequest, response_ids: list[int], work: Any) -> Any:
+        """Run ``work(prompt + response ids, prompt length)`` on the model, between decode steps."""
+        prompt_ids = self.prompt_ids(request)
+        if not response_ids:
+            raise EngineError("an empty response cannot be read back")
+        tokens = prompt_ids + list(response_ids)
+        return await asyncio.wrap_future(self._scheduler.run_on_model(lambda: work(tokens, len(prompt_ids))))
+
+    async def response_activations(self, request: GenerationRequest, response_ids: list[int]) -> np.ndarray:
+        """Mean block outputs over the response tokens, unsteered: [num_layers, hidden]."""
+        return (await self._read_back(request, response_ids, self._runner.block_output_means)).numpy()
+
+    async def response_nll(self, request: GenerationRequest, response_ids: list[int]) -> tuple[float, int]:
+        """Summed negative log-likelihood (nats) and count of the response tokens, unsteered."""
+        return await self._read_back(request, response_ids, self._runner.response_nll)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._scheduler.stop)

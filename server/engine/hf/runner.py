@@ -68,6 +68,32 @@ class ModelRunner:
         )
         return logits[0], cache
 
+    def block_output_means(self, token_ids: Sequence[int], start: int) -> torch.Tensor:
+        """Mean over positions ``start:`` of every decoder block's output, unsteered: [num_layers, hidden]."""
+        captured: list[torch.Tensor] = []
+
+        def capture(_module: torch.nn.Module, _args: object, output: object) -> None:
+            hidden = output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
+            captured.append(hidden[0, start:].float().mean(dim=0).cpu())
+
+        handles = [block.register_forward_hook(capture) for block in self.layout.blocks]
+        try:
+            with torch.inference_mode(), self.hooks.active(None):
+                self.model(input_ids=torch.tensor([list(token_ids)], device=self.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack(captured)
+
+    def response_nll(self, token_ids: Sequence[int], start: int) -> tuple[float, int]:
+        """Summed negative log-likelihood (nats) of tokens ``start:`` given what precedes, unsteered."""
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        with torch.inference_mode(), self.hooks.active(None):
+            logits = self.model(input_ids=ids).logits[0, start - 1 : -1].float()
+        targets = ids[0, start:]
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        return float(nll), int(targets.numel())
+
     def decode_steering(self, plans: Sequence[SteeringPlan | None]) -> BatchSteering | None:
         """The steering of a decode step for rows carrying ``plans`` (reusable while the rows stay)."""
         mask = torch.tensor(

@@ -12,7 +12,9 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,12 +48,20 @@ class Sequence:
     cancelled: bool = False
 
 
+@dataclass(eq=False)
+class ModelTask:
+    """Work that needs the model between decode steps (activation capture), run on the scheduler thread."""
+
+    work: Callable[[], Any]
+    result: Future[Any] = field(default_factory=Future)
+
+
 class Scheduler:
     def __init__(self, runner: ModelRunner, eos_token_ids: set[int], max_batch_size: int) -> None:
         self._runner = runner
         self._eos = eos_token_ids
         self._max_batch_size = max_batch_size
-        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Sequence | ModelTask | None] = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []
         self._batch = KVBatch()
@@ -73,6 +83,12 @@ class Scheduler:
 
     def submit(self, sequence: Sequence) -> None:
         self._inbox.put(sequence)
+
+    def run_on_model(self, work: Callable[[], Any]) -> Future[Any]:
+        """Run ``work`` on the scheduler thread between two steps; its result arrives in the future."""
+        task = ModelTask(work)
+        self._inbox.put(task)
+        return task.result
 
     def stop(self) -> None:
         self._inbox.put(None)
@@ -97,10 +113,22 @@ class Scheduler:
                 if item is None:
                     self._fail_all(RuntimeError("the engine is shutting down"))
                     return False
-                self._waiting.append(item)
+                if isinstance(item, ModelTask):
+                    self._run_task(item)
+                else:
+                    self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             return True
+
+    @staticmethod
+    def _run_task(task: ModelTask) -> None:
+        if not task.result.set_running_or_notify_cancel():
+            return
+        try:
+            task.result.set_result(task.work())
+        except Exception as exc:
+            task.result.set_exception(exc)
 
     def _admit(self) -> None:
         while self._waiting and len(self._rows) < self._max_batch_size:

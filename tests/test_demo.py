@@ -1,0 +1,165 @@
+"""The bundled demo models: personas that measurably steer, extraction, and `serve` with no model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.demo.corpus import POLES, held_out_questions, training_questions
+from server.demo.evaluate import PersonaVerdict, evaluate_demo_model, format_table
+from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
+from server.demo.traits import shows_trait
+from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
+from server.engine.hf.backend import HFBackend
+from tests.api_helpers import assert_openai_error
+from tests.server_process import ServerProcess
+
+
+@pytest.fixture(scope="module", params=DEMO_MODEL_NAMES)
+def verdicts(request: pytest.FixtureRequest) -> list[PersonaVerdict]:
+    async def evaluate() -> list[PersonaVerdict]:
+        backend = HFBackend.load(demo_model_dir(request.param), model_id=request.param)
+        try:
+            return await evaluate_demo_model(backend, request.param, samples=4)
+        finally:
+            await backend.close()
+
+    return asyncio.run(evaluate())
+
+
+def test_each_persona_shifts_its_trait_and_stays_fluent(verdicts: list[PersonaVerdict]) -> None:
+    table = format_table(verdicts)
+    assert {v.persona for v in verdicts} == {"pirate", "formal", "silly"}
+    for verdict in verdicts:
+        assert verdict.raised, table
+        assert verdict.lowered, table
+        assert verdict.fluent, table
+
+
+async def test_unsteered_demo_models_answer_held_out_questions_coherently() -> None:
+    for name in DEMO_MODEL_NAMES:
+        backend = HFBackend.load(demo_model_dir(name), model_id=name)
+        try:
+            question = held_out_questions()[0]  # "Tell me about apples." is never trained on
+            request = GenerationRequest(messages=[ChatMessage("user", question)],
+                                        sampling=SamplingParams(max_tokens=40, temperature=0))  # fmt: skip
+            answer = "".join([chunk.text async for chunk in backend.generate(request)])
+        finally:
+            await backend.close()
+        assert "pples" in answer and answer.endswith("."), answer
+        assert not any(shows_trait(answer, persona) for persona in ("pirate", "formal", "silly")), answer
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    data = tmp_path_factory.mktemp("demo-data")
+    with ServerProcess(["--data-dir", str(data)], log_path=data / "server.log") as server:
+        server.data_dir = data  # type: ignore[attr-defined]
+        yield server
+
+
+def test_serve_without_a_model_serves_the_demos_with_their_personas(demo_server: ServerProcess) -> None:
+    models = httpx.get(f"{demo_server.url}/v1/models").json()["data"]
+    assert [(m["id"], m["hidden_size"]) for m in models] == [("demo-llama", 128), ("demo-qwen", 96)]
+    for model in DEMO_MODEL_NAMES:
+        listing = httpx.get(f"{demo_server.url}/v1/personas", params={"model": model}).json()["data"]
+        assert {p["name"] for p in listing} == {"pirate", "formal", "silly"}
+        assert all(p["provenance"]["kind"] == "extracted" for p in listing)
+
+
+def test_the_readme_snippet_gives_a_visibly_steered_answer(demo_server: ServerProcess) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{demo_server.url}/v1", api_key="unused")
+    question = [{"role": "user", "content": "Tell me about the sea."}]
+    plain = client.chat.completions.create(
+        model="demo-llama", messages=question, max_tokens=48, temperature=0
+    )
+    pirate = client.chat.completions.create(
+        model="demo-llama", messages=question, max_tokens=48, temperature=0, extra_body={"persona": "pirate"}
+    )
+    assert not shows_trait(plain.choices[0].message.content, "pirate"), plain.choices[0].message.content
+    assert shows_trait(pirate.choices[0].message.content, "pirate"), pirate.choices[0].message.content
+
+
+def test_extraction_job_stores_a_persona(demo_server: ServerProcess) -> None:
+    body = {
+        "model": "demo-qwen",
+        "positive_prompts": list(POLES["silly"].system_prompts),
+        "negative_prompts": list(POLES["serious"].system_prompts),
+        "questions": [question for _, question in training_questions()[:12]],
+        "layers": None,
+        "samples_per_question": 1,
+        "default_strength": 2.0,
+    }
+    accepted = httpx.post(f"{demo_server.url}/admin/personas/goofy/extract", json=body)
+    assert accepted.status_code == 202, accepted.text
+    status_url = accepted.json()["status_url"]
+    assert status_url == f"/admin/jobs/{accepted.json()['id']}"
+    deadline, job = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{demo_server.url}{status_url}").json()
+        assert job["status"] in ("queued", "running", "succeeded"), job
+        assert 0.0 <= job["progress"] <= 1.0
+        if job["status"] == "succeeded":
+            break
+        time.sleep(0.2)
+    assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["error"] is None
+    result = job["result"]
+    assert len(result["layers"]) == 4 and result["answers_used"] == {"positive": 12, "negative": 12}
+    assert all(entry["norm"] > 0 and entry["accuracy"] >= 0.5 for entry in result["layers"])
+    stored = httpx.get(f"{demo_server.url}/admin/personas/goofy", params={"model": "demo-qwen"}).json()
+    assert list(stored["layers"]) == [str(result["recommended_layer"])]
+    assert stored["provenance"]["kind"] == "extracted" and stored["default_strength"] == 2.0
+    assert len(stored["layers"][str(result["recommended_layer"])]) == 96
+
+
+def test_extraction_requests_are_validated(demo_server: ServerProcess) -> None:
+    base = {"model": "demo-llama", "positive_prompts": ["a"], "negative_prompts": ["b"], "questions": ["q?"]}
+    url = f"{demo_server.url}/admin/personas/x/extract"
+    assert_openai_error(httpx.post(url, json={**base, "model": "nope"}), 404)
+    assert_openai_error(httpx.post(url, json={**base, "layers": [9]}), 422, "layer 9")
+    assert_openai_error(httpx.post(url, json={**base, "questions": []}), 422)
+    assert_openai_error(httpx.post(f"{demo_server.url}/admin/personas/bad name/extract", json=base), 422)
+    assert_openai_error(httpx.get(f"{demo_server.url}/admin/jobs/job-unknown"), 404, "job-unknown")
+
+
+def test_operator_edits_survive_the_demo_seeding(tmp_path: Path) -> None:
+    with ServerProcess(["--data-dir", str(tmp_path)], log_path=tmp_path / "first.log") as server:
+        deleted = httpx.delete(f"{server.url}/admin/personas/formal", params={"model": "demo-llama"})
+        assert deleted.status_code == 204
+        edited = httpx.get(f"{server.url}/admin/personas/pirate", params={"model": "demo-llama"}).json()
+        edited_body = {"model": "demo-llama", "layers": edited["layers"], "default_strength": 1.5}
+        assert httpx.put(f"{server.url}/admin/personas/pirate", json=edited_body).status_code == 200
+    with ServerProcess(["--data-dir", str(tmp_path)], log_path=tmp_path / "second.log") as server:
+        names = {
+            p["name"]
+            for p in httpx.get(f"{server.url}/v1/personas", params={"model": "demo-llama"}).json()["data"]
+        }
+        assert names == {"pirate", "silly"}
+        pirate = httpx.get(f"{server.url}/admin/personas/pirate", params={"model": "demo-llama"}).json()
+        assert pirate["default_strength"] == 1.5 and pirate["version"] == 2
+
+
+def test_extract_command_writes_an_uploadable_persona(tmp_path: Path) -> None:
+    output = tmp_path / "pirate.json"
+    command = [
+        sys.executable, "-m", "server", "extract", "--model", str(demo_model_dir("demo-llama")),
+        "--name", "pirate2", "--positive", "You are a pirate.", "--negative", "You speak plainly.",
+        "--question", "Tell me about the moon.", "--question", "Explain snow to me.",
+        "--output", str(output), "--store", f"sqlite:///{tmp_path / 'store.sqlite3'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "recommended block" in result.stdout and "stored pirate2 for demo-llama, version 1" in result.stdout
+    )
+    body = json.loads(output.read_text())
+    assert body["model"] == "demo-llama" and all(len(v) == 128 for v in body["layers"].values())
