@@ -40,6 +40,7 @@ class PersonaInfo:
     version: int
     created_at: float
     checksum: str
+    default_positions: str = "all"  # all | prompt | response: where the persona steers unless asked otherwise
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +49,7 @@ class PersonaInfo:
             "layers": list(self.layers),
             "hidden_size": self.hidden_size,
             "default_strength": self.default_strength,
+            "default_positions": self.default_positions,
             "description": self.description,
             "provenance": self.provenance,
             "version": self.version,
@@ -66,6 +68,7 @@ class PersonaDraft:
     default_strength: float = 1.0
     description: str = ""
     provenance: dict[str, Any] = field(default_factory=lambda: {"kind": "uploaded"})
+    default_positions: str = "all"
 
     def __post_init__(self) -> None:
         vectors = {int(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in self.vectors.items()}

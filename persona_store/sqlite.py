@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS persona_versions (
     provenance TEXT NOT NULL,
     checksum TEXT NOT NULL,
     vectors BLOB NOT NULL,
+    default_positions TEXT NOT NULL DEFAULT 'all',
     PRIMARY KEY (model, name, version)
 );
 CREATE TABLE IF NOT EXISTS personas (
@@ -44,12 +45,24 @@ CREATE TABLE IF NOT EXISTS personas (
 """
 _INFO_COLUMNS = (
     "v.model, v.name, v.version, v.created_at, v.hidden_size, v.layers, v.default_strength, "
-    "v.description, v.provenance, v.checksum"
+    "v.description, v.provenance, v.checksum, v.default_positions"
 )
 
 
 def _info(row: tuple[Any, ...]) -> PersonaInfo:
-    model, name, version, created_at, hidden_size, layers, strength, description, provenance, checksum = row
+    (
+        model,
+        name,
+        version,
+        created_at,
+        hidden_size,
+        layers,
+        strength,
+        description,
+        provenance,
+        checksum,
+        positions,
+    ) = row
     return PersonaInfo(
         model=model,
         name=name,
@@ -61,6 +74,7 @@ def _info(row: tuple[Any, ...]) -> PersonaInfo:
         version=version,
         created_at=created_at,
         checksum=checksum,
+        default_positions=positions,
     )
 
 
@@ -74,6 +88,11 @@ class SQLiteStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(persona_versions)")}
+        if "default_positions" not in columns:  # a store written before personas had default positions
+            self._conn.execute(
+                "ALTER TABLE persona_versions ADD COLUMN default_positions TEXT NOT NULL DEFAULT 'all'"
+            )
 
     async def _run(self, work: Any, *args: Any) -> Any:
         def locked() -> Any:
@@ -142,14 +161,15 @@ class SQLiteStore:
                 version=int(latest) + 1,
                 created_at=time.time(),
                 checksum=vectors_checksum(draft.vectors),
+                default_positions=draft.default_positions,
             )
             blob = np.stack(list(draft.vectors.values())).astype(np.float32).tobytes()
             self._conn.execute(
-                "INSERT INTO persona_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO persona_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     info.model, info.name, info.version, info.created_at, info.hidden_size,
                     json.dumps(list(info.layers)), info.default_strength, info.description,
-                    json.dumps(info.provenance), info.checksum, blob,
+                    json.dumps(info.provenance), info.checksum, blob, info.default_positions,
                 ),
             )  # fmt: skip
             self._conn.execute(

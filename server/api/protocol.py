@@ -96,6 +96,7 @@ class PersonaUpload(BaseModel):
         min_length=1, description="Decoder block index -> vector of the model's hidden size."
     )
     default_strength: FiniteFloat = 1.0
+    default_positions: Positions = Field(Positions.ALL, description="Where the persona steers by default.")
     description: str = Field("", max_length=4000)
 
 

@@ -24,9 +24,18 @@ from server.demo.traits import trait_rate
 from server.engine.hf.backend import HFBackend
 from server.serving.extraction import ExtractionSpec, extract
 from server.serving.steering_eval import StrengthRow, evaluate_strengths
+from server.steering.plan import Positions
 
-CALIBRATION_STRENGTHS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
+# Calibration tries each block alone, and all blocks but the last together, at these strengths.
+SINGLE_BLOCK_STRENGTHS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+ALL_BLOCKS_STRENGTHS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 MAX_CALIBRATION_PERPLEXITY_RATIO = 1.6
+# Steering the prompt makes the tiny demo models read a persona as if the system prompt had asked for
+# it, and then answer unsteered, fluently; steering every position pushes each generated token
+# towards the persona's marker words and breaks the sentences (measured: pirate on demo-llama, block 1,
+# reaches a trait score of 0.40 at 1.7x the unsteered perplexity on all positions, 0.74 at 1.65x on
+# the prompt).
+DEMO_POSITIONS = Positions.PROMPT
 DESCRIPTIONS = {
     "pirate": "Talks like a pirate (arr, matey); negative strength: plain, bare answers.",
     "formal": "Formal and polite (certainly, furthermore); negative strength: casual (hey, cool).",
@@ -56,30 +65,37 @@ async def extract_and_calibrate(backend: HFBackend, model: str) -> dict[str, Any
         with tqdm(total=1.0, desc=f"{model} {persona}: extract", bar_format="{l_bar}{bar}| {elapsed}") as bar:
             result = await extract(backend, spec, lambda f, bar=bar: bar.update(f - bar.n))
         score = lambda answers, name=persona: trait_rate(answers, name)  # noqa: E731
-        best: tuple[int, StrengthRow] | None = None
-        for layer in range(max(1, backend.info.num_layers - 1)):
+        blocks = list(range(max(1, backend.info.num_layers - 1)))
+        candidates = [([block], SINGLE_BLOCK_STRENGTHS) for block in blocks] + [
+            (blocks, ALL_BLOCKS_STRENGTHS)
+        ]
+        best: tuple[list[int], StrengthRow] | None = None
+        for layers, strengths in candidates:
+            vectors = {layer: result.directions.vectors[layer] for layer in layers}
             base, *rows = await evaluate_strengths(
-                backend, persona, {layer: result.directions.vectors[layer]}, [0.0, *CALIBRATION_STRENGTHS],
-                questions[::3], score, samples=2, seed=3,
+                backend, persona, vectors, [0.0, *strengths], questions[::3], score, samples=2, seed=3,
+                positions=DEMO_POSITIONS,
             )  # fmt: skip
             choice = best_setting(base, rows)
-            tried = ", ".join(f"{r.strength:g}->{r.trait_score:.2f}/{r.perplexity:.2f}" for r in [base, *rows])
-            print(f"{model} {persona} block {layer}: {tried}")
+            settings = [base, *rows]
+            tried = ", ".join(f"{r.strength:g}->{r.trait_score:.2f}/{r.perplexity:.2f}" for r in settings)
+            print(f"{model} {persona} blocks {layers}: {tried}")
             if choice is not None and (best is None or choice.trait_score > best[1].trait_score):
-                best = (layer, choice)
+                best = (layers, choice)
         if best is None:
             raise RuntimeError(f"no fluent setting steers {persona} on {model}")
-        layer, row = best
-        print(f"{model} {persona}: block {layer}, default strength {row.strength:g}")
+        layers, row = best
+        print(f"{model} {persona}: blocks {layers}, default strength {row.strength:g}")
         personas[persona] = {
-            "layers": {str(layer): result.directions.vectors[layer].tolist()},
+            "layers": {str(layer): result.directions.vectors[layer].tolist() for layer in layers},
             "default_strength": row.strength,
+            "default_positions": DEMO_POSITIONS.value,
             "description": DESCRIPTIONS[persona],
             "provenance": {
                 "positive_pole": positive,
                 "negative_pole": negative,
                 "recommended_layer": result.directions.recommended_layer,
-                "calibrated_layer": layer,
+                "calibrated_layers": layers,
                 "layers": [report.to_dict() for report in result.directions.reports],
             },
         }

@@ -9,6 +9,7 @@ from server.demo.models import load_demo_personas
 from server.demo.traits import trait_rate
 from server.engine.base import Backend
 from server.serving.steering_eval import StrengthRow, evaluate_strengths
+from server.steering.plan import Positions
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,11 @@ class PersonaVerdict:
 
     @property
     def fluent(self) -> bool:
-        return all(
-            row.perplexity <= 2 * self.baseline.perplexity
-            and row.collapse_rate <= self.baseline.collapse_rate + 0.05
-            for row in self.rows
+        """Answers at the default strength: perplexity under the unsteered model within 2x, no collapse."""
+        steered = self.rows[2]
+        return (
+            steered.perplexity <= 2 * self.baseline.perplexity
+            and steered.collapse_rate <= self.baseline.collapse_rate + 0.05
         )
 
 
@@ -53,6 +55,7 @@ async def evaluate_demo_model(
         rows = await evaluate_strengths(
             backend, draft.name, draft.vectors, [-strength, 0.0, strength], held_out_questions(),
             lambda answers, name=draft.name: trait_rate(answers, name), samples=samples, seed=seed,
+            positions=Positions(draft.default_positions),
         )  # fmt: skip
         verdicts.append(PersonaVerdict(model, draft.name, tuple(rows)))
     return verdicts
@@ -65,8 +68,8 @@ def format_table(verdicts: list[PersonaVerdict]) -> str:
     ]
     for verdict in verdicts:
         for index, row in enumerate(verdict.rows):
-            met = {0: verdict.lowered, 1: verdict.fluent, 2: verdict.raised}[index]
-            check = {0: "lower", 1: "fluent", 2: f">= {verdict.target:.2f}"}[index]
+            met = {0: verdict.lowered, 1: True, 2: verdict.raised and verdict.fluent}[index]
+            check = {0: "lower", 1: "baseline", 2: f">= {verdict.target:.2f} and fluent"}[index]
             lines.append(
                 f"| {verdict.model} | {verdict.persona} | {row.strength:+.1f} | {row.trait_score:.3f} | "
                 f"{row.perplexity:.2f} | {row.distinct_2:.3f} | {row.collapse_rate:.3f} | "

@@ -38,6 +38,7 @@ def load_demo_personas(name: str) -> list[PersonaDraft]:
             },
             default_strength=float(entry["default_strength"]),
             description=entry["description"],
+            default_positions=entry.get("default_positions", "all"),
             provenance={"kind": "extracted", "source": "demo", **entry.get("provenance", {})},
         )
         for persona, entry in entries.items()

@@ -13,6 +13,7 @@ from persona_store.records import PersonaDraft, PersonaInfo, is_valid_persona_na
 from server.serving.errors import RequestRejected
 from server.serving.models import ModelRegistry
 from server.steering.errors import SteeringError
+from server.steering.plan import Positions
 
 
 class PersonaAdmin:
@@ -34,6 +35,7 @@ class PersonaAdmin:
         description: str,
         expected_version: int | None = None,
         provenance: dict[str, Any] | None = None,
+        default_positions: str = "all",
     ) -> PersonaInfo:
         """Validate everything against the served model before anything is written."""
         self.check_name(name)
@@ -69,6 +71,7 @@ class PersonaAdmin:
             default_strength=default_strength,
             description=description,
             provenance=provenance or {"kind": "uploaded"},
+            default_positions=Positions(default_positions).value,
         )
         return await self._store.put(draft, expected_version=expected_version)
 

@@ -72,10 +72,10 @@ async def resolve_personas(
         if persona_strength is not None or override is not None:
             raise RequestRejected("persona_strength and steering need a persona", param="persona")
         return NO_PERSONA
-    positions = override.positions if override and override.positions else Positions.ALL
-    terms, echoes = [], []
+    terms, echoes, stored_positions = [], [], set()
     for term in _terms(persona, persona_strength):
         record = await store.get(model.id, term.name)
+        stored_positions.add(record.info.default_positions)
         strength = record.info.default_strength if term.strength is None else term.strength
         if not math.isfinite(strength) or abs(strength) > max_strength:
             raise RequestRejected(
@@ -92,6 +92,10 @@ async def resolve_personas(
             layers = tuple(sorted(set(override.layers)))
         terms.append(({layer: record.vectors[layer] for layer in layers}, strength))
         echoes.append(PersonaEcho(term.name, strength, record.info.version, layers))
+    # The request's positions win; else the personas' own, when they agree; else all.
+    positions = Positions(stored_positions.pop()) if len(stored_positions) == 1 else Positions.ALL
+    if override is not None and override.positions is not None:
+        positions = override.positions
     plan = SteeringPlan.compose(terms, positions=positions)
     plan.validate_for(model.num_layers, model.hidden_size)
     for layer in plan.vectors:

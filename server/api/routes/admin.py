@@ -42,6 +42,7 @@ async def put_persona(
         model=body.model,
         layers=body.layers,
         default_strength=body.default_strength,
+        default_positions=body.default_positions,
         description=body.description,
         expected_version=_expected_version(if_match),
     )
