@@ -32,9 +32,9 @@ ALL_BLOCKS_STRENGTHS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 MAX_CALIBRATION_PERPLEXITY_RATIO = 1.6
 # Steering the prompt makes the tiny demo models read a persona as if the system prompt had asked for
 # it, and then answer unsteered, fluently; steering every position pushes each generated token
-# towards the persona's marker words and breaks the sentences (measured: pirate on demo-llama, block 1,
-# reaches a trait score of 0.40 at 1.7x the unsteered perplexity on all positions, 0.74 at 1.65x on
-# the prompt).
+# towards the persona's marker words and breaks the sentences (measured in calibration: pirate on
+# demo-llama, block 1, reaches a trait score of 0.40 at 1.7x the unsteered perplexity on all
+# positions, 0.77 at 1.7x on the prompt).
 DEMO_POSITIONS = Positions.PROMPT
 DESCRIPTIONS = {
     "pirate": "Talks like a pirate (arr, matey); negative strength: plain, bare answers.",
