@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from persona_store.base import PersonaStore
+from persona_store.redis import RedisStore
 from persona_store.sqlite import SQLiteStore
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import AsciiJSONResponse, install_error_handlers
@@ -38,9 +39,7 @@ def open_store(url: str) -> PersonaStore:
     if url.startswith("sqlite:///"):
         return SQLiteStore(Path(url.removeprefix("sqlite:///")))
     if url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigurationError(
-            "the Redis persona store is not available in this version; use sqlite:///PATH"
-        )
+        return RedisStore.from_url(url)
     raise ConfigurationError(f"unknown store URL {url!r}: use sqlite:///PATH or redis://HOST:PORT/DB")
 
 

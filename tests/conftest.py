@@ -9,6 +9,7 @@ import pytest
 
 from server.engine.hf.backend import HFBackend
 from tests.api_helpers import ADMIN_KEY, API_KEY, LLAMA, QWEN, random_vector, upload
+from tests.redis_process import RedisProcess
 from tests.server_process import ServerProcess
 from tests.tiny_models import build_tiny_model
 
@@ -80,3 +81,10 @@ def personas(server: ServerProcess) -> dict[str, dict[str, Any]]:
         assert response.status_code == 200, response.text
         records[name] = response.json()
     return records
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    process = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield process
+    process.stop()

@@ -1,0 +1,56 @@
+"""Two server replicas on one real Redis share their personas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from tests.api_helpers import QUESTION, assert_openai_error, random_vector, upload
+from tests.redis_process import RedisProcess
+from tests.server_process import ServerProcess
+
+
+def test_a_persona_uploaded_on_one_replica_is_served_by_the_other(
+    llama_dir: Path, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    redis_server.flush()
+    args = ["--model", str(llama_dir), "--served-model-name", "shared", "--store", redis_server.url]
+    with (
+        ServerProcess(args, log_path=tmp_path / "a.log") as first,
+        ServerProcess(args, log_path=tmp_path / "b.log") as second,
+    ):
+        stored = upload(first.url, "pirate", "shared", {1: random_vector(64, 3)}, 3.0, admin_key=None)
+        assert stored.status_code == 200, stored.text
+        body = {"model": "shared", "messages": QUESTION, "max_tokens": 4, "persona": "pirate"}
+        answer = httpx.post(f"{second.url}/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["persona"] == {"name": "pirate", "strength": 3.0, "version": 1, "layers": [1]}
+        listed = httpx.get(f"{second.url}/v1/personas", params={"model": "shared"}).json()["data"]
+        assert [p["name"] for p in listed] == ["pirate"]
+        assert httpx.get(f"{second.url}/ready").json()["store"] == "ok"
+
+
+def test_a_redis_outage_answers_503_and_heals_by_itself(llama_dir: Path, tmp_path: Path) -> None:
+    own_redis = RedisProcess(tmp_path, appendonly=True).start()
+    args = ["--model", str(llama_dir), "--served-model-name", "shared", "--store", own_redis.url]
+    try:
+        with ServerProcess(args, log_path=tmp_path / "server.log") as server:
+            assert (
+                upload(server.url, "pirate", "shared", {1: random_vector(64, 3)}, admin_key=None).status_code
+                == 200
+            )
+            body = {"model": "shared", "messages": QUESTION, "max_tokens": 2, "persona": "pirate"}
+            own_redis.stop()
+            down = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+            assert_openai_error(down, 503, "unreachable")
+            assert httpx.get(f"{server.url}/ready", timeout=30).status_code == 503
+            refused = upload(server.url, "formal", "shared", {1: random_vector(64, 4)}, admin_key=None)
+            assert_openai_error(refused, 503)
+            own_redis.start()  # same port, same AOF file: the acknowledged write is still there
+            assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+            assert httpx.get(f"{server.url}/ready").status_code == 200
+            names = [p["name"] for p in httpx.get(f"{server.url}/v1/personas").json()["data"]]
+            assert names == ["pirate"]
+    finally:
+        own_redis.stop()
