@@ -192,3 +192,19 @@ def test_malformed_requests_are_4xx(server: ServerProcess, personas: Any, fields
     response = post_chat(server, **fields)
     assert 400 <= response.status_code < 500, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_text_with_a_lone_surrogate_is_422(server: ServerProcess) -> None:
+    message = '{"role": "user", "content": "bad \\ud800 text"}'
+    body = f'{{"model": "tiny-llama", "max_tokens": 2, "messages": [{message}]}}'
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body,
+                          headers={**API, "Content-Type": "application/json"})  # fmt: skip
+    assert_openai_error(response, 422, "lone surrogate")
+
+
+def test_lone_surrogates_never_reach_the_store(server: ServerProcess, store_unchanged: None) -> None:
+    vector = ", ".join(["0.5"] * 64)
+    body = f'{{"model": "{LLAMA}", "layers": {{"1": [{vector}]}}, "description": "x \\udc00"}}'
+    response = httpx.put(f"{server.url}/admin/personas/pirate", content=body,
+                         headers={**ADMIN, "Content-Type": "application/json"})  # fmt: skip
+    assert_openai_error(response, 422, "description")

@@ -7,11 +7,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints
 
 from persona_store.records import PERSONA_NAME_PATTERN
 from server.steering.plan import Positions
 
+
+def _valid_unicode(value: str) -> str:
+    # JSON may escape a lone surrogate ("\ud800"); no tokenizer, database or encoder accepts one.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("the text holds a lone surrogate, which is not valid Unicode") from exc
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 PersonaName = Annotated[str, StringConstraints(pattern=PERSONA_NAME_PATTERN)]
 LayerIndex = Annotated[int, Field(ge=0, le=100_000)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
@@ -19,14 +30,14 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -55,16 +66,16 @@ class StreamOptions(BaseModel):
 class _CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: FiniteFloat | None = Field(None, ge=0, le=2)
     top_p: FiniteFloat | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: Seed | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     persona: PersonaName | list[PersonaTermIn] | None = Field(
         None, description="A persona name, or a list of {name, strength} to compose."
     )
@@ -85,32 +96,32 @@ class ChatCompletionRequest(_CompletionRequest):
 
 
 class CompletionRequest(_CompletionRequest):
-    prompt: str | list[str] = Field(description="One prompt (a list must hold exactly one).")
+    prompt: Text | list[Text] = Field(description="One prompt (a list must hold exactly one).")
 
 
 class PersonaUpload(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: Text
     layers: dict[LayerIndex, list[FiniteFloat]] = Field(
         min_length=1, description="Decoder block index -> vector of the model's hidden size."
     )
     default_strength: FiniteFloat = 1.0
     default_positions: Positions = Field(Positions.ALL, description="Where the persona steers by default.")
-    description: str = Field("", max_length=4000)
+    description: Text = Field("", max_length=4000)
 
 
 class ExtractionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    positive_prompts: list[Annotated[str, StringConstraints(max_length=4000)]] = Field(
+    model: Text
+    positive_prompts: list[Annotated[Text, StringConstraints(max_length=4000)]] = Field(
         min_length=1, max_length=256
     )
-    negative_prompts: list[Annotated[str, StringConstraints(max_length=4000)]] = Field(
+    negative_prompts: list[Annotated[Text, StringConstraints(max_length=4000)]] = Field(
         min_length=1, max_length=256
     )
-    questions: list[Annotated[str, StringConstraints(min_length=1, max_length=4000)]] = Field(
+    questions: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] = Field(
         min_length=1, max_length=5000
     )
     layers: list[LayerIndex] | None = Field(
@@ -121,4 +132,4 @@ class ExtractionRequest(BaseModel):
     max_tokens: int = Field(48, ge=1, le=1024, description="Length of each generated answer.")
     temperature: FiniteFloat = Field(1.0, ge=0, le=2)
     seed: Seed = 0
-    description: str = Field("", max_length=4000)
+    description: Text = Field("", max_length=4000)

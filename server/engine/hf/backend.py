@@ -92,13 +92,18 @@ class HFBackend:
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Prompt token ids: raw text as the tokenizer encodes it, or messages via the chat template."""
-        if request.messages is not None:
-            if not self._tokenizer.chat_template:
-                raise EngineError(f"model {self._info.id} has no chat template; use the completions endpoint")
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self._tokenizer(request.prompt)["input_ids"])
+        if request.messages is not None and not self._tokenizer.chat_template:
+            raise EngineError(f"model {self._info.id} has no chat template; use the completions endpoint")
+        try:
+            if request.messages is not None:
+                messages = [{"role": m.role, "content": m.content} for m in request.messages]
+                text = self._tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
+                return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(self._tokenizer(request.prompt)["input_ids"])
+        except Exception as exc:  # a template that refuses the roles, text the tokenizer cannot encode
+            raise EngineError(f"the prompt cannot be rendered for model {self._info.id}: {exc}") from exc
 
     def _sequence(self, request: GenerationRequest, sink: Any) -> Sequence:
         prompt_ids = self.prompt_ids(request)
