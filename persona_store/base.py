@@ -13,6 +13,10 @@ class PersonaStore(Protocol):
         """The current version with its vectors; raises PersonaNotFound."""
         ...
 
+    async def current_version(self, model: str, name: str) -> int | None:
+        """The current version number, None when the persona does not exist (a cheap probe)."""
+        ...
+
     async def list(self, model: str | None = None) -> list[PersonaInfo]:
         """Current personas (of one target model, or all), without vectors, sorted by name."""
         ...

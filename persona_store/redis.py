@@ -132,6 +132,10 @@ class RedisStore:
             info=info, vectors={layer: matrix[i].copy() for i, layer in enumerate(info.layers)}
         )
 
+    async def current_version(self, model: str, name: str) -> int | None:
+        version = await self._call(self._redis.get(self._key("cur", model, name)))
+        return None if version is None else int(version)
+
     async def list(self, model: str | None = None) -> list[PersonaInfo]:
         if model is None:
             models = [_text(m) for m in await self._call(self._redis.smembers(f"{self._prefix}:models"))]

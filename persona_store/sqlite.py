@@ -199,6 +199,9 @@ class SQLiteStore:
     async def get(self, model: str, name: str) -> PersonaRecord:
         return await self._run(self._get, model, name)
 
+    async def current_version(self, model: str, name: str) -> int | None:
+        return await self._run(self._current_version, model, name)
+
     async def list(self, model: str | None = None) -> list[PersonaInfo]:
         return await self._run(self._list, model)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from persona_store.base import PersonaStore
+from persona_store.cache import CachingStore
 from persona_store.redis import RedisStore
 from persona_store.sqlite import SQLiteStore
 from server.api.body_limit import BodySizeLimit
@@ -69,7 +70,7 @@ def load_backends(settings: Settings) -> dict[str, Backend]:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    store = open_store(settings.store_url)
+    store = CachingStore(open_store(settings.store_url))
     backends = await asyncio.to_thread(load_backends, settings)
     registry = ModelRegistry(backends, max_in_flight=settings.max_num_seqs + settings.max_queue)
     limits = Limits(settings.max_tokens_cap, settings.default_max_tokens, settings.max_strength)

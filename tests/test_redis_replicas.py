@@ -31,26 +31,31 @@ def test_a_persona_uploaded_on_one_replica_is_served_by_the_other(
         assert httpx.get(f"{second.url}/ready").json()["store"] == "ok"
 
 
-def test_a_redis_outage_answers_503_and_heals_by_itself(llama_dir: Path, tmp_path: Path) -> None:
+def test_a_redis_outage_serves_cached_personas_answers_503_otherwise_and_heals(
+    llama_dir: Path, tmp_path: Path
+) -> None:
     own_redis = RedisProcess(tmp_path, appendonly=True).start()
     args = ["--model", str(llama_dir), "--served-model-name", "shared", "--store", own_redis.url]
     try:
         with ServerProcess(args, log_path=tmp_path / "server.log") as server:
-            assert (
-                upload(server.url, "pirate", "shared", {1: random_vector(64, 3)}, admin_key=None).status_code
-                == 200
-            )
+            for name, seed in (("pirate", 3), ("formal", 4)):
+                stored = upload(server.url, name, "shared", {1: random_vector(64, seed)}, admin_key=None)
+                assert stored.status_code == 200, stored.text
             body = {"model": "shared", "messages": QUESTION, "max_tokens": 2, "persona": "pirate"}
+            url = f"{server.url}/v1/chat/completions"
+            assert httpx.post(url, json=body).status_code == 200  # pirate is cached now, formal is not
             own_redis.stop()
-            down = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
-            assert_openai_error(down, 503, "unreachable")
+            cached = httpx.post(url, json=body, timeout=30)
+            assert cached.status_code == 200, cached.text
+            uncached = httpx.post(url, json={**body, "persona": "formal"}, timeout=30)
+            assert_openai_error(uncached, 503, "unreachable")
             assert httpx.get(f"{server.url}/ready", timeout=30).status_code == 503
-            refused = upload(server.url, "formal", "shared", {1: random_vector(64, 4)}, admin_key=None)
+            refused = upload(server.url, "silly", "shared", {1: random_vector(64, 5)}, admin_key=None)
             assert_openai_error(refused, 503)
             own_redis.start()  # same port, same AOF file: the acknowledged write is still there
             assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
             assert httpx.get(f"{server.url}/ready").status_code == 200
             names = [p["name"] for p in httpx.get(f"{server.url}/v1/personas").json()["data"]]
-            assert names == ["pirate"]
+            assert names == ["formal", "pirate"]  # nothing of the refused upload was written
     finally:
         own_redis.stop()

@@ -88,3 +88,12 @@ async def test_concurrent_writers_get_distinct_versions(store: PersonaStore) -> 
 
 async def test_ping_answers(store: PersonaStore) -> None:
     await store.ping()
+
+
+async def test_current_version_is_a_cheap_probe(store: PersonaStore) -> None:
+    assert await store.current_version("org/model-7b", "pirate") is None
+    await store.put(draft())
+    await store.put(draft(seed=4))
+    assert await store.current_version("org/model-7b", "pirate") == 2
+    await store.delete("org/model-7b", "pirate")
+    assert await store.current_version("org/model-7b", "pirate") is None
