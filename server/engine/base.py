@@ -24,7 +24,6 @@ class EngineError(ValueError):
 class FinishReason(StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens or the context window was reached
-    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)

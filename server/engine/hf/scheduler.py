@@ -131,6 +131,7 @@ class Scheduler:
             task.result.set_exception(exc)
 
     def _admit(self) -> None:
+        joined = False
         while self._waiting and len(self._rows) < self._max_batch_size:
             sequence = self._waiting.popleft()
             if sequence.cancelled:
@@ -146,7 +147,9 @@ class Scheduler:
             if not sequence.finished:
                 self._batch.append(cache, len(sequence.prompt_ids))
                 self._rows.append(sequence)
-                self._decode_steering = self._runner.decode_steering([s.plan for s in self._rows])
+                joined = True
+        if joined:  # once per admission round, not once per joining row
+            self._decode_steering = self._runner.decode_steering([s.plan for s in self._rows])
 
     def _decode_step(self) -> None:
         logits = self._runner.decode(
