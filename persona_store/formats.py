@@ -133,15 +133,20 @@ _ARCH = "controlvector"
 
 
 def write_gguf_control_vector(vectors: dict[int, np.ndarray], model_hint: str) -> bytes:
+    return gguf_file_bytes(_checked(vectors), {f"{_ARCH}.model_hint": model_hint})
+
+
+def gguf_file_bytes(vectors: dict[int, np.ndarray], strings: dict[str, str]) -> bytes:
+    """A control-vector GGUF file of exactly these tensors, unchecked (tests use it to write bad files)."""
     from gguf import GGUFWriter
 
-    checked = _checked(vectors)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "control.gguf"
         writer = GGUFWriter(str(path), _ARCH)
-        writer.add_string(f"{_ARCH}.model_hint", model_hint)
-        writer.add_uint32(f"{_ARCH}.layer_count", len(checked))
-        for layer, vector in checked.items():
+        for key, value in strings.items():
+            writer.add_string(key, value)
+        writer.add_uint32(f"{_ARCH}.layer_count", len(vectors))
+        for layer, vector in vectors.items():
             writer.add_tensor(f"direction.{layer}", vector)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -11,6 +11,7 @@ import torch
 
 from persona_store.formats import (
     FormatError,
+    gguf_file_bytes,
     read_gguf_control_vector,
     read_persona_vectors_pt,
     read_safetensors,
@@ -104,23 +105,4 @@ def test_malformed_gguf_is_refused() -> None:
     with pytest.raises(FormatError):
         read_gguf_control_vector(b"GGUF" + b"\xff" * 64)
     with pytest.raises(FormatError, match="NaN"):
-        read_gguf_control_vector(write_gguf_control_vector_unchecked({1: np.array([np.nan, 1], np.float32)}))
-
-
-def write_gguf_control_vector_unchecked(vectors: dict[int, np.ndarray]) -> bytes:
-    """A control vector file as another tool might write it, without our checks."""
-    import tempfile
-    from pathlib import Path
-
-    from gguf import GGUFWriter
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "bad.gguf"
-        writer = GGUFWriter(str(path), "controlvector")
-        for layer, vector in vectors.items():
-            writer.add_tensor(f"direction.{layer}", vector)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        return path.read_bytes()
+        read_gguf_control_vector(gguf_file_bytes({1: np.array([np.nan, 1], np.float32)}, {}))
