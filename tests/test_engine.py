@@ -124,19 +124,24 @@ async def wait_until(condition: object, timeout: float = 10.0) -> bool:
 
 async def test_a_cancelled_request_frees_its_slot(llama_backend: HFBackend) -> None:
     scheduler = llama_backend.scheduler
-    survivor = asyncio.create_task(collect(llama_backend, chat(QUESTIONS[3], max_tokens=300)))
+    # Long enough (the tiny model decodes a token in about a millisecond) that the survivor cannot
+    # finish while the second request is still being read, however slow the event loop is.
+    length = 900
+    survivor = asyncio.create_task(collect(llama_backend, chat(QUESTIONS[3], max_tokens=length)))
     assert await wait_until(lambda: scheduler.num_running == 1)
 
-    stream = llama_backend.generate(chat(QUESTIONS[4], max_tokens=300))
+    stream = llama_backend.generate(chat(QUESTIONS[4], max_tokens=length))
     for _ in range(3):
         await anext(stream)
-    assert scheduler.num_running == 2 and scheduler.kv_batch.size == 2
+    # Read the batch on the scheduler thread, between two decode steps, so the two numbers agree.
+    snapshot = scheduler.run_on_model(lambda: (scheduler.num_running, scheduler.kv_batch.size))
+    assert await asyncio.wrap_future(snapshot) == (2, 2)
     await stream.aclose()
 
     assert await wait_until(lambda: scheduler.num_running == 1 and scheduler.kv_batch.size == 1)
     assert not survivor.done()
     chunks = await survivor
-    assert chunks[-1].finish_reason is FinishReason.LENGTH and chunks[-1].completion_tokens == 300
+    assert chunks[-1].finish_reason is FinishReason.LENGTH and chunks[-1].completion_tokens == length
     assert await wait_until(lambda: scheduler.num_running == 0 and scheduler.kv_batch.cache is None)
 
 
