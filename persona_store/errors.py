@@ -24,3 +24,16 @@ class VersionConflict(StoreError):
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached; nothing was read or written."""
+
+
+class PersonaVersionNotFound(PersonaNotFound):
+    def __init__(self, model: str, name: str, version: int) -> None:
+        super().__init__(model, name)
+        self.args = (f"version {version} of persona '{name}' for model '{model}' is not kept",)
+        self.version = version
+
+
+class MappingNotFound(StoreError):
+    def __init__(self, mapping_id: str) -> None:
+        super().__init__(f"mapping '{mapping_id}' does not exist")
+        self.mapping_id = mapping_id

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from persona_store.errors import PersonaNotFound, StoreUnavailable, VersionConflict
+from persona_store.errors import (
+    MappingNotFound,
+    PersonaNotFound,
+    PersonaVersionNotFound,
+    StoreUnavailable,
+    VersionConflict,
+)
+from persona_store.mappings import MappingDraft, MappingInfo, MappingRecord, mapping_info, new_mapping_id
 from persona_store.records import PersonaDraft, PersonaInfo, PersonaRecord, vectors_checksum
 
 _SCHEMA = """
@@ -42,7 +49,28 @@ CREATE TABLE IF NOT EXISTS personas (
     version INTEGER NOT NULL,
     PRIMARY KEY (model, name)
 );
+CREATE TABLE IF NOT EXISTS mappings (
+    id TEXT PRIMARY KEY,
+    source_model TEXT NOT NULL,
+    target_model TEXT NOT NULL,
+    layer_map TEXT NOT NULL,
+    source_hidden_size INTEGER NOT NULL,
+    target_hidden_size INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    checksum TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mapping_matrices (
+    mapping_id TEXT NOT NULL REFERENCES mappings(id) ON DELETE CASCADE,
+    source_layer INTEGER NOT NULL,
+    matrix BLOB NOT NULL,
+    PRIMARY KEY (mapping_id, source_layer)
+);
 """
+_MAPPING_COLUMNS = (
+    "id, source_model, target_model, layer_map, source_hidden_size, target_hidden_size, metadata, "
+    "created_at, checksum"
+)
 _INFO_COLUMNS = (
     "v.model, v.name, v.version, v.created_at, v.hidden_size, v.layers, v.default_strength, "
     "v.description, v.provenance, v.checksum, v.default_positions"
@@ -78,6 +106,27 @@ def _info(row: tuple[Any, ...]) -> PersonaInfo:
     )
 
 
+def _record(row: tuple[Any, ...]) -> PersonaRecord:
+    info = _info(row[:-1])
+    matrix = np.frombuffer(row[-1], dtype=np.float32).reshape(len(info.layers), info.hidden_size)
+    return PersonaRecord(info=info, vectors={layer: matrix[i].copy() for i, layer in enumerate(info.layers)})
+
+
+def _mapping_info(row: tuple[Any, ...]) -> MappingInfo:
+    mapping_id, source, target, layer_map, rows, cols, metadata, created_at, checksum = row
+    return MappingInfo(
+        id=mapping_id,
+        source_model=source,
+        target_model=target,
+        layer_map={int(k): int(v) for k, v in json.loads(layer_map).items()},
+        source_hidden_size=rows,
+        target_hidden_size=cols,
+        metadata=json.loads(metadata),
+        created_at=created_at,
+        checksum=checksum,
+    )
+
+
 class SQLiteStore:
     def __init__(self, path: str | Path, keep_versions: int = 10) -> None:
         self.path = Path(path)
@@ -87,6 +136,7 @@ class SQLiteStore:
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(_SCHEMA)
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(persona_versions)")}
         if "default_positions" not in columns:  # a store written before personas had default positions
@@ -119,10 +169,25 @@ class SQLiteStore:
         ).fetchone()
         if row is None:
             raise PersonaNotFound(model, name)
-        info = _info(row[:-1])
-        matrix = np.frombuffer(row[-1], dtype=np.float32).reshape(len(info.layers), info.hidden_size)
-        vectors = {layer: matrix[i].copy() for i, layer in enumerate(info.layers)}
-        return PersonaRecord(info=info, vectors=vectors)
+        return _record(row)
+
+    def _get_version(self, model: str, name: str, version: int) -> PersonaRecord:
+        row = self._conn.execute(
+            f"SELECT {_INFO_COLUMNS}, v.vectors FROM persona_versions v "
+            "WHERE v.model = ? AND v.name = ? AND v.version = ?",
+            (model, name, version),
+        ).fetchone()
+        if row is None:
+            raise PersonaVersionNotFound(model, name, version)
+        return _record(row)
+
+    def _versions(self, model: str, name: str) -> list[PersonaInfo]:
+        rows = self._conn.execute(
+            f"SELECT {_INFO_COLUMNS} FROM persona_versions v WHERE v.model = ? AND v.name = ? "
+            "ORDER BY v.version DESC",
+            (model, name),
+        ).fetchall()
+        return [_info(row) for row in rows]
 
     def _list(self, model: str | None) -> list[PersonaInfo]:
         query = (
@@ -196,8 +261,73 @@ class SQLiteStore:
             self._conn.execute("ROLLBACK")
             raise
 
+    def _put_mapping(self, draft: MappingDraft) -> MappingInfo:
+        info = mapping_info(new_mapping_id(), draft, time.time())
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute(
+                f"INSERT INTO mappings ({_MAPPING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    info.id, info.source_model, info.target_model, json.dumps(info.layer_map),
+                    info.source_hidden_size, info.target_hidden_size, json.dumps(info.metadata),
+                    info.created_at, info.checksum,
+                ),
+            )  # fmt: skip
+            self._conn.executemany(
+                "INSERT INTO mapping_matrices VALUES (?, ?, ?)",
+                [(info.id, layer, matrix.tobytes()) for layer, matrix in draft.matrices.items()],
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return info
+
+    def _mapping_info(self, mapping_id: str) -> MappingInfo:
+        row = self._conn.execute(
+            f"SELECT {_MAPPING_COLUMNS} FROM mappings WHERE id = ?", (mapping_id,)
+        ).fetchone()
+        if row is None:
+            raise MappingNotFound(mapping_id)
+        return _mapping_info(row)
+
+    def _get_mapping(self, mapping_id: str) -> MappingRecord:
+        info = self._mapping_info(mapping_id)
+        rows = self._conn.execute(
+            "SELECT source_layer, matrix FROM mapping_matrices WHERE mapping_id = ?", (mapping_id,)
+        ).fetchall()
+        shape = (info.source_hidden_size, info.target_hidden_size)
+        matrices = {int(layer): np.frombuffer(blob, dtype=np.float32).reshape(shape) for layer, blob in rows}
+        return MappingRecord(info=info, matrices=dict(sorted(matrices.items())))
+
+    def _list_mappings(self) -> list[MappingInfo]:
+        rows = self._conn.execute(f"SELECT {_MAPPING_COLUMNS} FROM mappings ORDER BY created_at, id")
+        return [_mapping_info(row) for row in rows.fetchall()]
+
+    def _delete_mapping(self, mapping_id: str) -> None:
+        if self._conn.execute("DELETE FROM mappings WHERE id = ?", (mapping_id,)).rowcount == 0:
+            raise MappingNotFound(mapping_id)
+
     async def get(self, model: str, name: str) -> PersonaRecord:
         return await self._run(self._get, model, name)
+
+    async def get_version(self, model: str, name: str, version: int) -> PersonaRecord:
+        return await self._run(self._get_version, model, name, version)
+
+    async def versions(self, model: str, name: str) -> list[PersonaInfo]:
+        return await self._run(self._versions, model, name)
+
+    async def put_mapping(self, draft: MappingDraft) -> MappingInfo:
+        return await self._run(self._put_mapping, draft)
+
+    async def get_mapping(self, mapping_id: str) -> MappingRecord:
+        return await self._run(self._get_mapping, mapping_id)
+
+    async def list_mappings(self) -> list[MappingInfo]:
+        return await self._run(self._list_mappings)
+
+    async def delete_mapping(self, mapping_id: str) -> None:
+        await self._run(self._delete_mapping, mapping_id)
 
     async def current_version(self, model: str, name: str) -> int | None:
         return await self._run(self._current_version, model, name)

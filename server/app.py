@@ -71,6 +71,7 @@ def load_backends(settings: Settings) -> dict[str, Backend]:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     store = CachingStore(open_store(settings.store_url))
+    store.start()
     backends = await asyncio.to_thread(load_backends, settings)
     registry = ModelRegistry(backends, max_in_flight=settings.max_num_seqs + settings.max_queue)
     limits = Limits(settings.max_tokens_cap, settings.default_max_tokens, settings.max_strength)

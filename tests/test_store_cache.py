@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis.asyncio
 
 from persona_store.cache import CachingStore
-from persona_store.errors import StoreUnavailable
+from persona_store.errors import PersonaNotFound, StoreUnavailable
 from persona_store.records import PersonaDraft
-from persona_store.redis import RedisStore
+from persona_store.redis import KEY_PREFIX, RedisStore
 from tests.redis_process import RedisProcess
 
 
@@ -53,3 +55,88 @@ async def test_cached_personas_survive_an_outage_uncached_ones_fail(tmp_path: Pa
         await writer.close()
     finally:
         own.stop()
+
+
+async def wait_for(condition: object, timeout: float = 5.0) -> float:
+    """Seconds until ``condition()`` (an async callable) holds; fails the test after ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if await condition():  # type: ignore[operator]
+            return time.monotonic() - start
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not within {timeout} s")
+
+
+async def test_pub_sub_drops_a_cached_persona_at_once_when_another_replica_writes(
+    redis_server: RedisProcess,
+) -> None:
+    redis_server.flush()
+    # No version probe for an hour: only the change feed can make the new version visible.
+    here = CachingStore(RedisStore.from_url(redis_server.url), check_interval=3600, heal_interval=3600)
+    other_replica = RedisStore.from_url(redis_server.url)
+    here.start()
+    await other_replica.put(draft("pirate", 1))
+    assert (await here.get("m", "pirate")).info.version == 1
+    await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+
+    await other_replica.put(draft("pirate", 2))
+    elapsed = await wait_for(lambda: version_of(here, "pirate", 2))
+    assert elapsed < 1.0
+    await other_replica.delete("m", "pirate")
+    await wait_for(lambda: is_gone(here, "pirate"))
+    await here.close()
+    await other_replica.close()
+
+
+async def version_of(cache: CachingStore, name: str, version: int) -> bool:
+    return (await cache.get("m", name)).info.version == version
+
+
+async def is_gone(cache: CachingStore, name: str) -> bool:
+    try:
+        await cache.get("m", name)
+    except PersonaNotFound:
+        return True
+    return False
+
+
+async def test_a_lost_change_message_is_healed_by_the_version_probe(redis_server: RedisProcess) -> None:
+    redis_server.flush()
+    here = CachingStore(RedisStore.from_url(redis_server.url), check_interval=3600, heal_interval=0.3)
+    here.start()
+    writer = RedisStore.from_url(redis_server.url)
+    await writer.put(draft("pirate", 1))
+    await writer.put(draft("pirate", 2))
+    await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+    assert (await here.get("m", "pirate")).info.version == 2
+    # Move the current version back to 1 behind pub/sub's back, as if its message were lost.
+    raw = redis.asyncio.Redis.from_url(redis_server.url)
+    await raw.set(f"{KEY_PREFIX}:cur:m:pirate", 1)
+    assert (await here.get("m", "pirate")).info.version == 2  # nothing told the cache yet
+    await wait_for(lambda: version_of(here, "pirate", 1))
+    await raw.aclose()
+    await here.close()
+    await writer.close()
+
+
+async def test_a_broken_subscription_resubscribes_and_probes_everything_cached(
+    redis_server: RedisProcess,
+) -> None:
+    redis_server.flush()
+    here = CachingStore(
+        RedisStore.from_url(redis_server.url), check_interval=3600, heal_interval=3600, resubscribe_delay=0.2
+    )
+    here.start()
+    writer = RedisStore.from_url(redis_server.url)
+    await writer.put(draft("pirate", 1))
+    await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+    assert (await here.get("m", "pirate")).info.version == 1
+    raw = redis.asyncio.Redis.from_url(redis_server.url)
+    await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    await wait_for(lambda: asyncio.sleep(0, not here.feed_live))
+    await writer.put(draft("pirate", 2))  # published while nobody listens: this message is lost
+    await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+    assert (await here.get("m", "pirate")).info.version == 2
+    await raw.aclose()
+    await here.close()
+    await writer.close()

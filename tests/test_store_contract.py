@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from persona_store.base import PersonaStore
-from persona_store.errors import PersonaNotFound, VersionConflict
+from persona_store.errors import MappingNotFound, PersonaNotFound, PersonaVersionNotFound, VersionConflict
+from persona_store.history import restore_version
+from persona_store.mappings import MappingDraft, is_valid_mapping_id, matrices_checksum
 from persona_store.records import PersonaDraft, vectors_checksum
 from persona_store.redis import RedisStore
 from persona_store.sqlite import SQLiteStore
@@ -97,3 +99,69 @@ async def test_current_version_is_a_cheap_probe(store: PersonaStore) -> None:
     assert await store.current_version("org/model-7b", "pirate") == 2
     await store.delete("org/model-7b", "pirate")
     assert await store.current_version("org/model-7b", "pirate") is None
+
+
+async def test_the_last_versions_are_kept_and_one_can_be_restored(store: PersonaStore) -> None:
+    written = [await store.put(draft(seed=seed, description=f"take {seed}")) for seed in range(1, 6)]
+    kept = await store.versions("org/model-7b", "pirate")
+    assert [info.version for info in kept] == [5, 4, 3]  # keep_versions=3, newest first
+    with pytest.raises(PersonaVersionNotFound):
+        await store.get_version("org/model-7b", "pirate", 2)
+    old = await store.get_version("org/model-7b", "pirate", 3)
+    assert old.info == written[2] and old.info.description == "take 3"
+
+    with pytest.raises(VersionConflict):
+        await restore_version(store, "org/model-7b", "pirate", 3, expected_version=4)
+    restored = await restore_version(store, "org/model-7b", "pirate", 3, expected_version=5)
+    assert restored.version == 6 and restored.checksum == written[2].checksum
+    assert restored.provenance == {"kind": "uploaded", "restored_from": 3}
+    current = await store.get("org/model-7b", "pirate")
+    assert current.info == restored and current.info.description == "take 3"
+
+
+async def test_a_deleted_persona_keeps_its_history_for_restoring(store: PersonaStore) -> None:
+    first = await store.put(draft(seed=1))
+    await store.delete("org/model-7b", "pirate")
+    assert [info.version for info in await store.versions("org/model-7b", "pirate")] == [1]
+    restored = await restore_version(store, "org/model-7b", "pirate", 1)
+    assert (restored.version, restored.checksum) == (2, first.checksum)
+    assert await store.versions("other", "pirate") == []
+
+
+def mapping_draft(rows: int = 24, cols: int = 40, seed: int = 0) -> MappingDraft:
+    rng = np.random.default_rng(seed)
+    return MappingDraft(
+        source_model="org/small",
+        target_model="org/big:v2",
+        matrices={5: rng.standard_normal((rows, cols)), 2: rng.standard_normal((rows, cols))},
+        layer_map={5: 9, 2: 3},
+        metadata={"method": "ridge", "lambda": 10.0, "r2": {"2": 0.8, "5": 0.7}},
+    )
+
+
+async def test_mappings_are_stored_listed_and_deleted(store: PersonaStore) -> None:
+    written = mapping_draft()
+    info = await store.put_mapping(written)
+    assert is_valid_mapping_id(info.id)
+    assert (info.source_hidden_size, info.target_hidden_size, info.layer_map) == (24, 40, {2: 3, 5: 9})
+    assert info.checksum == matrices_checksum(written.matrices)
+    record = await store.get_mapping(info.id)
+    assert record.info == info and list(record.matrices) == [2, 5]
+    for layer, matrix in written.matrices.items():
+        assert np.array_equal(record.matrices[layer], matrix)
+    second = await store.put_mapping(mapping_draft(seed=1))
+    assert [m.id for m in await store.list_mappings()] == [info.id, second.id]
+    await store.delete_mapping(info.id)
+    with pytest.raises(MappingNotFound):
+        await store.get_mapping(info.id)
+    with pytest.raises(MappingNotFound):
+        await store.delete_mapping(info.id)
+    assert [m.id for m in await store.list_mappings()] == [second.id]
+
+
+async def test_a_mapping_of_real_size_round_trips(store: PersonaStore) -> None:
+    # 3584 -> 4096 (a 7B Qwen onto an 8B Llama): 58 MB of float32 for one block.
+    matrix = np.random.default_rng(0).standard_normal((3584, 4096), dtype=np.float32)
+    info = await store.put_mapping(MappingDraft("a", "b", {20: matrix}, {20: 22}))
+    record = await store.get_mapping(info.id)
+    assert np.array_equal(record.matrices[20], matrix) and record.info.checksum == info.checksum
