@@ -57,6 +57,13 @@ class CachingStore:
     def feed_live(self) -> bool:
         return self._feed_live
 
+    @property
+    def feed_state(self) -> str:
+        """For /ready: 'live', 'down' (resubscribing; the version probe covers), or 'none'."""
+        if self._listener is None:
+            return "none"
+        return "live" if self._feed_live else "down"
+
     def start(self) -> None:
         """Follow the store's change feed, when it has one (call from inside the event loop)."""
         if isinstance(self._inner, ChangeFeed) and self._listener is None:

@@ -26,9 +26,12 @@ def upload(
     layers: dict[int, list[float]],
     default_strength: float = 1.0,
     admin_key: str | None = ADMIN_KEY,
+    if_match: int | None = None,
     **extra: Any,
 ) -> httpx.Response:
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    if if_match is not None:
+        headers["If-Match"] = str(if_match)
     body = {
         "model": model,
         "layers": {str(k): v for k, v in layers.items()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -23,12 +24,23 @@ def test_a_persona_uploaded_on_one_replica_is_served_by_the_other(
         stored = upload(first.url, "pirate", "shared", {1: random_vector(64, 3)}, 3.0, admin_key=None)
         assert stored.status_code == 200, stored.text
         body = {"model": "shared", "messages": QUESTION, "max_tokens": 4, "persona": "pirate"}
-        answer = httpx.post(f"{second.url}/v1/chat/completions", json=body)
+        answer_url = f"{second.url}/v1/chat/completions"
+        answer = httpx.post(answer_url, json=body)
         assert answer.status_code == 200, answer.text
         assert answer.json()["persona"] == {"name": "pirate", "strength": 3.0, "version": 1, "layers": [1]}
         listed = httpx.get(f"{second.url}/v1/personas", params={"model": "shared"}).json()["data"]
         assert [p["name"] for p in listed] == ["pirate"]
-        assert httpx.get(f"{second.url}/ready").json()["store"] == "ok"
+        ready = httpx.get(f"{second.url}/ready").json()
+        assert ready["store"] == "ok" and ready["change_feed"] == "live"
+
+        # An update of a persona the second replica has cached is served there within 1 s.
+        new_layers = {2: random_vector(64, 4)}
+        updated = upload(first.url, "pirate", "shared", new_layers, 2.0, admin_key=None, if_match=1)
+        assert updated.status_code == 200, updated.text
+        written_at = time.monotonic()
+        while (served := httpx.post(answer_url, json=body).json()["persona"])["version"] != 2:
+            assert time.monotonic() - written_at < 1.0, "the update was not served within 1 s"
+        assert served == {"name": "pirate", "strength": 2.0, "version": 2, "layers": [2]}
 
 
 def test_a_redis_outage_serves_cached_personas_answers_503_otherwise_and_heals(

@@ -28,7 +28,12 @@ async def ready(request: Request) -> Any:
     except StoreUnavailable as exc:
         store = str(exc)
     ready = bool(models) and store == "ok"
-    body = {"status": "ready" if ready else "unavailable", "models": models, "store": store}
+    body = {
+        "status": "ready" if ready else "unavailable",
+        "models": models,
+        "store": store,
+        "change_feed": state.store.feed_state,  # informational: the version probe covers a down feed
+    }
     return AsciiJSONResponse(body, status_code=200 if ready else 503)
 
 
