@@ -27,6 +27,7 @@ from server.serving.completions import CompletionService, Limits
 from server.serving.models import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
 from server.serving.persona_extraction import PersonaExtraction
+from server.serving.persona_files import PersonaFiles
 from server.settings import Settings
 
 logger = logging.getLogger("persona_server")
@@ -79,6 +80,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.registry = registry
     app.state.completions = CompletionService(registry, store, app.state.metrics, limits)
     app.state.persona_admin = PersonaAdmin(registry, store, settings.max_strength)
+    app.state.persona_files = PersonaFiles(registry, store, app.state.persona_admin)
     app.state.jobs = JobRegistry()
     app.state.persona_extraction = PersonaExtraction(registry, app.state.persona_admin, app.state.jobs)
     logger.info("persona store: %s", settings.store_url)

@@ -11,7 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from persona_store.errors import PersonaNotFound, StoreUnavailable, VersionConflict
+from persona_store.errors import MappingNotFound, PersonaNotFound, StoreUnavailable, VersionConflict
+from persona_store.formats import FormatError
 from server.engine.base import EngineError
 from server.serving.background import JobNotFound
 from server.serving.errors import ModelNotFound, Overloaded, RequestRejected
@@ -52,6 +53,8 @@ _MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (PersonaNotFound, 404, "invalid_request_error", "persona_not_found"),
     (JobNotFound, 404, "invalid_request_error", "job_not_found"),
+    (MappingNotFound, 404, "invalid_request_error", "mapping_not_found"),
+    (FormatError, 400, "invalid_request_error", "invalid_file"),
     (SteeringError, 422, "invalid_request_error", "invalid_steering"),
     (RequestRejected, 400, "invalid_request_error", None),
     (EngineError, 400, "invalid_request_error", None),

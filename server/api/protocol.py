@@ -111,6 +111,13 @@ class PersonaUpload(BaseModel):
     description: Text = Field("", max_length=4000)
 
 
+class PersonaRestore(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text
+    version: int = Field(ge=1, le=2**62, description="The kept version to make current again.")
+
+
 class ExtractionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

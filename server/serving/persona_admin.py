@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 
 from persona_store.base import PersonaStore
+from persona_store.errors import PersonaNotFound
+from persona_store.history import restore_version
 from persona_store.records import PersonaDraft, PersonaInfo, is_valid_persona_name
 from server.serving.errors import RequestRejected
 from server.serving.models import ModelRegistry
@@ -85,6 +87,20 @@ class PersonaAdmin:
     async def delete(self, name: str, model: str, expected_version: int | None = None) -> None:
         self.check_name(name)
         await self._store.delete(model, name, expected_version=expected_version)
+
+    async def versions(self, name: str, model: str) -> list[PersonaInfo]:
+        self.check_name(name)
+        kept = await self._store.versions(model, name)
+        if not kept:
+            raise PersonaNotFound(model, name)
+        return kept
+
+    async def restore(
+        self, name: str, model: str, version: int, expected_version: int | None = None
+    ) -> PersonaInfo:
+        self.check_name(name)
+        self._registry.get(model)
+        return await restore_version(self._store, model, name, version, expected_version)
 
     async def list(self, model: str | None) -> list[PersonaInfo]:
         if model is not None:

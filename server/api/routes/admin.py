@@ -1,24 +1,32 @@
-"""Admin routes: create, read, delete and list persona vectors."""
+"""Admin routes: create, read, delete, list, restore, import and export persona vectors; extraction jobs."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Request, Response, UploadFile
+from pydantic import FiniteFloat
 
 from persona_store.records import PERSONA_NAME_PATTERN
 from server.api.auth import require_admin
 from server.api.errors import APIError
-from server.api.protocol import ExtractionRequest, PersonaUpload
+from server.api.protocol import ExtractionRequest, PersonaRestore, PersonaUpload
 from server.serving.extraction import ExtractionSpec
 from server.serving.persona_admin import PersonaAdmin
+from server.serving.persona_files import ImportOptions, PersonaFiles, VectorFormat
+from server.steering.plan import Positions
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 NameParam = Annotated[str, Path(pattern=PERSONA_NAME_PATTERN)]
+LAYER_LIST_PATTERN = r"^\s*\d{1,6}(\s*,\s*\d{1,6})*\s*$"
 
 
 def _admin(request: Request) -> PersonaAdmin:
     return request.app.state.persona_admin
+
+
+def _files(request: Request) -> PersonaFiles:
+    return request.app.state.persona_files
 
 
 def _expected_version(if_match: str | None) -> int | None:
@@ -63,6 +71,67 @@ async def delete_persona(
 ) -> Response:
     await _admin(request).delete(name, model, expected_version=_expected_version(if_match))
     return Response(status_code=204)
+
+
+@router.get("/personas/{name}/versions")
+async def list_versions(name: NameParam, model: Annotated[str, Query()], request: Request) -> dict[str, Any]:
+    """The kept versions, newest first (a deleted persona's history stays, for restoring)."""
+    kept = await _admin(request).versions(name, model)
+    return {"object": "list", "data": [info.to_dict() for info in kept]}
+
+
+@router.post("/personas/{name}/restore")
+async def restore_persona(
+    name: NameParam, body: PersonaRestore, request: Request, if_match: Annotated[str | None, Header()] = None
+) -> dict[str, Any]:
+    """Make a kept version current again, as a new version (versions never repeat)."""
+    info = await _admin(request).restore(name, body.model, body.version, _expected_version(if_match))
+    return info.to_dict()
+
+
+@router.post("/personas/{name}/import")
+async def import_persona(
+    name: NameParam,
+    request: Request,
+    file: Annotated[UploadFile, File(description="safetensors, GGUF control vector or persona_vectors .pt")],
+    model: Annotated[str, Form()],
+    format: Annotated[VectorFormat | None, Form(description="Default: from the file name.")] = None,
+    layers: Annotated[
+        str | None,
+        Form(pattern=LAYER_LIST_PATTERN, description="Comma-separated blocks to import (required for .pt)."),
+    ] = None,
+    default_strength: Annotated[FiniteFloat | None, Form()] = None,
+    default_positions: Annotated[Positions | None, Form()] = None,
+    description: Annotated[str | None, Form(max_length=4000)] = None,
+    if_match: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    options = ImportOptions(
+        model=model,
+        format=format,
+        layers=None if layers is None else [int(part) for part in layers.split(",")],
+        default_strength=default_strength,
+        default_positions=None if default_positions is None else default_positions.value,
+        description=description,
+        expected_version=_expected_version(if_match),
+    )
+    data = await file.read()
+    info = await _files(request).import_file(name, data, file.filename or "", options)
+    return info.to_dict()
+
+
+@router.get("/personas/{name}/export")
+async def export_persona(
+    name: NameParam,
+    request: Request,
+    model: Annotated[str, Query()],
+    format: Annotated[VectorFormat, Query()] = VectorFormat.SAFETENSORS,
+    version: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+) -> Response:
+    exported = await _files(request).export_file(name, model, format, version)
+    disposition = f'attachment; filename="{exported.filename}"'
+    return Response(
+        exported.content, media_type=format.media_type, headers={"Content-Disposition": disposition}
+    )
 
 
 @router.get("/personas")
