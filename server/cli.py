@@ -9,7 +9,10 @@ from typing import Annotated
 
 import typer
 
+from server.cli_personas import app as personas_app
+
 app = typer.Typer(help="persona-server: an OpenAI-compatible server that steers models with persona vectors.")
+app.add_typer(personas_app, name="personas")
 
 
 @app.callback()
