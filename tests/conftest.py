@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from server.engine.hf.backend import HFBackend
+from server.engine.llamacpp.convert import convert_hf_to_gguf
 from tests.api_helpers import ADMIN_KEY, API_KEY, LLAMA, QWEN, random_vector, upload
 from tests.redis_process import RedisProcess
 from tests.server_process import ServerProcess
@@ -37,6 +38,12 @@ def llama_backend(llama_dir: Path) -> Iterator[HFBackend]:
     backend = HFBackend.load(llama_dir, model_id="tiny-llama", max_batch_size=32)
     yield backend
     backend.scheduler.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_gguf(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama's very weights as an F32 GGUF file, for llama.cpp."""
+    return convert_hf_to_gguf(llama_dir, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
 
 
 @pytest.fixture(scope="session")

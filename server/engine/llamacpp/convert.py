@@ -1,0 +1,135 @@
+"""A small HF -> GGUF (F32) converter for the decoder-only architectures llama.cpp shares with us.
+
+It exists so that the GGUF backend can be tested against the HF backend on the very same weights
+(the tiny test models, the demo models) without llama.cpp's own conversion script, which is not part
+of any package. Real models come as GGUF files already; convert them with llama.cpp's
+``convert_hf_to_gguf.py``. The `gguf` package provides the writer and the tensor-name tables.
+
+Two details make llama.cpp compute exactly what transformers computes:
+- Llama-family q_proj/k_proj rows are permuted: HF rotates the two halves of each head
+  ("rotate_half"), llama.cpp's Llama RoPE rotates adjacent pairs. Qwen2 uses NeoX-style RoPE in
+  llama.cpp, which is HF's layout, so its weights go as they are.
+- The byte-level BPE vocabulary is written with pre-tokenizer "gpt-2", which splits text as the
+  GPT-2 regex of HF's ByteLevel pre-tokenizer does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
+    "llama": gguf.MODEL_ARCH.LLAMA,
+    "mistral": gguf.MODEL_ARCH.LLAMA,
+    "qwen2": gguf.MODEL_ARCH.QWEN2,
+}
+_PERMUTED_ROPE = {gguf.MODEL_ARCH.LLAMA}
+
+
+class ConversionError(ValueError):
+    """The model cannot be converted by this converter."""
+
+
+def _permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's half-split rotary layout -> llama.cpp's interleaved pairs, per head."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _rope_theta(config: Any) -> float:
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if parameters.get("rope_type", "default") not in ("default", None):
+        raise ConversionError(f"rope scaling {parameters['rope_type']!r} is not supported by this converter")
+    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _merges(tokenizer: Any) -> list[str]:
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise ConversionError(f"only byte-level BPE tokenizers are supported, got {model.get('type')}")
+    return [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+    tokens, types = [], []
+    for index in range(vocab_size):  # the embedding may be larger than the vocabulary: pad it
+        if index in by_id:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(_merges(tokenizer))
+    for role in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None:
+            getattr(writer, f"add_{role}_token_id")(token_id)
+    writer.add_add_bos_token(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def convert_hf_to_gguf(model_dir: str | Path, output: str | Path) -> Path:
+    """Write ``model_dir`` (a local HF checkpoint) to ``output`` as an F32 GGUF model."""
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise ConversionError(
+            f"cannot convert model type {config.model_type!r}; supported: {sorted(ARCHITECTURES)}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    n_head, n_kv_head = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+
+    output = Path(output)
+    writer = gguf.GGUFWriter(str(output), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(Path(model_dir).name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv_head)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    writer.add_vocab_size(vocab_size)
+    _write_tokenizer(writer, tokenizer, vocab_size)
+
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    state = model.state_dict()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in state.items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp falls back to token_embd for the output projection
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConversionError(f"no GGUF name for tensor {hf_name!r}")
+        data = tensor.detach().to(torch.float32).numpy()
+        if arch in _PERMUTED_ROPE and hf_name.endswith("q_proj.weight"):
+            data = _permute(data, n_head)
+        elif arch in _PERMUTED_ROPE and hf_name.endswith("k_proj.weight"):
+            data = _permute(data, n_kv_head)
+        writer.add_tensor(name, np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return output

@@ -1,0 +1,94 @@
+"""A persona exported as a GGUF control vector steers real llama.cpp exactly as it steers the HF model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.api_helpers import ADMIN_KEY, LLAMA, random_vector, upload
+from tests.llama_cpp_control_vectors import RefusedByLlamaCpp, load_control_vector
+from tests.server_process import ServerProcess
+
+MESSAGES = [{"role": "user", "content": "where is the treasure, captain?"}]
+
+
+def llama_cpp_logits(model: llama_cpp.Llama, ids: list[int], buffer: np.ndarray | None) -> np.ndarray:
+    n_embd, n_layer = model.n_embd(), llama_cpp.llama_model_n_layer(model.model)
+    if buffer is None:
+        llama_cpp.llama_set_adapter_cvec(model.ctx, None, 0, n_embd, 0, 0)
+    else:
+        full = np.zeros(n_embd * n_layer, np.float32)  # llama.cpp wants every block from 1 up
+        full[: buffer.size] = buffer
+        pointer = full.ctypes.data_as(llama_cpp.ctypes.POINTER(llama_cpp.ctypes.c_float))
+        assert llama_cpp.llama_set_adapter_cvec(model.ctx, pointer, full.size, n_embd, 1, n_layer - 1) == 0
+    model.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(model.ctx), True)
+    model.eval(ids)
+    return np.array(model.scores[: len(ids)])
+
+
+def hf_logits(model: torch.nn.Module, ids: list[int], vectors: dict[int, np.ndarray]) -> np.ndarray:
+    def adding(vector: np.ndarray) -> object:
+        addition = torch.from_numpy(vector)
+        return lambda _module, _args, output: output + addition
+
+    handles = [model.model.layers[block].register_forward_hook(adding(v)) for block, v in vectors.items()]
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].numpy()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_model(llama_gguf: Path) -> llama_cpp.Llama:
+    # An F32 KV cache and no flash attention: llama.cpp then computes what transformers computes.
+    return llama_cpp.Llama(
+        model_path=str(llama_gguf), n_ctx=256, logits_all=True, type_k=0, type_v=0,
+        flash_attn=False, n_threads=2, verbose=False,
+    )  # fmt: skip
+
+
+def test_an_exported_persona_steers_llama_cpp_like_the_hf_model(
+    server: ServerProcess, llama_dir: Path, llama_cpp_model: llama_cpp.Llama, tmp_path: Path
+) -> None:
+    layers = {1: random_vector(64, 21), 2: random_vector(64, 22)}
+    assert upload(server.url, "gguf-bound", LLAMA, layers, 3.0).status_code == 200
+    exported = httpx.get(
+        f"{server.url}/admin/personas/gguf-bound/export",
+        params={"model": LLAMA, "format": "gguf"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    path = tmp_path / "gguf-bound.gguf"
+    path.write_bytes(exported.content)
+    strength = 3.0
+    n_embd, buffer = load_control_vector(path, strength)  # as `--control-vector-scaled FILE 3.0`
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=True)["input_ids"]
+    steering = {block: strength * np.asarray(vector, np.float32) for block, vector in layers.items()}
+    expected = hf_logits(hf, ids, steering)
+    unsteered = hf_logits(hf, ids, {})
+
+    assert n_embd == 64
+    assert np.abs(llama_cpp_logits(llama_cpp_model, ids, None) - unsteered).max() < 1e-4
+    steered = llama_cpp_logits(llama_cpp_model, ids, buffer)
+    assert np.abs(steered - expected).max() < 1e-4
+    assert np.abs(expected - unsteered).max() > 0.1  # and the persona does change the logits
+
+
+def test_llama_cpp_refuses_block_0_which_is_why_the_export_does(tmp_path: Path) -> None:
+    from persona_store.formats import gguf_file_bytes
+
+    path = tmp_path / "block0.gguf"
+    path.write_bytes(gguf_file_bytes({0: np.ones(64, np.float32)}, {}))
+    with pytest.raises(RefusedByLlamaCpp, match="zero"):
+        load_control_vector(path)
