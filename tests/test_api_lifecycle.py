@@ -32,6 +32,7 @@ def test_a_full_queue_answers_429_and_personas_survive_a_restart(llama_dir: Path
             "status": "ready",
             "models": [MODEL],
             "store": "ok",
+            "change_feed": "none",  # SQLite: one process, nothing to follow
         }
         stored = upload(server.url, "keeper", MODEL, {1: random_vector(64, 11)}, 2.5, admin_key=None)
         assert stored.status_code == 200, stored.text
