@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -55,12 +56,31 @@ def model_sources(settings: Settings) -> list[tuple[str, str]]:
     return list(zip(settings.model, ids, strict=True))
 
 
+def load_gguf(source: str, model_id: str, settings: Settings) -> Backend:
+    try:
+        from server.engine.llamacpp.backend import LlamaCppBackend
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"{source}: GGUF models need llama-cpp-python: pip install 'persona-server[llama]'"
+        ) from exc
+    return LlamaCppBackend.load(
+        source,
+        model_id=model_id,
+        contexts=settings.gguf_contexts,
+        sequences_per_context=math.ceil(settings.max_num_seqs / settings.gguf_contexts),
+        context_tokens=settings.gguf_context_tokens,
+        threads=settings.gguf_threads,
+        kv_type=settings.gguf_kv_type,
+    )
+
+
 def load_backends(settings: Settings) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     for source, model_id in model_sources(settings):
-        if source.lower().endswith(".gguf"):
-            raise ConfigurationError(f"{source}: GGUF models are not supported by this version")
         logger.info("loading %s as %s", source, model_id)
+        if source.lower().endswith(".gguf"):
+            backends[model_id] = load_gguf(source, model_id, settings)
+            continue
         backends[model_id] = HFBackend.load(
             source, model_id=model_id, dtype=settings.dtype, device=settings.device,
             max_batch_size=settings.max_num_seqs,

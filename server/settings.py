@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     dtype: str = Field("float32", description="Weights dtype of HF models: float32, bfloat16 or float16.")
     device: str = Field("cpu", description="Torch device of HF models, e.g. cpu or cuda:0.")
     max_num_seqs: int = Field(32, ge=1, description="Requests decoded together per model (batch rows).")
+    gguf_contexts: int = Field(
+        4, ge=1, le=64,
+        description="GGUF models: llama.cpp contexts over the one loaded model. Each carries one "
+        "steering plan at a time; requests with the same plan share a context and batch together.",
+    )  # fmt: skip
+    gguf_context_tokens: int = Field(
+        8192, ge=64,
+        description="GGUF models: KV cache cells per context, shared by its requests (memory grows "
+        "with contexts x tokens).",
+    )  # fmt: skip
+    gguf_threads: int | None = Field(None, ge=1, description="GGUF models: CPU threads (default: all cores).")
+    gguf_kv_type: str = Field("f16", pattern="^(f16|f32)$", description="GGUF models: KV cache type.")
     max_queue: int = Field(
         256, ge=0, description="Requests per model that may wait for a batch row before 429 is answered."
     )

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
-from server.engine.hf.text_stream import TextStream
+from server.engine.text_stream import TextStream
 from tests.tiny_models import build_tokenizer
 
 TOKENIZER: PreTrainedTokenizerFast = build_tokenizer()

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from server.engine.base import EngineError, GenerationRequest, ModelInfo, TokenChunk
 from server.engine.hf.runner import ModelRunner
-from server.engine.hf.scheduler import Scheduler, Sequence
-from server.engine.hf.text_stream import TextStream
+from server.engine.hf.scheduler import Scheduler
+from server.engine.sequence import Sequence, stream
+from server.engine.text_stream import TextStream
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -134,29 +135,8 @@ class HFBackend:
             generator=generator,
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
-
-        def sink(item: TokenChunk | BaseException) -> None:
-            # Called on the scheduler thread; the loop may already be gone if the client left.
-            try:
-                loop.call_soon_threadsafe(chunks.put_nowait, item)
-            except RuntimeError:
-                sequence.cancelled = True
-
-        sequence = self._sequence(request, sink)
-        self._scheduler.submit(sequence)
-        try:
-            while True:
-                item = await chunks.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            sequence.cancelled = True
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        return stream(lambda sink: self._sequence(request, sink), self._scheduler.submit)
 
     async def _read_back(self, request: GenerationRequest, response_ids: list[int], work: Any) -> Any:
         """Run ``work(prompt + response ids, prompt length)`` on the model, between decode steps."""

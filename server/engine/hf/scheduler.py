@@ -16,36 +16,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from server.engine.base import FinishReason, SamplingParams, TokenChunk
 from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.runner import ModelRunner
-from server.engine.hf.sampler import sample_one, sample_rows
-from server.engine.hf.text_stream import TextStream
+from server.engine.sampling import sample_one, sample_rows
+from server.engine.sequence import Sequence, emit, fail
 from server.steering.hooks import BatchSteering
-from server.steering.plan import SteeringPlan
 
 logger = logging.getLogger(__name__)
-
-Sink = Callable[[TokenChunk | BaseException], None]
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request inside the scheduler."""
-
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    plan: SteeringPlan | None
-    text: TextStream
-    sink: Sink
-    max_new_tokens: int
-    generator: torch.Generator | None = None
-    output_ids: list[int] = field(default_factory=list)
-    finished: bool = False
-    # Set from the event loop's thread when the client goes away; read by the scheduler thread.
-    cancelled: bool = False
 
 
 @dataclass(eq=False)
@@ -169,32 +146,10 @@ class Scheduler:
         self._decode_steering = self._runner.decode_steering([s.plan for s in self._rows])
 
     def _emit(self, sequence: Sequence, token: int) -> None:
-        sequence.output_ids.append(token)
-        finish: FinishReason | None = None
-        if token in self._eos and not sequence.sampling.ignore_eos:
-            finish, text = FinishReason.STOP, sequence.text.finish()
-        else:
-            text = sequence.text.push(token)
-            if sequence.text.stopped:
-                finish = FinishReason.STOP
-            elif len(sequence.output_ids) >= sequence.max_new_tokens:
-                finish = FinishReason.LENGTH
-                text += sequence.text.finish()
-        sequence.finished = finish is not None
-        sequence.sink(
-            TokenChunk(
-                text=text,
-                token_ids=(token,),
-                prompt_tokens=len(sequence.prompt_ids),
-                completion_tokens=len(sequence.output_ids),
-                finish_reason=finish,
-            )
-        )
+        emit(sequence, token, self._eos)
 
     def _fail_all(self, error: BaseException) -> None:
-        for sequence in [*self._rows, *self._waiting]:
-            sequence.finished = True
-            sequence.sink(error)
+        fail([*self._rows, *self._waiting], error)
         self._rows, self._waiting = [], deque()
         self._batch = KVBatch()
         self._decode_steering = None

@@ -1,0 +1,207 @@
+"""The GGUF backend: llama.cpp through llama-cpp-python, steered per request with control vectors.
+
+The model is loaded once; a pool of contexts (lanes) over it serves requests in parallel, each lane
+carrying one steering plan's control vector (see scheduler.py). Tokenization and the chat template
+come from the GGUF file itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import torch
+
+from server.engine.base import EngineError, GenerationRequest, ModelInfo, TokenChunk
+from server.engine.llamacpp.lane import KV_TYPES, Lane, LaneConfig, TokenSlot
+from server.engine.llamacpp.scheduler import LaneScheduler, LaneSequence
+from server.engine.llamacpp.vocab import LlamaVocab
+from server.engine.sequence import Sink, stream
+from server.engine.text_stream import TextStream
+from server.steering.errors import SteeringError
+from server.steering.plan import SteeringPlan
+
+logger = logging.getLogger(__name__)
+_backend_ready = False
+
+
+def _init_llama_cpp() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        # llama.cpp logs every tensor it loads: route its log through llama-cpp-python's callback
+        # and keep errors only.
+        from llama_cpp import _logger
+
+        _logger.set_verbose(False)
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def steering_buffer(plan: SteeringPlan, n_embd: int, n_layer: int) -> np.ndarray:
+    """The plan as llama.cpp wants it: n_embd x n_layer floats, block 1 first (block 0 is never steered)."""
+    buffer = np.zeros(n_embd * n_layer, dtype=np.float32)
+    for layer, delta in plan.deltas.items():
+        if layer == 0:
+            raise SteeringError(
+                "llama.cpp control vectors cannot steer block 0 (they start after block 1's input); "
+                f"choose blocks 1..{n_layer - 1} for this GGUF model"
+            )
+        buffer[(layer - 1) * n_embd : layer * n_embd] = delta.numpy()
+    return buffer
+
+
+class LlamaCppBackend:
+    def __init__(self, model: Any, model_id: str, config: LaneConfig, contexts: int) -> None:
+        self._model = model
+        self._vocab = LlamaVocab(model)
+        n_embd = llama_cpp.llama_model_n_embd(model)
+        n_layer = llama_cpp.llama_model_n_layer(model)
+        self._lanes = [Lane(model, config, n_embd, n_layer) for _ in range(contexts)]
+        for lane in self._lanes:
+            lane.set_vocab_size(self._vocab.size)
+        self._info = ModelInfo(
+            id=model_id,
+            backend="llamacpp",
+            num_layers=n_layer,
+            hidden_size=n_embd,
+            max_context=min(llama_cpp.llama_model_n_ctx_train(model), config.context_tokens),
+            steerable_layers=tuple(range(1, n_layer)),
+        )
+        self._scheduler = LaneScheduler(self._lanes, self._vocab.eog_tokens)
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        model_id: str | None = None,
+        contexts: int = 4,
+        sequences_per_context: int = 8,
+        context_tokens: int = 8192,
+        threads: int | None = None,
+        kv_type: str = "f16",
+    ) -> LlamaCppBackend:
+        """Load a local GGUF file: ``contexts`` lanes of ``context_tokens`` KV cells each.
+
+        One sequence may use up to min(the model's training context, ``context_tokens``) tokens.
+        """
+        path = Path(source)
+        if not path.is_file():
+            raise EngineError(f"no GGUF file at {path}")
+        if kv_type not in KV_TYPES:
+            raise EngineError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
+        _init_llama_cpp()
+        params = llama_cpp.llama_model_default_params()
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise EngineError(f"llama.cpp could not load {path}")
+        config = LaneConfig(
+            context_tokens=context_tokens,
+            sequences=sequences_per_context,
+            threads=threads or os.cpu_count() or 1,
+            kv_type=kv_type,
+        )
+        return cls(model, model_id or path.stem, config, contexts)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def scheduler(self) -> LaneScheduler:
+        return self._scheduler
+
+    @property
+    def vocab(self) -> LlamaVocab:
+        return self._vocab
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        return self._vocab.prompt_ids(request.prompt, request.messages)
+
+    def _sequence(self, request: GenerationRequest, sink: Sink) -> LaneSequence:
+        prompt_ids = self.prompt_ids(request)
+        sampling = request.sampling
+        if not prompt_ids:
+            raise EngineError("the prompt is empty")
+        limit = self._info.max_context
+        room = limit - len(prompt_ids)
+        max_new_tokens = min(sampling.max_tokens, room) if sampling.clamp_to_context else sampling.max_tokens
+        if max_new_tokens < 1 or len(prompt_ids) + max_new_tokens > limit:
+            raise EngineError(
+                f"this model's maximum context length is {limit} tokens, but "
+                f"{len(prompt_ids) + sampling.max_tokens} were requested ({len(prompt_ids)} in the prompt, "
+                f"{sampling.max_tokens} for the completion)"
+            )
+        plan = None if request.steering is None or request.steering.is_noop else request.steering
+        buffer, key = None, ""
+        if plan is not None:
+            plan.validate_for(self._info.num_layers, self._info.hidden_size)
+            buffer = steering_buffer(plan, self._info.hidden_size, self._info.num_layers)
+            key = plan.fingerprint()
+        generator = None
+        if not sampling.greedy:
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+            generator = torch.Generator().manual_seed(seed)
+        return LaneSequence(
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            plan=plan,
+            text=TextStream(self._vocab, sampling.stop),
+            sink=sink,
+            max_new_tokens=max_new_tokens,
+            generator=generator,
+            steering_key=key,
+            steering=buffer,
+        )
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        return stream(lambda sink: self._sequence(request, sink), self._scheduler.submit)
+
+    async def response_activations(self, request: GenerationRequest, response_ids: list[int]) -> np.ndarray:
+        raise EngineError(
+            "persona extraction needs block outputs, which the GGUF backend does not read back; "
+            "extract on the HF checkpoint the GGUF file was converted from (same weights, same blocks)"
+        )
+
+    async def response_nll(self, request: GenerationRequest, response_ids: list[int]) -> tuple[float, int]:
+        """Summed negative log-likelihood (nats) and count of the response tokens, unsteered."""
+        prompt_ids = self.prompt_ids(request)
+        if not response_ids:
+            raise EngineError("an empty response cannot be read back")
+        tokens = prompt_ids + list(response_ids)
+        if len(tokens) > self._info.max_context:
+            raise EngineError(f"prompt and response exceed the context of {self._info.max_context} tokens")
+
+        def score(lane: Lane) -> tuple[float, int]:
+            total = 0.0
+            capacity = lane.batch_capacity
+            first_scored = len(prompt_ids) - 1  # the logits at position p predict token p + 1
+            for start in range(0, len(tokens) - 1, capacity):
+                chunk = range(start, min(start + capacity, len(tokens) - 1))
+                slots = [TokenSlot(tokens[p], p, 0, p >= first_scored) for p in chunk]
+                for position, logits in zip(
+                    [p for p in chunk if p >= first_scored], lane.decode(slots), strict=True
+                ):
+                    log_probs = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1)
+                    total -= float(log_probs[tokens[position + 1]])
+            if not math.isfinite(total):
+                raise EngineError("the response has zero probability under the model")
+            return total, len(response_ids)
+
+        return await asyncio.wrap_future(self._scheduler.run_on_lane(score))
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._scheduler.stop)
+        for lane in self._lanes:
+            lane.close()
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None

@@ -1,0 +1,98 @@
+"""One request inside an engine's scheduler thread, and the bridge that streams its chunks to asyncio.
+
+Both backends run the model on a thread of their own; a request becomes a ``Sequence`` there, its
+tokens become ``TokenChunk``s through ``emit``, and ``stream`` hands them to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.base import FinishReason, SamplingParams, TokenChunk
+from server.engine.text_stream import TextStream
+from server.steering.plan import SteeringPlan
+
+Sink = Callable[[TokenChunk | BaseException], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    plan: SteeringPlan | None
+    text: TextStream
+    sink: Sink
+    max_new_tokens: int
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    # Set from the event loop's thread when the client goes away; read by the scheduler thread.
+    cancelled: bool = False
+
+
+def emit(sequence: Sequence, token: int, eos_token_ids: set[int]) -> None:
+    """Append a generated token and send its chunk; marks the sequence finished on its last token."""
+    sequence.output_ids.append(token)
+    finish: FinishReason | None = None
+    if token in eos_token_ids and not sequence.sampling.ignore_eos:
+        finish, text = FinishReason.STOP, sequence.text.finish()
+    else:
+        text = sequence.text.push(token)
+        if sequence.text.stopped:
+            finish = FinishReason.STOP
+        elif len(sequence.output_ids) >= sequence.max_new_tokens:
+            finish = FinishReason.LENGTH
+            text += sequence.text.finish()
+    sequence.finished = finish is not None
+    sequence.sink(
+        TokenChunk(
+            text=text,
+            token_ids=(token,),
+            prompt_tokens=len(sequence.prompt_ids),
+            completion_tokens=len(sequence.output_ids),
+            finish_reason=finish,
+        )
+    )
+
+
+def fail(sequences: list[Sequence], error: BaseException) -> None:
+    for sequence in sequences:
+        sequence.finished = True
+        sequence.sink(error)
+
+
+async def stream(
+    make_sequence: Callable[[Sink], Sequence], submit: Callable[[Sequence], None]
+) -> AsyncIterator[TokenChunk]:
+    """Build the sequence with a sink into this event loop, submit it, and yield its chunks.
+
+    Closing the iterator early (the client went away) cancels the sequence.
+    """
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
+    holder: list[Sequence] = []
+
+    def sink(item: TokenChunk | BaseException) -> None:
+        # Called on the scheduler thread; the loop may already be gone if the client left.
+        try:
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
+        except RuntimeError:
+            holder[0].cancelled = True
+
+    sequence = make_sequence(sink)
+    holder.append(sequence)
+    submit(sequence)
+    try:
+        while True:
+            item = await chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+    finally:
+        sequence.cancelled = True
