@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ADMIN_KEY = "admin-secret"
 API_KEY = "api-secret"
 LLAMA, QWEN = "tiny-llama", "tiny-qwen"
+GGUF = "tiny-llama-gguf"  # the tiny Llama's very weights, served by llama.cpp
 QUESTION = [{"role": "user", "content": "tell me about the sea"}]
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from server.engine.hf.backend import HFBackend
 from server.engine.llamacpp.convert import convert_hf_to_gguf
-from tests.api_helpers import ADMIN_KEY, API_KEY, LLAMA, QWEN, random_vector, upload
+from tests.api_helpers import ADMIN_KEY, API_KEY, GGUF, LLAMA, QWEN, random_vector, upload
 from tests.redis_process import RedisProcess
 from tests.server_process import ServerProcess
 from tests.tiny_models import build_tiny_model
@@ -53,12 +53,13 @@ def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(
-    llama_dir: Path, qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    llama_dir: Path, qwen_dir: Path, llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     data = tmp_path_factory.mktemp("api-data")
     args = [
-        "--model", str(llama_dir), "--model", str(qwen_dir),
-        "--served-model-name", LLAMA, "--served-model-name", QWEN,
+        "--model", str(llama_dir), "--model", str(qwen_dir), "--model", str(llama_gguf),
+        "--served-model-name", LLAMA, "--served-model-name", QWEN, "--served-model-name", GGUF,
+        "--gguf-kv-type", "f32", "--gguf-contexts", "2",
         "--admin-key", ADMIN_KEY, "--max-tokens-cap", "900", "--max-strength", "50",
         "--default-max-tokens", "16", "--max-body-bytes", "200000",
     ]  # fmt: skip

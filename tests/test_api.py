@@ -12,7 +12,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.api_helpers import API_KEY, LLAMA, QUESTION, QWEN, metric
+from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, QWEN, metric
 from tests.server_process import ServerProcess
 
 
@@ -28,7 +28,9 @@ def chat(client: openai.OpenAI, model: str = LLAMA, max_tokens: int = 12, **extr
 
 def test_models_are_listed_with_their_shapes(client: openai.OpenAI) -> None:
     cards = {model.id: model for model in client.models.list().data}
-    assert set(cards) == {LLAMA, QWEN}
+    assert set(cards) == {LLAMA, QWEN, GGUF}
+    assert (cards[GGUF].model_extra["num_layers"], cards[GGUF].model_extra["hidden_size"]) == (3, 64)
+    assert (cards[LLAMA].model_extra["backend"], cards[GGUF].model_extra["backend"]) == ("hf", "llamacpp")
     assert (cards[LLAMA].model_extra["num_layers"], cards[LLAMA].model_extra["hidden_size"]) == (3, 64)
     assert (cards[QWEN].model_extra["num_layers"], cards[QWEN].model_extra["hidden_size"]) == (3, 48)
     assert client.models.retrieve(QWEN).owned_by == "persona-server"

@@ -51,7 +51,7 @@ def steering_buffer(plan: SteeringPlan, n_embd: int, n_layer: int) -> np.ndarray
     for layer, delta in plan.deltas.items():
         if layer == 0:
             raise SteeringError(
-                "llama.cpp control vectors cannot steer block 0 (they start after block 1's input); "
+                "llama.cpp control vectors cannot steer block 0 (they start at block 1); "
                 f"choose blocks 1..{n_layer - 1} for this GGUF model"
             )
         buffer[(layer - 1) * n_embd : layer * n_embd] = delta.numpy()

@@ -1,0 +1,69 @@
+"""A GGUF model served through the OpenAI API answers like its HF checkpoint, persona and all."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import openai
+
+from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error, random_vector, upload
+from tests.server_process import ServerProcess
+
+
+def ask(client: openai.OpenAI, model: str, **extra: Any) -> str:
+    response = client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=14, temperature=0, extra_body={"ignore_eos": True, **extra}
+    )
+    return response.choices[0].message.content or ""
+
+
+def test_same_weights_same_persona_same_answer(server: ServerProcess, client: openai.OpenAI) -> None:
+    layers = {1: random_vector(64, 31), 2: random_vector(64, 32)}
+    for model in (LLAMA, GGUF):
+        assert upload(server.url, "twin", model, layers, 5.0).status_code == 200
+    plain = ask(client, GGUF)
+    assert plain == ask(client, LLAMA)
+    steered = ask(client, GGUF, persona="twin")
+    assert steered == ask(client, LLAMA, persona="twin") and steered != plain
+    prompt_only = {"persona": "twin", "steering": {"positions": "prompt"}}
+    assert ask(client, GGUF, **prompt_only) == ask(client, LLAMA, **prompt_only)
+
+    stream = client.chat.completions.create(
+        model=GGUF, messages=QUESTION, max_tokens=14, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "persona": "twin"},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == steered
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 14
+
+
+async def test_concurrent_gguf_personas_equal_their_solo_answers(server: ServerProcess) -> None:
+    for index, name in enumerate(("gguf-a", "gguf-b", "gguf-c")):
+        assert (
+            upload(server.url, name, GGUF, {1 + index % 2: random_vector(64, 40 + index)}, 4.0).status_code
+            == 200
+        )
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    variants: list[dict[str, Any]] = [{}, {"persona": "gguf-a"}, {"persona": "gguf-b"}, {"persona": "gguf-c"},
+                                      {"persona": "gguf-a", "persona_strength": -3}]  # fmt: skip
+
+    async def ask_async(extra: dict[str, Any]) -> str:
+        response = await client.chat.completions.create(
+            model=GGUF,
+            messages=QUESTION,
+            max_tokens=10,
+            temperature=0,
+            extra_body={"ignore_eos": True, **extra},
+        )
+        return response.choices[0].message.content or ""
+
+    solo = [await ask_async(extra) for extra in variants]
+    together = await asyncio.gather(*(ask_async(extra) for extra in variants * 2))
+    assert together == solo * 2 and len(set(solo)) >= 3  # a random model may garble two alike
+    await client.close()
+
+
+def test_block_0_of_a_gguf_model_is_refused_with_the_reason(server: ServerProcess) -> None:
+    refused = upload(server.url, "low-gguf", GGUF, {0: random_vector(64, 1), 1: random_vector(64, 2)})
+    assert_openai_error(refused, 422, "llama.cpp control vectors cannot steer block 0")

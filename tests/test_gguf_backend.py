@@ -1,0 +1,172 @@
+"""The GGUF backend steers exactly like the HF backend on the same weights; lanes serve concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from server.demo.models import demo_model_dir
+from server.engine.base import ChatMessage, GenerationRequest, SamplingParams, TokenChunk
+from server.engine.hf.backend import HFBackend
+from server.engine.llamacpp.backend import LlamaCppBackend, steering_buffer
+from server.engine.llamacpp.convert import convert_hf_to_gguf
+from server.steering.errors import SteeringError
+from server.steering.plan import Positions, SteeringPlan
+
+QUESTIONS = ["where is the treasure", "tell me of the sea", "good morning captain", "a storm comes"]
+
+
+def chat(question: str, plan: SteeringPlan | None = None, max_tokens: int = 16) -> GenerationRequest:
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return GenerationRequest(messages=[ChatMessage("user", question)], sampling=sampling, steering=plan)
+
+
+async def tokens(backend: HFBackend | LlamaCppBackend, request: GenerationRequest) -> list[int]:
+    return [t for chunk in [c async for c in backend.generate(request)] for t in chunk.token_ids]
+
+
+def persona(seed: int, blocks: list[int], hidden: int, strength: float, positions: Positions) -> SteeringPlan:
+    generator = torch.Generator().manual_seed(seed)
+    vectors = {block: torch.randn(hidden, generator=generator) for block in blocks}
+    return SteeringPlan(vectors, strength=strength, positions=positions)
+
+
+@pytest.fixture(scope="module")
+def gguf_llama(llama_gguf: Path) -> Iterator[LlamaCppBackend]:
+    backend = LlamaCppBackend.load(llama_gguf, model_id="tiny-llama-gguf", contexts=2,
+                                   sequences_per_context=4, kv_type="f32")  # fmt: skip
+    yield backend
+    asyncio.run(backend.close())
+
+
+@pytest.fixture(scope="module")
+def hf_llama(llama_dir: Path) -> Iterator[HFBackend]:
+    backend = HFBackend.load(llama_dir, model_id="tiny-llama")
+    yield backend
+    asyncio.run(backend.close())
+
+
+def llama_cpp_logits(model: llama_cpp.Llama, ids: list[int], buffer: np.ndarray | None) -> np.ndarray:
+    n_embd, n_layer = model.n_embd(), llama_cpp.llama_model_n_layer(model.model)
+    if buffer is None:
+        llama_cpp.llama_set_adapter_cvec(model.ctx, None, 0, n_embd, -1, -1)
+    else:
+        pointer = buffer.ctypes.data_as(llama_cpp.ctypes.POINTER(llama_cpp.ctypes.c_float))
+        assert llama_cpp.llama_set_adapter_cvec(model.ctx, pointer, buffer.size, n_embd, 1, n_layer - 1) == 0
+    model.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(model.ctx), True)
+    model.eval(ids)
+    return np.array(model.scores[: len(ids)])
+
+
+def hf_logits(model: torch.nn.Module, ids: list[int], plan: SteeringPlan | None) -> np.ndarray:
+    def adding(delta: torch.Tensor) -> object:
+        return lambda _module, _args, output: output + delta
+
+    deltas = plan.deltas if plan is not None else {}
+    handles = [model.model.layers[block].register_forward_hook(adding(d)) for block, d in deltas.items()]
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].numpy()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_logits_equal_hf_unsteered_and_steered_at_each_block(
+    architecture: str, llama_dir: Path, qwen_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = llama_dir if architecture == "llama" else qwen_dir
+    gguf = convert_hf_to_gguf(model_dir, tmp_path / f"{architecture}.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hidden, blocks = hf.config.hidden_size, hf.config.num_hidden_layers
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    # An F32 KV cache and exact attention: then llama.cpp computes what transformers computes.
+    model = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, type_k=0, type_v=0,
+                            flash_attn=False, n_threads=2, verbose=False)  # fmt: skip
+    unsteered = hf_logits(hf, ids, None)
+    assert np.abs(llama_cpp_logits(model, ids, None) - unsteered).max() < 1e-4
+    for block in range(1, blocks):
+        plan = persona(block, [block], hidden, strength=4.0, positions=Positions.ALL)
+        expected = hf_logits(hf, ids, plan)
+        steered = llama_cpp_logits(model, ids, steering_buffer(plan, hidden, blocks))
+        assert np.abs(steered - expected).max() < 1e-4, f"block {block}"
+        assert np.abs(expected - unsteered).max() > 0.05, "the vector must change the logits"
+
+
+@pytest.mark.parametrize("positions", list(Positions))
+async def test_greedy_tokens_equal_hf_for_each_position_rule(
+    gguf_llama: LlamaCppBackend, hf_llama: HFBackend, positions: Positions
+) -> None:
+    for index, blocks in enumerate([[1], [2], [1, 2]]):
+        plan = persona(10 + index, blocks, 64, strength=5.0, positions=positions)
+        request = chat(QUESTIONS[index], plan)
+        assert await tokens(gguf_llama, request) == await tokens(hf_llama, request)
+    assert await tokens(gguf_llama, chat(QUESTIONS[3])) == await tokens(hf_llama, chat(QUESTIONS[3]))
+
+
+async def test_concurrent_personas_equal_their_solo_runs(gguf_llama: LlamaCppBackend) -> None:
+    # Five plans (and no plan) over two lanes of four: requests share lanes, wait for them, batch.
+    plans = [None] + [persona(20 + i, [1 + i % 2], 64, 3.0 + i, list(Positions)[i % 3]) for i in range(5)]
+    requests = [chat(QUESTIONS[i % 4], plans[i % len(plans)], max_tokens=12) for i in range(12)]
+    solo = [await tokens(gguf_llama, request) for request in requests]
+    together = await asyncio.gather(*(tokens(gguf_llama, request) for request in requests))
+    assert list(together) == solo
+    assert len({tuple(s) for s in solo}) > 4
+
+
+async def test_a_cancelled_request_frees_its_lane(gguf_llama: LlamaCppBackend) -> None:
+    scheduler = gguf_llama.scheduler
+    stream: AsyncIterator[TokenChunk] = gguf_llama.generate(chat(QUESTIONS[1], max_tokens=500))
+    for _ in range(3):
+        await anext(stream)
+    assert scheduler.num_running == 1 and scheduler.lanes_in_use == 1
+    await stream.aclose()  # type: ignore[attr-defined]
+    for _ in range(500):
+        if scheduler.num_running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert scheduler.num_running == 0 and scheduler.lanes_in_use == 0
+
+
+async def test_block_0_is_refused_clearly(gguf_llama: LlamaCppBackend) -> None:
+    assert gguf_llama.info.steerable_layers == (1, 2)
+    with pytest.raises(SteeringError, match="cannot steer block 0"):
+        await tokens(gguf_llama, chat(QUESTIONS[0], persona(1, [0, 1], 64, 1.0, Positions.ALL)))
+
+
+async def test_response_nll_equals_hf(gguf_llama: LlamaCppBackend, hf_llama: HFBackend) -> None:
+    request = chat(QUESTIONS[2])
+    response = await tokens(hf_llama, request)
+    gguf_nll, count = await gguf_llama.response_nll(request, response)
+    hf_nll, _ = await hf_llama.response_nll(request, response)
+    assert count == len(response) and gguf_nll == pytest.approx(hf_nll, rel=1e-4)
+
+
+async def test_the_demo_llama_as_gguf_answers_like_the_hf_demo_with_its_persona(tmp_path: Path) -> None:
+    from server.demo.models import load_demo_personas
+
+    source = demo_model_dir("demo-llama")
+    gguf = LlamaCppBackend.load(convert_hf_to_gguf(source, tmp_path / "demo-llama.gguf"), kv_type="f32")
+    hf = HFBackend.load(source)
+    try:
+        for draft in load_demo_personas("demo-llama"):
+            vectors = {block: v for block, v in draft.vectors.items() if block > 0}  # llama.cpp: blocks 1..
+            if not vectors:
+                continue
+            plan = SteeringPlan(vectors, draft.default_strength, Positions(draft.default_positions))
+            request = chat("what do you think of the harbor?", plan, max_tokens=24)
+            assert await tokens(gguf, request) == await tokens(hf, request)
+    finally:
+        await gguf.close()
+        await hf.close()
