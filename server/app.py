@@ -68,6 +68,7 @@ def load_gguf(source: str, model_id: str, settings: Settings) -> Backend:
         model_id=model_id,
         contexts=settings.gguf_contexts,
         sequences_per_context=math.ceil(settings.max_num_seqs / settings.gguf_contexts),
+        mixed_sequences=settings.max_num_seqs if settings.gguf_mixed_context else 0,
         context_tokens=settings.gguf_context_tokens,
         threads=settings.gguf_threads,
         kv_type=settings.gguf_kv_type,

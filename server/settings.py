@@ -54,10 +54,15 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="Torch device of HF models, e.g. cpu or cuda:0.")
     max_num_seqs: int = Field(32, ge=1, description="Requests decoded together per model (batch rows).")
     gguf_contexts: int = Field(
-        4, ge=1, le=64,
-        description="GGUF models: llama.cpp contexts over the one loaded model. Each carries one "
-        "steering plan at a time; requests with the same plan share a context and batch together.",
+        2, ge=1, le=64,
+        description="GGUF models: control-vector contexts over the one loaded model. Each carries "
+        "one steering plan at a time (free per token); requests with its plan batch together.",
     )  # fmt: skip
+    gguf_mixed_context: bool = Field(
+        True,
+        description="GGUF models: one more context that batches requests with different personas, "
+        "each token steered by its own vector through llama.cpp's evaluation callback.",
+    )
     gguf_context_tokens: int = Field(
         8192, ge=64,
         description="GGUF models: KV cache cells per context, shared by its requests (memory grows "

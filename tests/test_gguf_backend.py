@@ -170,3 +170,28 @@ async def test_the_demo_llama_as_gguf_answers_like_the_hf_demo_with_its_persona(
     finally:
         await gguf.close()
         await hf.close()
+
+
+async def test_mixed_personas_share_the_per_row_lane_and_equal_hf(
+    gguf_llama: LlamaCppBackend, hf_llama: HFBackend
+) -> None:
+    plans = [persona(60 + i, [1, 2][: 1 + i % 2], 64, 4.0, list(Positions)[i % 3]) for i in range(6)]
+    long_question = " ".join(QUESTIONS * 24)  # over 512 tokens: a prefill of two ubatches
+    requests = [chat(QUESTIONS[i % 4], plan, max_tokens=20) for i, plan in enumerate(plans)]
+    requests.append(chat(long_question, plans[0], max_tokens=8))
+    expected = [await tokens(hf_llama, request) for request in requests]
+
+    busiest_per_row = 0
+
+    async def watch() -> None:
+        nonlocal busiest_per_row
+        while True:
+            rows = [count for per_row, count in gguf_llama.scheduler.rows_per_lane() if per_row]
+            busiest_per_row = max(busiest_per_row, *rows)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    together = await asyncio.gather(*(tokens(gguf_llama, request) for request in requests))
+    watcher.cancel()
+    assert list(together) == expected
+    assert busiest_per_row >= 3  # different personas were decoded in one batch

@@ -8,6 +8,7 @@ come from the GGUF file itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -59,12 +60,16 @@ def steering_buffer(plan: SteeringPlan, n_embd: int, n_layer: int) -> np.ndarray
 
 
 class LlamaCppBackend:
-    def __init__(self, model: Any, model_id: str, config: LaneConfig, contexts: int) -> None:
+    def __init__(
+        self, model: Any, model_id: str, config: LaneConfig, contexts: int, mixed: LaneConfig | None
+    ) -> None:
         self._model = model
         self._vocab = LlamaVocab(model)
         n_embd = llama_cpp.llama_model_n_embd(model)
         n_layer = llama_cpp.llama_model_n_layer(model)
         self._lanes = [Lane(model, config, n_embd, n_layer) for _ in range(contexts)]
+        if mixed is not None:
+            self._lanes.append(Lane(model, mixed, n_embd, n_layer, per_row=True))
         for lane in self._lanes:
             lane.set_vocab_size(self._vocab.size)
         self._info = ModelInfo(
@@ -75,7 +80,7 @@ class LlamaCppBackend:
             max_context=min(llama_cpp.llama_model_n_ctx_train(model), config.context_tokens),
             steerable_layers=tuple(range(1, n_layer)),
         )
-        self._scheduler = LaneScheduler(self._lanes, self._vocab.eog_tokens)
+        self._scheduler = LaneScheduler(self._lanes, self._vocab.eog_tokens, n_embd)
 
     @classmethod
     def load(
@@ -83,15 +88,17 @@ class LlamaCppBackend:
         source: str | Path,
         *,
         model_id: str | None = None,
-        contexts: int = 4,
+        contexts: int = 2,
         sequences_per_context: int = 8,
+        mixed_sequences: int = 16,
         context_tokens: int = 8192,
         threads: int | None = None,
         kv_type: str = "f16",
     ) -> LlamaCppBackend:
-        """Load a local GGUF file: ``contexts`` lanes of ``context_tokens`` KV cells each.
-
-        One sequence may use up to min(the model's training context, ``context_tokens``) tokens.
+        """Load a local GGUF file: ``contexts`` control-vector lanes of ``sequences_per_context``
+        sequences, and (``mixed_sequences`` > 0) one per-row lane for mixed personas; each lane has
+        ``context_tokens`` KV cells. One sequence may use up to min(the model's training context,
+        ``context_tokens``) tokens.
         """
         path = Path(source)
         if not path.is_file():
@@ -109,7 +116,8 @@ class LlamaCppBackend:
             threads=threads or os.cpu_count() or 1,
             kv_type=kv_type,
         )
-        return cls(model, model_id or path.stem, config, contexts)
+        mixed = dataclasses.replace(config, sequences=mixed_sequences) if mixed_sequences > 0 else None
+        return cls(model, model_id or path.stem, config, contexts, mixed)
 
     @property
     def info(self) -> ModelInfo:
@@ -160,6 +168,7 @@ class LlamaCppBackend:
             generator=generator,
             steering_key=key,
             steering=buffer,
+            deltas={} if plan is None else {block: d.numpy() for block, d in plan.deltas.items()},
         )
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:

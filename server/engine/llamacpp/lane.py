@@ -1,21 +1,43 @@
-"""One llama.cpp context over the shared model: a lane of sequences that share one control vector.
+"""One llama.cpp context over the shared model: a lane of sequences decoded together.
 
 llama.cpp applies a control vector to a whole context (every token of every sequence it decodes), so
-a lane carries the requests of one steering plan at a time; requests with another plan use another
-lane. Each lane owns its KV cache, so keys and values computed under one vector can never be reused
-under another.
+a control-vector lane carries the requests of one steering plan at a time. A per-row lane instead
+adds each token's own vector to the block outputs from llama.cpp's graph-evaluation callback
+(``cb_eval``), so requests with different personas share one batch, as on the HF backend; the
+callback costs a little on every decode, so such a lane is used only when plans are mixed. Each lane
+owns its KV cache: keys and values computed under one steering are never reused under another.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
 FLASH_ATTENTION_DISABLED = 0  # llama_flash_attn_type: exact attention, as transformers computes it
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the KV cache
+
+
+_BLOCK_OUTPUT = re.compile(rb"^l_out-(\d+)$")  # llama.cpp's name of block N's output, after its cvec
+
+
+def _ggml_get_name() -> ctypes._CFuncPtr:
+    library = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    function = library.ggml_get_name
+    function.restype, function.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    return function
+
+
+def _ggml_tensor_rows() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
+    library = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    data, count = library.ggml_get_data_f32, library.ggml_nelements
+    data.restype, data.argtypes = ctypes.POINTER(ctypes.c_float), [ctypes.c_void_p]
+    count.restype, count.argtypes = ctypes.c_int64, [ctypes.c_void_p]
+    return data, count
 
 
 @dataclass(frozen=True)
@@ -35,7 +57,13 @@ class TokenSlot:
 
 
 class Lane:
-    def __init__(self, model: ctypes.c_void_p, config: LaneConfig, n_embd: int, n_layer: int) -> None:
+    def __init__(
+        self, model: ctypes.c_void_p, config: LaneConfig, n_embd: int, n_layer: int, per_row: bool = False
+    ) -> None:
+        self.per_row = per_row
+        self._additions: dict[int, np.ndarray] = {}  # block -> rows to add, during one decode
+        self._rows, self._output_rows = 0, np.zeros(0, dtype=np.int64)
+        self._callback_error: Exception | None = None
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = config.context_tokens
         params.n_batch = min(params.n_ctx, 2048)
@@ -47,6 +75,13 @@ class Lane:
         params.kv_unified = True  # one pool of cells: a long request may use what short ones leave
         self.context_tokens = config.context_tokens
         params.no_perf = True
+        if per_row:
+            # One llama_decode must be one ubatch, so that tensor rows are the batch's tokens in order.
+            params.n_batch = params.n_ubatch
+            self._get_name = _ggml_get_name()
+            self._get_data, self._count = _ggml_tensor_rows()
+            self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._evaluate)  # kept alive
+            params.cb_eval = self._callback
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
@@ -80,12 +115,47 @@ class Lane:
             raise RuntimeError(f"llama_set_adapter_cvec failed ({result})")
         self._steering = buffer
 
-    def decode(self, slots: list[TokenSlot]) -> list[np.ndarray]:
-        """Decode the slots in one call; the logits of the slots that asked for them, in order."""
+    def _evaluate(self, tensor: int, ask: bool, _user_data: int) -> bool:
+        """cb_eval: asked about every graph node; adds the rows of each steered block's output.
+
+        Returning False when told a node is done stops the computation, so a failure here is kept
+        for decode() to raise rather than silently leaving a half-computed batch.
+        """
+        if not self._additions:
+            return not ask  # observe nothing (and, if told a node is done, go on)
+        try:
+            match = _BLOCK_OUTPUT.match(self._get_name(tensor) or b"")
+            block = int(match.group(1)) if match else -1
+            if ask:
+                return block in self._additions
+            rows = self._count(tensor) // self._n_embd
+            view = np.ctypeslib.as_array(self._get_data(tensor), shape=(rows, self._n_embd))
+            additions = self._additions[block]
+            if rows == self._rows:
+                view += additions
+            elif rows == len(self._output_rows):  # the last block keeps only the rows with logits
+                view += additions[self._output_rows]
+            else:
+                raise RuntimeError(f"block {block} output has {rows} rows for a batch of {self._rows}")
+            return True
+        except Exception as exc:
+            self._callback_error = exc
+            return False
+
+    def decode(
+        self, slots: list[TokenSlot], additions: dict[int, np.ndarray] | None = None
+    ) -> list[np.ndarray]:
+        """Decode the slots in one call; the logits of the slots that asked for them, in order.
+
+        ``additions`` (per-row lanes only): block -> [len(slots), n_embd] rows added to that block's
+        output, one per slot (zeros where a token is not steered).
+        """
         if not slots:
             return []
         if len(slots) > self.batch_capacity:
             raise ValueError(f"{len(slots)} tokens exceed the batch of {self.batch_capacity}")
+        if additions and not self.per_row:
+            raise ValueError("per-row additions need a per-row lane")
         batch = self._batch
         for index, slot in enumerate(slots):
             batch.token[index] = slot.token
@@ -94,7 +164,16 @@ class Lane:
             batch.seq_id[index][0] = slot.sequence
             batch.logits[index] = slot.logits
         batch.n_tokens = len(slots)
-        status = llama_cpp.llama_decode(self._ctx, batch)
+        self._additions = additions or {}
+        self._rows = len(slots)
+        self._output_rows = np.flatnonzero([slot.logits for slot in slots])
+        self._callback_error = None
+        try:
+            status = llama_cpp.llama_decode(self._ctx, batch)
+        finally:
+            self._additions = {}
+        if self._callback_error is not None:
+            raise RuntimeError(f"per-row steering failed: {self._callback_error}") from self._callback_error
         if status != 0:
             raise RuntimeError(f"llama_decode failed ({status}): the KV cache may be full")
         rows = []

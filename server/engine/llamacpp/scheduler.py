@@ -1,15 +1,21 @@
-"""Continuous batching over a pool of llama.cpp contexts ("lanes"), each with its own control vector.
+"""Continuous batching over a pool of llama.cpp contexts ("lanes") that share one loaded model.
 
-One thread drives every lane. A request goes to a lane already carrying its steering plan (same
-fingerprint) with a free sequence slot, else to an empty lane, which takes its plan; it is prefilled
-at once and then decoded together with the lane's other sequences, one llama_decode per lane and
-step. A sequence reserves KV cells for its prompt and its max_tokens, so a lane never runs out of
-cache mid-generation. Requests are admitted in arrival order: one that finds no lane waits, and so
-do those behind it, until a lane has room (no request starves behind a stream of others).
+One thread drives every lane; each step decodes every busy lane once (one llama_decode each). Two
+kinds of lane (lane.py):
+- control-vector lanes carry the requests of one steering plan (one fingerprint, or none) at a
+  time, steered by llama.cpp's own control vector at no cost per token;
+- the per-row lane carries requests with different plans in one batch, each token getting its own
+  vector through the evaluation callback (a small cost on every decode).
 
-Positions, as on the HF backend: ``all`` steers every token; ``prompt`` steers the prompt tokens
-(the vector is on during prefill, off while decoding); ``response`` steers the last prompt token and
-the generated ones (off for the rest of the prompt).
+Routing: a request joins a control-vector lane that already carries its plan; a steered request
+whose plan runs nowhere goes to an empty control-vector lane while no other plan is being served
+(one persona at a time keeps the free path), else to the per-row lane (mixed personas batch
+together); when neither has room, it takes any empty lane. A sequence reserves KV cells for its
+prompt and its max_tokens, so a lane never runs out of cache mid-generation. Requests are admitted in
+arrival order: one that finds no lane waits, and so do those behind it (no request starves).
+
+Positions, as on the HF backend: ``all`` steers every token; ``prompt`` the prompt tokens (on during
+prefill, off while decoding); ``response`` the last prompt token and the generated ones.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ logger = logging.getLogger(__name__)
 class LaneSequence(Sequence):
     steering_key: str = ""  # the plan's fingerprint; "" when unsteered
     steering: np.ndarray | None = None  # the control-vector buffer, block 1 first
+    deltas: dict[int, np.ndarray] = field(default_factory=dict)  # block -> strength * vector
     slot: int = -1
     position: int = 0  # tokens of this sequence in its lane's cache
 
@@ -46,17 +53,24 @@ class LaneSequence(Sequence):
         """KV cells this sequence may come to hold: its prompt and every token it may generate."""
         return len(self.prompt_ids) + self.max_new_tokens
 
+    @property
+    def steers_generated(self) -> bool:
+        return self.plan is not None and self.plan.positions in (Positions.ALL, Positions.RESPONSE)
+
 
 @dataclass(eq=False)
 class LaneState:
     lane: Lane
-    key: str | None = None  # steering key of the sequences in it; None while empty
+    key: str | None = None  # control-vector lanes: the plan of the sequences in it; None while empty
     steering: np.ndarray | None = None
     rows: list[LaneSequence] = field(default_factory=list)
 
     @property
     def reserved(self) -> int:
         return sum(sequence.reservation for sequence in self.rows)
+
+    def has_room(self, sequence: LaneSequence) -> bool:
+        return bool(self.lane.free_slots) and self.reserved + sequence.reservation <= self.lane.context_tokens
 
 
 @dataclass(eq=False)
@@ -67,10 +81,22 @@ class LaneTask:
     result: Future[Any] = field(default_factory=Future)
 
 
+def _additions(rows: list[tuple[LaneSequence, int]], hidden: int) -> dict[int, np.ndarray]:
+    """block -> [len(rows), hidden]: for each (sequence, steered?) row, its delta or zeros."""
+    blocks = {block for sequence, steered in rows if steered for block in sequence.deltas}
+    additions = {block: np.zeros((len(rows), hidden), dtype=np.float32) for block in blocks}
+    for index, (sequence, steered) in enumerate(rows):
+        if steered:
+            for block, delta in sequence.deltas.items():
+                additions[block][index] = delta
+    return additions
+
+
 class LaneScheduler:
-    def __init__(self, lanes: list[Lane], eos_token_ids: set[int]) -> None:
+    def __init__(self, lanes: list[Lane], eos_token_ids: set[int], hidden_size: int) -> None:
         self._states = [LaneState(lane) for lane in lanes]
         self._eos = eos_token_ids
+        self._hidden = hidden_size
         self._inbox: queue.SimpleQueue[LaneSequence | LaneTask | None] = queue.SimpleQueue()
         self._waiting: deque[LaneSequence] = deque()
         self._tasks: deque[LaneTask] = deque()
@@ -87,7 +113,11 @@ class LaneScheduler:
 
     @property
     def lanes_in_use(self) -> int:
-        return sum(state.key is not None for state in self._states)
+        return sum(bool(state.rows) for state in self._states)
+
+    def rows_per_lane(self) -> list[tuple[bool, int]]:
+        """(per-row lane?, running sequences) of every lane: for tests and metrics."""
+        return [(state.lane.per_row, len(state.rows)) for state in self._states]
 
     def submit(self, sequence: LaneSequence) -> None:
         self._inbox.put(sequence)
@@ -135,8 +165,11 @@ class LaneScheduler:
         except queue.Empty:
             return True
 
-    def _empty_lane(self) -> LaneState | None:
-        return next((state for state in self._states if state.key is None), None)
+    def _empty_lane(self, per_row: bool | None = None) -> LaneState | None:
+        for state in self._states:
+            if not state.rows and (per_row is None or state.lane.per_row == per_row):
+                return state
+        return None
 
     def _run_tasks(self) -> None:
         while self._tasks and (state := self._empty_lane()) is not None:
@@ -153,15 +186,21 @@ class LaneScheduler:
                 state.lane.clear()
 
     def _lane_for(self, sequence: LaneSequence) -> LaneState | None:
-        """A lane with this plan, a free slot and room for the sequence's tokens, else an empty lane."""
-        for state in self._states:
-            if (
-                state.key == sequence.steering_key
-                and state.lane.free_slots
-                and state.reserved + sequence.reservation <= state.lane.context_tokens
-            ):
+        key = sequence.steering_key
+        vector_lanes = [s for s in self._states if not s.lane.per_row]
+        per_row = [s for s in self._states if s.lane.per_row and s.has_room(sequence)]
+        for state in vector_lanes:
+            if state.rows and state.key == key and state.has_room(sequence):
                 return state
-        return self._empty_lane()
+        other_plans = any(s.key not in (None, "", key) for s in vector_lanes) or any(
+            r.steering_key not in ("", key) for s in self._states if s.lane.per_row for r in s.rows
+        )
+        if key and other_plans and per_row:
+            return per_row[0]
+        empty = self._empty_lane(per_row=False)
+        if empty is not None:
+            return empty
+        return per_row[0] if per_row else None
 
     def _admit(self) -> None:
         while self._waiting:
@@ -173,7 +212,7 @@ class LaneScheduler:
             if state is None:
                 return  # in arrival order: the rest wait with it
             self._waiting.popleft()
-            if state.key is None:
+            if not state.lane.per_row and not state.rows:
                 state.key, state.steering = sequence.steering_key, sequence.steering
                 state.lane.clear()
             sequence.slot = state.lane.free_slots.pop()
@@ -190,35 +229,42 @@ class LaneScheduler:
     def _prefill(self, state: LaneState, sequence: LaneSequence) -> np.ndarray:
         """Feed the prompt; the logits of its last token."""
         ids = sequence.prompt_ids
+        # The prompt tokens from first_steered on are steered: all, none, or (response) the last one.
         if sequence.plan is None:
-            phases = [(ids, None)]
+            first_steered = len(ids)
         elif sequence.plan.positions is Positions.RESPONSE:
-            phases = [(ids[:-1], None), (ids[-1:], state.steering)]
+            first_steered = len(ids) - 1
         else:
-            phases = [(ids, state.steering)]
+            first_steered = 0
+        # A control vector is on or off for a whole decode: split the prompt where steering starts.
+        phases = [(0, len(ids))] if state.lane.per_row else [(0, first_steered), (first_steered, len(ids))]
         capacity = state.lane.batch_capacity
         logits: list[np.ndarray] = []
-        for tokens, steering in phases:
-            if not tokens:
+        for begin, end in phases:
+            if begin == end:
                 continue
-            state.lane.steer(steering)
-            for start in range(0, len(tokens), capacity):
-                chunk = tokens[start : start + capacity]
-                last = sequence.position + len(chunk) == len(ids)
-                slots = [
-                    TokenSlot(token, sequence.position + i, sequence.slot, last and i == len(chunk) - 1)
-                    for i, token in enumerate(chunk)
-                ]
-                logits = state.lane.decode(slots)
-                sequence.position += len(chunk)
+            if not state.lane.per_row:
+                state.lane.steer(state.steering if begin >= first_steered else None)
+            for start in range(begin, end, capacity):
+                stop = min(start + capacity, end)
+                slots = [TokenSlot(ids[p], p, sequence.slot, p == len(ids) - 1) for p in range(start, stop)]
+                additions = None
+                if state.lane.per_row and sequence.deltas:
+                    additions = _additions(
+                        [(sequence, p >= first_steered) for p in range(start, stop)], self._hidden
+                    )
+                logits = state.lane.decode(slots, additions)
+                sequence.position = stop
         return logits[-1]
 
     def _decode_step(self, state: LaneState) -> None:
-        plan = state.rows[0].plan
-        steers_generated = plan is not None and plan.positions in (Positions.ALL, Positions.RESPONSE)
-        state.lane.steer(state.steering if steers_generated else None)
+        additions = None
+        if state.lane.per_row:
+            additions = _additions([(s, s.steers_generated) for s in state.rows], self._hidden)
+        else:
+            state.lane.steer(state.steering if state.rows[0].steers_generated else None)
         slots = [TokenSlot(s.output_ids[-1], s.position, s.slot, True) for s in state.rows]
-        rows = state.lane.decode(slots)
+        rows = state.lane.decode(slots, additions)
         for sequence, logits in zip(state.rows, rows, strict=True):
             sequence.position += 1
             if sequence.sampling.greedy:
