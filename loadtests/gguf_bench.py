@@ -8,7 +8,9 @@ run round-robin in a rotated order each round, so the machine's drift hits them 
 - persona-server, unsteered;
 - persona-server, steered with one persona for every request ("same persona");
 - persona-server, steered with a different persona per request ("8 personas");
-- llama_cpp.server, in the configuration PEERS.md gives (`--chat_format chatml --n_ctx 2048`).
+- llama_cpp.server, in the configuration PEERS.md gives (`--chat_format chatml --n_ctx 2048`), plus
+  `--interrupt_requests False`: by default a new request cuts off the stream being served, which
+  would count tokens never generated.
 
 Each request streams; TTFT is the time to the first content chunk, TPOT the mean time per later
 token. persona-server's completion tokens come from its own usage (`stream_options.include_usage`).
@@ -58,6 +60,8 @@ class LlamaCppServer:
         self._args = [
             sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--chat_format", "chatml",
             "--n_ctx", "2048", "--port", str(self.port), "--model_alias", MODEL,
+            # By default a new request cuts off the stream being served: every request must finish.
+            "--interrupt_requests", "False",
         ]  # fmt: skip
         self._log = log
         self._process: subprocess.Popen[bytes] | None = None
@@ -108,7 +112,7 @@ async def one_request(client: openai.AsyncOpenAI, condition: Condition, index: i
         extra["ignore_eos"] = True
         options["stream_options"] = {"include_usage": True}
     start = time.perf_counter()
-    first = last = None
+    first = last = finish = None
     chunks = usage = 0
     stream = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
@@ -121,6 +125,10 @@ async def one_request(client: openai.AsyncOpenAI, condition: Condition, index: i
             last = time.perf_counter()
             first = first or last
             chunks += 1
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    if finish != "length":
+        raise RuntimeError(f"{condition.name}: a request ended with {finish!r}, not after max_tokens")
     tokens = max_tokens if condition.peer else usage
     if first is not None and last is not None:
         condition.ttft.append(first - start)
@@ -212,7 +220,7 @@ async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | Non
             for round_index in range(rounds):
                 shift = round_index % len(conditions)
                 for condition in conditions[shift:] + conditions[:shift]:
-                    count = requests if condition.concurrency > 1 else max(4, requests // 4)
+                    count = requests if condition.concurrency > 1 else max(4, requests // 2)
                     await run_condition(condition, count, max_tokens)
     figures = print_table(conditions, rounds, requests, max_tokens)
     measured = ratios(conditions)

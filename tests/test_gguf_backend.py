@@ -195,3 +195,20 @@ async def test_mixed_personas_share_the_per_row_lane_and_equal_hf(
     watcher.cancel()
     assert list(together) == expected
     assert busiest_per_row >= 3  # different personas were decoded in one batch
+
+
+def test_the_convert_command_writes_a_loadable_gguf_and_refuses_other_architectures(
+    llama_dir: Path, tiny_model_dir: object, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    written = CliRunner().invoke(app, ["convert", str(llama_dir), str(tmp_path / "out.gguf")])
+    assert written.exit_code == 0 and "wrote" in written.output
+    backend = LlamaCppBackend.load(tmp_path / "out.gguf", contexts=1, mixed_sequences=0)
+    assert (backend.info.num_layers, backend.info.hidden_size, backend.info.backend) == (3, 64, "llamacpp")
+    asyncio.run(backend.close())
+    gpt2 = tiny_model_dir("gpt2")  # type: ignore[operator]
+    refused = CliRunner().invoke(app, ["convert", str(gpt2), str(tmp_path / "gpt2.gguf")])
+    assert refused.exit_code == 1 and "cannot convert model type 'gpt2'" in refused.output

@@ -8,8 +8,8 @@ kinds of lane (lane.py):
   vector through the evaluation callback (a small cost on every decode).
 
 Routing: a request joins a control-vector lane that already carries its plan; a steered request
-whose plan runs nowhere goes to an empty control-vector lane while no other plan is being served
-(one persona at a time keeps the free path), else to the per-row lane (mixed personas batch
+whose plan runs nowhere goes to an empty control-vector lane while no other plan is being served or
+waiting (one persona at a time keeps the free path), else to the per-row lane (mixed personas batch
 together); when neither has room, it takes any empty lane. A sequence reserves KV cells for its
 prompt and its max_tokens, so a lane never runs out of cache mid-generation. Requests are admitted in
 arrival order: one that finds no lane waits, and so do those behind it (no request starves).
@@ -192,9 +192,10 @@ class LaneScheduler:
         for state in vector_lanes:
             if state.rows and state.key == key and state.has_room(sequence):
                 return state
-        other_plans = any(s.key not in (None, "", key) for s in vector_lanes) or any(
-            r.steering_key not in ("", key) for s in self._states if s.lane.per_row for r in s.rows
-        )
+        # Another plan running, or waiting behind this request (a burst of mixed personas).
+        others = [s.key for s in vector_lanes] + [r.steering_key for s in self._states for r in s.rows]
+        others += [w.steering_key for w in self._waiting]
+        other_plans = any(other not in (None, "", key) for other in others)
         if key and other_plans and per_row:
             return per_row[0]
         empty = self._empty_lane(per_row=False)
