@@ -7,12 +7,14 @@ kinds of lane (lane.py):
 - the per-row lane carries requests with different plans in one batch, each token getting its own
   vector through the evaluation callback (a small cost on every decode).
 
-Routing: a request joins a control-vector lane that already carries its plan; a steered request
-whose plan runs nowhere goes to an empty control-vector lane while no other plan is being served or
-waiting (one persona at a time keeps the free path), else to the per-row lane (mixed personas batch
-together); when neither has room, it takes any empty lane. A sequence reserves KV cells for its
-prompt and its max_tokens, so a lane never runs out of cache mid-generation. Requests are admitted in
-arrival order: one that finds no lane waits, and so do those behind it (no request starves).
+Routing, to decode as few batches per step as possible: while the per-row lane runs anything, a
+new request joins it; else it joins a control-vector lane that carries its plan; else, if another
+plan is running or waiting, it goes to the per-row lane (mixed personas batch together); else it
+takes an empty control-vector lane (one plan at a time, or no steering, keeps the free path).
+
+A sequence reserves KV cells for its prompt and its max_tokens, so a lane never runs out of cache
+mid-generation. Requests are admitted in arrival order: one that finds no lane waits, and so do
+those behind it (no request starves).
 
 Positions, as on the HF backend: ``all`` steers every token; ``prompt`` the prompt tokens (on during
 prefill, off while decoding); ``response`` the last prompt token and the generated ones.
@@ -188,20 +190,17 @@ class LaneScheduler:
     def _lane_for(self, sequence: LaneSequence) -> LaneState | None:
         key = sequence.steering_key
         vector_lanes = [s for s in self._states if not s.lane.per_row]
-        per_row = [s for s in self._states if s.lane.per_row and s.has_room(sequence)]
+        mixed = next((s for s in self._states if s.lane.per_row and s.has_room(sequence)), None)
+        if mixed is not None and mixed.rows:
+            return mixed  # one batch for everything beats a batch per plan
         for state in vector_lanes:
             if state.rows and state.key == key and state.has_room(sequence):
                 return state
         # Another plan running, or waiting behind this request (a burst of mixed personas).
-        others = [s.key for s in vector_lanes] + [r.steering_key for s in self._states for r in s.rows]
-        others += [w.steering_key for w in self._waiting]
-        other_plans = any(other not in (None, "", key) for other in others)
-        if key and other_plans and per_row:
-            return per_row[0]
-        empty = self._empty_lane(per_row=False)
-        if empty is not None:
-            return empty
-        return per_row[0] if per_row else None
+        others = [s.key for s in vector_lanes if s.rows] + [w.steering_key for w in self._waiting]
+        if mixed is not None and any(other != key for other in others):
+            return mixed
+        return self._empty_lane(per_row=False) or mixed
 
     def _admit(self) -> None:
         while self._waiting:
