@@ -12,8 +12,11 @@ run round-robin in a rotated order each round, so the machine's drift hits them 
   `--interrupt_requests False`: by default a new request cuts off the stream being served, which
   would count tokens never generated.
 
-Each request streams; TTFT is the time to the first content chunk, TPOT the mean time per later
-token. persona-server's completion tokens come from its own usage (`stream_options.include_usage`).
+Each request streams; TTFT is the time to its first chunk (both servers send the first one, the
+role, with the first token: the text of a random-weight model is often broken UTF-8, held back until
+it completes, so the first non-empty text would measure the text, not the server), TPOT the mean
+time per later token up to the last chunk. persona-server's completion tokens come from its own
+usage (`stream_options.include_usage`).
 llama_cpp.server does not stream usage, and its non-streamed chat usage over-reports (43 completion
 tokens for max_tokens 32 on this model, while its completions endpoint reports 32); it is asked for
 `min_tokens = max_tokens`, a warm-up request checks that it then ends by length, and each of its
@@ -121,7 +124,7 @@ async def one_request(client: openai.AsyncOpenAI, condition: Condition, index: i
     async for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
-        if chunk.choices and chunk.choices[0].delta.content:
+        if chunk.choices:  # any delta: text of a random model may be held back as broken UTF-8
             last = time.perf_counter()
             first = first or last
             chunks += 1
