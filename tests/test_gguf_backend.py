@@ -19,6 +19,7 @@ from server.engine.llamacpp.backend import LlamaCppBackend, steering_buffer
 from server.engine.llamacpp.convert import convert_hf_to_gguf
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
+from tests.llama_cpp_reference import hf_logits, llama_cpp_logits
 
 QUESTIONS = ["where is the treasure", "tell me of the sea", "good morning captain", "a storm comes"]
 
@@ -53,33 +54,6 @@ def hf_llama(llama_dir: Path) -> Iterator[HFBackend]:
     asyncio.run(backend.close())
 
 
-def llama_cpp_logits(model: llama_cpp.Llama, ids: list[int], buffer: np.ndarray | None) -> np.ndarray:
-    n_embd, n_layer = model.n_embd(), llama_cpp.llama_model_n_layer(model.model)
-    if buffer is None:
-        llama_cpp.llama_set_adapter_cvec(model.ctx, None, 0, n_embd, -1, -1)
-    else:
-        pointer = buffer.ctypes.data_as(llama_cpp.ctypes.POINTER(llama_cpp.ctypes.c_float))
-        assert llama_cpp.llama_set_adapter_cvec(model.ctx, pointer, buffer.size, n_embd, 1, n_layer - 1) == 0
-    model.reset()
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(model.ctx), True)
-    model.eval(ids)
-    return np.array(model.scores[: len(ids)])
-
-
-def hf_logits(model: torch.nn.Module, ids: list[int], plan: SteeringPlan | None) -> np.ndarray:
-    def adding(delta: torch.Tensor) -> object:
-        return lambda _module, _args, output: output + delta
-
-    deltas = plan.deltas if plan is not None else {}
-    handles = [model.model.layers[block].register_forward_hook(adding(d)) for block, d in deltas.items()]
-    try:
-        with torch.no_grad():
-            return model(torch.tensor([ids])).logits[0].numpy()
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_logits_equal_hf_unsteered_and_steered_at_each_block(
     architecture: str, llama_dir: Path, qwen_dir: Path, tmp_path: Path
@@ -94,11 +68,11 @@ def test_logits_equal_hf_unsteered_and_steered_at_each_block(
     # An F32 KV cache and exact attention: then llama.cpp computes what transformers computes.
     model = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, type_k=0, type_v=0,
                             flash_attn=False, n_threads=2, verbose=False)  # fmt: skip
-    unsteered = hf_logits(hf, ids, None)
+    unsteered = hf_logits(hf, ids, {})
     assert np.abs(llama_cpp_logits(model, ids, None) - unsteered).max() < 1e-4
     for block in range(1, blocks):
         plan = persona(block, [block], hidden, strength=4.0, positions=Positions.ALL)
-        expected = hf_logits(hf, ids, plan)
+        expected = hf_logits(hf, ids, plan.deltas)
         steered = llama_cpp_logits(model, ids, steering_buffer(plan, hidden, blocks))
         assert np.abs(steered - expected).max() < 1e-4, f"block {block}"
         assert np.abs(expected - unsteered).max() > 0.05, "the vector must change the logits"

@@ -13,38 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.api_helpers import ADMIN_KEY, LLAMA, random_vector, upload
 from tests.llama_cpp_control_vectors import RefusedByLlamaCpp, load_control_vector
+from tests.llama_cpp_reference import hf_logits, llama_cpp_logits
 from tests.server_process import ServerProcess
 
 MESSAGES = [{"role": "user", "content": "where is the treasure, captain?"}]
-
-
-def llama_cpp_logits(model: llama_cpp.Llama, ids: list[int], buffer: np.ndarray | None) -> np.ndarray:
-    n_embd, n_layer = model.n_embd(), llama_cpp.llama_model_n_layer(model.model)
-    if buffer is None:
-        llama_cpp.llama_set_adapter_cvec(model.ctx, None, 0, n_embd, 0, 0)
-    else:
-        full = np.zeros(n_embd * n_layer, np.float32)  # llama.cpp wants every block from 1 up
-        full[: buffer.size] = buffer
-        pointer = full.ctypes.data_as(llama_cpp.ctypes.POINTER(llama_cpp.ctypes.c_float))
-        assert llama_cpp.llama_set_adapter_cvec(model.ctx, pointer, full.size, n_embd, 1, n_layer - 1) == 0
-    model.reset()
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(model.ctx), True)
-    model.eval(ids)
-    return np.array(model.scores[: len(ids)])
-
-
-def hf_logits(model: torch.nn.Module, ids: list[int], vectors: dict[int, np.ndarray]) -> np.ndarray:
-    def adding(vector: np.ndarray) -> object:
-        addition = torch.from_numpy(vector)
-        return lambda _module, _args, output: output + addition
-
-    handles = [model.model.layers[block].register_forward_hook(adding(v)) for block, v in vectors.items()]
-    try:
-        with torch.no_grad():
-            return model(torch.tensor([ids])).logits[0].numpy()
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,13 @@ tokens become ``TokenChunk``s through ``emit``, and ``stream`` hands them to the
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.base import FinishReason, SamplingParams, TokenChunk
+from server.engine.base import EngineError, FinishReason, SamplingParams, TokenChunk
 from server.engine.text_stream import TextStream
 from server.steering.plan import SteeringPlan
 
@@ -32,6 +33,29 @@ class Sequence:
     finished: bool = False
     # Set from the event loop's thread when the client goes away; read by the scheduler thread.
     cancelled: bool = False
+
+
+def new_token_budget(prompt_ids: list[int], sampling: SamplingParams, max_context: int) -> int:
+    """How many tokens the request may generate; EngineError when the prompt leaves no room."""
+    if not prompt_ids:
+        raise EngineError("the prompt is empty")
+    room = max_context - len(prompt_ids)
+    max_new_tokens = min(sampling.max_tokens, room) if sampling.clamp_to_context else sampling.max_tokens
+    if max_new_tokens < 1 or len(prompt_ids) + max_new_tokens > max_context:
+        raise EngineError(
+            f"this model's maximum context length is {max_context} tokens, but "
+            f"{len(prompt_ids) + sampling.max_tokens} were requested ({len(prompt_ids)} in the prompt, "
+            f"{sampling.max_tokens} for the completion)"
+        )
+    return max_new_tokens
+
+
+def sampling_generator(sampling: SamplingParams) -> torch.Generator | None:
+    """A seeded generator for sampled requests (the request's seed, else a random one); None for greedy."""
+    if sampling.greedy:
+        return None
+    seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+    return torch.Generator().manual_seed(seed)
 
 
 def emit(sequence: Sequence, token: int, eos_token_ids: set[int]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from server.engine.base import EngineError, GenerationRequest, ModelInfo, TokenChunk
 from server.engine.hf.runner import ModelRunner
 from server.engine.hf.scheduler import Scheduler
-from server.engine.sequence import Sequence, stream
+from server.engine.sequence import Sequence, new_token_budget, sampling_generator, stream
 from server.engine.text_stream import TextStream
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -109,22 +108,9 @@ class HFBackend:
     def _sequence(self, request: GenerationRequest, sink: Any) -> Sequence:
         prompt_ids = self.prompt_ids(request)
         sampling = request.sampling
-        if not prompt_ids:
-            raise EngineError("the prompt is empty")
-        room = self._info.max_context - len(prompt_ids)
-        max_new_tokens = min(sampling.max_tokens, room) if sampling.clamp_to_context else sampling.max_tokens
-        if max_new_tokens < 1 or len(prompt_ids) + max_new_tokens > self._info.max_context:
-            raise EngineError(
-                f"this model's maximum context length is {self._info.max_context} tokens, but "
-                f"{len(prompt_ids) + sampling.max_tokens} were requested ({len(prompt_ids)} in the prompt, "
-                f"{sampling.max_tokens} for the completion)"
-            )
+        max_new_tokens = new_token_budget(prompt_ids, sampling, self._info.max_context)
         if request.steering is not None:
             request.steering.validate_for(self._info.num_layers, self._info.hidden_size)
-        generator = None
-        if not sampling.greedy:
-            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)
         return Sequence(
             prompt_ids=prompt_ids,
             sampling=sampling,
@@ -132,7 +118,7 @@ class HFBackend:
             text=TextStream(self._tokenizer, sampling.stop),
             sink=sink,
             max_new_tokens=max_new_tokens,
-            generator=generator,
+            generator=sampling_generator(sampling),
         )
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import math
 import os
-import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from server.engine.base import EngineError, GenerationRequest, ModelInfo, TokenC
 from server.engine.llamacpp.lane import KV_TYPES, Lane, LaneConfig, TokenSlot
 from server.engine.llamacpp.scheduler import LaneScheduler, LaneSequence
 from server.engine.llamacpp.vocab import LlamaVocab
-from server.engine.sequence import Sink, stream
+from server.engine.sequence import Sink, new_token_budget, sampling_generator, stream
 from server.engine.text_stream import TextStream
 from server.steering.errors import SteeringError
 from server.steering.plan import SteeringPlan
@@ -137,27 +136,13 @@ class LlamaCppBackend:
     def _sequence(self, request: GenerationRequest, sink: Sink) -> LaneSequence:
         prompt_ids = self.prompt_ids(request)
         sampling = request.sampling
-        if not prompt_ids:
-            raise EngineError("the prompt is empty")
-        limit = self._info.max_context
-        room = limit - len(prompt_ids)
-        max_new_tokens = min(sampling.max_tokens, room) if sampling.clamp_to_context else sampling.max_tokens
-        if max_new_tokens < 1 or len(prompt_ids) + max_new_tokens > limit:
-            raise EngineError(
-                f"this model's maximum context length is {limit} tokens, but "
-                f"{len(prompt_ids) + sampling.max_tokens} were requested ({len(prompt_ids)} in the prompt, "
-                f"{sampling.max_tokens} for the completion)"
-            )
+        max_new_tokens = new_token_budget(prompt_ids, sampling, self._info.max_context)
         plan = None if request.steering is None or request.steering.is_noop else request.steering
         buffer, key = None, ""
         if plan is not None:
             plan.validate_for(self._info.num_layers, self._info.hidden_size)
             buffer = steering_buffer(plan, self._info.hidden_size, self._info.num_layers)
             key = plan.fingerprint()
-        generator = None
-        if not sampling.greedy:
-            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)
         return LaneSequence(
             prompt_ids=prompt_ids,
             sampling=sampling,
@@ -165,7 +150,7 @@ class LlamaCppBackend:
             text=TextStream(self._vocab, sampling.stop),
             sink=sink,
             max_new_tokens=max_new_tokens,
-            generator=generator,
+            generator=sampling_generator(sampling),
             steering_key=key,
             steering=buffer,
             deltas={} if plan is None else {block: d.numpy() for block, d in plan.deltas.items()},

@@ -1,0 +1,43 @@
+"""Logits of one prompt from llama.cpp (with a control-vector buffer) and from transformers (with hooks)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import llama_cpp
+import numpy as np
+import torch
+
+
+def llama_cpp_logits(model: llama_cpp.Llama, ids: list[int], buffer: np.ndarray | None) -> np.ndarray:
+    """Every position's logits under ``buffer`` (floats from block 1 up; shorter is zero-padded)."""
+    n_embd, n_layer = model.n_embd(), llama_cpp.llama_model_n_layer(model.model)
+    if buffer is None:
+        llama_cpp.llama_set_adapter_cvec(model.ctx, None, 0, n_embd, -1, -1)
+    else:
+        full = np.zeros(n_embd * n_layer, np.float32)  # llama.cpp wants every block from 1 up
+        full[: buffer.size] = buffer
+        pointer = full.ctypes.data_as(llama_cpp.ctypes.POINTER(llama_cpp.ctypes.c_float))
+        assert llama_cpp.llama_set_adapter_cvec(model.ctx, pointer, full.size, n_embd, 1, n_layer - 1) == 0
+    model.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(model.ctx), True)  # no prefix reuse
+    model.eval(ids)
+    return np.array(model.scores[: len(ids)])
+
+
+def hf_logits(model: torch.nn.Module, ids: list[int], additions: Mapping[int, object]) -> np.ndarray:
+    """Every position's logits with ``additions[block]`` added to that decoder block's output."""
+
+    def adding(delta: torch.Tensor) -> object:
+        return lambda _module, _args, output: output + delta
+
+    handles = [
+        model.model.layers[block].register_forward_hook(adding(torch.as_tensor(np.asarray(vector))))
+        for block, vector in additions.items()
+    ]
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].numpy()
+    finally:
+        for handle in handles:
+            handle.remove()
