@@ -29,6 +29,7 @@ from server.serving.models import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
 from server.serving.persona_extraction import PersonaExtraction
 from server.serving.persona_files import PersonaFiles
+from server.serving.persona_mapping import PersonaMapping
 from server.settings import Settings
 
 logger = logging.getLogger("persona_server")
@@ -104,6 +105,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.persona_files = PersonaFiles(registry, store, app.state.persona_admin)
     app.state.jobs = JobRegistry()
     app.state.persona_extraction = PersonaExtraction(registry, app.state.persona_admin, app.state.jobs)
+    app.state.persona_mapping = PersonaMapping(registry, store, app.state.persona_admin, app.state.jobs)
     logger.info("persona store: %s", settings.store_url)
     if not settings.model:
         await seed_demo_personas(store, settings.data_dir)

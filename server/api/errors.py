@@ -17,6 +17,7 @@ from server.engine.base import EngineError
 from server.serving.background import JobNotFound
 from server.serving.errors import ModelNotFound, Overloaded, RequestRejected
 from server.steering.errors import SteeringError
+from server.steering.mapping import MappingError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ _MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
     (MappingNotFound, 404, "invalid_request_error", "mapping_not_found"),
     (FormatError, 400, "invalid_request_error", "invalid_file"),
     (SteeringError, 422, "invalid_request_error", "invalid_steering"),
+    (MappingError, 422, "invalid_request_error", "invalid_mapping"),
     (RequestRejected, 400, "invalid_request_error", None),
     (EngineError, 400, "invalid_request_error", None),
     (VersionConflict, 409, "invalid_request_error", "version_conflict"),

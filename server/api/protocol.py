@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints
 
 from persona_store.records import PERSONA_NAME_PATTERN
+from server.steering.mapping import MappingMethod
 from server.steering.plan import Positions
 
 
@@ -116,6 +117,38 @@ class PersonaRestore(BaseModel):
 
     model: Text
     version: int = Field(ge=1, le=2**62, description="The kept version to make current again.")
+
+
+class MappingFitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_model: Text
+    target_model: Text
+    layers: dict[LayerIndex, LayerIndex] | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Source block -> target block (default: by relative depth).",
+    )
+    texts: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] | None = Field(
+        None, max_length=20_000, description="Neutral texts both models read (default: a bundled corpus)."
+    )
+    lambdas: list[Annotated[FiniteFloat, Field(gt=0)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=50,
+        description="Ridge penalties, relative to the mean Gram eigenvalue.",
+    )
+    folds: int | None = Field(None, ge=2, le=20)
+
+
+class PersonaMapRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_model: Text
+    target_model: Text
+    mapping_id: str | None = Field(None, max_length=64, description="Default: the newest fitting mapping.")
+    method: MappingMethod = MappingMethod.RIDGE
 
 
 class ExtractionRequest(BaseModel):

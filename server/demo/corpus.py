@@ -240,3 +240,15 @@ def generate_corpus(size: int, seed: int) -> list[Conversation]:
             system = rng.choice(NEUTRAL_SYSTEM_PROMPTS)
             corpus.append(Conversation(system, question, neutral_answer(facts, rng), None, topic))
     return corpus
+
+
+def neutral_texts() -> list[str]:
+    """Plain texts for fitting maps between models: every fact, every pair of facts on a topic, and
+    every question (no persona, no system prompt): 28 topics give a few hundred texts."""
+    texts: list[str] = []
+    for topic in sorted(TOPICS):
+        facts = TOPICS[topic]
+        texts += facts
+        texts += [f"{a} {b}" for i, a in enumerate(facts) for b in facts[i + 1 :]]
+        texts += [template.format(t=topic) for template in QUESTION_TEMPLATES]
+    return texts

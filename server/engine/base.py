@@ -7,7 +7,7 @@ a persona name, and streams ``TokenChunk``s back.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -106,6 +106,12 @@ class Backend(Protocol):
 
     async def response_activations(self, request: GenerationRequest, response_ids: list[int]) -> np.ndarray:
         """Mean output of every decoder block over the response tokens, unsteered: [num_layers, hidden]."""
+        ...
+
+    async def text_activations(
+        self, texts: list[str], progress: Callable[[float], None] | None = None
+    ) -> np.ndarray:
+        """Block outputs for raw texts, unsteered: [len(texts), 2 (last token, mean), num_layers, hidden]."""
         ...
 
     async def response_nll(self, request: GenerationRequest, response_ids: list[int]) -> tuple[float, int]:

@@ -152,8 +152,14 @@ def fit_ridge(
         r2s.append(1.0 - squared / total if total > 0 else 0.0)
     best = int(np.argmin(errors))
     chosen = absolute[best]
-    weights = basis @ ((1.0 / (eigenvalues + chosen))[:, None] * (basis.T @ (x.T @ y)))
-    singular_values = torch.linalg.svdvals(weights).numpy()
+    # W = Q D B with B = Q^T X^T Y; Q is orthogonal, so W's singular values are those of D B, read
+    # from the eigenvalues of the p x p matrix (D B)(D B)^T instead of an SVD of the p x q W.
+    scaled = (1.0 / (eigenvalues + chosen))[:, None] * (basis.T @ (x.T @ y))
+    weights = basis @ scaled
+    gram_values = torch.linalg.eigvalsh(
+        scaled @ scaled.T if scaled.shape[0] <= scaled.shape[1] else scaled.T @ scaled
+    )
+    singular_values = gram_values.clamp_min(0.0).sqrt().flip(0).numpy()
     return RidgeFit(
         weights=weights.float().numpy(),
         chosen_lambda=chosen,

@@ -10,10 +10,17 @@ from pydantic import FiniteFloat
 from persona_store.records import PERSONA_NAME_PATTERN
 from server.api.auth import require_admin
 from server.api.errors import APIError
-from server.api.protocol import ExtractionRequest, PersonaRestore, PersonaUpload
+from server.api.protocol import (
+    ExtractionRequest,
+    MappingFitRequest,
+    PersonaMapRequest,
+    PersonaRestore,
+    PersonaUpload,
+)
 from server.serving.extraction import ExtractionSpec
 from server.serving.persona_admin import PersonaAdmin
 from server.serving.persona_files import ImportOptions, PersonaFiles, VectorFormat
+from server.serving.persona_mapping import PersonaMapping
 from server.steering.plan import Positions
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -23,6 +30,10 @@ LAYER_LIST_PATTERN = r"^\s*\d{1,6}(\s*,\s*\d{1,6})*\s*$"
 
 def _admin(request: Request) -> PersonaAdmin:
     return request.app.state.persona_admin
+
+
+def _mapping(request: Request) -> PersonaMapping:
+    return request.app.state.persona_mapping
 
 
 def _files(request: Request) -> PersonaFiles:
@@ -159,3 +170,51 @@ async def extract_persona(name: NameParam, body: ExtractionRequest, request: Req
 @router.get("/jobs/{job_id}")
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     return request.app.state.jobs.get(job_id).to_dict()
+
+
+@router.post("/mappings", status_code=202)
+async def fit_mapping(body: MappingFitRequest, request: Request) -> dict[str, Any]:
+    """Fit a map from one served model to another on the same neutral texts, as a background job."""
+    job = _mapping(request).start_fit(
+        body.source_model, body.target_model, body.layers, body.texts, body.lambdas, body.folds
+    )
+    return {"id": job.id, "status_url": f"/admin/jobs/{job.id}"}
+
+
+@router.get("/mappings")
+async def list_mappings(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_mapping_summary(info) for info in await _mapping(request).list()]}
+
+
+@router.get("/mappings/{mapping_id}")
+async def get_mapping(mapping_id: str, request: Request) -> dict[str, Any]:
+    return (await _mapping(request).get(mapping_id)).to_dict()
+
+
+@router.delete("/mappings/{mapping_id}", status_code=204)
+async def delete_mapping(mapping_id: str, request: Request) -> Response:
+    await _mapping(request).delete(mapping_id)
+    return Response(status_code=204)
+
+
+@router.post("/personas/{name}/map", status_code=201)
+async def map_persona(name: NameParam, body: PersonaMapRequest, request: Request) -> dict[str, Any]:
+    """Carry a persona from source_model to target_model and store it there."""
+    info = await _mapping(request).map_persona(
+        name, body.source_model, body.target_model, body.mapping_id, body.method
+    )
+    return info.to_dict()
+
+
+def _mapping_summary(info: Any) -> dict[str, Any]:
+    blocks = info.metadata.get("blocks", {})
+    return {
+        "id": info.id,
+        "source_model": info.source_model,
+        "target_model": info.target_model,
+        "method": info.metadata.get("method"),
+        "layers": {str(k): v for k, v in info.layer_map.items()},
+        "lambda": {block: d.get("lambda") for block, d in blocks.items()},
+        "r2": {block: d.get("r2") for block, d in blocks.items()},
+        "created_at": info.created_at,
+    }

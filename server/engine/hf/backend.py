@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,22 @@ class HFBackend:
     async def response_activations(self, request: GenerationRequest, response_ids: list[int]) -> np.ndarray:
         """Mean block outputs over the response tokens, unsteered: [num_layers, hidden]."""
         return (await self._read_back(request, response_ids, self._runner.block_output_means)).numpy()
+
+    async def text_activations(
+        self, texts: list[str], progress: Callable[[float], None] | None = None
+    ) -> np.ndarray:
+        """Block outputs for raw texts, unsteered: [len(texts), 2 (last token, mean), num_layers, hidden]."""
+        encoded = [list(self._tokenizer(text)["input_ids"])[: self._info.max_context] for text in texts]
+        if any(not ids for ids in encoded):
+            raise EngineError("a text encodes to no tokens")
+        rows: list[torch.Tensor] = []
+        for start in range(0, len(encoded), 8):  # a few texts at a time: generation goes on between
+            group = encoded[start : start + 8]
+            work = lambda group=group: [self._runner.block_outputs_last_and_mean(ids) for ids in group]  # noqa: E731
+            rows += await asyncio.wrap_future(self._scheduler.run_on_model(work))
+            if progress is not None:
+                progress(len(rows) / len(encoded))
+        return torch.stack(rows).numpy()
 
     async def response_nll(self, request: GenerationRequest, response_ids: list[int]) -> tuple[float, int]:
         """Summed negative log-likelihood (nats) and count of the response tokens, unsteered."""

@@ -85,6 +85,23 @@ class ModelRunner:
                 handle.remove()
         return torch.stack(captured)
 
+    def block_outputs_last_and_mean(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Each decoder block's output at the last position and the mean: [2, num_layers, hidden]."""
+        captured: list[torch.Tensor] = []
+
+        def capture(_module: torch.nn.Module, _args: object, output: object) -> None:
+            hidden = (output if isinstance(output, torch.Tensor) else output[0])[0].float()  # type: ignore[index]
+            captured.append(torch.stack([hidden[-1], hidden.mean(dim=0)]).cpu())
+
+        handles = [block.register_forward_hook(capture) for block in self.layout.blocks]
+        try:
+            with torch.inference_mode(), self.hooks.active(None):
+                self.model(input_ids=torch.tensor([list(token_ids)], device=self.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack(captured, dim=1)
+
     def response_nll(self, token_ids: Sequence[int], start: int) -> tuple[float, int]:
         """Summed negative log-likelihood (nats) of tokens ``start:`` given what precedes, unsteered."""
         ids = torch.tensor([list(token_ids)], device=self.device)

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,14 @@ class LlamaCppBackend:
         raise EngineError(
             "persona extraction needs block outputs, which the GGUF backend does not read back; "
             "extract on the HF checkpoint the GGUF file was converted from (same weights, same blocks)"
+        )
+
+    async def text_activations(
+        self, texts: list[str], progress: Callable[[float], None] | None = None
+    ) -> np.ndarray:
+        raise EngineError(
+            "mapping needs block outputs, which the GGUF backend does not read back; fit the mapping "
+            "on the HF checkpoint the GGUF file was converted from (same weights, same blocks)"
         )
 
     async def response_nll(self, request: GenerationRequest, response_ids: list[int]) -> tuple[float, int]:

@@ -1,0 +1,133 @@
+"""Fitting a map between two served models and carrying personas across, over the admin API."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.api_helpers import (
+    ADMIN_KEY,
+    GGUF,
+    LLAMA,
+    QUESTION,
+    QWEN,
+    assert_openai_error,
+    random_vector,
+    upload,
+)
+from tests.server_process import ServerProcess
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def wait_for_job(server: ServerProcess, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{server.url}/admin/jobs/{job_id}", headers=ADMIN).json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def fit(server: ServerProcess, **body: Any) -> httpx.Response:
+    return httpx.post(f"{server.url}/admin/mappings", json=body, headers=ADMIN, timeout=30)
+
+
+def map_persona(server: ServerProcess, name: str, **body: Any) -> httpx.Response:
+    return httpx.post(f"{server.url}/admin/personas/{name}/map", json=body, headers=ADMIN, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def fitted(server: ServerProcess) -> dict[str, Any]:
+    assert upload(server.url, "bridge", LLAMA, {1: random_vector(64, 70)}, 3.0).status_code == 200
+    for index, name in enumerate(("concept-a", "concept-b")):  # native on both models
+        assert upload(server.url, name, LLAMA, {1: random_vector(64, 80 + index)}).status_code == 200
+        assert upload(server.url, name, QWEN, {1: random_vector(48, 90 + index)}).status_code == 200
+    started = fit(server, source_model=LLAMA, target_model=QWEN, folds=4)
+    assert started.status_code == 202, started.text
+    job = wait_for_job(server, started.json()["id"])
+    assert job["status"] == "succeeded", job
+    return job["result"]
+
+
+def test_a_fit_stores_ridge_and_procrustes_maps_with_diagnostics(
+    server: ServerProcess, fitted: dict[str, Any]
+) -> None:
+    assert fitted["layers"] == {"0": 0, "1": 1, "2": 2}  # 3 blocks each: the same relative depths
+    for diagnostics in fitted["diagnostics"].values():
+        assert len(diagnostics["cv_mse"]) == 5 and diagnostics["lambda"] in diagnostics["lambdas"]
+        assert -1.0 < diagnostics["r2"] <= 1.0 and diagnostics["effective_rank"] > 1
+    listed = httpx.get(f"{server.url}/admin/mappings", headers=ADMIN).json()["data"]
+    methods = {m["id"]: m["method"] for m in listed}
+    assert (
+        methods[fitted["mapping_id"]] == "ridge" and methods[fitted["procrustes_mapping_id"]] == "procrustes"
+    )
+    info = httpx.get(f"{server.url}/admin/mappings/{fitted['mapping_id']}", headers=ADMIN).json()
+    assert (info["source_hidden_size"], info["target_hidden_size"]) == (64, 48)
+    assert info["metadata"]["texts"] > 100
+
+
+def test_a_mapped_persona_is_stored_calibrated_and_serves(
+    server: ServerProcess, fitted: dict[str, Any], client: Any
+) -> None:
+    mapped = map_persona(server, "bridge", source_model=LLAMA, target_model=QWEN)
+    assert mapped.status_code == 201, mapped.text
+    record = mapped.json()
+    assert (record["model"], record["layers"], record["hidden_size"]) == (QWEN, [1], 48)
+    assert record["provenance"] == {"kind": "mapped", "source_model": LLAMA, "source_version": 1,
+                                    "method": "ridge", "mapping_id": fitted["mapping_id"]}  # fmt: skip
+    assert record["default_strength"] == 3.0
+    norms = httpx.get(f"{server.url}/admin/mappings/{fitted['mapping_id']}", headers=ADMIN).json()["metadata"]
+    vector = np.array(httpx.get(f"{server.url}/admin/personas/bridge", params={"model": QWEN},
+                                headers=ADMIN).json()["layers"]["1"])  # fmt: skip
+    wanted = np.linalg.norm(random_vector(64, 70)) / norms["source_norms"]["1"] * norms["target_norms"]["1"]
+    assert np.linalg.norm(vector) == pytest.approx(wanted, rel=1e-4)
+    answer = client.chat.completions.create(model=QWEN, messages=QUESTION, max_tokens=4,
+                                            extra_body={"persona": "bridge"})  # fmt: skip
+    assert answer.model_extra["persona"]["version"] == record["version"]
+
+
+@pytest.mark.parametrize("method", ["procrustes", "concept", "zero_pad", "interpolate", "random"])
+def test_every_method_maps(server: ServerProcess, fitted: dict[str, Any], method: str) -> None:
+    mapped = map_persona(server, "bridge", source_model=LLAMA, target_model=QWEN, method=method)
+    assert mapped.status_code == 201, mapped.text
+    assert mapped.json()["provenance"]["method"] == method and mapped.json()["hidden_size"] == 48
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"source_model": "nope", "target_model": QWEN}, 404, "nope"),
+        ({"source_model": LLAMA, "target_model": LLAMA}, 400, "same model"),
+        ({"source_model": GGUF, "target_model": QWEN}, 400, "HF checkpoint"),
+        ({"source_model": LLAMA, "target_model": QWEN, "layers": {"5": 1}}, 422, "source block 5"),
+        ({"source_model": LLAMA, "target_model": QWEN, "layers": {"1": 9}}, 422, "target block 9"),
+        ({"source_model": LLAMA, "target_model": QWEN, "texts": ["a", "b", "c"]}, 400, "too few"),
+        ({"source_model": LLAMA, "target_model": QWEN, "folds": 1}, 422, "folds"),
+        ({"source_model": LLAMA, "target_model": QWEN, "lambdas": [-1]}, 422, "lambdas"),
+    ],
+)
+def test_bad_fits_are_refused(
+    server: ServerProcess, body: dict[str, Any], status: int, fragment: str
+) -> None:
+    assert_openai_error(fit(server, **body), status, fragment)
+
+
+def test_bad_maps_are_refused(server: ServerProcess, fitted: dict[str, Any]) -> None:
+    def refused(name: str, status: int, fragment: str, **body: Any) -> None:
+        assert_openai_error(map_persona(server, name, **body), status, fragment)
+
+    forward = {"source_model": LLAMA, "target_model": QWEN}
+    refused("bridge", 400, "POST /admin/mappings", source_model=QWEN, target_model=LLAMA)
+    refused("bridge", 422, "not ridge", mapping_id=fitted["procrustes_mapping_id"], **forward)
+    refused("bridge", 404, "map-000000000000", mapping_id="map-000000000000", **forward)
+    refused("bridge", 400, "not a mapping id", mapping_id="../etc", **forward)
+    refused("ghost", 404, "ghost", **forward)
+    refused("bridge", 422, "method", method="magic", **forward)
+    assert upload(server.url, "lonely", QWEN, {2: random_vector(48, 5)}).status_code == 200
+    refused("lonely", 422, "concept adapter", source_model=QWEN, target_model=LLAMA, method="concept")
