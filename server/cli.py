@@ -186,20 +186,39 @@ def convert(
 @app.command("eval")
 def evaluate(
     samples: Annotated[int, typer.Option(help="Sampled answers per held-out question and strength.")] = 4,
+    transfer: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: the transfer table of every demo persona mapped between the demo models."
+        ),
+    ] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON.")] = None,
 ) -> None:
     """Print what the demo personas do at -s, 0, +s on held-out questions (trait score, perplexity)."""
     from server.demo.evaluate import evaluate_demo_model, format_table
     from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
+    from server.demo.transfer import format_transfer_table, transfer_table
     from server.engine.hf.backend import HFBackend
 
     async def run() -> None:
-        verdicts = []
-        for name in DEMO_MODEL_NAMES:
-            backend = HFBackend.load(demo_model_dir(name), model_id=name)
-            try:
-                verdicts += await evaluate_demo_model(backend, name, samples=samples)
-            finally:
+        backends = {name: HFBackend.load(demo_model_dir(name), model_id=name) for name in DEMO_MODEL_NAMES}
+        try:
+            if transfer:
+                rows = await transfer_table(
+                    backends, samples=samples, progress=lambda s: typer.echo(s, err=True)
+                )
+                typer.echo(format_transfer_table(rows))
+                if json_out is not None:
+                    records = [{"source": r.source, "target": r.target, "condition": r.condition,
+                                "transfer": r.transfer, **r.row.to_dict()} for r in rows]  # fmt: skip
+                    json_out.write_text(json.dumps(records, indent=2))
+                return
+            verdicts = []
+            for name in DEMO_MODEL_NAMES:
+                verdicts += await evaluate_demo_model(backends[name], name, samples=samples)
+            typer.echo(format_table(verdicts))
+        finally:
+            for backend in backends.values():
                 await backend.close()
-        typer.echo(format_table(verdicts))
 
     asyncio.run(run())

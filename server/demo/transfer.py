@@ -1,0 +1,151 @@
+"""The transfer table: how much of a persona's trait shift survives being mapped to the other demo model.
+
+For each direction (demo-llama -> demo-qwen and back) a ridge and a Procrustes map are fitted per
+block on the bundled neutral texts (last-token block outputs), and every demo persona of the source
+is carried to the target by each method; the concept adapter learns from the two OTHER personas,
+which exist natively on both models. On the target's held-out questions, each condition is scored
+at the source persona's default strength and positions (the mapped vectors are calibrated, so the
+strength keeps its meaning): trait score, perplexity under the unsteered target, collapse rate.
+"Transfer" is the condition's trait shift over the native persona's shift on the target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from persona_store.records import PersonaDraft
+from server.demo.corpus import held_out_questions, neutral_texts
+from server.demo.models import DEMO_MODEL_NAMES, load_demo_personas
+from server.demo.traits import trait_rate
+from server.engine.base import Backend
+from server.serving.steering_eval import StrengthRow, evaluate_strengths
+from server.steering.mapping import (
+    MappingMethod,
+    calibrate,
+    concept_adapter,
+    fit_ridge,
+    interpolate,
+    procrustes,
+    random_orthogonal,
+    zero_pad_or_truncate,
+)
+from server.steering.plan import Positions
+
+CONDITIONS = ("none", "native", *(method.value for method in MappingMethod))
+
+
+@dataclass(frozen=True)
+class TransferRow:
+    source: str
+    target: str
+    persona: str
+    condition: str
+    row: StrengthRow
+    transfer: float  # trait shift over the native shift (1.0 for native, 0.0 for none)
+
+
+def _mean_vector(persona: PersonaDraft) -> np.ndarray:
+    return np.mean(list(persona.vectors.values()), axis=0)
+
+
+def _mapped_vectors(
+    method: MappingMethod,
+    persona: PersonaDraft,
+    others: list[tuple[PersonaDraft, PersonaDraft]],
+    xs: np.ndarray,
+    ys: np.ndarray,
+    ridge: dict[int, np.ndarray],
+    orthogonal: dict[int, np.ndarray],
+) -> dict[int, np.ndarray]:
+    """Block b of the source maps to block b of the target (both demo models have 4 blocks)."""
+    out = {}
+    width = ys.shape[-1]
+    for block, vector in persona.vectors.items():
+        if method is MappingMethod.RIDGE:
+            mapped = vector @ ridge[block]
+        elif method is MappingMethod.PROCRUSTES:
+            mapped = vector @ orthogonal[block]
+        elif method is MappingMethod.CONCEPT:
+            pairs = [
+                (a.vectors[block], b.vectors[block])
+                for a, b in others
+                if block in a.vectors and block in b.vectors
+            ]
+            if not pairs:
+                pairs = [(_mean_vector(a), _mean_vector(b)) for a, b in others]
+            mapped = vector @ concept_adapter(
+                np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+            )
+        elif method is MappingMethod.ZERO_PAD:
+            mapped = zero_pad_or_truncate(vector, width)
+        elif method is MappingMethod.INTERPOLATE:
+            mapped = interpolate(vector, width)
+        else:
+            mapped = vector @ random_orthogonal(vector.shape[0], width, seed=block)
+        source_norm = float(np.linalg.norm(xs[:, 0, block], axis=1).mean())
+        target_norm = float(np.linalg.norm(ys[:, 0, block], axis=1).mean())
+        out[block] = calibrate(np.asarray(mapped, np.float32), vector, source_norm, target_norm)
+    return out
+
+
+async def transfer_table(
+    backends: dict[str, Backend], samples: int = 2, progress: Callable[[str], None] | None = None
+) -> list[TransferRow]:
+    texts = neutral_texts()
+    activations = {name: await backends[name].text_activations(texts) for name in DEMO_MODEL_NAMES}
+    personas = {name: {p.name: p for p in load_demo_personas(name)} for name in DEMO_MODEL_NAMES}
+    questions = held_out_questions()
+    rows: list[TransferRow] = []
+    for source, target in (DEMO_MODEL_NAMES, DEMO_MODEL_NAMES[::-1]):
+        xs, ys = activations[source], activations[target]
+        blocks = range(xs.shape[2])
+        ridge = {b: fit_ridge(xs[:, 0, b], ys[:, 0, b]).weights for b in blocks}
+        orthogonal = {b: procrustes(xs[:, 0, b], ys[:, 0, b]) for b in blocks}
+        for name, persona in personas[source].items():
+            native = personas[target][name]
+            others = [(personas[source][o], personas[target][o]) for o in personas[source] if o != name]
+            candidates: dict[str, tuple[dict[int, np.ndarray], float, Positions]] = {
+                "native": (native.vectors, native.default_strength, Positions(native.default_positions)),
+            }
+            for method in MappingMethod:
+                vectors = _mapped_vectors(method, persona, others, xs, ys, ridge, orthogonal)
+                candidates[method.value] = (
+                    vectors,
+                    persona.default_strength,
+                    Positions(persona.default_positions),
+                )
+            score = lambda answers, trait=name: trait_rate(answers, trait)  # noqa: E731
+            unsteered = await evaluate_strengths(
+                backends[target], name, native.vectors, [0.0], questions, score, samples=samples, seed=11
+            )
+            baseline = unsteered[0]
+            measured = {"none": baseline}
+            for condition, (vectors, strength, positions) in candidates.items():
+                if progress is not None:
+                    progress(f"{source} -> {target}: {name}, {condition}")
+                measured[condition] = (await evaluate_strengths(
+                    backends[target], name, vectors, [strength], questions, score, samples=samples, seed=11,
+                    positions=positions,
+                ))[0]  # fmt: skip
+            native_shift = measured["native"].trait_score - baseline.trait_score
+            for condition in CONDITIONS:
+                shift = measured[condition].trait_score - baseline.trait_score
+                ratio = shift / native_shift if native_shift > 0 else float("nan")
+                rows.append(TransferRow(source, target, name, condition, measured[condition], ratio))
+    return rows
+
+
+def format_transfer_table(rows: list[TransferRow]) -> str:
+    lines = [
+        "| source -> target | persona | condition | trait score | transfer | perplexity | collapse |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.source} -> {r.target} | {r.persona} | {r.condition} | {r.row.trait_score:.3f} | "
+            f"{r.transfer:.2f} | {r.row.perplexity:.2f} | {r.row.collapse_rate:.3f} |"
+        )
+    return "\n".join(lines)
