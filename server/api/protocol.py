@@ -140,6 +140,9 @@ class MappingFitRequest(BaseModel):
         description="Ridge penalties, relative to the mean Gram eigenvalue.",
     )
     folds: int | None = Field(None, ge=2, le=20)
+    reduce: Literal["mean", "last"] = Field(
+        "mean", description="Each text's block output: its mean over tokens, or its last token."
+    )
 
 
 class PersonaMapRequest(BaseModel):

@@ -4,9 +4,11 @@ For each direction (demo-llama -> demo-qwen and back) a ridge and a Procrustes m
 block on the bundled neutral texts (last-token block outputs), and every demo persona of the source
 is carried to the target by each method; the concept adapter learns from the two OTHER personas,
 which exist natively on both models. On the target's held-out questions, each condition is scored
-at the source persona's default strength and positions (the mapped vectors are calibrated, so the
-strength keeps its meaning): trait score, perplexity under the unsteered target, collapse rate.
-"Transfer" is the condition's trait shift over the native persona's shift on the target.
+with the source persona's positions at 1, 2 and 4 times its default strength (the mapped vectors
+are calibrated, so the strength keeps about its meaning), and the strongest trait score among the
+coherent settings (perplexity under the unsteered target within 2x, no more collapse) is kept; the
+native persona runs at its own default strength. "Transfer" is the condition's trait shift over the
+native persona's shift on the target.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ from server.steering.mapping import (
 from server.steering.plan import Positions
 
 CONDITIONS = ("none", "native", *(method.value for method in MappingMethod))
+SWEEP = (1.0, 2.0, 4.0)  # multiples of the source persona's default strength tried for a mapped vector
+
+
+def _fluent(row: StrengthRow, baseline: StrengthRow) -> bool:
+    """The demo's coherence bar: perplexity under the unsteered model within 2x, no more collapse."""
+    return row.perplexity <= 2 * baseline.perplexity and row.collapse_rate <= baseline.collapse_rate + 0.05
 
 
 @dataclass(frozen=True)
@@ -102,8 +110,8 @@ async def transfer_table(
     for source, target in (DEMO_MODEL_NAMES, DEMO_MODEL_NAMES[::-1]):
         xs, ys = activations[source], activations[target]
         blocks = range(xs.shape[2])
-        ridge = {b: fit_ridge(xs[:, 0, b], ys[:, 0, b]).weights for b in blocks}
-        orthogonal = {b: procrustes(xs[:, 0, b], ys[:, 0, b]) for b in blocks}
+        ridge = {b: fit_ridge(xs[:, 1, b], ys[:, 1, b]).weights for b in blocks}  # mean over tokens
+        orthogonal = {b: procrustes(xs[:, 1, b], ys[:, 1, b]) for b in blocks}
         for name, persona in personas[source].items():
             native = personas[target][name]
             others = [(personas[source][o], personas[target][o]) for o in personas[source] if o != name]
@@ -126,10 +134,13 @@ async def transfer_table(
             for condition, (vectors, strength, positions) in candidates.items():
                 if progress is not None:
                     progress(f"{source} -> {target}: {name}, {condition}")
-                measured[condition] = (await evaluate_strengths(
-                    backends[target], name, vectors, [strength], questions, score, samples=samples, seed=11,
+                sweep = [strength] if condition == "native" else [f * strength for f in SWEEP]
+                tried = await evaluate_strengths(
+                    backends[target], name, vectors, sweep, questions, score, samples=samples, seed=11,
                     positions=positions,
-                ))[0]  # fmt: skip
+                )  # fmt: skip
+                fluent = [row for row in tried if _fluent(row, baseline)] or tried[:1]
+                measured[condition] = max(fluent, key=lambda row: row.trait_score)
             native_shift = measured["native"].trait_score - baseline.trait_score
             for condition in CONDITIONS:
                 shift = measured[condition].trait_score - baseline.trait_score
@@ -140,12 +151,14 @@ async def transfer_table(
 
 def format_transfer_table(rows: list[TransferRow]) -> str:
     lines = [
-        "| source -> target | persona | condition | trait score | transfer | perplexity | collapse |",
-        "|---|---|---|---|---|---|---|",
+        "| source -> target | persona | condition | strength | trait score | transfer | perplexity "
+        "| collapse |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.source} -> {r.target} | {r.persona} | {r.condition} | {r.row.trait_score:.3f} | "
-            f"{r.transfer:.2f} | {r.row.perplexity:.2f} | {r.row.collapse_rate:.3f} |"
+            f"| {r.source} -> {r.target} | {r.persona} | {r.condition} | {r.row.strength:g} | "
+            f"{r.row.trait_score:.3f} | {r.transfer:.2f} | {r.row.perplexity:.2f} | "
+            f"{r.row.collapse_rate:.3f} |"
         )
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from server.steering.mapping import (
     zero_pad_or_truncate,
 )
 
+REDUCTIONS = {"last": 0, "mean": 1}  # index into text_activations' second axis
 MIN_TEXTS = 16
 MAX_TEXTS = 20_000
 MAX_DEFAULT_BLOCKS = 8  # a default map covers at most this many source blocks (58 MB each at 7B size)
@@ -81,6 +82,7 @@ class PersonaMapping:
         texts: list[str] | None,
         lambdas: list[float] | None,
         folds: int | None,
+        reduce: str = "mean",
     ) -> Job:
         """Check everything that can be checked now (errors answer 4xx), then fit in the background."""
         source, target = self._hf_pair(source_model, target_model)
@@ -112,7 +114,9 @@ class PersonaMapping:
         async def work(progress: Callable[[float], None]) -> dict[str, Any]:
             xs = await source.text_activations(corpus, lambda f: progress(0.4 * f))
             ys = await target.text_activations(corpus, lambda f: progress(0.4 + 0.4 * f))
-            return await self._fit_and_store(source_model, target_model, layer_map, xs, ys, lambdas, folds)
+            return await self._fit_and_store(
+                source_model, target_model, layer_map, xs, ys, lambdas, folds, reduce
+            )
 
         return self._jobs.submit("mapping", work)
 
@@ -125,11 +129,16 @@ class PersonaMapping:
         ys: np.ndarray,
         lambdas: list[float] | None,
         folds: int,
+        reduce: str,
     ) -> dict[str, Any]:
+        # Fit on each text's mean block output (persona vectors are means over answer tokens) or its
+        # last token; calibrate with last-token norms, the typical norm of one position's residual.
+        position = REDUCTIONS[reduce]
+
         def fit_all() -> tuple[dict[int, Any], dict[int, np.ndarray]]:
             ridge, orthogonal = {}, {}
             for source_block, target_block in layer_map.items():
-                x, y = xs[:, 0, source_block], ys[:, 0, target_block]  # last-token block outputs
+                x, y = xs[:, position, source_block], ys[:, position, target_block]
                 ridge[source_block] = fit_ridge(x, y, lambdas=lambdas, folds=folds)
                 orthogonal[source_block] = procrustes(x, y)
             return ridge, orthogonal
@@ -144,6 +153,7 @@ class PersonaMapping:
                 str(b): float(np.linalg.norm(ys[:, 0, b], axis=1).mean()) for b in layer_map.values()
             },
             "texts": int(xs.shape[0]),
+            "reduce": reduce,
         }
         diagnostics = {str(block): fit.diagnostics() for block, fit in ridge.items()}
         ridge_info = await self._store.put_mapping(

@@ -176,7 +176,7 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
 async def fit_mapping(body: MappingFitRequest, request: Request) -> dict[str, Any]:
     """Fit a map from one served model to another on the same neutral texts, as a background job."""
     job = _mapping(request).start_fit(
-        body.source_model, body.target_model, body.layers, body.texts, body.lambdas, body.folds
+        body.source_model, body.target_model, body.layers, body.texts, body.lambdas, body.folds, body.reduce
     )
     return {"id": job.id, "status_url": f"/admin/jobs/{job.id}"}
 
