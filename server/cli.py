@@ -9,10 +9,12 @@ from typing import Annotated
 
 import typer
 
+from server.cli_mappings import app as mappings_app
 from server.cli_personas import app as personas_app
 
 app = typer.Typer(help="persona-server: an OpenAI-compatible server that steers models with persona vectors.")
 app.add_typer(personas_app, name="personas")
+app.add_typer(mappings_app, name="map")
 
 
 @app.callback()

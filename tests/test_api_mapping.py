@@ -131,3 +131,26 @@ def test_bad_maps_are_refused(server: ServerProcess, fitted: dict[str, Any]) -> 
     refused("bridge", 422, "method", method="magic", **forward)
     assert upload(server.url, "lonely", QWEN, {2: random_vector(48, 5)}).status_code == 200
     refused("lonely", 422, "concept adapter", source_model=QWEN, target_model=LLAMA, method="concept")
+
+
+def test_the_map_commands_fit_list_and_map(server: ServerProcess) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    env = {"PERSONA_SERVER_ADMIN_KEY": ADMIN_KEY}
+    assert upload(server.url, "cli-bridge", QWEN, {1: random_vector(48, 71)}).status_code == 200
+    fitted = CliRunner().invoke(app, ["map", "fit", "--source", QWEN, "--target", LLAMA, "--layers", "1:1",
+                                      "--folds", "3", "--url", server.url], env=env)  # fmt: skip
+    assert fitted.exit_code == 0, fitted.output
+    assert fitted.output.startswith("ridge mapping map-") and "block 1 -> 1: lambda" in fitted.output
+    listed = CliRunner().invoke(app, ["map", "list", "--url", server.url], env=env)
+    assert f"ridge\t{QWEN} -> {LLAMA}" in listed.output
+    mapped = CliRunner().invoke(app, ["map", "persona", "cli-bridge", "--source", QWEN, "--target", LLAMA,
+                                      "--url", server.url], env=env)  # fmt: skip
+    assert (
+        mapped.exit_code == 0 and mapped.output == f"stored cli-bridge for {LLAMA}: version 1, blocks [1]\n"
+    )
+    refused = CliRunner().invoke(app, ["map", "fit", "--source", QWEN, "--target", QWEN, "--url", server.url],
+                                 env=env)  # fmt: skip
+    assert refused.exit_code == 1 and "same model" in refused.output

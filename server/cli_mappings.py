@@ -1,0 +1,84 @@
+"""`persona-server map ...`: fit maps between served models and carry personas across, over the admin API."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from server.cli_personas import DEFAULT_URL, AdminKey, ServerUrl, _fail, _send
+
+app = typer.Typer(help="Fit linear maps between served models and map personas with them.")
+
+
+def _layer_map(text: str) -> dict[str, int]:
+    try:
+        pairs = [part.split(":") for part in text.split(",")]
+        return {str(int(source)): int(target) for source, target in pairs}
+    except ValueError:
+        raise typer.BadParameter("give source:target block pairs, e.g. 12:14,16:19") from None
+
+
+@app.command("fit")
+def fit(
+    source: Annotated[str, typer.Option(help="Served model the personas come from.")],
+    target: Annotated[str, typer.Option(help="Served model they go to.")],
+    layers: Annotated[str | None, typer.Option(help="source:target block pairs (default: by depth).")] = None,
+    texts_file: Annotated[Path | None, typer.Option(help="Texts, one per line (default: bundled).")] = None,
+    folds: Annotated[int | None, typer.Option(help="Cross-validation folds (default 5).")] = None,
+    reduce: Annotated[str, typer.Option(help="mean | last: each text's block output.")] = "mean",
+    url: ServerUrl = DEFAULT_URL,
+    admin_key: AdminKey = None,
+) -> None:
+    """Fit ridge and Procrustes maps from SOURCE to TARGET, wait for the job, print the diagnostics."""
+    body: dict[str, Any] = {"source_model": source, "target_model": target, "reduce": reduce}
+    if layers is not None:
+        body["layers"] = _layer_map(layers)
+    if texts_file is not None:
+        body["texts"] = [line.strip() for line in texts_file.read_text().splitlines() if line.strip()]
+    if folds is not None:
+        body["folds"] = folds
+    job = _send(url, admin_key, "POST", "/admin/mappings", json=body).json()
+    while True:
+        state = _send(url, admin_key, "GET", job["status_url"]).json()
+        if state["status"] == "failed":
+            _fail(f"the fit failed: {state['error']}")
+        if state["status"] == "succeeded":
+            break
+        time.sleep(0.5)
+    result = state["result"]
+    typer.echo(f"ridge mapping {result['mapping_id']}, procrustes mapping {result['procrustes_mapping_id']}")
+    for block, diagnostics in result["diagnostics"].items():
+        typer.echo(
+            f"block {block} -> {result['layers'][block]}: lambda {diagnostics['lambda']:.4g}, "
+            f"held-out R^2 {diagnostics['r2']:.3f}, effective rank {diagnostics['effective_rank']:.1f}"
+        )
+
+
+@app.command("list")
+def list_mappings(url: ServerUrl = DEFAULT_URL, admin_key: AdminKey = None) -> None:
+    """List stored mappings."""
+    for info in _send(url, admin_key, "GET", "/admin/mappings").json()["data"]:
+        typer.echo(f"{info['id']}\t{info['method']}\t{info['source_model']} -> {info['target_model']}")
+
+
+@app.command("persona")
+def map_persona(
+    name: Annotated[str, typer.Argument(help="Persona to carry across.")],
+    source: Annotated[str, typer.Option(help="Served model it exists on.")],
+    target: Annotated[str, typer.Option(help="Served model to store it for.")],
+    method: Annotated[
+        str, typer.Option(help="ridge | procrustes | concept | zero_pad | interpolate | random")
+    ] = "ridge",
+    mapping_id: Annotated[str | None, typer.Option(help="Default: the newest fitting mapping.")] = None,
+    url: ServerUrl = DEFAULT_URL,
+    admin_key: AdminKey = None,
+) -> None:
+    """Map NAME from SOURCE to TARGET and store it there."""
+    body = {"source_model": source, "target_model": target, "method": method, "mapping_id": mapping_id}
+    info = _send(url, admin_key, "POST", f"/admin/personas/{name}/map", json=body).json()
+    typer.echo(
+        f"stored {info['name']} for {info['model']}: version {info['version']}, blocks {info['layers']}"
+    )
