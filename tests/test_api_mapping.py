@@ -69,6 +69,11 @@ def test_a_fit_stores_ridge_and_procrustes_maps_with_diagnostics(
     )
     info = httpx.get(f"{server.url}/admin/mappings/{fitted['mapping_id']}", headers=ADMIN).json()
     assert (info["source_hidden_size"], info["target_hidden_size"]) == (64, 48)
+    picture = httpx.get(f"{server.url}/admin/mappings/{fitted['mapping_id']}/diagnostics.png", headers=ADMIN)
+    assert picture.headers["content-type"] == "image/png" and picture.content.startswith(b"\x89PNG")
+    no_cv = httpx.get(f"{server.url}/admin/mappings/{fitted['procrustes_mapping_id']}/diagnostics.png",
+                      headers=ADMIN)  # fmt: skip
+    assert_openai_error(no_cv, 404, "procrustes")
     assert info["metadata"]["texts"] > 100
 
 

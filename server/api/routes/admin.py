@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Request, Response, UploadFile
@@ -18,6 +19,7 @@ from server.api.protocol import (
     PersonaUpload,
 )
 from server.serving.extraction import ExtractionSpec
+from server.serving.mapping_plots import diagnostics_png
 from server.serving.persona_admin import PersonaAdmin
 from server.serving.persona_files import ImportOptions, PersonaFiles, VectorFormat
 from server.serving.persona_mapping import PersonaMapping
@@ -189,6 +191,18 @@ async def list_mappings(request: Request) -> dict[str, Any]:
 @router.get("/mappings/{mapping_id}")
 async def get_mapping(mapping_id: str, request: Request) -> dict[str, Any]:
     return (await _mapping(request).get(mapping_id)).to_dict()
+
+
+@router.get("/mappings/{mapping_id}/diagnostics.png")
+async def mapping_diagnostics(mapping_id: str, request: Request) -> Response:
+    """Held-out error per lambda and the singular values of each block's map, as a picture."""
+    info = await _mapping(request).get(mapping_id)
+    if info.metadata.get("method") != "ridge":
+        raise APIError(404, f"mapping {mapping_id} is a {info.metadata.get('method')} map: no CV diagnostics",
+                       "invalid_request_error")  # fmt: skip
+    title = f"{info.source_model} -> {info.target_model} ({mapping_id})"
+    png = await asyncio.to_thread(diagnostics_png, info.metadata, title)
+    return Response(png, media_type="image/png")
 
 
 @router.delete("/mappings/{mapping_id}", status_code=204)

@@ -1,0 +1,32 @@
+"""A mapping's diagnostics drawn as a PNG: held-out error per lambda and the map's singular values."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: render to memory
+import matplotlib.pyplot as plt
+
+
+def diagnostics_png(metadata: dict[str, Any], title: str) -> bytes:
+    blocks: dict[str, dict[str, Any]] = metadata.get("blocks", {})
+    figure, (errors, spectrum) = plt.subplots(1, 2, figsize=(10, 4))
+    for block, diagnostics in sorted(blocks.items(), key=lambda item: int(item[0])):
+        label = f"block {block} (R^2 {diagnostics['r2']:.2f})"
+        errors.plot(diagnostics["lambdas"], diagnostics["cv_mse"], marker="o", label=label)
+        errors.axvline(diagnostics["lambda"], linestyle=":", color=errors.lines[-1].get_color())
+        spectrum.plot(diagnostics["singular_values"], label=f"block {block}")
+    errors.set(xscale="log", xlabel="lambda", ylabel="held-out MSE (cross-validated)", title="ridge CV")
+    spectrum.set(yscale="log", xlabel="index", ylabel="singular value", title="spectrum of W")
+    for axes in (errors, spectrum):
+        if axes.lines:
+            axes.legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
