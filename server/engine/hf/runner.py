@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -68,13 +68,15 @@ class ModelRunner:
         )
         return logits[0], cache
 
-    def block_output_means(self, token_ids: Sequence[int], start: int) -> torch.Tensor:
-        """Mean over positions ``start:`` of every decoder block's output, unsteered: [num_layers, hidden]."""
+    def _block_outputs(
+        self, token_ids: Sequence[int], reduce: Callable[[torch.Tensor], torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``reduce([positions, hidden])`` of every decoder block's output, in block order, unsteered."""
         captured: list[torch.Tensor] = []
 
         def capture(_module: torch.nn.Module, _args: object, output: object) -> None:
             hidden = output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
-            captured.append(hidden[0, start:].float().mean(dim=0).cpu())
+            captured.append(reduce(hidden[0].float()).cpu())
 
         handles = [block.register_forward_hook(capture) for block in self.layout.blocks]
         try:
@@ -83,24 +85,16 @@ class ModelRunner:
         finally:
             for handle in handles:
                 handle.remove()
-        return torch.stack(captured)
+        return captured
+
+    def block_output_means(self, token_ids: Sequence[int], start: int) -> torch.Tensor:
+        """Mean over positions ``start:`` of every decoder block's output, unsteered: [num_layers, hidden]."""
+        return torch.stack(self._block_outputs(token_ids, lambda hidden: hidden[start:].mean(dim=0)))
 
     def block_outputs_last_and_mean(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Each decoder block's output at the last position and the mean: [2, num_layers, hidden]."""
-        captured: list[torch.Tensor] = []
-
-        def capture(_module: torch.nn.Module, _args: object, output: object) -> None:
-            hidden = (output if isinstance(output, torch.Tensor) else output[0])[0].float()  # type: ignore[index]
-            captured.append(torch.stack([hidden[-1], hidden.mean(dim=0)]).cpu())
-
-        handles = [block.register_forward_hook(capture) for block in self.layout.blocks]
-        try:
-            with torch.inference_mode(), self.hooks.active(None):
-                self.model(input_ids=torch.tensor([list(token_ids)], device=self.device))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return torch.stack(captured, dim=1)
+        outputs = self._block_outputs(token_ids, lambda hidden: torch.stack([hidden[-1], hidden.mean(dim=0)]))
+        return torch.stack(outputs, dim=1)
 
     def response_nll(self, token_ids: Sequence[int], start: int) -> tuple[float, int]:
         """Summed negative log-likelihood (nats) of tokens ``start:`` given what precedes, unsteered."""
