@@ -195,6 +195,7 @@ def evaluate(
         ),
     ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="With --transfer: draw trait vs coherence (PNG).")] = None,
 ) -> None:
     """Print what the demo personas do at -s, 0, +s on held-out questions (trait score, perplexity)."""
     from server.demo.evaluate import evaluate_demo_model, format_table
@@ -210,10 +211,14 @@ def evaluate(
                     backends, samples=samples, progress=lambda s: typer.echo(s, err=True)
                 )
                 typer.echo(format_transfer_table(rows))
+                records = [{"source": r.source, "target": r.target, "condition": r.condition,
+                            "transfer": r.transfer, **r.row.to_dict()} for r in rows]  # fmt: skip
                 if json_out is not None:
-                    records = [{"source": r.source, "target": r.target, "condition": r.condition,
-                                "transfer": r.transfer, **r.row.to_dict()} for r in rows]  # fmt: skip
                     json_out.write_text(json.dumps(records, indent=2))
+                if plot is not None:
+                    from server.serving.mapping_plots import transfer_png
+
+                    plot.write_bytes(transfer_png(records, "demo personas mapped between the demo models"))
                 return
             verdicts = []
             for name in DEMO_MODEL_NAMES:

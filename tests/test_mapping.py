@@ -138,3 +138,34 @@ def test_effective_rank() -> None:
     assert effective_rank(np.array([1.0, 1.0, 1.0, 1.0])) == pytest.approx(4.0)
     assert effective_rank(np.array([1.0, 0.0, 0.0])) == pytest.approx(1.0)
     assert torch.is_tensor(torch.as_tensor(0))  # torch is importable beside numpy here
+
+
+def test_demo_personas_map_to_the_other_width_by_every_method_with_calibrated_norms() -> None:
+    from server.demo.models import load_demo_personas
+    from server.demo.transfer import _mapped_vectors
+    from server.steering.mapping import MappingMethod
+
+    llama = {p.name: p for p in load_demo_personas("demo-llama")}
+    qwen = {p.name: p for p in load_demo_personas("demo-qwen")}
+    rng = np.random.default_rng(0)
+    xs, ys = rng.standard_normal((50, 2, 4, 128)), 3.0 * rng.standard_normal((50, 2, 4, 96))
+    ridge = {b: fit_ridge(xs[:, 1, b], ys[:, 1, b], folds=2).weights for b in range(4)}
+    orthogonal = {b: procrustes(xs[:, 1, b], ys[:, 1, b]) for b in range(4)}
+    others = [(llama[o], qwen[o]) for o in ("formal", "silly")]
+    for method in MappingMethod:
+        mapped = _mapped_vectors(method, llama["pirate"], others, xs, ys, ridge, orthogonal)
+        assert sorted(mapped) == sorted(llama["pirate"].vectors)
+        for block, vector in mapped.items():
+            assert vector.shape == (96,)
+            source = llama["pirate"].vectors[block]
+            relative = np.linalg.norm(source) / np.linalg.norm(xs[:, 0, block], axis=1).mean()
+            target_norm = np.linalg.norm(ys[:, 0, block], axis=1).mean()
+            assert np.linalg.norm(vector) == pytest.approx(relative * target_norm, rel=1e-4)
+
+
+def test_the_transfer_plot_is_a_png() -> None:
+    from server.serving.mapping_plots import transfer_png
+
+    points = [{"source": "a", "target": "b", "persona": "p", "condition": c, "perplexity": 1.5 + i,
+               "trait_score": 0.1 * i} for i, c in enumerate(("none", "native", "ridge"))]  # fmt: skip
+    assert transfer_png(points, "t").startswith(b"\x89PNG")

@@ -30,3 +30,27 @@ def diagnostics_png(metadata: dict[str, Any], title: str) -> bytes:
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def transfer_png(points: list[dict[str, Any]], title: str) -> bytes:
+    """Trait score against coherence (perplexity under the unsteered target), one panel per
+    source -> target and persona, one marker per condition."""
+    panels = sorted({(p["source"], p["target"], p["persona"]) for p in points})
+    columns = 3
+    rows = (len(panels) + columns - 1) // columns
+    figure, grid = plt.subplots(rows, columns, figsize=(4 * columns, 3.4 * rows), squeeze=False)
+    for axes, (source, target, persona) in zip(grid.flat, panels, strict=False):
+        for point in points:
+            if (point["source"], point["target"], point["persona"]) == (source, target, persona):
+                axes.scatter(point["perplexity"], point["trait_score"], s=30)
+                axes.annotate(point["condition"], (point["perplexity"], point["trait_score"]), fontsize=7)
+        axes.set(title=f"{persona}: {source} -> {target}", xlabel="perplexity (unsteered target)",
+                 ylabel="trait score")  # fmt: skip
+    for axes in list(grid.flat)[len(panels) :]:
+        axes.axis("off")
+    figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
