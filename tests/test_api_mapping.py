@@ -109,7 +109,6 @@ def test_every_method_maps(server: ServerProcess, fitted: dict[str, Any], method
     [
         ({"source_model": "nope", "target_model": QWEN}, 404, "nope"),
         ({"source_model": LLAMA, "target_model": LLAMA}, 400, "same model"),
-        ({"source_model": GGUF, "target_model": QWEN}, 400, "HF checkpoint"),
         ({"source_model": LLAMA, "target_model": QWEN, "layers": {"5": 1}}, 422, "source block 5"),
         ({"source_model": LLAMA, "target_model": QWEN, "layers": {"1": 9}}, 422, "target block 9"),
         ({"source_model": LLAMA, "target_model": QWEN, "texts": ["a", "b", "c"]}, 400, "too few"),
@@ -159,3 +158,13 @@ def test_the_map_commands_fit_list_and_map(server: ServerProcess) -> None:
     refused = CliRunner().invoke(app, ["map", "fit", "--source", QWEN, "--target", QWEN, "--url", server.url],
                                  env=env)  # fmt: skip
     assert refused.exit_code == 1 and "same model" in refused.output
+
+
+def test_a_gguf_model_reads_its_block_outputs_for_a_fit(server: ServerProcess) -> None:
+    # The GGUF copy of the tiny Llama reads block outputs through llama.cpp's evaluation callback.
+    started = fit(server, source_model=GGUF, target_model=QWEN, layers={"1": 1}, folds=3)
+    job = wait_for_job(server, started.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert upload(server.url, "from-gguf", GGUF, {1: random_vector(64, 3)}).status_code == 200
+    mapped = map_persona(server, "from-gguf", source_model=GGUF, target_model=QWEN)
+    assert mapped.status_code == 201 and mapped.json()["provenance"]["source_model"] == GGUF

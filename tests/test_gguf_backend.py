@@ -186,3 +186,22 @@ def test_the_convert_command_writes_a_loadable_gguf_and_refuses_other_architectu
     gpt2 = tiny_model_dir("gpt2")  # type: ignore[operator]
     refused = CliRunner().invoke(app, ["convert", str(gpt2), str(tmp_path / "gpt2.gguf")])
     assert refused.exit_code == 1 and "cannot convert model type 'gpt2'" in refused.output
+
+
+async def test_block_outputs_read_through_the_callback_equal_hf(
+    gguf_llama: LlamaCppBackend, hf_llama: HFBackend
+) -> None:
+    texts = ["where is the treasure, captain?", " ".join(QUESTIONS * 24)]  # one over 512 tokens
+    gguf = await gguf_llama.text_activations(texts)
+    hf = await hf_llama.text_activations(texts)
+    assert gguf.shape == hf.shape == (2, 2, 3, 64)
+    assert np.abs(gguf - hf).max() < 1e-4
+    request = chat(QUESTIONS[1])
+    response = await tokens(hf_llama, request)
+    assert (
+        np.abs(
+            await gguf_llama.response_activations(request, response)
+            - await hf_llama.response_activations(request, response)
+        ).max()
+        < 1e-4
+    )

@@ -61,17 +61,10 @@ class PersonaMapping:
         self._admin = admin
         self._jobs = jobs
 
-    def _hf_pair(self, source_model: str, target_model: str) -> tuple[Any, Any]:
+    def _pair(self, source_model: str, target_model: str) -> tuple[Any, Any]:
         source, target = self._registry.get(source_model), self._registry.get(target_model)
         if source_model == target_model:
             raise RequestRejected("source_model and target_model are the same model", param="target_model")
-        for backend in (source, target):
-            if backend.info.backend != "hf":
-                raise RequestRejected(
-                    f"model '{backend.info.id}' is served by llama.cpp, which does not read block outputs "
-                    "back; fit the mapping on the HF checkpoint it was converted from",
-                    param="source_model" if backend is source else "target_model",
-                )
         return source, target
 
     def start_fit(
@@ -85,7 +78,7 @@ class PersonaMapping:
         reduce: str = "mean",
     ) -> Job:
         """Check everything that can be checked now (errors answer 4xx), then fit in the background."""
-        source, target = self._hf_pair(source_model, target_model)
+        source, target = self._pair(source_model, target_model)
         source_blocks, target_blocks = source.info.num_layers, target.info.num_layers
         layer_map = layers or {
             block: corresponding_layer(block, source_blocks, target_blocks)

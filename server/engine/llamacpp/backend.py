@@ -159,19 +159,43 @@ class LlamaCppBackend:
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         return stream(lambda sink: self._sequence(request, sink), self._scheduler.submit)
 
+    def _has_per_row_lane(self) -> None:
+        if not any(lane.per_row for lane in self._lanes):
+            raise EngineError(
+                "reading block outputs of a GGUF model needs its per-row context: serve it with "
+                "--gguf-mixed-context (the default)"
+            )
+
+    async def _block_outputs(self, tokens: list[int], start: int) -> np.ndarray:
+        if len(tokens) > self._info.max_context:
+            raise EngineError(f"the text exceeds the context of {self._info.max_context} tokens")
+        future = self._scheduler.run_on_lane(lambda lane: lane.block_outputs(tokens, start), per_row=True)
+        return await asyncio.wrap_future(future)
+
     async def response_activations(self, request: GenerationRequest, response_ids: list[int]) -> np.ndarray:
-        raise EngineError(
-            "persona extraction needs block outputs, which the GGUF backend does not read back; "
-            "extract on the HF checkpoint the GGUF file was converted from (same weights, same blocks)"
-        )
+        """Mean block outputs over the response tokens, unsteered: [num_layers, hidden], read through
+        llama.cpp's evaluation callback (block N's output is ``l_out-N``)."""
+        self._has_per_row_lane()
+        prompt_ids = self.prompt_ids(request)
+        if not response_ids:
+            raise EngineError("an empty response cannot be read back")
+        outputs = await self._block_outputs(prompt_ids + list(response_ids), len(prompt_ids))
+        return outputs[1]
 
     async def text_activations(
         self, texts: list[str], progress: Callable[[float], None] | None = None
     ) -> np.ndarray:
-        raise EngineError(
-            "mapping needs block outputs, which the GGUF backend does not read back; fit the mapping "
-            "on the HF checkpoint the GGUF file was converted from (same weights, same blocks)"
-        )
+        """Block outputs for raw texts, unsteered: [len(texts), 2 (last token, mean), num_layers, hidden]."""
+        self._has_per_row_lane()
+        rows = []
+        for index, text in enumerate(texts):
+            tokens = self._vocab.tokenize(text, add_special=True)[: self._info.max_context]
+            if not tokens:
+                raise EngineError("a text encodes to no tokens")
+            rows.append(await self._block_outputs(tokens, 0))
+            if progress is not None:
+                progress((index + 1) / len(texts))
+        return np.stack(rows)
 
     async def response_nll(self, request: GenerationRequest, response_ids: list[int]) -> tuple[float, int]:
         """Summed negative log-likelihood (nats) and count of the response tokens, unsteered."""

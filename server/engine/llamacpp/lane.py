@@ -64,6 +64,7 @@ class Lane:
         self._additions: dict[int, np.ndarray] = {}  # block -> rows to add, during one decode
         self._rows, self._output_rows = 0, np.zeros(0, dtype=np.int64)
         self._callback_error: Exception | None = None
+        self._captured: dict[int, np.ndarray] | None = None  # block -> output rows, while capturing
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = config.context_tokens
         params.n_batch = min(params.n_ctx, 2048)
@@ -116,31 +117,61 @@ class Lane:
         self._steering = buffer
 
     def _evaluate(self, tensor: int, ask: bool, _user_data: int) -> bool:
-        """cb_eval: asked about every graph node; adds the rows of each steered block's output.
+        """cb_eval: asked about every graph node; adds the rows of each steered block's output, and
+        while capturing, copies every block's output out.
 
         Returning False when told a node is done stops the computation, so a failure here is kept
         for decode() to raise rather than silently leaving a half-computed batch.
         """
-        if not self._additions:
+        if not self._additions and self._captured is None:
             return not ask  # observe nothing (and, if told a node is done, go on)
         try:
             match = _BLOCK_OUTPUT.match(self._get_name(tensor) or b"")
             block = int(match.group(1)) if match else -1
             if ask:
-                return block in self._additions
+                return block in self._additions or (self._captured is not None and block >= 0)
             rows = self._count(tensor) // self._n_embd
             view = np.ctypeslib.as_array(self._get_data(tensor), shape=(rows, self._n_embd))
-            additions = self._additions[block]
-            if rows == self._rows:
-                view += additions
-            elif rows == len(self._output_rows):  # the last block keeps only the rows with logits
-                view += additions[self._output_rows]
-            else:
-                raise RuntimeError(f"block {block} output has {rows} rows for a batch of {self._rows}")
+            additions = self._additions.get(block)
+            if additions is not None:
+                if rows == self._rows:
+                    view += additions
+                elif rows == len(self._output_rows):  # the last block keeps only the rows with logits
+                    view += additions[self._output_rows]
+                else:
+                    raise RuntimeError(f"block {block} output has {rows} rows for a batch of {self._rows}")
+            if self._captured is not None:
+                self._captured[block] = view.copy()
             return True
         except Exception as exc:
             self._callback_error = exc
             return False
+
+    def block_outputs(self, tokens: list[int], start: int) -> np.ndarray:
+        """Every block's output, unsteered, for one text in an empty lane: [2, n_layer, n_embd], the
+        last position's and the mean over positions ``start:`` (per-row lanes only)."""
+        if not self.per_row:
+            raise ValueError("reading block outputs needs a per-row lane")
+        last = np.zeros((self._n_layer, self._n_embd), dtype=np.float32)
+        sums = np.zeros((self._n_layer, self._n_embd), dtype=np.float64)
+        for begin in range(0, len(tokens), self.batch_capacity):
+            chunk = tokens[begin : begin + self.batch_capacity]
+            # Logits for every row: the last block then keeps every row instead of the output rows.
+            slots = [TokenSlot(token, begin + i, 0, True) for i, token in enumerate(chunk)]
+            self._captured = {}
+            try:
+                self.decode(slots)
+                captured = self._captured
+            finally:
+                self._captured = None
+            for block in range(self._n_layer):
+                rows = captured[block]
+                first = max(start - begin, 0)
+                sums[block] += rows[first:].sum(axis=0, dtype=np.float64)
+                last[block] = rows[-1]
+        self.clear()
+        mean = (sums / max(len(tokens) - start, 1)).astype(np.float32)
+        return np.stack([last, mean])
 
     def decode(
         self, slots: list[TokenSlot], additions: dict[int, np.ndarray] | None = None

@@ -80,6 +80,7 @@ class LaneTask:
     """Work that needs a whole empty lane (scoring a response), run on the scheduler thread."""
 
     work: Callable[[Lane], Any]
+    per_row: bool = False  # needs the per-row lane (reading block outputs)
     result: Future[Any] = field(default_factory=Future)
 
 
@@ -124,9 +125,10 @@ class LaneScheduler:
     def submit(self, sequence: LaneSequence) -> None:
         self._inbox.put(sequence)
 
-    def run_on_lane(self, work: Callable[[Lane], Any]) -> Future[Any]:
-        """Run ``work`` on an empty lane between two steps; its result arrives in the future."""
-        task = LaneTask(work)
+    def run_on_lane(self, work: Callable[[Lane], Any], per_row: bool = False) -> Future[Any]:
+        """Run ``work`` on an empty lane (the per-row one if asked) between two steps; its result
+        arrives in the future."""
+        task = LaneTask(work, per_row)
         self._inbox.put(task)
         return task.result
 
@@ -174,7 +176,7 @@ class LaneScheduler:
         return None
 
     def _run_tasks(self) -> None:
-        while self._tasks and (state := self._empty_lane()) is not None:
+        while self._tasks and (state := self._empty_lane(True if self._tasks[0].per_row else None)):
             task = self._tasks.popleft()
             if not task.result.set_running_or_notify_cancel():
                 continue
