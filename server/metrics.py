@@ -34,6 +34,10 @@ class Metrics:
             "persona_server_requests", "Finished requests by status (finish reason or error class).",
             (*labels, "status"), registry=self.registry,
         )  # fmt: skip
+        self.persona_score = Histogram(
+            "persona_server_persona_score", "Monitored persona scores (projection on the unit vector).",
+            labels, buckets=(-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50), registry=self.registry,
+        )  # fmt: skip
         self.requests_running = Gauge(
             "persona_server_requests_running", "Requests generating tokens.",
             ("model",), registry=self.registry,

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import openai
+import pytest
 
 from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error, random_vector, upload
 from tests.server_process import ServerProcess
@@ -67,3 +68,19 @@ async def test_concurrent_gguf_personas_equal_their_solo_answers(server: ServerP
 def test_block_0_of_a_gguf_model_is_refused_with_the_reason(server: ServerProcess) -> None:
     refused = upload(server.url, "low-gguf", GGUF, {0: random_vector(64, 1), 1: random_vector(64, 2)})
     assert_openai_error(refused, 422, "llama.cpp control vectors cannot steer block 0")
+
+
+def test_monitoring_on_a_gguf_model_scores_like_its_hf_twin(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    layers = {1: random_vector(64, 51), 2: random_vector(64, 52)}
+    for model in (LLAMA, GGUF):
+        assert upload(server.url, "watched", model, layers, 3.0).status_code == 200
+    scores = [
+        client.chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=10, temperature=0,
+            extra_body={"ignore_eos": True, "persona": "watched", "persona_monitor": ["watched"]},
+        ).model_extra["persona_scores"]["watched"]
+        for model in (LLAMA, GGUF)
+    ]  # fmt: skip
+    assert scores[0] == pytest.approx(scores[1], rel=1e-3, abs=1e-4)

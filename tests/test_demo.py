@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -163,3 +164,47 @@ def test_extract_command_writes_an_uploadable_persona(tmp_path: Path) -> None:
     )
     body = json.loads(output.read_text())
     assert body["model"] == "demo-llama" and all(len(v) == 128 for v in body["layers"].values())
+
+
+def test_monitoring_scores_separate_steered_from_unsteered_answers(demo_server: ServerProcess) -> None:
+    import openai
+
+    from tests.api_helpers import metric
+
+    client = openai.OpenAI(base_url=f"{demo_server.url}/v1", api_key="unused")
+    questions = [question for _, question in training_questions()[:6]]
+
+    def score(question: str, **steering: Any) -> float:
+        answer = client.chat.completions.create(
+            model="demo-llama", messages=[{"role": "user", "content": question}], max_tokens=32,
+            temperature=0, extra_body={"persona_monitor": ["pirate", "formal"], **steering},
+        )  # fmt: skip
+        scores = answer.model_extra["persona_scores"]
+        assert set(scores) == {"pirate", "formal"}
+        return scores["pirate"]
+
+    steered = [score(q, persona="pirate") for q in questions]
+    plain = [score(q) for q in questions]
+    assert min(steered) > max(plain), (steered, plain)
+    assert (
+        metric(demo_server.url, "persona_server_persona_score_count", model="demo-llama", persona="pirate")
+        >= 12
+    )
+
+    stream = client.chat.completions.create(
+        model="demo-llama", messages=[{"role": "user", "content": questions[0]}], max_tokens=32,
+        temperature=0, stream=True, extra_body={"persona_monitor": ["pirate"], "persona": "pirate"},
+    )  # fmt: skip
+    chunks = list(stream)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals[0].model_extra["persona_scores"]["pirate"] == pytest.approx(steered[0], rel=1e-4)
+    assert all("persona_scores" not in c.model_extra for c in chunks if c not in finals)
+    missing = httpx.post(
+        f"{demo_server.url}/v1/chat/completions",
+        json={
+            "model": "demo-llama",
+            "messages": [{"role": "user", "content": "hi"}],
+            "persona_monitor": ["ghost"],
+        },
+    )
+    assert missing.status_code == 404 and "ghost" in missing.json()["error"]["message"]

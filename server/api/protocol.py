@@ -85,6 +85,9 @@ class _CompletionRequest(BaseModel):
     )
     steering: SteeringIn | None = None
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (as in vLLM).")
+    persona_monitor: list[PersonaName] | None = Field(
+        None, max_length=16, description="Personas whose trait score the answer reports (persona_scores)."
+    )
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

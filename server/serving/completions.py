@@ -16,6 +16,7 @@ from server.serving import responses
 from server.serving.errors import RequestRejected
 from server.serving.jobs import CompletionJob
 from server.serving.models import ModelRegistry
+from server.serving.monitoring import Monitor, load_monitors, persona_scores
 from server.serving.personas import ResolvedPersonas, resolve_personas
 
 
@@ -36,6 +37,9 @@ class _Run:
     first: TokenChunk
     arrived: float
     release: ExitStack
+    request: GenerationRequest
+    monitors: list[Monitor]
+    token_ids: list[int] = field(default_factory=list)
     shape: responses.ResponseShape = field(init=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +96,7 @@ class CompletionService:
             job.steering,
             self._limits.max_strength,
         )
+        monitors = await load_monitors(self._store, backend.info, job.persona_monitor)
         request = GenerationRequest(
             sampling=sampling, prompt=job.prompt, messages=job.messages, steering=personas.plan
         )
@@ -108,7 +113,8 @@ class CompletionService:
             raise
         finally:
             waiting.dec()
-        return _Run(job=job, personas=personas, stream=stream, first=first, arrived=arrived, release=release)
+        return _Run(job=job, personas=personas, stream=stream, first=first, arrived=arrived, release=release,
+                    request=request, monitors=monitors)  # fmt: skip
 
     async def _chunks(self, run: _Run) -> AsyncIterator[TokenChunk]:
         """The run's chunks, first included, recording metrics; frees the run's admission place at the end."""
@@ -120,8 +126,10 @@ class CompletionService:
         running.inc()
         status, last, previous = "cancelled", run.first, now
         try:
+            run.token_ids.extend(run.first.token_ids)
             yield run.first
             async for chunk in run.stream:
+                run.token_ids.extend(chunk.token_ids)
                 now = time.perf_counter()
                 metrics.inter_token_latency.labels(*labels).observe(now - previous)
                 previous, last = now, chunk
@@ -139,6 +147,18 @@ class CompletionService:
             metrics.generation_tokens.labels(*labels).inc(last.completion_tokens)
             metrics.requests.labels(*labels, status).inc()
 
+    async def _scores(self, run: _Run) -> dict[str, float] | None:
+        """The monitored personas' scores of the finished answer (None when none was asked for)."""
+        if not run.job.persona_monitor:
+            return None
+        unsteered = GenerationRequest(sampling=run.request.sampling, prompt=run.request.prompt,
+                                      messages=run.request.messages)  # fmt: skip
+        backend = self._registry.get(run.job.model)
+        scores = persona_scores(await backend.response_activations(unsteered, run.token_ids), run.monitors)
+        for name, score in scores.items():
+            self._metrics.persona_score.labels(run.job.model, name).observe(score)
+        return scores
+
     async def complete(self, job: CompletionJob) -> dict[str, Any]:
         run = await self._open(job)
         text, last = [], run.first
@@ -146,7 +166,7 @@ class CompletionService:
             async for chunk in chunks:
                 text.append(chunk.text)
                 last = chunk
-        return run.shape.completion("".join(text), last, run.persona_echo)
+        return run.shape.completion("".join(text), last, run.persona_echo, await self._scores(run))
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[str]:
         """Open the generation (errors raise here, before any byte is sent), then return its SSE events."""
@@ -159,8 +179,12 @@ class CompletionService:
             async for chunk in chunks:
                 last = chunk
                 finish = chunk.finish_reason.value if chunk.finish_reason else None
+                scores = await self._scores(run) if finish else None  # on the final chunk
                 if chunk.text or first or finish:
-                    yield responses.sse(run.shape.chunk(chunk.text, finish, run.persona_echo, first=first))
+                    payload = run.shape.chunk(
+                        chunk.text, finish, run.persona_echo, first=first, scores=scores
+                    )
+                    yield responses.sse(payload)
                 first = False
         if run.job.include_usage:
             yield responses.sse(run.shape.usage_chunk(last))

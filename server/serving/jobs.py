@@ -39,6 +39,7 @@ class CompletionJob:
     persona: str | Sequence[PersonaTerm] | None = None
     persona_strength: float | None = None
     steering: SteeringOverride | None = None
+    persona_monitor: tuple[str, ...] = ()  # personas whose trait score the answer reports
 
     @property
     def is_chat(self) -> bool:

@@ -45,17 +45,26 @@ class ResponseShape:
             choice["message"] = {"role": "assistant", "content": text}
         return {**choice, "finish_reason": finish_reason, "logprobs": None}
 
-    def completion(self, text: str, last: TokenChunk, persona: Any) -> dict[str, Any]:
+    def completion(
+        self, text: str, last: TokenChunk, persona: Any, scores: dict[str, float] | None = None
+    ) -> dict[str, Any]:
         finish = last.finish_reason.value if last.finish_reason else None
         body = self._envelope(False, [self._choice(text, finish, delta=None)])
-        return {**body, "usage": usage(last), "persona": persona}
+        body = {**body, "usage": usage(last), "persona": persona}
+        return body if scores is None else {**body, "persona_scores": scores}
 
     def chunk(
-        self, text: str, finish_reason: str | None, persona: Any, first: bool = False
+        self,
+        text: str,
+        finish_reason: str | None,
+        persona: Any,
+        first: bool = False,
+        scores: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         delta["content"] = text
-        return {**self._envelope(True, [self._choice(text, finish_reason, delta=delta)]), "persona": persona}
+        body = {**self._envelope(True, [self._choice(text, finish_reason, delta=delta)]), "persona": persona}
+        return body if scores is None else {**body, "persona_scores": scores}
 
     def usage_chunk(self, last: TokenChunk) -> dict[str, Any]:
         return {**self._envelope(True, []), "usage": usage(last)}

@@ -43,6 +43,7 @@ def _job(body: _CompletionRequest, **prompt: Any) -> CompletionJob:
         persona=persona,
         persona_strength=body.persona_strength,
         steering=steering,
+        persona_monitor=tuple(body.persona_monitor or ()),
         **prompt,
     )
 
