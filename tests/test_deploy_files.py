@@ -37,3 +37,31 @@ def test_dockerfile_copies_only_what_the_repository_has() -> None:
         for path in source.split():
             assert (ROOT / path).exists(), path
     assert 'ENTRYPOINT ["persona-server"]' in dockerfile
+
+
+def test_prometheus_and_grafana_are_wired_to_files_that_exist_and_metrics_that_exist() -> None:
+    import json
+
+    from server.metrics import Metrics
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in ("prometheus", "grafana"):
+        for volume in compose["services"][name]["volumes"]:
+            source = volume.split(":")[0]
+            assert (ROOT / source).exists(), source
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    target = prometheus["scrape_configs"][0]["dns_sd_configs"][0]
+    assert target["names"] == ["server"] and target["port"] == 8000
+    datasource = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    uid = datasource["datasources"][0]["uid"]
+    # Every series a dashboard panel queries is one the server exports.
+    exported = {metric.name for metric in Metrics().registry.collect()}
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/persona-server.json").read_text())
+    assert dashboard["panels"]
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == uid
+        for target_query in panel["targets"]:
+            names = set(re.findall(r"persona_server_[a-z_]+", target_query["expr"]))
+            for series in names:
+                base = re.sub(r"_(bucket|total|count|sum)$", "", series)
+                assert base in exported, series
