@@ -18,14 +18,25 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from persona_store.base import ChangeFeed, PersonaStore
-from persona_store.errors import PersonaNotFound, StoreUnavailable
+from persona_store.errors import MappingNotFound, PersonaNotFound, StoreUnavailable, VersionConflict
 from persona_store.mappings import MappingDraft, MappingInfo, MappingRecord
 from persona_store.records import PersonaDraft, PersonaInfo, PersonaRecord
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StoreObserver(Protocol):
+    """Told about every call that reaches the store and every cache lookup (metrics)."""
+
+    def store_call(self, operation: str, seconds: float, failed: bool) -> None: ...
+
+    def cache_lookup(self, hit: bool) -> None: ...
 
 
 @dataclass
@@ -41,8 +52,10 @@ class CachingStore:
         check_interval: float = 0.5,
         heal_interval: float = 5.0,
         resubscribe_delay: float = 1.0,
+        observer: StoreObserver | None = None,
     ) -> None:
         self._inner = inner
+        self._observer = observer
         self._check_interval = check_interval
         self._heal_interval = heal_interval
         self._resubscribe_delay = resubscribe_delay
@@ -68,6 +81,29 @@ class CachingStore:
         """Follow the store's change feed, when it has one (call from inside the event loop)."""
         if isinstance(self._inner, ChangeFeed) and self._listener is None:
             self._listener = asyncio.create_task(self._follow(self._inner), name="persona-cache-feed")
+
+    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        """Await a call to the store, telling the observer how long it took and whether it failed."""
+        start = time.perf_counter()
+        failed = True
+        try:
+            result = await call
+            failed = False
+            return result
+        except (PersonaNotFound, MappingNotFound, VersionConflict):
+            failed = False  # an answer, not a failure of the store
+            raise
+        finally:
+            if self._observer is not None:
+                self._observer.store_call(operation, time.perf_counter() - start, failed)
+
+    def _lookup(self, hit: bool) -> None:
+        if hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+        if self._observer is not None:
+            self._observer.cache_lookup(hit)
 
     async def _follow(self, feed: ChangeFeed) -> None:
         while True:
@@ -97,74 +133,75 @@ class CachingStore:
         now = time.monotonic()
         interval = self._heal_interval if self._feed_live else self._check_interval
         if entry is not None and now - entry.checked_at < interval:
-            self.hits += 1
+            self._lookup(hit=True)
             return entry.record
         invalidations = self._invalidations
         try:
             if (
                 entry is not None
-                and await self._inner.current_version(model, name) == entry.record.info.version
+                and await self._timed("current_version", self._inner.current_version(model, name))
+                == entry.record.info.version
             ):
                 entry.checked_at = now
-                self.hits += 1
+                self._lookup(hit=True)
                 return entry.record
-            record = await self._inner.get(model, name)
+            record = await self._timed("get", self._inner.get(model, name))
         except StoreUnavailable:
             if entry is not None:  # stale beats unavailable: the persona was valid when last seen
-                self.hits += 1
+                self._lookup(hit=True)
                 return entry.record
             raise
         except PersonaNotFound:
             self._entries.pop(key, None)
             raise
-        self.misses += 1
+        self._lookup(hit=False)
         # A write reported while we read may be newer than what we read: keep it, but probe next time.
         checked_at = now if invalidations == self._invalidations else -math.inf
         self._entries[key] = _Entry(record, checked_at)
         return record
 
     async def current_version(self, model: str, name: str) -> int | None:
-        return await self._inner.current_version(model, name)
+        return await self._timed("current_version", self._inner.current_version(model, name))
 
     async def get_version(self, model: str, name: str, version: int) -> PersonaRecord:
-        return await self._inner.get_version(model, name, version)
+        return await self._timed("get_version", self._inner.get_version(model, name, version))
 
     async def versions(self, model: str, name: str) -> list[PersonaInfo]:
-        return await self._inner.versions(model, name)
+        return await self._timed("versions", self._inner.versions(model, name))
 
     async def list(self, model: str | None = None) -> list[PersonaInfo]:
-        return await self._inner.list(model)
+        return await self._timed("list", self._inner.list(model))
 
     # Writes drop the entry after the write as well as before: a read that raced the write could
     # otherwise have cached the old version in between.
     async def put(self, draft: PersonaDraft, expected_version: int | None = None) -> PersonaInfo:
         self._drop(draft.model, draft.name)
         try:
-            return await self._inner.put(draft, expected_version)
+            return await self._timed("put", self._inner.put(draft, expected_version))
         finally:
             self._drop(draft.model, draft.name)
 
     async def delete(self, model: str, name: str, expected_version: int | None = None) -> None:
         self._drop(model, name)
         try:
-            await self._inner.delete(model, name, expected_version)
+            await self._timed("delete", self._inner.delete(model, name, expected_version))
         finally:
             self._drop(model, name)
 
     async def put_mapping(self, draft: MappingDraft) -> MappingInfo:
-        return await self._inner.put_mapping(draft)
+        return await self._timed("put_mapping", self._inner.put_mapping(draft))
 
     async def get_mapping(self, mapping_id: str) -> MappingRecord:
-        return await self._inner.get_mapping(mapping_id)
+        return await self._timed("get_mapping", self._inner.get_mapping(mapping_id))
 
     async def list_mappings(self) -> list[MappingInfo]:
-        return await self._inner.list_mappings()
+        return await self._timed("list_mappings", self._inner.list_mappings())
 
     async def delete_mapping(self, mapping_id: str) -> None:
-        await self._inner.delete_mapping(mapping_id)
+        await self._timed("delete_mapping", self._inner.delete_mapping(mapping_id))
 
     async def ping(self) -> None:
-        await self._inner.ping()
+        await self._timed("ping", self._inner.ping())
 
     async def close(self) -> None:
         if self._listener is not None:

@@ -93,7 +93,7 @@ def load_backends(settings: Settings) -> dict[str, Backend]:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    store = CachingStore(open_store(settings.store_url))
+    store = CachingStore(open_store(settings.store_url), observer=app.state.metrics)
     store.start()
     backends = await asyncio.to_thread(load_backends, settings)
     registry = ModelRegistry(backends, max_in_flight=settings.max_num_seqs + settings.max_queue)

@@ -38,6 +38,18 @@ class Metrics:
             "persona_server_persona_score", "Monitored persona scores (projection on the unit vector).",
             labels, buckets=(-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50), registry=self.registry,
         )  # fmt: skip
+        self.store_latency = Histogram(
+            "persona_server_store_latency_seconds", "Calls that reached the persona store.",
+            ("operation",), buckets=_TOKEN_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.store_errors = Counter(
+            "persona_server_store_errors", "Persona store calls that failed (store unreachable or broken).",
+            ("operation",), registry=self.registry,
+        )  # fmt: skip
+        self.store_cache_lookups = Counter(
+            "persona_server_store_cache_lookups", "Persona lookups: hit (served from memory) or miss.",
+            ("result",), registry=self.registry,
+        )  # fmt: skip
         self.requests_running = Gauge(
             "persona_server_requests_running", "Requests generating tokens.",
             ("model",), registry=self.registry,
@@ -46,3 +58,12 @@ class Metrics:
             "persona_server_requests_waiting", "Requests admitted but without a first token yet.",
             ("model",), registry=self.registry,
         )  # fmt: skip
+
+    # The persona store's observer (persona_store.cache.StoreObserver), without importing it.
+    def store_call(self, operation: str, seconds: float, failed: bool) -> None:
+        self.store_latency.labels(operation).observe(seconds)
+        if failed:
+            self.store_errors.labels(operation).inc()
+
+    def cache_lookup(self, hit: bool) -> None:
+        self.store_cache_lookups.labels("hit" if hit else "miss").inc()

@@ -180,8 +180,16 @@ def test_metrics_count_requests_and_tokens(
     tokens_before = metric(
         server.url, "persona_server_generation_tokens_total", model=LLAMA, persona="formal"
     )
+    lookups_before = metric(server.url, "persona_server_store_cache_lookups_total", result="hit") + metric(
+        server.url, "persona_server_store_cache_lookups_total", result="miss"
+    )
     for _ in range(3):
         chat(client, persona="formal", max_tokens=5)
+    lookups_after = metric(server.url, "persona_server_store_cache_lookups_total", result="hit") + metric(
+        server.url, "persona_server_store_cache_lookups_total", result="miss"
+    )
+    assert lookups_after == lookups_before + 3  # one persona lookup per request
+    assert metric(server.url, "persona_server_store_latency_seconds_count", operation="put") >= 1
     assert metric(server.url, "persona_server_requests_total", **labels) == before + 3
     tokens_after = metric(server.url, "persona_server_generation_tokens_total", model=LLAMA, persona="formal")
     assert tokens_after == tokens_before + 15

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.api_helpers import QUESTION, assert_openai_error, random_vector, upload
+from tests.api_helpers import QUESTION, assert_openai_error, metric, random_vector, upload
 from tests.redis_process import RedisProcess
 from tests.server_process import ServerProcess
 
@@ -61,6 +61,7 @@ def test_a_redis_outage_serves_cached_personas_answers_503_otherwise_and_heals(
             assert cached.status_code == 200, cached.text
             uncached = httpx.post(url, json={**body, "persona": "formal"}, timeout=30)
             assert_openai_error(uncached, 503, "unreachable")
+            assert metric(server.url, "persona_server_store_errors_total", operation="get") >= 1
             assert httpx.get(f"{server.url}/ready", timeout=30).status_code == 503
             refused = upload(server.url, "silly", "shared", {1: random_vector(64, 5)}, admin_key=None)
             assert_openai_error(refused, 503)
