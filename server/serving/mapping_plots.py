@@ -11,6 +11,14 @@ matplotlib.use("Agg")  # no display: render to memory
 import matplotlib.pyplot as plt
 
 
+def _png(figure: Any) -> bytes:
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 def diagnostics_png(metadata: dict[str, Any], title: str) -> bytes:
     blocks: dict[str, dict[str, Any]] = metadata.get("blocks", {})
     figure, (errors, spectrum) = plt.subplots(1, 2, figsize=(10, 4))
@@ -25,11 +33,7 @@ def diagnostics_png(metadata: dict[str, Any], title: str) -> bytes:
         if axes.lines:
             axes.legend(fontsize="small")
     figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def transfer_png(points: list[dict[str, Any]], title: str) -> bytes:
@@ -49,8 +53,4 @@ def transfer_png(points: list[dict[str, Any]], title: str) -> bytes:
     for axes in list(grid.flat)[len(panels) :]:
         axes.axis("off")
     figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)

@@ -236,6 +236,12 @@ class PersonaMapping:
                 "POST /admin/mappings first",
                 param="mapping_id",
             )
+        # The concept adapter learns from the other personas native on both models: read them once.
+        concepts = (
+            await self._concept_records(name, source_model, target_model)
+            if method is MappingMethod.CONCEPT
+            else []
+        )
         layers: dict[int, np.ndarray] = {}
         for block, vector in record.vectors.items():
             if mapping is not None and block in mapping.matrices:
@@ -244,8 +250,8 @@ class PersonaMapping:
                 continue
             else:
                 target_block = corresponding_layer(block, source_info.num_layers, target_info.num_layers)
-            mapped = await self._apply(method, vector, block, target_block, mapping, name, source_model,
-                                       target_model, target_info.hidden_size)  # fmt: skip
+            mapped = self._apply(method, vector, block, target_block, mapping, concepts, source_model,
+                                 target_model, target_info.hidden_size)  # fmt: skip
             if mapping is not None:
                 norms = mapping.info.metadata
                 mapped = calibrate(mapped, vector, norms["source_norms"].get(str(block), 0.0),
@@ -274,14 +280,14 @@ class PersonaMapping:
             },
         )
 
-    async def _apply(
+    def _apply(
         self,
         method: MappingMethod,
         vector: np.ndarray,
         block: int,
         target_block: int,
         mapping: Any,
-        name: str,
+        concepts: list[tuple[PersonaRecord, PersonaRecord]],
         source_model: str,
         target_model: str,
         width: int,
@@ -294,7 +300,12 @@ class PersonaMapping:
             return interpolate(vector, width)
         if method is MappingMethod.RANDOM:
             return vector @ random_orthogonal(vector.shape[0], width, seed=block)
-        pairs = await self._concept_pairs(name, source_model, target_model, block, target_block)
+        # (v_A, v_B) of each concept persona at these blocks (the target's nearest block if it has another).
+        pairs = [
+            (source.vectors[block], target.vectors[min(target.vectors, key=lambda b: abs(b - target_block))])
+            for source, target in concepts
+            if block in source.vectors
+        ]
         if not pairs:
             raise SteeringError(
                 f"the concept adapter needs other personas that exist on both '{source_model}' (block "
@@ -304,21 +315,20 @@ class PersonaMapping:
         b = np.stack([p[1] for p in pairs])
         return (vector @ concept_adapter(a, b)).astype(np.float32)
 
-    async def _concept_pairs(
-        self, name: str, source_model: str, target_model: str, block: int, target_block: int
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(v_A, v_B) of every other persona native on both models, at these blocks (the target's
-        nearest block when it has another)."""
+    async def _concept_records(
+        self, name: str, source_model: str, target_model: str
+    ) -> list[tuple[PersonaRecord, PersonaRecord]]:
+        """Every other persona that exists natively (not mapped) on both models, both records."""
         targets = {info.name: info for info in await self._store.list(target_model)}
-        pairs = []
+        records = []
         for info in await self._store.list(source_model):
             other = targets.get(info.name)
             if info.name == name or other is None or other.provenance.get("kind") == "mapped":
                 continue
-            if block not in info.layers:
-                continue
-            source_record: PersonaRecord = await self._store.get(source_model, info.name)
-            target_record = await self._store.get(target_model, info.name)
-            nearest = min(target_record.vectors, key=lambda b: abs(b - target_block))
-            pairs.append((source_record.vectors[block], target_record.vectors[nearest]))
-        return pairs
+            records.append(
+                (
+                    await self._store.get(source_model, info.name),
+                    await self._store.get(target_model, info.name),
+                )
+            )
+        return records

@@ -11,6 +11,7 @@ owns its KV cache: keys and values computed under one steering are never reused 
 from __future__ import annotations
 
 import ctypes
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +26,15 @@ KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the KV cache
 _BLOCK_OUTPUT = re.compile(rb"^l_out-(\d+)$")  # llama.cpp's name of block N's output, after its cvec
 
 
-def _ggml_get_name() -> ctypes._CFuncPtr:
+@functools.cache
+def _libggml() -> ctypes.CDLL:
+    """libggml-base as llama-cpp-python ships it, with the tensor calls the per-row lane makes."""
     library = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    function = library.ggml_get_name
-    function.restype, function.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-    return function
-
-
-def _ggml_tensor_rows() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
-    library = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    data, count = library.ggml_get_data_f32, library.ggml_nelements
-    data.restype, data.argtypes = ctypes.POINTER(ctypes.c_float), [ctypes.c_void_p]
-    count.restype, count.argtypes = ctypes.c_int64, [ctypes.c_void_p]
-    return data, count
+    library.ggml_get_name.restype, library.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    library.ggml_get_data_f32.restype = ctypes.POINTER(ctypes.c_float)
+    library.ggml_get_data_f32.argtypes = [ctypes.c_void_p]
+    library.ggml_nelements.restype, library.ggml_nelements.argtypes = ctypes.c_int64, [ctypes.c_void_p]
+    return library
 
 
 @dataclass(frozen=True)
@@ -79,8 +76,12 @@ class Lane:
         if per_row:
             # One llama_decode must be one ubatch, so that tensor rows are the batch's tokens in order.
             params.n_batch = params.n_ubatch
-            self._get_name = _ggml_get_name()
-            self._get_data, self._count = _ggml_tensor_rows()
+            ggml = _libggml()
+            self._get_name, self._get_data, self._count = (
+                ggml.ggml_get_name,
+                ggml.ggml_get_data_f32,
+                ggml.ggml_nelements,
+            )
             self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._evaluate)  # kept alive
             params.cb_eval = self._callback
         self._ctx = llama_cpp.llama_init_from_model(model, params)
