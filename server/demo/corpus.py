@@ -246,9 +246,8 @@ def neutral_texts(size: int = 800, seed: int = 5) -> list[str]:
     """Texts for fitting maps between models: a training question and an answer as the unsteered
     speaker gives it (bare facts, now and then a touch of some style, no persona asked for).
 
-    A map can only carry directions along which its texts vary: on bare facts alone (one style),
-    mapped persona vectors point nowhere near the target's own (cosine 0.0-0.3 measured on the demo
-    pair); on these, 0.4-0.7.
+    A map can only carry directions along which its texts vary: fitted on bare facts alone (one
+    style), mapped demo personas pointed far from the target's own vectors; on these, much closer.
     """
     rng = random.Random(seed)
     questions = training_questions()
