@@ -122,11 +122,21 @@ async def wait_until(condition: object, timeout: float = 10.0) -> bool:
     return False
 
 
-async def test_a_cancelled_request_frees_its_slot(llama_backend: HFBackend) -> None:
+async def test_a_cancelled_request_frees_its_slot(
+    llama_backend: HFBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     scheduler = llama_backend.scheduler
-    # Long enough (the tiny model decodes a token in about a millisecond) that the survivor cannot
-    # finish while the second request is still being read, however slow the event loop is.
-    length = 900
+    # Slow every decode step down (the tiny model decodes a token in well under a millisecond), so
+    # the survivor cannot finish while the second request is still being read, even when the event
+    # loop falls far behind the scheduler thread on a loaded machine.
+    decode_step = scheduler._decode_step
+
+    def slowed() -> None:
+        time.sleep(0.01)
+        decode_step()
+
+    monkeypatch.setattr(scheduler, "_decode_step", slowed)
+    length = 400
     survivor = asyncio.create_task(collect(llama_backend, chat(QUESTIONS[3], max_tokens=length)))
     assert await wait_until(lambda: scheduler.num_running == 1)
 
