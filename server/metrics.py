@@ -20,6 +20,10 @@ class Metrics:
             "persona_server_time_to_first_token_seconds", "Time from arrival to the first token.",
             labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self.queue_time = Histogram(
+            "persona_server_queue_time_seconds", "Time from submission to the prefill.",
+            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
         self.inter_token_latency = Histogram(
             "persona_server_inter_token_latency_seconds", "Time between consecutive tokens of a request.",
             labels, buckets=_TOKEN_LATENCY_BUCKETS, registry=self.registry,

@@ -83,6 +83,8 @@ class TokenChunk:
     prompt_tokens: int
     completion_tokens: int  # cumulative, including this chunk
     finish_reason: FinishReason | None = None
+    # On the first chunk only: seconds from submission to the scheduler until the request's prefill began.
+    queue_seconds: float | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +34,12 @@ class Sequence:
     finished: bool = False
     # Set from the event loop's thread when the client goes away; read by the scheduler thread.
     cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    queue_seconds: float | None = None  # set when the scheduler takes it into a batch
+
+    def mark_scheduled(self) -> None:
+        """The scheduler starts this request's prefill: its time in the queue ends here."""
+        self.queue_seconds = time.perf_counter() - self.submitted_at
 
 
 def new_token_budget(prompt_ids: list[int], sampling: SamplingParams, max_context: int) -> int:
@@ -79,6 +86,7 @@ def emit(sequence: Sequence, token: int, eos_token_ids: set[int]) -> None:
             prompt_tokens=len(sequence.prompt_ids),
             completion_tokens=len(sequence.output_ids),
             finish_reason=finish,
+            queue_seconds=sequence.queue_seconds if len(sequence.output_ids) == 1 else None,
         )
     )
 

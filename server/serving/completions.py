@@ -122,6 +122,8 @@ class CompletionService:
         metrics = self._metrics
         now = time.perf_counter()
         metrics.time_to_first_token.labels(*labels).observe(now - run.arrived)
+        if run.first.queue_seconds is not None:
+            metrics.queue_time.labels(*labels).observe(run.first.queue_seconds)
         running = metrics.requests_running.labels(run.job.model)
         running.inc()
         status, last, previous = "cancelled", run.first, now

@@ -113,6 +113,7 @@ class Scheduler:
             sequence = self._waiting.popleft()
             if sequence.cancelled:
                 continue
+            sequence.mark_scheduled()
             try:
                 logits, cache = self._runner.prefill(sequence.prompt_ids, sequence.plan)
                 self._emit(sequence, sample_one(logits.cpu(), sequence.sampling, sequence.generator))

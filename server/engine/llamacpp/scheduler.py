@@ -218,6 +218,7 @@ class LaneScheduler:
                 state.key, state.steering = sequence.steering_key, sequence.steering
                 state.lane.clear()
             sequence.slot = state.lane.free_slots.pop()
+            sequence.mark_scheduled()
             try:
                 logits = self._prefill(state, sequence)
                 emit(sequence, sample_one(torch.from_numpy(logits), sequence.sampling, sequence.generator),

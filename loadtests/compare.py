@@ -1,0 +1,140 @@
+"""persona-server against the servers users would otherwise pick, on the same weights, in one run.
+
+The reference model of PEERS.md (a random-weight Llama: hidden 512, 8 blocks, 8 heads, intermediate
+1408, vocab 400, float32) is built as an HF folder and converted to a GGUF F32 file of the same
+weights. On this machine, at the same time:
+
+- persona-server serving both (the HF folder through the HF engine, the GGUF through llama.cpp);
+- ``transformers serve PATH --continuous-batching --device cpu --dtype float32`` on the HF folder;
+- ``python -m llama_cpp.server --chat_format chatml --n_ctx 2048`` on the GGUF (plus
+  ``--interrupt_requests False``: by default a new request cuts off the stream being served).
+
+persona-server runs four conditions on each model: unsteered; one persona for every request; 16
+distinct personas (request i carries persona i mod 16, so every batch mixes 8 of them at concurrency
+8); and one persona with monitoring on (``persona_monitor`` of that persona: each answer is scored).
+Every condition streams the same greedy chat requests with the same max_tokens; all conditions are
+interleaved round-robin (``loadtests/interleaved.py``). Tokens: persona-server's and transformers
+serve's streamed usage; llama_cpp.server's usage over-reports, so it is asked for ``min_tokens =
+max_tokens`` and each request counts max_tokens (checked to end by length).
+
+    python -m loadtests.compare [--rounds 3] [--requests 16] [--max-tokens 64] [--concurrency 1 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from loadtests.engine_bench import REFERENCE_SIZES
+from loadtests.interleaved import Condition, print_ratios, print_table, run_interleaved
+from loadtests.peers import check_llama_cpp_runs_to_max_tokens, llama_cpp_server, transformers_server
+from server.engine.llamacpp.convert import convert_hf_to_gguf
+from tests.api_helpers import random_vector, upload
+from tests.server_process import ServerProcess
+from tests.tiny_models import build_tiny_model
+
+HF_MODEL, GGUF_MODEL = "bench-llama", "bench-llama-gguf"
+PERSONAS = 16
+PERSONA_BLOCKS = (3, 5)  # of 8
+TARGET_CONCURRENCY = 8
+
+
+def persona_conditions(family: str, url: str, model: str, concurrency: int) -> list[Condition]:
+    """persona-server's four conditions on one model."""
+    plain = {"ignore_eos": True}
+    one = {**plain, "persona": "p0"}
+    return [
+        Condition(f"persona-server {family}, unsteered", url, model, concurrency, [plain]),
+        Condition(f"persona-server {family}, one persona", url, model, concurrency, [one]),
+        Condition(f"persona-server {family}, {PERSONAS} personas", url, model, concurrency,
+                  [{**plain, "persona": f"p{i}"} for i in range(PERSONAS)]),
+        Condition(f"persona-server {family}, one persona, monitored", url, model, concurrency,
+                  [{**one, "persona_monitor": ["p0"]}]),
+    ]  # fmt: skip
+
+
+def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float | None]]:
+    """The issue's targets at concurrency 8 (None: reported, no target)."""
+    by = {c.key: c.tokens_per_second for c in conditions}
+    n = TARGET_CONCURRENCY
+    out: dict[str, tuple[float, float | None]] = {}
+    for family, peer, bar in (("HF", "transformers serve", 1.0), ("GGUF", "llama_cpp.server", 1.3)):
+        ours = f"persona-server {family}"
+
+        def rate(condition: str, ours: str = ours) -> float:
+            return by[(f"{ours}, {condition}", n)]
+
+        out[f"{family}: one persona / unsteered"] = (rate("one persona") / rate("unsteered"), 0.97)
+        out[f"{family}: {PERSONAS} personas / one persona"] = (
+            rate(f"{PERSONAS} personas") / rate("one persona"),
+            0.9,
+        )
+        out[f"{family}: monitored / one persona"] = (
+            rate("one persona, monitored") / rate("one persona"),
+            None,
+        )
+        for condition in ("unsteered", f"{PERSONAS} personas"):
+            out[f"{family}: persona-server {condition} / {peer}"] = (rate(condition) / by[(peer, n)], bar)
+    return out
+
+
+def upload_personas(url: str, models: list[str]) -> None:
+    """p0..p15 on blocks 3 and 5, the same vectors for both models (they are the same weights)."""
+    hidden = REFERENCE_SIZES["hidden_size"]
+    for index in range(PERSONAS):
+        layers = {block: random_vector(hidden, PERSONAS * index + block) for block in PERSONA_BLOCKS}
+        for model in models:
+            upload(url, f"p{index}", model, layers, 2.0, admin_key=None).raise_for_status()
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder, ExitStack() as servers:
+        work = Path(folder)
+        model_dir = build_tiny_model(work / HF_MODEL, "llama", **REFERENCE_SIZES)
+        gguf = convert_hf_to_gguf(model_dir, work / f"{HF_MODEL}.gguf")
+        ours_args = [
+            "--model", str(model_dir), "--model", str(gguf), "--served-model-name", HF_MODEL,
+            "--served-model-name", GGUF_MODEL, "--data-dir", str(work / "data"),
+            "--max-tokens-cap", str(args.max_tokens),
+        ]  # fmt: skip
+        ours = servers.enter_context(ServerProcess(ours_args, log_path=work / "persona-server.log"))
+        hf_peer = servers.enter_context(transformers_server(model_dir, work / "transformers.log"))
+        gguf_peer = servers.enter_context(llama_cpp_server(gguf, GGUF_MODEL, work / "llama_cpp.log"))
+        upload_personas(ours.url, [HF_MODEL, GGUF_MODEL])
+        check_llama_cpp_runs_to_max_tokens(gguf_peer.url, GGUF_MODEL, args.max_tokens)
+        conditions = []
+        for n in args.concurrency:
+            conditions += persona_conditions("HF", ours.url, HF_MODEL, n)
+            conditions.append(Condition("transformers serve", hf_peer.url, str(model_dir), n, [{}]))
+            conditions += persona_conditions("GGUF", ours.url, GGUF_MODEL, n)
+            conditions.append(
+                Condition("llama_cpp.server", gguf_peer.url, GGUF_MODEL, n, [{}], count_usage=False)
+            )
+        await run_interleaved(conditions, args.rounds, args.requests, args.max_tokens)
+    print(f"\nReference Llama (d=512, 8 blocks, float32; GGUF F32), {os.cpu_count()} cores, {args.rounds} "
+          f"rounds x {args.requests} chat requests x {args.max_tokens} tokens, greedy\n")  # fmt: skip
+    figures = print_table(conditions)
+    measured = ratios(conditions) if TARGET_CONCURRENCY in args.concurrency else {}
+    print_ratios(measured)
+    return {"figures": figures, "ratios": {name: value for name, (value, _) in measured.items()}}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=16, help="requests per condition and round")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, TARGET_CONCURRENCY])
+    parser.add_argument("--json", type=Path, default=None)
+    arguments = parser.parse_args()
+    summary = asyncio.run(main(arguments))
+    if arguments.json is not None:
+        arguments.json.write_text(json.dumps(summary, indent=2))
