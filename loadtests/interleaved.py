@@ -2,9 +2,10 @@
 
 A condition is one server, one model and one set of extra body fields at one concurrency. Each request
 streams a greedy chat answer through the official openai client; TTFT is the time to its first chunk
-(every server here sends the first one, the role, with the first token: the text of a random-weight
-model is often broken UTF-8, held back until it completes, so the first non-empty text would measure
-the text, not the server), TPOT the mean time per later token up to the last chunk. Tokens come from
+that carries content, even empty (transformers serve sends a role-only chunk before it generates; the
+text of a random-weight model is often broken UTF-8, held back until it completes, so the first
+non-empty text would measure the text, not the server), TPOT the mean time per later token up to the
+last chunk. Tokens come from
 the server's own streamed usage, except where a server's usage is known to be wrong (``count_usage``
 False: llama_cpp.server), where each request counts max_tokens and must end by length.
 """
@@ -63,7 +64,7 @@ async def one_request(client: openai.AsyncOpenAI, condition: Condition, index: i
     async for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
-        if chunk.choices:  # any delta: text of a random model may be held back as broken UTF-8
+        if chunk.choices and (chunk.choices[0].delta.content is not None or chunk.choices[0].finish_reason):
             last = time.perf_counter()
             first = first or last
         if chunk.choices and chunk.choices[0].finish_reason:

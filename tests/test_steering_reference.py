@@ -64,24 +64,45 @@ def steered_positions(positions: Positions, prompt_length: int, total: int) -> t
     return mask
 
 
+def prefill_alone(
+    runner: ModelRunner, prompt: list[int], plan: SteeringPlan | None
+) -> tuple[torch.Tensor, KVBatch]:
+    """Prefill one prompt; its logits [vocab] and a batch holding it."""
+    logits, cache, mask = runner.prefill([prompt], [plan])
+    batch = KVBatch()
+    batch.append(cache, mask)
+    return logits[0], batch
+
+
+# A longer prompt prefilled in the same group, so the checked row is left-padded, with its own steering.
+NEIGHBOUR = [5, 9, 14, 3, 8, 21, 2, 13, 6, 10, 4, 16]
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["alone", "padded-in-group"])
 @pytest.mark.parametrize("positions", list(Positions))
 @pytest.mark.parametrize("architecture", SUPPORTED_ARCHITECTURES)
 def test_steered_logits_match_hand_computation(
-    architecture: str, positions: Positions, tiny_model_dir: Callable[[str], Path]
+    architecture: str, positions: Positions, grouped: bool, tiny_model_dir: Callable[[str], Path]
 ) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(architecture)).eval()
     vector = torch.randn(64, generator=torch.Generator().manual_seed(1))
     plan = SteeringPlan({LAYER: vector}, strength=STRENGTH, positions=positions)
     runner = ModelRunner(model)
 
-    # Engine: prefill the prompt, then decode two tokens over the KV cache.
-    logits, cache = runner.prefill(PROMPT, plan)
-    batch = KVBatch()
-    batch.append(cache, len(PROMPT))
-    steering = runner.decode_steering([plan])
+    # Engine: prefill the prompt (alone, or left-padded beside a longer one), then decode two tokens.
+    if grouped:
+        neighbour = SteeringPlan({LAYER: -vector}, strength=2.0)
+        group_logits, cache, mask = runner.prefill([PROMPT, NEIGHBOUR], [plan, neighbour])
+        batch = KVBatch()
+        batch.append(cache, mask)
+        logits, plans, fed = group_logits[0], [plan, neighbour], [0]
+    else:
+        logits, batch = prefill_alone(runner, PROMPT, plan)
+        plans, fed = [plan], []
+    steering = runner.decode_steering(plans)
     generated, engine_logits = [int(logits.argmax())], [logits]
     for _ in range(2):
-        step_logits = runner.decode(batch, [generated[-1]], steering)[0]
+        step_logits = runner.decode(batch, [generated[-1], *fed], steering)[0]
         engine_logits.append(step_logits)
         generated.append(int(step_logits.argmax()))
     runner.hooks.remove()
@@ -102,10 +123,10 @@ def test_strength_zero_and_no_plan_are_bit_exact(llama_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     runner = ModelRunner(model)
     vector = torch.randn(64)
-    plain, _ = runner.prefill(PROMPT, None)
-    zero, _ = runner.prefill(PROMPT, SteeringPlan({0: vector, 2: vector}, strength=0.0))
+    plain, _ = prefill_alone(runner, PROMPT, None)
+    zero, _ = prefill_alone(runner, PROMPT, SteeringPlan({0: vector, 2: vector}, strength=0.0))
     assert torch.equal(plain, zero)
-    steered, _ = runner.prefill(PROMPT, SteeringPlan({0: vector}, strength=1.0))
+    steered, _ = prefill_alone(runner, PROMPT, SteeringPlan({0: vector}, strength=1.0))
     assert not torch.equal(plain, steered)
 
 
@@ -118,8 +139,8 @@ def test_unsteered_rows_are_untouched_in_a_steered_batch(llama_dir: Path) -> Non
     def decode_once(plans: list[SteeringPlan | None]) -> torch.Tensor:
         batch = KVBatch()
         for prompt, row_plan in zip(prompts, plans, strict=True):
-            _, cache = runner.prefill(prompt, row_plan)
-            batch.append(cache, len(prompt))
+            _, cache, mask = runner.prefill([prompt], [row_plan])
+            batch.append(cache, mask)
         return runner.decode(batch, [3, 4, 5], runner.decode_steering(plans))
 
     baseline = decode_once([None, None, None])

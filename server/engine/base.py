@@ -106,8 +106,11 @@ class Backend(Protocol):
         """Stream the generation; closing the iterator early cancels the request."""
         ...
 
-    async def response_activations(self, request: GenerationRequest, response_ids: list[int]) -> np.ndarray:
-        """Mean output of every decoder block over the response tokens, unsteered: [num_layers, hidden]."""
+    async def response_activations(
+        self, request: GenerationRequest, response_ids: list[int], num_blocks: int | None = None
+    ) -> np.ndarray:
+        """Mean output of the first ``num_blocks`` decoder blocks (default: all) over the response
+        tokens, unsteered: [num_blocks, hidden]. A backend may stop its pass after those blocks."""
         ...
 
     async def text_activations(

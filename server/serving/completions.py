@@ -16,7 +16,7 @@ from server.serving import responses
 from server.serving.errors import RequestRejected
 from server.serving.jobs import CompletionJob
 from server.serving.models import ModelRegistry
-from server.serving.monitoring import Monitor, load_monitors, persona_scores
+from server.serving.monitoring import Monitor, load_monitors, monitored_blocks, persona_scores
 from server.serving.personas import ResolvedPersonas, resolve_personas
 
 
@@ -156,7 +156,10 @@ class CompletionService:
         unsteered = GenerationRequest(sampling=run.request.sampling, prompt=run.request.prompt,
                                       messages=run.request.messages)  # fmt: skip
         backend = self._registry.get(run.job.model)
-        scores = persona_scores(await backend.response_activations(unsteered, run.token_ids), run.monitors)
+        blocks = monitored_blocks(run.monitors)  # the read-back stops after the last block needed
+        scores = persona_scores(
+            await backend.response_activations(unsteered, run.token_ids, blocks), run.monitors
+        )
         for name, score in scores.items():
             self._metrics.persona_score.labels(run.job.model, name).observe(score)
         return scores

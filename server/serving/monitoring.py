@@ -37,8 +37,14 @@ async def load_monitors(store: PersonaStore, model: ModelInfo, names: Sequence[s
     return monitors
 
 
+def monitored_blocks(monitors: Sequence[Monitor]) -> int:
+    """How many leading blocks the scores need: one past the deepest monitored block (at least 1)."""
+    return 1 + max((block for monitor in monitors for block in monitor.directions), default=0)
+
+
 def persona_scores(response_means: np.ndarray, monitors: Sequence[Monitor]) -> dict[str, float]:
-    """``response_means``: [num_layers, hidden], the mean block outputs over the response tokens."""
+    """``response_means``: [blocks, hidden], the mean block outputs over the response tokens, covering
+    every monitored block."""
     return {
         monitor.name: float(
             np.mean([response_means[block] @ unit for block, unit in monitor.directions.items()])

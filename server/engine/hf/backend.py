@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from server.engine.base import EngineError, GenerationRequest, ModelInfo, TokenChunk
+from server.engine.hf.read_back import ReadBackBatcher
 from server.engine.hf.runner import ModelRunner
 from server.engine.hf.scheduler import Scheduler
 from server.engine.sequence import Sequence, new_token_budget, sampling_generator, stream
@@ -57,6 +58,7 @@ class HFBackend:
             steerable_layers=tuple(range(layout.num_layers)),
         )
         self._scheduler = Scheduler(self._runner, _eos_token_ids(model, tokenizer), max_batch_size)
+        self._read_backs = ReadBackBatcher(self._runner, self._scheduler.run_on_model, max_tokens=4096)
 
     @classmethod
     def load(
@@ -132,9 +134,19 @@ class HFBackend:
         tokens = prompt_ids + list(response_ids)
         return await asyncio.wrap_future(self._scheduler.run_on_model(lambda: work(tokens, len(prompt_ids))))
 
-    async def response_activations(self, request: GenerationRequest, response_ids: list[int]) -> np.ndarray:
-        """Mean block outputs over the response tokens, unsteered: [num_layers, hidden]."""
-        return (await self._read_back(request, response_ids, self._runner.block_output_means)).numpy()
+    async def response_activations(
+        self, request: GenerationRequest, response_ids: list[int], num_blocks: int | None = None
+    ) -> np.ndarray:
+        """Mean outputs of the first ``num_blocks`` blocks (default: all) over the response tokens,
+        unsteered: [num_blocks, hidden]. Read-backs asked for together share forward passes."""
+        prompt_ids = self.prompt_ids(request)
+        if not response_ids:
+            raise EngineError("an empty response cannot be read back")
+        blocks = (
+            self._info.num_layers if num_blocks is None else min(max(num_blocks, 1), self._info.num_layers)
+        )
+        tokens = prompt_ids + list(response_ids)
+        return (await asyncio.wrap_future(self._read_backs.submit(tokens, len(prompt_ids), blocks))).numpy()
 
     async def text_activations(
         self, texts: list[str], progress: Callable[[float], None] | None = None

@@ -1,6 +1,6 @@
 """A batch of sequences decoding together over one left-padded KV cache.
 
-Sequences are prefilled alone and then merged into the batch, so a request can join while others
+Sequences are prefilled in groups and then merged into the batch, so a request can join while others
 are decoding (continuous batching). Rows are aligned on the right: a shorter row is padded on the
 left, and the attention mask hides the padding. Position ids are per row, so padding never shifts
 a sequence's positions.
@@ -37,14 +37,13 @@ class KVBatch:
     def length(self) -> int:
         return int(self.attention_mask.shape[1])
 
-    def append(self, cache: DynamicCache, num_tokens: int) -> None:
-        """Add one sequence whose cache holds ``num_tokens`` tokens (batch dimension 1) as the last row."""
-        device = cache.layers[0].keys.device
+    def append(self, cache: DynamicCache, attention_mask: torch.Tensor) -> None:
+        """Add the rows of a prefilled group (its cache and left-padded mask [rows, tokens]) at the end."""
+        lengths = attention_mask.sum(dim=1)
         if self.cache is None or self.size == 0:
-            self.cache = cache
-            self.attention_mask = torch.ones((1, num_tokens), dtype=torch.long, device=device)
-            self.next_positions = torch.tensor([num_tokens], dtype=torch.long, device=device)
+            self.cache, self.attention_mask, self.next_positions = cache, attention_mask, lengths
             return
+        num_tokens = int(attention_mask.shape[1])
         pad_batch = max(0, num_tokens - self.length)
         pad_new = max(0, self.length - num_tokens)
         for batch_layer, new_layer in zip(self.cache.layers, cache.layers, strict=True):
@@ -54,11 +53,10 @@ class KVBatch:
             batch_layer.values = torch.cat(
                 [_left_pad(batch_layer.values, pad_batch, 2), _left_pad(new_layer.values, pad_new, 2)]
             )
-        new_mask = _left_pad(torch.ones((1, num_tokens), dtype=torch.long, device=device), pad_new, 1)
-        self.attention_mask = torch.cat([_left_pad(self.attention_mask, pad_batch, 1), new_mask])
-        self.next_positions = torch.cat(
-            [self.next_positions, torch.tensor([num_tokens], dtype=torch.long, device=device)]
+        self.attention_mask = torch.cat(
+            [_left_pad(self.attention_mask, pad_batch, 1), _left_pad(attention_mask, pad_new, 1)]
         )
+        self.next_positions = torch.cat([self.next_positions, lengths])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order), then drop padding columns no remaining row needs."""

@@ -1,4 +1,4 @@
-"""Forward passes of an HF causal LM with per-row steering: prefill one sequence, decode a batch."""
+"""Forward passes of an HF causal LM with per-row steering: prefill a group of prompts, decode a batch."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ from server.steering.layers import find_decoder_layout
 from server.steering.plan import SteeringPlan, prompt_position_mask, steers_generated_tokens
 
 
+class _EnoughBlocks(Exception):
+    """Raised from a block's hook to end a forward pass once every block needed has run."""
+
+
 class ModelRunner:
     """Runs the model; owns the steering hooks. Not thread-safe: one scheduler thread drives it."""
 
@@ -26,6 +30,8 @@ class ModelRunner:
         self._takes_position_ids = "position_ids" in parameters
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
+        # Any id serves as padding (masked out); the model's own pad id keeps its embedding finite.
+        self.pad_token_id = int(getattr(model.config, "pad_token_id", None) or 0)
 
     def _forward(
         self,
@@ -49,24 +55,77 @@ class ModelRunner:
         return logits[:, -1, :].float()
 
     def prefill(
-        self, prompt_ids: Sequence[int], plan: SteeringPlan | None
-    ) -> tuple[torch.Tensor, DynamicCache]:
-        """Run a prompt alone; return the next-token logits [vocab] and its cache (batch dimension 1)."""
-        length = len(prompt_ids)
-        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        self, prompts: Sequence[Sequence[int]], plans: Sequence[SteeringPlan | None]
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Run prompts together, left-padded to the longest; one weight pass serves the whole group.
+
+        Returns the next-token logits [rows, vocab], the group's cache and its attention mask
+        [rows, longest] (0 on the padding), ready for ``KVBatch.append``.
+        """
+        input_ids, attention_mask, position_ids = self._left_padded(prompts)
+        longest = int(input_ids.shape[1])
+        pads = [longest - len(ids) for ids in prompts]
         steering = None
-        if plan is not None:
-            mask = prompt_position_mask(plan.positions, length).unsqueeze(0)
-            steering = BatchSteering.build([plan], mask, dtype=self.dtype, device=self.device)
+        if any(plan is not None for plan in plans):
+            masks = torch.zeros((len(prompts), longest), dtype=torch.bool)
+            for row, (plan, ids) in enumerate(zip(plans, prompts, strict=True)):
+                if plan is not None:
+                    masks[row, pads[row] :] = prompt_position_mask(plan.positions, len(ids))
+            steering = BatchSteering.build(plans, masks, dtype=self.dtype, device=self.device)
         cache = DynamicCache()
-        logits = self._forward(
-            input_ids,
-            torch.ones((1, length), dtype=torch.long, device=self.device),
-            torch.arange(length, device=self.device).unsqueeze(0),
-            cache,
-            steering,
+        logits = self._forward(input_ids, attention_mask, position_ids, cache, steering)
+        return logits, cache, attention_mask
+
+    def _left_padded(
+        self, sequences: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids, attention mask and position ids [rows, longest] of sequences padded on the left."""
+        longest = max(len(ids) for ids in sequences)
+        pads = [longest - len(ids) for ids in sequences]
+        input_ids = torch.tensor(
+            [[self.pad_token_id] * pad + list(ids) for pad, ids in zip(pads, sequences, strict=True)],
+            dtype=torch.long,
         )
-        return logits[0], cache
+        attention_mask = torch.tensor(
+            [[0] * pad + [1] * len(ids) for pad, ids in zip(pads, sequences, strict=True)], dtype=torch.long
+        )
+        # Positions count real tokens only, so padding never shifts a sequence's positions.
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        return input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device)
+
+    def response_means(
+        self, sequences: Sequence[Sequence[int]], starts: Sequence[int], num_blocks: int
+    ) -> torch.Tensor:
+        """Mean output of blocks ``0..num_blocks-1`` over positions ``start:`` of each sequence,
+        unsteered, in one padded forward that stops after the last block needed: [rows, num_blocks, hidden].
+        """
+        input_ids, attention_mask, position_ids = self._left_padded(sequences)
+        longest = int(input_ids.shape[1])
+        # Per row, the weights of a mean over its response positions (0 on the prompt and the padding).
+        weights = torch.zeros((len(sequences), longest), dtype=torch.float32, device=self.device)
+        for row, (ids, start) in enumerate(zip(sequences, starts, strict=True)):
+            weights[row, longest - len(ids) + start :] = 1.0 / (len(ids) - start)
+        means: list[torch.Tensor] = []
+
+        def capture(_module: torch.nn.Module, _args: object, output: object) -> None:
+            hidden = output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
+            means.append(torch.einsum("rt,rth->rh", weights, hidden.float()).cpu())
+            if len(means) == num_blocks:
+                raise _EnoughBlocks  # the later blocks and the LM head would be computed for nothing
+
+        handles = [block.register_forward_hook(capture) for block in self.layout.blocks[:num_blocks]]
+        kwargs: dict[str, object] = {"attention_mask": attention_mask, "use_cache": False}
+        if self._takes_position_ids:
+            kwargs["position_ids"] = position_ids
+        try:
+            with torch.inference_mode(), self.hooks.active(None):
+                self.model(input_ids=input_ids, **kwargs)
+        except _EnoughBlocks:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack(means, dim=1)
 
     def _block_outputs(
         self, token_ids: Sequence[int], reduce: Callable[[torch.Tensor], torch.Tensor]
@@ -86,10 +145,6 @@ class ModelRunner:
             for handle in handles:
                 handle.remove()
         return captured
-
-    def block_output_means(self, token_ids: Sequence[int], start: int) -> torch.Tensor:
-        """Mean over positions ``start:`` of every decoder block's output, unsteered: [num_layers, hidden]."""
-        return torch.stack(self._block_outputs(token_ids, lambda hidden: hidden[start:].mean(dim=0)))
 
     def block_outputs_last_and_mean(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Each decoder block's output at the last position and the mean: [2, num_layers, hidden]."""

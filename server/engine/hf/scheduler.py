@@ -1,8 +1,9 @@
 """Continuous batching for the HF backend.
 
-One thread owns the model. Each iteration it admits waiting requests (prefilled alone, then merged
-into the shared KV cache), runs one decode step for every running row, and drops rows that finished
-or were cancelled, so a new request joins at the next decode step instead of waiting for the batch.
+One thread owns the model. Each iteration it admits waiting requests (prefilled together in groups,
+left-padded, then merged into the shared KV cache), runs one decode step for every running row, and
+drops rows that finished or were cancelled, so a new request joins at the next decode step instead
+of waiting for the batch.
 """
 
 from __future__ import annotations
@@ -34,10 +35,15 @@ class ModelTask:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, eos_token_ids: set[int], max_batch_size: int) -> None:
+    def __init__(
+        self, runner: ModelRunner, eos_token_ids: set[int], max_batch_size: int, prefill_tokens: int = 2048
+    ) -> None:
         self._runner = runner
         self._eos = eos_token_ids
         self._max_batch_size = max_batch_size
+        # Padded tokens of one grouped prefill: a burst shares one pass over the weights, while a
+        # running batch waits at most one such pass for its next token.
+        self._prefill_tokens = prefill_tokens
         self._inbox: queue.SimpleQueue[Sequence | ModelTask | None] = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []
@@ -110,24 +116,55 @@ class Scheduler:
     def _admit(self) -> None:
         joined = False
         while self._waiting and len(self._rows) < self._max_batch_size:
-            sequence = self._waiting.popleft()
-            if sequence.cancelled:
-                continue
-            sequence.mark_scheduled()
-            try:
-                logits, cache = self._runner.prefill(sequence.prompt_ids, sequence.plan)
-                self._emit(sequence, sample_one(logits.cpu(), sequence.sampling, sequence.generator))
-            except Exception as exc:  # a prompt that fails fails alone; the batch goes on
-                logger.exception("prefill failed")
-                sequence.finished = True
-                sequence.sink(exc)
-                continue
-            if not sequence.finished:
-                self._batch.append(cache, len(sequence.prompt_ids))
-                self._rows.append(sequence)
-                joined = True
+            group = self._next_group()
+            if group:
+                joined = self._prefill(group) or joined
         if joined:  # once per admission round, not once per joining row
             self._decode_steering = self._runner.decode_steering([s.plan for s in self._rows])
+
+    def _next_group(self) -> list[Sequence]:
+        """Waiting requests to prefill in one forward pass: free rows, padded tokens within the budget."""
+        group: list[Sequence] = []
+        longest = 0
+        while self._waiting and len(self._rows) + len(group) < self._max_batch_size:
+            sequence = self._waiting[0]
+            if sequence.cancelled:
+                self._waiting.popleft()
+                continue
+            longest_with = max(longest, len(sequence.prompt_ids))
+            if group and longest_with * (len(group) + 1) > self._prefill_tokens:
+                break
+            group.append(self._waiting.popleft())
+            longest = longest_with
+        return group
+
+    def _prefill(self, group: list[Sequence]) -> bool:
+        """Prefill ``group`` together and merge it into the batch; True when any row joined."""
+        for sequence in group:
+            sequence.mark_scheduled()
+        try:
+            logits, cache, mask = self._runner.prefill([s.prompt_ids for s in group], [s.plan for s in group])
+        except Exception as exc:
+            if len(group) == 1:  # a prompt that fails fails alone; the batch goes on
+                logger.exception("prefill failed")
+                fail(group, exc)
+                return False
+            # Again one by one, so that only the failing prompt fails (a list: every one must run).
+            return any([self._prefill([sequence]) for sequence in group])
+        logits = logits.cpu()
+        for row, sequence in enumerate(group):
+            self._emit(sequence, sample_one(logits[row], sequence.sampling, sequence.generator))
+        kept = [row for row, sequence in enumerate(group) if not sequence.finished]
+        if not kept:
+            return False
+        if len(kept) < len(group):
+            group_batch = KVBatch()
+            group_batch.append(cache, mask)
+            group_batch.keep(kept)
+            cache, mask = group_batch.cache, group_batch.attention_mask  # type: ignore[assignment]
+        self._batch.append(cache, mask)
+        self._rows.extend(group[row] for row in kept)
+        return True
 
     def _decode_step(self) -> None:
         logits = self._runner.decode(

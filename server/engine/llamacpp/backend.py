@@ -172,15 +172,18 @@ class LlamaCppBackend:
         future = self._scheduler.run_on_lane(lambda lane: lane.block_outputs(tokens, start), per_row=True)
         return await asyncio.wrap_future(future)
 
-    async def response_activations(self, request: GenerationRequest, response_ids: list[int]) -> np.ndarray:
-        """Mean block outputs over the response tokens, unsteered: [num_layers, hidden], read through
-        llama.cpp's evaluation callback (block N's output is ``l_out-N``)."""
+    async def response_activations(
+        self, request: GenerationRequest, response_ids: list[int], num_blocks: int | None = None
+    ) -> np.ndarray:
+        """Mean outputs of the first ``num_blocks`` blocks (default: all) over the response tokens,
+        unsteered: [num_blocks, hidden], read through llama.cpp's evaluation callback (block N's output
+        is ``l_out-N``; the whole graph runs, the blocks after are dropped)."""
         self._has_per_row_lane()
         prompt_ids = self.prompt_ids(request)
         if not response_ids:
             raise EngineError("an empty response cannot be read back")
         outputs = await self._block_outputs(prompt_ids + list(response_ids), len(prompt_ids))
-        return outputs[1]
+        return outputs[1] if num_blocks is None else outputs[1][: max(num_blocks, 1)]
 
     async def text_activations(
         self, texts: list[str], progress: Callable[[float], None] | None = None
