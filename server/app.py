@@ -87,6 +87,16 @@ def load_backends(settings: Settings) -> dict[str, Backend]:
             source, model_id=model_id, dtype=settings.dtype, device=settings.device,
             max_batch_size=settings.max_num_seqs,
         )  # fmt: skip
+    kinds = {backend.info.backend for backend in backends.values()}
+    if len(kinds) > 1 and settings.device == "cpu":
+        from server.engine.llamacpp.backend import built_with_openmp
+
+        if built_with_openmp():
+            logger.warning(
+                "llama-cpp-python is built with OpenMP, which shares torch's OpenMP runtime: with HF and "
+                "GGUF models in one process, the HF models run markedly slower on CPU. Reinstall it "
+                "with CMAKE_ARGS='-DGGML_OPENMP=OFF' (as the README's install does), or serve them apart."
+            )
     return backends
 
 

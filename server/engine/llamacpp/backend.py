@@ -45,6 +45,16 @@ def _init_llama_cpp() -> None:
         _backend_ready = True
 
 
+def built_with_openmp() -> bool:
+    """Whether llama.cpp's CPU backend uses OpenMP (the default build of llama-cpp-python).
+
+    torch's wheels bring a libgomp of the same soname, so both share one OpenMP runtime in a process:
+    once llama.cpp has started its threads, libgomp counts more threads than cores and stops spinning
+    between parallel regions, which slows every later torch forward pass.
+    """
+    return b"OPENMP = 1" in llama_cpp.llama_print_system_info()
+
+
 def steering_buffer(plan: SteeringPlan, n_embd: int, n_layer: int) -> np.ndarray:
     """The plan as llama.cpp wants it: n_embd x n_layer floats, block 1 first (block 0 is never steered)."""
     buffer = np.zeros(n_embd * n_layer, dtype=np.float32)
