@@ -198,10 +198,16 @@ async def test_block_outputs_read_through_the_callback_equal_hf(
     assert np.abs(gguf - hf).max() < 1e-4
     request = chat(QUESTIONS[1])
     response = await tokens(hf_llama, request)
-    assert (
-        np.abs(
-            await gguf_llama.response_activations(request, response)
-            - await hf_llama.response_activations(request, response)
-        ).max()
-        < 1e-4
-    )
+    every_block = await gguf_llama.response_activations(request, response)
+    assert np.abs(every_block - await hf_llama.response_activations(request, response)).max() < 1e-4
+    # Read up to block 1 only: the graph stops there and the blocks read are the same.
+    first_two = await gguf_llama.response_activations(request, response, num_blocks=2)
+    assert first_two.shape == (2, 64) and np.abs(first_two - every_block[:2]).max() < 1e-6
+    long_answer = [
+        5 + i % 90 for i in range(600)
+    ]  # over one 512-token batch: the second reads the first's cache
+    whole = await gguf_llama.response_activations(request, long_answer)
+    stopped = await gguf_llama.response_activations(request, long_answer, num_blocks=2)
+    assert np.abs(stopped - whole[:2]).max() < 1e-6
+    # The lane is whole again: generation after a stopped read-back is what it was.
+    assert await tokens(gguf_llama, request) == response

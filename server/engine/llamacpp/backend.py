@@ -176,10 +176,14 @@ class LlamaCppBackend:
                 "--gguf-mixed-context (the default)"
             )
 
-    async def _block_outputs(self, tokens: list[int], start: int) -> np.ndarray:
+    async def _block_outputs(
+        self, tokens: list[int], start: int, num_blocks: int | None = None
+    ) -> np.ndarray:
         if len(tokens) > self._info.max_context:
             raise EngineError(f"the text exceeds the context of {self._info.max_context} tokens")
-        future = self._scheduler.run_on_lane(lambda lane: lane.block_outputs(tokens, start), per_row=True)
+        future = self._scheduler.run_on_lane(
+            lambda lane: lane.block_outputs(tokens, start, num_blocks), per_row=True
+        )
         return await asyncio.wrap_future(future)
 
     async def response_activations(
@@ -187,13 +191,13 @@ class LlamaCppBackend:
     ) -> np.ndarray:
         """Mean outputs of the first ``num_blocks`` blocks (default: all) over the response tokens,
         unsteered: [num_blocks, hidden], read through llama.cpp's evaluation callback (block N's output
-        is ``l_out-N``; the whole graph runs, the blocks after are dropped)."""
+        is ``l_out-N``; the graph stops after the last block needed)."""
         self._has_per_row_lane()
         prompt_ids = self.prompt_ids(request)
         if not response_ids:
             raise EngineError("an empty response cannot be read back")
-        outputs = await self._block_outputs(prompt_ids + list(response_ids), len(prompt_ids))
-        return outputs[1] if num_blocks is None else outputs[1][: max(num_blocks, 1)]
+        outputs = await self._block_outputs(prompt_ids + list(response_ids), len(prompt_ids), num_blocks)
+        return outputs[1]
 
     async def text_activations(
         self, texts: list[str], progress: Callable[[float], None] | None = None

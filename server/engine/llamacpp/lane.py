@@ -62,6 +62,7 @@ class Lane:
         self._rows, self._output_rows = 0, np.zeros(0, dtype=np.int64)
         self._callback_error: Exception | None = None
         self._captured: dict[int, np.ndarray] | None = None  # block -> output rows, while capturing
+        self._last_captured_block = -1  # while capturing: the graph stops after this block's output
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = config.context_tokens
         params.n_batch = min(params.n_ctx, 2048)
@@ -143,29 +144,37 @@ class Lane:
                     raise RuntimeError(f"block {block} output has {rows} rows for a batch of {self._rows}")
             if self._captured is not None:
                 self._captured[block] = view.copy()
+                # False ends the graph here: the later blocks and the output layer are not needed.
+                return block != self._last_captured_block
             return True
         except Exception as exc:
             self._callback_error = exc
             return False
 
-    def block_outputs(self, tokens: list[int], start: int) -> np.ndarray:
-        """Every block's output, unsteered, for one text in an empty lane: [2, n_layer, n_embd], the
-        last position's and the mean over positions ``start:`` (per-row lanes only)."""
+    def block_outputs(self, tokens: list[int], start: int, num_blocks: int | None = None) -> np.ndarray:
+        """The output of the first ``num_blocks`` blocks (default: all), unsteered, for one text in an
+        empty lane: [2, num_blocks, n_embd], the last position's and the mean over positions ``start:``
+        (per-row lanes only). The graph stops after the last block needed."""
         if not self.per_row:
             raise ValueError("reading block outputs needs a per-row lane")
-        last = np.zeros((self._n_layer, self._n_embd), dtype=np.float32)
-        sums = np.zeros((self._n_layer, self._n_embd), dtype=np.float64)
+        blocks = self._n_layer if num_blocks is None else min(max(num_blocks, 1), self._n_layer)
+        last = np.zeros((blocks, self._n_embd), dtype=np.float32)
+        sums = np.zeros((blocks, self._n_embd), dtype=np.float64)
         for begin in range(0, len(tokens), self.batch_capacity):
             chunk = tokens[begin : begin + self.batch_capacity]
-            # Logits for every row: the last block then keeps every row instead of the output rows.
-            slots = [TokenSlot(token, begin + i, 0, True) for i, token in enumerate(chunk)]
-            self._captured = {}
+            # The last block keeps only the rows that ask for logits: all of them when it is needed.
+            every_row = blocks == self._n_layer
+            slots = [
+                TokenSlot(token, begin + i, 0, every_row or i == len(chunk) - 1)
+                for i, token in enumerate(chunk)
+            ]
+            self._captured, self._last_captured_block = {}, blocks - 1
             try:
-                self.decode(slots)
+                self.decode(slots, logits_wanted=False)
                 captured = self._captured
             finally:
-                self._captured = None
-            for block in range(self._n_layer):
+                self._captured, self._last_captured_block = None, -1
+            for block in range(blocks):
                 rows = captured[block]
                 first = max(start - begin, 0)
                 sums[block] += rows[first:].sum(axis=0, dtype=np.float64)
@@ -175,9 +184,13 @@ class Lane:
         return np.stack([last, mean])
 
     def decode(
-        self, slots: list[TokenSlot], additions: dict[int, np.ndarray] | None = None
+        self,
+        slots: list[TokenSlot],
+        additions: dict[int, np.ndarray] | None = None,
+        logits_wanted: bool = True,
     ) -> list[np.ndarray]:
-        """Decode the slots in one call; the logits of the slots that asked for them, in order.
+        """Decode the slots in one call; the logits of the slots that asked for them, in order (none
+        when ``logits_wanted`` is False: a capture that stopped the graph early has none to give).
 
         ``additions`` (per-row lanes only): block -> [len(slots), n_embd] rows added to that block's
         output, one per slot (zeros where a token is not steered).
@@ -210,7 +223,7 @@ class Lane:
             raise RuntimeError(f"llama_decode failed ({status}): the KV cache may be full")
         rows = []
         for index, slot in enumerate(slots):
-            if slot.logits:
+            if slot.logits and logits_wanted:
                 pointer = llama_cpp.llama_get_logits_ith(self._ctx, index)
                 rows.append(np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy())
         return rows
