@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from server.engine.hf.kv_batch import KVBatch
+from server.engine.hf.kv_cache import GrowingCache
 from server.steering.hooks import BatchSteering, SteeringHooks
 from server.steering.layers import find_decoder_layout
 from server.steering.plan import SteeringPlan, prompt_position_mask, steers_generated_tokens
@@ -30,6 +31,8 @@ class ModelRunner:
         self._takes_position_ids = "position_ids" in parameters
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
+        # The KV cache of each prefilled group; transformers' own DynamicCache serves for comparisons.
+        self.cache_factory: Callable[[], DynamicCache] = GrowingCache
         # Any id serves as padding (masked out); the model's own pad id keeps its embedding finite.
         self.pad_token_id = int(getattr(model.config, "pad_token_id", None) or 0)
 
@@ -72,7 +75,7 @@ class ModelRunner:
                 if plan is not None:
                     masks[row, pads[row] :] = prompt_position_mask(plan.positions, len(ids))
             steering = BatchSteering.build(plans, masks, dtype=self.dtype, device=self.device)
-        cache = DynamicCache()
+        cache = self.cache_factory()
         logits = self._forward(input_ids, attention_mask, position_ids, cache, steering)
         return logits, cache, attention_mask
 
