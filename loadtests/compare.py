@@ -9,9 +9,11 @@ weights. On this machine, at the same time:
 - ``python -m llama_cpp.server --chat_format chatml --n_ctx 2048`` on the GGUF (plus
   ``--interrupt_requests False``: by default a new request cuts off the stream being served).
 
-persona-server runs four conditions on each model: unsteered; one persona for every request; 16
+persona-server runs five conditions on each model: unsteered; one persona for every request; 16
 distinct personas (request i carries persona i mod 16, so every batch mixes 8 of them at concurrency
-8); and one persona with monitoring on (``persona_monitor`` of that persona: each answer is scored).
+8); one persona with monitoring on (``persona_monitor`` of that persona: each answer is scored, by a
+read-back since the persona steers the monitored blocks); and unsteered with monitoring on (the HF
+engine reads the monitored blocks while generating; llama.cpp reads back).
 Every condition streams the same greedy chat requests with the same max_tokens; all conditions are
 interleaved round-robin (``loadtests/interleaved.py``). Tokens: persona-server's and transformers
 serve's streamed usage; llama_cpp.server's usage over-reports, so it is asked for ``min_tokens =
@@ -46,7 +48,7 @@ TARGET_CONCURRENCY = 8
 
 
 def persona_conditions(family: str, url: str, model: str, concurrency: int) -> list[Condition]:
-    """persona-server's four conditions on one model."""
+    """persona-server's five conditions on one model."""
     plain = {"ignore_eos": True}
     one = {**plain, "persona": "p0"}
     return [
@@ -56,6 +58,8 @@ def persona_conditions(family: str, url: str, model: str, concurrency: int) -> l
                   [{**plain, "persona": f"p{i}"} for i in range(PERSONAS)]),
         Condition(f"persona-server {family}, one persona, monitored", url, model, concurrency,
                   [{**one, "persona_monitor": ["p0"]}]),
+        Condition(f"persona-server {family}, unsteered, monitored", url, model, concurrency,
+                  [{**plain, "persona_monitor": ["p0"]}]),
     ]  # fmt: skip
 
 

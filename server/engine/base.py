@@ -68,6 +68,9 @@ class GenerationRequest:
     messages: Sequence[ChatMessage] | None = None
     steering: SteeringPlan | None = None
     request_id: str = ""
+    # Monitoring: the answer's mean output of the first N blocks is wanted. A backend that can read
+    # it while generating, exactly as an unsteered read-back would, puts it on the last chunk.
+    monitor_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -85,6 +88,9 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     # On the first chunk only: seconds from submission to the scheduler until the request's prefill began.
     queue_seconds: float | None = None
+    # On the last chunk, when the request asked for ``monitor_blocks`` and they were read in flight:
+    # the mean output of those blocks over the response tokens [monitor_blocks, hidden].
+    response_means: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ tokens become ``TokenChunk``s through ``emit``, and ``stream`` hands them to the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,32 @@ from server.engine.text_stream import TextStream
 from server.steering.plan import SteeringPlan
 
 Sink = Callable[[TokenChunk | BaseException], None]
+
+
+@dataclass(eq=False)
+class ResponseCapture:
+    """The response tokens' outputs of the first blocks, summed while they are fed back to the model.
+
+    A response token's block outputs are computed when it is fed as the next step's input, so the
+    last token needs one more step: its final chunk waits in ``held`` until that step has run.
+    """
+
+    num_blocks: int
+    sums: torch.Tensor | None = None  # [num_blocks, hidden], float64
+    count: int = 0
+    held: TokenChunk | None = None
+
+    def add(self, outputs: torch.Tensor) -> None:
+        """One response token's outputs [num_blocks, hidden]."""
+        outputs = outputs.double()
+        self.sums = outputs if self.sums is None else self.sums + outputs
+        self.count += 1
+
+    def release(self) -> TokenChunk:
+        """The held final chunk, carrying the means."""
+        assert self.held is not None and self.sums is not None
+        means = (self.sums / self.count).float().numpy()
+        return dataclasses.replace(self.held, response_means=means)
 
 
 @dataclass(eq=False)
@@ -36,6 +63,7 @@ class Sequence:
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
     queue_seconds: float | None = None  # set when the scheduler takes it into a batch
+    capture: ResponseCapture | None = None  # monitoring in flight (HF backend)
 
     def mark_scheduled(self) -> None:
         """The scheduler starts this request's prefill: its time in the queue ends here."""
@@ -78,17 +106,19 @@ def emit(sequence: Sequence, token: int, eos_token_ids: set[int]) -> None:
         elif len(sequence.output_ids) >= sequence.max_new_tokens:
             finish = FinishReason.LENGTH
             text += sequence.text.finish()
-    sequence.finished = finish is not None
-    sequence.sink(
-        TokenChunk(
-            text=text,
-            token_ids=(token,),
-            prompt_tokens=len(sequence.prompt_ids),
-            completion_tokens=len(sequence.output_ids),
-            finish_reason=finish,
-            queue_seconds=sequence.queue_seconds if len(sequence.output_ids) == 1 else None,
-        )
+    chunk = TokenChunk(
+        text=text,
+        token_ids=(token,),
+        prompt_tokens=len(sequence.prompt_ids),
+        completion_tokens=len(sequence.output_ids),
+        finish_reason=finish,
+        queue_seconds=sequence.queue_seconds if len(sequence.output_ids) == 1 else None,
     )
+    if finish is not None and sequence.capture is not None:
+        sequence.capture.held = chunk  # sent after one more step has read the last token's outputs
+        return
+    sequence.finished = finish is not None
+    sequence.sink(chunk)
 
 
 def fail(sequences: list[Sequence], error: BaseException) -> None:

@@ -98,8 +98,9 @@ class CompletionService:
         )
         monitors = await load_monitors(self._store, backend.info, job.persona_monitor)
         request = GenerationRequest(
-            sampling=sampling, prompt=job.prompt, messages=job.messages, steering=personas.plan
-        )
+            sampling=sampling, prompt=job.prompt, messages=job.messages, steering=personas.plan,
+            monitor_blocks=monitored_blocks(monitors) if monitors else None,
+        )  # fmt: skip
         release = ExitStack()
         release.enter_context(self._registry.admit(job.model))
         waiting = self._metrics.requests_waiting.labels(job.model)
@@ -149,17 +150,19 @@ class CompletionService:
             metrics.generation_tokens.labels(*labels).inc(last.completion_tokens)
             metrics.requests.labels(*labels, status).inc()
 
-    async def _scores(self, run: _Run) -> dict[str, float] | None:
-        """The monitored personas' scores of the finished answer (None when none was asked for)."""
+    async def _scores(self, run: _Run, last: TokenChunk) -> dict[str, float] | None:
+        """The monitored personas' scores of the finished answer (None when none was asked for): from
+        the block outputs the engine read while generating, else from a read-back of the answer."""
         if not run.job.persona_monitor:
             return None
-        unsteered = GenerationRequest(sampling=run.request.sampling, prompt=run.request.prompt,
-                                      messages=run.request.messages)  # fmt: skip
-        backend = self._registry.get(run.job.model)
-        blocks = monitored_blocks(run.monitors)  # the read-back stops after the last block needed
-        scores = persona_scores(
-            await backend.response_activations(unsteered, run.token_ids, blocks), run.monitors
-        )
+        means = last.response_means
+        if means is None:
+            unsteered = GenerationRequest(sampling=run.request.sampling, prompt=run.request.prompt,
+                                          messages=run.request.messages)  # fmt: skip
+            backend = self._registry.get(run.job.model)
+            blocks = monitored_blocks(run.monitors)  # the read-back stops after the last block needed
+            means = await backend.response_activations(unsteered, run.token_ids, blocks)
+        scores = persona_scores(means, run.monitors)
         for name, score in scores.items():
             self._metrics.persona_score.labels(run.job.model, name).observe(score)
         return scores
@@ -171,7 +174,7 @@ class CompletionService:
             async for chunk in chunks:
                 text.append(chunk.text)
                 last = chunk
-        return run.shape.completion("".join(text), last, run.persona_echo, await self._scores(run))
+        return run.shape.completion("".join(text), last, run.persona_echo, await self._scores(run, last))
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[str]:
         """Open the generation (errors raise here, before any byte is sent), then return its SSE events."""
@@ -184,7 +187,7 @@ class CompletionService:
             async for chunk in chunks:
                 last = chunk
                 finish = chunk.finish_reason.value if chunk.finish_reason else None
-                scores = await self._scores(run) if finish else None  # on the final chunk
+                scores = await self._scores(run, chunk) if finish else None  # on the final chunk
                 if chunk.text or first or finish:
                     payload = run.shape.chunk(
                         chunk.text, finish, run.persona_echo, first=first, scores=scores

@@ -15,8 +15,9 @@ from server.engine.base import EngineError, GenerationRequest, ModelInfo, TokenC
 from server.engine.hf.read_back import ReadBackBatcher
 from server.engine.hf.runner import ModelRunner
 from server.engine.hf.scheduler import Scheduler
-from server.engine.sequence import Sequence, new_token_budget, sampling_generator, stream
+from server.engine.sequence import ResponseCapture, Sequence, new_token_budget, sampling_generator, stream
 from server.engine.text_stream import TextStream
+from server.steering.plan import SteeringPlan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -38,6 +39,19 @@ def _max_context(model: PreTrainedModel, tokenizer: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return int(min(tokenizer.model_max_length, 1 << 20))
+
+
+def _in_flight_capture(
+    monitor_blocks: int | None, plan: SteeringPlan | None, num_layers: int
+) -> ResponseCapture | None:
+    """A capture of the monitored blocks while generating, when it equals the unsteered read-back:
+    no steering on those blocks or before them (a block's output depends only on the blocks up to it)."""
+    if monitor_blocks is None:
+        return None
+    blocks = min(max(monitor_blocks, 1), num_layers)
+    if plan is not None and min(plan.deltas, default=num_layers) < blocks:
+        return None
+    return ResponseCapture(blocks)
 
 
 class HFBackend:
@@ -113,14 +127,16 @@ class HFBackend:
         max_new_tokens = new_token_budget(prompt_ids, sampling, self._info.max_context)
         if request.steering is not None:
             request.steering.validate_for(self._info.num_layers, self._info.hidden_size)
+        plan = None if request.steering is None or request.steering.is_noop else request.steering
         return Sequence(
             prompt_ids=prompt_ids,
             sampling=sampling,
-            plan=None if request.steering is None or request.steering.is_noop else request.steering,
+            plan=plan,
             text=TextStream(self._tokenizer, sampling.stop),
             sink=sink,
             max_new_tokens=max_new_tokens,
             generator=sampling_generator(sampling),
+            capture=_in_flight_capture(request.monitor_blocks, plan, self._info.num_layers),
         )
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:

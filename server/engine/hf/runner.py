@@ -171,6 +171,31 @@ class ModelRunner:
         )
         return BatchSteering.build(plans, mask, dtype=self.dtype, device=self.device)
 
+    def decode_capturing(
+        self,
+        batch: KVBatch,
+        last_tokens: Sequence[int],
+        steering: BatchSteering | None,
+        rows: Sequence[int],
+        num_blocks: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode``, also returning the outputs of blocks ``0..num_blocks-1`` for ``rows`` at the fed
+        position: [len(rows), num_blocks, hidden] (what the steering hooks left there)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        outputs: list[torch.Tensor] = []
+
+        def capture(_module: torch.nn.Module, _args: object, output: object) -> None:
+            hidden = output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
+            outputs.append(hidden.index_select(0, index)[:, -1].float().cpu())
+
+        handles = [block.register_forward_hook(capture) for block in self.layout.blocks[:num_blocks]]
+        try:
+            logits = self.decode(batch, last_tokens, steering)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits, torch.stack(outputs, dim=1)
+
     def decode(
         self, batch: KVBatch, last_tokens: Sequence[int], steering: BatchSteering | None
     ) -> torch.Tensor:

@@ -167,12 +167,27 @@ class Scheduler:
         return True
 
     def _decode_step(self) -> None:
-        logits = self._runner.decode(
-            self._batch, [s.output_ids[-1] for s in self._rows], self._decode_steering
-        )
+        last_tokens = [s.output_ids[-1] for s in self._rows]
+        capturing = [row for row, s in enumerate(self._rows) if s.capture is not None]
+        if capturing:
+            num_blocks = max(self._rows[row].capture.num_blocks for row in capturing)  # type: ignore[union-attr]
+            logits, outputs = self._runner.decode_capturing(
+                self._batch, last_tokens, self._decode_steering, capturing, num_blocks
+            )
+            for row, row_outputs in zip(capturing, outputs, strict=True):
+                capture = self._rows[row].capture
+                assert capture is not None
+                capture.add(row_outputs[: capture.num_blocks])  # the fed token is a response token
+        else:
+            logits = self._runner.decode(self._batch, last_tokens, self._decode_steering)
         tokens = sample_rows(logits, [s.sampling for s in self._rows], [s.generator for s in self._rows])
         for sequence, token in zip(self._rows, tokens, strict=True):
-            self._emit(sequence, token)
+            if sequence.capture is not None and sequence.capture.held is not None:
+                # This step read its last token: the final chunk goes out now, with the means.
+                sequence.finished = True
+                sequence.sink(sequence.capture.release())
+            else:
+                self._emit(sequence, token)
         self._drop_rows(lambda s: s.finished)
 
     def _drop_rows(self, leaves: Callable[[Sequence], bool]) -> None:
