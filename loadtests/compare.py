@@ -79,8 +79,12 @@ def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float | None]]
             rate(f"{PERSONAS} personas") / rate("one persona"),
             0.9,
         )
-        out[f"{family}: monitored / one persona"] = (
+        out[f"{family}: one persona monitored / one persona"] = (
             rate("one persona, monitored") / rate("one persona"),
+            None,
+        )
+        out[f"{family}: unsteered monitored / unsteered"] = (
+            rate("unsteered, monitored") / rate("unsteered"),
             None,
         )
         for condition in ("unsteered", f"{PERSONAS} personas"):
