@@ -41,6 +41,11 @@ def _max_context(model: PreTrainedModel, tokenizer: Any) -> int:
     return int(min(tokenizer.model_max_length, 1 << 20))
 
 
+def _leading_blocks(num_blocks: int | None, num_layers: int) -> int:
+    """How many leading blocks to read: ``num_blocks`` within 1..num_layers, all when None."""
+    return num_layers if num_blocks is None else min(max(num_blocks, 1), num_layers)
+
+
 def _in_flight_capture(
     monitor_blocks: int | None, plan: SteeringPlan | None, num_layers: int
 ) -> ResponseCapture | None:
@@ -48,7 +53,7 @@ def _in_flight_capture(
     no steering on those blocks or before them (a block's output depends only on the blocks up to it)."""
     if monitor_blocks is None:
         return None
-    blocks = min(max(monitor_blocks, 1), num_layers)
+    blocks = _leading_blocks(monitor_blocks, num_layers)
     if plan is not None and min(plan.deltas, default=num_layers) < blocks:
         return None
     return ResponseCapture(blocks)
@@ -142,27 +147,26 @@ class HFBackend:
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         return stream(lambda sink: self._sequence(request, sink), self._scheduler.submit)
 
-    async def _read_back(self, request: GenerationRequest, response_ids: list[int], work: Any) -> Any:
-        """Run ``work(prompt + response ids, prompt length)`` on the model, between decode steps."""
+    def _answer_tokens(self, request: GenerationRequest, response_ids: list[int]) -> tuple[list[int], int]:
+        """Prompt and response ids of an answer to read back, and where the response starts."""
         prompt_ids = self.prompt_ids(request)
         if not response_ids:
             raise EngineError("an empty response cannot be read back")
-        tokens = prompt_ids + list(response_ids)
-        return await asyncio.wrap_future(self._scheduler.run_on_model(lambda: work(tokens, len(prompt_ids))))
+        return prompt_ids + list(response_ids), len(prompt_ids)
+
+    async def _read_back(self, request: GenerationRequest, response_ids: list[int], work: Any) -> Any:
+        """Run ``work(prompt + response ids, prompt length)`` on the model, between decode steps."""
+        tokens, start = self._answer_tokens(request, response_ids)
+        return await asyncio.wrap_future(self._scheduler.run_on_model(lambda: work(tokens, start)))
 
     async def response_activations(
         self, request: GenerationRequest, response_ids: list[int], num_blocks: int | None = None
     ) -> np.ndarray:
         """Mean outputs of the first ``num_blocks`` blocks (default: all) over the response tokens,
         unsteered: [num_blocks, hidden]. Read-backs asked for together share forward passes."""
-        prompt_ids = self.prompt_ids(request)
-        if not response_ids:
-            raise EngineError("an empty response cannot be read back")
-        blocks = (
-            self._info.num_layers if num_blocks is None else min(max(num_blocks, 1), self._info.num_layers)
-        )
-        tokens = prompt_ids + list(response_ids)
-        return (await asyncio.wrap_future(self._read_backs.submit(tokens, len(prompt_ids), blocks))).numpy()
+        tokens, start = self._answer_tokens(request, response_ids)
+        blocks = _leading_blocks(num_blocks, self._info.num_layers)
+        return (await asyncio.wrap_future(self._read_backs.submit(tokens, start, blocks))).numpy()
 
     async def text_activations(
         self, texts: list[str], progress: Callable[[float], None] | None = None
