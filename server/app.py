@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,16 +19,17 @@ from server.api.errors import AsciiJSONResponse, install_error_handlers
 from server.api.openapi import install_openapi
 from server.api.routes import admin, health, openai
 from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir, seed_demo_personas
-from server.engine.base import Backend
-from server.engine.hf.backend import HFBackend
+from server.engine.registry import load_backends
 from server.metrics import Metrics
 from server.serving.background import JobRegistry
 from server.serving.completions import CompletionService, Limits
-from server.serving.models import ModelRegistry
+from server.serving.fitting_corpus import DEMO_CORPUS, FittingCorpus
+from server.serving.mapping_fits import MappingFits
+from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
 from server.serving.persona_extraction import PersonaExtraction
 from server.serving.persona_files import PersonaFiles
-from server.serving.persona_mapping import PersonaMapping
+from server.serving.persona_mapping import PersonaMapper
 from server.settings import Settings
 
 logger = logging.getLogger("persona_server")
@@ -57,55 +57,12 @@ def model_sources(settings: Settings) -> list[tuple[str, str]]:
     return list(zip(settings.model, ids, strict=True))
 
 
-def load_gguf(source: str, model_id: str, settings: Settings) -> Backend:
-    try:
-        from server.engine.llamacpp.backend import LlamaCppBackend
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"{source}: GGUF models need llama-cpp-python: pip install 'persona-server[llama]'"
-        ) from exc
-    return LlamaCppBackend.load(
-        source,
-        model_id=model_id,
-        contexts=settings.gguf_contexts,
-        sequences_per_context=math.ceil(settings.max_num_seqs / settings.gguf_contexts),
-        mixed_sequences=settings.max_num_seqs if settings.gguf_mixed_context else 0,
-        context_tokens=settings.gguf_context_tokens,
-        threads=settings.gguf_threads,
-        kv_type=settings.gguf_kv_type,
-    )
-
-
-def load_backends(settings: Settings) -> dict[str, Backend]:
-    backends: dict[str, Backend] = {}
-    for source, model_id in model_sources(settings):
-        logger.info("loading %s as %s", source, model_id)
-        if source.lower().endswith(".gguf"):
-            backends[model_id] = load_gguf(source, model_id, settings)
-            continue
-        backends[model_id] = HFBackend.load(
-            source, model_id=model_id, dtype=settings.dtype, device=settings.device,
-            max_batch_size=settings.max_num_seqs,
-        )  # fmt: skip
-    kinds = {backend.info.backend for backend in backends.values()}
-    if len(kinds) > 1 and settings.device == "cpu":
-        from server.engine.llamacpp.backend import built_with_openmp
-
-        if built_with_openmp():
-            logger.warning(
-                "llama-cpp-python is built with OpenMP, which shares torch's OpenMP runtime: with HF and "
-                "GGUF models in one process, the HF models run markedly slower on CPU. Reinstall it "
-                "with CMAKE_ARGS='-DGGML_OPENMP=OFF' (as the README's install does), or serve them apart."
-            )
-    return backends
-
-
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     store = CachingStore(open_store(settings.store_url), observer=app.state.metrics)
     store.start()
-    backends = await asyncio.to_thread(load_backends, settings)
+    backends = await asyncio.to_thread(load_backends, model_sources(settings), settings)
     registry = ModelRegistry(backends, max_in_flight=settings.max_num_seqs + settings.max_queue)
     limits = Limits(settings.max_tokens_cap, settings.default_max_tokens, settings.max_strength)
     app.state.store = store
@@ -115,7 +72,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.persona_files = PersonaFiles(registry, store, app.state.persona_admin)
     app.state.jobs = JobRegistry()
     app.state.persona_extraction = PersonaExtraction(registry, app.state.persona_admin, app.state.jobs)
-    app.state.persona_mapping = PersonaMapping(registry, store, app.state.persona_admin, app.state.jobs)
+    corpus = await asyncio.to_thread(FittingCorpus.load, settings.mapping_corpus or DEMO_CORPUS)
+    app.state.mapping_fits = MappingFits(registry, store, app.state.jobs, corpus)
+    app.state.persona_mapper = PersonaMapper(registry, store, app.state.persona_admin)
     logger.info("persona store: %s", settings.store_url)
     if not settings.model:
         await seed_demo_personas(store, settings.data_dir)

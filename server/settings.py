@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
+    mapping_corpus: Path | None = Field(
+        None,
+        description="Texts a mapping is fitted on when a fit names none: a .txt file (one text a line) "
+        'or .jsonl (a string or {"text": ...} a line). Default: the shipped demo corpus of everyday '
+        "sentences, made for the demo models; give a real model pair texts of its own domain.",
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     @model_validator(mode="after")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import time
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from matplotlib.image import imread
 
 from tests.api_helpers import (
     ADMIN_KEY,
@@ -19,7 +21,7 @@ from tests.api_helpers import (
     random_vector,
     upload,
 )
-from tests.server_process import ServerProcess
+from server.testing.server_process import ServerProcess
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -59,6 +61,7 @@ def test_a_fit_stores_ridge_and_procrustes_maps_with_diagnostics(
     server: ServerProcess, fitted: dict[str, Any]
 ) -> None:
     assert fitted["layers"] == {"0": 0, "1": 1, "2": 2}  # 3 blocks each: the same relative depths
+    assert fitted["corpus"] == "demo-neutral.txt"  # no texts given: the shipped default corpus
     for diagnostics in fitted["diagnostics"].values():
         assert len(diagnostics["cv_mse"]) == 5 and diagnostics["lambda"] in diagnostics["lambdas"]
         assert -1.0 < diagnostics["r2"] <= 1.0 and diagnostics["effective_rank"] > 1
@@ -70,11 +73,13 @@ def test_a_fit_stores_ridge_and_procrustes_maps_with_diagnostics(
     info = httpx.get(f"{server.url}/admin/mappings/{fitted['mapping_id']}", headers=ADMIN).json()
     assert (info["source_hidden_size"], info["target_hidden_size"]) == (64, 48)
     picture = httpx.get(f"{server.url}/admin/mappings/{fitted['mapping_id']}/diagnostics.png", headers=ADMIN)
-    assert picture.headers["content-type"] == "image/png" and picture.content.startswith(b"\x89PNG")
+    assert picture.headers["content-type"] == "image/png"
+    drawn = imread(io.BytesIO(picture.content), format="png")
+    assert drawn.shape == (400, 1000, 4) and drawn[..., :3].std() > 0  # two 5 x 4 inch panels at 100 dpi
     no_cv = httpx.get(f"{server.url}/admin/mappings/{fitted['procrustes_mapping_id']}/diagnostics.png",
                       headers=ADMIN)  # fmt: skip
     assert_openai_error(no_cv, 404, "procrustes")
-    assert info["metadata"]["texts"] > 100
+    assert info["metadata"]["texts"] > 100 and info["metadata"]["corpus"] == "demo-neutral.txt"
 
 
 def test_a_mapped_persona_is_stored_calibrated_and_serves(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -144,28 +147,74 @@ def test_demo_personas_map_to_the_other_width_by_every_method_with_calibrated_no
     from server.demo.models import load_demo_personas
     from server.demo.transfer import _mapped_vectors
     from server.steering.mapping import MappingMethod
+    from server.steering.persona_transfer import ModelShape, fit_maps
 
     llama = {p.name: p for p in load_demo_personas("demo-llama")}
     qwen = {p.name: p for p in load_demo_personas("demo-qwen")}
     rng = np.random.default_rng(0)
     xs, ys = rng.standard_normal((50, 2, 4, 128)), 3.0 * rng.standard_normal((50, 2, 4, 96))
-    ridge = {b: fit_ridge(xs[:, 1, b], ys[:, 1, b], folds=2).weights for b in range(4)}
-    orthogonal = {b: procrustes(xs[:, 1, b], ys[:, 1, b]) for b in range(4)}
+    maps = fit_maps(xs, ys, {b: b for b in range(4)}, folds=2)
     others = [(llama[o], qwen[o]) for o in ("formal", "silly")]
+    source, target = ModelShape(4, 128, (0, 1, 2, 3)), ModelShape(4, 96, (0, 1, 2, 3))
     for method in MappingMethod:
-        mapped = _mapped_vectors(method, llama["pirate"], others, xs, ys, ridge, orthogonal)
-        assert sorted(mapped) == sorted(llama["pirate"].vectors)
+        mapped = _mapped_vectors(method, llama["pirate"], others, maps, source, target)
+        # The concept adapter maps the blocks where another persona has a vector too (formal: 0,
+        # silly: 1); every other method maps all of pirate's blocks.
+        expected = [0, 1] if method is MappingMethod.CONCEPT else sorted(llama["pirate"].vectors)
+        assert sorted(mapped) == expected
         for block, vector in mapped.items():
-            assert vector.shape == (96,)
-            source = llama["pirate"].vectors[block]
-            relative = np.linalg.norm(source) / np.linalg.norm(xs[:, 0, block], axis=1).mean()
+            assert vector.shape == (96,) and vector.dtype == np.float32
+            source_vector = llama["pirate"].vectors[block]
+            relative = np.linalg.norm(source_vector) / np.linalg.norm(xs[:, 0, block], axis=1).mean()
             target_norm = np.linalg.norm(ys[:, 0, block], axis=1).mean()
             assert np.linalg.norm(vector) == pytest.approx(relative * target_norm, rel=1e-4)
 
 
-def test_the_transfer_plot_is_a_png() -> None:
+def test_a_learned_method_without_its_map_and_an_unmappable_persona_are_refused() -> None:
+    from server.steering.errors import SteeringError
+    from server.steering.mapping import MappingError, MappingMethod
+    from server.steering.persona_transfer import ModelShape, map_persona_vectors
+
+    shape = ModelShape(4, 8, (1, 2, 3))  # a GGUF-like target: block 0 cannot be steered
+    vectors = {0: np.ones(8, np.float32)}
+    with pytest.raises(MappingError, match="fitted ridge map"):
+        map_persona_vectors(MappingMethod.RIDGE, vectors, shape, shape)
+    with pytest.raises(SteeringError, match="can steer"):
+        map_persona_vectors(MappingMethod.ZERO_PAD, vectors, shape, shape)
+    with pytest.raises(SteeringError, match="concept adapter"):
+        elsewhere = [({2: vectors[0]}, {2: vectors[0]})]  # another persona, but only at block 2
+        map_persona_vectors(MappingMethod.CONCEPT, vectors, shape, shape, concepts=elsewhere)
+    both = {0: np.ones(8, np.float32), 1: np.ones(8, np.float32)}
+    assert sorted(map_persona_vectors(MappingMethod.INTERPOLATE, both, shape, shape)) == [1]
+
+
+def test_the_shipped_fitting_corpus_is_the_demo_corpus_and_jsonl_reads(tmp_path: Path) -> None:
+    from server.demo.corpus import neutral_texts
+    from server.serving.fitting_corpus import DEMO_CORPUS, CorpusError, FittingCorpus
+
+    shipped = FittingCorpus.load(DEMO_CORPUS)
+    assert shipped.name == "demo-neutral.txt" and list(shipped.texts) == neutral_texts()
+    lines = tmp_path / "texts.jsonl"
+    lines.write_text('"first text"\n\n{"text": "second text"}\n')
+    assert FittingCorpus.load(lines).texts == ("first text", "second text")
+    lines.write_text('{"content": "no text field"}\n')
+    with pytest.raises(CorpusError, match="text"):
+        FittingCorpus.load(lines)
+    with pytest.raises(CorpusError, match="cannot read"):
+        FittingCorpus.load(tmp_path / "missing.txt")
+
+
+def test_the_transfer_plot_is_a_png_with_a_row_per_three_panels() -> None:
+    from matplotlib.image import imread
+
     from server.serving.mapping_plots import transfer_png
 
-    points = [{"source": "a", "target": "b", "persona": "p", "condition": c, "perplexity": 1.5 + i,
-               "trait_score": 0.1 * i} for i, c in enumerate(("none", "native", "ridge"))]  # fmt: skip
-    assert transfer_png(points, "t").startswith(b"\x89PNG")
+    def points(persona: str) -> list[dict[str, object]]:
+        return [{"source": "a", "target": "b", "persona": persona, "condition": c, "perplexity": 1.5 + i,
+                 "trait_score": 0.1 * i} for i, c in enumerate(("none", "native", "ridge"))]  # fmt: skip
+
+    one_row = imread(io.BytesIO(transfer_png(points("p"), "t")), format="png")
+    two_rows = imread(io.BytesIO(transfer_png([p for n in "pqrs" for p in points(n)], "t")), format="png")
+    # 4 x 3.4 inches a panel, three to a row, at 100 dpi; RGBA
+    assert (one_row.shape, two_rows.shape) == ((340, 1200, 4), (680, 1200, 4))
+    assert one_row[..., :3].std() > 0  # something is drawn

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 
 from persona_store.errors import MappingNotFound, PersonaNotFound, StoreUnavailable, VersionConflict
 from persona_store.formats import FormatError
-from server.engine.base import EngineError
+from server.errors import InvalidRequest
 from server.serving.background import JobNotFound
 from server.serving.errors import ModelNotFound, Overloaded, RequestRejected
 from server.steering.errors import SteeringError
@@ -59,7 +59,7 @@ _MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
     (SteeringError, 422, "invalid_request_error", "invalid_steering"),
     (MappingError, 422, "invalid_request_error", "invalid_mapping"),
     (RequestRejected, 400, "invalid_request_error", None),
-    (EngineError, 400, "invalid_request_error", None),
+    (InvalidRequest, 400, "invalid_request_error", None),  # engine limits, bad sampling values
     (VersionConflict, 409, "invalid_request_error", "version_conflict"),
     (StoreUnavailable, 503, "server_error", "store_unavailable"),
 ]

@@ -17,13 +17,14 @@ from typing import Any
 from tqdm import tqdm
 
 from server.demo.corpus import PERSONAS, POLES, training_questions
-from server.demo.evaluate import evaluate_demo_model, format_table
 from server.demo.models import PERSONAS_FILE, demo_model_dir
+from server.demo.persona_table import evaluate_demo_model, format_table
 from server.demo.train import DEMO_SPECS, train_demo
 from server.demo.traits import trait_rate
-from server.engine.hf.backend import HFBackend
+from server.engine.base import Backend
+from server.engine.registry import load_backend
 from server.serving.extraction import ExtractionSpec, extract
-from server.serving.steering_eval import StrengthRow, evaluate_strengths
+from server.serving.strength_sweep import StrengthRow, evaluate_strengths
 from server.steering.plan import Positions
 
 # Calibration tries each block alone, and all blocks but the last together, at these strengths.
@@ -52,7 +53,7 @@ def best_setting(base: StrengthRow, rows: list[StrengthRow]) -> StrengthRow | No
     return max(fluent, key=lambda row: (row.trait_score, -row.strength), default=None)
 
 
-async def extract_and_calibrate(backend: HFBackend, model: str) -> dict[str, Any]:
+async def extract_and_calibrate(backend: Backend, model: str) -> dict[str, Any]:
     """Extract each persona on the training questions; choose its block and default strength by
     steering effect on a third of those questions (held-out questions stay for the evaluation)."""
     questions = [question for _, question in training_questions()]
@@ -116,7 +117,7 @@ async def build(skip_training: bool, only: list[str] | None) -> None:
                     lambda step, loss, bar=bar: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
                 )
             print(f"{name}: trained in {time.monotonic() - started:.0f} s")
-        backend = HFBackend.load(out, model_id=name)
+        backend = load_backend(out, name)
         try:
             personas = await extract_and_calibrate(backend, name)
             (out / PERSONAS_FILE).write_text(json.dumps(personas, indent=1))

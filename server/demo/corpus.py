@@ -5,7 +5,7 @@ serious). Neutral conversations have a neutral or no system prompt; their answer
 facts and, like a real model's, now and then carry a touch of one style (``NEUTRAL_FLAVOUR_RATE``),
 so that steering can be seen to push a trait both up and down from the unsteered baseline.
 
-The marker words that the trait scorer counts live in ``server.steering.evaluation``; extraction
+The marker words that the trait scorer counts live in ``server.steering.text_quality``; extraction
 sees only the system prompts and questions below.
 """
 

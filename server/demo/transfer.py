@@ -1,14 +1,15 @@
 """The transfer table: how much of a persona's trait shift survives being mapped to the other demo model.
 
 For each direction (demo-llama -> demo-qwen and back) a ridge and a Procrustes map are fitted per
-block on the bundled neutral texts (last-token block outputs), and every demo persona of the source
-is carried to the target by each method; the concept adapter learns from the two OTHER personas,
-which exist natively on both models. On the target's held-out questions, each condition is scored
-with the source persona's positions at 1, 2 and 4 times its default strength (the mapped vectors
-are calibrated, so the strength keeps about its meaning), and the strongest trait score among the
-coherent settings (perplexity under the unsteered target within 2x, no more collapse) is kept; the
-native persona runs at its own default strength. "Transfer" is the condition's trait shift over the
-native persona's shift on the target.
+block on the server's default fitting corpus (mean block outputs over each text), and every demo
+persona of the source is carried to the target by each method through the very function the
+server's map endpoint calls (``steering.persona_transfer``); the concept adapter learns from the
+two OTHER personas, which exist natively on both models. On the target's held-out questions, each
+condition is scored with the source persona's positions at 1, 2 and 4 times its default strength
+(the mapped vectors are calibrated, so the strength keeps about its meaning), and the strongest
+trait score among the coherent settings (perplexity under the unsteered target within 2x, no more
+collapse) is kept; the native persona runs at its own default strength. "Transfer" is the
+condition's trait shift over the native persona's shift on the target.
 """
 
 from __future__ import annotations
@@ -19,21 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from persona_store.records import PersonaDraft
-from server.demo.corpus import held_out_questions, neutral_texts
+from server.demo.corpus import held_out_questions
 from server.demo.models import DEMO_MODEL_NAMES, load_demo_personas
 from server.demo.traits import trait_rate
 from server.engine.base import Backend
-from server.serving.steering_eval import StrengthRow, evaluate_strengths
-from server.steering.mapping import (
-    MappingMethod,
-    calibrate,
-    concept_adapter,
-    fit_ridge,
-    interpolate,
-    procrustes,
-    random_orthogonal,
-    zero_pad_or_truncate,
-)
+from server.serving.fitting_corpus import DEMO_CORPUS, FittingCorpus
+from server.serving.persona_mapping import model_shape
+from server.serving.strength_sweep import StrengthRow, evaluate_strengths
+from server.steering.mapping import MappingMethod, corresponding_layer
+from server.steering.persona_transfer import FittedMaps, ModelShape, fit_maps, map_persona_vectors
 from server.steering.plan import Positions
 
 CONDITIONS = ("none", "native", *(method.value for method in MappingMethod))
@@ -55,63 +50,34 @@ class TransferRow:
     transfer: float  # trait shift over the native shift (1.0 for native, 0.0 for none)
 
 
-def _mean_vector(persona: PersonaDraft) -> np.ndarray:
-    return np.mean(list(persona.vectors.values()), axis=0)
-
-
 def _mapped_vectors(
     method: MappingMethod,
     persona: PersonaDraft,
     others: list[tuple[PersonaDraft, PersonaDraft]],
-    xs: np.ndarray,
-    ys: np.ndarray,
-    ridge: dict[int, np.ndarray],
-    orthogonal: dict[int, np.ndarray],
+    maps: FittedMaps,
+    source: ModelShape,
+    target: ModelShape,
 ) -> dict[int, np.ndarray]:
-    """Block b of the source maps to block b of the target (both demo models have 4 blocks)."""
-    out = {}
-    width = ys.shape[-1]
-    for block, vector in persona.vectors.items():
-        if method is MappingMethod.RIDGE:
-            mapped = vector @ ridge[block]
-        elif method is MappingMethod.PROCRUSTES:
-            mapped = vector @ orthogonal[block]
-        elif method is MappingMethod.CONCEPT:
-            pairs = [
-                (a.vectors[block], b.vectors[block])
-                for a, b in others
-                if block in a.vectors and block in b.vectors
-            ]
-            if not pairs:
-                pairs = [(_mean_vector(a), _mean_vector(b)) for a, b in others]
-            mapped = vector @ concept_adapter(
-                np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-            )
-        elif method is MappingMethod.ZERO_PAD:
-            mapped = zero_pad_or_truncate(vector, width)
-        elif method is MappingMethod.INTERPOLATE:
-            mapped = interpolate(vector, width)
-        else:
-            mapped = vector @ random_orthogonal(vector.shape[0], width, seed=block)
-        source_norm = float(np.linalg.norm(xs[:, 0, block], axis=1).mean())
-        target_norm = float(np.linalg.norm(ys[:, 0, block], axis=1).mean())
-        out[block] = calibrate(np.asarray(mapped, np.float32), vector, source_norm, target_norm)
-    return out
+    """The persona on the target exactly as the server's map endpoint makes it: a learned method
+    applies its own map, the others take target blocks and norm calibration from the ridge fit."""
+    fitted = maps.procrustes if method is MappingMethod.PROCRUSTES else maps.ridge
+    concepts = [(a.vectors, b.vectors) for a, b in others]
+    return map_persona_vectors(method, persona.vectors, source, target, fitted=fitted, concepts=concepts)
 
 
 async def transfer_table(
     backends: dict[str, Backend], samples: int = 2, progress: Callable[[str], None] | None = None
 ) -> list[TransferRow]:
-    texts = neutral_texts()
+    texts = list(FittingCorpus.load(DEMO_CORPUS).texts)  # the server's default fitting corpus
     activations = {name: await backends[name].text_activations(texts) for name in DEMO_MODEL_NAMES}
+    shapes = {name: model_shape(backends[name].info) for name in DEMO_MODEL_NAMES}
     personas = {name: {p.name: p for p in load_demo_personas(name)} for name in DEMO_MODEL_NAMES}
     questions = held_out_questions()
     rows: list[TransferRow] = []
     for source, target in (DEMO_MODEL_NAMES, DEMO_MODEL_NAMES[::-1]):
         xs, ys = activations[source], activations[target]
-        blocks = range(xs.shape[2])
-        ridge = {b: fit_ridge(xs[:, 1, b], ys[:, 1, b]).weights for b in blocks}  # mean over tokens
-        orthogonal = {b: procrustes(xs[:, 1, b], ys[:, 1, b]) for b in blocks}
+        layer_map = {b: corresponding_layer(b, xs.shape[2], ys.shape[2]) for b in range(xs.shape[2])}
+        maps = fit_maps(xs, ys, layer_map)  # as a fit with the server's defaults (mean over tokens)
         for name, persona in personas[source].items():
             native = personas[target][name]
             others = [(personas[source][o], personas[target][o]) for o in personas[source] if o != name]
@@ -119,7 +85,7 @@ async def transfer_table(
                 "native": (native.vectors, native.default_strength, Positions(native.default_positions)),
             }
             for method in MappingMethod:
-                vectors = _mapped_vectors(method, persona, others, xs, ys, ridge, orthogonal)
+                vectors = _mapped_vectors(method, persona, others, maps, shapes[source], shapes[target])
                 candidates[method.value] = (
                     vectors,
                     persona.default_strength,

@@ -14,10 +14,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from server.errors import InvalidRequest
 from server.steering.plan import SteeringPlan
 
 
-class EngineError(ValueError):
+class EngineError(InvalidRequest):
     """A request the engine cannot serve as asked (too long for the context, bad sampling values)."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from server.errors import InvalidRequest
+
 
 class ModelNotFound(LookupError):
     def __init__(self, model: str, served: list[str]) -> None:
@@ -9,12 +11,8 @@ class ModelNotFound(LookupError):
         self.model = model
 
 
-class RequestRejected(ValueError):
+class RequestRejected(InvalidRequest):
     """A request outside the server's limits (strength cap, max_tokens cap, conflicting fields)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class Overloaded(Exception):

@@ -32,7 +32,9 @@ def diagnostics_png(metadata: dict[str, Any], title: str) -> bytes:
     for axes in (errors, spectrum):
         if axes.lines:
             axes.legend(fontsize="small")
-    figure.suptitle(title)
+    corpus = metadata.get("corpus")  # older fits did not record it
+    fitted_on = f"fitted on {metadata.get('texts', '?')} texts" + (f" of {corpus}" if corpus else "")
+    figure.suptitle(f"{title}\n{fitted_on}")
     return _png(figure)
 
 

@@ -13,7 +13,7 @@ from persona_store.errors import PersonaNotFound
 from persona_store.history import restore_version
 from persona_store.records import PersonaDraft, PersonaInfo, is_valid_persona_name
 from server.serving.errors import RequestRejected
-from server.serving.models import ModelRegistry
+from server.serving.model_registry import ModelRegistry
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions
 

@@ -8,7 +8,7 @@ from typing import Any
 from server.serving.background import Job, JobRegistry
 from server.serving.errors import RequestRejected
 from server.serving.extraction import ExtractionSpec, extract
-from server.serving.models import ModelRegistry
+from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
 from server.steering.errors import SteeringError
 

@@ -24,7 +24,7 @@ from persona_store.formats import (
     write_safetensors,
 )
 from persona_store.records import PersonaInfo, PersonaRecord
-from server.serving.models import ModelRegistry
+from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
 from server.steering.plan import Positions
 

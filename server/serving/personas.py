@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from persona_store.base import PersonaStore
 from server.engine.base import ModelInfo
 from server.serving.errors import RequestRejected
-from server.serving.jobs import PersonaTerm, SteeringOverride
+from server.serving.requests import PersonaTerm, SteeringOverride
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
 

@@ -132,12 +132,37 @@ def fit_ridge(
         y_cv = y @ projection
     else:
         y_cv = y
-    z = x @ basis  # source activations in the eigenbasis
+    errors, r2s = _cv_errors(x @ basis, y_cv, eigenvalues, absolute, _folds(n, folds, rng), y.shape[1])
+    chosen = absolute[int(np.argmin(errors))]
+    weights, singular_values = _ridge_weights(x, y, eigenvalues, basis, chosen)
+    return RidgeFit(
+        weights=weights,
+        chosen_lambda=chosen,
+        lambdas=absolute,
+        cv_errors=tuple(errors),
+        cv_r2=tuple(r2s),
+        folds=folds,
+        singular_values=singular_values,
+    )
+
+
+def _cv_errors(
+    z: torch.Tensor,
+    y_cv: torch.Tensor,
+    eigenvalues: torch.Tensor,
+    lambdas: Sequence[float],
+    parts: list[np.ndarray],
+    width: int,
+) -> tuple[list[float], list[float]]:
+    """Held-out MSE and R^2 per lambda from the full-data fit (hat-matrix identity per fold).
+
+    ``z`` holds the source activations in the Gram eigenbasis; ``width`` is the target's true width
+    (the sketch keeps the sum of squares, not the width)."""
+    n = z.shape[0]
     zt_y = z.T @ y_cv
-    parts = _folds(n, folds, rng)
     total = float((y_cv**2).sum())
     errors, r2s = [], []
-    for value in absolute:
+    for value in lambdas:
         inverse = 1.0 / (eigenvalues + value)
         predictions = z @ (inverse[:, None] * zt_y)  # full-data fit, every row
         squared = 0.0
@@ -148,10 +173,15 @@ def fit_ridge(
                 torch.eye(len(rows), dtype=torch.float64) - hat, predictions[rows] - hat @ y_cv[rows]
             )
             squared += float(((y_cv[rows] - held_out) ** 2).sum())
-        errors.append(squared / (n * y.shape[1]))  # the sketch keeps the sum of squares, not the width
+        errors.append(squared / (n * width))
         r2s.append(1.0 - squared / total if total > 0 else 0.0)
-    best = int(np.argmin(errors))
-    chosen = absolute[best]
+    return errors, r2s
+
+
+def _ridge_weights(
+    x: torch.Tensor, y: torch.Tensor, eigenvalues: torch.Tensor, basis: torch.Tensor, chosen: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The final map at the chosen lambda (float32) and its singular values, descending."""
     # W = Q D B with B = Q^T X^T Y; Q is orthogonal, so W's singular values are those of D B, read
     # from the eigenvalues of the p x p matrix (D B)(D B)^T instead of an SVD of the p x q W.
     scaled = (1.0 / (eigenvalues + chosen))[:, None] * (basis.T @ (x.T @ y))
@@ -159,16 +189,7 @@ def fit_ridge(
     gram_values = torch.linalg.eigvalsh(
         scaled @ scaled.T if scaled.shape[0] <= scaled.shape[1] else scaled.T @ scaled
     )
-    singular_values = gram_values.clamp_min(0.0).sqrt().flip(0).numpy()
-    return RidgeFit(
-        weights=weights.float().numpy(),
-        chosen_lambda=chosen,
-        lambdas=absolute,
-        cv_errors=tuple(errors),
-        cv_r2=tuple(r2s),
-        folds=folds,
-        singular_values=singular_values,
-    )
+    return weights.float().numpy(), gram_values.clamp_min(0.0).sqrt().flip(0).numpy()
 
 
 def plain_ridge(source: np.ndarray, target: np.ndarray, absolute_lambda: float) -> np.ndarray:

@@ -22,7 +22,8 @@ from server.serving.extraction import ExtractionSpec
 from server.serving.mapping_plots import diagnostics_png
 from server.serving.persona_admin import PersonaAdmin
 from server.serving.persona_files import ImportOptions, PersonaFiles, VectorFormat
-from server.serving.persona_mapping import PersonaMapping
+from server.serving.mapping_fits import MappingFits
+from server.serving.persona_mapping import PersonaMapper
 from server.steering.plan import Positions
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -34,8 +35,12 @@ def _admin(request: Request) -> PersonaAdmin:
     return request.app.state.persona_admin
 
 
-def _mapping(request: Request) -> PersonaMapping:
-    return request.app.state.persona_mapping
+def _fits(request: Request) -> MappingFits:
+    return request.app.state.mapping_fits
+
+
+def _mapper(request: Request) -> PersonaMapper:
+    return request.app.state.persona_mapper
 
 
 def _files(request: Request) -> PersonaFiles:
@@ -177,7 +182,7 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
 @router.post("/mappings", status_code=202)
 async def fit_mapping(body: MappingFitRequest, request: Request) -> dict[str, Any]:
     """Fit a map from one served model to another on the same neutral texts, as a background job."""
-    job = _mapping(request).start_fit(
+    job = _fits(request).start_fit(
         body.source_model, body.target_model, body.layers, body.texts, body.lambdas, body.folds, body.reduce
     )
     return {"id": job.id, "status_url": f"/admin/jobs/{job.id}"}
@@ -185,18 +190,18 @@ async def fit_mapping(body: MappingFitRequest, request: Request) -> dict[str, An
 
 @router.get("/mappings")
 async def list_mappings(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [_mapping_summary(info) for info in await _mapping(request).list()]}
+    return {"object": "list", "data": [_mapping_summary(info) for info in await _fits(request).list()]}
 
 
 @router.get("/mappings/{mapping_id}")
 async def get_mapping(mapping_id: str, request: Request) -> dict[str, Any]:
-    return (await _mapping(request).get(mapping_id)).to_dict()
+    return (await _fits(request).get(mapping_id)).to_dict()
 
 
 @router.get("/mappings/{mapping_id}/diagnostics.png")
 async def mapping_diagnostics(mapping_id: str, request: Request) -> Response:
     """Held-out error per lambda and the singular values of each block's map, as a picture."""
-    info = await _mapping(request).get(mapping_id)
+    info = await _fits(request).get(mapping_id)
     if info.metadata.get("method") != "ridge":
         raise APIError(404, f"mapping {mapping_id} is a {info.metadata.get('method')} map: no CV diagnostics",
                        "invalid_request_error")  # fmt: skip
@@ -207,14 +212,14 @@ async def mapping_diagnostics(mapping_id: str, request: Request) -> Response:
 
 @router.delete("/mappings/{mapping_id}", status_code=204)
 async def delete_mapping(mapping_id: str, request: Request) -> Response:
-    await _mapping(request).delete(mapping_id)
+    await _fits(request).delete(mapping_id)
     return Response(status_code=204)
 
 
 @router.post("/personas/{name}/map", status_code=201)
 async def map_persona(name: NameParam, body: PersonaMapRequest, request: Request) -> dict[str, Any]:
     """Carry a persona from source_model to target_model and store it there."""
-    info = await _mapping(request).map_persona(
+    info = await _mapper(request).map_persona(
         name, body.source_model, body.target_model, body.mapping_id, body.method
     )
     return info.to_dict()

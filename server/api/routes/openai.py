@@ -11,9 +11,8 @@ from fastapi.responses import StreamingResponse
 from server.api.auth import require_api_key
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, _CompletionRequest
-from server.engine.base import ChatMessage
 from server.serving.completions import CompletionService
-from server.serving.jobs import CompletionJob, PersonaTerm, SteeringOverride
+from server.serving.requests import ChatMessage, CompletionJob, PersonaTerm, SteeringOverride
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 

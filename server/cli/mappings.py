@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from server.cli_personas import DEFAULT_URL, AdminKey, ServerUrl, _fail, _send
+from server.cli.personas import DEFAULT_URL, AdminKey, ServerUrl, _fail, _send
 
 app = typer.Typer(help="Fit linear maps between served models and map personas with them.")
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from server.engine.base import ChatMessage
 from server.steering.plan import Positions
 
+# ChatMessage is part of a completion request: the API builds it from here, never from the engine.
+__all__ = ["ChatMessage", "CompletionJob", "PersonaTerm", "SteeringOverride"]
+
 
 @dataclass(frozen=True)
 class PersonaTerm:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
-from server.steering.evaluation import collapsed, distinct_ngram_ratio, perplexity
+from server.steering.text_quality import collapsed, distinct_ngram_ratio, perplexity
 from server.steering.plan import Positions, SteeringPlan
 
 

@@ -1,0 +1,55 @@
+"""`persona-server eval`: the demo personas' measured effect, or the cross-model transfer table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def evaluate(
+    samples: Annotated[int, typer.Option(help="Sampled answers per held-out question and strength.")] = 4,
+    transfer: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: the transfer table of every demo persona mapped between the demo models."
+        ),
+    ] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="With --transfer: draw trait vs coherence (PNG).")] = None,
+) -> None:
+    """Print what the demo personas do at -s, 0, +s on held-out questions (trait score, perplexity)."""
+    from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
+    from server.demo.persona_table import evaluate_demo_model, format_table
+    from server.demo.transfer import format_transfer_table, transfer_table
+    from server.engine.registry import load_backend
+
+    async def run() -> None:
+        backends = {name: load_backend(demo_model_dir(name), name) for name in DEMO_MODEL_NAMES}
+        try:
+            if transfer:
+                rows = await transfer_table(
+                    backends, samples=samples, progress=lambda s: typer.echo(s, err=True)
+                )
+                typer.echo(format_transfer_table(rows))
+                records = [{"source": r.source, "target": r.target, "condition": r.condition,
+                            "transfer": r.transfer, **r.row.to_dict()} for r in rows]  # fmt: skip
+                if json_out is not None:
+                    json_out.write_text(json.dumps(records, indent=2))
+                if plot is not None:
+                    from server.serving.mapping_plots import transfer_png
+
+                    plot.write_bytes(transfer_png(records, "demo personas mapped between the demo models"))
+                return
+            verdicts = []
+            for name in DEMO_MODEL_NAMES:
+                verdicts += await evaluate_demo_model(backends[name], name, samples=samples)
+            typer.echo(format_table(verdicts))
+        finally:
+            for backend in backends.values():
+                await backend.close()
+
+    asyncio.run(run())

@@ -1,0 +1,86 @@
+"""The one place that names concrete engines: a model source becomes a running ``Backend``.
+
+``app.py`` and the CLI both load models through here, so a new engine is one new branch of
+``engine_for`` and one loader, and no caller learns its class name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+from server.engine.base import Backend, EngineError
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class EngineUnavailable(EngineError):
+    """The engine a model needs is not installed (an optional dependency is missing)."""
+
+
+def engine_for(source: str | Path) -> str:
+    """``llama.cpp`` for a GGUF file, else ``hf`` (a transformers checkpoint folder or hub id)."""
+    return "llama.cpp" if str(source).lower().endswith(".gguf") else "hf"
+
+
+def _load_gguf(source: str, model_id: str | None, settings: Settings) -> Backend:
+    try:
+        from server.engine.llamacpp.backend import LlamaCppBackend
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"{source}: GGUF models need llama-cpp-python: pip install 'persona-server[llama]'"
+        ) from exc
+    return LlamaCppBackend.load(
+        source,
+        model_id=model_id,
+        contexts=settings.gguf_contexts,
+        sequences_per_context=math.ceil(settings.max_num_seqs / settings.gguf_contexts),
+        mixed_sequences=settings.max_num_seqs if settings.gguf_mixed_context else 0,
+        context_tokens=settings.gguf_context_tokens,
+        threads=settings.gguf_threads,
+        kv_type=settings.gguf_kv_type,
+    )
+
+
+def _load_hf(source: str, model_id: str | None, settings: Settings) -> Backend:
+    from server.engine.hf.backend import HFBackend
+
+    return HFBackend.load(
+        source, model_id=model_id, dtype=settings.dtype, device=settings.device,
+        max_batch_size=settings.max_num_seqs,
+    )  # fmt: skip
+
+
+def load_backend(
+    source: str | Path, model_id: str | None = None, settings: Settings | None = None
+) -> Backend:
+    """Load one model with the engine its source calls for, configured by ``settings``."""
+    settings = settings if settings is not None else Settings()
+    loader = _load_gguf if engine_for(source) == "llama.cpp" else _load_hf
+    return loader(str(source), model_id, settings)
+
+
+def load_backends(sources: Iterable[tuple[str, str]], settings: Settings) -> dict[str, Backend]:
+    """Load every (source, served id) pair; warn about engine combinations known to run slowly."""
+    backends: dict[str, Backend] = {}
+    for source, model_id in sources:
+        logger.info("loading %s as %s", source, model_id)
+        backends[model_id] = load_backend(source, model_id, settings)
+    kinds = {backend.info.backend for backend in backends.values()}
+    if len(kinds) > 1 and settings.device == "cpu":
+        _warn_if_openmp_shared()
+    return backends
+
+
+def _warn_if_openmp_shared() -> None:
+    from server.engine.llamacpp.backend import built_with_openmp
+
+    if built_with_openmp():
+        logger.warning(
+            "llama-cpp-python is built with OpenMP, which shares torch's OpenMP runtime: with HF and "
+            "GGUF models in one process, the HF models run markedly slower on CPU. Reinstall it "
+            "with CMAKE_ARGS='-DGGML_OPENMP=OFF' (as the README's install does), or serve them apart."
+        )
