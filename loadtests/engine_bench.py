@@ -24,7 +24,7 @@ import torch
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
 from server.steering.plan import SteeringPlan
-from tests.tiny_models import build_tiny_model
+from server.testing.tiny_models import build_tiny_model
 
 REFERENCE_SIZES = {
     "hidden_size": 512,

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from loadtests.engine_bench import QUESTIONS
-from tests.server_process import free_port
+from server.testing.server_process import free_port
 
 
 class PeerProcess:

@@ -1,23 +1,22 @@
-"""Helpers of the API tests: persona uploads, metric reads."""
+"""Helpers of the API tests: the test server's keys and models, persona uploads, metric reads."""
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from server.testing import personas
+from server.testing.personas import random_vector
+
+__all__ = ["random_vector"]  # tests take it from here with the rest of their helpers
 
 ADMIN_KEY = "admin-secret"
 API_KEY = "api-secret"
 LLAMA, QWEN = "tiny-llama", "tiny-qwen"
 GGUF = "tiny-llama-gguf"  # the tiny Llama's very weights, served by llama.cpp
 QUESTION = [{"role": "user", "content": "tell me about the sea"}]
-
-
-def random_vector(size: int, seed: int) -> list[float]:
-    rng = random.Random(seed)
-    return [rng.gauss(0.0, 1.0) for _ in range(size)]
 
 
 def upload(
@@ -27,18 +26,10 @@ def upload(
     layers: dict[int, list[float]],
     default_strength: float = 1.0,
     admin_key: str | None = ADMIN_KEY,
-    if_match: int | None = None,
     **extra: Any,
 ) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
-    if if_match is not None:
-        headers["If-Match"] = str(if_match)
-    body = {
-        "model": model,
-        "layers": {str(k): v for k, v in layers.items()},
-        "default_strength": default_strength,
-    }
-    return httpx.put(f"{base_url}/admin/personas/{name}", json={**body, **extra}, headers=headers, timeout=30)
+    """An upload with the test server's admin key unless told otherwise."""
+    return personas.upload(base_url, name, model, layers, default_strength, admin_key=admin_key, **extra)
 
 
 def metric(base_url: str, name: str, **labels: str) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from tests.server_process import free_port
+from server.testing.server_process import free_port
 
 
 class RedisProcess:

@@ -12,8 +12,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from server.testing.server_process import ServerProcess
 from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, QWEN, metric
-from tests.server_process import ServerProcess
 
 
 def chat(client: openai.OpenAI, model: str = LLAMA, max_tokens: int = 12, **extra: Any) -> Any:

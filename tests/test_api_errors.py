@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
+from server.testing.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, API_KEY, LLAMA, QUESTION, assert_openai_error, random_vector, upload
-from tests.server_process import ServerProcess
 
 API = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.testing.server_process import ServerProcess
 from tests.api_helpers import QUESTION, assert_openai_error, random_vector, upload
-from tests.server_process import ServerProcess
 
 MODEL = "solo-llama"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from persona_store.formats import read_gguf_control_vector, read_safetensors, write_safetensors
+from server.testing.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, LLAMA, QWEN, assert_openai_error, random_vector, upload
-from tests.server_process import ServerProcess
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from persona_store.formats import read_gguf_control_vector
 from server.cli import app
+from server.testing.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, LLAMA, random_vector
-from tests.server_process import ServerProcess
 
 
 def run(server: ServerProcess, *args: str) -> tuple[int, str]:

@@ -1,6 +1,6 @@
 """Tiny models built on the spot: a byte-level BPE tokenizer trained here, random weights from a config.
 
-Nothing is downloaded. The tests and the engine benchmark build their models with these functions.
+Nothing is downloaded. The tests and the benchmarks build their models with these functions.
 """
 
 from __future__ import annotations
@@ -49,6 +49,36 @@ def build_tokenizer(vocab_size: int = 400, seed: int = 0) -> PreTrainedTokenizer
     return train_chat_tokenizer(_corpus(seed), vocab_size)
 
 
+# How each family's config names the shared knobs: hidden, intermediate, blocks, heads, positions, init.
+_LLAMA_NAMES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "initializer_range")  # fmt: skip
+_OPT_NAMES = ("hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+              "init_std")  # fmt: skip
+_KNOB_NAMES = {
+    "gpt2": ("n_embd", "n_inner", "n_layer", "n_head", "n_positions", "initializer_range"),
+    "gpt_neox": _LLAMA_NAMES,
+    "opt": _OPT_NAMES,
+}
+_SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def _family_fields(architecture: str, hidden_size: int, num_heads: int, num_kv_heads: int,
+                   max_positions: int) -> dict[str, Any]:  # fmt: skip
+    """What a family needs beyond the shared knobs (GPT-2 and OPT keep their tied embeddings)."""
+    if architecture == "gpt2":
+        return {}
+    if architecture == "gpt_neox":
+        return {"tie_word_embeddings": False}
+    if architecture == "opt":
+        return {"word_embed_proj_dim": hidden_size}
+    fields: dict[str, Any] = {"num_key_value_heads": num_kv_heads, "tie_word_embeddings": False}
+    if architecture in ("qwen3", "gemma2", "gemma3_text"):
+        fields["head_dim"] = hidden_size // num_heads
+    if architecture in ("gemma2", "gemma3_text"):
+        fields["sliding_window"] = max_positions
+    return fields
+
+
 def tiny_config(
     architecture: str,
     vocab_size: int,
@@ -62,65 +92,17 @@ def tiny_config(
     initializer_range: float = 0.1,
 ) -> Any:
     """A random-weight config of ``architecture`` small enough for a unit test."""
-    special = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}
-    head_dim = hidden_size // num_heads
-    common = {
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"no tiny config for {architecture}")
+    names = _KNOB_NAMES.get(architecture, _LLAMA_NAMES)
+    knobs = (hidden_size, intermediate_size, num_layers, num_heads, max_positions, initializer_range)
+    fields = {
         "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "max_position_embeddings": max_positions,
-        "initializer_range": initializer_range,
-        "tie_word_embeddings": False,
-        **special,
+        **dict(zip(names, knobs, strict=True)),
+        **_family_fields(architecture, hidden_size, num_heads, num_kv_heads, max_positions),
+        **_SPECIAL_IDS,
     }
-    if architecture in ("llama", "mistral", "qwen2", "phi3"):
-        return AutoConfig.for_model(architecture, **common)
-    if architecture == "qwen3":
-        return AutoConfig.for_model(architecture, head_dim=head_dim, **common)
-    if architecture in ("gemma2", "gemma3_text"):
-        return AutoConfig.for_model(architecture, head_dim=head_dim, sliding_window=max_positions, **common)
-    if architecture == "gpt2":
-        return AutoConfig.for_model(
-            "gpt2",
-            vocab_size=vocab_size,
-            n_embd=hidden_size,
-            n_layer=num_layers,
-            n_head=num_heads,
-            n_inner=intermediate_size,
-            n_positions=max_positions,
-            initializer_range=initializer_range,
-            **special,
-        )
-    if architecture == "gpt_neox":
-        return AutoConfig.for_model(
-            "gpt_neox",
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            intermediate_size=intermediate_size,
-            max_position_embeddings=max_positions,
-            initializer_range=initializer_range,
-            tie_word_embeddings=False,
-            **special,
-        )
-    if architecture == "opt":
-        return AutoConfig.for_model(
-            "opt",
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            ffn_dim=intermediate_size,
-            word_embed_proj_dim=hidden_size,
-            max_position_embeddings=max_positions,
-            init_std=initializer_range,
-            **special,
-        )
-    raise ValueError(f"no tiny config for {architecture}")
+    return AutoConfig.for_model(architecture, **fields)
 
 
 def build_tiny_model(
