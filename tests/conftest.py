@@ -1,3 +1,11 @@
+"""Shared fixtures: tiny models built once per session, a real server, a real Redis.
+
+Tests that start a subprocess (uvicorn through ServerProcess, redis-server, llama.cpp) are marked
+``integration``, so that ``pytest -m "not integration"`` is a quick loop: a test that uses one of
+the fixtures below that start one is marked here; a module that starts its own says so itself
+(``pytestmark = pytest.mark.integration``).
+"""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -13,6 +21,15 @@ from server.testing.server_process import ServerProcess
 from server.testing.tiny_models import build_tiny_model
 from tests.api_helpers import ADMIN_KEY, API_KEY, GGUF, LLAMA, QWEN, random_vector, upload
 from tests.redis_process import RedisProcess
+
+# The fixtures that start a real server, redis-server or llama.cpp (directly or through another).
+INTEGRATION_FIXTURES = frozenset({"server", "redis_server", "llama_gguf", "demo_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,9 @@ import pytest
 from server.testing.server_process import ServerProcess
 from tests.api_helpers import QUESTION, assert_openai_error, random_vector, upload
 
+# Each test starts its own server (and schemathesis against it).
+pytestmark = pytest.mark.integration
+
 MODEL = "solo-llama"
 
 

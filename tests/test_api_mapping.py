@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from server.testing.server_process import ServerProcess
 from tests.api_helpers import (
     ADMIN_KEY,
     GGUF,
@@ -21,7 +22,6 @@ from tests.api_helpers import (
     random_vector,
     upload,
 )
-from server.testing.server_process import ServerProcess
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 

@@ -132,6 +132,7 @@ def test_extraction_requests_are_validated(demo_server: ServerProcess) -> None:
     assert_openai_error(httpx.get(f"{demo_server.url}/admin/jobs/job-unknown"), 404, "job-unknown")
 
 
+@pytest.mark.integration  # starts its own server process
 def test_operator_edits_survive_the_demo_seeding(tmp_path: Path) -> None:
     with ServerProcess(["--data-dir", str(tmp_path)], log_path=tmp_path / "first.log") as server:
         deleted = httpx.delete(f"{server.url}/admin/personas/formal", params={"model": "demo-llama"})
@@ -149,6 +150,7 @@ def test_operator_edits_survive_the_demo_seeding(tmp_path: Path) -> None:
         assert pirate["default_strength"] == 1.5 and pirate["version"] == 2
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_extract_command_writes_an_uploadable_persona(tmp_path: Path) -> None:
     output = tmp_path / "pirate.json"
     command = [

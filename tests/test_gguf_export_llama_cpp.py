@@ -16,6 +16,9 @@ from tests.api_helpers import ADMIN_KEY, LLAMA, random_vector, upload
 from tests.llama_cpp_control_vectors import RefusedByLlamaCpp, load_control_vector
 from tests.llama_cpp_reference import hf_logits, llama_cpp_logits
 
+# Every test runs real llama.cpp.
+pytestmark = pytest.mark.integration
+
 MESSAGES = [{"role": "user", "content": "where is the treasure, captain?"}]
 
 
