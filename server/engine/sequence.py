@@ -10,12 +10,20 @@ import asyncio
 import dataclasses
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Self
 
 import torch
 
-from server.engine.base import EngineError, FinishReason, SamplingParams, TokenChunk
+from server.engine.base import (
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    ModelInfo,
+    SamplingParams,
+    TokenChunk,
+)
 from server.engine.text_stream import TextStream
 from server.steering.plan import SteeringPlan
 
@@ -64,6 +72,28 @@ class Sequence:
     submitted_at: float = field(default_factory=time.perf_counter)
     queue_seconds: float | None = None  # set when the scheduler takes it into a batch
     capture: ResponseCapture | None = None  # monitoring in flight (HF backend)
+
+    @classmethod
+    def for_request(
+        cls, request: GenerationRequest, prompt_ids: list[int], info: ModelInfo, tokenizer: Any, sink: Sink
+    ) -> Self:
+        """A request's sequence on a model: its token budget, its plan checked against the model (None
+        when it steers nothing), a text stream over ``tokenizer``; EngineError or SteeringError when
+        the model cannot serve it."""
+        sampling = request.sampling
+        max_new_tokens = new_token_budget(prompt_ids, sampling, info.max_context)
+        plan = request.steering
+        if plan is not None:
+            plan.validate_for(info.num_layers, info.hidden_size)
+        return cls(
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            plan=None if plan is None or plan.is_noop else plan,
+            text=TextStream(tokenizer, sampling.stop),
+            sink=sink,
+            max_new_tokens=max_new_tokens,
+            generator=sampling_generator(sampling),
+        )
 
     def mark_scheduled(self) -> None:
         """The scheduler starts this request's prefill: its time in the queue ends here."""
@@ -121,7 +151,7 @@ def emit(sequence: Sequence, token: int, eos_token_ids: set[int]) -> None:
     sequence.sink(chunk)
 
 
-def fail(sequences: list[Sequence], error: BaseException) -> None:
+def fail(sequences: Iterable[Sequence], error: BaseException) -> None:
     for sequence in sequences:
         sequence.finished = True
         sequence.sink(error)

@@ -1,7 +1,9 @@
-"""Finding the decoder blocks of a causal language model.
+"""Finding the decoder blocks of a causal language model, and where each engine reads layer L.
 
 A layer index everywhere in persona-server is the 0-based index of a decoder block; a vector for
-layer L is added to the output of block L, which is ``output_hidden_states[L + 1]`` in HF terms.
+layer L is added to the output of block L, which is ``output_hidden_states[L + 1]`` in HF terms
+(index 0 holds the embeddings) and ``direction.L`` of a llama.cpp control vector, whose buffer
+starts at block 1: llama.cpp cannot steer block 0.
 """
 
 from __future__ import annotations
@@ -12,6 +14,21 @@ from typing import Any
 from torch import nn
 
 from server.steering.errors import UnsupportedArchitectureError
+
+# The first block a llama.cpp control vector reaches: its buffer holds ``direction.1`` first.
+LLAMA_CPP_FIRST_STEERABLE_BLOCK = 1
+LLAMA_CPP_UNSTEERABLE_NOTE = "llama.cpp control vectors cannot steer block 0"  # in error messages
+
+
+def llama_cpp_steerable_blocks(num_layers: int) -> tuple[int, ...]:
+    """The blocks a control vector can steer in a model of ``num_layers`` blocks."""
+    return tuple(range(LLAMA_CPP_FIRST_STEERABLE_BLOCK, num_layers))
+
+
+def llama_cpp_buffer_offset(block: int, hidden_size: int) -> int:
+    """Where block ``block``'s vector starts in a control-vector buffer (floats)."""
+    return (block - LLAMA_CPP_FIRST_STEERABLE_BLOCK) * hidden_size
+
 
 # model_type -> attribute path (from the *ForCausalLM object) of the ModuleList of decoder blocks.
 # Explicit rather than guessed: a wrong guess would steer the wrong modules silently.

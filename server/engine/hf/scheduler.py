@@ -8,110 +8,53 @@ of waiting for the batch.
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.runner import ModelRunner
 from server.engine.sampling import sample_one, sample_rows
-from server.engine.sequence import Sequence, emit, fail
+from server.engine.scheduler import EngineScheduler, ModelTask
+from server.engine.sequence import Sequence
 from server.steering.hooks import BatchSteering
 
-logger = logging.getLogger(__name__)
 
-
-@dataclass(eq=False)
-class ModelTask:
-    """Work that needs the model between decode steps (activation capture), run on the scheduler thread."""
-
-    work: Callable[[], Any]
-    result: Future[Any] = field(default_factory=Future)
-
-
-class Scheduler:
+class Scheduler(EngineScheduler[Sequence, ModelTask]):
     def __init__(
         self, runner: ModelRunner, eos_token_ids: set[int], max_batch_size: int, prefill_tokens: int = 2048
     ) -> None:
+        super().__init__("hf-scheduler", eos_token_ids)
         self._runner = runner
-        self._eos = eos_token_ids
         self._max_batch_size = max_batch_size
         # Padded tokens of one grouped prefill: a burst shares one pass over the weights, while a
         # running batch waits at most one such pass for its next token.
         self._prefill_tokens = prefill_tokens
-        self._inbox: queue.SimpleQueue[Sequence | ModelTask | None] = queue.SimpleQueue()
-        self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []
         self._batch = KVBatch()
         self._decode_steering: BatchSteering | None = None
-        self._thread = threading.Thread(target=self._loop, name="hf-scheduler", daemon=True)
-        self._thread.start()
+        self._start()
 
     @property
     def num_running(self) -> int:
         return len(self._rows)
 
     @property
-    def num_waiting(self) -> int:
-        return len(self._waiting) + self._inbox.qsize()
-
-    @property
     def kv_batch(self) -> KVBatch:
         return self._batch
 
-    def submit(self, sequence: Sequence) -> None:
-        self._inbox.put(sequence)
-
     def run_on_model(self, work: Callable[[], Any]) -> Future[Any]:
         """Run ``work`` on the scheduler thread between two steps; its result arrives in the future."""
-        task = ModelTask(work)
-        self._inbox.put(task)
-        return task.result
+        return self._enqueue(ModelTask(work))
 
-    def stop(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=30)
+    def _step(self) -> None:
+        self._admit()
+        self._drop_rows(lambda s: s.cancelled)
+        if self._rows:
+            self._decode_step()
 
-    def _loop(self) -> None:
-        while self._pull_inbox(block=not self._rows and not self._waiting):
-            try:
-                self._admit()
-                self._drop_rows(lambda s: s.cancelled)
-                if self._rows:
-                    self._decode_step()
-            except Exception as exc:  # a failed forward fails its batch, never the server
-                logger.exception("generation step failed")
-                self._fail_all(exc)
-
-    def _pull_inbox(self, block: bool) -> bool:
-        """Move submitted requests to the waiting line; False once stop() was called."""
-        try:
-            item = self._inbox.get(block=block)
-            while True:
-                if item is None:
-                    self._fail_all(RuntimeError("the engine is shutting down"))
-                    return False
-                if isinstance(item, ModelTask):
-                    self._run_task(item)
-                else:
-                    self._waiting.append(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            return True
-
-    @staticmethod
-    def _run_task(task: ModelTask) -> None:
-        if not task.result.set_running_or_notify_cancel():
-            return
-        try:
-            task.result.set_result(task.work())
-        except Exception as exc:
-            task.result.set_exception(exc)
+    def _take_task(self, task: ModelTask) -> None:
+        task.run()  # between two steps: the model is free
 
     def _admit(self) -> None:
         joined = False
@@ -145,9 +88,8 @@ class Scheduler:
         try:
             logits, cache, mask = self._runner.prefill([s.prompt_ids for s in group], [s.plan for s in group])
         except Exception as exc:
-            if len(group) == 1:  # a prompt that fails fails alone; the batch goes on
-                logger.exception("prefill failed")
-                fail(group, exc)
+            if len(group) == 1:
+                self._fail_prefill(group, exc)
                 return False
             # Again one by one, so that only the failing prompt fails (a list: every one must run).
             return any([self._prefill([sequence]) for sequence in group])
@@ -198,11 +140,10 @@ class Scheduler:
         self._rows = [self._rows[index] for index in keep]
         self._decode_steering = self._runner.decode_steering([s.plan for s in self._rows])
 
-    def _emit(self, sequence: Sequence, token: int) -> None:
-        emit(sequence, token, self._eos)
+    def _running(self) -> list[Sequence]:
+        return self._rows
 
-    def _fail_all(self, error: BaseException) -> None:
-        fail([*self._rows, *self._waiting], error)
-        self._rows, self._waiting = [], deque()
+    def _forget_running(self) -> None:
+        self._rows = []
         self._batch = KVBatch()
         self._decode_steering = None

@@ -16,15 +16,13 @@ A sequence reserves KV cells for its prompt and its max_tokens, so a lane never 
 mid-generation. Requests are admitted in arrival order: one that finds no lane waits, and so do
 those behind it (no request starves).
 
-Positions, as on the HF backend: ``all`` steers every token; ``prompt`` the prompt tokens (on during
-prefill, off while decoding); ``response`` the last prompt token and the generated ones.
+Positions follow server/steering/plan.py, as on the HF backend: a prompt is fed in runs of equal
+steering (a control vector is on or off for a whole decode), and a generated token is steered when
+the plan steers generated tokens.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -35,11 +33,11 @@ import numpy as np
 import torch
 
 from server.engine.llamacpp.lane import Lane, TokenSlot
+from server.engine.llamacpp.steering import per_row_additions
 from server.engine.sampling import sample_one
-from server.engine.sequence import Sequence, emit, fail
-from server.steering.plan import Positions
-
-logger = logging.getLogger(__name__)
+from server.engine.scheduler import EngineScheduler, ModelTask
+from server.engine.sequence import Sequence
+from server.steering.plan import prompt_position_mask, steers_generated_tokens
 
 
 @dataclass(eq=False)
@@ -49,15 +47,21 @@ class LaneSequence(Sequence):
     deltas: dict[int, np.ndarray] = field(default_factory=dict)  # block -> strength * vector
     slot: int = -1
     position: int = 0  # tokens of this sequence in its lane's cache
+    steers_generated: bool = field(init=False, default=False)  # read on every decode step
+
+    def __post_init__(self) -> None:
+        self.steers_generated = self.plan is not None and steers_generated_tokens(self.plan.positions)
 
     @property
     def reservation(self) -> int:
         """KV cells this sequence may come to hold: its prompt and every token it may generate."""
         return len(self.prompt_ids) + self.max_new_tokens
 
-    @property
-    def steers_generated(self) -> bool:
-        return self.plan is not None and self.plan.positions in (Positions.ALL, Positions.RESPONSE)
+    def prompt_steering(self) -> list[bool]:
+        """Which prompt tokens are steered."""
+        if self.plan is None:
+            return [False] * len(self.prompt_ids)
+        return prompt_position_mask(self.plan.positions, len(self.prompt_ids)).tolist()
 
 
 @dataclass(eq=False)
@@ -76,43 +80,48 @@ class LaneState:
 
 
 @dataclass(eq=False)
-class LaneTask:
-    """Work that needs a whole empty lane (scoring a response), run on the scheduler thread."""
+class LaneTask(ModelTask):
+    """Work that needs a whole empty lane (scoring a response): ``work(lane)``."""
 
-    work: Callable[[Lane], Any]
     per_row: bool = False  # needs the per-row lane (reading block outputs)
-    result: Future[Any] = field(default_factory=Future)
 
 
-def _additions(rows: list[tuple[LaneSequence, int]], hidden: int) -> dict[int, np.ndarray]:
-    """block -> [len(rows), hidden]: for each (sequence, steered?) row, its delta or zeros."""
-    blocks = {block for sequence, steered in rows if steered for block in sequence.deltas}
-    additions = {block: np.zeros((len(rows), hidden), dtype=np.float32) for block in blocks}
-    for index, (sequence, steered) in enumerate(rows):
-        if steered:
-            for block, delta in sequence.deltas.items():
-                additions[block][index] = delta
-    return additions
+def _on_a_clean_lane(work: Callable[[Lane], Any]) -> Callable[[Lane], Any]:
+    """``work`` run on an empty, unsteered lane, which it leaves empty."""
+
+    def run(lane: Lane) -> Any:
+        try:
+            lane.steer(None)
+            lane.clear()
+            return work(lane)
+        finally:
+            lane.clear()
+
+    return run
 
 
-class LaneScheduler:
+def _runs(steered: list[bool]) -> list[tuple[int, int]]:
+    """(begin, end) of each run of equal values."""
+    runs: list[tuple[int, int]] = []
+    begin = 0
+    for end in range(1, len(steered) + 1):
+        if end == len(steered) or steered[end] != steered[begin]:
+            runs.append((begin, end))
+            begin = end
+    return runs
+
+
+class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
     def __init__(self, lanes: list[Lane], eos_token_ids: set[int], hidden_size: int) -> None:
+        super().__init__("llamacpp-scheduler", eos_token_ids)
         self._states = [LaneState(lane) for lane in lanes]
-        self._eos = eos_token_ids
         self._hidden = hidden_size
-        self._inbox: queue.SimpleQueue[LaneSequence | LaneTask | None] = queue.SimpleQueue()
-        self._waiting: deque[LaneSequence] = deque()
         self._tasks: deque[LaneTask] = deque()
-        self._thread = threading.Thread(target=self._loop, name="llamacpp-scheduler", daemon=True)
-        self._thread.start()
+        self._start()
 
     @property
     def num_running(self) -> int:
         return sum(len(state.rows) for state in self._states)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self._waiting) + self._inbox.qsize()
 
     @property
     def lanes_in_use(self) -> int:
@@ -122,52 +131,29 @@ class LaneScheduler:
         """(per-row lane?, running sequences) of every lane: for tests and metrics."""
         return [(state.lane.per_row, len(state.rows)) for state in self._states]
 
-    def submit(self, sequence: LaneSequence) -> None:
-        self._inbox.put(sequence)
-
     def run_on_lane(self, work: Callable[[Lane], Any], per_row: bool = False) -> Future[Any]:
         """Run ``work`` on an empty lane (the per-row one if asked) between two steps; its result
         arrives in the future."""
-        task = LaneTask(work, per_row)
-        self._inbox.put(task)
-        return task.result
-
-    def stop(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=30)
+        return self._enqueue(LaneTask(_on_a_clean_lane(work), per_row=per_row))
 
     def _busy(self) -> bool:
-        return bool(self._waiting or self._tasks or self.num_running)
+        return bool(self._tasks) or super()._busy()
 
-    def _loop(self) -> None:
-        while self._pull_inbox(block=not self._busy()):
-            try:
-                self._run_tasks()
-                self._admit()
-                for state in self._states:
-                    self._drop_rows(state, lambda s: s.cancelled)
-                    if state.rows:
-                        self._decode_step(state)
-            except Exception as exc:  # a failed decode fails what is running, never the server
-                logger.exception("llama.cpp generation step failed")
-                self._fail_all(exc)
+    def _step(self) -> None:
+        self._run_tasks()
+        self._admit()
+        for state in self._states:
+            self._drop_rows(state, lambda s: s.cancelled)
+            if state.rows:
+                self._decode_step(state)
 
-    def _pull_inbox(self, block: bool) -> bool:
-        try:
-            item = self._inbox.get(block=block)
-            while True:
-                if item is None:
-                    self._fail_all(RuntimeError("the engine is shutting down"))
-                    for task in self._tasks:
-                        task.result.cancel()
-                    return False
-                if isinstance(item, LaneTask):
-                    self._tasks.append(item)
-                else:
-                    self._waiting.append(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            return True
+    def _take_task(self, task: LaneTask) -> None:
+        self._tasks.append(task)  # it runs once a lane is empty
+
+    def _shut_down(self) -> None:
+        super()._shut_down()
+        for task in self._tasks:
+            task.result.cancel()
 
     def _empty_lane(self, per_row: bool | None = None) -> LaneState | None:
         for state in self._states:
@@ -177,17 +163,7 @@ class LaneScheduler:
 
     def _run_tasks(self) -> None:
         while self._tasks and (state := self._empty_lane(True if self._tasks[0].per_row else None)):
-            task = self._tasks.popleft()
-            if not task.result.set_running_or_notify_cancel():
-                continue
-            try:
-                state.lane.steer(None)
-                state.lane.clear()
-                task.result.set_result(task.work(state.lane))
-            except Exception as exc:
-                task.result.set_exception(exc)
-            finally:
-                state.lane.clear()
+            self._tasks.popleft().run(state.lane)
 
     def _lane_for(self, sequence: LaneSequence) -> LaneState | None:
         key = sequence.steering_key
@@ -220,50 +196,38 @@ class LaneScheduler:
             sequence.slot = state.lane.free_slots.pop()
             sequence.mark_scheduled()
             try:
-                logits = self._prefill(state, sequence)
-                emit(sequence, sample_one(torch.from_numpy(logits), sequence.sampling, sequence.generator),
-                     self._eos)  # fmt: skip
-            except Exception as exc:  # a prompt that fails fails alone
-                logger.exception("prefill failed")
-                fail([sequence], exc)
+                logits = torch.from_numpy(self._prefill(state, sequence))
+                self._emit(sequence, sample_one(logits, sequence.sampling, sequence.generator))
+            except Exception as exc:
+                self._fail_prefill([sequence], exc)
             state.rows.append(sequence)
             self._drop_rows(state, lambda s: s.finished)
 
     def _prefill(self, state: LaneState, sequence: LaneSequence) -> np.ndarray:
         """Feed the prompt; the logits of its last token."""
-        ids = sequence.prompt_ids
-        # The prompt tokens from first_steered on are steered: all, none, or (response) the last one.
-        if sequence.plan is None:
-            first_steered = len(ids)
-        elif sequence.plan.positions is Positions.RESPONSE:
-            first_steered = len(ids) - 1
-        else:
-            first_steered = 0
-        # A control vector is on or off for a whole decode: split the prompt where steering starts.
-        phases = [(0, len(ids))] if state.lane.per_row else [(0, first_steered), (first_steered, len(ids))]
-        capacity = state.lane.batch_capacity
+        ids, lane = sequence.prompt_ids, state.lane
+        steered = sequence.prompt_steering()
+        # A control vector is on or off for a whole decode: feed the prompt in runs of equal steering.
+        runs = [(0, len(ids))] if lane.per_row else _runs(steered)
         logits: list[np.ndarray] = []
-        for begin, end in phases:
-            if begin == end:
-                continue
-            if not state.lane.per_row:
-                state.lane.steer(state.steering if begin >= first_steered else None)
-            for start in range(begin, end, capacity):
-                stop = min(start + capacity, end)
+        for begin, end in runs:
+            if not lane.per_row:
+                lane.steer(state.steering if steered[begin] else None)
+            for start in range(begin, end, lane.batch_capacity):
+                stop = min(start + lane.batch_capacity, end)
                 slots = [TokenSlot(ids[p], p, sequence.slot, p == len(ids) - 1) for p in range(start, stop)]
                 additions = None
-                if state.lane.per_row and sequence.deltas:
-                    additions = _additions(
-                        [(sequence, p >= first_steered) for p in range(start, stop)], self._hidden
-                    )
-                logits = state.lane.decode(slots, additions)
+                if lane.per_row and sequence.deltas:
+                    rows = [(sequence.deltas, steered[p]) for p in range(start, stop)]
+                    additions = per_row_additions(rows, self._hidden)
+                logits = lane.decode(slots, additions)
                 sequence.position = stop
         return logits[-1]
 
     def _decode_step(self, state: LaneState) -> None:
         additions = None
         if state.lane.per_row:
-            additions = _additions([(s, s.steers_generated) for s in state.rows], self._hidden)
+            additions = per_row_additions([(s.deltas, s.steers_generated) for s in state.rows], self._hidden)
         else:
             state.lane.steer(state.steering if state.rows[0].steers_generated else None)
         slots = [TokenSlot(s.output_ids[-1], s.position, s.slot, True) for s in state.rows]
@@ -274,7 +238,7 @@ class LaneScheduler:
                 token = int(np.argmax(logits))
             else:
                 token = sample_one(torch.from_numpy(logits), sequence.sampling, sequence.generator)
-            emit(sequence, token, self._eos)
+            self._emit(sequence, token)
         self._drop_rows(state, lambda s: s.finished)
 
     def _drop_rows(self, state: LaneState, leaves: Callable[[LaneSequence], bool]) -> None:
@@ -288,9 +252,10 @@ class LaneScheduler:
         if not keep:
             state.key, state.steering = None, None
 
-    def _fail_all(self, error: BaseException) -> None:
-        fail([*self._waiting, *(s for state in self._states for s in state.rows)], error)
-        self._waiting = deque()
+    def _running(self) -> list[LaneSequence]:
+        return [sequence for state in self._states for sequence in state.rows]
+
+    def _forget_running(self) -> None:
         for state in self._states:
             for sequence in state.rows:
                 state.lane.forget(sequence.slot)

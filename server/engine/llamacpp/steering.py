@@ -1,0 +1,92 @@
+"""Where a vector meets the residual stream of a GGUF model: control vectors and per-row additions.
+
+A control vector (``llama_set_adapter_cvec``) is added to every token a context decodes, so a
+control-vector lane carries the requests of one plan at a time. The per-row lane instead adds each
+token's own deltas to the block outputs from llama.cpp's graph-evaluation callback (lane.py), so
+requests with different plans share one batch. Both add ``strength * vector`` to the output of
+block L, exactly as the HF backend's hooks do; the buffer's layout is in server/steering/layers.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+
+from server.steering.errors import SteeringError
+from server.steering.layers import (
+    LLAMA_CPP_FIRST_STEERABLE_BLOCK,
+    LLAMA_CPP_UNSTEERABLE_NOTE,
+    llama_cpp_buffer_offset,
+)
+from server.steering.plan import SteeringPlan
+
+# (block -> delta of one sequence, is this token steered?) for each row of a per-row batch.
+RowSteering = tuple[dict[int, np.ndarray], bool]
+
+
+def steering_buffer(plan: SteeringPlan, n_embd: int, n_layer: int) -> np.ndarray:
+    """The plan as llama.cpp wants it: n_embd x n_layer floats, block 1 first (block 0 is never steered)."""
+    buffer = np.zeros(n_embd * n_layer, dtype=np.float32)
+    for layer, delta in plan.deltas.items():
+        if layer < LLAMA_CPP_FIRST_STEERABLE_BLOCK:
+            raise SteeringError(
+                f"{LLAMA_CPP_UNSTEERABLE_NOTE} (they start at block {LLAMA_CPP_FIRST_STEERABLE_BLOCK}); "
+                f"choose blocks {LLAMA_CPP_FIRST_STEERABLE_BLOCK}..{n_layer - 1} for this GGUF model"
+            )
+        start = llama_cpp_buffer_offset(layer, n_embd)
+        buffer[start : start + n_embd] = delta.numpy()
+    return buffer
+
+
+def set_control_vector(ctx: ctypes.c_void_p, buffer: np.ndarray | None, n_embd: int, n_layer: int) -> None:
+    """Add ``buffer`` (from ``steering_buffer``) to every block output the context computes from now
+    on; None takes it off."""
+    if buffer is None:
+        result = llama_cpp.llama_set_adapter_cvec(ctx, None, 0, n_embd, -1, -1)
+    else:
+        pointer = buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        result = llama_cpp.llama_set_adapter_cvec(
+            ctx, pointer, buffer.size, n_embd, LLAMA_CPP_FIRST_STEERABLE_BLOCK, n_layer - 1
+        )
+    if result != 0:
+        raise RuntimeError(f"llama_set_adapter_cvec failed ({result})")
+
+
+def row_deltas(plan: SteeringPlan | None) -> dict[int, np.ndarray]:
+    """block -> strength * vector as float32 arrays: what the per-row lane adds for this plan."""
+    return {} if plan is None else {block: delta.numpy() for block, delta in plan.deltas.items()}
+
+
+def per_row_additions(rows: list[RowSteering], hidden: int) -> dict[int, np.ndarray]:
+    """block -> [len(rows), hidden]: for each row, its delta where the token is steered, else zeros."""
+    blocks = {block for deltas, steered in rows if steered for block in deltas}
+    additions = {block: np.zeros((len(rows), hidden), dtype=np.float32) for block in blocks}
+    for index, (deltas, steered) in enumerate(rows):
+        if steered:
+            for block, delta in deltas.items():
+                additions[block][index] = delta
+    return additions
+
+
+@dataclass(frozen=True)
+class RowAdditions:
+    """What one decode of the per-row lane adds: block -> [batch rows, hidden], one row per token."""
+
+    blocks: dict[int, np.ndarray]
+    output_rows: np.ndarray  # the batch rows that ask for logits
+
+    def add_to(self, block: int, output: np.ndarray) -> None:
+        """Add the block's rows to its output [rows, hidden], in place."""
+        additions = self.blocks.get(block)
+        if additions is None:
+            return
+        rows = output.shape[0]
+        if rows == additions.shape[0]:
+            output += additions
+        elif rows == len(self.output_rows):  # the last block keeps only the rows with logits
+            output += additions[self.output_rows]
+        else:
+            raise RuntimeError(f"block {block} output has {rows} rows for a batch of {additions.shape[0]}")
