@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from server.engine.base import EngineError, GenerationRequest, ModelInfo, TokenChunk
+from server.engine.base import EngineError, GenerationRequest, ModelInfo
 from server.engine.hf.read_back import ReadBackBatcher
 from server.engine.hf.runner import ModelRunner
 from server.engine.hf.scheduler import Scheduler
-from server.engine.sequence import ResponseCapture, Sequence, new_token_budget, sampling_generator, stream
-from server.engine.text_stream import TextStream
+from server.engine.in_process import InProcessBackend
+from server.engine.read_back import leading_blocks
+from server.engine.sequence import ResponseCapture, Sequence, Sink
 from server.steering.plan import SteeringPlan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,11 +42,6 @@ def _max_context(model: PreTrainedModel, tokenizer: Any) -> int:
     return int(min(tokenizer.model_max_length, 1 << 20))
 
 
-def _leading_blocks(num_blocks: int | None, num_layers: int) -> int:
-    """How many leading blocks to read: ``num_blocks`` within 1..num_layers, all when None."""
-    return num_layers if num_blocks is None else min(max(num_blocks, 1), num_layers)
-
-
 def _in_flight_capture(
     monitor_blocks: int | None, plan: SteeringPlan | None, num_layers: int
 ) -> ResponseCapture | None:
@@ -53,13 +49,13 @@ def _in_flight_capture(
     no steering on those blocks or before them (a block's output depends only on the blocks up to it)."""
     if monitor_blocks is None:
         return None
-    blocks = _leading_blocks(monitor_blocks, num_layers)
+    blocks = leading_blocks(monitor_blocks, num_layers)
     if plan is not None and min(plan.deltas, default=num_layers) < blocks:
         return None
     return ResponseCapture(blocks)
 
 
-class HFBackend:
+class HFBackend(InProcessBackend[Scheduler]):
     """Serves one transformers causal LM; every request may carry its own steering plan."""
 
     def __init__(
@@ -100,14 +96,6 @@ class HFBackend:
         return cls(model, tokenizer, name, max_batch_size=max_batch_size)
 
     @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def scheduler(self) -> Scheduler:
-        return self._scheduler
-
-    @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 
@@ -126,33 +114,10 @@ class HFBackend:
         except Exception as exc:  # a template that refuses the roles, text the tokenizer cannot encode
             raise EngineError(f"the prompt cannot be rendered for model {self._info.id}: {exc}") from exc
 
-    def _sequence(self, request: GenerationRequest, sink: Any) -> Sequence:
-        prompt_ids = self.prompt_ids(request)
-        sampling = request.sampling
-        max_new_tokens = new_token_budget(prompt_ids, sampling, self._info.max_context)
-        if request.steering is not None:
-            request.steering.validate_for(self._info.num_layers, self._info.hidden_size)
-        plan = None if request.steering is None or request.steering.is_noop else request.steering
-        return Sequence(
-            prompt_ids=prompt_ids,
-            sampling=sampling,
-            plan=plan,
-            text=TextStream(self._tokenizer, sampling.stop),
-            sink=sink,
-            max_new_tokens=max_new_tokens,
-            generator=sampling_generator(sampling),
-            capture=_in_flight_capture(request.monitor_blocks, plan, self._info.num_layers),
-        )
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        return stream(lambda sink: self._sequence(request, sink), self._scheduler.submit)
-
-    def _answer_tokens(self, request: GenerationRequest, response_ids: list[int]) -> tuple[list[int], int]:
-        """Prompt and response ids of an answer to read back, and where the response starts."""
-        prompt_ids = self.prompt_ids(request)
-        if not response_ids:
-            raise EngineError("an empty response cannot be read back")
-        return prompt_ids + list(response_ids), len(prompt_ids)
+    def _sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
+        sequence = Sequence.for_request(request, self.prompt_ids(request), self._info, self._tokenizer, sink)
+        sequence.capture = _in_flight_capture(request.monitor_blocks, sequence.plan, self._info.num_layers)
+        return sequence
 
     async def _read_back(self, request: GenerationRequest, response_ids: list[int], work: Any) -> Any:
         """Run ``work(prompt + response ids, prompt length)`` on the model, between decode steps."""
@@ -165,7 +130,7 @@ class HFBackend:
         """Mean outputs of the first ``num_blocks`` blocks (default: all) over the response tokens,
         unsteered: [num_blocks, hidden]. Read-backs asked for together share forward passes."""
         tokens, start = self._answer_tokens(request, response_ids)
-        blocks = _leading_blocks(num_blocks, self._info.num_layers)
+        blocks = leading_blocks(num_blocks, self._info.num_layers)
         return (await asyncio.wrap_future(self._read_backs.submit(tokens, start, blocks))).numpy()
 
     async def text_activations(
@@ -188,6 +153,5 @@ class HFBackend:
         """Summed negative log-likelihood (nats) and count of the response tokens, unsteered."""
         return await self._read_back(request, response_ids, self._runner.response_nll)
 
-    async def close(self) -> None:
-        await asyncio.to_thread(self._scheduler.stop)
+    def _release(self) -> None:
         self._runner.hooks.remove()

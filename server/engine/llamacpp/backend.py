@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +21,26 @@ import llama_cpp
 import numpy as np
 import torch
 
-from server.engine.base import EngineError, GenerationRequest, ModelInfo, TokenChunk
+from server.engine.base import EngineError, GenerationRequest, ModelInfo
+from server.engine.in_process import InProcessBackend
 from server.engine.llamacpp.lane import KV_TYPES, Lane, LaneConfig, TokenSlot
 from server.engine.llamacpp.scheduler import LaneScheduler, LaneSequence
+from server.engine.llamacpp.steering import row_deltas, steering_buffer
 from server.engine.llamacpp.vocab import LlamaVocab
-from server.engine.sequence import Sink, new_token_budget, sampling_generator, stream
-from server.engine.text_stream import TextStream
-from server.steering.errors import SteeringError
-from server.steering.plan import SteeringPlan
+from server.engine.sequence import Sink
+from server.steering.layers import llama_cpp_steerable_blocks
 
 logger = logging.getLogger(__name__)
-_backend_ready = False
 
 
+@functools.cache  # once per process: llama.cpp's backend is global to it
 def _init_llama_cpp() -> None:
-    global _backend_ready
-    if not _backend_ready:
-        # llama.cpp logs every tensor it loads: route its log through llama-cpp-python's callback
-        # and keep errors only.
-        from llama_cpp import _logger
+    # llama.cpp logs every tensor it loads: route its log through llama-cpp-python's callback and
+    # keep errors only.
+    from llama_cpp import _logger
 
-        _logger.set_verbose(False)
-        llama_cpp.llama_backend_init()
-        _backend_ready = True
+    _logger.set_verbose(False)
+    llama_cpp.llama_backend_init()
 
 
 def built_with_openmp() -> bool:
@@ -55,20 +53,23 @@ def built_with_openmp() -> bool:
     return b"OPENMP = 1" in llama_cpp.llama_print_system_info()
 
 
-def steering_buffer(plan: SteeringPlan, n_embd: int, n_layer: int) -> np.ndarray:
-    """The plan as llama.cpp wants it: n_embd x n_layer floats, block 1 first (block 0 is never steered)."""
-    buffer = np.zeros(n_embd * n_layer, dtype=np.float32)
-    for layer, delta in plan.deltas.items():
-        if layer == 0:
-            raise SteeringError(
-                "llama.cpp control vectors cannot steer block 0 (they start at block 1); "
-                f"choose blocks 1..{n_layer - 1} for this GGUF model"
-            )
-        buffer[(layer - 1) * n_embd : layer * n_embd] = delta.numpy()
-    return buffer
+def _response_nll(lane: Lane, tokens: list[int], first_scored: int) -> float:
+    """Summed negative log-likelihood (nats) of ``tokens[first_scored + 1:]`` given what precedes,
+    on an empty, unsteered lane."""
+    total = 0.0
+    capacity = lane.batch_capacity
+    for start in range(0, len(tokens) - 1, capacity):
+        chunk = range(start, min(start + capacity, len(tokens) - 1))
+        slots = [TokenSlot(tokens[p], p, 0, p >= first_scored) for p in chunk]
+        for position, logits in zip([p for p in chunk if p >= first_scored], lane.decode(slots), strict=True):
+            log_probs = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1)
+            total -= float(log_probs[tokens[position + 1]])
+    if not math.isfinite(total):
+        raise EngineError("the response has zero probability under the model")
+    return total
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(InProcessBackend[LaneScheduler]):
     def __init__(
         self, model: Any, model_id: str, config: LaneConfig, contexts: int, mixed: LaneConfig | None
     ) -> None:
@@ -87,7 +88,7 @@ class LlamaCppBackend:
             num_layers=n_layer,
             hidden_size=n_embd,
             max_context=min(llama_cpp.llama_model_n_ctx_train(model), config.context_tokens),
-            steerable_layers=tuple(range(1, n_layer)),
+            steerable_layers=llama_cpp_steerable_blocks(n_layer),
         )
         self._scheduler = LaneScheduler(self._lanes, self._vocab.eog_tokens, n_embd)
 
@@ -129,14 +130,6 @@ class LlamaCppBackend:
         return cls(model, model_id or path.stem, config, contexts, mixed)
 
     @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def scheduler(self) -> LaneScheduler:
-        return self._scheduler
-
-    @property
     def vocab(self) -> LlamaVocab:
         return self._vocab
 
@@ -144,30 +137,12 @@ class LlamaCppBackend:
         return self._vocab.prompt_ids(request.prompt, request.messages)
 
     def _sequence(self, request: GenerationRequest, sink: Sink) -> LaneSequence:
-        prompt_ids = self.prompt_ids(request)
-        sampling = request.sampling
-        max_new_tokens = new_token_budget(prompt_ids, sampling, self._info.max_context)
-        plan = None if request.steering is None or request.steering.is_noop else request.steering
-        buffer, key = None, ""
-        if plan is not None:
-            plan.validate_for(self._info.num_layers, self._info.hidden_size)
-            buffer = steering_buffer(plan, self._info.hidden_size, self._info.num_layers)
-            key = plan.fingerprint()
-        return LaneSequence(
-            prompt_ids=prompt_ids,
-            sampling=sampling,
-            plan=plan,
-            text=TextStream(self._vocab, sampling.stop),
-            sink=sink,
-            max_new_tokens=max_new_tokens,
-            generator=sampling_generator(sampling),
-            steering_key=key,
-            steering=buffer,
-            deltas={} if plan is None else {block: d.numpy() for block, d in plan.deltas.items()},
-        )
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        return stream(lambda sink: self._sequence(request, sink), self._scheduler.submit)
+        sequence = LaneSequence.for_request(request, self.prompt_ids(request), self._info, self._vocab, sink)
+        if sequence.plan is not None:
+            sequence.steering = steering_buffer(sequence.plan, self._info.hidden_size, self._info.num_layers)
+            sequence.steering_key = sequence.plan.fingerprint()
+            sequence.deltas = row_deltas(sequence.plan)
+        return sequence
 
     def _has_per_row_lane(self) -> None:
         if not any(lane.per_row for lane in self._lanes):
@@ -193,10 +168,8 @@ class LlamaCppBackend:
         unsteered: [num_blocks, hidden], read through llama.cpp's evaluation callback (block N's output
         is ``l_out-N``; the graph stops after the last block needed)."""
         self._has_per_row_lane()
-        prompt_ids = self.prompt_ids(request)
-        if not response_ids:
-            raise EngineError("an empty response cannot be read back")
-        outputs = await self._block_outputs(prompt_ids + list(response_ids), len(prompt_ids), num_blocks)
+        tokens, start = self._answer_tokens(request, response_ids)
+        outputs = await self._block_outputs(tokens, start, num_blocks)
         return outputs[1]
 
     async def text_activations(
@@ -216,33 +189,16 @@ class LlamaCppBackend:
 
     async def response_nll(self, request: GenerationRequest, response_ids: list[int]) -> tuple[float, int]:
         """Summed negative log-likelihood (nats) and count of the response tokens, unsteered."""
-        prompt_ids = self.prompt_ids(request)
-        if not response_ids:
-            raise EngineError("an empty response cannot be read back")
-        tokens = prompt_ids + list(response_ids)
+        tokens, start = self._answer_tokens(request, response_ids)
         if len(tokens) > self._info.max_context:
             raise EngineError(f"prompt and response exceed the context of {self._info.max_context} tokens")
+        # The logits at position p predict token p + 1: scoring starts at the last prompt token.
+        future = self._scheduler.run_on_lane(
+            lambda lane: (_response_nll(lane, tokens, start - 1), len(response_ids))
+        )
+        return await asyncio.wrap_future(future)
 
-        def score(lane: Lane) -> tuple[float, int]:
-            total = 0.0
-            capacity = lane.batch_capacity
-            first_scored = len(prompt_ids) - 1  # the logits at position p predict token p + 1
-            for start in range(0, len(tokens) - 1, capacity):
-                chunk = range(start, min(start + capacity, len(tokens) - 1))
-                slots = [TokenSlot(tokens[p], p, 0, p >= first_scored) for p in chunk]
-                for position, logits in zip(
-                    [p for p in chunk if p >= first_scored], lane.decode(slots), strict=True
-                ):
-                    log_probs = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1)
-                    total -= float(log_probs[tokens[position + 1]])
-            if not math.isfinite(total):
-                raise EngineError("the response has zero probability under the model")
-            return total, len(response_ids)
-
-        return await asyncio.wrap_future(self._scheduler.run_on_lane(score))
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._scheduler.stop)
+    def _release(self) -> None:
         for lane in self._lanes:
             lane.close()
         if self._model:

@@ -4,8 +4,9 @@ llama.cpp applies a control vector to a whole context (every token of every sequ
 a control-vector lane carries the requests of one steering plan at a time. A per-row lane instead
 adds each token's own vector to the block outputs from llama.cpp's graph-evaluation callback
 (``cb_eval``), so requests with different personas share one batch, as on the HF backend; the
-callback costs a little on every decode, so such a lane is used only when plans are mixed. Each lane
-owns its KV cache: keys and values computed under one steering are never reused under another.
+callback costs a little on every decode, so such a lane is used only when plans are mixed. What is
+added where is steering.py's. Each lane owns its KV cache: keys and values computed under one
+steering are never reused under another.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+
+from server.engine.llamacpp.steering import RowAdditions, set_control_vector
+from server.engine.read_back import leading_blocks
 
 FLASH_ATTENTION_DISABLED = 0  # llama_flash_attn_type: exact attention, as transformers computes it
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the KV cache
@@ -58,8 +62,7 @@ class Lane:
         self, model: ctypes.c_void_p, config: LaneConfig, n_embd: int, n_layer: int, per_row: bool = False
     ) -> None:
         self.per_row = per_row
-        self._additions: dict[int, np.ndarray] = {}  # block -> rows to add, during one decode
-        self._rows, self._output_rows = 0, np.zeros(0, dtype=np.int64)
+        self._additions: RowAdditions | None = None  # per-row steering, during one decode
         self._callback_error: Exception | None = None
         self._captured: dict[int, np.ndarray] | None = None  # block -> output rows, while capturing
         self._last_captured_block = -1  # while capturing: the graph stops after this block's output
@@ -107,15 +110,7 @@ class Lane:
         """
         if buffer is self._steering:
             return
-        if buffer is None:
-            result = llama_cpp.llama_set_adapter_cvec(self._ctx, None, 0, self._n_embd, -1, -1)
-        else:
-            pointer = buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            result = llama_cpp.llama_set_adapter_cvec(
-                self._ctx, pointer, buffer.size, self._n_embd, 1, self._n_layer - 1
-            )
-        if result != 0:
-            raise RuntimeError(f"llama_set_adapter_cvec failed ({result})")
+        set_control_vector(self._ctx, buffer, self._n_embd, self._n_layer)
         self._steering = buffer
 
     def _evaluate(self, tensor: int, ask: bool, _user_data: int) -> bool:
@@ -125,23 +120,19 @@ class Lane:
         Returning False when told a node is done stops the computation, so a failure here is kept
         for decode() to raise rather than silently leaving a half-computed batch.
         """
-        if not self._additions and self._captured is None:
+        additions = self._additions
+        if additions is None and self._captured is None:
             return not ask  # observe nothing (and, if told a node is done, go on)
         try:
             match = _BLOCK_OUTPUT.match(self._get_name(tensor) or b"")
             block = int(match.group(1)) if match else -1
             if ask:
-                return block in self._additions or (self._captured is not None and block >= 0)
+                steered = additions is not None and block in additions.blocks
+                return steered or (self._captured is not None and block >= 0)
             rows = self._count(tensor) // self._n_embd
             view = np.ctypeslib.as_array(self._get_data(tensor), shape=(rows, self._n_embd))
-            additions = self._additions.get(block)
             if additions is not None:
-                if rows == self._rows:
-                    view += additions
-                elif rows == len(self._output_rows):  # the last block keeps only the rows with logits
-                    view += additions[self._output_rows]
-                else:
-                    raise RuntimeError(f"block {block} output has {rows} rows for a batch of {self._rows}")
+                additions.add_to(block, view)
             if self._captured is not None:
                 self._captured[block] = view.copy()
                 # False ends the graph here: the later blocks and the output layer are not needed.
@@ -157,7 +148,7 @@ class Lane:
         (per-row lanes only). The graph stops after the last block needed."""
         if not self.per_row:
             raise ValueError("reading block outputs needs a per-row lane")
-        blocks = self._n_layer if num_blocks is None else min(max(num_blocks, 1), self._n_layer)
+        blocks = leading_blocks(num_blocks, self._n_layer)
         last = np.zeros((blocks, self._n_embd), dtype=np.float32)
         sums = np.zeros((blocks, self._n_embd), dtype=np.float64)
         for begin in range(0, len(tokens), self.batch_capacity):
@@ -209,14 +200,13 @@ class Lane:
             batch.seq_id[index][0] = slot.sequence
             batch.logits[index] = slot.logits
         batch.n_tokens = len(slots)
-        self._additions = additions or {}
-        self._rows = len(slots)
-        self._output_rows = np.flatnonzero([slot.logits for slot in slots])
+        if additions:
+            self._additions = RowAdditions(additions, np.flatnonzero([slot.logits for slot in slots]))
         self._callback_error = None
         try:
             status = llama_cpp.llama_decode(self._ctx, batch)
         finally:
-            self._additions = {}
+            self._additions = None
         if self._callback_error is not None:
             raise RuntimeError(f"per-row steering failed: {self._callback_error}") from self._callback_error
         if status != 0:
