@@ -102,6 +102,13 @@ class ModelInfo:
     hidden_size: int
     max_context: int
     steerable_layers: tuple[int, ...]  # block indices a plan may name
+    # Why a block of the model is not in steerable_layers, in the engine's words (error messages).
+    unsteerable_note: str = ""
+
+    def why_unsteerable(self, layer: int) -> str:
+        """`` (reason)`` for a block of the model that cannot be steered, else nothing."""
+        inside = 0 <= layer < self.num_layers and layer not in self.steerable_layers
+        return f" ({self.unsteerable_note})" if inside and self.unsteerable_note else ""
 
 
 @runtime_checkable

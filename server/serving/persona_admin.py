@@ -51,11 +51,10 @@ class PersonaAdmin:
         vectors: dict[int, np.ndarray] = {}
         for layer, values in layers.items():
             if layer not in info.steerable_layers:
-                unsteerable = 0 <= layer < info.num_layers  # block 0 of a GGUF model
-                why = " (llama.cpp control vectors cannot steer block 0)" if unsteerable else ""
                 raise SteeringError(
                     f"layer {layer} is outside model '{model}': expected a block index in "
-                    f"{info.steerable_layers[0]}..{info.steerable_layers[-1]}, got {layer}{why}"
+                    f"{info.steerable_layers[0]}..{info.steerable_layers[-1]}, got {layer}"
+                    f"{info.why_unsteerable(layer)}"
                 )
             if len(values) != info.hidden_size:
                 raise SteeringError(

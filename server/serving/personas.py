@@ -100,6 +100,7 @@ async def resolve_personas(
     plan.validate_for(model.num_layers, model.hidden_size)
     for layer in plan.vectors:
         if layer not in model.steerable_layers:
-            why = " (llama.cpp control vectors cannot steer block 0)" if layer == 0 else ""
-            raise SteeringError(f"layer {layer} cannot be steered on model '{model.id}'{why}")
+            raise SteeringError(
+                f"layer {layer} cannot be steered on model '{model.id}'{model.why_unsteerable(layer)}"
+            )
     return ResolvedPersonas(plan=plan, echoes=tuple(echoes))

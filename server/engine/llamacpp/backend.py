@@ -28,7 +28,7 @@ from server.engine.llamacpp.scheduler import LaneScheduler, LaneSequence
 from server.engine.llamacpp.steering import row_deltas, steering_buffer
 from server.engine.llamacpp.vocab import LlamaVocab
 from server.engine.sequence import Sink
-from server.steering.layers import llama_cpp_steerable_blocks
+from server.steering.layers import LLAMA_CPP_UNSTEERABLE_NOTE, llama_cpp_steerable_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class LlamaCppBackend(InProcessBackend[LaneScheduler]):
             hidden_size=n_embd,
             max_context=min(llama_cpp.llama_model_n_ctx_train(model), config.context_tokens),
             steerable_layers=llama_cpp_steerable_blocks(n_layer),
+            unsteerable_note=LLAMA_CPP_UNSTEERABLE_NOTE,
         )
         self._scheduler = LaneScheduler(self._lanes, self._vocab.eog_tokens, n_embd)
 
