@@ -35,6 +35,8 @@ def verdicts(request: pytest.FixtureRequest) -> list[PersonaVerdict]:
     return asyncio.run(evaluate())
 
 
+# In process, but the whole demo evaluation of both models: minutes on CPU, not for the quick loop.
+@pytest.mark.integration
 def test_each_persona_shifts_its_trait_and_stays_fluent(verdicts: list[PersonaVerdict]) -> None:
     table = format_table(verdicts)
     assert {v.persona for v in verdicts} == {"pirate", "formal", "silly"}
@@ -115,7 +117,9 @@ def test_extraction_job_stores_a_persona(demo_server: ServerProcess) -> None:
     assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["error"] is None
     result = job["result"]
     assert len(result["layers"]) == 4 and result["answers_used"] == {"positive": 12, "negative": 12}
-    assert all(entry["norm"] > 0 and entry["accuracy"] >= 0.5 for entry in result["layers"])
+    # 24 answers split by the midpoint of the two means: chance is 0.5; the demo-qwen separates
+    # 23 of 24 (0.958) at every block, so 0.85 (at most 3 misses) leaves room and still means something.
+    assert all(entry["norm"] > 0 and entry["accuracy"] >= 0.85 for entry in result["layers"]), result
     stored = httpx.get(f"{demo_server.url}/admin/personas/goofy", params={"model": "demo-qwen"}).json()
     assert list(stored["layers"]) == [str(result["recommended_layer"])]
     assert stored["provenance"]["kind"] == "extracted" and stored["default_strength"] == 2.0
