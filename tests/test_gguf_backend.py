@@ -134,6 +134,7 @@ async def test_the_demo_llama_as_gguf_answers_like_the_hf_demo_with_its_persona(
     source = demo_model_dir("demo-llama")
     gguf = LlamaCppBackend.load(convert_hf_to_gguf(source, tmp_path / "demo-llama.gguf"), kv_type="f32")
     hf = HFBackend.load(source)
+    compared = []
     try:
         for draft in load_demo_personas("demo-llama"):
             vectors = {block: v for block, v in draft.vectors.items() if block > 0}  # llama.cpp: blocks 1..
@@ -142,9 +143,12 @@ async def test_the_demo_llama_as_gguf_answers_like_the_hf_demo_with_its_persona(
             plan = SteeringPlan(vectors, draft.default_strength, Positions(draft.default_positions))
             request = chat("what do you think of the harbor?", plan, max_tokens=24)
             assert await tokens(gguf, request) == await tokens(hf, request)
+            compared.append(draft.name)
     finally:
         await gguf.close()
         await hf.close()
+    # Of the demo llama's three personas, one steers block 0 only, which llama.cpp cannot steer.
+    assert len(compared) >= 2, f"only {compared} could be compared"
 
 
 async def test_mixed_personas_share_the_per_row_lane_and_equal_hf(
@@ -170,6 +174,22 @@ async def test_mixed_personas_share_the_per_row_lane_and_equal_hf(
     watcher.cancel()
     assert list(together) == expected
     assert busiest_per_row >= 3  # different personas were decoded in one batch
+
+
+async def test_the_per_row_lane_steers_the_positions_each_rule_names(
+    llama_gguf: Path, hf_llama: HFBackend
+) -> None:
+    # No control-vector lane: every request, alone or batched, goes through the per-row lane.
+    per_row_only = LlamaCppBackend.load(llama_gguf, contexts=0, kv_type="f32")
+    try:
+        requests = [chat(QUESTIONS[0], persona(70, [1, 2], 64, 2.0, positions)) for positions in Positions]
+        expected = [await tokens(hf_llama, request) for request in requests]
+        assert len({tuple(e) for e in expected}) == 3, "here each rule must steer to other tokens"
+        assert [await tokens(per_row_only, request) for request in requests] == expected
+        together = await asyncio.gather(*(tokens(per_row_only, request) for request in requests))
+        assert list(together) == expected
+    finally:
+        await per_row_only.close()
 
 
 def test_the_convert_command_writes_a_loadable_gguf_and_refuses_other_architectures(
