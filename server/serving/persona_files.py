@@ -26,6 +26,7 @@ from persona_store.formats import (
 from persona_store.records import PersonaInfo, PersonaRecord
 from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
+from server.steering.layers import LLAMA_CPP_FIRST_STEERABLE_BLOCK, LLAMA_CPP_UNSTEERABLE_NOTE
 from server.steering.plan import Positions
 
 
@@ -125,10 +126,8 @@ class PersonaFiles:
         if fmt is VectorFormat.SAFETENSORS:
             content = write_safetensors(record.vectors, _metadata(record))
         elif fmt is VectorFormat.GGUF:
-            if 0 in record.vectors:  # llama.cpp reads direction.1 upwards: block 0 cannot be steered
-                raise FormatError(
-                    "llama.cpp control vectors cannot steer block 0; re-upload the persona without it"
-                )
+            if min(record.vectors) < LLAMA_CPP_FIRST_STEERABLE_BLOCK:  # the file holds direction.1 upwards
+                raise FormatError(f"{LLAMA_CPP_UNSTEERABLE_NOTE}; re-upload the persona without it")
             content = write_gguf_control_vector(record.vectors, model_hint=model)
         else:
             num_blocks = len(self._registry.get(model).info.steerable_layers)
