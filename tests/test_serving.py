@@ -161,13 +161,13 @@ async def test_a_stream_carries_the_same_answer_the_echo_and_usage(service: Comp
     payloads = await events(await service.stream(job(persona="pirate", stream=True, include_usage=True)))
     chunks, usage, done = payloads[:-2], payloads[-2], payloads[-1]
     assert done == "[DONE]"
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
     assert all(c["persona"] == whole["persona"] for c in chunks)
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == answer(whole)
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
-    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
     without_usage = await events(await service.stream(job(stream=True)))
     assert without_usage[-1] == "[DONE]" and all("usage" not in p for p in without_usage[:-1])
 
