@@ -7,13 +7,14 @@ large (3584 x 4096 float32 is 58 MB), so listing never reads them.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from persona_store.arrays import float32_by_layer, matrices_checksum
 
 MAPPING_ID_PATTERN = r"^map-[0-9a-f]{12}$"
 _MAPPING_ID = re.compile(MAPPING_ID_PATTERN)
@@ -27,17 +28,6 @@ def is_valid_mapping_id(mapping_id: str) -> bool:
     return bool(_MAPPING_ID.match(mapping_id))
 
 
-def matrices_checksum(matrices: dict[int, np.ndarray]) -> str:
-    """sha256 over each source block, its shape and its float32 bytes, in block order."""
-    digest = hashlib.sha256()
-    for layer in sorted(matrices):
-        matrix = np.ascontiguousarray(matrices[layer], dtype=np.float32)
-        digest.update(int(layer).to_bytes(4, "little"))
-        digest.update(np.asarray(matrix.shape, dtype=np.int64).tobytes())
-        digest.update(matrix.tobytes())
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class MappingDraft:
     """A mapping to write: the store assigns its id, creation time and checksum."""
@@ -49,16 +39,16 @@ class MappingDraft:
     metadata: dict[str, Any] = field(default_factory=dict)  # method, lambda, R^2, norms: JSON only
 
     def __post_init__(self) -> None:
-        matrices = {int(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in self.matrices.items()}
-        if not matrices:
-            raise ValueError("a mapping needs at least one matrix")
-        shapes = {m.shape for m in matrices.values()}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise ValueError("all matrices of a mapping are 2-D and of one shape")
+        matrices = float32_by_layer(
+            self.matrices,
+            ndim=2,
+            empty="a mapping needs at least one matrix",
+            mismatch="all matrices of a mapping are 2-D and of one shape",
+        )
         layer_map = {int(k): int(v) for k, v in self.layer_map.items()}
         if set(layer_map) != set(matrices):
             raise ValueError("the layer map names exactly the source blocks that have a matrix")
-        object.__setattr__(self, "matrices", dict(sorted(matrices.items())))
+        object.__setattr__(self, "matrices", matrices)
         object.__setattr__(self, "layer_map", dict(sorted(layer_map.items())))
 
     @property

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from persona_store.arrays import float32_by_layer
 
 PERSONA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME = re.compile(PERSONA_NAME_PATTERN)
@@ -15,15 +16,6 @@ _NAME = re.compile(PERSONA_NAME_PATTERN)
 
 def is_valid_persona_name(name: str) -> bool:
     return bool(_NAME.match(name))
-
-
-def vectors_checksum(vectors: dict[int, np.ndarray]) -> str:
-    """sha256 over the float32 bytes of the vectors in layer order, prefixed with their layers."""
-    digest = hashlib.sha256()
-    for layer in sorted(vectors):
-        digest.update(int(layer).to_bytes(4, "little"))
-        digest.update(np.ascontiguousarray(vectors[layer], dtype=np.float32).tobytes())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -71,13 +63,13 @@ class PersonaDraft:
     default_positions: str = "all"
 
     def __post_init__(self) -> None:
-        vectors = {int(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in self.vectors.items()}
-        if not vectors:
-            raise ValueError("a persona needs at least one layer vector")
-        sizes = {v.shape for v in vectors.values()}
-        if len(sizes) != 1 or len(next(iter(sizes))) != 1:
-            raise ValueError("all vectors of a persona are 1-D and of one size")
-        object.__setattr__(self, "vectors", dict(sorted(vectors.items())))
+        vectors = float32_by_layer(
+            self.vectors,
+            ndim=1,
+            empty="a persona needs at least one layer vector",
+            mismatch="all vectors of a persona are 1-D and of one size",
+        )
+        object.__setattr__(self, "vectors", vectors)
 
     @property
     def hidden_size(self) -> int:

@@ -1,32 +1,39 @@
 """The shared persona store: Redis, for several server replicas.
 
-Layout (every key under one prefix; model ids are percent-encoded so any id is a safe key part):
-- ``{p}:ver:{model}:{name}:{version}``: a hash with one version's metadata and vector bytes;
+Layout (every key under one prefix ``{p}``; model ids are percent-encoded so any id is a safe key
+part). These are all the keys the store writes:
+- ``{p}:ver:{model}:{name}:{version}``: a hash with one version's fields and vector bytes
+  (``persona_store.codec``: ``PERSONA_FIELDS`` and ``vectors``);
 - ``{p}:cur:{model}:{name}``: the current version number (absent once deleted);
 - ``{p}:seq:{model}:{name}``: the last version number ever given, so versions never repeat;
 - ``{p}:hist:{model}:{name}``: a sorted set of the kept versions;
-- ``{p}:idx:{model}``: the names of the model's current personas;
-- ``{p}:map:{id}``: a hash with one mapping's metadata and a field ``m:{block}`` per matrix;
+- ``{p}:idx:{model}``: a set of the names of the model's current personas;
+- ``{p}:models``: a set of every model a persona was ever written for (``list()`` of all models);
+- ``{p}:map:{id}``: a hash with one mapping's fields (``codec.MAPPING_FIELDS``) and a field
+  ``m:{block}`` per matrix;
 - ``{p}:maps``: a sorted set of mapping ids by creation time.
-Writes and deletes are Lua scripts: the version check, the new version and the index change happen
-in one atomic step on the server, so no reader ever sees half a write. The same script publishes the
-change on ``{p}:changes`` (pub/sub), which replicas use to drop their cached copy at once.
+
+Persona writes and deletes are Lua scripts: the version check, the new version and the index change
+happen in one atomic step on the server, so no reader ever sees half a write. The same script
+publishes the change on the pub/sub channel ``{p}:changes`` (a channel, not a key), which replicas
+use to drop their cached copy at once. Reads of many keys (``list``, ``versions``, ``list_mappings``)
+are pipelined: a fixed few round trips, however many personas there are.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
-import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from persona_store import codec
 from persona_store.errors import (
     MappingNotFound,
     PersonaNotFound,
@@ -35,13 +42,10 @@ from persona_store.errors import (
     VersionConflict,
 )
 from persona_store.mappings import MappingDraft, MappingInfo, MappingRecord, mapping_info, new_mapping_id
-from persona_store.records import PersonaDraft, PersonaInfo, PersonaRecord, vectors_checksum
+from persona_store.records import PersonaDraft, PersonaInfo, PersonaRecord
 
 KEY_PREFIX = "persona-server"
-_INFO_FIELDS = (
-    "model", "name", "version", "created_at", "hidden_size", "layers", "default_strength",
-    "default_positions", "description", "provenance", "checksum",
-)  # fmt: skip
+_MATRIX_FIELD = "m:"  # a mapping's hash holds the matrix of source block N in field "m:N"
 
 # KEYS: cur, seq, hist, idx, changes channel; ARGV: expected version ('' for none), keep, version key
 # prefix, name, change message, then field/value pairs. Returns the new version, or {err} on a
@@ -86,52 +90,6 @@ return redis.call('HGETALL', ARGV[1] .. current)
 """
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _info(fields: dict[str, Any]) -> PersonaInfo:
-    return PersonaInfo(
-        model=_text(fields["model"]),
-        name=_text(fields["name"]),
-        layers=tuple(json.loads(fields["layers"])),
-        hidden_size=int(fields["hidden_size"]),
-        default_strength=float(fields["default_strength"]),
-        description=_text(fields["description"]),
-        provenance=json.loads(fields["provenance"]),
-        version=int(fields["version"]),
-        created_at=float(fields["created_at"]),
-        checksum=_text(fields["checksum"]),
-        default_positions=_text(fields["default_positions"]),
-    )
-
-
-_MAPPING_FIELDS = (
-    "id", "source_model", "target_model", "layer_map", "source_hidden_size", "target_hidden_size",
-    "metadata", "created_at", "checksum",
-)  # fmt: skip
-
-
-def _record(fields: dict[str, Any]) -> PersonaRecord:
-    info = _info(fields)
-    matrix = np.frombuffer(fields["vectors"], dtype=np.float32).reshape(len(info.layers), info.hidden_size)
-    return PersonaRecord(info=info, vectors={layer: matrix[i].copy() for i, layer in enumerate(info.layers)})
-
-
-def _mapping_info(fields: dict[str, Any]) -> MappingInfo:
-    return MappingInfo(
-        id=_text(fields["id"]),
-        source_model=_text(fields["source_model"]),
-        target_model=_text(fields["target_model"]),
-        layer_map={int(k): int(v) for k, v in json.loads(fields["layer_map"]).items()},
-        source_hidden_size=int(fields["source_hidden_size"]),
-        target_hidden_size=int(fields["target_hidden_size"]),
-        metadata=json.loads(fields["metadata"]),
-        created_at=float(fields["created_at"]),
-        checksum=_text(fields["checksum"]),
-    )
-
-
 def change_message(model: str, name: str) -> str:
     return json.dumps({"model": model, "name": name})
 
@@ -156,6 +114,17 @@ class RedisStore:
             parts.append(name)
         return ":".join(parts)
 
+    @property
+    def _models_key(self) -> str:
+        return f"{self._prefix}:models"
+
+    @property
+    def _mappings_key(self) -> str:
+        return f"{self._prefix}:maps"
+
+    def _mapping_key(self, mapping_id: str) -> str:
+        return f"{self._prefix}:map:{mapping_id}"
+
     async def _call(self, coroutine: Any) -> Any:
         try:
             return await coroutine
@@ -167,65 +136,66 @@ class RedisStore:
                                           args=[self._key("ver", model, name) + ":"]))  # fmt: skip
         if not flat:
             raise PersonaNotFound(model, name)
-        return _record({_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)})
+        return codec.decode_persona_record({codec.text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)})
 
     async def get_version(self, model: str, name: str, version: int) -> PersonaRecord:
         fields = await self._call(self._redis.hgetall(f"{self._key('ver', model, name)}:{version}"))
         if not fields:
             raise PersonaVersionNotFound(model, name, version)
-        return _record({_text(k): v for k, v in fields.items()})
+        return codec.decode_persona_record({codec.text(k): v for k, v in fields.items()})
 
     async def versions(self, model: str, name: str) -> list[PersonaInfo]:
         kept = await self._call(self._redis.zrevrange(self._key("hist", model, name), 0, -1))
-        infos = []
-        for version in kept:
-            key = f"{self._key('ver', model, name)}:{_text(version)}"
-            values = await self._call(self._redis.hmget(key, list(_INFO_FIELDS)))
-            if values[0] is not None:  # trimmed between the two reads
-                infos.append(_info(dict(zip(_INFO_FIELDS, values, strict=True))))
-        return infos
+        keys = [f"{self._key('ver', model, name)}:{codec.text(version)}" for version in kept]
+        # A version trimmed between the two reads is left out.
+        return [codec.decode_persona_info(f) for f in await self._existing_hashes(keys, codec.PERSONA_FIELDS)]
 
     async def current_version(self, model: str, name: str) -> int | None:
         version = await self._call(self._redis.get(self._key("cur", model, name)))
         return None if version is None else int(version)
 
     async def list(self, model: str | None = None) -> list[PersonaInfo]:
+        """At most four round trips however many personas: models, their names, versions, fields."""
         if model is None:
-            models = [_text(m) for m in await self._call(self._redis.smembers(f"{self._prefix}:models"))]
+            models = [codec.text(m) for m in await self._call(self._redis.smembers(self._models_key))]
         else:
             models = [model]
-        infos = []
-        for target in models:
-            names = sorted(_text(n) for n in await self._call(self._redis.smembers(self._key("idx", target))))
-            for name in names:
-                version = await self._call(self._redis.get(self._key("cur", target, name)))
-                if version is None:
-                    continue  # deleted between the two reads
-                values = await self._call(
-                    self._redis.hmget(
-                        f"{self._key('ver', target, name)}:{_text(version)}", list(_INFO_FIELDS)
-                    )
-                )
-                if values[0] is not None:
-                    infos.append(_info(dict(zip(_INFO_FIELDS, values, strict=True))))
+        indexes = await self._per_key("SMEMBERS", [self._key("idx", target) for target in models])
+        personas = [
+            (target, codec.text(name))
+            for target, names in zip(models, indexes, strict=True)
+            for name in names
+        ]
+        if not personas:
+            return []
+        current = await self._call(self._redis.mget([self._key("cur", m, n) for m, n in personas]))
+        keys = [  # a persona deleted between the reads has no current version: left out
+            f"{self._key('ver', m, n)}:{codec.text(version)}"
+            for (m, n), version in zip(personas, current, strict=True)
+            if version is not None
+        ]
+        infos = [
+            codec.decode_persona_info(f) for f in await self._existing_hashes(keys, codec.PERSONA_FIELDS)
+        ]
         return sorted(infos, key=lambda info: (info.model, info.name))
 
+    async def _existing_hashes(self, keys: Sequence[str], fields: Sequence[str]) -> list[dict[str, Any]]:
+        """The named fields of each hash, in one round trip, leaving out hashes that no longer exist."""
+        rows = await self._per_key("HMGET", keys, *fields)
+        # The first field is set in every hash the store writes: without it, the hash is gone.
+        return [dict(zip(fields, values, strict=True)) for values in rows if values[0] is not None]
+
+    async def _per_key(self, command: str, keys: Sequence[str], *args: Any) -> list[Any]:
+        """``command key *args`` for each key, pipelined: one round trip however many keys."""
+        if not keys:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.execute_command(command, key, *args)
+            return await self._call(pipe.execute())
+
     async def put(self, draft: PersonaDraft, expected_version: int | None = None) -> PersonaInfo:
-        created_at = time.time()
-        checksum = vectors_checksum(draft.vectors)
-        fields: dict[str, Any] = {
-            "model": draft.model,
-            "name": draft.name,
-            "created_at": repr(created_at),
-            "hidden_size": draft.hidden_size,
-            "layers": json.dumps(list(draft.vectors)),
-            "default_strength": repr(float(draft.default_strength)),
-            "default_positions": draft.default_positions,
-            "description": draft.description,
-            "provenance": json.dumps(draft.provenance),
-            "checksum": checksum,
-            "vectors": np.stack(list(draft.vectors.values())).astype(np.float32).tobytes(),
-        }
+        fields = codec.persona_fields(draft, time.time())  # the script adds the version it assigns
         keys = [
             self._key("cur", draft.model, draft.name),
             self._key("seq", draft.model, draft.name),
@@ -246,8 +216,8 @@ class RedisStore:
             version = await self._call(self._put(keys=keys, args=args))
         except ResponseError as exc:
             raise self._conflict(draft.model, draft.name, expected_version, exc) from exc
-        await self._call(self._redis.sadd(f"{self._prefix}:models", draft.model))
-        return _info({**fields, "version": version})
+        await self._call(self._redis.sadd(self._models_key, draft.model))
+        return codec.decode_persona_info({**fields, "version": version})
 
     @staticmethod
     def _conflict(model: str, name: str, expected: int | None, exc: ResponseError) -> Exception:
@@ -269,52 +239,40 @@ class RedisStore:
 
     async def put_mapping(self, draft: MappingDraft) -> MappingInfo:
         info = mapping_info(new_mapping_id(), draft, time.time())
-        fields: dict[str, Any] = {
-            "id": info.id,
-            "source_model": info.source_model,
-            "target_model": info.target_model,
-            "layer_map": json.dumps(info.layer_map),
-            "source_hidden_size": info.source_hidden_size,
-            "target_hidden_size": info.target_hidden_size,
-            "metadata": json.dumps(info.metadata),
-            "created_at": repr(info.created_at),
-            "checksum": info.checksum,
-        }
-        fields.update({f"m:{layer}": matrix.tobytes() for layer, matrix in draft.matrices.items()})
+        fields: dict[str, Any] = codec.mapping_fields(info)
+        fields.update(
+            {f"{_MATRIX_FIELD}{layer}": codec.matrix_blob(matrix) for layer, matrix in draft.matrices.items()}
+        )
         async with self._redis.pipeline(transaction=True) as pipe:  # MULTI/EXEC: all of it or nothing
-            pipe.hset(f"{self._prefix}:map:{info.id}", mapping=fields)
-            pipe.zadd(f"{self._prefix}:maps", {info.id: info.created_at})
+            pipe.hset(self._mapping_key(info.id), mapping=fields)
+            pipe.zadd(self._mappings_key, {info.id: info.created_at})
             await self._call(pipe.execute())
         return info
 
     async def get_mapping(self, mapping_id: str) -> MappingRecord:
-        fields = await self._call(self._redis.hgetall(f"{self._prefix}:map:{mapping_id}"))
-        if not fields:
+        stored = await self._call(self._redis.hgetall(self._mapping_key(mapping_id)))
+        if not stored:
             raise MappingNotFound(mapping_id)
-        fields = {_text(k): v for k, v in fields.items()}
-        info = _mapping_info(fields)
-        shape = (info.source_hidden_size, info.target_hidden_size)
-        matrices = {
-            int(key.removeprefix("m:")): np.frombuffer(value, dtype=np.float32).reshape(shape)
-            for key, value in fields.items()
-            if key.startswith("m:")
-        }
-        return MappingRecord(info=info, matrices=dict(sorted(matrices.items())))
+        fields = {codec.text(k): v for k, v in stored.items()}
+        info = codec.decode_mapping_info(fields)
+        blobs = [
+            (int(field.removeprefix(_MATRIX_FIELD)), blob)
+            for field, blob in fields.items()
+            if field.startswith(_MATRIX_FIELD)
+        ]
+        return MappingRecord(info=info, matrices=codec.decode_matrices(info, blobs))
 
     async def list_mappings(self) -> list[MappingInfo]:
-        ids = await self._call(self._redis.zrange(f"{self._prefix}:maps", 0, -1))
-        infos = []
-        for mapping_id in ids:
-            key = f"{self._prefix}:map:{_text(mapping_id)}"
-            values = await self._call(self._redis.hmget(key, list(_MAPPING_FIELDS)))
-            if values[0] is not None:  # deleted between the two reads
-                infos.append(_mapping_info(dict(zip(_MAPPING_FIELDS, values, strict=True))))
-        return infos
+        """Two round trips however many mappings: the ids, then their fields (never the matrices)."""
+        ids = await self._call(self._redis.zrange(self._mappings_key, 0, -1))
+        keys = [self._mapping_key(codec.text(mapping_id)) for mapping_id in ids]
+        # A mapping deleted between the two reads is left out.
+        return [codec.decode_mapping_info(f) for f in await self._existing_hashes(keys, codec.MAPPING_FIELDS)]
 
     async def delete_mapping(self, mapping_id: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(f"{self._prefix}:maps", mapping_id)
-            pipe.delete(f"{self._prefix}:map:{mapping_id}")
+            pipe.zrem(self._mappings_key, mapping_id)
+            pipe.delete(self._mapping_key(mapping_id))
             removed, _ = await self._call(pipe.execute())
         if not removed:
             raise MappingNotFound(mapping_id)

@@ -8,15 +8,15 @@ old or the new version, never half of one.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from persona_store import codec
 from persona_store.errors import (
     MappingNotFound,
     PersonaNotFound,
@@ -25,7 +25,7 @@ from persona_store.errors import (
     VersionConflict,
 )
 from persona_store.mappings import MappingDraft, MappingInfo, MappingRecord, mapping_info, new_mapping_id
-from persona_store.records import PersonaDraft, PersonaInfo, PersonaRecord, vectors_checksum
+from persona_store.records import PersonaDraft, PersonaInfo, PersonaRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS persona_versions (
@@ -67,64 +67,25 @@ CREATE TABLE IF NOT EXISTS mapping_matrices (
     PRIMARY KEY (mapping_id, source_layer)
 );
 """
-_MAPPING_COLUMNS = (
-    "id, source_model, target_model, layer_map, source_hidden_size, target_hidden_size, metadata, "
-    "created_at, checksum"
-)
-_INFO_COLUMNS = (
-    "v.model, v.name, v.version, v.created_at, v.hidden_size, v.layers, v.default_strength, "
-    "v.description, v.provenance, v.checksum, v.default_positions"
-)
+_PERSONA_COLUMNS = ", ".join(f"v.{field}" for field in codec.PERSONA_FIELDS)
+_MAPPING_COLUMNS = ", ".join(codec.MAPPING_FIELDS)
+
+
+def _insert(table: str, fields: dict[str, Any]) -> str:
+    """An INSERT of named parameters: ``fields`` itself is the parameter mapping."""
+    return f"INSERT INTO {table} ({', '.join(fields)}) VALUES ({', '.join(':' + f for f in fields)})"
 
 
 def _info(row: tuple[Any, ...]) -> PersonaInfo:
-    (
-        model,
-        name,
-        version,
-        created_at,
-        hidden_size,
-        layers,
-        strength,
-        description,
-        provenance,
-        checksum,
-        positions,
-    ) = row
-    return PersonaInfo(
-        model=model,
-        name=name,
-        layers=tuple(json.loads(layers)),
-        hidden_size=hidden_size,
-        default_strength=strength,
-        description=description,
-        provenance=json.loads(provenance),
-        version=version,
-        created_at=created_at,
-        checksum=checksum,
-        default_positions=positions,
-    )
+    return codec.decode_persona_info(dict(zip(codec.PERSONA_FIELDS, row, strict=True)))
 
 
-def _record(row: tuple[Any, ...]) -> PersonaRecord:
-    info = _info(row[:-1])
-    matrix = np.frombuffer(row[-1], dtype=np.float32).reshape(len(info.layers), info.hidden_size)
-    return PersonaRecord(info=info, vectors={layer: matrix[i].copy() for i, layer in enumerate(info.layers)})
+def _record(row: tuple[Any, ...]) -> PersonaRecord:  # a row of _PERSONA_COLUMNS, then the vectors
+    return codec.decode_persona_record(dict(zip((*codec.PERSONA_FIELDS, "vectors"), row, strict=True)))
 
 
 def _mapping_info(row: tuple[Any, ...]) -> MappingInfo:
-    mapping_id, source, target, layer_map, rows, cols, metadata, created_at, checksum = row
-    return MappingInfo(
-        id=mapping_id,
-        source_model=source,
-        target_model=target,
-        layer_map={int(k): int(v) for k, v in json.loads(layer_map).items()},
-        source_hidden_size=rows,
-        target_hidden_size=cols,
-        metadata=json.loads(metadata),
-        created_at=created_at,
-        checksum=checksum,
-    )
+    return codec.decode_mapping_info(dict(zip(codec.MAPPING_FIELDS, row, strict=True)))
 
 
 class SQLiteStore:
@@ -162,7 +123,7 @@ class SQLiteStore:
 
     def _get(self, model: str, name: str) -> PersonaRecord:
         row = self._conn.execute(
-            f"SELECT {_INFO_COLUMNS}, v.vectors FROM personas p JOIN persona_versions v "
+            f"SELECT {_PERSONA_COLUMNS}, v.vectors FROM personas p JOIN persona_versions v "
             "ON v.model = p.model AND v.name = p.name AND v.version = p.version "
             "WHERE p.model = ? AND p.name = ?",
             (model, name),
@@ -173,7 +134,7 @@ class SQLiteStore:
 
     def _get_version(self, model: str, name: str, version: int) -> PersonaRecord:
         row = self._conn.execute(
-            f"SELECT {_INFO_COLUMNS}, v.vectors FROM persona_versions v "
+            f"SELECT {_PERSONA_COLUMNS}, v.vectors FROM persona_versions v "
             "WHERE v.model = ? AND v.name = ? AND v.version = ?",
             (model, name, version),
         ).fetchone()
@@ -183,7 +144,7 @@ class SQLiteStore:
 
     def _versions(self, model: str, name: str) -> list[PersonaInfo]:
         rows = self._conn.execute(
-            f"SELECT {_INFO_COLUMNS} FROM persona_versions v WHERE v.model = ? AND v.name = ? "
+            f"SELECT {_PERSONA_COLUMNS} FROM persona_versions v WHERE v.model = ? AND v.name = ? "
             "ORDER BY v.version DESC",
             (model, name),
         ).fetchall()
@@ -191,7 +152,7 @@ class SQLiteStore:
 
     def _list(self, model: str | None) -> list[PersonaInfo]:
         query = (
-            f"SELECT {_INFO_COLUMNS} FROM personas p JOIN persona_versions v "
+            f"SELECT {_PERSONA_COLUMNS} FROM personas p JOIN persona_versions v "
             "ON v.model = p.model AND v.name = p.name AND v.version = p.version"
         )
         params: tuple[Any, ...] = ()
@@ -207,36 +168,30 @@ class SQLiteStore:
             raise VersionConflict(model, name, expected, current)
         return current
 
-    def _put(self, draft: PersonaDraft, expected: int | None) -> PersonaInfo:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One atomic write: committed whole, or rolled back whole on any error (a conflict included).
+
+        IMMEDIATE takes the write lock at once, so a version check and the write after it see one state.
+        """
         self._conn.execute("BEGIN IMMEDIATE")
         try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    def _put(self, draft: PersonaDraft, expected: int | None) -> PersonaInfo:
+        with self._transaction():
             self._check(draft.model, draft.name, expected)
             (latest,) = self._conn.execute(
                 "SELECT COALESCE(MAX(version), 0) FROM persona_versions WHERE model = ? AND name = ?",
                 (draft.model, draft.name),
             ).fetchone()
-            info = PersonaInfo(
-                model=draft.model,
-                name=draft.name,
-                layers=tuple(draft.vectors),
-                hidden_size=draft.hidden_size,
-                default_strength=float(draft.default_strength),
-                description=draft.description,
-                provenance=draft.provenance,
-                version=int(latest) + 1,
-                created_at=time.time(),
-                checksum=vectors_checksum(draft.vectors),
-                default_positions=draft.default_positions,
-            )
-            blob = np.stack(list(draft.vectors.values())).astype(np.float32).tobytes()
-            self._conn.execute(
-                "INSERT INTO persona_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    info.model, info.name, info.version, info.created_at, info.hidden_size,
-                    json.dumps(list(info.layers)), info.default_strength, info.description,
-                    json.dumps(info.provenance), info.checksum, blob, info.default_positions,
-                ),
-            )  # fmt: skip
+            fields = {**codec.persona_fields(draft, time.time()), "version": int(latest) + 1}
+            self._conn.execute(_insert("persona_versions", fields), fields)
+            info = codec.decode_persona_info(fields)
             self._conn.execute(
                 "INSERT OR REPLACE INTO personas VALUES (?, ?, ?)", (info.model, info.name, info.version)
             )
@@ -244,43 +199,23 @@ class SQLiteStore:
                 "DELETE FROM persona_versions WHERE model = ? AND name = ? AND version <= ?",
                 (info.model, info.name, info.version - self.keep_versions),
             )
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
         return info
 
     def _delete(self, model: str, name: str, expected: int | None) -> None:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             if self._check(model, name, expected) is None:
                 raise PersonaNotFound(model, name)
             self._conn.execute("DELETE FROM personas WHERE model = ? AND name = ?", (model, name))
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
 
     def _put_mapping(self, draft: MappingDraft) -> MappingInfo:
         info = mapping_info(new_mapping_id(), draft, time.time())
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            self._conn.execute(
-                f"INSERT INTO mappings ({_MAPPING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    info.id, info.source_model, info.target_model, json.dumps(info.layer_map),
-                    info.source_hidden_size, info.target_hidden_size, json.dumps(info.metadata),
-                    info.created_at, info.checksum,
-                ),
-            )  # fmt: skip
+        fields = codec.mapping_fields(info)
+        with self._transaction():
+            self._conn.execute(_insert("mappings", fields), fields)
             self._conn.executemany(
                 "INSERT INTO mapping_matrices VALUES (?, ?, ?)",
-                [(info.id, layer, matrix.tobytes()) for layer, matrix in draft.matrices.items()],
+                [(info.id, layer, codec.matrix_blob(matrix)) for layer, matrix in draft.matrices.items()],
             )
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
         return info
 
     def _mapping_info(self, mapping_id: str) -> MappingInfo:
@@ -296,9 +231,7 @@ class SQLiteStore:
         rows = self._conn.execute(
             "SELECT source_layer, matrix FROM mapping_matrices WHERE mapping_id = ?", (mapping_id,)
         ).fetchall()
-        shape = (info.source_hidden_size, info.target_hidden_size)
-        matrices = {int(layer): np.frombuffer(blob, dtype=np.float32).reshape(shape) for layer, blob in rows}
-        return MappingRecord(info=info, matrices=dict(sorted(matrices.items())))
+        return MappingRecord(info=info, matrices=codec.decode_matrices(info, rows))
 
     def _list_mappings(self) -> list[MappingInfo]:
         rows = self._conn.execute(f"SELECT {_MAPPING_COLUMNS} FROM mappings ORDER BY created_at, id")

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from persona_store.arrays import matrices_checksum, vectors_checksum
 from persona_store.base import PersonaStore
 from persona_store.errors import MappingNotFound, PersonaNotFound, PersonaVersionNotFound, VersionConflict
 from persona_store.history import restore_version
-from persona_store.mappings import MappingDraft, is_valid_mapping_id, matrices_checksum
-from persona_store.records import PersonaDraft, vectors_checksum
+from persona_store.mappings import MappingDraft, is_valid_mapping_id
+from persona_store.records import PersonaDraft
 from persona_store.redis import RedisStore
 from persona_store.sqlite import SQLiteStore
 from tests.redis_process import RedisProcess
