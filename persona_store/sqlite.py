@@ -94,6 +94,7 @@ class SQLiteStore:
         self.keep_versions = keep_versions
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._closed = False
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -108,6 +109,8 @@ class SQLiteStore:
     async def _run(self, work: Any, *args: Any) -> Any:
         def locked() -> Any:
             with self._lock:
+                if self._closed:  # a call that outlives close(), e.g. a request during shutdown
+                    raise StoreUnavailable(f"the SQLite store at {self.path} is closed")
                 try:
                     return work(*args)
                 except sqlite3.OperationalError as exc:
@@ -278,4 +281,9 @@ class SQLiteStore:
         await self._run(lambda: self._conn.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
-        await self._run(self._conn.close)
+        def close() -> None:
+            with self._lock:
+                self._closed = True
+                self._conn.close()  # closing twice is harmless
+
+        await asyncio.to_thread(close)

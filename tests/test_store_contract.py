@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import pytest
 
 from persona_store.arrays import matrices_checksum, vectors_checksum
 from persona_store.base import PersonaStore
-from persona_store.errors import MappingNotFound, PersonaNotFound, PersonaVersionNotFound, VersionConflict
+from persona_store.errors import (
+    MappingNotFound,
+    PersonaNotFound,
+    PersonaVersionNotFound,
+    StoreUnavailable,
+    VersionConflict,
+)
 from persona_store.history import restore_version
 from persona_store.mappings import MappingDraft, is_valid_mapping_id
 from persona_store.records import PersonaDraft
@@ -89,8 +96,27 @@ async def test_concurrent_writers_get_distinct_versions(store: PersonaStore) -> 
     assert current.info.version == 8
 
 
-async def test_ping_answers(store: PersonaStore) -> None:
-    await store.ping()
+async def unreachable_twin(store: PersonaStore, directory: Path) -> PersonaStore:
+    """A store of the same kind that cannot answer: SQLite once closed, Redis with no server there."""
+    if isinstance(store, SQLiteStore):
+        closed = SQLiteStore(directory / "closed.sqlite3")
+        await closed.close()
+        return closed
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return RedisStore.from_url(f"redis://127.0.0.1:{port}/0")
+
+
+async def test_ping_answers(store: PersonaStore, tmp_path: Path) -> None:
+    """Ping returns while the store answers and raises StoreUnavailable when it cannot (/ready's 503)."""
+    assert await store.ping() is None
+    unreachable = await unreachable_twin(store, tmp_path)
+    with pytest.raises(StoreUnavailable):
+        await unreachable.ping()
+    with pytest.raises(StoreUnavailable):  # every other call as well: the API answers 503, never 500
+        await unreachable.get("org/model-7b", "pirate")
+    await unreachable.close()
 
 
 async def test_current_version_is_a_cheap_probe(store: PersonaStore) -> None:
