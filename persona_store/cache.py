@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -53,9 +53,11 @@ class CachingStore:
         heal_interval: float = 5.0,
         resubscribe_delay: float = 1.0,
         observer: StoreObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,  # what the intervals are measured on (tests step it)
     ) -> None:
         self._inner = inner
         self._observer = observer
+        self._clock = clock
         self._check_interval = check_interval
         self._heal_interval = heal_interval
         self._resubscribe_delay = resubscribe_delay
@@ -130,7 +132,7 @@ class CachingStore:
     async def get(self, model: str, name: str) -> PersonaRecord:
         key = (model, name)
         entry = self._entries.get(key)
-        now = time.monotonic()
+        now = self._clock()
         interval = self._heal_interval if self._feed_live else self._check_interval
         if entry is not None and now - entry.checked_at < interval:
             self._lookup(hit=True)

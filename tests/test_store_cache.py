@@ -21,17 +21,30 @@ def draft(name: str, seed: int) -> PersonaDraft:
     return PersonaDraft(model="m", name=name, vectors={1: np.random.default_rng(seed).standard_normal(8)})
 
 
+class SteppedClock:
+    """A monotonic clock that moves only when the test moves it: intervals without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_hits_and_a_write_elsewhere_is_seen_within_the_check_interval(
     redis_server: RedisProcess,
 ) -> None:
     redis_server.flush()
-    here = CachingStore(RedisStore.from_url(redis_server.url), check_interval=0.3)
+    clock = SteppedClock()
+    here = CachingStore(RedisStore.from_url(redis_server.url), check_interval=0.3, clock=clock)
     other_replica = RedisStore.from_url(redis_server.url)
     await other_replica.put(draft("pirate", 1))
     first = await here.get("m", "pirate")
     assert (await here.get("m", "pirate")) is first and (here.hits, here.misses) == (1, 1)
     await other_replica.put(draft("pirate", 2))
-    await asyncio.sleep(0.35)
+    clock.now += 0.29  # still within the interval: the cached version, without asking the store
+    assert (await here.get("m", "pirate")) is first
+    clock.now += 0.02  # past it: the version probe finds the write made elsewhere
     assert (await here.get("m", "pirate")).info.version == 2
     await here.close()
     await other_replica.close()
