@@ -7,9 +7,9 @@ from pathlib import Path
 
 import httpx
 
+from server.testing.server_process import ServerProcess
 from tests.api_helpers import QUESTION, assert_openai_error, metric, random_vector, upload
 from tests.redis_process import RedisProcess
-from tests.server_process import ServerProcess
 
 
 def test_a_persona_uploaded_on_one_replica_is_served_by_the_other(
@@ -33,13 +33,16 @@ def test_a_persona_uploaded_on_one_replica_is_served_by_the_other(
         ready = httpx.get(f"{second.url}/ready").json()
         assert ready["store"] == "ok" and ready["change_feed"] == "live"
 
-        # An update of a persona the second replica has cached is served there within 1 s.
+        # An update of a persona the second replica has cached is served there. How fast is no claim
+        # of this test (the change feed's drop is tested alone in test_store_cache.py): the deadline,
+        # far past the cache's version probe interval, only ends a test that would otherwise hang.
         new_layers = {2: random_vector(64, 4)}
         updated = upload(first.url, "pirate", "shared", new_layers, 2.0, admin_key=None, if_match=1)
         assert updated.status_code == 200, updated.text
-        written_at = time.monotonic()
+        deadline = time.monotonic() + 30.0
         while (served := httpx.post(answer_url, json=body).json()["persona"])["version"] != 2:
-            assert time.monotonic() - written_at < 1.0, "the update was not served within 1 s"
+            assert time.monotonic() < deadline, f"the second replica still serves {served}"
+            time.sleep(0.05)
         assert served == {"name": "pirate", "strength": 2.0, "version": 2, "layers": [2]}
 
 
