@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -29,6 +30,22 @@ class AsciiJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
+_ERROR_TYPES = "invalid_request_error, authentication_error, permission_error, rate_limit_error, server_error"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description=f"One of: {_ERROR_TYPES}.")
+    param: str | None = Field(description="The offending request field, when known.")
+    code: str | None = Field(description="A machine-readable reason, e.g. model_not_found.")
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error object, the body of every error answer; routes declare it in /openapi.json."""
+
+    error: ErrorDetail
+
+
 class APIError(Exception):
     """An error raised directly by a route (authentication, malformed upload)."""
 
@@ -45,6 +62,8 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> AsciiJSONResponse:
+    # A plain dict, not ErrorResponse: the message may echo a lone surrogate from bad input, which
+    # only the ASCII renderer copes with. tests/test_openapi.py keeps the two shapes equal.
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     return AsciiJSONResponse(body, status_code=status, headers=headers)
 

@@ -11,6 +11,7 @@ from pydantic import FiniteFloat
 from persona_store.records import PERSONA_NAME_PATTERN
 from server.api.auth import require_admin
 from server.api.errors import APIError
+from server.api.openapi import binary, errors
 from server.api.protocol import (
     ExtractionRequest,
     MappingFitRequest,
@@ -18,15 +19,25 @@ from server.api.protocol import (
     PersonaRestore,
     PersonaUpload,
 )
+from server.api.resources import (
+    JobHandle,
+    JobStatus,
+    Mapping,
+    MappingList,
+    MappingSummary,
+    Persona,
+    PersonaList,
+    PersonaWithVectors,
+)
 from server.serving.extraction import ExtractionSpec
+from server.serving.mapping_fits import MappingFits
 from server.serving.mapping_plots import diagnostics_png
 from server.serving.persona_admin import PersonaAdmin
 from server.serving.persona_files import ImportOptions, PersonaFiles, VectorFormat
-from server.serving.mapping_fits import MappingFits
 from server.serving.persona_mapping import PersonaMapper
 from server.steering.plan import Positions
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], responses=errors(401, 403))
 NameParam = Annotated[str, Path(pattern=PERSONA_NAME_PATTERN)]
 LAYER_LIST_PATTERN = r"^\s*\d{1,6}(\s*,\s*\d{1,6})*\s*$"
 
@@ -59,7 +70,7 @@ def _expected_version(if_match: str | None) -> int | None:
     return int(value)
 
 
-@router.put("/personas/{name}")
+@router.put("/personas/{name}", response_model=Persona, responses=errors(400, 404, 409, 413, 422, 503))
 async def put_persona(
     name: NameParam, body: PersonaUpload, request: Request, if_match: Annotated[str | None, Header()] = None
 ) -> dict[str, Any]:
@@ -75,12 +86,12 @@ async def put_persona(
     return info.to_dict()
 
 
-@router.get("/personas/{name}")
+@router.get("/personas/{name}", response_model=PersonaWithVectors, responses=errors(404, 422, 503))
 async def get_persona(name: NameParam, model: Annotated[str, Query()], request: Request) -> dict[str, Any]:
     return await _admin(request).get(name, model)
 
 
-@router.delete("/personas/{name}", status_code=204)
+@router.delete("/personas/{name}", status_code=204, responses=errors(400, 404, 409, 422, 503))
 async def delete_persona(
     name: NameParam,
     model: Annotated[str, Query()],
@@ -91,14 +102,16 @@ async def delete_persona(
     return Response(status_code=204)
 
 
-@router.get("/personas/{name}/versions")
+@router.get("/personas/{name}/versions", response_model=PersonaList, responses=errors(404, 422, 503))
 async def list_versions(name: NameParam, model: Annotated[str, Query()], request: Request) -> dict[str, Any]:
     """The kept versions, newest first (a deleted persona's history stays, for restoring)."""
     kept = await _admin(request).versions(name, model)
     return {"object": "list", "data": [info.to_dict() for info in kept]}
 
 
-@router.post("/personas/{name}/restore")
+@router.post(
+    "/personas/{name}/restore", response_model=Persona, responses=errors(400, 404, 409, 413, 422, 503)
+)
 async def restore_persona(
     name: NameParam, body: PersonaRestore, request: Request, if_match: Annotated[str | None, Header()] = None
 ) -> dict[str, Any]:
@@ -107,7 +120,9 @@ async def restore_persona(
     return info.to_dict()
 
 
-@router.post("/personas/{name}/import")
+@router.post(
+    "/personas/{name}/import", response_model=Persona, responses=errors(400, 404, 409, 413, 422, 503)
+)
 async def import_persona(
     name: NameParam,
     request: Request,
@@ -137,7 +152,11 @@ async def import_persona(
     return info.to_dict()
 
 
-@router.get("/personas/{name}/export")
+@router.get(
+    "/personas/{name}/export",
+    response_class=Response,
+    responses={**binary("application/octet-stream", "The vector file."), **errors(400, 404, 422, 503)},
+)
 async def export_persona(
     name: NameParam,
     request: Request,
@@ -152,13 +171,18 @@ async def export_persona(
     )
 
 
-@router.get("/personas")
+@router.get("/personas", response_model=PersonaList, responses=errors(404, 503))
 async def list_personas(request: Request, model: str | None = None) -> dict[str, Any]:
     return {"object": "list", "data": [info.to_dict() for info in await _admin(request).list(model)]}
 
 
-@router.post("/personas/{name}/extract", status_code=202)
-async def extract_persona(name: NameParam, body: ExtractionRequest, request: Request) -> dict[str, Any]:
+@router.post(
+    "/personas/{name}/extract",
+    status_code=202,
+    response_model=JobHandle,
+    responses=errors(400, 404, 413, 422),
+)
+async def extract_persona(name: NameParam, body: ExtractionRequest, request: Request) -> JobHandle:
     spec = ExtractionSpec(
         positive_prompts=body.positive_prompts,
         negative_prompts=body.negative_prompts,
@@ -171,34 +195,38 @@ async def extract_persona(name: NameParam, body: ExtractionRequest, request: Req
     job = request.app.state.persona_extraction.start(
         name, body.model, spec, body.layers, body.default_strength, body.description
     )
-    return {"id": job.id, "status_url": f"/admin/jobs/{job.id}"}
+    return _handle(job)
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", response_model=JobStatus, responses=errors(404))
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     return request.app.state.jobs.get(job_id).to_dict()
 
 
-@router.post("/mappings", status_code=202)
-async def fit_mapping(body: MappingFitRequest, request: Request) -> dict[str, Any]:
+@router.post("/mappings", status_code=202, response_model=JobHandle, responses=errors(400, 404, 413, 422))
+async def fit_mapping(body: MappingFitRequest, request: Request) -> JobHandle:
     """Fit a map from one served model to another on the same neutral texts, as a background job."""
     job = _fits(request).start_fit(
         body.source_model, body.target_model, body.layers, body.texts, body.lambdas, body.folds, body.reduce
     )
-    return {"id": job.id, "status_url": f"/admin/jobs/{job.id}"}
+    return _handle(job)
 
 
-@router.get("/mappings")
-async def list_mappings(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [_mapping_summary(info) for info in await _fits(request).list()]}
+@router.get("/mappings", response_model=MappingList, responses=errors(503))
+async def list_mappings(request: Request) -> MappingList:
+    return MappingList(data=[_mapping_summary(info) for info in await _fits(request).list()])
 
 
-@router.get("/mappings/{mapping_id}")
+@router.get("/mappings/{mapping_id}", response_model=Mapping, responses=errors(400, 404, 503))
 async def get_mapping(mapping_id: str, request: Request) -> dict[str, Any]:
     return (await _fits(request).get(mapping_id)).to_dict()
 
 
-@router.get("/mappings/{mapping_id}/diagnostics.png")
+@router.get(
+    "/mappings/{mapping_id}/diagnostics.png",
+    response_class=Response,
+    responses={**binary("image/png", "The diagnostics plot."), **errors(400, 404, 503)},
+)
 async def mapping_diagnostics(mapping_id: str, request: Request) -> Response:
     """Held-out error per lambda and the singular values of each block's map, as a picture."""
     info = await _fits(request).get(mapping_id)
@@ -210,13 +238,15 @@ async def mapping_diagnostics(mapping_id: str, request: Request) -> Response:
     return Response(png, media_type="image/png")
 
 
-@router.delete("/mappings/{mapping_id}", status_code=204)
+@router.delete("/mappings/{mapping_id}", status_code=204, responses=errors(400, 404, 503))
 async def delete_mapping(mapping_id: str, request: Request) -> Response:
     await _fits(request).delete(mapping_id)
     return Response(status_code=204)
 
 
-@router.post("/personas/{name}/map", status_code=201)
+@router.post(
+    "/personas/{name}/map", status_code=201, response_model=Persona, responses=errors(400, 404, 413, 422, 503)
+)
 async def map_persona(name: NameParam, body: PersonaMapRequest, request: Request) -> dict[str, Any]:
     """Carry a persona from source_model to target_model and store it there."""
     info = await _mapper(request).map_persona(
@@ -225,15 +255,19 @@ async def map_persona(name: NameParam, body: PersonaMapRequest, request: Request
     return info.to_dict()
 
 
-def _mapping_summary(info: Any) -> dict[str, Any]:
+def _handle(job: Any) -> JobHandle:
+    return JobHandle(id=job.id, status_url=f"/admin/jobs/{job.id}")
+
+
+def _mapping_summary(info: Any) -> MappingSummary:
     blocks = info.metadata.get("blocks", {})
-    return {
-        "id": info.id,
-        "source_model": info.source_model,
-        "target_model": info.target_model,
-        "method": info.metadata.get("method"),
-        "layers": {str(k): v for k, v in info.layer_map.items()},
-        "lambda": {block: d.get("lambda") for block, d in blocks.items()},
-        "r2": {block: d.get("r2") for block, d in blocks.items()},
-        "created_at": info.created_at,
-    }
+    return MappingSummary(
+        id=info.id,
+        source_model=info.source_model,
+        target_model=info.target_model,
+        method=info.metadata.get("method"),
+        layers={str(k): v for k, v in info.layer_map.items()},
+        lambda_={block: d.get("lambda") for block, d in blocks.items()},
+        r2={block: d.get("r2") for block, d in blocks.items()},
+        created_at=info.created_at,
+    )

@@ -9,16 +9,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from persona_store.errors import StoreUnavailable
 from server.api.errors import AsciiJSONResponse
+from server.api.resources import Health, Readiness
 
 router = APIRouter()
+_TEXT = {"type": "string"}
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health)
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "No model is served or the store is unreachable."}},
+)
 async def ready(request: Request) -> Any:
     state = request.app.state
     models = state.registry.ids
@@ -37,6 +43,10 @@ async def ready(request: Request) -> Any:
     return AsciiJSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus metrics.", "content": {"text/plain": {"schema": _TEXT}}}},
+)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

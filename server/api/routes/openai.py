@@ -10,11 +10,18 @@ from fastapi.responses import StreamingResponse
 
 from server.api.auth import require_api_key
 from server.api.errors import APIError
+from server.api.openapi import errors, event_stream
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, _CompletionRequest
+from server.api.resources import ModelCard, ModelList, PersonaSummaryList
 from server.serving.completions import CompletionService
 from server.serving.requests import ChatMessage, CompletionJob, PersonaTerm, SteeringOverride
+from server.serving.responses import ChatCompletion, ChatCompletionChunk, CompletionChunk, TextCompletion
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=errors(401))
+# What a completion can answer besides 401: limits (400), unknown model or persona (404), a body
+# over the cap (413), a body that does not validate or steering that does not fit (422), a full
+# queue (429), the store down (503).
+_COMPLETION_ERRORS = errors(400, 404, 413, 422, 429, 503)
 
 
 def _service(request: Request) -> CompletionService:
@@ -74,7 +81,13 @@ async def _respond(request: Request, job: CompletionJob) -> Any:
     return await _until_disconnect(request, service.complete(job))
 
 
-@router.post("/chat/completions")
+# exclude_unset: the service's dict is the wire; fields it left out (persona_scores) stay out.
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    response_model_exclude_unset=True,
+    responses={**_COMPLETION_ERRORS, **event_stream(ChatCompletionChunk)},
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     messages = [ChatMessage(m.role, m.text()) for m in body.messages]
     if body.max_tokens is None and body.max_completion_tokens is not None:
@@ -82,7 +95,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     return await _respond(request, _job(body, messages=messages))
 
 
-@router.post("/completions")
+@router.post(
+    "/completions",
+    response_model=TextCompletion,
+    response_model_exclude_unset=True,
+    responses={**_COMPLETION_ERRORS, **event_stream(CompletionChunk)},
+)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     prompt = body.prompt
     if isinstance(prompt, list):
@@ -92,35 +110,29 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     return await _respond(request, _job(body, prompt=prompt))
 
 
-@router.get("/models")
-async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(b.info) for b in request.app.state.registry]}
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_model_card(b.info) for b in request.app.state.registry])
 
 
-@router.get("/models/{model_id:path}")
-async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+@router.get("/models/{model_id:path}", response_model=ModelCard, responses=errors(404))
+async def get_model(model_id: str, request: Request) -> ModelCard:
     return _model_card(request.app.state.registry.get(model_id).info)
 
 
-@router.get("/personas")
+@router.get("/personas", response_model=PersonaSummaryList, responses=errors(404, 503))
 async def list_personas(request: Request, model: str | None = None) -> dict[str, Any]:
+    """The stored personas (of one model, if given); their checksums are for the admin API only."""
     infos = await request.app.state.persona_admin.list(model)
-    data = []
-    for info in infos:
-        item = info.to_dict()
-        del item["checksum"]
-        data.append(item)
+    data = [{key: value for key, value in info.to_dict().items() if key != "checksum"} for info in infos]
     return {"object": "list", "data": data}
 
 
-def _model_card(info: Any) -> dict[str, Any]:
-    return {
-        "id": info.id,
-        "object": "model",
-        "created": 0,
-        "owned_by": "persona-server",
-        "backend": info.backend,
-        "num_layers": info.num_layers,
-        "hidden_size": info.hidden_size,
-        "max_model_len": info.max_context,
-    }
+def _model_card(info: Any) -> ModelCard:
+    return ModelCard(
+        id=info.id,
+        backend=info.backend,
+        num_layers=info.num_layers,
+        hidden_size=info.hidden_size,
+        max_model_len=info.max_context,
+    )
