@@ -123,24 +123,15 @@ class MappingFits:
     ) -> dict[str, Any]:
         fitted = {**_norm_metadata(maps.ridge), "texts": texts, "reduce": reduce, "corpus": corpus}
         diagnostics = {str(block): fit.diagnostics() for block, fit in maps.ridge_fits.items()}
-        ridge_info = await self._store.put_mapping(
-            MappingDraft(
-                source_model,
-                target_model,
-                dict(maps.ridge.matrices),
-                dict(maps.ridge.layer_map),
-                {"method": "ridge", "blocks": diagnostics, **fitted},
-            )
-        )
-        procrustes_info = await self._store.put_mapping(
-            MappingDraft(
-                source_model,
-                target_model,
-                dict(maps.procrustes.matrices),
-                dict(maps.procrustes.layer_map),
-                {"method": "procrustes", "ridge_mapping": ridge_info.id, **fitted},
-            )
-        )
+
+        async def put(fitted_map: FittedMap, metadata: dict[str, Any]) -> MappingInfo:
+            metadata = {"method": fitted_map.method, **metadata, **fitted}
+            matrices, layer_map = dict(fitted_map.matrices), dict(fitted_map.layer_map)
+            draft = MappingDraft(source_model, target_model, matrices, layer_map, metadata)
+            return await self._store.put_mapping(draft)
+
+        ridge_info = await put(maps.ridge, {"blocks": diagnostics})
+        procrustes_info = await put(maps.procrustes, {"ridge_mapping": ridge_info.id})
         return {
             "mapping_id": ridge_info.id,
             "procrustes_mapping_id": procrustes_info.id,
