@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
@@ -45,6 +45,7 @@ from persona_store.mappings import MappingDraft, MappingInfo, MappingRecord, map
 from persona_store.records import PersonaDraft, PersonaInfo, PersonaRecord
 
 KEY_PREFIX = "persona-server"
+T = TypeVar("T")
 _MATRIX_FIELD = "m:"  # a mapping's hash holds the matrix of source block N in field "m:N"
 
 # KEYS: cur, seq, hist, idx, changes channel; ARGV: expected version ('' for none), keep, version key
@@ -125,39 +126,53 @@ class RedisStore:
     def _mapping_key(self, mapping_id: str) -> str:
         return f"{self._prefix}:map:{mapping_id}"
 
-    async def _call(self, coroutine: Any) -> Any:
+    async def _call(self, coroutine: Awaitable[T]) -> T:
         try:
             return await coroutine
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailable(f"the Redis persona store is unreachable: {exc}") from exc
 
+    async def _read(self, request: Callable[[], Awaitable[T]]) -> T:
+        """A read, sent once more when its connection turns out to be dead.
+
+        After Redis restarts, a pooled connection looks alive until its first use fails; the client
+        then drops it, so the second try connects afresh. Without this, the first calls after Redis
+        is back would answer StoreUnavailable. Writes are sent once: one whose reply was lost may
+        have been applied, and a second try would write again.
+        """
+        try:
+            return await request()
+        except RedisConnectionError:
+            pass
+        return await self._call(request())
+
     async def get(self, model: str, name: str) -> PersonaRecord:
-        flat = await self._call(self._get(keys=[self._key("cur", model, name)],
-                                          args=[self._key("ver", model, name) + ":"]))  # fmt: skip
+        flat = await self._read(lambda: self._get(keys=[self._key("cur", model, name)],
+                                                  args=[self._key("ver", model, name) + ":"]))  # fmt: skip
         if not flat:
             raise PersonaNotFound(model, name)
         return codec.decode_persona_record({codec.text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)})
 
     async def get_version(self, model: str, name: str, version: int) -> PersonaRecord:
-        fields = await self._call(self._redis.hgetall(f"{self._key('ver', model, name)}:{version}"))
+        fields = await self._read(lambda: self._redis.hgetall(f"{self._key('ver', model, name)}:{version}"))
         if not fields:
             raise PersonaVersionNotFound(model, name, version)
         return codec.decode_persona_record({codec.text(k): v for k, v in fields.items()})
 
     async def versions(self, model: str, name: str) -> list[PersonaInfo]:
-        kept = await self._call(self._redis.zrevrange(self._key("hist", model, name), 0, -1))
+        kept = await self._read(lambda: self._redis.zrevrange(self._key("hist", model, name), 0, -1))
         keys = [f"{self._key('ver', model, name)}:{codec.text(version)}" for version in kept]
         # A version trimmed between the two reads is left out.
         return [codec.decode_persona_info(f) for f in await self._existing_hashes(keys, codec.PERSONA_FIELDS)]
 
     async def current_version(self, model: str, name: str) -> int | None:
-        version = await self._call(self._redis.get(self._key("cur", model, name)))
+        version = await self._read(lambda: self._redis.get(self._key("cur", model, name)))
         return None if version is None else int(version)
 
     async def list(self, model: str | None = None) -> list[PersonaInfo]:
         """At most four round trips however many personas: models, their names, versions, fields."""
         if model is None:
-            models = [codec.text(m) for m in await self._call(self._redis.smembers(self._models_key))]
+            models = [codec.text(m) for m in await self._read(lambda: self._redis.smembers(self._models_key))]
         else:
             models = [model]
         indexes = await self._per_key("SMEMBERS", [self._key("idx", target) for target in models])
@@ -168,7 +183,8 @@ class RedisStore:
         ]
         if not personas:
             return []
-        current = await self._call(self._redis.mget([self._key("cur", m, n) for m, n in personas]))
+        current_keys = [self._key("cur", m, n) for m, n in personas]
+        current = await self._read(lambda: self._redis.mget(current_keys))
         keys = [  # a persona deleted between the reads has no current version: left out
             f"{self._key('ver', m, n)}:{codec.text(version)}"
             for (m, n), version in zip(personas, current, strict=True)
@@ -189,10 +205,14 @@ class RedisStore:
         """``command key *args`` for each key, pipelined: one round trip however many keys."""
         if not keys:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.execute_command(command, key, *args)
-            return await self._call(pipe.execute())
+
+        async def send() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.execute_command(command, key, *args)
+                return await pipe.execute()
+
+        return await self._read(send)
 
     async def put(self, draft: PersonaDraft, expected_version: int | None = None) -> PersonaInfo:
         fields = codec.persona_fields(draft, time.time())  # the script adds the version it assigns
@@ -250,7 +270,7 @@ class RedisStore:
         return info
 
     async def get_mapping(self, mapping_id: str) -> MappingRecord:
-        stored = await self._call(self._redis.hgetall(self._mapping_key(mapping_id)))
+        stored = await self._read(lambda: self._redis.hgetall(self._mapping_key(mapping_id)))
         if not stored:
             raise MappingNotFound(mapping_id)
         fields = {codec.text(k): v for k, v in stored.items()}
@@ -264,7 +284,7 @@ class RedisStore:
 
     async def list_mappings(self) -> list[MappingInfo]:
         """Two round trips however many mappings: the ids, then their fields (never the matrices)."""
-        ids = await self._call(self._redis.zrange(self._mappings_key, 0, -1))
+        ids = await self._read(lambda: self._redis.zrange(self._mappings_key, 0, -1))
         keys = [self._mapping_key(codec.text(mapping_id)) for mapping_id in ids]
         # A mapping deleted between the two reads is left out.
         return [codec.decode_mapping_info(f) for f in await self._existing_hashes(keys, codec.MAPPING_FIELDS)]
@@ -302,7 +322,7 @@ class RedisStore:
             await pubsub.aclose()
 
     async def ping(self) -> None:
-        await self._call(self._redis.ping())
+        await self._read(self._redis.ping)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -153,3 +153,24 @@ async def test_a_broken_subscription_resubscribes_and_probes_everything_cached(
     await raw.aclose()
     await here.close()
     await writer.close()
+
+
+async def test_calls_succeed_as_soon_as_redis_is_back(tmp_path: Path) -> None:
+    own = RedisProcess(tmp_path, appendonly=True).start()
+    try:
+        here = CachingStore(RedisStore.from_url(own.url), resubscribe_delay=0.2)
+        here.start()
+        await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+        await here.put(draft("pirate", 1))
+        own.stop()
+        await wait_for(lambda: asyncio.sleep(0, not here.feed_live))
+        with pytest.raises(StoreUnavailable):
+            await here.ping()
+        own.start()
+        # Connections pooled before the restart look alive until used: none may fail a call now.
+        await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+        await here.ping()
+        assert [info.name for info in await here.list("m")] == ["pirate"]
+        await here.close()
+    finally:
+        own.stop()
