@@ -70,12 +70,12 @@ async def test_cached_personas_survive_an_outage_uncached_ones_fail(tmp_path: Pa
         own.stop()
 
 
-async def wait_for(condition: object, timeout: float = 5.0) -> float:
-    """Seconds until ``condition()`` (an async callable) holds; fails the test after ``timeout``."""
+async def wait_for(condition: object, timeout: float = 30.0) -> None:
+    """Until ``condition()`` (an async callable) holds; ``timeout`` only ends a hung test."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if await condition():  # type: ignore[operator]
-            return time.monotonic() - start
+            return
         await asyncio.sleep(0.01)
     raise AssertionError(f"not within {timeout} s")
 
@@ -93,8 +93,9 @@ async def test_pub_sub_drops_a_cached_persona_at_once_when_another_replica_write
     await wait_for(lambda: asyncio.sleep(0, here.feed_live))
 
     await other_replica.put(draft("pirate", 2))
-    elapsed = await wait_for(lambda: version_of(here, "pirate", 2))
-    assert elapsed < 1.0
+    # The probes wait an hour, so only the feed can bring version 2 before the deadline ends a hung
+    # test: how fast it arrives is a benchmark's question, not this test's.
+    await wait_for(lambda: version_of(here, "pirate", 2))
     await other_replica.delete("m", "pirate")
     await wait_for(lambda: is_gone(here, "pirate"))
     await here.close()
