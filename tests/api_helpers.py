@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.testing import personas
-from server.testing.personas import random_vector
-
-__all__ = ["random_vector"]  # tests take it from here with the rest of their helpers
+from server.testing.personas import random_vector  # noqa: F401 - the tests take it from here
 
 ADMIN_KEY = "admin-secret"
 API_KEY = "api-secret"
@@ -19,17 +18,8 @@ GGUF = "tiny-llama-gguf"  # the tiny Llama's very weights, served by llama.cpp
 QUESTION = [{"role": "user", "content": "tell me about the sea"}]
 
 
-def upload(
-    base_url: str,
-    name: str,
-    model: str,
-    layers: dict[int, list[float]],
-    default_strength: float = 1.0,
-    admin_key: str | None = ADMIN_KEY,
-    **extra: Any,
-) -> httpx.Response:
-    """An upload with the test server's admin key unless told otherwise."""
-    return personas.upload(base_url, name, model, layers, default_strength, admin_key=admin_key, **extra)
+# The shared upload, with the test server's admin key unless a test says otherwise (admin_key=None).
+upload = functools.partial(personas.upload, admin_key=ADMIN_KEY)
 
 
 def metric(base_url: str, name: str, **labels: str) -> float:
