@@ -22,6 +22,9 @@ from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
 from tests.llama_cpp_reference import hf_logits, llama_cpp_logits
 
+# Every test runs real llama.cpp.
+pytestmark = pytest.mark.integration
+
 QUESTIONS = ["where is the treasure", "tell me of the sea", "good morning captain", "a storm comes"]
 
 
