@@ -6,10 +6,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from server.testing.server_process import ServerProcess
 from tests.api_helpers import QUESTION, assert_openai_error, metric, random_vector, upload
 from tests.redis_process import RedisProcess
+
+pytestmark = pytest.mark.integration  # real Redis servers and uvicorn replicas
 
 
 def test_a_persona_uploaded_on_one_replica_is_served_by_the_other(

@@ -50,6 +50,7 @@ async def test_hits_and_a_write_elsewhere_is_seen_within_the_check_interval(
     await other_replica.close()
 
 
+@pytest.mark.integration  # starts its own redis-server
 async def test_cached_personas_survive_an_outage_uncached_ones_fail(tmp_path: Path) -> None:
     own = RedisProcess(tmp_path, appendonly=True).start()
     try:
@@ -156,6 +157,7 @@ async def test_a_broken_subscription_resubscribes_and_probes_everything_cached(
     await writer.close()
 
 
+@pytest.mark.integration  # starts its own redis-server
 async def test_calls_succeed_as_soon_as_redis_is_back(tmp_path: Path) -> None:
     own = RedisProcess(tmp_path, appendonly=True).start()
     try:
