@@ -14,10 +14,10 @@ from server.engine.base import GenerationRequest, SamplingParams, TokenChunk
 from server.metrics import Metrics
 from server.serving import responses
 from server.serving.errors import RequestRejected
-from server.serving.requests import CompletionJob
 from server.serving.model_registry import ModelRegistry
 from server.serving.monitoring import Monitor, load_monitors, monitored_blocks, persona_scores
 from server.serving.personas import ResolvedPersonas, resolve_personas
+from server.serving.requests import CompletionJob
 
 
 @dataclass(frozen=True)

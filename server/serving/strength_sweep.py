@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
-from server.steering.text_quality import collapsed, distinct_ngram_ratio, perplexity
 from server.steering.plan import Positions, SteeringPlan
+from server.steering.text_quality import collapsed, distinct_ngram_ratio, perplexity
 
 
 @dataclass(frozen=True)
