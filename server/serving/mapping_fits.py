@@ -16,6 +16,7 @@ import numpy as np
 
 from persona_store.base import PersonaStore
 from persona_store.mappings import MappingDraft, MappingInfo, is_valid_mapping_id
+from server.engine.base import ModelInfo
 from server.serving.background import Job, JobRegistry
 from server.serving.errors import RequestRejected
 from server.serving.fitting_corpus import FittingCorpus
@@ -71,7 +72,7 @@ class MappingFits:
         """Check everything that can be checked now (errors answer 4xx), then fit in the background."""
         source, target = self._registry.get(source_model), self._registry.get(target_model)
         check_distinct(source_model, target_model)
-        layer_map = self._layer_map(layers, source_model, target_model)
+        layer_map = _layer_map(layers, source.info, target.info)
         corpus = FittingCorpus(REQUEST_CORPUS, tuple(texts)) if texts is not None else self._corpus
         folds = folds or 5
         self._check_size(corpus.texts, folds)
@@ -86,26 +87,6 @@ class MappingFits:
             return await self._store_maps(source_model, target_model, maps, corpus.name, len(xs), reduce)
 
         return self._jobs.submit("mapping", work)
-
-    def _layer_map(
-        self, layers: dict[int, int] | None, source_model: str, target_model: str
-    ) -> dict[int, int]:
-        source_blocks = self._registry.get(source_model).info.num_layers
-        target_blocks = self._registry.get(target_model).info.num_layers
-        layer_map = layers or {
-            block: corresponding_layer(block, source_blocks, target_blocks)
-            for block in default_source_blocks(source_blocks)
-        }
-        for source_block, target_block in layer_map.items():
-            if not 0 <= source_block < source_blocks:
-                raise SteeringError(
-                    f"source block {source_block} is outside '{source_model}' (0..{source_blocks - 1})"
-                )
-            if not 0 <= target_block < target_blocks:
-                raise SteeringError(
-                    f"target block {target_block} is outside '{target_model}' (0..{target_blocks - 1})"
-                )
-        return layer_map
 
     @staticmethod
     def _check_size(texts: Sequence[str], folds: int) -> None:
@@ -150,6 +131,26 @@ class MappingFits:
     async def delete(self, mapping_id: str) -> None:
         check_mapping_id(mapping_id)
         await self._store.delete_mapping(mapping_id)
+
+
+def _layer_map(layers: dict[int, int] | None, source: ModelInfo, target: ModelInfo) -> dict[int, int]:
+    """The requested source -> target blocks, checked against both models; by default, the blocks
+    at the same relative depth."""
+    source_blocks, target_blocks = source.num_layers, target.num_layers
+    layer_map = layers or {
+        block: corresponding_layer(block, source_blocks, target_blocks)
+        for block in default_source_blocks(source_blocks)
+    }
+    for source_block, target_block in layer_map.items():
+        if not 0 <= source_block < source_blocks:
+            raise SteeringError(
+                f"source block {source_block} is outside '{source.id}' (0..{source_blocks - 1})"
+            )
+        if not 0 <= target_block < target_blocks:
+            raise SteeringError(
+                f"target block {target_block} is outside '{target.id}' (0..{target_blocks - 1})"
+            )
+    return layer_map
 
 
 def _norm_metadata(fitted: FittedMap) -> dict[str, Any]:

@@ -158,7 +158,7 @@ def _map_one(
     if method is MappingMethod.INTERPOLATE:
         return interpolate(vector, width)
     if method is MappingMethod.RANDOM:
-        return vector @ random_orthogonal(vector.shape[0], width, seed=block)
+        return (vector @ random_orthogonal(vector.shape[0], width, seed=block)).astype(np.float32)
     pairs = [
         (source[block], target[min(target, key=lambda b: abs(b - target_block))])
         for source, target in concepts
