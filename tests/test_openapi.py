@@ -189,3 +189,23 @@ def test_chunk_wire() -> None:
     choice = {"index": 0, "text": "x", "finish_reason": None, "logprobs": None}
     assert _wire(text) == _wire({"id": "id-1", "object": "text_completion", **HEAD, "choices": [choice],
                                  "persona": None})  # fmt: skip
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_what_the_builder_writes_is_the_documented_model_field_for_field(chat: bool) -> None:
+    # ResponseShape writes dicts for speed; the models are the definition they must match, key order
+    # included, as a route's response_model would dump them.
+    from server.serving.responses import ChatCompletion, ChatCompletionChunk, CompletionChunk, TextCompletion
+
+    shape = _shape(chat)
+    whole, chunk = (ChatCompletion, ChatCompletionChunk) if chat else (TextCompletion, CompletionChunk)
+    written = [
+        (whole, shape.completion("hi!", LAST, None)),
+        (whole, shape.completion("hi!", LAST, [PIRATE, PIRATE], {"pirate": 0.5})),
+        (chunk, shape.chunk("h", None, PIRATE, first=True)),
+        (chunk, shape.chunk("i", "length", None, scores={"pirate": -0.25})),
+        (chunk, shape.usage_chunk(LAST)),
+    ]
+    for model, body in written:
+        dumped = model.model_validate(body).model_dump(mode="json", exclude_unset=True)
+        assert _wire(dumped) == _wire(body)

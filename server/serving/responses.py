@@ -1,14 +1,13 @@
 """OpenAI response objects of chat and text completions, and their SSE framing.
 
-The pydantic models below are the one definition of these objects: ``ResponseShape`` builds them,
-the API declares them on its routes (so /openapi.json documents them), and the serving layer still
-hands out JSON-ready dicts. They live here, not in ``server.api``, because serving builds them and
-must never import the API.
+The pydantic models below define these objects: the API declares them on its routes (so
+/openapi.json documents them), and ``ResponseShape`` writes them as JSON-ready dicts. They live
+here, not in ``server.api``, because serving writes them and must never import the API.
 
 Some fields are absent from the wire unless set (``persona_scores``, a chunk's ``usage``, a
-delta's ``role``), while others are present even when null (``persona``, ``logprobs``). Objects are
-therefore dumped with ``exclude_unset``, never ``exclude_none``, and every always-present field is
-required (no default), so that none can vanish because a builder forgot it.
+delta's ``role``), while others are present even when null (``persona``, ``logprobs``): the routes
+dump with ``exclude_unset``, never ``exclude_none``, and every always-present field is required
+(no default), so that none can vanish.
 """
 
 from __future__ import annotations
@@ -132,46 +131,54 @@ class CompletionChunk(_Envelope):
 STREAM_CHUNKS: tuple[type[BaseModel], ...] = (ChatCompletionChunk, CompletionChunk)
 
 
-def usage(chunk: TokenChunk) -> Usage:
-    return Usage(
-        prompt_tokens=chunk.prompt_tokens,
-        completion_tokens=chunk.completion_tokens,
-        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
-    )
-
-
-def _scores(scores: dict[str, float] | None) -> dict[str, Any]:
-    # Passed only when asked for, so that exclude_unset leaves the field out otherwise.
-    return {} if scores is None else {"persona_scores": scores}
+def usage(chunk: TokenChunk) -> dict[str, int]:
+    return {
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+    }
 
 
 @dataclass(frozen=True)
 class ResponseShape:
-    """What every object of one response shares: its kind, id, creation time and model."""
+    """What every object of one response shares: its kind, id, creation time and model.
+
+    It writes the models above as plain dicts, in their field order: a streamed answer makes one
+    chunk per token, and building and dumping a pydantic model costs about ten times as much as
+    the dict (tests/test_openapi.py validates what this writes against the models).
+    """
 
     chat: bool
     response_id: str
     created: int
     model: str
 
-    def _build(self, kind: type[BaseModel], obj: str, choices: list[Any], **rest: Any) -> dict[str, Any]:
-        head = {"id": self.response_id, "object": obj, "created": self.created, "model": self.model}
-        body = kind(**head, choices=choices, **rest)
-        return body.model_dump(mode="json", exclude_unset=True)
+    def _envelope(self, streamed: bool, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        kind = (
+            ("chat.completion.chunk" if streamed else "chat.completion") if self.chat else "text_completion"
+        )
+        return {"id": self.response_id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices}  # fmt: skip
 
-    def _text_choice(self, text: str, finish_reason: str | None) -> TextChoice:
-        return TextChoice(index=0, text=text, finish_reason=finish_reason, logprobs=None)
+    def _choice(
+        self, text: str, finish_reason: str | None, *, delta: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if not self.chat:
+            choice["text"] = text
+        elif delta is not None:
+            choice["delta"] = delta
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
+        return {**choice, "finish_reason": finish_reason, "logprobs": None}
 
     def completion(
         self, text: str, last: TokenChunk, persona: Any, scores: dict[str, float] | None = None
     ) -> dict[str, Any]:
         finish = last.finish_reason.value if last.finish_reason else None
-        rest = {"usage": usage(last), "persona": persona, **_scores(scores)}
-        if not self.chat:
-            return self._build(TextCompletion, "text_completion", [self._text_choice(text, finish)], **rest)
-        message = AssistantMessage(role="assistant", content=text)
-        choice = ChatChoice(index=0, message=message, finish_reason=finish, logprobs=None)
-        return self._build(ChatCompletion, "chat.completion", [choice], **rest)
+        body = self._envelope(False, [self._choice(text, finish, delta=None)])
+        body = {**body, "usage": usage(last), "persona": persona}
+        return body if scores is None else {**body, "persona_scores": scores}
 
     def chunk(
         self,
@@ -181,18 +188,13 @@ class ResponseShape:
         first: bool = False,
         scores: dict[str, float] | None = None,
     ) -> dict[str, Any]:
-        rest = {"persona": persona, **_scores(scores)}
-        if not self.chat:
-            choices = [self._text_choice(text, finish_reason)]
-            return self._build(CompletionChunk, "text_completion", choices, **rest)
-        delta = ChatDelta(role="assistant", content=text) if first else ChatDelta(content=text)
-        choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=None)
-        return self._build(ChatCompletionChunk, "chat.completion.chunk", [choice], **rest)
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        delta["content"] = text
+        body = {**self._envelope(True, [self._choice(text, finish_reason, delta=delta)]), "persona": persona}
+        return body if scores is None else {**body, "persona_scores": scores}
 
     def usage_chunk(self, last: TokenChunk) -> dict[str, Any]:
-        if self.chat:
-            return self._build(ChatCompletionChunk, "chat.completion.chunk", [], usage=usage(last))
-        return self._build(CompletionChunk, "text_completion", [], usage=usage(last))
+        return {**self._envelope(True, []), "usage": usage(last)}
 
 
 def sse(payload: dict[str, Any] | str) -> str:
