@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,7 +51,15 @@ class Settings(BaseSettings):
         None, description="Bearer key of the /admin routes (unset: loopback clients only)."
     )
     api_key: str | None = Field(None, description="Bearer key of the /v1 routes (unset: open).")
-    dtype: str = Field("float32", description="Weights dtype of HF models: float32, bfloat16 or float16.")
+    engine: str = Field(
+        "auto",
+        pattern="^(auto|hf|llama.cpp|vllm)$",
+        description="Engine of every --model: auto (a .gguf file -> llama.cpp, else hf), hf, llama.cpp "
+        "or vllm (vLLM's engine; pip install 'persona-server[vllm]'). Each model gets its own engine.",
+    )
+    dtype: str = Field(
+        "float32", description="Weights dtype of HF and vLLM models: float32, bfloat16 or float16."
+    )
     device: str = Field("cpu", description="Torch device of HF models, e.g. cpu or cuda:0.")
     max_num_seqs: int = Field(32, ge=1, description="Requests decoded together per model (batch rows).")
     gguf_contexts: int = Field(
@@ -70,6 +79,30 @@ class Settings(BaseSettings):
     )  # fmt: skip
     gguf_threads: int | None = Field(None, ge=1, description="GGUF models: CPU threads (default: all cores).")
     gguf_kv_type: str = Field("f16", pattern="^(f16|f32)$", description="GGUF models: KV cache type.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM models: GPUs each model is split across.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM models: pipeline stages of each model.")
+    data_parallel_size: int = Field(1, ge=1, description="vLLM models: engine replicas of each model.")
+    max_model_len: int | None = Field(
+        None, ge=16, description="vLLM models: context length (default: the model's own)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vLLM models: share of GPU memory the engine may take."
+    )
+    quantization: str | None = Field(
+        None, description="vLLM models: quantization method, e.g. awq, gptq, fp8 (default: the checkpoint's)."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="vLLM models: reuse KV of shared prefixes (steered requests share only with "
+        "requests steered alike).",
+    )  # fmt: skip
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM models: any other engine argument (a name of vLLM's AsyncEngineArgs), "
+        """as JSON, e.g. --vllm-engine-args '{"block_size": 32, "kv_cache_dtype": "fp8"}'.""",
+    )
+    vllm_cpu_kv_cache_gib: int = Field(
+        1, ge=1, description="vLLM on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, when unset)."
+    )
     max_queue: int = Field(
         256, ge=0, description="Requests per model that may wait for a batch row before 429 is answered."
     )

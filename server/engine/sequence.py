@@ -151,6 +151,26 @@ def emit(sequence: Sequence, token: int, eos_token_ids: set[int]) -> None:
     sequence.sink(chunk)
 
 
+def finish_last(sequence: Sequence, chunks: list[TokenChunk]) -> None:
+    """End a sequence its engine stopped on an end id of its own: the last chunk says so."""
+    rest = sequence.text.finish()
+    if chunks:
+        chunks[-1] = dataclasses.replace(
+            chunks[-1], text=chunks[-1].text + rest, finish_reason=FinishReason.STOP
+        )
+    else:
+        chunks.append(
+            TokenChunk(
+                text=rest,
+                token_ids=(),
+                prompt_tokens=len(sequence.prompt_ids),
+                completion_tokens=len(sequence.output_ids),
+                finish_reason=FinishReason.STOP,
+            )
+        )
+    sequence.finished = True
+
+
 def fail(sequences: Iterable[Sequence], error: BaseException) -> None:
     for sequence in sequences:
         sequence.finished = True

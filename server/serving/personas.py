@@ -90,7 +90,9 @@ async def resolve_personas(
                     f"persona '{term.name}' has no vector for layers {missing}; its layers are {list(layers)}"
                 )
             layers = tuple(sorted(set(override.layers)))
-        terms.append(({layer: record.vectors[layer] for layer in layers}, strength))
+        # The source names what the vectors are, so an engine holding old ones knows they are stale.
+        source = f"{model.id}/{term.name}/{','.join(map(str, layers))}"
+        terms.append(({layer: record.vectors[layer] for layer in layers}, strength, source))
         echoes.append(PersonaEcho(term.name, strength, record.info.version, layers))
     # The request's positions win; else the personas' own, when they agree; else all.
     positions = Positions(stored_positions.pop()) if len(stored_positions) == 1 else Positions.ALL

@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -43,6 +44,28 @@ def _as_vector(layer: int, vector: VectorLike) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PlanTerm:
+    """One persona of a plan as it was composed: its vectors (float32) and its strength.
+
+    An engine that keeps vectors where the model runs (vLLM's workers) ships each term's vectors once,
+    under ``key``, and sends a request only the keys and strengths.
+    """
+
+    vectors: Mapping[int, torch.Tensor]
+    strength: float
+    source: str = ""  # what the vectors are, e.g. a persona of a model (newer vectors replace older)
+
+    @cached_property
+    def key(self) -> str:
+        """A digest of the vectors (not the strength): equal keys hold equal vectors."""
+        digest = hashlib.blake2b(digest_size=12)
+        for layer, vector in self.vectors.items():
+            digest.update(int(layer).to_bytes(4, "little"))
+            digest.update(vector.numpy().tobytes())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
 class SteeringPlan:
     """For one request: layer -> float32 vector, a strength, and the positions steered.
 
@@ -52,6 +75,8 @@ class SteeringPlan:
     vectors: Mapping[int, torch.Tensor]
     strength: float = 1.0
     positions: Positions = Positions.ALL
+    # The personas summed into ``vectors`` (set by ``compose``); a plan built directly is one term.
+    terms: tuple[PlanTerm, ...] = field(default=(), repr=False, compare=False)
     _deltas: dict[int, torch.Tensor] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -68,27 +93,34 @@ class SteeringPlan:
             layer: vector * self.strength for layer, vector in self.vectors.items() if self.strength != 0
         }
         object.__setattr__(self, "_deltas", deltas)
+        if not self.terms:
+            object.__setattr__(self, "terms", (PlanTerm(self.vectors, float(self.strength)),))
 
     @classmethod
     def compose(
         cls,
-        terms: Sequence[tuple[Mapping[int, VectorLike], float]],
+        terms: Sequence[tuple[Mapping[int, VectorLike], float] | tuple[Mapping[int, VectorLike], float, str]],
         positions: Positions | str = Positions.ALL,
     ) -> SteeringPlan:
-        """Sum several personas: each term is (layer -> vector, strength); the result has strength 1."""
+        """Sum several personas: each term is (layer -> vector, strength[, source]); the result has
+        strength 1 and keeps the terms."""
         summed: dict[int, torch.Tensor] = {}
-        for vectors, strength in terms:
+        kept: list[PlanTerm] = []
+        for vectors, strength, *source in terms:
             if not math.isfinite(strength):
                 raise SteeringError(f"strength must be a finite number, got {strength}")
-            for layer, vector in vectors.items():
-                scaled = _as_vector(layer, vector) * float(strength)
+            layer_vectors = {layer: _as_vector(layer, vector) for layer, vector in vectors.items()}
+            term = PlanTerm(layer_vectors, float(strength), source[0] if source else "")
+            kept.append(term)
+            for layer, vector in term.vectors.items():
+                scaled = vector * term.strength
                 if layer in summed:
                     if summed[layer].shape != scaled.shape:
                         raise SteeringError(f"composed vectors for layer {layer} differ in size")
                     summed[layer] = summed[layer] + scaled
                 else:
                     summed[layer] = scaled
-        return cls(vectors=summed, strength=1.0, positions=Positions(positions))
+        return cls(vectors=summed, strength=1.0, positions=Positions(positions), terms=tuple(kept))
 
     @property
     def deltas(self) -> dict[int, torch.Tensor]:

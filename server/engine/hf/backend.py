@@ -16,21 +16,12 @@ from server.engine.hf.read_back import ReadBackBatcher
 from server.engine.hf.runner import ModelRunner
 from server.engine.hf.scheduler import Scheduler
 from server.engine.in_process import InProcessBackend
+from server.engine.prompts import eos_token_ids, prompt_ids
 from server.engine.read_back import leading_blocks
 from server.engine.sequence import ResponseCapture, Sequence, Sink
 from server.steering.plan import SteeringPlan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _eos_token_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source is not None:
-            ids.update(int(i) for i in source)
-    return ids
 
 
 def _max_context(model: PreTrainedModel, tokenizer: Any) -> int:
@@ -72,7 +63,8 @@ class HFBackend(InProcessBackend[Scheduler]):
             max_context=_max_context(model, tokenizer),
             steerable_layers=tuple(range(layout.num_layers)),
         )
-        self._scheduler = Scheduler(self._runner, _eos_token_ids(model, tokenizer), max_batch_size)
+        eos_ids = eos_token_ids(model.generation_config, tokenizer)
+        self._scheduler = Scheduler(self._runner, eos_ids, max_batch_size)
         self._read_backs = ReadBackBatcher(self._runner, self._scheduler.run_on_model, max_tokens=4096)
 
     @classmethod
@@ -101,18 +93,7 @@ class HFBackend(InProcessBackend[Scheduler]):
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Prompt token ids: raw text as the tokenizer encodes it, or messages via the chat template."""
-        if request.messages is not None and not self._tokenizer.chat_template:
-            raise EngineError(f"model {self._info.id} has no chat template; use the completions endpoint")
-        try:
-            if request.messages is not None:
-                messages = [{"role": m.role, "content": m.content} for m in request.messages]
-                text = self._tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
-                return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-            return list(self._tokenizer(request.prompt)["input_ids"])
-        except Exception as exc:  # a template that refuses the roles, text the tokenizer cannot encode
-            raise EngineError(f"the prompt cannot be rendered for model {self._info.id}: {exc}") from exc
+        return prompt_ids(self._tokenizer, request, self._info.id)
 
     def _sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
         sequence = Sequence.for_request(request, self.prompt_ids(request), self._info, self._tokenizer, sink)

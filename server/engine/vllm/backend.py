@@ -1,0 +1,209 @@
+"""The vLLM backend: vLLM's own ``AsyncLLM`` in our process, steered by hooks in its workers.
+
+Prompts are rendered and detokenized by our code (prompts.py, text_stream.py), as on the HF engine,
+so one request gives the same tokens and text on both; vLLM schedules, batches, caches and samples.
+A steered request carries only references to vector sets the workers hold (resident.py), and a
+cache salt from its plan, so KV computed under one plan is never reused under another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.engine.base import EngineError, GenerationRequest, ModelInfo, TokenChunk
+from server.engine.prompts import eos_token_ids, prompt_ids
+from server.engine.read_back import answer_tokens, leading_blocks
+from server.engine.sequence import Sequence, emit, finish_last
+from server.engine.vllm.options import VLLMOptions
+from server.engine.vllm.read_backs import ReadBacks
+from server.engine.vllm.resident import ResidentSets
+from server.engine.vllm.wire import SteeringRef
+from server.steering.plan import SteeringPlan
+
+
+def cache_salt(plan: SteeringPlan, num_prompt_tokens: int) -> str:
+    """What keeps a plan's KV cache its own: its terms and positions. Under ``prompt`` and
+    ``response`` which cached positions were steered depends on the prompt's length, so it is in
+    the salt too; unsteered requests carry no salt and share prefixes as before."""
+    terms = "+".join(f"{term.key}*{term.strength!r}" for term in plan.terms)
+    length = "" if plan.positions.value == "all" else f"@{num_prompt_tokens}"
+    return f"persona:{plan.positions.value}{length}:{terms}"
+
+
+class VLLMBackend:
+    """Serves one model on a vLLM engine; every request may carry its own steering plan."""
+
+    def __init__(
+        self, engine: Any, tokenizer: Any, model_id: str, eos_ids: set[int], resident_capacity: int = 64
+    ) -> None:
+        self._engine = engine
+        self._tokenizer = tokenizer
+        text_config = engine.model_config.hf_text_config
+        num_layers = int(text_config.num_hidden_layers)
+        self._info = ModelInfo(
+            id=model_id,
+            backend="vllm",
+            num_layers=num_layers,
+            hidden_size=int(text_config.hidden_size),
+            max_context=int(engine.model_config.max_model_len),
+            steerable_layers=tuple(range(num_layers)),
+        )
+        self._eos_ids = eos_ids
+        self._resident = ResidentSets(self._rpc, resident_capacity)
+        self._read_backs = ReadBacks(engine, self._rpc, self._info)
+        self._setup_lock = asyncio.Lock()
+        self._set_up = False
+
+    @classmethod
+    def load(cls, source: str | Path, *, model_id: str | None = None, options: VLLMOptions) -> VLLMBackend:
+        from transformers import AutoTokenizer, GenerationConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        name = model_id or Path(str(source).rstrip("/")).name
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        try:
+            generation_config = GenerationConfig.from_pretrained(str(source))
+        except OSError:  # a model without generation_config.json
+            generation_config = None
+        options.prepare_process()
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options.engine_kwargs(str(source), name)))
+        return cls(engine, tokenizer, name, eos_token_ids(generation_config, tokenizer))
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    async def _rpc(self, method: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        await self._ensure_set_up()
+        return await self._engine.collective_rpc(method, args=args)
+
+    async def _ensure_set_up(self) -> None:
+        """Install the hooks in every worker, once, before the first request that needs them."""
+        if self._set_up:
+            return
+        async with self._setup_lock:
+            if not self._set_up:
+                await self._engine.collective_rpc("persona_setup")
+                self._set_up = True
+
+    async def worker_stats(self) -> list[dict[str, Any]]:
+        """Per worker: rows steered so far, vector sets held, blocks owned (tests and diagnostics)."""
+        return await self._rpc("persona_stats")
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        return prompt_ids(self._tokenizer, request, self._info.id)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        return self._generate(request)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        chunks: list[TokenChunk] = []
+        sequence = Sequence.for_request(
+            request, self.prompt_ids(request), self._info, self._tokenizer, lambda item: chunks.append(item)
+        )  # type: ignore[arg-type,func-returns-value]
+        await self._ensure_set_up()
+        keys = await self._resident.acquire(sequence.plan.terms) if sequence.plan is not None else []
+        try:
+            params = self._sampling_params(sequence)
+            prompt: dict[str, Any] = {"prompt_token_ids": sequence.prompt_ids}
+            if sequence.plan is not None:
+                prompt["cache_salt"] = cache_salt(sequence.plan, len(sequence.prompt_ids))
+            outputs = self._engine.generate(
+                prompt, params, request_id=f"{request.request_id}-{uuid.uuid4().hex}"
+            )
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    for token in output.outputs[0].token_ids:
+                        emit(sequence, token, self._eos_ids)
+                        if sequence.finished:
+                            break
+                    if output.finished and not sequence.finished:  # vLLM stopped on an id we do not know
+                        finish_last(sequence, chunks)
+                    for chunk in chunks:
+                        yield chunk
+                    chunks.clear()
+                    if sequence.finished:
+                        return
+        finally:
+            self._resident.release(keys)
+            if keys:
+                await self._resident.evict()
+
+    def _sampling_params(self, sequence: Sequence) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = sequence.sampling
+        plan = sequence.plan
+        extra_args = None
+        if plan is not None:
+            ref = SteeringRef(tuple((term.key, term.strength) for term in plan.terms), plan.positions.value)
+            extra_args = ref.to_extra_args()
+        return SamplingParams(
+            max_tokens=sequence.max_new_tokens,
+            temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            ignore_eos=sampling.ignore_eos,
+            detokenize=False,  # our TextStream detokenizes and applies stop strings, as on every engine
+            output_kind=RequestOutputKind.DELTA,
+            extra_args=extra_args,
+        )
+
+    async def response_activations(
+        self, request: GenerationRequest, response_ids: list[int], num_blocks: int | None = None
+    ) -> np.ndarray:
+        """Mean outputs of the first ``num_blocks`` blocks (default: all) over the response tokens,
+        unsteered: [num_blocks, hidden]."""
+        tokens, start = answer_tokens(self.prompt_ids(request), response_ids)
+        blocks = leading_blocks(num_blocks, self._info.num_layers)
+        self._check_fits(tokens)
+        means, _ = await self._read_backs.block_outputs(tokens, start, blocks)
+        return means
+
+    async def text_activations(
+        self, texts: list[str], progress: Callable[[float], None] | None = None
+    ) -> np.ndarray:
+        """Block outputs for raw texts, unsteered: [len(texts), 2 (last token, mean), num_layers, hidden]."""
+        encoded = [list(self._tokenizer(text)["input_ids"])[: self._info.max_context - 1] for text in texts]
+        if any(not ids for ids in encoded):
+            raise EngineError("a text encodes to no tokens")
+        done = 0
+
+        async def one(ids: list[int]) -> np.ndarray:
+            nonlocal done
+            means, last = await self._read_backs.block_outputs(ids, 0, self._info.num_layers)
+            done += 1
+            if progress is not None:
+                progress(done / len(encoded))
+            return np.stack([last, means])
+
+        return np.stack(await asyncio.gather(*(one(ids) for ids in encoded)))
+
+    async def response_nll(self, request: GenerationRequest, response_ids: list[int]) -> tuple[float, int]:
+        """Summed negative log-likelihood (nats) and count of the response tokens, unsteered."""
+        tokens, start = answer_tokens(self.prompt_ids(request), response_ids)
+        self._check_fits(tokens)
+        return await self._read_backs.nll(tokens, start)
+
+    def _check_fits(self, tokens: list[int]) -> None:
+        # A read-back runs the answer as a prompt and samples one token after it.
+        if len(tokens) + 1 > self._info.max_context:
+            raise EngineError(
+                f"{len(tokens)} tokens do not fit a read-back in a context of {self._info.max_context}"
+            )
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._engine.shutdown)
