@@ -45,6 +45,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
     return build
 
 
+# vLLM's CPU attention needs a head dimension of at least 32: 4 heads of 32.
+VLLM_TINY_SIZES = {"hidden_size": 128, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}
+VLLM_TINY_SEEDS = {"llama": 11, "qwen2": 12}
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Build (once per session) a tiny model of an architecture that vLLM's CPU build can run."""
+    built: dict[str, Path] = {}
+
+    def build(architecture: str) -> Path:
+        if architecture not in built:
+            directory = tmp_path_factory.mktemp(f"vllm-{architecture}")
+            seed = VLLM_TINY_SEEDS[architecture]
+            built[architecture] = build_tiny_model(directory, architecture, seed=seed, **VLLM_TINY_SIZES)
+        return built[architecture]
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tiny_model_dir: Callable[[str], Path]) -> Path:
     return tiny_model_dir("llama")

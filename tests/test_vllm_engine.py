@@ -1,0 +1,161 @@
+"""The vLLM engine against the HF engine on the same weights: tokens, steering, batching, caching,
+read-backs. One vLLM engine per architecture for the module (start-up takes 20-60 s here)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+
+from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
+from server.engine.hf.backend import HFBackend
+from server.steering.plan import Positions, SteeringPlan
+
+pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+from server.engine.vllm.backend import VLLMBackend  # noqa: E402
+from server.engine.vllm.options import VLLMOptions  # noqa: E402
+
+HIDDEN = 128
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model_dir(request: pytest.FixtureRequest, vllm_model_dir: Callable[[str], Path]) -> Path:
+    return vllm_model_dir(request.param)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engines(model_dir: Path) -> AsyncIterator[tuple[VLLMBackend, HFBackend]]:
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # both cores of this machine
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    options = VLLMOptions(max_model_len=1024, max_num_seqs=16)
+    vllm_backend = await asyncio.to_thread(VLLMBackend.load, model_dir, options=options)
+    hf_backend = HFBackend.load(model_dir)
+    yield vllm_backend, hf_backend
+    await vllm_backend.close()
+    await hf_backend.close()
+
+
+def vector(seed: int, scale: float = 2.0) -> torch.Tensor:
+    return torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+async def greedy(backend: object, prompt: str, plan: SteeringPlan | None, max_tokens: int = 10) -> list[int]:
+    request = GenerationRequest(
+        sampling=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+        prompt=prompt,
+        steering=plan,
+    )
+    ids: list[int] = []
+    async for chunk in backend.generate(request):  # type: ignore[attr-defined]
+        ids += chunk.token_ids
+    return ids
+
+
+def plans() -> dict[str, SteeringPlan]:
+    return {
+        "all": SteeringPlan({1: vector(1)}, strength=3.0),
+        "prompt": SteeringPlan({0: vector(2), 2: vector(3)}, strength=4.0, positions=Positions.PROMPT),
+        "response": SteeringPlan({1: vector(4)}, strength=3.0, positions=Positions.RESPONSE),
+        "composed": SteeringPlan.compose(
+            [({1: vector(5)}, 2.0, "a"), ({1: vector(6), 2: vector(7)}, -1.5, "b")]
+        ),
+    }
+
+
+async def test_greedy_tokens_equal_the_hf_engine_unsteered_and_at_every_rule(engines) -> None:
+    vllm_backend, hf_backend = engines
+    prompt = "the sea and the ship"
+    unsteered = await greedy(vllm_backend, prompt, None)
+    assert unsteered == await greedy(hf_backend, prompt, None)
+    for name, plan in plans().items():
+        steered = await greedy(vllm_backend, prompt, plan)
+        assert steered == await greedy(hf_backend, prompt, plan), name
+        assert steered != unsteered, f"{name}: steering changed nothing"
+
+
+async def test_the_hooks_fire_in_the_workers(engines) -> None:
+    """vLLM skips Python hooks silently when it compiles the model: the workers count what they steer."""
+    vllm_backend, _ = engines
+    before = sum(stats["steered_rows"] for stats in await vllm_backend.worker_stats())
+    await greedy(vllm_backend, "one two three", SteeringPlan({2: vector(8)}, strength=2.0), max_tokens=4)
+    stats = await vllm_backend.worker_stats()
+    assert sum(s["steered_rows"] for s in stats) > before
+    assert all(s["missing_sets"] == 0 for s in stats)
+
+
+async def test_chat_prompts_render_as_on_the_hf_engine(engines) -> None:
+    vllm_backend, hf_backend = engines
+    messages = [ChatMessage("user", "tell me about the sea")]
+    request = GenerationRequest(sampling=SamplingParams(max_tokens=8, temperature=0), messages=messages)
+    assert vllm_backend.prompt_ids(request) == hf_backend.prompt_ids(request)
+    texts = []
+    for backend in (vllm_backend, hf_backend):
+        texts.append("".join([chunk.text async for chunk in backend.generate(request)]))
+    assert texts[0] == texts[1]
+
+
+async def test_twelve_concurrent_requests_with_different_personas_equal_their_solo_answers(engines) -> None:
+    vllm_backend, _ = engines
+    rng = random.Random(0)
+    words = ["sea", "ship", "wind", "gold", "map", "storm", "island", "crew"]
+    catalogue = [None, *plans().values(), SteeringPlan({0: vector(9)}, strength=-2.0)]
+    jobs = [
+        (" ".join(rng.choices(words, k=rng.randint(2, 30))), catalogue[i % len(catalogue)]) for i in range(12)
+    ]
+    solo = [await greedy(vllm_backend, prompt, plan) for prompt, plan in jobs]
+    together = await asyncio.gather(*(greedy(vllm_backend, prompt, plan) for prompt, plan in jobs))
+    assert list(together) == solo
+
+
+async def test_a_steered_request_never_reuses_kv_cached_unsteered(engines) -> None:
+    """Prefix caching is on: a steered request after an unsteered one with a 256+ token shared prefix
+    must still equal its answer on an engine with no cache."""
+    vllm_backend, hf_backend = engines
+    rng = random.Random(1)
+    shared = " ".join(rng.choices(["sea", "ship", "wind", "gold", "map", "storm"], k=400))
+    request = GenerationRequest(prompt=shared)
+    assert len(vllm_backend.prompt_ids(request)) >= 256
+    await greedy(vllm_backend, shared + " one", None)
+    for name, plan in plans().items():
+        steered = await greedy(vllm_backend, shared + " two", plan, max_tokens=6)
+        assert steered == await greedy(hf_backend, shared + " two", plan, max_tokens=6), name
+
+
+async def test_read_backs_equal_the_hf_engine(engines) -> None:
+    """Monitoring, extraction and mapping fits read block outputs: equal within 1e-4 at float32."""
+    vllm_backend, hf_backend = engines
+    request = GenerationRequest(prompt="the crew of the ship")
+    response = [5, 9, 17, 33]
+    for blocks in (None, 2):
+        ours = await vllm_backend.response_activations(request, response, blocks)
+        theirs = await hf_backend.response_activations(request, response, blocks)
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    texts = ["a storm at sea", "gold", "the map of the island and the wind " * 20]
+    progress: list[float] = []
+    ours = await vllm_backend.text_activations(texts, progress.append)
+    np.testing.assert_allclose(ours, await hf_backend.text_activations(texts), atol=1e-4)
+    assert progress[-1] == 1.0
+    nll, count = await vllm_backend.response_nll(request, response)
+    expected_nll, expected_count = await hf_backend.response_nll(request, response)
+    assert count == expected_count and abs(nll - expected_nll) < 1e-3
+
+
+async def test_a_new_vector_set_replaces_its_source_on_the_workers(engines) -> None:
+    vllm_backend, _ = engines
+    old = SteeringPlan.compose([({1: vector(20)}, 1.0, "model/persona/1")])
+    new = SteeringPlan.compose([({1: vector(21)}, 1.0, "model/persona/1")])
+    await greedy(vllm_backend, "sea", old, max_tokens=2)
+    assert old.terms[0].key in (await vllm_backend.worker_stats())[0]["held_sets"]
+    await greedy(vllm_backend, "sea", new, max_tokens=2)
+    held = (await vllm_backend.worker_stats())[0]["held_sets"]
+    assert new.terms[0].key in held and old.terms[0].key not in held

@@ -1,0 +1,163 @@
+"""The vLLM engine's parts that need no running engine: its settings, the request reference, the
+positions rules in the workers, the vector sets the front end keeps on the workers, the cache salt."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from server.engine.base import EngineError
+from server.engine.vllm.backend import cache_salt
+from server.engine.vllm.options import VLLMOptions
+from server.engine.vllm.read_backs import merge_captures
+from server.engine.vllm.resident import ResidentSets
+from server.engine.vllm.wire import CaptureSpec, SteeringRef, pack, unpack
+from server.engine.vllm.worker_steering import steered_offsets
+from server.steering.plan import PlanTerm, Positions, SteeringPlan, prompt_position_mask
+
+
+def test_steering_needs_eager_mode_and_our_worker_extension_whatever_the_user_passes() -> None:
+    kwargs = VLLMOptions(extra={"block_size": 32}).engine_kwargs("/models/m", "m")
+    assert kwargs["enforce_eager"] is True  # vLLM skips Python hooks in a compiled model
+    assert kwargs["worker_extension_cls"].endswith("PersonaWorkerExtension")
+    assert kwargs["block_size"] == 32 and kwargs["served_model_name"] == ["m"]
+    with pytest.raises(EngineError, match="enforce_eager"):
+        VLLMOptions(extra={"enforce_eager": False}).engine_kwargs("/models/m", "m")
+
+
+def test_the_v1_model_runner_is_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hooks read the V1 runner's batch layout: a user's VLLM_USE_V2_MODEL_RUNNER=1 is overridden."""
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    VLLMOptions(cpu_kv_cache_gib=3).prepare_process()
+    import os
+
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
+
+
+def test_a_request_reference_round_trips_through_extra_args() -> None:
+    ref = SteeringRef((("abc", 2.5), ("def", -1.0)), "response")
+    assert SteeringRef.from_extra_args(ref.to_extra_args()) == ref
+    assert SteeringRef.from_extra_args(None) is None and SteeringRef.from_extra_args({"other": 1}) is None
+    spec = CaptureSpec("token", 7, 3)
+    assert CaptureSpec.from_extra_args({**ref.to_extra_args(), **spec.to_extra_args()}) == spec
+    vector = np.arange(5, dtype=np.float32)
+    assert np.array_equal(unpack(pack(vector), np.float32), vector)
+
+
+@pytest.mark.parametrize("positions", list(Positions))
+def test_the_workers_steer_the_positions_the_hf_engine_steers(positions: Positions) -> None:
+    """A prompt of 6 tokens prefilled in two chunks, then 3 decode steps: the rows steered in the
+    workers are the prompt mask of steering/plan.py, then every generated token or none."""
+    prompt = 6
+    steered: list[int] = []
+    for chunk in (
+        torch.arange(0, 4),
+        torch.arange(4, 6),
+        torch.tensor([6]),
+        torch.tensor([7]),
+        torch.tensor([8]),
+    ):
+        steered += [int(chunk[i]) for i in steered_offsets(positions.value, chunk, prompt)]
+    expected_prompt = [p for p in range(prompt) if prompt_position_mask(positions, prompt)[p]]
+    expected_response = [6, 7, 8] if positions in (Positions.ALL, Positions.RESPONSE) else []
+    assert steered == expected_prompt + expected_response
+
+
+def term(seed: int, source: str = "") -> PlanTerm:
+    return PlanTerm({1: torch.randn(4, generator=torch.Generator().manual_seed(seed))}, 1.0, source)
+
+
+class FakeWorkers:
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.loads = 0
+
+    async def __call__(self, method: str, args: tuple[Any, ...]) -> list[Any]:
+        await asyncio.sleep(0.01)  # an RPC takes a while: concurrent requests overlap
+        if method == "persona_load":
+            self.held.add(args[0])
+            self.loads += 1
+        elif method == "persona_drop":
+            self.held -= set(args[0])
+        return [None]
+
+
+async def test_a_vector_set_is_sent_once_while_requests_use_it() -> None:
+    workers = FakeWorkers()
+    resident = ResidentSets(workers, capacity=1)
+    keys = await asyncio.gather(*(resident.acquire([term(1)]) for _ in range(5)))
+    assert workers.loads == 1 and workers.held == {term(1).key}
+    other = await resident.acquire([term(2)])
+    await resident.evict()
+    assert workers.held == {term(1).key, term(2).key}  # both in use: nothing is dropped
+    for used in keys:
+        resident.release(used)
+    await resident.evict()
+    assert workers.held == {term(2).key}  # over capacity: the unused one goes
+    resident.release(other)
+
+
+async def test_an_updated_persona_leaves_the_workers_once_unused() -> None:
+    workers = FakeWorkers()
+    resident = ResidentSets(workers, capacity=10)
+    old = await resident.acquire([term(1, "m/pirate/1")])
+    new = await resident.acquire([term(2, "m/pirate/1")])
+    await resident.evict()
+    assert term(1).key in workers.held  # a request still uses the old version
+    resident.release(old)
+    await resident.evict()
+    assert workers.held == {term(2).key}
+    resident.release(new)
+
+
+async def test_a_failed_load_is_not_taken_for_held() -> None:
+    calls = 0
+
+    async def flaky(method: str, args: tuple[Any, ...]) -> list[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("worker down")
+        return [None]
+
+    resident = ResidentSets(flaky)
+    with pytest.raises(RuntimeError):
+        await resident.acquire([term(1)])
+    assert resident.held == []
+    assert await resident.acquire([term(1)]) == [term(1).key]
+
+
+def test_the_cache_salt_tells_plans_apart() -> None:
+    vector = {1: torch.ones(4)}
+    base = SteeringPlan(vector, strength=2.0)
+    assert cache_salt(base, 10) == cache_salt(SteeringPlan({1: torch.ones(4)}, strength=2.0), 99)
+    others = [
+        SteeringPlan(vector, strength=2.5),
+        SteeringPlan({1: torch.ones(4) * 2}, strength=2.0),
+        SteeringPlan({2: torch.ones(4)}, strength=2.0),
+        SteeringPlan(vector, strength=2.0, positions=Positions.PROMPT),
+    ]
+    assert len({cache_salt(plan, 10) for plan in [base, *others]}) == 5
+    # Under prompt/response, which cached positions were steered depends on the prompt's length.
+    prompt_only = SteeringPlan(vector, strength=2.0, positions=Positions.RESPONSE)
+    assert cache_salt(prompt_only, 10) != cache_salt(prompt_only, 11)
+
+
+def test_captures_merge_across_pipeline_stages_and_tensor_parallel_copies() -> None:
+    def part(layers: list[int]) -> dict[str, Any]:
+        return {
+            "sums": {layer: pack(np.full(2, 4.0 * (layer + 1))) for layer in layers},
+            "counts": {layer: 4 for layer in layers},
+            "last": {layer: pack(np.full(2, layer, dtype=np.float32)) for layer in layers},
+        }
+
+    means, last = merge_captures([part([0, 1]), part([0, 1]), part([2]), None], 3)
+    assert means.tolist() == [[1, 1], [2, 2], [3, 3]] and last.tolist() == [[0, 0], [1, 1], [2, 2]]
+    with pytest.raises(EngineError, match="blocks"):
+        merge_captures([part([0])], 2)
