@@ -3,6 +3,7 @@ weights in a second server: same answers, personas and all; persona updates and 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,28 @@ def test_bad_persona_input_is_a_clear_4xx(servers: tuple[ServerProcess, ServerPr
     upload_to_both(servers, "strong", {1: random_vector(HIDDEN, 31)}, 1.0)
     with pytest.raises(openai.BadRequestError, match="strength"):
         ask(client, persona="strong", persona_strength=1e9)
+
+
+def extract(server: ServerProcess, name: str) -> dict[str, Any]:
+    """Run an extraction job (greedy answers, every block) and return the stored persona."""
+    questions = ["tell me about the sea", "what is gold", "where is the map"]
+    body = {"model": MODEL, "positive_prompts": ["You are a pirate."], "negative_prompts": ["Be a clerk."],
+            "questions": questions, "layers": [0, 1, 2], "max_tokens": 8, "temperature": 0}  # fmt: skip
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    accepted = httpx.post(f"{server.url}/admin/personas/{name}/extract", json=body, headers=headers)
+    assert accepted.status_code == 202, accepted.text
+    deadline, job = time.monotonic() + 120, {}
+    while time.monotonic() < deadline and job.get("status") not in ("succeeded", "failed"):
+        time.sleep(0.2)
+        job = httpx.get(f"{server.url}{accepted.json()['status_url']}", headers=headers).json()
+    assert job["status"] == "succeeded", job
+    stored = httpx.get(f"{server.url}/admin/personas/{name}", params={"model": MODEL}, headers=headers)
+    return stored.json()["layers"]
+
+
+def test_extraction_on_vllm_equals_the_hf_engine(servers: tuple[ServerProcess, ServerProcess]) -> None:
+    """Extraction generates answers and reads their block outputs back: both engines agree."""
+    ours, theirs = (extract(server, "extracted") for server in servers)
+    assert sorted(ours) == sorted(theirs) == ["0", "1", "2"]
+    for layer in ours:
+        assert ours[layer] == pytest.approx(theirs[layer], abs=1e-4)

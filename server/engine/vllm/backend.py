@@ -37,6 +37,14 @@ def cache_salt(plan: SteeringPlan, num_prompt_tokens: int) -> str:
     return f"persona:{plan.positions.value}{length}:{terms}"
 
 
+def queue_seconds(output: Any) -> float | None:
+    """Time from the engine core's queue to the request's first schedule, from vLLM's own stats."""
+    stats = getattr(output, "metrics", None)
+    if stats is None or not getattr(stats, "scheduled_ts", 0.0):
+        return None
+    return max(float(stats.scheduled_ts - stats.queued_ts), 0.0)
+
+
 class VLLMBackend:
     """Serves one model on a vLLM engine; every request may carry its own steering plan."""
 
@@ -125,6 +133,8 @@ class VLLMBackend:
             )
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
+                    if sequence.queue_seconds is None:
+                        sequence.queue_seconds = queue_seconds(output)
                     for token in output.outputs[0].token_ids:
                         emit(sequence, token, self._eos_ids)
                         if sequence.finished:
