@@ -7,7 +7,10 @@ weights. On this machine, at the same time:
 - persona-server serving both (the HF folder through the HF engine, the GGUF through llama.cpp);
 - ``transformers serve PATH --continuous-batching --device cpu --dtype float32`` on the HF folder;
 - ``python -m llama_cpp.server --chat_format chatml --n_ctx 2048`` on the GGUF (plus
-  ``--interrupt_requests False``: by default a new request cuts off the stream being served).
+  ``--interrupt_requests False``: by default a new request cuts off the stream being served);
+- with ``--vllm`` (needs the vllm extra): a second persona-server serving the HF folder with
+  ``--engine vllm``, and plain vLLM (``python -m vllm.entrypoints.openai.api_server --dtype float32
+  --max-model-len 2048``, compiled, its default) on the folder, both with ``loadtests.peers.VLLM_ENV``.
 
 persona-server runs five conditions on each model: unsteered; one persona for every request; 16
 distinct personas (request i carries persona i mod 16, so every batch mixes 8 of them at concurrency
@@ -19,7 +22,7 @@ interleaved round-robin (``loadtests/interleaved.py``). Tokens: persona-server's
 serve's streamed usage; llama_cpp.server's usage over-reports, so it is asked for ``min_tokens =
 max_tokens`` and each request counts max_tokens (checked to end by length).
 
-    python -m loadtests.compare [--rounds 3] [--requests 16] [--max-tokens 64] [--concurrency 1 8]
+    python -m loadtests.compare [--rounds 3] [--requests 16] [--max-tokens 64] [--concurrency 1 8] [--vllm]
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ from typing import Any
 
 from loadtests.engine_bench import REFERENCE_SIZES
 from loadtests.interleaved import Condition, print_ratios, print_table, run_interleaved
-from loadtests.peers import check_llama_cpp_runs_to_max_tokens, llama_cpp_server, transformers_server
+from loadtests.peers import (
+    VLLM_ENV,
+    check_llama_cpp_runs_to_max_tokens,
+    llama_cpp_server,
+    transformers_server,
+    vllm_server,
+)
 from server.engine.llamacpp.convert import convert_hf_to_gguf
 from server.testing.personas import random_vector, upload
 from server.testing.server_process import ServerProcess
@@ -68,7 +77,10 @@ def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float | None]]
     by = {c.key: c.tokens_per_second for c in conditions}
     n = TARGET_CONCURRENCY
     out: dict[str, tuple[float, float | None]] = {}
-    for family, peer, bar in (("HF", "transformers serve", 1.0), ("GGUF", "llama_cpp.server", 1.3)):
+    families = [("HF", "transformers serve", 1.0), ("GGUF", "llama_cpp.server", 1.3)]
+    if ("vllm", n) in by:
+        families.append(("vLLM", "vllm", 0.95))
+    for family, peer, bar in families:
         ours = f"persona-server {family}"
 
         def rate(condition: str, ours: str = ours) -> float:
@@ -116,8 +128,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         gguf_peer = servers.enter_context(llama_cpp_server(gguf, GGUF_MODEL, work / "llama_cpp.log"))
         upload_personas(ours.url, [HF_MODEL, GGUF_MODEL])
         check_llama_cpp_runs_to_max_tokens(gguf_peer.url, GGUF_MODEL, args.max_tokens)
+        if args.vllm:
+            vllm_args = ["--engine", "vllm", "--model", str(model_dir), "--served-model-name", HF_MODEL,
+                         "--max-model-len", "2048", "--data-dir", str(work / "data-vllm"),
+                         "--max-tokens-cap", str(args.max_tokens)]  # fmt: skip
+            vllm_log = work / "persona-server-vllm.log"
+            ours_vllm = servers.enter_context(
+                ServerProcess(vllm_args, env=VLLM_ENV, log_path=vllm_log, ready_timeout=600)
+            )
+            vllm_peer = servers.enter_context(vllm_server(model_dir, HF_MODEL, work / "vllm.log"))
+            upload_personas(ours_vllm.url, [HF_MODEL])
         conditions = []
         for n in args.concurrency:
+            if args.vllm:
+                conditions += persona_conditions("vLLM", ours_vllm.url, HF_MODEL, n)
+                conditions.append(Condition("vllm", vllm_peer.url, HF_MODEL, n, [{"ignore_eos": True}]))
             conditions += persona_conditions("HF", ours.url, HF_MODEL, n)
             conditions.append(Condition("transformers serve", hf_peer.url, str(model_dir), n, [{}]))
             conditions += persona_conditions("GGUF", ours.url, GGUF_MODEL, n)
@@ -125,8 +150,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 Condition("llama_cpp.server", gguf_peer.url, GGUF_MODEL, n, [{}], count_usage=False)
             )
         await run_interleaved(conditions, args.rounds, args.requests, args.max_tokens)
-    print(f"\nReference Llama (d=512, 8 blocks, float32; GGUF F32), {os.cpu_count()} cores, {args.rounds} "
-          f"rounds x {args.requests} chat requests x {args.max_tokens} tokens, greedy\n")  # fmt: skip
+    print(f"\nReference Llama (d=512, 8 blocks, head dim 64, float32; GGUF F32), {os.cpu_count()} cores, "
+          f"{args.rounds} rounds x {args.requests} chat requests x {args.max_tokens} tokens, "
+          "greedy\n")  # fmt: skip
     figures = print_table(conditions)
     measured = ratios(conditions) if TARGET_CONCURRENCY in args.concurrency else {}
     print_ratios(measured)
@@ -141,6 +167,7 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=16, help="requests per condition and round")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, TARGET_CONCURRENCY])
+    parser.add_argument("--vllm", action="store_true", help="add the vLLM engine and plain vLLM")
     parser.add_argument("--json", type=Path, default=None)
     arguments = parser.parse_args()
     summary = asyncio.run(main(arguments))

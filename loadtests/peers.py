@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -71,6 +72,28 @@ def transformers_server(model_dir: Path, log: Path) -> PeerProcess:
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     return PeerProcess("transformers serve", argv, port, "/health", log)
+
+
+# vLLM's CPU build on every core of a small machine (by default it leaves one to the front end) with
+# a KV cache of 2 GiB: the same for persona-server's vLLM engine and for plain vLLM.
+VLLM_ENV = {
+    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+}
+
+
+def vllm_server(model_dir: Path, name: str, log: Path, eager: bool = False) -> PeerProcess:
+    """vLLM's own OpenAI server as PEERS.md starts it (the `vllm` script fails on vllm-cpu's name):
+    compiled (vLLM's default) or with ``--enforce-eager``."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", name, "--dtype", "float32", "--max-model-len", "2048",
+        "--host", "127.0.0.1", "--port", str(port), *(["--enforce-eager"] if eager else []),
+    ]  # fmt: skip
+    os.environ.update(VLLM_ENV)  # inherited by the peer's processes
+    return PeerProcess("vllm" + (" eager" if eager else ""), argv, port, "/v1/models", log)
 
 
 def check_llama_cpp_runs_to_max_tokens(url: str, model: str, max_tokens: int) -> None:

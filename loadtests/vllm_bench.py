@@ -25,39 +25,21 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 from loadtests.engine_bench import REFERENCE_SIZES
 from loadtests.interleaved import Condition, print_ratios, print_table, run_interleaved
-from loadtests.peers import PeerProcess
+from loadtests.peers import VLLM_ENV, vllm_server
 from server.testing.personas import random_vector, upload
-from server.testing.server_process import ServerProcess, free_port
+from server.testing.server_process import ServerProcess
 from server.testing.tiny_models import build_tiny_model
 
 MODEL = "bench-llama"
 PERSONAS = 16
 PERSONA_BLOCKS = (3, 5)  # of 8
 CONCURRENCIES = (1, 8)
-VLLM_ENV = {
-    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "2",
-}
-
-
-def plain_vllm(model_dir: Path, log: Path, eager: bool) -> PeerProcess:
-    """vLLM's own OpenAI server as PEERS.md starts it (the `vllm` script fails on vllm-cpu's name)."""
-    port = free_port()
-    argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "2048",
-        "--host", "127.0.0.1", "--port", str(port), *(["--enforce-eager"] if eager else []),
-    ]  # fmt: skip
-    os.environ.update(VLLM_ENV)  # inherited by the peer's processes
-    return PeerProcess("vllm" + (" eager" if eager else ""), argv, port, "/v1/models", log)
 
 
 def ours(model_dir: Path, work: Path, engine: str) -> ServerProcess:
@@ -115,15 +97,15 @@ async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | Non
         work = Path(folder)
         model_dir = build_tiny_model(work / MODEL, "llama", **REFERENCE_SIZES)
         # One server at a time: each vLLM start-up takes both cores.
-        vllm_server = stack.enter_context(ours(model_dir, work, "vllm"))
+        ours_vllm = stack.enter_context(ours(model_dir, work, "vllm"))
         hf_server = stack.enter_context(ours(model_dir, work, "hf"))
-        compiled = stack.enter_context(plain_vllm(model_dir, work / "vllm-compiled.log", eager=False))
-        eager = stack.enter_context(plain_vllm(model_dir, work / "vllm-eager.log", eager=True))
-        for server in (vllm_server, hf_server):
+        compiled = stack.enter_context(vllm_server(model_dir, MODEL, work / "vllm-compiled.log"))
+        eager = stack.enter_context(vllm_server(model_dir, MODEL, work / "vllm-eager.log", eager=True))
+        for server in (ours_vllm, hf_server):
             for index in range(PERSONAS):
                 layers = {block: random_vector(512, 2 * index + k) for k, block in enumerate(PERSONA_BLOCKS)}
                 upload(server.url, f"p{index}", MODEL, layers, 2.0).raise_for_status()
-        urls = (vllm_server.url, hf_server.url, compiled.url, eager.url)
+        urls = (ours_vllm.url, hf_server.url, compiled.url, eager.url)
         conditions = [c for n in CONCURRENCIES for c in conditions_at(n, *urls)]
         await run_interleaved(conditions, rounds, requests, max_tokens)
     print(f"\nReference Llama (d=512, 8 blocks, head dim 64, float32), {os.cpu_count()} cores, "

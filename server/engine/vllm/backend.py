@@ -94,7 +94,15 @@ class VLLMBackend:
         return self._tokenizer
 
     async def _rpc(self, method: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """``method`` on every worker of every engine; one result per worker.
+
+        With data parallelism vLLM sends a collective RPC to every engine but returns the first
+        engine's results only; a read-back ran on one of them, so every engine's are gathered."""
         await self._ensure_set_up()
+        core = self._engine.engine_core
+        if hasattr(core, "call_utility_all_async") and len(getattr(core, "core_engines", ())) > 1:
+            per_engine = await core.call_utility_all_async("collective_rpc", method, None, args, None)
+            return [result for results in per_engine for result in results]
         return await self._engine.collective_rpc(method, args=args)
 
     async def _ensure_set_up(self) -> None:
@@ -103,7 +111,7 @@ class VLLMBackend:
             return
         async with self._setup_lock:
             if not self._set_up:
-                await self._engine.collective_rpc("persona_setup")
+                await self._engine.collective_rpc("persona_setup")  # reaches every engine
                 self._set_up = True
 
     async def worker_stats(self) -> list[dict[str, Any]]:
