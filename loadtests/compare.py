@@ -124,7 +124,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "--max-tokens-cap", str(args.max_tokens),
         ]  # fmt: skip
         ours = servers.enter_context(ServerProcess(ours_args, log_path=work / "persona-server.log"))
-        hf_peer = servers.enter_context(transformers_server(model_dir, work / "transformers.log"))
+        hf_peer = servers.enter_context(
+            transformers_server(model_dir, work / "transformers.log", args.transformers_cli)
+        )
         gguf_peer = servers.enter_context(llama_cpp_server(gguf, GGUF_MODEL, work / "llama_cpp.log"))
         upload_personas(ours.url, [HF_MODEL, GGUF_MODEL])
         check_llama_cpp_runs_to_max_tokens(gguf_peer.url, GGUF_MODEL, args.max_tokens)
@@ -168,6 +170,10 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, TARGET_CONCURRENCY])
     parser.add_argument("--vllm", action="store_true", help="add the vLLM engine and plain vLLM")
+    parser.add_argument(
+        "--transformers-cli", type=Path, default=None,
+        help="the `transformers` script of another environment (the vllm extra pins transformers < 5.20)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     arguments = parser.parse_args()
     summary = asyncio.run(main(arguments))

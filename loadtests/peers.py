@@ -63,10 +63,11 @@ def llama_cpp_server(gguf: Path, alias: str, log: Path) -> PeerProcess:
     return PeerProcess("llama_cpp.server", argv, port, "/v1/models", log)
 
 
-def transformers_server(model_dir: Path, log: Path) -> PeerProcess:
-    """`transformers serve PATH --continuous-batching --device cpu --dtype float32` (PEERS.md's best)."""
+def transformers_server(model_dir: Path, log: Path, cli: Path | None = None) -> PeerProcess:
+    """`transformers serve PATH --continuous-batching --device cpu --dtype float32` (PEERS.md's best),
+    from this environment or from ``cli`` (another environment's `transformers` script)."""
     port = free_port()
-    cli = Path(sys.executable).with_name("transformers")
+    cli = cli or Path(sys.executable).with_name("transformers")
     argv = [
         str(cli), "serve", str(model_dir), "--continuous-batching", "--device", "cpu", "--dtype", "float32",
         "--host", "127.0.0.1", "--port", str(port),
