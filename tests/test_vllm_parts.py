@@ -161,3 +161,11 @@ def test_captures_merge_across_pipeline_stages_and_tensor_parallel_copies() -> N
     assert means.tolist() == [[1, 1], [2, 2], [3, 3]] and last.tolist() == [[0, 0], [1, 1], [2, 2]]
     with pytest.raises(EngineError, match="blocks"):
         merge_captures([part([0])], 2)
+
+
+def test_an_engine_argument_vllm_does_not_have_is_a_clear_error() -> None:
+    pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
+    from server.engine.vllm.backend import VLLMBackend
+
+    with pytest.raises(EngineError, match="no_such_argument"):
+        VLLMBackend.load("/models/none", options=VLLMOptions(extra={"no_such_argument": 1}))

@@ -76,13 +76,17 @@ class VLLMBackend:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         name = model_id or Path(str(source).rstrip("/")).name
+        try:
+            engine_args = AsyncEngineArgs(**options.engine_kwargs(str(source), name))
+        except TypeError as exc:  # a name in --vllm-engine-args that vLLM does not have
+            raise EngineError(f"--vllm-engine-args: {exc}") from exc
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         try:
             generation_config = GenerationConfig.from_pretrained(str(source))
         except OSError:  # a model without generation_config.json
             generation_config = None
         options.prepare_process()
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options.engine_kwargs(str(source), name)))
+        engine = AsyncLLM.from_engine_args(engine_args)
         return cls(engine, tokenizer, name, eos_token_ids(generation_config, tokenizer))
 
     @property
