@@ -174,21 +174,25 @@ class CachingStore:
     async def list(self, model: str | None = None) -> list[PersonaInfo]:
         return await self._timed("list", self._inner.list(model))
 
-    # Writes drop the entry after the write as well as before: a read that raced the write could
-    # otherwise have cached the old version in between.
+    # A write marks the entry for a probe before it starts (a read racing the write then keeps what
+    # it read only until its next use) and drops it once the write succeeded. A write that failed
+    # changes nothing, the cache included: in an outage the persona is still served from here.
+    def _probe_next_time(self, model: str, name: str) -> None:
+        self._invalidations += 1
+        entry = self._entries.get((model, name))
+        if entry is not None:
+            entry.checked_at = -math.inf
+
     async def put(self, draft: PersonaDraft, expected_version: int | None = None) -> PersonaInfo:
+        self._probe_next_time(draft.model, draft.name)
+        info = await self._timed("put", self._inner.put(draft, expected_version))
         self._drop(draft.model, draft.name)
-        try:
-            return await self._timed("put", self._inner.put(draft, expected_version))
-        finally:
-            self._drop(draft.model, draft.name)
+        return info
 
     async def delete(self, model: str, name: str, expected_version: int | None = None) -> None:
+        self._probe_next_time(model, name)
+        await self._timed("delete", self._inner.delete(model, name, expected_version))
         self._drop(model, name)
-        try:
-            await self._timed("delete", self._inner.delete(model, name, expected_version))
-        finally:
-            self._drop(model, name)
 
     async def put_mapping(self, draft: MappingDraft) -> MappingInfo:
         return await self._timed("put_mapping", self._inner.put_mapping(draft))

@@ -71,6 +71,30 @@ async def test_cached_personas_survive_an_outage_uncached_ones_fail(tmp_path: Pa
         own.stop()
 
 
+@pytest.mark.integration  # starts its own redis-server
+async def test_a_write_that_fails_in_an_outage_keeps_the_persona_serving(tmp_path: Path) -> None:
+    """A PUT or DELETE that answers 503 changes nothing, the cache included: the persona it meant to
+    change is still served from the cache while Redis is down."""
+    own = RedisProcess(tmp_path, appendonly=True).start()
+    try:
+        writer = RedisStore.from_url(own.url)
+        await writer.put(draft("pirate", 1))
+        cache = CachingStore(RedisStore.from_url(own.url), check_interval=0.0)
+        served = await cache.get("m", "pirate")
+        own.stop()
+        with pytest.raises(StoreUnavailable):
+            await cache.put(draft("pirate", 2))
+        with pytest.raises(StoreUnavailable):
+            await cache.delete("m", "pirate")
+        assert (await cache.get("m", "pirate")) is served
+        own.start()
+        assert (await cache.get("m", "pirate")).info.version == served.info.version
+        await cache.close()
+        await writer.close()
+    finally:
+        own.stop()
+
+
 async def wait_for(condition: object, timeout: float = 30.0) -> None:
     """Until ``condition()`` (an async callable) holds; ``timeout`` only ends a hung test."""
     start = time.monotonic()
