@@ -151,14 +151,21 @@ class SteeringPlan:
         return digest.hexdigest()[:16]
 
 
+def steered_position_mask(
+    positions: Positions, token_positions: torch.Tensor, num_prompt_tokens: int
+) -> torch.Tensor:
+    """Which tokens, given their absolute positions, a plan steers (bool, one entry per token):
+    positions before ``num_prompt_tokens`` are the prompt, the later ones generated tokens fed back."""
+    if positions == Positions.ALL:
+        return torch.ones_like(token_positions, dtype=torch.bool)
+    if positions == Positions.PROMPT:
+        return token_positions < num_prompt_tokens
+    return token_positions >= num_prompt_tokens - 1  # the last prompt token and every generated one
+
+
 def prompt_position_mask(positions: Positions, num_prompt_tokens: int) -> torch.Tensor:
     """Which prompt tokens a plan steers during prefill (bool, one entry per prompt token)."""
-    mask = torch.zeros(num_prompt_tokens, dtype=torch.bool)
-    if positions in (Positions.ALL, Positions.PROMPT):
-        mask[:] = True
-    elif num_prompt_tokens > 0:
-        mask[-1] = True
-    return mask
+    return steered_position_mask(positions, torch.arange(num_prompt_tokens), num_prompt_tokens)
 
 
 def steers_generated_tokens(positions: Positions) -> bool:

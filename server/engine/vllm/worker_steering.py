@@ -23,6 +23,7 @@ from torch import nn
 
 from server.engine.vllm.capture import StepCapture, WorkerCaptures
 from server.engine.vllm.wire import CaptureSpec, SteeringRef, unpack
+from server.steering.plan import Positions, steered_position_mask
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +49,9 @@ class StepDeltas:
 
 
 def steered_offsets(positions: str, token_positions: torch.Tensor, num_prompt_tokens: int) -> torch.Tensor:
-    """Which of a request's tokens in this forward its rule steers (offsets into its slice).
-
-    ``token_positions`` are the tokens' absolute positions; the rules are those of steering/plan.py:
-    ``prompt`` steers positions before the first generated token, ``response`` the last prompt token
-    and every generated token fed back.
-    """
-    if positions == "prompt":
-        keep = token_positions < num_prompt_tokens
-    elif positions == "response":
-        keep = token_positions >= num_prompt_tokens - 1
-    else:
-        return torch.arange(token_positions.shape[0])
+    """Which of a request's tokens in this forward its rule steers (offsets into its slice), by the
+    rule of steering/plan.py; ``token_positions`` are the tokens' absolute positions."""
+    keep = steered_position_mask(Positions(positions), token_positions, num_prompt_tokens)
     return torch.nonzero(keep, as_tuple=False).flatten()
 
 
