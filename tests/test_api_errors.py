@@ -175,7 +175,12 @@ def test_upload_replace_and_delete_cycle(server: ServerProcess) -> None:
 @pytest.mark.parametrize(
     "fields",
     [
-        {"n": 2},
+        {"n": 129},
+        {"best_of": 3},
+        {"top_logprobs": 2},
+        {"response_format": {"type": "json_object"}},
+        {"stop_token_ids": [10**6]},
+        {"persona_monitor": ["pirate"], "n": 2},
         {"temperature": -0.5},
         {"top_p": 0},
         {"messages": []},

@@ -14,8 +14,8 @@ import pytest
 
 from server.api.errors import ErrorResponse, error_response
 from server.app import create_app
-from server.engine.base import FinishReason, TokenChunk
-from server.serving.responses import ResponseShape
+from server.engine.base import FinishReason, TokenChunk, TokenLogprob
+from server.serving.responses import Answer, ResponseShape, usage
 from server.settings import Settings
 
 V1, ADMIN = {401}, {401, 403}
@@ -128,7 +128,9 @@ def test_completion_schemas_keep_nullable_and_optional_fields_apart(schema: dict
     assert {"persona", "usage", "choices"} <= set(chat["required"])  # present, persona maybe null
     assert "persona_scores" not in chat["required"]  # absent unless persona_monitor asked
     choice = components["ChatChoice"]
-    assert "logprobs" in choice["required"] and choice["properties"]["logprobs"]["type"] == "null"
+    # logprobs: always present, null unless asked
+    assert "logprobs" in choice["required"]
+    assert {"type": "null"} in choice["properties"]["logprobs"]["anyOf"]
     assert "usage" not in components["ChatCompletionChunk"].get("required", [])
 
 
@@ -140,9 +142,10 @@ def test_the_error_model_is_the_error_body() -> None:
 
 
 # The wire of the completion objects, byte for byte as before they became models.
-LAST = TokenChunk("!", token_ids=(7,), prompt_tokens=5, completion_tokens=3, finish_reason=FinishReason.STOP)
 PIRATE = {"name": "pirate", "strength": 2.0, "version": 1, "layers": [1]}
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+TOTALS = usage(5, 3)
+LOGPROB = TokenLogprob("é", -0.5, (("é", -0.5), ("a", -1.5)))
 HEAD = {"created": 1700000000, "model": "m"}
 
 
@@ -154,19 +157,25 @@ def _wire(body: dict[str, Any]) -> str:
     return json.dumps(body, separators=(",", ":"))  # key order included
 
 
+def _answers(text: str = "hi!", logprobs: list[TokenLogprob] | None = None) -> list[Answer]:
+    answer = Answer(0, logprobs=logprobs)
+    answer.add(TokenChunk(text, (7,), 5, 3, FinishReason.STOP))
+    return [answer]
+
+
 def test_chat_completion_wire() -> None:
-    body = _shape(True).completion("hi!", LAST, None)
+    body = _shape(True).completion(_answers(), TOTALS, None)
     choice = {"index": 0, "message": {"role": "assistant", "content": "hi!"}, "finish_reason": "stop",
               "logprobs": None}  # fmt: skip
     expected = {"id": "id-1", "object": "chat.completion", **HEAD, "choices": [choice], "usage": USAGE,
                 "persona": None}  # fmt: skip
     assert _wire(body) == _wire(expected)
-    scored = _shape(True).completion("hi!", LAST, [PIRATE], {"pirate": 0.5})
+    scored = _shape(True).completion(_answers(), TOTALS, [PIRATE], {"pirate": 0.5})
     assert _wire(scored) == _wire({**expected, "persona": [PIRATE], "persona_scores": {"pirate": 0.5}})
 
 
 def test_text_completion_wire() -> None:
-    body = _shape(False).completion("hi!", LAST, PIRATE)
+    body = _shape(False).completion(_answers(), TOTALS, PIRATE)
     choice = {"index": 0, "text": "hi!", "finish_reason": "stop", "logprobs": None}
     expected = {"id": "id-1", "object": "text_completion", **HEAD, "choices": [choice], "usage": USAGE,
                 "persona": PIRATE}  # fmt: skip
@@ -184,7 +193,7 @@ def test_chunk_wire() -> None:
     choice = {"index": 0, "delta": {"content": ""}, "finish_reason": "length", "logprobs": None}
     assert _wire(final) == _wire({**head, "choices": [choice], "persona": PIRATE,
                                   "persona_scores": {"pirate": -1.0}})  # fmt: skip
-    assert _wire(shape.usage_chunk(LAST)) == _wire({**head, "choices": [], "usage": USAGE})
+    assert _wire(shape.usage_chunk(TOTALS)) == _wire({**head, "choices": [], "usage": USAGE})
     text = _shape(False).chunk("x", None, None, first=True)
     choice = {"index": 0, "text": "x", "finish_reason": None, "logprobs": None}
     assert _wire(text) == _wire({"id": "id-1", "object": "text_completion", **HEAD, "choices": [choice],
@@ -200,11 +209,13 @@ def test_what_the_builder_writes_is_the_documented_model_field_for_field(chat: b
     shape = _shape(chat)
     whole, chunk = (ChatCompletion, ChatCompletionChunk) if chat else (TextCompletion, CompletionChunk)
     written = [
-        (whole, shape.completion("hi!", LAST, None)),
-        (whole, shape.completion("hi!", LAST, [PIRATE, PIRATE], {"pirate": 0.5})),
+        (whole, shape.completion(_answers(), TOTALS, None)),
+        (whole, shape.completion(_answers(), TOTALS, [PIRATE, PIRATE], {"pirate": 0.5})),
+        (whole, shape.completion(_answers(logprobs=[LOGPROB]), TOTALS, None)),
         (chunk, shape.chunk("h", None, PIRATE, first=True)),
         (chunk, shape.chunk("i", "length", None, scores={"pirate": -0.25})),
-        (chunk, shape.usage_chunk(LAST)),
+        (chunk, shape.chunk("é", None, None, index=3, logprobs=[LOGPROB], offset=2)),
+        (chunk, shape.usage_chunk(TOTALS)),
     ]
     for model, body in written:
         dumped = model.model_validate(body).model_dump(mode="json", exclude_unset=True)

@@ -5,11 +5,12 @@ Unknown OpenAI fields are accepted and ignored, as vLLM does, so that ordinary c
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints
 
 from persona_store.records import PERSONA_NAME_PATTERN
+from server.serving.requests import MAX_LOGPROBS
 from server.steering.mapping import MappingMethod
 from server.steering.plan import Positions
 
@@ -64,6 +65,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = Field("answer", max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``text`` (the default), any JSON object, or JSON that follows a schema (engines that can
+    constrain decoding: vLLM)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -72,8 +88,23 @@ class _CompletionRequest(BaseModel):
     temperature: FiniteFloat | None = Field(None, ge=0, le=2)
     top_p: FiniteFloat | None = Field(None, gt=0, le=1)
     stop: Text | list[Text] | None = None
-    seed: Seed | None = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    seed: Seed | None = Field(
+        None, description="The same seed gives the same answer on the same engine; answer i uses seed + i."
+    )
+    n: int = Field(1, ge=1, le=128, description="Answers to the prompt (they share its prefill).")
+    best_of: int | None = Field(None, ge=1, le=128, description="Only best_of = n (or none) is served.")
+    top_k: int | None = Field(None, ge=-1, description="Sample among the k likeliest tokens (0 or -1: all).")
+    min_p: FiniteFloat | None = Field(
+        None, ge=0, le=1, description="Drop tokens below min_p times the likeliest token's probability."
+    )
+    presence_penalty: FiniteFloat | None = Field(None, ge=-2, le=2)
+    frequency_penalty: FiniteFloat | None = Field(None, ge=-2, le=2)
+    repetition_penalty: FiniteFloat | None = Field(
+        None, gt=0, le=100, description="vLLM's: > 1 discourages tokens of the prompt and the answer."
+    )
+    min_tokens: int | None = Field(None, ge=0, description="No end of the answer before this many tokens.")
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(None, max_length=256)
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
@@ -97,10 +128,20 @@ class _CompletionRequest(BaseModel):
 class ChatCompletionRequest(_CompletionRequest):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="Return each answer token's log-probability.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many likeliest alternatives per token."
+    )
 
 
 class CompletionRequest(_CompletionRequest):
-    prompt: Text | list[Text] = Field(description="One prompt (a list must hold exactly one).")
+    prompt: Text | list[Text] = Field(
+        description="A prompt, or a list of prompts (n answers each, numbered prompt by prompt)."
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Each token's log-probability and its k likeliest rivals."
+    )
+    echo: bool = Field(False, description="Each answer begins with its prompt.")
 
 
 class PersonaUpload(BaseModel):

@@ -36,11 +36,18 @@ class InProcessBackend(ABC, Generic[SchedulerT]):
         """Prompt token ids: raw text as the model's tokenizer encodes it, or messages via its template."""
 
     @abstractmethod
-    def _sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
-        """The request as its scheduler runs it (EngineError or SteeringError if it cannot)."""
+    def _sequence(
+        self, request: GenerationRequest, prompt_ids: list[int], index: int, sink: Sink
+    ) -> Sequence:
+        """Answer ``index`` of the request as its scheduler runs it (EngineError or SteeringError if
+        it cannot)."""
+
+    def _sequences(self, request: GenerationRequest, sink: Sink) -> list[Sequence]:
+        prompt_ids = self.prompt_ids(request)  # once for the n answers
+        return [self._sequence(request, prompt_ids, index, sink) for index in range(request.n)]
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        return stream(lambda sink: self._sequence(request, sink), self._scheduler.submit)
+        return stream(lambda sink: self._sequences(request, sink), self._scheduler.submit)
 
     def _answer_tokens(self, request: GenerationRequest, response_ids: list[int]) -> tuple[list[int], int]:
         """Prompt and response ids of an answer to read back, and where the response starts."""

@@ -18,6 +18,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import torch
+
+from server.engine.base import TokenLogprob
+from server.engine.sampling import next_token
 from server.engine.sequence import Sequence, emit, fail
 
 logger = logging.getLogger(__name__)
@@ -50,7 +54,7 @@ class EngineScheduler(ABC, Generic[SequenceT, TaskT]):
 
     def __init__(self, thread_name: str, eos_token_ids: set[int]) -> None:
         self._eos = eos_token_ids
-        self._inbox: queue.SimpleQueue[SequenceT | TaskT | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[SequenceT] | TaskT | None] = queue.SimpleQueue()
         self._waiting: deque[SequenceT] = deque()
         self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
 
@@ -66,8 +70,9 @@ class EngineScheduler(ABC, Generic[SequenceT, TaskT]):
     def num_waiting(self) -> int:
         return len(self._waiting) + self._inbox.qsize()
 
-    def submit(self, sequence: SequenceT) -> None:
-        self._inbox.put(sequence)
+    def submit(self, sequences: list[SequenceT]) -> None:
+        """Queue a request's sequences; they arrive together, so that one prefill may serve them."""
+        self._inbox.put(sequences)
 
     def _enqueue(self, task: TaskT) -> Future[Any]:
         self._inbox.put(task)
@@ -115,7 +120,7 @@ class EngineScheduler(ABC, Generic[SequenceT, TaskT]):
                 if isinstance(item, ModelTask):
                     self._take_task(item)
                 else:
-                    self._waiting.append(item)
+                    self._waiting.extend(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             return True
@@ -134,5 +139,9 @@ class EngineScheduler(ABC, Generic[SequenceT, TaskT]):
         logger.exception("prefill failed")
         fail(sequences, error)
 
-    def _emit(self, sequence: SequenceT, token: int) -> None:
-        emit(sequence, token, self._eos)
+    def _emit(self, sequence: SequenceT, token: int, logprob: TokenLogprob | None = None) -> None:
+        emit(sequence, token, self._eos, logprob)
+
+    def _choose_and_emit(self, sequence: SequenceT, logits: torch.Tensor) -> None:
+        """Choose the sequence's next token from its logits [vocab] and send it."""
+        self._emit(sequence, *next_token(logits, sequence, self._eos))

@@ -23,6 +23,7 @@ from server.engine.base import (
     ModelInfo,
     SamplingParams,
     TokenChunk,
+    TokenLogprob,
 )
 from server.engine.text_stream import TextStream
 from server.steering.plan import SteeringPlan
@@ -72,32 +73,51 @@ class Sequence:
     submitted_at: float = field(default_factory=time.perf_counter)
     queue_seconds: float | None = None  # set when the scheduler takes it into a batch
     capture: ResponseCapture | None = None  # monitoring in flight (HF backend)
+    index: int = 0  # which of its request's n answers this is
 
     @classmethod
     def for_request(
-        cls, request: GenerationRequest, prompt_ids: list[int], info: ModelInfo, tokenizer: Any, sink: Sink
+        cls,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        info: ModelInfo,
+        tokenizer: Any,
+        sink: Sink,
+        index: int = 0,
     ) -> Self:
-        """A request's sequence on a model: its token budget, its plan checked against the model (None
-        when it steers nothing), a text stream over ``tokenizer``; EngineError or SteeringError when
-        the model cannot serve it."""
-        sampling = request.sampling
+        """Answer ``index`` of a request on a model: its token budget, its plan checked against the
+        model (None when it steers nothing), a text stream over ``tokenizer``; EngineError or
+        SteeringError when the model cannot serve it."""
+        sampling = request.choice_sampling(index)
         max_new_tokens = new_token_budget(prompt_ids, sampling, info.max_context)
         plan = request.steering
         if plan is not None:
             plan.validate_for(info.num_layers, info.hidden_size)
+        check_token_ids(sampling.stop_token_ids, len(tokenizer))
         return cls(
             prompt_ids=prompt_ids,
             sampling=sampling,
             plan=None if plan is None or plan.is_noop else plan,
-            text=TextStream(tokenizer, sampling.stop),
+            text=TextStream(tokenizer, sampling.stop, sampling.min_tokens),
             sink=sink,
             max_new_tokens=max_new_tokens,
             generator=sampling_generator(sampling),
+            index=index,
         )
 
     def mark_scheduled(self) -> None:
         """The scheduler starts this request's prefill: its time in the queue ends here."""
         self.queue_seconds = time.perf_counter() - self.submitted_at
+
+
+def check_token_ids(token_ids: tuple[int, ...], vocab_size: int) -> None:
+    """EngineError unless every id is in the tokenizer's vocabulary."""
+    outside = [token for token in token_ids if token >= vocab_size]
+    if outside:
+        raise EngineError(
+            f"stop_token_ids {outside} are not in this model's vocabulary of {vocab_size} tokens",
+            "stop_token_ids",
+        )
 
 
 def new_token_budget(prompt_ids: list[int], sampling: SamplingParams, max_context: int) -> int:
@@ -123,11 +143,20 @@ def sampling_generator(sampling: SamplingParams) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed)
 
 
-def emit(sequence: Sequence, token: int, eos_token_ids: set[int]) -> None:
+def ends_answer(sequence: Sequence, token: int, eos_token_ids: set[int]) -> bool:
+    """Whether ``token`` ends the answer: an end-of-sequence id (unless ignored) or a stop id."""
+    if token in sequence.sampling.stop_token_ids:
+        return True
+    return token in eos_token_ids and not sequence.sampling.ignore_eos
+
+
+def emit(
+    sequence: Sequence, token: int, eos_token_ids: set[int], logprob: TokenLogprob | None = None
+) -> None:
     """Append a generated token and send its chunk; marks the sequence finished on its last token."""
     sequence.output_ids.append(token)
     finish: FinishReason | None = None
-    if token in eos_token_ids and not sequence.sampling.ignore_eos:
+    if ends_answer(sequence, token, eos_token_ids):
         finish, text = FinishReason.STOP, sequence.text.finish()
     else:
         text = sequence.text.push(token)
@@ -143,6 +172,8 @@ def emit(sequence: Sequence, token: int, eos_token_ids: set[int]) -> None:
         completion_tokens=len(sequence.output_ids),
         finish_reason=finish,
         queue_seconds=sequence.queue_seconds if len(sequence.output_ids) == 1 else None,
+        index=sequence.index,
+        logprobs=None if logprob is None else (logprob,),
     )
     if finish is not None and sequence.capture is not None:
         sequence.capture.held = chunk  # sent after one more step has read the last token's outputs
@@ -166,6 +197,7 @@ def finish_last(sequence: Sequence, chunks: list[TokenChunk]) -> None:
                 prompt_tokens=len(sequence.prompt_ids),
                 completion_tokens=len(sequence.output_ids),
                 finish_reason=FinishReason.STOP,
+                index=sequence.index,
             )
         )
     sequence.finished = True
@@ -178,33 +210,35 @@ def fail(sequences: Iterable[Sequence], error: BaseException) -> None:
 
 
 async def stream(
-    make_sequence: Callable[[Sink], Sequence], submit: Callable[[Sequence], None]
+    make_sequences: Callable[[Sink], list[Sequence]], submit: Callable[[list[Sequence]], None]
 ) -> AsyncIterator[TokenChunk]:
-    """Build the sequence with a sink into this event loop, submit it, and yield its chunks.
+    """Build a request's sequences (one per answer) with a sink into this event loop, submit them
+    together, and yield their chunks until every answer has finished.
 
-    Closing the iterator early (the client went away) cancels the sequence.
+    Closing the iterator early (the client went away) cancels the sequences.
     """
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
-    holder: list[Sequence] = []
+    sequences: list[Sequence] = []
 
     def sink(item: TokenChunk | BaseException) -> None:
         # Called on the scheduler thread; the loop may already be gone if the client left.
         try:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
         except RuntimeError:
-            holder[0].cancelled = True
+            for sequence in sequences:
+                sequence.cancelled = True
 
-    sequence = make_sequence(sink)
-    holder.append(sequence)
-    submit(sequence)
+    sequences.extend(make_sequences(sink))
+    submit(sequences)
+    unfinished = len(sequences)
     try:
-        while True:
+        while unfinished:
             item = await chunks.get()
             if isinstance(item, BaseException):
                 raise item
             yield item
-            if item.finish_reason is not None:
-                return
+            unfinished -= item.finish_reason is not None
     finally:
-        sequence.cancelled = True
+        for sequence in sequences:
+            sequence.cancelled = True

@@ -12,9 +12,13 @@ from typing import Any
 
 
 class TextStream:
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), min_tokens: int = 0) -> None:
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
+        # Below min_tokens no stop string ends the answer (as in vLLM); text released until then is
+        # never searched again, so a stop string must begin after it.
+        self._min_tokens = min_tokens
+        self._stop_floor = 0
         self._ids: list[int] = []
         self._prefix_offset = 0  # decoding restarts here, so word-boundary spaces come out right
         self._read_offset = 0  # tokens before this are already part of ``text``
@@ -24,6 +28,14 @@ class TextStream:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text alone, special tokens included (the ``token`` of its logprobs)."""
+        return str(self._tokenizer.decode([token_id], skip_special_tokens=False))
+
+    @property
+    def _stops_apply(self) -> bool:
+        return len(self._ids) >= self._min_tokens
 
     def push(self, token_id: int) -> str:
         """Add a generated token; return the newly releasable text ('' if none yet)."""
@@ -36,8 +48,12 @@ class TextStream:
             self.text += new_text[len(prefix_text) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
-        self._apply_stop()
-        return self._release(final=self.stopped)
+        if self._stops_apply:
+            self._apply_stop()
+            return self._release(final=self.stopped)
+        piece = self._release(final=True)
+        self._stop_floor = self._sent
+        return piece
 
     def finish(self) -> str:
         """The rest of the text when the generation ends for any reason."""
@@ -45,13 +61,14 @@ class TextStream:
             prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
             self.text += self._decode(self._ids[self._prefix_offset :])[len(prefix_text) :]
             self._read_offset = len(self._ids)
-            self._apply_stop()
+            if self._stops_apply:
+                self._apply_stop()
         return self._release(final=True)
 
     def _apply_stop(self) -> None:
         # A stop string can only newly appear in the part not yet released plus its overlap.
         longest = max((len(s) for s in self._stop), default=0)
-        start = max(0, self._sent - longest)
+        start = max(self._stop_floor, self._sent - longest)
         hits = [index for s in self._stop if (index := self.text.find(s, start)) >= 0]
         if hits:
             self.text = self.text[: min(hits)]

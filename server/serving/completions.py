@@ -1,7 +1,12 @@
-"""Chat and text completions: job -> model -> resolved personas -> engine -> OpenAI objects or SSE."""
+"""Chat and text completions: job -> model -> resolved personas -> engine -> OpenAI objects or SSE.
+
+A job becomes one generation per prompt (a chat has one; a text completion may list several), each
+with the job's ``n`` answers; answer ``i`` of prompt ``p`` is the response's choice ``p * n + i``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -10,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from persona_store.base import PersonaStore
-from server.engine.base import GenerationRequest, SamplingParams, TokenChunk
+from server.engine.base import Backend, GenerationRequest, SamplingParams, StructuredOutput, TokenChunk
 from server.metrics import Metrics
 from server.serving import responses
 from server.serving.errors import RequestRejected
@@ -27,36 +32,47 @@ class Limits:
     max_strength: float
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What every prompt of a job shares once resolved."""
+
+    backend: Backend
+    sampling: SamplingParams
+    personas: ResolvedPersonas
+    monitors: list[Monitor]
+
+
 @dataclass
 class _Run:
-    """One admitted generation whose first chunk has arrived."""
+    """One prompt's admitted generation (its n answers) whose first chunk has arrived."""
 
     job: CompletionJob
-    personas: ResolvedPersonas
+    plan: _Plan
     stream: AsyncIterator[TokenChunk]
     first: TokenChunk
     arrived: float
     release: ExitStack
     request: GenerationRequest
-    monitors: list[Monitor]
-    token_ids: list[int] = field(default_factory=list)
-    shape: responses.ResponseShape = field(init=False)
+    offset: int  # the choice index of its first answer
+    token_ids: list[int] = field(default_factory=list)  # of its answers, for a monitoring read-back
 
-    def __post_init__(self) -> None:
-        prefix = "chatcmpl-" if self.job.is_chat else "cmpl-"
-        self.shape = responses.ResponseShape(
-            chat=self.job.is_chat,
-            response_id=prefix + uuid.uuid4().hex,
-            created=int(time.time()),
-            model=self.job.model,
-        )
+    async def close(self) -> None:
+        await self.stream.aclose()  # type: ignore[attr-defined]
+        self.release.close()
 
-    @property
-    def persona_echo(self) -> Any:
-        echoes = [echo.to_dict() for echo in self.personas.echoes]
-        if not echoes:
-            return None
-        return echoes[0] if isinstance(self.job.persona, str) else echoes
+
+def _shape(job: CompletionJob) -> responses.ResponseShape:
+    prefix = "chatcmpl-" if job.is_chat else "cmpl-"
+    return responses.ResponseShape(
+        chat=job.is_chat, response_id=prefix + uuid.uuid4().hex, created=int(time.time()), model=job.model
+    )
+
+
+def _persona_echo(job: CompletionJob, personas: ResolvedPersonas) -> Any:
+    echoes = [echo.to_dict() for echo in personas.echoes]
+    if not echoes:
+        return None
+    return echoes[0] if isinstance(job.persona, str) else echoes
 
 
 class CompletionService:
@@ -68,25 +84,61 @@ class CompletionService:
         self._metrics = metrics
         self._limits = limits
 
-    def _sampling(self, job: CompletionJob) -> SamplingParams:
+    def _check(self, job: CompletionJob, backend: Backend) -> None:
+        """Refuse what this server or this engine cannot serve, naming the field."""
         if job.max_tokens is not None and job.max_tokens > self._limits.max_tokens_cap:
             raise RequestRejected(
                 f"max_tokens is {job.max_tokens}; this server allows at most {self._limits.max_tokens_cap}",
                 param="max_tokens",
             )
+        answers = job.n * len(job.prompts)
+        if answers > self._registry.max_in_flight:
+            raise RequestRejected(
+                f"{answers} answers were asked for (n times the prompts); this server runs at most "
+                f"{self._registry.max_in_flight} at once per model",
+                param="n",
+            )
+        if job.persona_monitor and answers > 1:
+            raise RequestRejected(
+                "persona_monitor scores one answer: it cannot be combined with n > 1 or several prompts",
+                param="n" if job.n > 1 else "prompt",
+            )
+        if job.echo and job.logprobs is not None:
+            raise RequestRejected("echo cannot be combined with logprobs", param="echo")
+        if job.json_output is not None and not backend.info.constrained_decoding:
+            raise RequestRejected(
+                f"response_format asks for JSON, which needs constrained decoding; the "
+                f"{backend.info.backend} engine serving {job.model} has none (the vllm engine does)",
+                param="response_format",
+            )
+
+    def _sampling(self, job: CompletionJob) -> SamplingParams:
+        structured = None
+        if job.json_output is not None:
+            schema = job.json_output.schema
+            structured = StructuredOutput(dict(schema) if schema is not None else None)
         return SamplingParams(
             max_tokens=job.max_tokens if job.max_tokens is not None else self._limits.default_max_tokens,
             temperature=1.0 if job.temperature is None else job.temperature,
             top_p=1.0 if job.top_p is None else job.top_p,
+            top_k=job.top_k,
+            min_p=job.min_p,
+            presence_penalty=job.presence_penalty,
+            frequency_penalty=job.frequency_penalty,
+            repetition_penalty=job.repetition_penalty,
             stop=job.stop,
+            stop_token_ids=job.stop_token_ids,
+            min_tokens=job.min_tokens,
             seed=job.seed,
             ignore_eos=job.ignore_eos,
+            logprobs=job.logprobs,
+            structured=structured,
             clamp_to_context=job.max_tokens is None,
         )
 
-    async def _open(self, job: CompletionJob) -> _Run:
-        arrived = time.perf_counter()
+    async def _plan(self, job: CompletionJob) -> _Plan:
         backend = self._registry.get(job.model)
+        self._check(job, backend)
         sampling = self._sampling(job)
         personas = await resolve_personas(
             self._store,
@@ -97,15 +149,19 @@ class CompletionService:
             self._limits.max_strength,
         )
         monitors = await load_monitors(self._store, backend.info, job.persona_monitor)
+        return _Plan(backend, sampling, personas, monitors)
+
+    async def _open(self, job: CompletionJob, plan: _Plan, prompt: str | None, offset: int) -> _Run:
+        arrived = time.perf_counter()
         request = GenerationRequest(
-            sampling=sampling, prompt=job.prompt, messages=job.messages, steering=personas.plan,
-            monitor_blocks=monitored_blocks(monitors) if monitors else None,
+            sampling=plan.sampling, prompt=prompt, messages=job.messages, steering=plan.personas.plan,
+            monitor_blocks=monitored_blocks(plan.monitors) if plan.monitors else None, n=job.n,
         )  # fmt: skip
         release = ExitStack()
-        release.enter_context(self._registry.admit(job.model))
+        release.enter_context(self._registry.admit(job.model, places=job.n))
         waiting = self._metrics.requests_waiting.labels(job.model)
         waiting.inc()
-        stream = backend.generate(request)
+        stream = plan.backend.generate(request)
         try:
             first = await anext(stream)
         except BaseException:
@@ -114,12 +170,33 @@ class CompletionService:
             raise
         finally:
             waiting.dec()
-        return _Run(job=job, personas=personas, stream=stream, first=first, arrived=arrived, release=release,
-                    request=request, monitors=monitors)  # fmt: skip
+        return _Run(job=job, plan=plan, stream=stream, first=first, arrived=arrived, release=release,
+                    request=request, offset=offset)  # fmt: skip
+
+    async def _open_all(self, job: CompletionJob) -> list[_Run]:
+        """Open every prompt's generation; if one fails, close the others and raise its error."""
+        plan = await self._plan(job)
+        prompts = job.prompts
+        if len(prompts) == 1:
+            return [await self._open(job, plan, prompts[0], 0)]
+        tasks = [
+            asyncio.ensure_future(self._open(job, plan, prompt, index * job.n))
+            for index, prompt in enumerate(prompts)
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    await task.result().close()
+            raise
 
     async def _chunks(self, run: _Run) -> AsyncIterator[TokenChunk]:
         """The run's chunks, first included, recording metrics; frees the run's admission place at the end."""
-        labels = (run.job.model, run.personas.label)
+        labels = (run.job.model, run.plan.personas.label)
         metrics = self._metrics
         now = time.perf_counter()
         metrics.time_to_first_token.labels(*labels).observe(now - run.arrived)
@@ -128,11 +205,14 @@ class CompletionService:
         running = metrics.requests_running.labels(run.job.model)
         running.inc()
         status, last, previous = "cancelled", run.first, now
+        generated: dict[int, int] = {}  # answer -> its tokens so far
         try:
             run.token_ids.extend(run.first.token_ids)
+            generated[run.first.index] = run.first.completion_tokens
             yield run.first
             async for chunk in run.stream:
                 run.token_ids.extend(chunk.token_ids)
+                generated[chunk.index] = chunk.completion_tokens
                 now = time.perf_counter()
                 metrics.inter_token_latency.labels(*labels).observe(now - previous)
                 previous, last = now, chunk
@@ -142,13 +222,47 @@ class CompletionService:
             status = "error"
             raise
         finally:
-            await run.stream.aclose()  # type: ignore[attr-defined]
-            run.release.close()
+            await run.close()
             running.dec()
             metrics.request_latency.labels(*labels).observe(time.perf_counter() - run.arrived)
             metrics.prompt_tokens.labels(*labels).inc(last.prompt_tokens)
-            metrics.generation_tokens.labels(*labels).inc(last.completion_tokens)
+            metrics.generation_tokens.labels(*labels).inc(sum(generated.values()))
             metrics.requests.labels(*labels, status).inc()
+
+    async def _merged(self, runs: list[_Run]) -> AsyncIterator[tuple[_Run, TokenChunk]]:
+        """Every run's chunks as they arrive, each with its run."""
+        if len(runs) == 1:
+            async with aclosing(self._chunks(runs[0])) as chunks:
+                async for chunk in chunks:
+                    yield runs[0], chunk
+            return
+        arrivals: asyncio.Queue[tuple[_Run, TokenChunk | Exception | None]] = asyncio.Queue()
+
+        async def pump(run: _Run) -> None:
+            try:
+                async with aclosing(self._chunks(run)) as chunks:
+                    async for chunk in chunks:
+                        arrivals.put_nowait((run, chunk))
+            except Exception as exc:
+                arrivals.put_nowait((run, exc))
+            finally:
+                arrivals.put_nowait((run, None))
+
+        pumps = [asyncio.ensure_future(pump(run)) for run in runs]
+        try:
+            remaining = len(runs)
+            while remaining:
+                run, item = await arrivals.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield run, item
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     async def _scores(self, run: _Run, last: TokenChunk) -> dict[str, float] | None:
         """The monitored personas' scores of the finished answer (None when none was asked for): from
@@ -159,41 +273,60 @@ class CompletionService:
         if means is None:
             unsteered = GenerationRequest(sampling=run.request.sampling, prompt=run.request.prompt,
                                           messages=run.request.messages)  # fmt: skip
-            backend = self._registry.get(run.job.model)
-            blocks = monitored_blocks(run.monitors)  # the read-back stops after the last block needed
-            means = await backend.response_activations(unsteered, run.token_ids, blocks)
-        scores = persona_scores(means, run.monitors)
+            blocks = monitored_blocks(run.plan.monitors)  # the read-back stops after the last block needed
+            means = await run.plan.backend.response_activations(unsteered, run.token_ids, blocks)
+        scores = persona_scores(means, run.plan.monitors)
         for name, score in scores.items():
             self._metrics.persona_score.labels(run.job.model, name).observe(score)
         return scores
 
+    @staticmethod
+    def _echoes(job: CompletionJob) -> list[str]:
+        """Each answer's prompt text, by answer index, when the job asked to echo it."""
+        if not job.echo or job.is_chat:
+            return []
+        return [prompt or "" for prompt in job.prompts for _ in range(job.n)]
+
     async def complete(self, job: CompletionJob) -> dict[str, Any]:
-        run = await self._open(job)
-        text, last = [], run.first
-        async with aclosing(self._chunks(run)) as chunks:
-            async for chunk in chunks:
-                text.append(chunk.text)
-                last = chunk
-        return run.shape.completion("".join(text), last, run.persona_echo, await self._scores(run, last))
+        runs = await self._open_all(job)
+        answers = {index: responses.Answer(index) for index in range(job.n * len(runs))}
+        scores = None
+        async with aclosing(self._merged(runs)) as chunks:
+            async for run, chunk in chunks:
+                answers[run.offset + chunk.index].add(chunk)
+                if chunk.finish_reason is not None and run.job.persona_monitor:
+                    scores = await self._scores(run, chunk)
+        totals = responses.usage(
+            sum(run.first.prompt_tokens for run in runs), sum(a.completion_tokens for a in answers.values())
+        )
+        persona = _persona_echo(job, runs[0].plan.personas)
+        return _shape(job).completion(list(answers.values()), totals, persona, scores, self._echoes(job))
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[str]:
         """Open the generation (errors raise here, before any byte is sent), then return its SSE events."""
-        run = await self._open(job)
-        return self._events(run)
+        runs = await self._open_all(job)
+        return self._events(job, runs)
 
-    async def _events(self, run: _Run) -> AsyncIterator[str]:
-        last, first = run.first, True
-        async with aclosing(self._chunks(run)) as chunks:
-            async for chunk in chunks:
-                last = chunk
+    async def _events(self, job: CompletionJob, runs: list[_Run]) -> AsyncIterator[str]:
+        shape, persona = _shape(job), _persona_echo(job, runs[0].plan.personas)
+        echoes = self._echoes(job)
+        sent: dict[int, int] = {}  # answer -> characters of its text sent so far
+        generated: dict[int, int] = {}
+        async with aclosing(self._merged(runs)) as chunks:
+            async for run, chunk in chunks:
+                index = run.offset + chunk.index
+                first = index not in sent
+                text = (echoes[index] if echoes and first else "") + chunk.text
+                offset = sent.get(index, 0)
+                sent[index] = offset + len(text)
+                generated[index] = chunk.completion_tokens
                 finish = chunk.finish_reason.value if chunk.finish_reason else None
                 scores = await self._scores(run, chunk) if finish else None  # on the final chunk
-                if chunk.text or first or finish:
-                    payload = run.shape.chunk(
-                        chunk.text, finish, run.persona_echo, first=first, scores=scores
-                    )
+                if text or first or finish or chunk.logprobs:
+                    payload = shape.chunk(text, finish, persona, first=first, scores=scores, index=index,
+                                          logprobs=chunk.logprobs, offset=offset)  # fmt: skip
                     yield responses.sse(payload)
-                first = False
-        if run.job.include_usage:
-            yield responses.sse(run.shape.usage_chunk(last))
+        if job.include_usage:
+            totals = responses.usage(sum(run.first.prompt_tokens for run in runs), sum(generated.values()))
+            yield responses.sse(shape.usage_chunk(totals))
         yield responses.sse("[DONE]")

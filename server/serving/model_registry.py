@@ -16,6 +16,11 @@ class ModelRegistry:
         self._in_flight = dict.fromkeys(backends, 0)
 
     @property
+    def max_in_flight(self) -> int:
+        """Places per model: batch rows plus queue."""
+        return self._max_in_flight
+
+    @property
     def ids(self) -> list[str]:
         return list(self._backends)
 
@@ -29,15 +34,16 @@ class ModelRegistry:
         return iter(self._backends.values())
 
     @contextmanager
-    def admit(self, model: str) -> Iterator[None]:
-        """Hold one of the model's in-flight places (batch rows plus queue) for a request's lifetime."""
-        if self._in_flight[model] >= self._max_in_flight:
+    def admit(self, model: str, places: int = 1) -> Iterator[None]:
+        """Hold ``places`` of the model's in-flight places (batch rows plus queue: one per answer)
+        for a request's lifetime."""
+        if self._in_flight[model] + places > self._max_in_flight:
             raise Overloaded(model)
-        self._in_flight[model] += 1
+        self._in_flight[model] += places
         try:
             yield
         finally:
-            self._in_flight[model] -= 1
+            self._in_flight[model] -= places
 
     async def close(self) -> None:
         for backend in self._backends.values():

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from server.engine.base import ChatMessage
+from server.engine.base import MAX_LOGPROBS, ChatMessage
 from server.steering.plan import Positions
 
-# ChatMessage is part of a completion request: the API builds it from here, never from the engine.
-__all__ = ["ChatMessage", "CompletionJob", "PersonaTerm", "SteeringOverride"]
+# ChatMessage is part of a completion request (and MAX_LOGPROBS one of its limits): the API takes
+# them from here, never from the engine.
+__all__ = ["MAX_LOGPROBS", "ChatMessage", "CompletionJob", "JsonOutput", "PersonaTerm", "SteeringOverride"]
 
 
 @dataclass(frozen=True)
@@ -25,18 +27,39 @@ class SteeringOverride:
 
 
 @dataclass(frozen=True)
+class JsonOutput:
+    """The answer must be JSON: any object, or one that follows ``schema``."""
+
+    schema: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class CompletionJob:
-    """One chat (``messages``) or text (``prompt``) completion request."""
+    """One chat (``messages``) or text (``prompt``) completion request.
+
+    A text completion may hold several prompts; each gets ``n`` answers, numbered prompt by prompt.
+    """
 
     model: str
     messages: Sequence[ChatMessage] | None = None
-    prompt: str | None = None
+    prompt: str | Sequence[str] | None = None
+    n: int = 1
+    echo: bool = False  # text completions: each answer begins with its prompt
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: each token's and its k likeliest alternatives'
+    json_output: JsonOutput | None = None
     stream: bool = False
     include_usage: bool = False
     persona: str | Sequence[PersonaTerm] | None = None
@@ -47,3 +70,10 @@ class CompletionJob:
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
+
+    @property
+    def prompts(self) -> list[str | None]:
+        """The prompts to answer (one None for a chat)."""
+        if self.prompt is None or isinstance(self.prompt, str):
+            return [self.prompt]
+        return list(self.prompt)

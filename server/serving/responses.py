@@ -13,12 +13,13 @@ dump with ``exclude_unset``, never ``exclude_none``, and every always-present fi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from server.engine.base import TokenChunk
+from server.engine.base import TokenChunk, TokenLogprob
 
 FinishReason = Literal["stop", "length"]
 
@@ -46,7 +47,44 @@ PersonaScores = Annotated[
     dict[str, float] | None,
     Field(description="Trait score of the answer per persona of `persona_monitor`; absent unless asked."),
 ]
-Logprobs = Annotated[None, Field(description="Log probabilities are not supported: always null.")]
+_LOGPROBS = (
+    "Log-probabilities of the answer's tokens under the steered model, before penalties, temperature "
+    "and truncation (vLLM's raw_logprobs); null unless asked."
+)
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM writes this for a token of probability 0
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class TextLogprobs(BaseModel):
+    """The legacy completions shape: one entry per token in each list."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="The likeliest alternatives of each token, and the token itself."
+    )
+    text_offset: list[int] = Field(description="Where each token's text starts in the choice's text.")
+
+
+ChatLogprobsField = Annotated[ChatLogprobs | None, Field(description=_LOGPROBS)]
+TextLogprobsField = Annotated[TextLogprobs | None, Field(description=_LOGPROBS)]
 
 
 class AssistantMessage(BaseModel):
@@ -58,7 +96,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: Logprobs
+    logprobs: ChatLogprobsField
 
 
 class ChatDelta(BaseModel):
@@ -70,14 +108,14 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None
-    logprobs: Logprobs
+    logprobs: ChatLogprobsField
 
 
 class TextChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: Logprobs
+    logprobs: TextLogprobsField
 
 
 class _Envelope(BaseModel):
@@ -131,12 +169,64 @@ class CompletionChunk(_Envelope):
 STREAM_CHUNKS: tuple[type[BaseModel], ...] = (ChatCompletionChunk, CompletionChunk)
 
 
-def usage(chunk: TokenChunk) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
-        "prompt_tokens": chunk.prompt_tokens,
-        "completion_tokens": chunk.completion_tokens,
-        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def _floor(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    content = [
+        {"token": e.token, "logprob": _floor(e.logprob), "bytes": _utf8(e.token),
+         "top_logprobs": [{"token": t, "logprob": _floor(lp), "bytes": _utf8(t)} for t, lp in e.top]}
+        for e in entries
+    ]  # fmt: skip
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(entries: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The legacy shape; ``offset`` is where the first token's text starts in the choice's text."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [_floor(e.logprob) for e in entries],
+        "top_logprobs": [{**{t: _floor(lp) for t, lp in e.top}, e.token: _floor(e.logprob)} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+@dataclass
+class Answer:
+    """One choice of a response, as it was generated."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    completion_tokens: int = 0
+    parts: list[str] = field(default_factory=list)
+
+    def add(self, chunk: TokenChunk) -> None:
+        self.parts.append(chunk.text)
+        if chunk.logprobs is not None:
+            self.logprobs = [*(self.logprobs or []), *chunk.logprobs]
+        self.completion_tokens = chunk.completion_tokens
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason.value
+            self.text = "".join(self.parts)
 
 
 @dataclass(frozen=True)
@@ -160,24 +250,46 @@ class ResponseShape:
         return {"id": self.response_id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices}  # fmt: skip
 
+    def _logprobs(self, entries: Sequence[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        return chat_logprobs(entries) if self.chat else text_logprobs(entries, offset)
+
     def _choice(
-        self, text: str, finish_reason: str | None, *, delta: dict[str, Any] | None
+        self,
+        index: int,
+        text: str,
+        finish_reason: str | None,
+        *,
+        delta: dict[str, Any] | None,
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0}
+        choice: dict[str, Any] = {"index": index}
         if not self.chat:
             choice["text"] = text
         elif delta is not None:
             choice["delta"] = delta
         else:
             choice["message"] = {"role": "assistant", "content": text}
-        return {**choice, "finish_reason": finish_reason, "logprobs": None}
+        return {**choice, "finish_reason": finish_reason, "logprobs": logprobs}
 
     def completion(
-        self, text: str, last: TokenChunk, persona: Any, scores: dict[str, float] | None = None
+        self,
+        answers: Sequence[Answer],
+        totals: dict[str, int],
+        persona: Any,
+        scores: dict[str, float] | None = None,
+        echo: Sequence[str] = (),
     ) -> dict[str, Any]:
-        finish = last.finish_reason.value if last.finish_reason else None
-        body = self._envelope(False, [self._choice(text, finish, delta=None)])
-        body = {**body, "usage": usage(last), "persona": persona}
+        """The whole response; ``echo``, when the request asked for it, holds each answer's prompt
+        text by the answer's index."""
+        choices = []
+        for answer in answers:
+            prefix = echo[answer.index] if echo else ""
+            logprobs = self._logprobs(answer.logprobs, len(prefix))
+            choices.append(self._choice(answer.index, prefix + answer.text, answer.finish_reason, delta=None,
+                                        logprobs=logprobs))  # fmt: skip
+        body = {**self._envelope(False, choices), "usage": totals, "persona": persona}
         return body if scores is None else {**body, "persona_scores": scores}
 
     def chunk(
@@ -187,14 +299,21 @@ class ResponseShape:
         persona: Any,
         first: bool = False,
         scores: dict[str, float] | None = None,
+        index: int = 0,
+        logprobs: Sequence[TokenLogprob] | None = None,
+        offset: int = 0,
     ) -> dict[str, Any]:
+        """One event of a streamed choice; ``offset`` is where ``text`` starts in the choice's text."""
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         delta["content"] = text
-        body = {**self._envelope(True, [self._choice(text, finish_reason, delta=delta)]), "persona": persona}
+        choice = self._choice(
+            index, text, finish_reason, delta=delta, logprobs=self._logprobs(logprobs, offset)
+        )
+        body = {**self._envelope(True, [choice]), "persona": persona}
         return body if scores is None else {**body, "persona_scores": scores}
 
-    def usage_chunk(self, last: TokenChunk) -> dict[str, Any]:
-        return {**self._envelope(True, []), "usage": usage(last)}
+    def usage_chunk(self, totals: dict[str, int]) -> dict[str, Any]:
+        return {**self._envelope(True, []), "usage": totals}
 
 
 def sse(payload: dict[str, Any] | str) -> str:

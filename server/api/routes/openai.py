@@ -14,7 +14,8 @@ from server.api.openapi import errors, event_stream
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, _CompletionRequest
 from server.api.resources import ModelCard, ModelList, PersonaSummaryList
 from server.serving.completions import CompletionService
-from server.serving.requests import ChatMessage, CompletionJob, PersonaTerm, SteeringOverride
+from server.serving.errors import RequestRejected
+from server.serving.requests import ChatMessage, CompletionJob, JsonOutput, PersonaTerm, SteeringOverride
 from server.serving.responses import ChatCompletion, ChatCompletionChunk, CompletionChunk, TextCompletion
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=errors(401))
@@ -28,7 +29,20 @@ def _service(request: Request) -> CompletionService:
     return request.app.state.completions
 
 
-def _job(body: _CompletionRequest, **prompt: Any) -> CompletionJob:
+def _json_output(body: _CompletionRequest) -> JsonOutput | None:
+    response_format = body.response_format
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return JsonOutput()
+    if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+        raise RequestRejected("response_format json_schema needs json_schema.schema", param="response_format")
+    return JsonOutput(response_format.json_schema.schema_)
+
+
+def _job(body: _CompletionRequest, logprobs: int | None, **prompt: Any) -> CompletionJob:
+    if body.best_of is not None and body.best_of != body.n:
+        raise RequestRejected("best_of other than n is not supported (vLLM dropped it too)", param="best_of")
     persona = body.persona
     if isinstance(persona, list):
         persona = [PersonaTerm(term.name, term.strength) for term in persona]
@@ -38,12 +52,22 @@ def _job(body: _CompletionRequest, **prompt: Any) -> CompletionJob:
         steering = SteeringOverride(layers=layers, positions=body.steering.positions)
     return CompletionJob(
         model=body.model,
+        n=body.n,
         max_tokens=body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
         stop=body.stop_strings(),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        min_tokens=body.min_tokens or 0,
         seed=body.seed,
         ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        json_output=_json_output(body),
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         persona=persona,
@@ -92,7 +116,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     messages = [ChatMessage(m.role, m.text()) for m in body.messages]
     if body.max_tokens is None and body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
-    return await _respond(request, _job(body, messages=messages))
+    if body.top_logprobs is not None and not body.logprobs:
+        raise RequestRejected("top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return await _respond(request, _job(body, logprobs, messages=messages))
 
 
 @router.post(
@@ -104,10 +131,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 async def completions(body: CompletionRequest, request: Request) -> Any:
     prompt = body.prompt
     if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise APIError(400, "exactly one prompt per request is supported", "invalid_request_error")
-        prompt = prompt[0]
-    return await _respond(request, _job(body, prompt=prompt))
+        if not prompt:
+            raise RequestRejected("the prompt list is empty", param="prompt")
+        prompt = prompt[0] if len(prompt) == 1 else tuple(prompt)
+    return await _respond(request, _job(body, body.logprobs, prompt=prompt, echo=body.echo))
 
 
 @router.get("/models", response_model=ModelList)

@@ -95,8 +95,8 @@ class HFBackend(InProcessBackend[Scheduler]):
         """Prompt token ids: raw text as the tokenizer encodes it, or messages via the chat template."""
         return prompt_ids(self._tokenizer, request, self._info.id)
 
-    def _sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
-        sequence = Sequence.for_request(request, self.prompt_ids(request), self._info, self._tokenizer, sink)
+    def _sequence(self, request: GenerationRequest, prompt: list[int], index: int, sink: Sink) -> Sequence:
+        sequence = Sequence.for_request(request, prompt, self._info, self._tokenizer, sink, index)
         sequence.capture = _in_flight_capture(request.monitor_blocks, sequence.plan, self._info.num_layers)
         return sequence
 

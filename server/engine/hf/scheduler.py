@@ -14,7 +14,7 @@ from typing import Any
 
 from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.runner import ModelRunner
-from server.engine.sampling import sample_one, sample_rows
+from server.engine.sampling import next_tokens
 from server.engine.scheduler import EngineScheduler, ModelTask
 from server.engine.sequence import Sequence
 from server.steering.hooks import BatchSteering
@@ -85,24 +85,32 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
         """Prefill ``group`` together and merge it into the batch; True when any row joined."""
         for sequence in group:
             sequence.mark_scheduled()
+        # Requests with the same prompt and steering (the n choices of one request) share one row.
+        keys = [(tuple(s.prompt_ids), s.plan.fingerprint() if s.plan is not None else "") for s in group]
+        unique: dict[tuple[tuple[int, ...], str], int] = {}
+        source = [unique.setdefault(key, len(unique)) for key in keys]
+        firsts = [keys.index(key) for key in unique]
         try:
-            logits, cache, mask = self._runner.prefill([s.prompt_ids for s in group], [s.plan for s in group])
+            logits, cache, mask = self._runner.prefill(
+                [group[row].prompt_ids for row in firsts], [group[row].plan for row in firsts]
+            )
         except Exception as exc:
-            if len(group) == 1:
+            if len(firsts) == 1:
                 self._fail_prefill(group, exc)
                 return False
             # Again one by one, so that only the failing prompt fails (a list: every one must run).
             return any([self._prefill([sequence]) for sequence in group])
         logits = logits.cpu()
         for row, sequence in enumerate(group):
-            self._emit(sequence, sample_one(logits[row], sequence.sampling, sequence.generator))
+            self._choose_and_emit(sequence, logits[source[row]])
         kept = [row for row, sequence in enumerate(group) if not sequence.finished]
         if not kept:
             return False
-        if len(kept) < len(group):
+        rows = [source[row] for row in kept]
+        if rows != list(range(len(firsts))):
             group_batch = KVBatch()
             group_batch.append(cache, mask)
-            group_batch.keep(kept)
+            group_batch.keep(rows)  # a shared row is copied once per request that continues
             cache, mask = group_batch.cache, group_batch.attention_mask  # type: ignore[assignment]
         self._batch.append(cache, mask)
         self._rows.extend(group[row] for row in kept)
@@ -122,14 +130,14 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
                 capture.add(row_outputs[: capture.num_blocks])  # the fed token is a response token
         else:
             logits = self._runner.decode(self._batch, last_tokens, self._decode_steering)
-        tokens = sample_rows(logits, [s.sampling for s in self._rows], [s.generator for s in self._rows])
-        for sequence, token in zip(self._rows, tokens, strict=True):
+        choices = next_tokens(logits, self._rows, self._eos)
+        for sequence, (token, logprob) in zip(self._rows, choices, strict=True):
             if sequence.capture is not None and sequence.capture.held is not None:
                 # This step read its last token: the final chunk goes out now, with the means.
                 sequence.finished = True
                 sequence.sink(sequence.capture.release())
             else:
-                self._emit(sequence, token)
+                self._emit(sequence, token, logprob)
         self._drop_rows(lambda s: s.finished)
 
     def _drop_rows(self, leaves: Callable[[Sequence], bool]) -> None:

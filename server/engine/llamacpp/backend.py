@@ -137,8 +137,10 @@ class LlamaCppBackend(InProcessBackend[LaneScheduler]):
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return self._vocab.prompt_ids(request.prompt, request.messages)
 
-    def _sequence(self, request: GenerationRequest, sink: Sink) -> LaneSequence:
-        sequence = LaneSequence.for_request(request, self.prompt_ids(request), self._info, self._vocab, sink)
+    def _sequence(
+        self, request: GenerationRequest, prompt_ids: list[int], index: int, sink: Sink
+    ) -> LaneSequence:
+        sequence = LaneSequence.for_request(request, prompt_ids, self._info, self._vocab, sink, index)
         if sequence.plan is not None:
             sequence.steering = steering_buffer(sequence.plan, self._info.hidden_size, self._info.num_layers)
             sequence.steering_key = sequence.plan.fingerprint()

@@ -34,7 +34,6 @@ import torch
 
 from server.engine.llamacpp.lane import Lane, TokenSlot
 from server.engine.llamacpp.steering import per_row_additions
-from server.engine.sampling import sample_one
 from server.engine.scheduler import EngineScheduler, ModelTask
 from server.engine.sequence import Sequence
 from server.steering.plan import prompt_position_mask, steers_generated_tokens
@@ -197,7 +196,7 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
             sequence.mark_scheduled()
             try:
                 logits = torch.from_numpy(self._prefill(state, sequence))
-                self._emit(sequence, sample_one(logits, sequence.sampling, sequence.generator))
+                self._choose_and_emit(sequence, logits)
             except Exception as exc:
                 self._fail_prefill([sequence], exc)
             state.rows.append(sequence)
@@ -234,11 +233,10 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
         rows = state.lane.decode(slots, additions)
         for sequence, logits in zip(state.rows, rows, strict=True):
             sequence.position += 1
-            if sequence.sampling.greedy:
-                token = int(np.argmax(logits))
+            if sequence.sampling.plain_argmax:
+                self._emit(sequence, int(np.argmax(logits)))
             else:
-                token = sample_one(torch.from_numpy(logits), sequence.sampling, sequence.generator)
-            self._emit(sequence, token)
+                self._choose_and_emit(sequence, torch.from_numpy(logits))
         self._drop_rows(state, lambda s: s.finished)
 
     def _drop_rows(self, state: LaneState, leaves: Callable[[LaneSequence], bool]) -> None:

@@ -45,6 +45,9 @@ class LlamaVocab:
             size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
         return buffer.raw[:size]
 
+    def __len__(self) -> int:
+        return self.size
+
     @property
     def eog_tokens(self) -> set[int]:
         return set(self._eog)

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from server.engine.base import EngineError, GenerationRequest, ModelInfo, TokenChunk
+from server.engine.base import (
+    EngineError,
+    GenerationRequest,
+    ModelInfo,
+    StructuredOutput,
+    TokenChunk,
+    TokenLogprob,
+)
 from server.engine.prompts import eos_token_ids, prompt_ids
 from server.engine.read_back import answer_tokens, leading_blocks
 from server.engine.sequence import Sequence, emit, finish_last
@@ -35,6 +42,29 @@ def cache_salt(plan: SteeringPlan, num_prompt_tokens: int) -> str:
     terms = "+".join(f"{term.key}*{term.strength!r}" for term in plan.terms)
     length = "" if plan.positions.value == "all" else f"@{num_prompt_tokens}"
     return f"persona:{plan.positions.value}{length}:{terms}"
+
+
+def token_logprob(sequence: Sequence, completion: Any, index: int) -> TokenLogprob | None:
+    """The logprobs vLLM computed for the ``index``-th new token, named by our tokenizer."""
+    if sequence.sampling.logprobs is None or not completion.logprobs:
+        return None
+    entries = completion.logprobs[index]  # token id -> Logprob(logprob, rank, decoded_token)
+    token = completion.token_ids[index]
+    name = sequence.text.token_text
+    ranked = sorted((entry.rank, token_id, entry.logprob) for token_id, entry in entries.items())
+    top = tuple((name(token_id), float(logprob)) for _, token_id, logprob in ranked)
+    return TokenLogprob(name(token), float(entries[token].logprob), top[: sequence.sampling.logprobs])
+
+
+def structured_outputs(structured: StructuredOutput | None) -> Any:
+    """vLLM's constraint for a JSON answer (any object, or one schema)."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if structured.schema is None:
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=structured.schema)
 
 
 def queue_seconds(output: Any) -> float | None:
@@ -62,6 +92,7 @@ class VLLMBackend:
             hidden_size=int(text_config.hidden_size),
             max_context=int(engine.model_config.max_model_len),
             steerable_layers=tuple(range(num_layers)),
+            constrained_decoding=True,  # vLLM's structured outputs
         )
         self._eos_ids = eos_ids
         self._resident = ResidentSets(self._rpc, resident_capacity)
@@ -130,40 +161,52 @@ class VLLMBackend:
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         chunks: list[TokenChunk] = []
-        sequence = Sequence.for_request(
-            request, self.prompt_ids(request), self._info, self._tokenizer, lambda item: chunks.append(item)
-        )  # type: ignore[arg-type,func-returns-value]
+        ids = self.prompt_ids(request)
+        sequences = [
+            Sequence.for_request(request, ids, self._info, self._tokenizer, chunks.append, index)  # type: ignore[arg-type]
+            for index in range(request.n)
+        ]
+        first = sequences[0]
         await self._ensure_set_up()
-        keys = await self._resident.acquire(sequence.plan.terms) if sequence.plan is not None else []
+        keys = await self._resident.acquire(first.plan.terms) if first.plan is not None else []
         try:
-            params = self._sampling_params(sequence)
-            prompt: dict[str, Any] = {"prompt_token_ids": sequence.prompt_ids}
-            if sequence.plan is not None:
-                prompt["cache_salt"] = cache_salt(sequence.plan, len(sequence.prompt_ids))
+            params = self._sampling_params(first, request.n)  # vLLM gives answer i seed + i, as we do
+            prompt: dict[str, Any] = {"prompt_token_ids": first.prompt_ids}
+            if first.plan is not None:
+                prompt["cache_salt"] = cache_salt(first.plan, len(first.prompt_ids))
             outputs = self._engine.generate(
                 prompt, params, request_id=f"{request.request_id}-{uuid.uuid4().hex}"
             )
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
-                    if sequence.queue_seconds is None:
-                        sequence.queue_seconds = queue_seconds(output)
-                    for token in output.outputs[0].token_ids:
-                        emit(sequence, token, self._eos_ids)
-                        if sequence.finished:
-                            break
-                    if output.finished and not sequence.finished:  # vLLM stopped on an id we do not know
-                        finish_last(sequence, chunks)
+                    for completion in output.outputs:
+                        self._emit_all(sequences[completion.index], completion, chunks, queue_seconds(output))
                     for chunk in chunks:
                         yield chunk
                     chunks.clear()
-                    if sequence.finished:
+                    if all(sequence.finished for sequence in sequences):
                         return
         finally:
             self._resident.release(keys)
             if keys:
                 await self._resident.evict()
 
-    def _sampling_params(self, sequence: Sequence) -> Any:
+    def _emit_all(
+        self, sequence: Sequence, completion: Any, chunks: list[TokenChunk], queued: float | None
+    ) -> None:
+        """One answer's new tokens from vLLM as our chunks (text, stops and usage as on every engine)."""
+        if sequence.finished:
+            return  # a stop string of ours ended it; vLLM may still be generating it
+        if sequence.queue_seconds is None:
+            sequence.queue_seconds = queued
+        for index, token in enumerate(completion.token_ids):
+            emit(sequence, token, self._eos_ids, token_logprob(sequence, completion, index))
+            if sequence.finished:
+                return
+        if completion.finish_reason is not None:  # vLLM stopped on an id we do not know
+            finish_last(sequence, chunks)
+
+    def _sampling_params(self, sequence: Sequence, n: int = 1) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -174,9 +217,19 @@ class VLLMBackend:
             ref = SteeringRef(tuple((term.key, term.strength) for term in plan.terms), plan.positions.value)
             extra_args = ref.to_extra_args()
         return SamplingParams(
+            n=n,
             max_tokens=sequence.max_new_tokens,
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            min_tokens=sampling.min_tokens,
+            stop_token_ids=list(sampling.stop_token_ids),
+            logprobs=sampling.logprobs,
+            structured_outputs=structured_outputs(sampling.structured),
             seed=sampling.seed,
             ignore_eos=sampling.ignore_eos,
             detokenize=False,  # our TextStream detokenizes and applies stop strings, as on every engine
