@@ -145,7 +145,7 @@ def test_the_error_model_is_the_error_body() -> None:
 PIRATE = {"name": "pirate", "strength": 2.0, "version": 1, "layers": [1]}
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 TOTALS = usage(5, 3)
-LOGPROB = TokenLogprob("é", -0.5, (("é", -0.5), ("a", -1.5)))
+LOGPROB = TokenLogprob(9, "é", -0.5, ((9, "é", -0.5), (3, "a", -1.5)))
 HEAD = {"created": 1700000000, "model": "m"}
 
 

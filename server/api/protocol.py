@@ -105,6 +105,9 @@ class _CompletionRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0, description="No end of the answer before this many tokens.")
     stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(None, max_length=256)
     response_format: ResponseFormat | None = None
+    return_tokens_as_token_ids: bool = Field(
+        False, description="Name the tokens of logprobs token_id:N (as vLLM does), which no two tokens share."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None

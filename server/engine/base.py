@@ -166,9 +166,10 @@ class TokenLogprob:
     The distribution is the model's own, before penalties, temperature and truncation (vLLM's default
     ``raw_logprobs``, and what the OpenAI API reports)."""
 
+    token_id: int
     token: str  # the token's text as the tokenizer decodes it alone
     logprob: float
-    top: tuple[tuple[str, float], ...] = ()  # (text, logprob), likeliest first
+    top: tuple[tuple[int, str, float], ...] = ()  # (id, text, logprob), likeliest first
 
 
 @dataclass(frozen=True)

@@ -76,11 +76,11 @@ def _draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generat
 def _logprob(raw: torch.Tensor, token: int, count: int, sequence: Sequence) -> TokenLogprob:
     logprobs = torch.log_softmax(raw.double(), dim=-1)
     name = sequence.text.token_text
-    top: tuple[tuple[str, float], ...] = ()
+    top: tuple[tuple[int, str, float], ...] = ()
     if count:
         values, ids = torch.topk(logprobs, min(count, int(logprobs.shape[-1])))
-        top = tuple((name(int(i)), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(name(token), float(logprobs[token]), top)
+        top = tuple((i, name(i), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, name(token), float(logprobs[token]), top)
 
 
 def next_token(

@@ -64,7 +64,11 @@ class _Run:
 def _shape(job: CompletionJob) -> responses.ResponseShape:
     prefix = "chatcmpl-" if job.is_chat else "cmpl-"
     return responses.ResponseShape(
-        chat=job.is_chat, response_id=prefix + uuid.uuid4().hex, created=int(time.time()), model=job.model
+        chat=job.is_chat,
+        response_id=prefix + uuid.uuid4().hex,
+        created=int(time.time()),
+        model=job.model,
+        logprobs=responses.LogprobWriter(token_ids=job.tokens_as_ids),
     )
 
 

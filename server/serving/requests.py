@@ -59,6 +59,7 @@ class CompletionJob:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: each token's and its k likeliest alternatives'
+    tokens_as_ids: bool = False  # logprobs name tokens token_id:N
     json_output: JsonOutput | None = None
     stream: bool = False
     include_usage: bool = False

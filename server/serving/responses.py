@@ -185,27 +185,49 @@ def _utf8(text: str) -> list[int]:
     return list(text.encode("utf-8", errors="replace"))
 
 
-def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
-    content = [
-        {"token": e.token, "logprob": _floor(e.logprob), "bytes": _utf8(e.token),
-         "top_logprobs": [{"token": t, "logprob": _floor(lp), "bytes": _utf8(t)} for t, lp in e.top]}
-        for e in entries
-    ]  # fmt: skip
-    return {"content": content, "refusal": None}
+@dataclass(frozen=True)
+class LogprobWriter:
+    """Writes logprobs in the OpenAI shapes; with ``token_ids`` (vLLM's return_tokens_as_token_ids)
+    a token is named ``token_id:N``, which no two tokens share."""
 
+    token_ids: bool = False
 
-def text_logprobs(entries: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
-    """The legacy shape; ``offset`` is where the first token's text starts in the choice's text."""
-    offsets = []
-    for entry in entries:
-        offsets.append(offset)
-        offset += len(entry.token)
-    return {
-        "tokens": [e.token for e in entries],
-        "token_logprobs": [_floor(e.logprob) for e in entries],
-        "top_logprobs": [{**{t: _floor(lp) for t, lp in e.top}, e.token: _floor(e.logprob)} for e in entries],
-        "text_offset": offsets,
-    }
+    def _name(self, token_id: int, text: str) -> str:
+        return f"token_id:{token_id}" if self.token_ids else text
+
+    def chat(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+        content = []
+        for e in entries:
+            top = [{"token": (name := self._name(i, t)), "logprob": _floor(lp), "bytes": _utf8(name)}
+                   for i, t, lp in e.top]  # fmt: skip
+            token = self._name(e.token_id, e.token)
+            content.append({"token": token, "logprob": _floor(e.logprob), "bytes": _utf8(token),
+                            "top_logprobs": top})  # fmt: skip
+        return {"content": content, "refusal": None}
+
+    def _alternatives(self, entry: TokenLogprob) -> dict[str, float]:
+        """The likeliest tokens and the token itself (as vLLM writes them)."""
+        top = {self._name(i, t): _floor(lp) for i, t, lp in entry.top}
+        return {**top, self._name(entry.token_id, entry.token): _floor(entry.logprob)}
+
+    def text(self, entries: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+        """The legacy shape; ``offset`` is where the first token's text starts in the choice's text."""
+        offsets = []
+        for entry in entries:
+            offsets.append(offset)
+            offset += len(entry.token)
+        return {
+            "tokens": [self._name(e.token_id, e.token) for e in entries],
+            "token_logprobs": [_floor(e.logprob) for e in entries],
+            "top_logprobs": [
+                {
+                    **{self._name(i, t): _floor(lp) for i, t, lp in e.top},
+                    self._name(e.token_id, e.token): _floor(e.logprob),
+                }
+                for e in entries
+            ],
+            "text_offset": offsets,
+        }
 
 
 @dataclass
@@ -242,6 +264,7 @@ class ResponseShape:
     response_id: str
     created: int
     model: str
+    logprobs: LogprobWriter = LogprobWriter()
 
     def _envelope(self, streamed: bool, choices: list[dict[str, Any]]) -> dict[str, Any]:
         kind = (
@@ -253,7 +276,7 @@ class ResponseShape:
     def _logprobs(self, entries: Sequence[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
         if entries is None:
             return None
-        return chat_logprobs(entries) if self.chat else text_logprobs(entries, offset)
+        return self.logprobs.chat(entries) if self.chat else self.logprobs.text(entries, offset)
 
     def _choice(
         self,

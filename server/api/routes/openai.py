@@ -67,6 +67,7 @@ def _job(body: _CompletionRequest, logprobs: int | None, **prompt: Any) -> Compl
         seed=body.seed,
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
+        tokens_as_ids=body.return_tokens_as_token_ids,
         json_output=_json_output(body),
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),

@@ -52,8 +52,8 @@ def token_logprob(sequence: Sequence, completion: Any, index: int) -> TokenLogpr
     token = completion.token_ids[index]
     name = sequence.text.token_text
     ranked = sorted((entry.rank, token_id, entry.logprob) for token_id, entry in entries.items())
-    top = tuple((name(token_id), float(logprob)) for _, token_id, logprob in ranked)
-    return TokenLogprob(name(token), float(entries[token].logprob), top[: sequence.sampling.logprobs])
+    top = tuple((token_id, name(token_id), float(logprob)) for _, token_id, logprob in ranked)
+    return TokenLogprob(token, name(token), float(entries[token].logprob), top[: sequence.sampling.logprobs])
 
 
 def structured_outputs(structured: StructuredOutput | None) -> Any:
