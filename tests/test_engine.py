@@ -193,3 +193,57 @@ async def test_bad_requests_are_refused_before_generation(llama_backend: HFBacke
     with pytest.raises(SteeringError, match="layer 7 does not exist"):
         await collect(llama_backend, chat(QUESTIONS[0], plan=SteeringPlan({7: torch.ones(64)})))
     assert await wait_until(lambda: llama_backend.scheduler.num_running == 0)
+
+
+async def test_n_answers_share_one_prefill_row(
+    llama_backend: HFBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows: list[int] = []
+    prefill = llama_backend._runner.prefill
+
+    def counting(prompts: list[list[int]], plans: list[SteeringPlan | None]) -> object:
+        rows.append(len(prompts))
+        return prefill(prompts, plans)
+
+    monkeypatch.setattr(llama_backend._runner, "prefill", counting)
+    plan = persona(7, [1], 4.0, Positions.ALL)
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=4, ignore_eos=True)
+    request = GenerationRequest(prompt="the captain sails", sampling=params, steering=plan, n=3)
+    chunks = await collect(llama_backend, request)
+    assert rows == [1]  # three answers, one prompt row in one forward pass
+    answers = [[t for c in chunks if c.index == i for t in c.token_ids] for i in range(3)]
+    for index, answer in enumerate(answers):
+        alone = GenerationRequest(
+            prompt="the captain sails", sampling=request.choice_sampling(index), steering=plan
+        )
+        assert answer == tokens_of(await collect(llama_backend, alone))
+    assert len({tuple(answer) for answer in answers}) == 3
+
+
+def test_penalties_are_those_of_transformers_and_openai() -> None:
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from server.engine.sampling import processed_logits
+    from server.engine.sequence import Sequence
+    from server.engine.text_stream import TextStream
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    prompt, output = [3, 4, 4], [4, 9, 9, 9]
+
+    def sequence(**sampling: float) -> Sequence:
+        params = SamplingParams(max_tokens=8, **sampling)  # type: ignore[arg-type]
+        return Sequence(prompt, params, None, TextStream(None), print, 8, output_ids=list(output))
+
+    repeated = processed_logits(logits, sequence(repetition_penalty=1.7), set())
+    reference = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + output]), logits[None].clone())[
+        0
+    ]
+    assert torch.allclose(repeated, reference)
+    penalized = processed_logits(logits, sequence(frequency_penalty=0.5, presence_penalty=0.25), set())
+    expected = logits.clone()
+    expected[4] -= 0.5 * 1 + 0.25
+    expected[9] -= 0.5 * 3 + 0.25
+    assert torch.allclose(penalized, expected)  # prompt tokens are not penalized by these two
+    held = processed_logits(logits, sequence(min_tokens=5, stop_token_ids=(7,)), {2})
+    assert held[2] == held[7] == float("-inf") and torch.equal(held[:2], logits[:2])
+    assert torch.equal(processed_logits(logits, sequence(min_tokens=4, stop_token_ids=(7,)), {2}), logits)
