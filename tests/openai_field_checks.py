@@ -21,6 +21,10 @@ _EXTRA = {"ignore_eos", "top_k", "min_p", "repetition_penalty", "min_tokens", "s
           "return_tokens_as_token_ids", "persona", "persona_monitor"}  # fmt: skip
 
 
+# Greedy with every penalty: engines on the same weights must give the same answer.
+PENALIZED = {"max_tokens": 16, "frequency_penalty": 0.7, "presence_penalty": 0.3, "repetition_penalty": 1.6}
+
+
 def _split(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     native = {k: v for k, v in fields.items() if k not in _EXTRA}
     return native, {k: v for k, v in fields.items() if k in _EXTRA}
@@ -71,7 +75,8 @@ def check_chat_logprobs(client: openai.OpenAI, model: str, persona: str) -> list
 
 def check_text_logprobs(client: openai.OpenAI, model: str) -> None:
     """The legacy completions shape: tokens, their logprobs, alternatives and text offsets."""
-    response = complete(client, model, "the sea is", logprobs=2)
+    # Named by id: two tokens may share a text (lone bytes decode to U+FFFD), never an id.
+    response = complete(client, model, "the sea is", logprobs=2, return_tokens_as_token_ids=True)
     logprobs = response.choices[0].logprobs
     count = response.usage.completion_tokens
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == count
@@ -79,10 +84,12 @@ def check_text_logprobs(client: openai.OpenAI, model: str) -> None:
                                             strict=True):  # fmt: skip
         assert alternatives[token] == pytest.approx(logprob) and 2 <= len(alternatives) <= 3
         assert logprob == pytest.approx(max(alternatives.values()), abs=1e-5)  # greedy
+    texts = complete(client, model, "the sea is", logprobs=2).choices[0].logprobs
+    assert texts.token_logprobs == pytest.approx(logprobs.token_logprobs)
     offsets = [0]
-    for token in logprobs.tokens[:-1]:
+    for token in texts.tokens[:-1]:
         offsets.append(offsets[-1] + len(token))
-    assert logprobs.text_offset == offsets
+    assert texts.text_offset == offsets
 
 
 def check_n_answers(client: openai.OpenAI, model: str) -> None:

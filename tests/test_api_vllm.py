@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from server.testing.server_process import ServerProcess
+from tests import openai_field_checks as checks
 from tests.api_helpers import ADMIN_KEY, QUESTION, random_vector, upload
 
 pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
@@ -144,3 +145,23 @@ def test_extraction_on_vllm_equals_the_hf_engine(servers: tuple[ServerProcess, S
     assert sorted(ours) == sorted(theirs) == ["0", "1", "2"]
     for layer in ours:
         assert ours[layer] == pytest.approx(theirs[layer], abs=1e-4)
+
+
+def test_openai_fields_on_vllm(servers: tuple[ServerProcess, ServerProcess]) -> None:
+    vllm_client, hf_client = clients(servers)
+    upload_to_both(servers, "fields", {1: random_vector(HIDDEN, 61)}, 6.0)
+    on_vllm = checks.check_chat_logprobs(vllm_client, MODEL, "fields")
+    on_hf = checks.check_chat_logprobs(hf_client, MODEL, "fields")
+    assert [e.token for e in on_vllm] == [e.token for e in on_hf]
+    assert [e.logprob for e in on_vllm] == pytest.approx([e.logprob for e in on_hf], abs=1e-3)
+    checks.check_text_logprobs(vllm_client, MODEL)
+    checks.check_n_answers(vllm_client, MODEL)
+    checks.check_seed_in_a_batch(vllm_client, MODEL)
+    checks.check_penalties(vllm_client, MODEL)
+    checks.check_truncations(vllm_client, MODEL)
+    vllm_answer, hf_answer = (checks.chat(c, MODEL, **checks.PENALIZED) for c in clients(servers))
+    assert vllm_answer.choices[0].message.content == hf_answer.choices[0].message.content
+    checks.check_stop_ids_and_min_tokens(vllm_client, MODEL)
+    checks.check_prompts_and_echo(vllm_client, MODEL)
+    checks.check_unsupported_combinations(vllm_client, MODEL, "fields")
+    checks.check_json_constrained(vllm_client, MODEL)

@@ -46,9 +46,9 @@ def test_penalties_and_truncations(client: openai.OpenAI, model: str) -> None:
 
 
 def test_penalized_greedy_answers_are_the_same_on_both_engines(client: openai.OpenAI) -> None:
-    fields = {"max_tokens": 16, "frequency_penalty": 0.7, "presence_penalty": 0.3, "repetition_penalty": 1.6}
-    hf, gguf = (checks.chat(client, model, **fields).choices[0].message.content for model in ENGINES)
-    assert gguf == hf != checks.chat(client, LLAMA, max_tokens=16).choices[0].message.content
+    hf, gguf = (checks.chat(client, model, **checks.PENALIZED) for model in ENGINES)
+    plain = checks.chat(client, LLAMA, max_tokens=16).choices[0].message.content
+    assert gguf.choices[0].message.content == hf.choices[0].message.content != plain
 
 
 @pytest.mark.parametrize("model", list(ENGINES))

@@ -56,6 +56,17 @@ def token_logprob(sequence: Sequence, completion: Any, index: int) -> TokenLogpr
     return TokenLogprob(token, name(token), float(entries[token].logprob), top[: sequence.sampling.logprobs])
 
 
+async def _refusals_as_engine_errors(outputs: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """vLLM's outputs; a request vLLM refuses (its own checks of the sampling values) is bad input."""
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        async for output in outputs:
+            yield output
+    except VLLMClientError as exc:
+        raise EngineError(f"vLLM refused the request: {exc}", getattr(exc, "parameter", None)) from exc
+
+
 def structured_outputs(structured: StructuredOutput | None) -> Any:
     """vLLM's constraint for a JSON answer (any object, or one schema)."""
     if structured is None:
@@ -169,8 +180,10 @@ class VLLMBackend:
         first = sequences[0]
         await self._ensure_set_up()
         keys = await self._resident.acquire(first.plan.terms) if first.plan is not None else []
+        # vLLM refuses n > 1 when greedy: the answers are equal, so one is generated and shared.
+        shared = first.sampling.greedy and request.n > 1
         try:
-            params = self._sampling_params(first, request.n)  # vLLM gives answer i seed + i, as we do
+            params = self._sampling_params(first, 1 if shared else request.n)  # answer i: seed + i, as ours
             prompt: dict[str, Any] = {"prompt_token_ids": first.prompt_ids}
             if first.plan is not None:
                 prompt["cache_salt"] = cache_salt(first.plan, len(first.prompt_ids))
@@ -178,9 +191,10 @@ class VLLMBackend:
                 prompt, params, request_id=f"{request.request_id}-{uuid.uuid4().hex}"
             )
             async with contextlib.aclosing(outputs):
-                async for output in outputs:
+                async for output in _refusals_as_engine_errors(outputs):
                     for completion in output.outputs:
-                        self._emit_all(sequences[completion.index], completion, chunks, queue_seconds(output))
+                        for sequence in sequences if shared else [sequences[completion.index]]:
+                            self._emit_all(sequence, completion, chunks, queue_seconds(output))
                     for chunk in chunks:
                         yield chunk
                     chunks.clear()
