@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from server.testing.server_process import ServerProcess
-from tests.api_helpers import QUESTION, assert_openai_error, random_vector, upload
+from tests.api_helpers import ADMIN_KEY, QUESTION, assert_openai_error, random_vector, upload
 
 # Each test starts its own server (and schemathesis against it).
 pytestmark = pytest.mark.integration
@@ -78,17 +78,25 @@ def test_a_full_queue_answers_429_and_personas_survive_a_restart(llama_dir: Path
         assert answer.status_code == 200 and answer.json()["persona"]["strength"] == 2.5
 
 
-def test_schemathesis_finds_no_server_error(llama_dir: Path, tmp_path: Path) -> None:
-    args = serve_args(llama_dir, tmp_path, "--max-tokens-cap", "16", "--default-max-tokens", "8")
+def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(
+    llama_dir: Path, tmp_path: Path
+) -> None:
+    # Every operation, with valid and invalid data, as the admin: no 5xx, and every status, content
+    # type and body is one /openapi.json documents.
+    args = serve_args(llama_dir, tmp_path, "--max-tokens-cap", "16", "--default-max-tokens", "8",
+                      "--admin-key", ADMIN_KEY)  # fmt: skip
     with ServerProcess(args, log_path=tmp_path / "server.log") as server:
-        upload(server.url, "pirate", MODEL, {1: random_vector(64, 1)}, admin_key=None).raise_for_status()
+        upload(server.url, "pirate", MODEL, {1: random_vector(64, 1)}, admin_key=ADMIN_KEY).raise_for_status()
+        checks = (
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+        )
         command = [
             sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
-            "--checks", "not_a_server_error", "--mode", "positive", "--max-examples", "50",
-            "--phases", "coverage,fuzzing", "--generation-database", "none", "--seed", "1",
-            "--workers", "1", "--request-timeout", "30", "--no-color",
+            "--header", f"Authorization: Bearer {ADMIN_KEY}", "--checks", checks, "--mode", "all",
+            "--max-examples", "15", "--phases", "coverage,fuzzing", "--generation-database", "none",
+            "--seed", "1", "--workers", "1", "--request-timeout", "30", "--no-color",
         ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
         report = result.stdout[-4000:] + result.stderr[-2000:]
         assert result.returncode == 0, report
-        assert "generated" in report and " 0 generated" not in report, report
+        assert "24/24" in report and "generated" in report and " 0 generated" not in report, report
