@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -95,9 +97,27 @@ def change_message(model: str, name: str) -> str:
     return json.dumps({"model": model, "name": name})
 
 
+# Reads that fail on a dead connection are sent once more, after a short pause, on a fresh one.
+_RETRY_BACKOFF = ExponentialBackoff(cap=0.5, base=0.05)
+_SOCKET_TIMEOUT = 2.0
+# A connection idle this long is PINGed before its next command. The change feed's connection is
+# idle while nobody writes: the PING finds a dead one (answered by a reset) and the feed breaks and
+# resubscribes, instead of waiting for messages that will never come.
+HEALTH_CHECK_SECONDS = 10
+
+
 class RedisStore:
-    def __init__(self, client: aioredis.Redis, keep_versions: int = 10, prefix: str = KEY_PREFIX) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keep_versions: int = 10,
+        prefix: str = KEY_PREFIX,
+        once: aioredis.Redis | None = None,
+    ) -> None:
+        """``client`` reads; ``once`` (default: ``client``) sends what must not be retried: writes, and
+        the change feed, whose break the cache must see (a silent resubscription loses messages)."""
         self._redis = client
+        self._once = once or client
         self._keep = keep_versions
         self._prefix = prefix
         self._put = client.register_script(_PUT)
@@ -106,8 +126,28 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, keep_versions: int = 10) -> RedisStore:
-        client = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        return cls(client, keep_versions)
+        """Reads retry once on a fresh connection; writes, never retried, get a fresh one to begin with.
+
+        After Redis comes back (a restart, a new container), pooled connections can be dead yet look
+        alive: a command on one fails with a reset, or with nothing until the socket timeout. A read
+        is safe to send again. A write whose reply was lost may have been applied, so a second send
+        could write twice: writes instead never reuse an idle pooled connection (they are rare).
+        The change feed is not retried either: the cache must see its break.
+        """
+        timeouts: dict[str, Any] = {
+            "socket_timeout": _SOCKET_TIMEOUT,
+            "socket_connect_timeout": _SOCKET_TIMEOUT,
+        }
+        reader = aioredis.Redis.from_url(
+            url,
+            retry=Retry(_RETRY_BACKOFF, retries=1),  # on redis-py's ConnectionError and TimeoutError
+            health_check_interval=HEALTH_CHECK_SECONDS,
+            **timeouts,
+        )
+        once = aioredis.Redis.from_url(
+            url, retry=Retry(NoBackoff(), retries=0), health_check_interval=HEALTH_CHECK_SECONDS, **timeouts
+        )
+        return cls(reader, keep_versions, once=once)
 
     def _key(self, kind: str, model: str, name: str | None = None) -> str:
         parts = [self._prefix, kind, quote(model, safe="")]
@@ -132,47 +172,38 @@ class RedisStore:
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailable(f"the Redis persona store is unreachable: {exc}") from exc
 
-    async def _read(self, request: Callable[[], Awaitable[T]]) -> T:
-        """A read, sent once more when its connection turns out to be dead.
-
-        After Redis restarts, a pooled connection looks alive until its first use fails; the client
-        then drops it, so the second try connects afresh. Without this, the first calls after Redis
-        is back would answer StoreUnavailable. Writes are sent once: one whose reply was lost may
-        have been applied, and a second try would write again.
-        """
-        try:
-            return await request()
-        except RedisConnectionError:
-            pass
-        return await self._call(request())
+    async def _write(self, send: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """A write, sent once, on a connection opened for it: idle ones may be dead (see ``from_url``)."""
+        await self._once.connection_pool.disconnect(inuse_connections=False)  # the feed's is in use
+        return await self._call(send(self._once))
 
     async def get(self, model: str, name: str) -> PersonaRecord:
-        flat = await self._read(lambda: self._get(keys=[self._key("cur", model, name)],
-                                                  args=[self._key("ver", model, name) + ":"]))  # fmt: skip
+        flat = await self._call(self._get(keys=[self._key("cur", model, name)],
+                                          args=[self._key("ver", model, name) + ":"]))  # fmt: skip
         if not flat:
             raise PersonaNotFound(model, name)
         return codec.decode_persona_record({codec.text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)})
 
     async def get_version(self, model: str, name: str, version: int) -> PersonaRecord:
-        fields = await self._read(lambda: self._redis.hgetall(f"{self._key('ver', model, name)}:{version}"))
+        fields = await self._call(self._redis.hgetall(f"{self._key('ver', model, name)}:{version}"))
         if not fields:
             raise PersonaVersionNotFound(model, name, version)
         return codec.decode_persona_record({codec.text(k): v for k, v in fields.items()})
 
     async def versions(self, model: str, name: str) -> list[PersonaInfo]:
-        kept = await self._read(lambda: self._redis.zrevrange(self._key("hist", model, name), 0, -1))
+        kept = await self._call(self._redis.zrevrange(self._key("hist", model, name), 0, -1))
         keys = [f"{self._key('ver', model, name)}:{codec.text(version)}" for version in kept]
         # A version trimmed between the two reads is left out.
         return [codec.decode_persona_info(f) for f in await self._existing_hashes(keys, codec.PERSONA_FIELDS)]
 
     async def current_version(self, model: str, name: str) -> int | None:
-        version = await self._read(lambda: self._redis.get(self._key("cur", model, name)))
+        version = await self._call(self._redis.get(self._key("cur", model, name)))
         return None if version is None else int(version)
 
     async def list(self, model: str | None = None) -> list[PersonaInfo]:
         """At most four round trips however many personas: models, their names, versions, fields."""
         if model is None:
-            models = [codec.text(m) for m in await self._read(lambda: self._redis.smembers(self._models_key))]
+            models = [codec.text(m) for m in await self._call(self._redis.smembers(self._models_key))]
         else:
             models = [model]
         indexes = await self._per_key("SMEMBERS", [self._key("idx", target) for target in models])
@@ -184,7 +215,7 @@ class RedisStore:
         if not personas:
             return []
         current_keys = [self._key("cur", m, n) for m, n in personas]
-        current = await self._read(lambda: self._redis.mget(current_keys))
+        current = await self._call(self._redis.mget(current_keys))
         keys = [  # a persona deleted between the reads has no current version: left out
             f"{self._key('ver', m, n)}:{codec.text(version)}"
             for (m, n), version in zip(personas, current, strict=True)
@@ -212,7 +243,7 @@ class RedisStore:
                     pipe.execute_command(command, key, *args)
                 return await pipe.execute()
 
-        return await self._read(send)
+        return await self._call(send())
 
     async def put(self, draft: PersonaDraft, expected_version: int | None = None) -> PersonaInfo:
         fields = codec.persona_fields(draft, time.time())  # the script adds the version it assigns
@@ -232,11 +263,16 @@ class RedisStore:
         ]
         for field, value in fields.items():
             args += [field, value]
+
+        async def send(writer: aioredis.Redis) -> Any:
+            version = await self._put(keys=keys, args=args, client=writer)
+            await writer.sadd(self._models_key, draft.model)
+            return version
+
         try:
-            version = await self._call(self._put(keys=keys, args=args))
+            version = await self._write(send)
         except ResponseError as exc:
             raise self._conflict(draft.model, draft.name, expected_version, exc) from exc
-        await self._call(self._redis.sadd(self._models_key, draft.model))
         return codec.decode_persona_info({**fields, "version": version})
 
     @staticmethod
@@ -253,7 +289,11 @@ class RedisStore:
         keys = [self._key("cur", model, name), self._key("idx", model), self.changes_channel]
         expected = "" if expected_version is None else str(expected_version)
         try:
-            await self._call(self._delete(keys=keys, args=[expected, name, change_message(model, name)]))
+            await self._write(
+                lambda writer: self._delete(
+                    keys=keys, args=[expected, name, change_message(model, name)], client=writer
+                )
+            )
         except ResponseError as exc:
             raise self._conflict(model, name, expected_version, exc) from exc
 
@@ -263,14 +303,18 @@ class RedisStore:
         fields.update(
             {f"{_MATRIX_FIELD}{layer}": codec.matrix_blob(matrix) for layer, matrix in draft.matrices.items()}
         )
-        async with self._redis.pipeline(transaction=True) as pipe:  # MULTI/EXEC: all of it or nothing
-            pipe.hset(self._mapping_key(info.id), mapping=fields)
-            pipe.zadd(self._mappings_key, {info.id: info.created_at})
-            await self._call(pipe.execute())
+
+        async def send(writer: aioredis.Redis) -> None:
+            async with writer.pipeline(transaction=True) as pipe:  # MULTI/EXEC: all of it or nothing
+                pipe.hset(self._mapping_key(info.id), mapping=fields)
+                pipe.zadd(self._mappings_key, {info.id: info.created_at})
+                await pipe.execute()
+
+        await self._write(send)
         return info
 
     async def get_mapping(self, mapping_id: str) -> MappingRecord:
-        stored = await self._read(lambda: self._redis.hgetall(self._mapping_key(mapping_id)))
+        stored = await self._call(self._redis.hgetall(self._mapping_key(mapping_id)))
         if not stored:
             raise MappingNotFound(mapping_id)
         fields = {codec.text(k): v for k, v in stored.items()}
@@ -284,16 +328,20 @@ class RedisStore:
 
     async def list_mappings(self) -> list[MappingInfo]:
         """Two round trips however many mappings: the ids, then their fields (never the matrices)."""
-        ids = await self._read(lambda: self._redis.zrange(self._mappings_key, 0, -1))
+        ids = await self._call(self._redis.zrange(self._mappings_key, 0, -1))
         keys = [self._mapping_key(codec.text(mapping_id)) for mapping_id in ids]
         # A mapping deleted between the two reads is left out.
         return [codec.decode_mapping_info(f) for f in await self._existing_hashes(keys, codec.MAPPING_FIELDS)]
 
     async def delete_mapping(self, mapping_id: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._mappings_key, mapping_id)
-            pipe.delete(self._mapping_key(mapping_id))
-            removed, _ = await self._call(pipe.execute())
+
+        async def send(writer: aioredis.Redis) -> list[Any]:
+            async with writer.pipeline(transaction=True) as pipe:
+                pipe.zrem(self._mappings_key, mapping_id)
+                pipe.delete(self._mapping_key(mapping_id))
+                return await pipe.execute()
+
+        removed, _ = await self._write(send)
         if not removed:
             raise MappingNotFound(mapping_id)
 
@@ -307,7 +355,7 @@ class RedisStore:
         Pub/sub is best-effort: a message sent while this subscription was down is lost, so readers
         keep a version check as well. Raises StoreUnavailable when the connection breaks.
         """
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._once.pubsub(ignore_subscribe_messages=True)
         try:
             await self._call(pubsub.subscribe(self.changes_channel))
             on_live()
@@ -322,7 +370,9 @@ class RedisStore:
             await pubsub.aclose()
 
     async def ping(self) -> None:
-        await self._read(self._redis.ping)
+        await self._call(self._redis.ping())
 
     async def close(self) -> None:
         await self._redis.aclose()
+        if self._once is not self._redis:
+            await self._once.aclose()

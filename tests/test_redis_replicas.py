@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -11,6 +12,7 @@ import pytest
 from server.testing.server_process import ServerProcess
 from tests.api_helpers import QUESTION, assert_openai_error, metric, random_vector, upload
 from tests.redis_process import RedisProcess
+from tests.tcp_proxy import DeadOnUseProxy
 
 pytestmark = pytest.mark.integration  # real Redis servers and uvicorn replicas
 
@@ -77,4 +79,42 @@ def test_a_redis_outage_serves_cached_personas_answers_503_otherwise_and_heals(
             names = [p["name"] for p in httpx.get(f"{server.url}/v1/personas").json()["data"]]
             assert names == ["formal", "pirate"]  # nothing of the refused upload was written
     finally:
+        own_redis.stop()
+
+
+def test_after_a_redis_restart_ready_and_uncached_reads_answer_as_soon_as_redis_does(
+    llama_dir: Path, tmp_path: Path
+) -> None:
+    # Redis comes back the way a new container does: the pooled connections are dead but look
+    # alive until used (tests/tcp_proxy.py). Each call must retry on a fresh connection instead of
+    # answering 503 until the dead ones are used up.
+    own_redis = RedisProcess(tmp_path, appendonly=True).start()
+    proxy = DeadOnUseProxy(own_redis.port).start()
+    args = ["--model", str(llama_dir), "--served-model-name", "shared", "--store", proxy.url]
+    names = [f"persona-{i}" for i in range(16)]
+    try:
+        with ServerProcess(args, log_path=tmp_path / "server.log") as server:
+            for seed, name in enumerate(names):
+                stored = upload(server.url, name, "shared", {1: random_vector(64, seed)}, admin_key=None)
+                assert stored.status_code == 200, stored.text
+            with ThreadPoolExecutor(8) as pool:  # concurrent reads fill the pool with connections
+                listed = list(pool.map(lambda _: httpx.get(f"{server.url}/v1/personas"), range(16)))
+            assert all(response.status_code == 200 for response in listed)
+            own_redis.stop()
+            own_redis.start()  # same port, same AOF file; returns once Redis answers
+
+            readiness = [httpx.get(f"{server.url}/ready", timeout=30) for _ in range(3)]
+            assert [r.status_code for r in readiness] == [200] * 3, [r.text for r in readiness]
+
+            def ask(name: str) -> httpx.Response:  # none of these personas was read before: uncached
+                body = {"model": "shared", "messages": QUESTION, "max_tokens": 1, "persona": name}
+                return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(ask, names))
+            assert [a.status_code for a in answers] == [200] * len(names), [a.text for a in answers]
+            readiness = [httpx.get(f"{server.url}/ready", timeout=30) for _ in range(3)]
+            assert [r.status_code for r in readiness] == [200] * 3, [r.text for r in readiness]
+    finally:
+        proxy.stop()
         own_redis.stop()
