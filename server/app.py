@@ -16,6 +16,7 @@ from persona_store.redis import RedisStore
 from persona_store.sqlite import SQLiteStore
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import AsciiJSONResponse, install_error_handlers
+from server.api.metrics_port import MetricsServer
 from server.api.openapi import install_openapi
 from server.api.routes import admin, health, openai
 from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir, seed_demo_personas
@@ -57,6 +58,15 @@ def model_sources(settings: Settings) -> list[tuple[str, str]]:
     return list(zip(settings.model, ids, strict=True))
 
 
+def _start_metrics_server(settings: Settings, metrics: Metrics) -> MetricsServer | None:
+    """/metrics on its own port, when --metrics-port asks for it."""
+    if settings.metrics_port is None:
+        return None
+    server = MetricsServer(settings.host, settings.metrics_port, metrics.registry, settings.metrics_key)
+    logger.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
+    return server.start()
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -80,9 +90,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await seed_demo_personas(store, settings.data_dir)
     if not settings.admin_key:
         logger.warning("no admin key is configured: admin routes accept loopback clients only")
+    metrics_server = _start_metrics_server(settings, app.state.metrics)
     try:
         yield
     finally:
+        if metrics_server is not None:
+            metrics_server.stop()
         await app.state.jobs.close()
         await registry.close()
         await store.close()

@@ -48,9 +48,21 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=default_data_dir, description="Where the embedded store lives.")
     admin_key: str | None = Field(
-        None, description="Bearer key of the /admin routes (unset: loopback clients only)."
+        None,
+        description="Bearer key of the /admin routes (unset: only clients on this machine that come "
+        "through no proxy: a loopback peer and no X-Forwarded-For, Forwarded or X-Real-IP header).",
     )
     api_key: str | None = Field(None, description="Bearer key of the /v1 routes (unset: open).")
+    metrics_key: str | None = Field(
+        None,
+        description="Bearer key of /metrics (unset: open). The metrics name the personas clients "
+        "ask for and the models served.",
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Serve /metrics on this port (on --host) instead of the API port, e.g. one that "
+        "only Prometheus can reach. Unset: /metrics is on the API port.",
+    )  # fmt: skip
     engine: str = Field(
         "auto",
         pattern="^(auto|hf|llama.cpp|vllm)$",
@@ -126,6 +138,8 @@ class Settings(BaseSettings):
     def _names_match_models(self) -> Settings:
         if len(self.served_model_name) > len(self.model):
             raise ValueError("more --served-model-name than --model given")
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("--metrics-port must differ from --port")
         return self
 
     @property

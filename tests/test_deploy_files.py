@@ -31,6 +31,17 @@ def test_compose_wires_the_server_to_a_healthy_redis_with_aof() -> None:
     assert settings.store == "redis://redis:6379/0" and settings.host == "0.0.0.0"
 
 
+def test_compose_ships_no_admin_key_and_refuses_to_start_without_one() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "change-me" not in text
+    services = yaml.safe_load(text)["services"]
+    for name in ("server", "server-vllm"):
+        value = services[name]["environment"]["PERSONA_SERVER_ADMIN_KEY"]
+        # ${VAR:?message}: compose stops with the message when VAR is unset or empty.
+        match = re.fullmatch(r"\$\{PERSONA_SERVER_ADMIN_KEY:\?(.+)\}", value)
+        assert match and "PERSONA_SERVER_ADMIN_KEY" in match.group(1), value
+
+
 def test_dockerfile_copies_only_what_the_repository_has() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     for source in re.findall(r"^COPY (.+) \S+$", dockerfile, flags=re.MULTILINE):
@@ -51,7 +62,11 @@ def test_prometheus_and_grafana_are_wired_to_files_that_exist_and_metrics_that_e
             assert (ROOT / source).exists(), source
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
     target = prometheus["scrape_configs"][0]["dns_sd_configs"][0]
-    assert target["names"] == ["server"] and target["port"] == 8000
+    server = compose["services"]["server"]
+    metrics_port = CliApp.run(Settings, cli_args=server["command"][1:]).metrics_port
+    assert target["names"] == ["server"] and target["port"] == metrics_port
+    # /metrics names personas: its port is for Prometheus on the compose network, never published.
+    assert all(str(metrics_port) not in str(port) for port in server["ports"])
     datasource = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     uid = datasource["datasources"][0]["uid"]
     # Every series a dashboard panel queries is one the server exports.

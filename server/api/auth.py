@@ -1,4 +1,4 @@
-"""Bearer-key checks of the /v1 and /admin routes."""
+"""Bearer-key checks of the /v1, /admin and /metrics routes, and the loopback rule of /admin."""
 
 from __future__ import annotations
 
@@ -20,7 +20,22 @@ def _matches(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
-def _is_loopback(host: str | None) -> bool:
+# Headers a proxy uses to name the client it forwards for.
+FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
+def _is_local(request: Request) -> bool:
+    """The request comes straight from this machine: a loopback peer, through no proxy.
+
+    uvicorn rewrites ``request.client`` from X-Forwarded-For (when its peer is in
+    FORWARDED_ALLOW_IPS) and from nothing else, so with no forwarding header it is the socket's
+    peer. Any forwarding header means a proxy, perhaps on this very machine, stands between: its
+    loopback address says nothing of the client, and the header can be forged. Proxy headers may
+    name clients in logs; they never grant access.
+    """
+    if any(name in request.headers for name in FORWARDING_HEADERS):
+        return False
+    host = request.client.host if request.client else None
     try:
         return host is not None and ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -40,6 +55,14 @@ async def require_admin(request: Request) -> None:
         if not _matches(_bearer(request), expected):
             raise APIError(401, "a valid admin key is required (Authorization: Bearer <admin key>)",
                            "authentication_error", "invalid_admin_key")  # fmt: skip
-    elif not _is_loopback(request.client.host if request.client else None):
-        raise APIError(403, "no admin key is configured: admin routes accept loopback clients only",
+    elif not _is_local(request):
+        raise APIError(403, "no admin key is configured: admin routes accept only clients on this "
+                       "machine that come through no proxy (no X-Forwarded-For, Forwarded or X-Real-IP)",
                        "permission_error", "admin_loopback_only")  # fmt: skip
+
+
+async def require_metrics_key(request: Request) -> None:
+    expected = request.app.state.settings.metrics_key
+    if expected and not _matches(_bearer(request), expected):
+        raise APIError(401, "a valid metrics key is required (Authorization: Bearer <metrics key>)",
+                       "authentication_error", "invalid_metrics_key")  # fmt: skip

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from persona_store.errors import StoreUnavailable
-from server.api.errors import AsciiJSONResponse
+from server.api.auth import require_metrics_key
+from server.api.errors import APIError, AsciiJSONResponse
+from server.api.openapi import errors
 from server.api.resources import Health, Readiness
 
 router = APIRouter()
@@ -46,7 +48,15 @@ async def ready(request: Request) -> Any:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"description": "Prometheus metrics.", "content": {"text/plain": {"schema": _TEXT}}}},
+    dependencies=[Depends(require_metrics_key)],
+    responses={
+        200: {"description": "Prometheus metrics.", "content": {"text/plain": {"schema": _TEXT}}},
+        **errors(401, 404),
+    },
 )
 async def metrics(request: Request) -> Response:
+    """Prometheus metrics; they name the personas asked for (--metrics-key, --metrics-port)."""
+    if request.app.state.settings.metrics_port is not None:
+        raise APIError(404, "/metrics is served on the metrics port (--metrics-port)",
+                       "invalid_request_error", "not_found")  # fmt: skip
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
