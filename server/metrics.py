@@ -66,8 +66,11 @@ class Metrics:
     # The persona store's observer (persona_store.cache.StoreObserver), without importing it.
     def store_call(self, operation: str, seconds: float, failed: bool) -> None:
         self.store_latency.labels(operation).observe(seconds)
+        # Touched on success too: the error series of every operation called exists from then on,
+        # so a dashboard's rate of errors reads 0 rather than no data.
+        errors = self.store_errors.labels(operation)
         if failed:
-            self.store_errors.labels(operation).inc()
+            errors.inc()
 
     def cache_lookup(self, hit: bool) -> None:
         self.store_cache_lookups.labels("hit" if hit else "miss").inc()
