@@ -183,6 +183,9 @@ class ModelInfo:
     # Why a block of the model is not in steerable_layers, in the engine's words (error messages).
     unsteerable_note: str = ""
     constrained_decoding: bool = False  # whether it can hold answers to JSON (response_format)
+    # The most characters of text one token stands for (None: no sound bound): prompts longer than
+    # max_context times this are refused before they are tokenized (prompt_bound.py).
+    max_token_chars: int | None = None
 
     def why_unsteerable(self, layer: int) -> str:
         """`` (reason)`` for a block of the model that cannot be steered, else nothing."""

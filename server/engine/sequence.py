@@ -229,7 +229,8 @@ async def stream(
             for sequence in sequences:
                 sequence.cancelled = True
 
-    sequences.extend(make_sequences(sink))
+    # Templating and tokenizing a long prompt take time: off the event loop, other clients go on.
+    sequences.extend(await asyncio.to_thread(make_sequences, sink))
     submit(sequences)
     unfinished = len(sequences)
     try:

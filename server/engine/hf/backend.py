@@ -16,6 +16,7 @@ from server.engine.hf.read_back import ReadBackBatcher
 from server.engine.hf.runner import ModelRunner
 from server.engine.hf.scheduler import Scheduler
 from server.engine.in_process import InProcessBackend
+from server.engine.prompt_bound import hf_max_token_chars
 from server.engine.prompts import eos_token_ids, prompt_ids
 from server.engine.read_back import leading_blocks
 from server.engine.sequence import ResponseCapture, Sequence, Sink
@@ -62,6 +63,7 @@ class HFBackend(InProcessBackend[Scheduler]):
             hidden_size=layout.hidden_size,
             max_context=_max_context(model, tokenizer),
             steerable_layers=tuple(range(layout.num_layers)),
+            max_token_chars=hf_max_token_chars(tokenizer),
         )
         eos_ids = eos_token_ids(model.generation_config, tokenizer)
         self._scheduler = Scheduler(self._runner, eos_ids, max_batch_size)
@@ -93,7 +95,7 @@ class HFBackend(InProcessBackend[Scheduler]):
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Prompt token ids: raw text as the tokenizer encodes it, or messages via the chat template."""
-        return prompt_ids(self._tokenizer, request, self._info.id)
+        return prompt_ids(self._tokenizer, request, self._info)
 
     def _sequence(self, request: GenerationRequest, prompt: list[int], index: int, sink: Sink) -> Sequence:
         sequence = Sequence.for_request(request, prompt, self._info, self._tokenizer, sink, index)

@@ -90,6 +90,7 @@ class LlamaCppBackend(InProcessBackend[LaneScheduler]):
             max_context=min(llama_cpp.llama_model_n_ctx_train(model), config.context_tokens),
             steerable_layers=llama_cpp_steerable_blocks(n_layer),
             unsteerable_note=LLAMA_CPP_UNSTEERABLE_NOTE,
+            max_token_chars=self._vocab.max_token_chars,
         )
         self._scheduler = LaneScheduler(self._lanes, self._vocab.eog_tokens, n_embd)
 
@@ -135,7 +136,7 @@ class LlamaCppBackend(InProcessBackend[LaneScheduler]):
         return self._vocab
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        return self._vocab.prompt_ids(request.prompt, request.messages)
+        return self._vocab.prompt_ids(request.prompt, request.messages, self._info.max_context)
 
     def _sequence(
         self, request: GenerationRequest, prompt_ids: list[int], index: int, sink: Sink

@@ -14,6 +14,7 @@ import llama_cpp
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.engine.base import ChatMessage, EngineError
+from server.engine.prompt_bound import check_prompt_length
 
 
 def _raise_exception(message: str) -> None:
@@ -29,6 +30,7 @@ class LlamaVocab:
         self._control = [bool(llama_cpp.llama_vocab_is_control(self._vocab, t)) for t in range(self.size)]
         self._never = [False] * self.size
         self._eog = {t for t in range(self.size) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+        self.max_token_chars = self._max_token_chars()
         template = llama_cpp.llama_model_chat_template(model, None)
         self.chat_template: str | None = template.decode() if template else None
         self._template = None
@@ -48,6 +50,17 @@ class LlamaVocab:
     def __len__(self) -> int:
         return self.size
 
+    def _max_token_chars(self) -> int | None:
+        """The most bytes (so characters) of text one token stands for, when every byte has a token
+        of its own (byte-level BPE, SentencePiece with byte fallback); else None: llama.cpp drops
+        bytes it has no token for, so a text may need fewer tokens than any bound says."""
+        kind = llama_cpp.llama_vocab_type(self._vocab)
+        if kind not in (llama_cpp.LLAMA_VOCAB_TYPE_BPE, llama_cpp.LLAMA_VOCAB_TYPE_SPM):
+            return None
+        if len({piece for piece in self._pieces if len(piece) == 1}) < 256:
+            return None
+        return max(len(piece) for piece in self._pieces)
+
     @property
     def eog_tokens(self) -> set[int]:
         return set(self._eog)
@@ -65,8 +78,12 @@ class LlamaVocab:
             count = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, -count, add_special, True)
         return list(tokens[:count])
 
-    def prompt_ids(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> list[int]:
+    def prompt_ids(
+        self, prompt: str | None, messages: Sequence[ChatMessage] | None, max_context: int
+    ) -> list[int]:
+        """Raw text, or messages via the chat template; refused before tokenizing when too long."""
         if messages is None:
+            check_prompt_length(prompt or "", self.max_token_chars, max_context)
             return self.tokenize(prompt or "", add_special=True)
         if self._template is None:
             raise EngineError("this GGUF model has no chat template; use the completions endpoint")
@@ -83,6 +100,7 @@ class LlamaVocab:
             raise
         except Exception as exc:
             raise EngineError(f"the chat template cannot render this conversation: {exc}") from exc
+        check_prompt_length(text, self.max_token_chars, max_context)
         return self.tokenize(text, add_special=False)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -25,6 +25,7 @@ from server.engine.base import (
     TokenChunk,
     TokenLogprob,
 )
+from server.engine.prompt_bound import hf_max_token_chars
 from server.engine.prompts import eos_token_ids, prompt_ids
 from server.engine.read_back import answer_tokens, leading_blocks
 from server.engine.sequence import Sequence, emit, finish_last
@@ -104,6 +105,7 @@ class VLLMBackend:
             max_context=int(engine.model_config.max_model_len),
             steerable_layers=tuple(range(num_layers)),
             constrained_decoding=True,  # vLLM's structured outputs
+            max_token_chars=hf_max_token_chars(tokenizer),
         )
         self._eos_ids = eos_ids
         self._resident = ResidentSets(self._rpc, resident_capacity)
@@ -165,14 +167,14 @@ class VLLMBackend:
         return await self._rpc("persona_stats")
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        return prompt_ids(self._tokenizer, request, self._info.id)
+        return prompt_ids(self._tokenizer, request, self._info)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         return self._generate(request)
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         chunks: list[TokenChunk] = []
-        ids = self.prompt_ids(request)
+        ids = await asyncio.to_thread(self.prompt_ids, request)  # templating and tokenizing take time
         sequences = [
             Sequence.for_request(request, ids, self._info, self._tokenizer, chunks.append, index)  # type: ignore[arg-type]
             for index in range(request.n)
