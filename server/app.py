@@ -14,7 +14,7 @@ from persona_store.base import PersonaStore
 from persona_store.cache import CachingStore
 from persona_store.redis import RedisStore
 from persona_store.sqlite import SQLiteStore
-from server.api.body_limit import BodySizeLimit
+from server.api.body_limit import MIN_BODY_BYTES, BodySizeLimit, default_body_bytes
 from server.api.errors import AsciiJSONResponse, install_error_handlers
 from server.api.metrics_port import MetricsServer
 from server.api.openapi import install_openapi
@@ -74,6 +74,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     store.start()
     backends = await asyncio.to_thread(load_backends, model_sources(settings), settings)
     registry = ModelRegistry(backends, max_in_flight=settings.max_num_seqs + settings.max_queue)
+    largest = max(max(b.info.max_context, b.info.num_layers * b.info.hidden_size) for b in backends.values())
+    app.state.max_body_bytes = settings.max_body_bytes or default_body_bytes(largest)
     limits = Limits(settings.max_tokens_cap, settings.default_max_tokens, settings.max_strength)
     app.state.store = store
     app.state.registry = registry
@@ -115,5 +117,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(health.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # The default cap depends on the models: the lifespan sets it once they are loaded.
+    app.state.max_body_bytes = settings.max_body_bytes or MIN_BODY_BYTES
+    refused = app.state.metrics.requests_refused.labels("413")
+    app.add_middleware(BodySizeLimit, max_bytes=lambda: app.state.max_body_bytes, refused=refused.inc)
     return app

@@ -58,6 +58,11 @@ class Metrics:
             "persona_server_requests_running", "Requests generating tokens.",
             ("model",), registry=self.registry,
         )  # fmt: skip
+        self.requests_refused = Counter(
+            "persona_server_requests_refused", "Requests refused before any work: 413 (body over the "
+            "cap) or 429 (every batch row and queue place of the model taken).",
+            ("status",), registry=self.registry,
+        )  # fmt: skip
         self.requests_waiting = Gauge(
             "persona_server_requests_waiting", "Requests admitted but without a first token yet.",
             ("model",), registry=self.registry,

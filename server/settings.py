@@ -123,8 +123,11 @@ class Settings(BaseSettings):
     max_strength: float = Field(
         64.0, gt=0, description="Largest |strength| of a persona in a request (400 above)."
     )
-    max_body_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    max_body_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="Largest request body accepted (413 above). Default: room for the largest served "
+        "context and vector upload (32 bytes a token or a vector value), and at least 8 MiB.",
     )
     mapping_corpus: Path | None = Field(
         None,

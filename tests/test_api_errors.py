@@ -10,7 +10,16 @@ import httpx
 import pytest
 
 from server.testing.server_process import ServerProcess
-from tests.api_helpers import ADMIN_KEY, API_KEY, LLAMA, QUESTION, assert_openai_error, random_vector, upload
+from tests.api_helpers import (
+    ADMIN_KEY,
+    API_KEY,
+    LLAMA,
+    QUESTION,
+    assert_openai_error,
+    metric,
+    random_vector,
+    upload,
+)
 
 API = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -81,6 +90,20 @@ def test_body_over_the_cap_is_413(server: ServerProcess, store_unchanged: None) 
     assert_openai_error(response, 413, "200000")
 
 
+def test_bodies_over_the_cap_are_counted(server: ServerProcess, store_unchanged: None) -> None:
+    def refused() -> float:
+        return metric(server.url, "persona_server_requests_refused_total", status="413")
+
+    before = refused()
+    huge = {"model": LLAMA, "layers": {"1": [0.5] * 60_000}}
+    assert_openai_error(httpx.put(f"{server.url}/admin/personas/pirate", json=huge, headers=ADMIN), 413)
+    chunks = iter([json.dumps(huge).encode()])  # no Content-Length: counted as it arrives
+    response = httpx.put(f"{server.url}/admin/personas/pirate", content=chunks,
+                         headers={**ADMIN, "Content-Type": "application/json"})  # fmt: skip
+    assert_openai_error(response, 413)
+    assert refused() == before + 2
+
+
 def test_chunked_body_over_the_cap_is_413(server: ServerProcess, store_unchanged: None) -> None:
     payload = json.dumps({"model": LLAMA, "layers": {"1": [0.5] * 60_000}}).encode()
     chunks = (payload[i : i + 65536] for i in range(0, len(payload), 65536))
@@ -111,6 +134,18 @@ def test_bad_vectors_are_422(
         f"{server.url}/admin/personas/pirate", json={"model": LLAMA, "layers": layers}, headers=ADMIN
     )
     assert_openai_error(response, status, *fragments)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"model": "tiny-llama", "messages": [', b'{"model": "tiny-\xff-llama"}'],
+    ids=["truncated-json", "not-utf-8"],
+)
+def test_a_body_that_is_not_json_is_400(server: ServerProcess, body: bytes) -> None:
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body,
+                          headers={**API, "Content-Type": "application/json"})  # fmt: skip
+    error = assert_openai_error(response, 400, "the request body is not valid JSON")
+    assert (error["code"], error["param"]) == ("invalid_json", None)
 
 
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])

@@ -1,5 +1,5 @@
 """The cheap length check of prompts (issue 14, item 1): sound for the tokenizers it bounds, absent
-for those it cannot bound, the same on llama.cpp."""
+for those it cannot bound, the same on llama.cpp, and the default body cap that goes with it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from server.api.body_limit import MIN_BODY_BYTES, default_body_bytes
 from server.demo.models import demo_model_dir
 from server.engine.base import ChatMessage, EngineError, GenerationRequest
 from server.engine.llamacpp.backend import LlamaCppBackend
@@ -102,3 +103,8 @@ def test_llama_cpp_bounds_prompts_like_hf(gguf_backend: LlamaCppBackend, llama_d
             gguf_backend.prompt_ids(request)
     fits = GenerationRequest(prompt="<|endoftext|>" * 1000)  # the longest token, 13 characters each
     assert len(gguf_backend.prompt_ids(fits)) >= 1000
+
+
+def test_the_default_body_cap_fits_the_largest_context() -> None:
+    assert default_body_bytes(1024) == MIN_BODY_BYTES
+    assert default_body_bytes(1 << 20) == 32 << 20  # a 1M-token context: 32 MiB

@@ -93,6 +93,26 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
+def _json_error(exc: RequestValidationError) -> str | None:
+    """The message for a body that is not JSON at all (FastAPI reports it as a validation error)."""
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            position = next((item for item in error.get("loc", ()) if isinstance(item, int)), None)
+            reason = error.get("ctx", {}).get("error", "JSON decode error")
+            where = f" at character {position}" if position is not None else ""
+            return f"the request body is not valid JSON: {reason}{where}"
+    return None
+
+
+def _unparseable_body(exc: StarletteHTTPException) -> str | None:
+    """The message for a body FastAPI could not decode (not UTF-8, nested too deeply), else None."""
+    if exc.status_code != 400 or exc.__cause__ is None:
+        return None
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        return "the request body is not valid JSON: it is not UTF-8 text"
+    return f"the request body cannot be parsed as JSON ({type(exc.__cause__).__name__})"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     for exc_class, status, error_type, code in _MAPPING:
 
@@ -107,7 +127,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
         app.add_exception_handler(exc_class, handler)
 
-    async def overloaded(_request: Request, exc: Exception) -> AsciiJSONResponse:
+    async def overloaded(request: Request, exc: Exception) -> AsciiJSONResponse:
+        request.app.state.metrics.requests_refused.labels("429").inc()
         retry = str(getattr(exc, "retry_after_seconds", 1))
         return error_response(429, str(exc), "rate_limit_error", None, "overloaded", {"Retry-After": retry})
 
@@ -117,11 +138,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def validation(_request: Request, exc: Exception) -> AsciiJSONResponse:
         assert isinstance(exc, RequestValidationError)
+        if (unparseable := _json_error(exc)) is not None:  # one answer for every unparseable body
+            return error_response(400, unparseable, "invalid_request_error", None, "invalid_json")
         message, param = _validation_message(exc)
         return error_response(422, message, "invalid_request_error", param, "invalid_value")
 
     async def http_error(_request: Request, exc: Exception) -> AsciiJSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if (unparseable := _unparseable_body(exc)) is not None:
+            return error_response(400, unparseable, "invalid_request_error", None, "invalid_json")
         error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(exc.status_code, str(exc.detail), error_type, None, None, exc.headers)
 
