@@ -136,6 +136,18 @@ def test_bad_vectors_are_422(
     assert_openai_error(response, status, *fragments)
 
 
+def test_a_vector_that_overflows_at_the_largest_strength_is_422(
+    server: ServerProcess, store_unchanged: None
+) -> None:
+    # Finite in float32, but 50 (the server's largest strength) times it is not.
+    response = upload(server.url, "pirate", LLAMA, {1: [1e37] * 64})
+    error = assert_openai_error(response, 422, "layer 1", "overflow", "50")
+    assert error["param"] == "layers.1"
+    fits = upload(server.url, "loud", LLAMA, {1: [6e36] * 64})  # 3e38 at strength 50: still finite
+    assert fits.status_code == 200, fits.text
+    httpx.delete(f"{server.url}/admin/personas/loud", params={"model": LLAMA}, headers=ADMIN)
+
+
 @pytest.mark.parametrize(
     "body",
     [b'{"model": "tiny-llama", "messages": [', b'{"model": "tiny-\xff-llama"}'],

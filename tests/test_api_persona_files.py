@@ -126,6 +126,7 @@ GOOD = raw_safetensors({1: np.ones(64)})
         ("v.safetensors", GOOD[:-9], {}, 400, "safetensors"),  # truncated
         ("v.safetensors", b"\xff" * 8 + b"{}", {}, 400, "header claims"),  # huge declared header
         ("v.safetensors", raw_safetensors({1: np.full(64, np.nan)}), {}, 400, "NaN"),
+        ("v.safetensors", raw_safetensors({1: np.full(64, 1e37)}), {}, 422, "overflow"),  # x 50: inf
         ("v.safetensors", raw_safetensors({1: np.ones(48)}), {}, 422, "hidden size"),  # a qwen vector
         ("v.safetensors", raw_safetensors({9: np.ones(64)}), {}, 422, "outside model"),
         ("v.safetensors", GOOD, {"layers": "3"}, 400, "no vector for block"),

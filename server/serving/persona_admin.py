@@ -17,6 +17,21 @@ from server.serving.model_registry import ModelRegistry
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions
 
+# Engines add strength * vector in float32: a value that overflows there breaks every request.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_scaled_range(layer: int, vector: np.ndarray, max_strength: float) -> None:
+    """SteeringError unless ``max_strength * vector`` stays finite in float32, so that the persona
+    serves every strength a request may ask for."""
+    peak = float(np.abs(vector).max(initial=0.0))
+    if peak * max_strength > _FLOAT32_MAX:
+        raise SteeringError(
+            f"the vector for layer {layer} holds values up to {peak:.3g} in magnitude, which overflow "
+            f"float32 once scaled by the largest allowed strength, {max_strength:g}",
+            param=f"layers.{layer}",
+        )
+
 
 class PersonaAdmin:
     def __init__(self, registry: ModelRegistry, store: PersonaStore, max_strength: float) -> None:
@@ -66,6 +81,7 @@ class PersonaAdmin:
                 raise SteeringError(
                     f"the vector for layer {layer} holds values that are not finite in float32"
                 )
+            check_scaled_range(layer, vector, limit)
             vectors[layer] = vector
         draft = PersonaDraft(
             model=model,
