@@ -103,6 +103,9 @@ class EngineScheduler(ABC, Generic[SequenceT, TaskT]):
 
     def _loop(self) -> None:
         while self._pull_inbox(block=not self._busy()):
+            # A client that left while its request waited: it leaves the line now, not at its turn.
+            if any(sequence.cancelled for sequence in self._waiting):
+                self._waiting = deque(s for s in self._waiting if not s.cancelled)
             try:
                 self._step()
             except Exception as exc:  # a failed step fails what the scheduler holds, never the server

@@ -55,6 +55,12 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"server not ready after {timeout}s; see {self._log_path}")
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (tests read its memory from /proc)."""
+        assert self._process is not None
+        return self._process.pid
+
     def log(self) -> str:
         return self._log_path.read_text(errors="replace") if self._log_path else ""
 

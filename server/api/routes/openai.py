@@ -101,7 +101,9 @@ async def _until_disconnect(request: Request, work: Any) -> Any:
 async def _respond(request: Request, job: CompletionJob) -> Any:
     service = _service(request)
     if job.stream:
-        events = await service.stream(job)
+        # A stream waits for its first chunk before answering: a client that leaves meanwhile
+        # takes the request out of the queue at once.
+        events = await _until_disconnect(request, service.stream(job))
         return StreamingResponse(events, media_type="text/event-stream")
     return await _until_disconnect(request, service.complete(job))
 
