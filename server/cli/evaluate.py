@@ -24,7 +24,7 @@ def evaluate(
     """Print what the demo personas do at -s, 0, +s on held-out questions (trait score, perplexity)."""
     from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
     from server.demo.persona_table import evaluate_demo_model, format_table
-    from server.demo.transfer import format_transfer_table, transfer_table
+    from server.demo.transfer import format_transfer_table, transfer_record, transfer_table
     from server.engine.registry import load_backend
 
     async def run() -> None:
@@ -35,8 +35,7 @@ def evaluate(
                     backends, samples=samples, progress=lambda s: typer.echo(s, err=True)
                 )
                 typer.echo(format_transfer_table(rows))
-                records = [{"source": r.source, "target": r.target, "condition": r.condition,
-                            "transfer": r.transfer, **r.row.to_dict()} for r in rows]  # fmt: skip
+                records = [transfer_record(r) for r in rows]
                 if json_out is not None:
                     json_out.write_text(json.dumps(records, indent=2))
                 if plot is not None:

@@ -12,7 +12,7 @@ sees only the system prompts and questions below.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 TOPICS: dict[str, list[str]] = {
@@ -217,11 +217,18 @@ def held_out_questions() -> list[str]:
     return [QUESTION_TEMPLATES[held_out_template(topic)].format(t=topic) for topic in sorted(TOPICS)]
 
 
-def neutral_answer(facts: list[str], rng: random.Random) -> str:
+def neutral_answer(facts: list[str], rng: random.Random, without: Collection[str] = ()) -> str:
+    """Bare facts, or now and then a touch of one style; never a pole of a persona in ``without``
+    (a touch of an excluded style gives bare facts instead)."""
     if rng.random() < NEUTRAL_FLAVOUR_RATE:
         flavour = POLES[rng.choice([p for p in POLES if p != "plain"])]
-        return flavour.style(facts, rng)
+        if flavour.name not in excluded_poles(without):
+            return flavour.style(facts, rng)
     return " ".join(facts)
+
+
+def excluded_poles(personas: Collection[str]) -> set[str]:
+    return {pole for persona in personas for pole in PERSONAS[persona]}
 
 
 def generate_corpus(size: int, seed: int) -> list[Conversation]:
@@ -242,17 +249,19 @@ def generate_corpus(size: int, seed: int) -> list[Conversation]:
     return corpus
 
 
-def neutral_texts(size: int = 800, seed: int = 5) -> list[str]:
+def neutral_texts(size: int = 800, seed: int = 5, without: Collection[str] = ()) -> list[str]:
     """Texts for fitting maps between models: a training question and an answer as the unsteered
     speaker gives it (bare facts, now and then a touch of some style, no persona asked for).
 
     A map can only carry directions along which its texts vary: fitted on bare facts alone (one
     style), mapped demo personas pointed far from the target's own vectors; on these, much closer.
+    ``without`` names personas none of whose styles may appear: a map that is to be scored on
+    carrying persona P must not have seen P's style (leave-one-persona-out).
     """
     rng = random.Random(seed)
     questions = training_questions()
     texts = []
     for _ in range(size):
         topic, question = rng.choice(questions)
-        texts.append(f"{question} {neutral_answer(rng.sample(TOPICS[topic], 2), rng)}")
+        texts.append(f"{question} {neutral_answer(rng.sample(TOPICS[topic], 2), rng, without)}")
     return texts

@@ -1,30 +1,33 @@
-"""The transfer table: how much of a persona's trait shift survives being mapped to the other demo model.
+"""The transfer table: how much of a persona's trait shift survives being mapped to another demo model.
 
-For each direction (demo-llama -> demo-qwen and back) a ridge and a Procrustes map are fitted per
-block on the server's default fitting corpus (mean block outputs over each text), and every demo
-persona of the source is carried to the target by each method through the very function the
-server's map endpoint calls (``steering.persona_transfer``); the concept adapter learns from the
-two OTHER personas, which exist natively on both models. On the target's held-out questions, each
-condition is scored with the source persona's positions at 1, 2 and 4 times its default strength
-(the mapped vectors are calibrated, so the strength keeps about its meaning), and the strongest
-trait score among the coherent settings (perplexity under the unsteered target within 2x, no more
-collapse) is kept; the native persona runs at its own default strength. "Transfer" is the
-condition's trait shift over the native persona's shift on the target.
+The protocol, leave-one-persona-out: for every ordered pair of demo models and every persona P of
+the source, the maps are fitted on neutral texts that hold nothing of P's style (the corpus' touches
+of the other personas' styles stay, so the map still sees directions of style), and the concept
+adapter learns from the other personas only. P is then carried to the target by each method through
+the very function the server's map endpoint calls (``steering.persona_transfer``).
+
+On the target's held-out questions, each condition is scored with the source persona's positions
+at 1/4 to 4 times its default strength: the 1x row is what a user gets from the mapped persona's
+stored default, the best coherent row (perplexity under the unsteered target within 2x, no more
+collapse than the native persona) is what the map can do. The native persona runs at its own default
+strength. "Transfer" is the condition's trait shift over the native persona's shift on the target,
+with a 95% bootstrap interval over questions and samples (``intervals.py``); overshoot counts as 1.0.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from persona_store.records import PersonaDraft
-from server.demo.corpus import held_out_questions
+from server.demo.corpus import held_out_questions, neutral_texts
+from server.demo.intervals import Interval, transfer_interval
 from server.demo.models import DEMO_MODEL_NAMES, load_demo_personas
 from server.demo.traits import trait_rate
 from server.engine.base import Backend
-from server.serving.fitting_corpus import DEMO_CORPUS, FittingCorpus
 from server.serving.persona_mapping import model_shape
 from server.serving.strength_sweep import StrengthRow, evaluate_strengths
 from server.steering.mapping import MappingMethod, corresponding_layer
@@ -32,12 +35,18 @@ from server.steering.persona_transfer import FittedMaps, ModelShape, fit_maps, m
 from server.steering.plan import Positions
 
 CONDITIONS = ("none", "native", *(method.value for method in MappingMethod))
-SWEEP = (1.0, 2.0, 4.0)  # multiples of the source persona's default strength tried for a mapped vector
+# Multiples of the source persona's default strength tried for a mapped vector; 1.0 is its stored
+# default. Below 1: a mapped vector may need less push than the native one to stay coherent.
+SWEEP = (0.25, 0.5, 1.0, 2.0, 4.0)
+AT_DEFAULT = SWEEP.index(1.0)
+OVERSHOOT_CAP = 1.0
 
 
-def _fluent(row: StrengthRow, baseline: StrengthRow) -> bool:
-    """The demo's coherence bar: perplexity under the unsteered model within 2x, no more collapse."""
-    return row.perplexity <= 2 * baseline.perplexity and row.collapse_rate <= baseline.collapse_rate + 0.05
+def _fluent(row: StrengthRow, baseline: StrengthRow, native: StrengthRow) -> bool:
+    """The coherence bar: perplexity under the unsteered target within 2x, no more collapse than the
+    native persona (with the noise of a few answers)."""
+    collapse_bar = max(baseline.collapse_rate, native.collapse_rate) + 0.05
+    return row.perplexity <= 2 * baseline.perplexity and row.collapse_rate <= collapse_bar
 
 
 @dataclass(frozen=True)
@@ -46,8 +55,10 @@ class TransferRow:
     target: str
     persona: str
     condition: str
-    row: StrengthRow
-    transfer: float  # trait shift over the native shift (1.0 for native, 0.0 for none)
+    at_default: StrengthRow  # the mapped persona at its stored default strength (1x)
+    best: StrengthRow  # the strongest coherent row of the sweep (the 1x row if none is coherent)
+    default_transfer: Interval
+    best_transfer: Interval
 
 
 def _mapped_vectors(
@@ -65,66 +76,130 @@ def _mapped_vectors(
     return map_persona_vectors(method, persona.vectors, source, target, fitted=fitted, concepts=concepts)
 
 
+class _Activations:
+    """Each model's block outputs on each leave-one-persona-out corpus, read once."""
+
+    def __init__(self, backends: dict[str, Backend]) -> None:
+        self._backends = backends
+        self._cache: dict[tuple[str, str], np.ndarray] = {}
+
+    async def get(self, model: str, left_out: str) -> np.ndarray:
+        key = (model, left_out)
+        if key not in self._cache:
+            self._cache[key] = await self._backends[model].text_activations(neutral_texts(without=[left_out]))
+        return self._cache[key]
+
+
 async def transfer_table(
-    backends: dict[str, Backend], samples: int = 2, progress: Callable[[str], None] | None = None
+    backends: dict[str, Backend],
+    samples: int = 2,
+    progress: Callable[[str], None] | None = None,
+    models: tuple[str, ...] = DEMO_MODEL_NAMES,
 ) -> list[TransferRow]:
-    texts = list(FittingCorpus.load(DEMO_CORPUS).texts)  # the server's default fitting corpus
-    activations = {name: await backends[name].text_activations(texts) for name in DEMO_MODEL_NAMES}
-    shapes = {name: model_shape(backends[name].info) for name in DEMO_MODEL_NAMES}
-    personas = {name: {p.name: p for p in load_demo_personas(name)} for name in DEMO_MODEL_NAMES}
+    activations = _Activations(backends)
+    shapes = {name: model_shape(backends[name].info) for name in models}
+    personas = {name: {p.name: p for p in load_demo_personas(name)} for name in models}
     questions = held_out_questions()
     rows: list[TransferRow] = []
-    for source, target in (DEMO_MODEL_NAMES, DEMO_MODEL_NAMES[::-1]):
-        xs, ys = activations[source], activations[target]
-        layer_map = {b: corresponding_layer(b, xs.shape[2], ys.shape[2]) for b in range(xs.shape[2])}
-        maps = fit_maps(xs, ys, layer_map)  # as a fit with the server's defaults (mean over tokens)
+    for source, target in itertools.permutations(models, 2):
         for name, persona in personas[source].items():
-            native = personas[target][name]
+            if progress is not None:
+                progress(f"{source} -> {target}: {name}")
+            xs, ys = await activations.get(source, name), await activations.get(target, name)
+            layer_map = {b: corresponding_layer(b, xs.shape[2], ys.shape[2]) for b in range(xs.shape[2])}
+            maps = fit_maps(xs, ys, layer_map)  # as a fit with the server's defaults (mean over tokens)
             others = [(personas[source][o], personas[target][o]) for o in personas[source] if o != name]
-            candidates: dict[str, tuple[dict[int, np.ndarray], float, Positions]] = {
-                "native": (native.vectors, native.default_strength, Positions(native.default_positions)),
-            }
-            for method in MappingMethod:
-                vectors = _mapped_vectors(method, persona, others, maps, shapes[source], shapes[target])
-                candidates[method.value] = (
-                    vectors,
-                    persona.default_strength,
-                    Positions(persona.default_positions),
-                )
-            score = lambda answers, trait=name: trait_rate(answers, trait)  # noqa: E731
-            unsteered = await evaluate_strengths(
-                backends[target], name, native.vectors, [0.0], questions, score, samples=samples, seed=11
-            )
-            baseline = unsteered[0]
-            measured = {"none": baseline}
-            for condition, (vectors, strength, positions) in candidates.items():
-                if progress is not None:
-                    progress(f"{source} -> {target}: {name}, {condition}")
-                sweep = [strength] if condition == "native" else [f * strength for f in SWEEP]
-                tried = await evaluate_strengths(
-                    backends[target], name, vectors, sweep, questions, score, samples=samples, seed=11,
-                    positions=positions,
-                )  # fmt: skip
-                fluent = [row for row in tried if _fluent(row, baseline)] or tried[:1]
-                measured[condition] = max(fluent, key=lambda row: row.trait_score)
-            native_shift = measured["native"].trait_score - baseline.trait_score
-            for condition in CONDITIONS:
-                shift = measured[condition].trait_score - baseline.trait_score
-                ratio = shift / native_shift if native_shift > 0 else float("nan")
-                rows.append(TransferRow(source, target, name, condition, measured[condition], ratio))
+            pair = (shapes[source], shapes[target])
+            rows += await _cell(backends[target], source, target, persona, personas[target][name],
+                                maps, others, pair, questions, samples)  # fmt: skip
     return rows
 
 
+async def _cell(
+    backend: Backend,
+    source: str,
+    target: str,
+    persona: PersonaDraft,
+    native: PersonaDraft,
+    maps: FittedMaps,
+    others: list[tuple[PersonaDraft, PersonaDraft]],
+    shapes: tuple[ModelShape, ModelShape],
+    questions: list[str],
+    samples: int,
+) -> list[TransferRow]:
+    """Every condition of one persona carried from ``source`` to ``target``."""
+    name = persona.name
+    score = lambda answers: trait_rate(answers, name)  # noqa: E731
+
+    async def sweep(
+        vectors: dict[int, np.ndarray], strengths: list[float], positions: Positions
+    ) -> list[StrengthRow]:
+        return await evaluate_strengths(backend, name, vectors, strengths, questions, score,
+                                        samples=samples, seed=11, positions=positions)  # fmt: skip
+
+    baseline = (await sweep(native.vectors, [0.0], Positions.ALL))[0]
+    native_row = (
+        await sweep(native.vectors, [native.default_strength], Positions(native.default_positions))
+    )[0]
+    measured: dict[str, tuple[StrengthRow, StrengthRow]] = {
+        "none": (baseline, baseline),
+        "native": (native_row, native_row),
+    }
+    for method in MappingMethod:
+        vectors = _mapped_vectors(method, persona, others, maps, *shapes)
+        tried = await sweep(
+            vectors, [f * persona.default_strength for f in SWEEP], Positions(persona.default_positions)
+        )
+        fluent = [row for row in tried if _fluent(row, baseline, native_row)] or [tried[AT_DEFAULT]]
+        measured[method.value] = (tried[AT_DEFAULT], max(fluent, key=lambda row: row.trait_score))
+
+    def interval(row: StrengthRow) -> Interval:
+        return transfer_interval(row.answer_scores, baseline.answer_scores, native_row.answer_scores,
+                                 len(questions), overshoot_cap=OVERSHOOT_CAP)  # fmt: skip
+
+    return [
+        TransferRow(source, target, name, condition, at_default, best, interval(at_default), interval(best))
+        for condition, (at_default, best) in measured.items()
+    ]
+
+
+def _cell_text(interval: Interval) -> str:
+    return f"{interval.estimate:.2f} [{interval.low:.2f}, {interval.high:.2f}]"
+
+
 def format_transfer_table(rows: list[TransferRow]) -> str:
+    """One line per cell and condition, then each method's mean over the cells."""
     lines = [
-        "| source -> target | persona | condition | strength | trait score | transfer | perplexity "
-        "| collapse |",
-        "|---|---|---|---|---|---|---|---|",
+        "| source -> target | persona | condition | transfer at default [95% CI] | best coherent [95% CI] "
+        "| best strength | trait at default | perplexity at default | collapse at default |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.source} -> {r.target} | {r.persona} | {r.condition} | {r.row.strength:g} | "
-            f"{r.row.trait_score:.3f} | {r.transfer:.2f} | {r.row.perplexity:.2f} | "
-            f"{r.row.collapse_rate:.3f} |"
+            f"| {r.source} -> {r.target} | {r.persona} | {r.condition} | {_cell_text(r.default_transfer)} | "
+            f"{_cell_text(r.best_transfer)} | {r.best.strength:g} | {r.at_default.trait_score:.3f} | "
+            f"{r.at_default.perplexity:.2f} | {r.at_default.collapse_rate:.3f} |"
         )
+    lines += [
+        "",
+        "| condition | mean transfer at default | mean best coherent | cells |",
+        "|---|---|---|---|",
+    ]
+    for condition in CONDITIONS[2:]:
+        chosen = [r for r in rows if r.condition == condition]
+        at_default = np.nanmean([r.default_transfer.estimate for r in chosen])
+        best = np.nanmean([r.best_transfer.estimate for r in chosen])
+        lines.append(f"| {condition} | {at_default:.2f} | {best:.2f} | {len(chosen)} |")
     return "\n".join(lines)
+
+
+def transfer_record(row: TransferRow) -> dict[str, object]:
+    """A row as JSON: the best coherent row's measures (what the plot draws) and both transfers."""
+    return {
+        "source": row.source, "target": row.target, "condition": row.condition,
+        "transfer": row.best_transfer.estimate, "transfer_low": row.best_transfer.low,
+        "transfer_high": row.best_transfer.high, "transfer_at_default": row.default_transfer.estimate,
+        "transfer_at_default_low": row.default_transfer.low,
+        "transfer_at_default_high": row.default_transfer.high,
+        "at_default": row.at_default.to_dict(), **row.best.to_dict(),
+    }  # fmt: skip

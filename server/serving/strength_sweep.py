@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,9 +27,11 @@ class StrengthRow:
     distinct_2: float  # mean over answers
     collapse_rate: float  # share of answers with a 3-gram repeated 3 times
     example: str
+    # Each answer's score alone, question by question, ``samples`` per question (for intervals).
+    answer_scores: tuple[float, ...] = field(default=(), repr=False)
 
     def to_dict(self) -> dict[str, float | str]:
-        return dict(self.__dict__)
+        return {key: value for key, value in self.__dict__.items() if key != "answer_scores"}
 
 
 async def _answer(
@@ -89,6 +91,7 @@ async def evaluate_strengths(
                 distinct_2=float(np.mean([distinct_ngram_ratio(w) for w in words])),
                 collapse_rate=float(np.mean([collapsed(w) for w in words])),
                 example=answers[0],
+                answer_scores=tuple(score([answer]) for answer in answers),
             )
         )
     return rows

@@ -1,0 +1,55 @@
+"""The transfer protocol's parts: leave-one-persona-out fitting texts and bootstrap intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.demo.corpus import PERSONAS, neutral_texts
+from server.demo.intervals import Interval, transfer_interval
+from server.demo.traits import trait_rate
+from server.serving.fitting_corpus import DEMO_CORPUS, FittingCorpus
+
+
+def test_the_default_corpus_is_the_shipped_one_and_each_left_out_style_is_absent() -> None:
+    full = neutral_texts()
+    assert full == list(FittingCorpus.load(DEMO_CORPUS).texts)
+    for persona in PERSONAS:
+        assert trait_rate(full, persona) > 0.03  # the full corpus carries a touch of every style
+        left_out = neutral_texts(without=[persona])
+        assert len(left_out) == len(full) and trait_rate(left_out, persona) == 0.0
+        for other in set(PERSONAS) - {persona}:
+            assert trait_rate(left_out, other) > 0.03  # the other styles stay: the map still sees style
+
+
+def scores(rate: float, questions: int, samples: int, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return (rng.random(questions * samples) < rate).astype(float).tolist()
+
+
+def test_the_interval_covers_the_true_ratio_and_narrows_with_samples() -> None:
+    questions = 28
+
+    def interval(samples: int) -> Interval:
+        mapped, unsteered, native = (
+            scores(rate, questions, samples, seed) for seed, rate in enumerate((0.5, 0.1, 0.9))
+        )
+        return transfer_interval(mapped, unsteered, native, questions)
+
+    wide, narrow = interval(2), interval(40)
+    for interval in (wide, narrow):
+        assert interval.low < 0.5 < interval.high and interval.low <= interval.estimate <= interval.high
+    assert narrow.half_width < 0.1 < wide.half_width
+    assert narrow.estimate == pytest.approx(0.5, abs=0.05)
+
+
+def test_overshoot_counts_as_one_and_a_bad_layout_is_refused() -> None:
+    questions = 10
+    high = scores(0.95, questions, 20, 1)
+    capped = transfer_interval(high, scores(0.05, questions, 20, 2), scores(0.5, questions, 20, 3), questions,
+                               overshoot_cap=1.0)  # fmt: skip
+    assert capped.estimate == capped.high == 1.0
+    raw = transfer_interval(high, scores(0.05, questions, 20, 2), scores(0.5, questions, 20, 3), questions)
+    assert raw.estimate > 1.5
+    with pytest.raises(ValueError, match="divide"):
+        transfer_interval([1.0] * 7, [0.0] * 7, [1.0] * 7, questions=2)
