@@ -23,11 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from persona_store.records import PersonaDraft
-from server.demo.corpus import held_out_questions, neutral_texts
+from server.demo.corpus import held_out_questions, neutral_texts, training_questions
 from server.demo.intervals import Interval, transfer_interval
 from server.demo.models import DEMO_MODEL_NAMES, load_demo_personas
 from server.demo.traits import trait_rate
 from server.engine.base import Backend
+from server.serving.generated_transfer import GenerationSpec, carry_by_generation
 from server.serving.persona_mapping import model_shape
 from server.serving.strength_sweep import StrengthRow, evaluate_strengths
 from server.steering.mapping import MappingMethod, corresponding_layer
@@ -40,6 +41,8 @@ CONDITIONS = ("none", "native", *(method.value for method in MappingMethod))
 SWEEP = (0.25, 0.5, 1.0, 2.0, 4.0)
 AT_DEFAULT = SWEEP.index(1.0)
 OVERSHOOT_CAP = 1.0
+# What the generated method's source answers: the demo's training questions, never the held-out ones.
+GENERATION = GenerationSpec(prompts=tuple(question for _, question in training_questions()), seed=7)
 
 
 def _fluent(row: StrengthRow, baseline: StrengthRow, native: StrengthRow) -> bool:
@@ -110,13 +113,13 @@ async def transfer_table(
             maps = fit_maps(xs, ys, layer_map)  # as a fit with the server's defaults (mean over tokens)
             others = [(personas[source][o], personas[target][o]) for o in personas[source] if o != name]
             pair = (shapes[source], shapes[target])
-            rows += await _cell(backends[target], source, target, persona, personas[target][name],
-                                maps, others, pair, questions, samples)  # fmt: skip
+            rows += await _cell((backends[source], backends[target]), source, target, persona,
+                                personas[target][name], maps, others, pair, questions, samples)  # fmt: skip
     return rows
 
 
 async def _cell(
-    backend: Backend,
+    engines: tuple[Backend, Backend],
     source: str,
     target: str,
     persona: PersonaDraft,
@@ -128,6 +131,7 @@ async def _cell(
     samples: int,
 ) -> list[TransferRow]:
     """Every condition of one persona carried from ``source`` to ``target``."""
+    backend = engines[1]
     name = persona.name
     score = lambda answers: trait_rate(answers, name)  # noqa: E731
 
@@ -146,7 +150,11 @@ async def _cell(
         "native": (native_row, native_row),
     }
     for method in MappingMethod:
-        vectors = _mapped_vectors(method, persona, others, maps, *shapes)
+        if method is MappingMethod.GENERATED:  # the source answers training questions only
+            vectors = await carry_by_generation(*engines, persona.vectors, persona.default_strength,
+                                                persona.default_positions, GENERATION)  # fmt: skip
+        else:
+            vectors = _mapped_vectors(method, persona, others, maps, *shapes)
         tried = await sweep(
             vectors, [f * persona.default_strength for f in SWEEP], Positions(persona.default_positions)
         )

@@ -40,6 +40,9 @@ class MappingMethod(StrEnum):
     ZERO_PAD = "zero_pad"
     INTERPOLATE = "interpolate"
     RANDOM = "random"
+    # Through text: the source writes with and without the persona, the target reads both
+    # (serving/generated_transfer.py); it needs both models served, not a fitted map.
+    GENERATED = "generated"
 
 
 class MappingError(ValueError):

@@ -118,6 +118,8 @@ def map_persona_vectors(
     ``fitted`` is the map a learned method applies; for the other methods it is optional and, when
     given, chooses target blocks and calibrates norms. ``concepts`` feed the concept adapter.
     """
+    if method is MappingMethod.GENERATED:
+        raise MappingError("the generated method carries a persona through text: it needs both models served")
     if method in LEARNED_METHODS and (fitted is None or fitted.method != method.value):
         raise MappingError(f"the {method.value} method needs a fitted {method.value} map")
     layers: dict[int, np.ndarray] = {}
