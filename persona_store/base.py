@@ -8,6 +8,10 @@ from typing import Protocol, runtime_checkable
 from persona_store.mappings import MappingDraft, MappingInfo, MappingRecord
 from persona_store.records import PersonaDraft, PersonaInfo, PersonaRecord
 
+# An expected version that holds only while no version is current (never written, or deleted):
+# versions start at 1, so 0 is never a real one. It makes a create that must not replace.
+ABSENT = 0
+
 
 @runtime_checkable
 class PersonaStore(Protocol):
@@ -32,7 +36,8 @@ class PersonaStore(Protocol):
         ...
 
     async def put(self, draft: PersonaDraft, expected_version: int | None = None) -> PersonaInfo:
-        """Create or replace as a new version, atomically; raises VersionConflict on a stale expectation."""
+        """Create or replace as a new version, atomically; raises VersionConflict on a stale expectation
+        (``ABSENT``: only if no version is current)."""
         ...
 
     async def delete(self, model: str, name: str, expected_version: int | None = None) -> None:

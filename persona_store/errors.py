@@ -16,8 +16,9 @@ class PersonaNotFound(StoreError):
 class VersionConflict(StoreError):
     def __init__(self, model: str, name: str, expected: int, actual: int | None) -> None:
         current = "none" if actual is None else str(actual)
+        wanted = "none" if expected == 0 else str(expected)  # 0 is base.ABSENT: no current version
         super().__init__(
-            f"persona '{name}' for model '{model}' is at version {current}, the write expected {expected}"
+            f"persona '{name}' for model '{model}' is at version {current}, the write expected {wanted}"
         )
         self.expected, self.actual = expected, actual
 

@@ -50,12 +50,12 @@ KEY_PREFIX = "persona-server"
 T = TypeVar("T")
 _MATRIX_FIELD = "m:"  # a mapping's hash holds the matrix of source block N in field "m:N"
 
-# KEYS: cur, seq, hist, idx, changes channel; ARGV: expected version ('' for none), keep, version key
-# prefix, name, change message, then field/value pairs. Returns the new version, or {err} on a
-# version conflict.
+# KEYS: cur, seq, hist, idx, changes channel; ARGV: expected version ('' for none, '0' for absent),
+# keep, version key prefix, name, change message, then field/value pairs. Returns the new version, or
+# {err} on a version conflict.
 _PUT = """
 local current = redis.call('GET', KEYS[1])
-if ARGV[1] ~= '' and current ~= ARGV[1] then
+if ARGV[1] ~= '' and (current or '0') ~= ARGV[1] then
   return redis.error_reply('CONFLICT ' .. (current or 'none'))
 end
 local version = redis.call('INCR', KEYS[2])

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_store import codec
+from persona_store.base import ABSENT
 from persona_store.errors import (
     MappingNotFound,
     PersonaNotFound,
@@ -167,7 +168,7 @@ class SQLiteStore:
 
     def _check(self, model: str, name: str, expected: int | None) -> int | None:
         current = self._current_version(model, name)
-        if expected is not None and current != expected:
+        if expected is not None and (current or ABSENT) != expected:
             raise VersionConflict(model, name, expected, current)
         return current
 

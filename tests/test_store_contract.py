@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from persona_store.arrays import matrices_checksum, vectors_checksum
-from persona_store.base import PersonaStore
+from persona_store.base import ABSENT, PersonaStore
 from persona_store.errors import (
     MappingNotFound,
     PersonaNotFound,
@@ -65,6 +65,16 @@ async def test_replacing_makes_a_new_version_and_stale_writes_conflict(store: Pe
     with pytest.raises(VersionConflict):
         await store.put(draft(seed=3), expected_version=1)
     assert (await store.get("org/model-7b", "pirate")).info.checksum == second.checksum
+
+
+async def test_expecting_version_0_writes_only_where_no_persona_is_current(store: PersonaStore) -> None:
+    created = await store.put(draft(seed=1), expected_version=ABSENT)
+    with pytest.raises(VersionConflict) as conflict:
+        await store.put(draft(seed=2), expected_version=ABSENT)
+    assert (conflict.value.expected, conflict.value.actual) == (ABSENT, 1)
+    assert (await store.get("org/model-7b", "pirate")).info.checksum == created.checksum
+    await store.delete("org/model-7b", "pirate")
+    assert (await store.put(draft(seed=3), expected_version=ABSENT)).version == 2  # deleted: none current
 
 
 async def test_personas_are_keyed_by_model_and_name(store: PersonaStore) -> None:
