@@ -89,8 +89,9 @@ def test_a_mapped_persona_is_stored_calibrated_and_serves(
     assert mapped.status_code == 201, mapped.text
     record = mapped.json()
     assert (record["model"], record["layers"], record["hidden_size"]) == (QWEN, [1], 48)
-    assert record["provenance"] == {"kind": "mapped", "source_model": LLAMA, "source_version": 1,
-                                    "method": "ridge", "mapping_id": fitted["mapping_id"]}  # fmt: skip
+    assert record["provenance"] == {"kind": "mapped", "source_model": LLAMA, "source_name": "bridge",
+                                    "source_version": 1, "method": "ridge",
+                                    "mapping_id": fitted["mapping_id"]}  # fmt: skip
     assert record["default_strength"] == 3.0
     norms = httpx.get(f"{server.url}/admin/mappings/{fitted['mapping_id']}", headers=ADMIN).json()["metadata"]
     vector = np.array(httpx.get(f"{server.url}/admin/personas/bridge", params={"model": QWEN},
@@ -142,6 +143,75 @@ def test_bad_maps_are_refused(server: ServerProcess, fitted: dict[str, Any]) -> 
     refused("lonely", 422, "concept adapter", source_model=QWEN, target_model=LLAMA, method="concept")
 
 
+def stored(server: ServerProcess, name: str, model: str) -> dict[str, Any]:
+    response = httpx.get(f"{server.url}/admin/personas/{name}", params={"model": model}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def source_and_native_target(server: ServerProcess, name: str, seed: int) -> dict[str, Any]:
+    """``name`` on LLAMA (the source) and a native ``name`` on QWEN (the target): the latter's record."""
+    assert upload(server.url, name, LLAMA, {1: random_vector(64, seed)}).status_code == 200
+    native = upload(server.url, name, QWEN, {2: random_vector(48, seed + 1)}, 4.0)
+    assert native.status_code == 200, native.text
+    return stored(server, name, QWEN)
+
+
+# zero_pad needs no fitted map, so these tests do not wait for a fit.
+FORWARD = {"source_model": LLAMA, "target_model": QWEN, "method": "zero_pad"}
+
+
+def test_mapping_onto_a_native_persona_of_that_name_is_409_and_keeps_it(server: ServerProcess) -> None:
+    native = source_and_native_target(server, "anchor", 100)
+    refused = map_persona(server, "anchor", **FORWARD)
+    error = assert_openai_error(refused, 409, "'anchor'", QWEN, "uploaded", "target_name", "replace")
+    assert (error["param"], error["code"]) == ("target_name", "persona_exists")
+    assert stored(server, "anchor", QWEN) == native  # same version, same vectors, same everything
+    # A deleted persona (no current version) does not block.
+    assert httpx.delete(f"{server.url}/admin/personas/anchor", params={"model": QWEN},
+                        headers=ADMIN).status_code == 204  # fmt: skip
+    mapped = map_persona(server, "anchor", **FORWARD)
+    assert mapped.status_code == 201, mapped.text
+    assert mapped.json()["version"] == native["version"] + 1  # versions never repeat
+
+
+def test_target_name_stores_the_mapped_persona_under_another_name(server: ServerProcess) -> None:
+    native = source_and_native_target(server, "keel", 110)
+    mapped = map_persona(server, "keel", target_name="keel-from-llama", **FORWARD)
+    assert mapped.status_code == 201, mapped.text
+    record = mapped.json()
+    assert (record["name"], record["model"], record["version"]) == ("keel-from-llama", QWEN, 1)
+    assert record["provenance"]["source_name"] == "keel" and record["provenance"]["kind"] == "mapped"
+    assert stored(server, "keel", QWEN) == native
+    bad = map_persona(server, "keel", target_name="../keel", **FORWARD)
+    assert assert_openai_error(bad, 422, "target_name")["param"] == "target_name"
+
+
+def test_replace_true_replaces_a_native_persona(server: ServerProcess) -> None:
+    native = source_and_native_target(server, "mast", 120)
+    replaced = map_persona(server, "mast", replace=True, **FORWARD)
+    assert replaced.status_code == 201, replaced.text
+    record = replaced.json()
+    assert record["version"] == native["version"] + 1 and record["layers"] == [1]
+    assert record["provenance"]["kind"] == "mapped" and record["provenance"]["source_model"] == LLAMA
+
+
+def test_a_persona_mapped_from_the_same_source_is_remapped_without_replace(server: ServerProcess) -> None:
+    for name, seed in (("hull", 130), ("deck", 131)):
+        assert upload(server.url, name, LLAMA, {1: random_vector(64, seed)}).status_code == 200
+    first = map_persona(server, "hull", target_name="hull-mapped", **FORWARD)
+    assert first.status_code == 201, first.text
+    again = map_persona(server, "hull", target_name="hull-mapped", **{**FORWARD, "method": "interpolate"})
+    assert again.status_code == 201, again.text
+    assert again.json()["version"] == first.json()["version"] + 1
+    assert again.json()["provenance"]["method"] == "interpolate"
+    # Another source persona mapped onto that name is another persona: refused unless replace.
+    other = map_persona(server, "deck", target_name="hull-mapped", **FORWARD)
+    error = assert_openai_error(other, 409, "'hull-mapped'", "mapped from 'hull'", LLAMA)
+    assert error["code"] == "persona_exists"
+    assert stored(server, "hull-mapped", QWEN)["version"] == again.json()["version"]
+
+
 def test_the_map_commands_fit_list_and_map(server: ServerProcess) -> None:
     from typer.testing import CliRunner
 
@@ -163,6 +233,26 @@ def test_the_map_commands_fit_list_and_map(server: ServerProcess) -> None:
     refused = CliRunner().invoke(app, ["map", "fit", "--source", QWEN, "--target", QWEN, "--url", server.url],
                                  env=env)  # fmt: skip
     assert refused.exit_code == 1 and "same model" in refused.output
+
+
+def test_the_map_persona_command_passes_target_name_and_replace(server: ServerProcess) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    native = source_and_native_target(server, "rudder", 140)
+
+    def run(*flags: str) -> tuple[int, str]:
+        result = CliRunner().invoke(app, ["map", "persona", "rudder", "--source", LLAMA, "--target", QWEN,
+                                          "--method", "zero_pad", *flags, "--url", server.url],
+                                    env={"PERSONA_SERVER_ADMIN_KEY": ADMIN_KEY})  # fmt: skip
+        return result.exit_code, result.output
+
+    code, output = run()
+    assert code == 1 and output.startswith("error: 409: ") and "'rudder'" in output
+    renamed = run("--target-name", "rudder-mapped")
+    assert renamed == (0, f"stored rudder-mapped for {QWEN}: version 1, blocks [1]\n")
+    assert run("--replace") == (0, f"stored rudder for {QWEN}: version {native['version'] + 1}, blocks [1]\n")
 
 
 def test_a_gguf_model_reads_its_block_outputs_for_a_fit(server: ServerProcess) -> None:

@@ -39,7 +39,7 @@ ROUTES = [
      ADMIN | {400, 404, 422, 503}),
     ("get", "/admin/personas", "200", "PersonaList", ADMIN | {404, 503}),
     ("post", "/admin/personas/{name}/extract", "202", "JobHandle", ADMIN | {400, 404, 413, 422}),
-    ("post", "/admin/personas/{name}/map", "201", "Persona", ADMIN | {400, 404, 413, 422, 503}),
+    ("post", "/admin/personas/{name}/map", "201", "Persona", ADMIN | {400, 404, 409, 413, 422, 503}),
     ("get", "/admin/jobs/{job_id}", "200", "JobStatus", ADMIN | {404}),
     ("post", "/admin/mappings", "202", "JobHandle", ADMIN | {400, 404, 413, 422}),
     ("get", "/admin/mappings", "200", "MappingList", ADMIN | {503}),

@@ -199,6 +199,14 @@ class PersonaMapRequest(BaseModel):
     target_model: Text
     mapping_id: str | None = Field(None, max_length=64, description="Default: the newest fitting mapping.")
     method: MappingMethod = MappingMethod.RIDGE
+    target_name: PersonaName | None = Field(
+        None, description="The name to store it under on the target model (default: the persona's name)."
+    )
+    replace: bool = Field(
+        False,
+        description="Replace a persona of that name on the target even when it was not mapped from this "
+        "persona on this source model (without it, such a persona is a 409 persona_exists).",
+    )
 
 
 class ExtractionRequest(BaseModel):

@@ -73,11 +73,24 @@ def map_persona(
         str, typer.Option(help="ridge | procrustes | concept | zero_pad | interpolate | random")
     ] = "ridge",
     mapping_id: Annotated[str | None, typer.Option(help="Default: the newest fitting mapping.")] = None,
+    target_name: Annotated[
+        str | None, typer.Option(help="Store it under this name on TARGET (default: NAME).")
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option(help="Replace a persona of that name on TARGET not mapped from NAME on SOURCE.")
+    ] = False,
     url: ServerUrl = DEFAULT_URL,
     admin_key: AdminKey = None,
 ) -> None:
-    """Map NAME from SOURCE to TARGET and store it there."""
-    body = {"source_model": source, "target_model": target, "method": method, "mapping_id": mapping_id}
+    """Map NAME from SOURCE to TARGET and store it there (an unrelated persona there is kept: error 409)."""
+    body = {
+        "source_model": source,
+        "target_model": target,
+        "method": method,
+        "mapping_id": mapping_id,
+        "target_name": target_name,
+        "replace": replace,
+    }
     info = _send(url, admin_key, "POST", f"/admin/personas/{name}/map", json=body).json()
     typer.echo(
         f"stored {info['name']} for {info['model']}: version {info['version']}, blocks {info['layers']}"

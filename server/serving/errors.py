@@ -15,6 +15,14 @@ class RequestRejected(InvalidRequest):
     """A request outside the server's limits (strength cap, max_tokens cap, conflicting fields)."""
 
 
+class PersonaExists(Exception):
+    """A write would replace a persona the request did not ask to replace (api: 409 persona_exists)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class Overloaded(Exception):
     """Every batch row and queue place of a model is taken; the client should retry later."""
 

@@ -2,16 +2,22 @@
 
 The method dispatch and strength calibration live in ``steering.persona_transfer``: this service
 finds the records (the persona, the map, the concept personas) and stores the mapped persona with
-its provenance.
+its provenance, never over another persona by accident: a persona already under the target name
+is replaced only when it was itself mapped from the same source persona and model, or when asked.
 """
 
 from __future__ import annotations
 
-from persona_store.base import PersonaStore
+from dataclasses import dataclass
+
+import numpy as np
+
+from persona_store.base import ABSENT, PersonaStore
+from persona_store.errors import PersonaNotFound
 from persona_store.mappings import MappingRecord
-from persona_store.records import PersonaInfo
+from persona_store.records import PersonaInfo, PersonaRecord
 from server.engine.base import ModelInfo
-from server.serving.errors import RequestRejected
+from server.serving.errors import PersonaExists, RequestRejected
 from server.serving.mapping_fits import check_distinct, check_mapping_id
 from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
@@ -42,6 +48,36 @@ def model_shape(info: ModelInfo) -> ModelShape:
     return ModelShape(info.num_layers, info.hidden_size, tuple(info.steerable_layers))
 
 
+@dataclass(frozen=True)
+class MapTarget:
+    """Where a mapped persona goes: a served model, the name to store it under, whether it may
+    replace a persona of that name that was not mapped from the same source."""
+
+    model: str
+    name: str
+    replace: bool = False
+
+
+def mapped_from(info: PersonaInfo, source_model: str, source_name: str) -> bool:
+    """Whether the persona was mapped from ``source_name`` on ``source_model`` (re-mapping it, after a
+    new fit or with another method, is an update, not an accident)."""
+    provenance = info.provenance
+    # Personas mapped before target_name existed carry no source_name: they kept the source's name.
+    return (
+        provenance.get("kind") == "mapped"
+        and provenance.get("source_model") == source_model
+        and provenance.get("source_name", info.name) == source_name
+    )
+
+
+def describe_provenance(info: PersonaInfo) -> str:
+    provenance = info.provenance
+    kind = str(provenance.get("kind", "of unknown origin"))
+    if kind != "mapped":
+        return kind
+    return f"mapped from '{provenance.get('source_name', info.name)}' on '{provenance.get('source_model')}'"
+
+
 class PersonaMapper:
     def __init__(self, registry: ModelRegistry, store: PersonaStore, admin: PersonaAdmin) -> None:
         self._registry = registry
@@ -49,13 +85,63 @@ class PersonaMapper:
         self._admin = admin
 
     async def map_persona(
-        self, name: str, source_model: str, target_model: str, mapping_id: str | None, method: MappingMethod
+        self, name: str, source_model: str, target: MapTarget, mapping_id: str | None, method: MappingMethod
     ) -> PersonaInfo:
         self._admin.check_name(name)
+        self._admin.check_name(target.name)
+        self._registry.get(source_model)
+        self._registry.get(target.model)
+        check_distinct(source_model, target.model)
+        record = await self._store.get(source_model, name)
+        # Checked before the (possibly slow) mapping, and enforced by the write's expected version:
+        # a persona written to the target meanwhile is a 409 version_conflict, never silently replaced.
+        expected = None if target.replace else await self._expected_target(name, source_model, target)
+        layers, mapping = await self._map_vectors(record, source_model, target.model, mapping_id, method)
+        return await self._admin.put(
+            name=target.name,
+            model=target.model,
+            layers={block: vector.tolist() for block, vector in layers.items()},
+            default_strength=record.info.default_strength,
+            description=record.info.description,
+            default_positions=record.info.default_positions,
+            expected_version=expected,
+            provenance={
+                "kind": "mapped",
+                "source_model": source_model,
+                "source_name": name,
+                "source_version": record.info.version,
+                "method": method.value,
+                "mapping_id": None if mapping is None else mapping.info.id,
+            },
+        )
+
+    async def _expected_target(self, name: str, source_model: str, target: MapTarget) -> int:
+        """The target's current version when mapping may replace it; ABSENT when it holds none."""
+        try:
+            existing = (await self._store.get(target.model, target.name)).info
+        except PersonaNotFound:  # never written, or deleted: nothing to lose
+            return ABSENT
+        if mapped_from(existing, source_model, name):
+            return existing.version
+        raise PersonaExists(
+            f"persona '{target.name}' already exists for model '{target.model}' (version "
+            f"{existing.version}, {describe_provenance(existing)}); mapping '{name}' from '{source_model}' "
+            "would replace it: pass target_name to store the mapped persona under another name, or "
+            "replace: true to replace it",
+            param="target_name",
+        )
+
+    async def _map_vectors(
+        self,
+        record: PersonaRecord,
+        source_model: str,
+        target_model: str,
+        mapping_id: str | None,
+        method: MappingMethod,
+    ) -> tuple[dict[int, np.ndarray], MappingRecord | None]:
+        """The persona's vectors on the target, and the stored mapping they came through (if any)."""
         source_info = self._registry.get(source_model).info
         target_info = self._registry.get(target_model).info
-        check_distinct(source_model, target_model)
-        record = await self._store.get(source_model, name)
         # A learned method applies its own map; the others use the ridge fit (if any) for target
         # blocks and norm calibration.
         wanted = method.value if method in LEARNED_METHODS else MappingMethod.RIDGE.value
@@ -67,7 +153,7 @@ class PersonaMapper:
                 param="mapping_id",
             )
         concepts = (
-            await self._concept_pairs(name, source_model, target_model)
+            await self._concept_pairs(record.info.name, source_model, target_model)
             if method is MappingMethod.CONCEPT
             else []
         )
@@ -75,21 +161,7 @@ class PersonaMapper:
             method, record.vectors, model_shape(source_info), model_shape(target_info),
             fitted=None if mapping is None else fitted_map(mapping), concepts=concepts,
         )  # fmt: skip
-        return await self._admin.put(
-            name=name,
-            model=target_model,
-            layers={block: vector.tolist() for block, vector in layers.items()},
-            default_strength=record.info.default_strength,
-            description=record.info.description,
-            default_positions=record.info.default_positions,
-            provenance={
-                "kind": "mapped",
-                "source_model": source_model,
-                "source_version": record.info.version,
-                "method": method.value,
-                "mapping_id": None if mapping is None else mapping.info.id,
-            },
-        )
+        return layers, mapping
 
     async def _mapping_for(
         self, source_model: str, target_model: str, method: str, mapping_id: str | None

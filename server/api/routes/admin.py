@@ -34,7 +34,7 @@ from server.serving.mapping_fits import MappingFits
 from server.serving.mapping_plots import diagnostics_png
 from server.serving.persona_admin import PersonaAdmin
 from server.serving.persona_files import ImportOptions, PersonaFiles, VectorFormat
-from server.serving.persona_mapping import PersonaMapper
+from server.serving.persona_mapping import MapTarget, PersonaMapper
 from server.steering.plan import Positions
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], responses=errors(401, 403))
@@ -245,13 +245,21 @@ async def delete_mapping(mapping_id: str, request: Request) -> Response:
 
 
 @router.post(
-    "/personas/{name}/map", status_code=201, response_model=Persona, responses=errors(400, 404, 413, 422, 503)
+    "/personas/{name}/map",
+    status_code=201,
+    response_model=Persona,
+    responses=errors(400, 404, 409, 413, 422, 503),
 )
 async def map_persona(name: NameParam, body: PersonaMapRequest, request: Request) -> dict[str, Any]:
-    """Carry a persona from source_model to target_model and store it there."""
-    info = await _mapper(request).map_persona(
-        name, body.source_model, body.target_model, body.mapping_id, body.method
+    """Carry a persona from source_model to target_model and store it there, under target_name.
+
+    A persona of that name on the target that was not itself mapped from this persona and source
+    model is kept (409) unless replace is true.
+    """
+    target = MapTarget(
+        body.target_model, name if body.target_name is None else body.target_name, body.replace
     )
+    info = await _mapper(request).map_persona(name, body.source_model, target, body.mapping_id, body.method)
     return info.to_dict()
 
 
