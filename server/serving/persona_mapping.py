@@ -93,10 +93,12 @@ class PersonaMapper:
         self._registry.get(target.model)
         check_distinct(source_model, target.model)
         record = await self._store.get(source_model, name)
-        # Checked before the (possibly slow) mapping, and enforced by the write's expected version:
-        # a persona written to the target meanwhile is a 409 version_conflict, never silently replaced.
+        mapping = await self._usable_mapping(source_model, target.model, mapping_id, method)
+        # After the checks that say the request cannot map at all, before the (possibly slow) maths;
+        # the write expects the version seen here, so a persona written to the target meanwhile is a
+        # 409 version_conflict, never silently replaced.
         expected = None if target.replace else await self._expected_target(name, source_model, target)
-        layers, mapping = await self._map_vectors(record, source_model, target.model, mapping_id, method)
+        layers = await self._map_vectors(record, source_model, target.model, mapping, method)
         return await self._admin.put(
             name=target.name,
             model=target.model,
@@ -131,17 +133,10 @@ class PersonaMapper:
             param="target_name",
         )
 
-    async def _map_vectors(
-        self,
-        record: PersonaRecord,
-        source_model: str,
-        target_model: str,
-        mapping_id: str | None,
-        method: MappingMethod,
-    ) -> tuple[dict[int, np.ndarray], MappingRecord | None]:
-        """The persona's vectors on the target, and the stored mapping they came through (if any)."""
-        source_info = self._registry.get(source_model).info
-        target_info = self._registry.get(target_model).info
+    async def _usable_mapping(
+        self, source_model: str, target_model: str, mapping_id: str | None, method: MappingMethod
+    ) -> MappingRecord | None:
+        """The stored mapping the method goes through: required by a learned method, else optional."""
         # A learned method applies its own map; the others use the ridge fit (if any) for target
         # blocks and norm calibration.
         wanted = method.value if method in LEARNED_METHODS else MappingMethod.RIDGE.value
@@ -152,16 +147,28 @@ class PersonaMapper:
                 "POST /admin/mappings first",
                 param="mapping_id",
             )
+        return mapping
+
+    async def _map_vectors(
+        self,
+        record: PersonaRecord,
+        source_model: str,
+        target_model: str,
+        mapping: MappingRecord | None,
+        method: MappingMethod,
+    ) -> dict[int, np.ndarray]:
+        """The persona's vectors on the target model, by target block."""
         concepts = (
             await self._concept_pairs(record.info.name, source_model, target_model)
             if method is MappingMethod.CONCEPT
             else []
         )
-        layers = map_persona_vectors(
-            method, record.vectors, model_shape(source_info), model_shape(target_info),
+        return map_persona_vectors(
+            method, record.vectors,
+            model_shape(self._registry.get(source_model).info),
+            model_shape(self._registry.get(target_model).info),
             fitted=None if mapping is None else fitted_map(mapping), concepts=concepts,
         )  # fmt: skip
-        return layers, mapping
 
     async def _mapping_for(
         self, source_model: str, target_model: str, method: str, mapping_id: str | None
