@@ -86,7 +86,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.persona_extraction = PersonaExtraction(registry, app.state.persona_admin, app.state.jobs)
     corpus = await asyncio.to_thread(FittingCorpus.load, settings.mapping_corpus or DEMO_CORPUS)
     app.state.mapping_fits = MappingFits(registry, store, app.state.jobs, corpus)
-    app.state.persona_mapper = PersonaMapper(registry, store, app.state.persona_admin)
+    app.state.persona_mapper = PersonaMapper(registry, store, app.state.persona_admin, corpus)
     logger.info("persona store: %s", settings.store_url)
     if not settings.model:
         await seed_demo_personas(store, settings.data_dir)

@@ -85,7 +85,7 @@ def test_a_fit_stores_ridge_and_procrustes_maps_with_diagnostics(
 def test_a_mapped_persona_is_stored_calibrated_and_serves(
     server: ServerProcess, fitted: dict[str, Any], client: Any
 ) -> None:
-    mapped = map_persona(server, "bridge", source_model=LLAMA, target_model=QWEN)
+    mapped = map_persona(server, "bridge", source_model=LLAMA, target_model=QWEN, method="ridge")
     assert mapped.status_code == 201, mapped.text
     record = mapped.json()
     assert (record["model"], record["layers"], record["hidden_size"]) == (QWEN, [1], 48)
@@ -103,7 +103,9 @@ def test_a_mapped_persona_is_stored_calibrated_and_serves(
     assert answer.model_extra["persona"]["version"] == record["version"]
 
 
-@pytest.mark.parametrize("method", ["procrustes", "concept", "zero_pad", "interpolate", "random"])
+@pytest.mark.parametrize(
+    "method", ["procrustes", "concept", "zero_pad", "interpolate", "random", "generated"]
+)
 def test_every_method_maps(server: ServerProcess, fitted: dict[str, Any], method: str) -> None:
     mapped = map_persona(server, "bridge", source_model=LLAMA, target_model=QWEN, method=method)
     assert mapped.status_code == 201, mapped.text
@@ -133,7 +135,7 @@ def test_bad_maps_are_refused(server: ServerProcess, fitted: dict[str, Any]) -> 
         assert_openai_error(map_persona(server, name, **body), status, fragment)
 
     forward = {"source_model": LLAMA, "target_model": QWEN}
-    refused("bridge", 400, "POST /admin/mappings", source_model=QWEN, target_model=LLAMA)
+    refused("bridge", 400, "POST /admin/mappings", source_model=QWEN, target_model=LLAMA, method="ridge")
     refused("bridge", 422, "not ridge", mapping_id=fitted["procrustes_mapping_id"], **forward)
     refused("bridge", 404, "map-000000000000", mapping_id="map-000000000000", **forward)
     refused("bridge", 400, "not a mapping id", mapping_id="../etc", **forward)

@@ -198,7 +198,12 @@ class PersonaMapRequest(BaseModel):
     source_model: Text
     target_model: Text
     mapping_id: str | None = Field(None, max_length=64, description="Default: the newest fitting mapping.")
-    method: MappingMethod = MappingMethod.RIDGE
+    method: MappingMethod = Field(
+        MappingMethod.GENERATED,
+        description="generated (the default: the source writes with and without the persona, the "
+        "target reads both; no fitted map needed), or a map: ridge, procrustes, concept, zero_pad, "
+        "interpolate, random.",
+    )
     target_name: PersonaName | None = Field(
         None, description="The name to store it under on the target model (default: the persona's name)."
     )

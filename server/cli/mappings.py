@@ -70,8 +70,11 @@ def map_persona(
     source: Annotated[str, typer.Option(help="Served model it exists on.")],
     target: Annotated[str, typer.Option(help="Served model to store it for.")],
     method: Annotated[
-        str, typer.Option(help="ridge | procrustes | concept | zero_pad | interpolate | random")
-    ] = "ridge",
+        str,
+        typer.Option(
+            help="generated (no fit needed) | ridge | procrustes | concept | zero_pad | interpolate | random"
+        ),
+    ] = "generated",
     mapping_id: Annotated[str | None, typer.Option(help="Default: the newest fitting mapping.")] = None,
     target_name: Annotated[
         str | None, typer.Option(help="Store it under this name on TARGET (default: NAME).")

@@ -18,6 +18,8 @@ from persona_store.mappings import MappingRecord
 from persona_store.records import PersonaInfo, PersonaRecord
 from server.engine.base import ModelInfo
 from server.serving.errors import PersonaExists, RequestRejected
+from server.serving.fitting_corpus import FittingCorpus
+from server.serving.generated_transfer import GenerationSpec, carry_by_generation
 from server.serving.mapping_fits import check_distinct, check_mapping_id
 from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
@@ -78,11 +80,18 @@ def describe_provenance(info: PersonaInfo) -> str:
     return f"mapped from '{provenance.get('source_name', info.name)}' on '{provenance.get('source_model')}'"
 
 
+# How many texts of the fitting corpus the generated method's source answers (twice each).
+GENERATION_PROMPTS = 96
+
+
 class PersonaMapper:
-    def __init__(self, registry: ModelRegistry, store: PersonaStore, admin: PersonaAdmin) -> None:
+    def __init__(
+        self, registry: ModelRegistry, store: PersonaStore, admin: PersonaAdmin, corpus: FittingCorpus
+    ) -> None:
         self._registry = registry
         self._store = store
         self._admin = admin
+        self._generation = GenerationSpec(prompts=corpus.texts[:GENERATION_PROMPTS])
 
     async def map_persona(
         self, name: str, source_model: str, target: MapTarget, mapping_id: str | None, method: MappingMethod
@@ -158,6 +167,12 @@ class PersonaMapper:
         method: MappingMethod,
     ) -> dict[int, np.ndarray]:
         """The persona's vectors on the target model, by target block."""
+        if method is MappingMethod.GENERATED:
+            info = record.info
+            return await carry_by_generation(
+                self._registry.get(source_model), self._registry.get(target_model), record.vectors,
+                info.default_strength, info.default_positions, self._generation,
+            )  # fmt: skip
         concepts = (
             await self._concept_pairs(record.info.name, source_model, target_model)
             if method is MappingMethod.CONCEPT
