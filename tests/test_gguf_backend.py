@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import llama_cpp
@@ -58,11 +58,12 @@ def hf_llama(llama_dir: Path) -> Iterator[HFBackend]:
     asyncio.run(backend.close())
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "phi3"])
 def test_logits_equal_hf_unsteered_and_steered_at_each_block(
-    architecture: str, llama_dir: Path, qwen_dir: Path, tmp_path: Path
+    architecture: str, llama_dir: Path, qwen_dir: Path, tiny_model_dir: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    model_dir = llama_dir if architecture == "llama" else qwen_dir
+    # The phi3 model's directory name holds "phi3", which llama.cpp would read as Microsoft's Phi-3.
+    model_dir = {"llama": llama_dir, "qwen2": qwen_dir}.get(architecture) or tiny_model_dir(architecture)
     gguf = convert_hf_to_gguf(model_dir, tmp_path / f"{architecture}.gguf")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -5,17 +5,22 @@ It exists so that the GGUF backend can be tested against the HF backend on the v
 of any package. Real models come as GGUF files already; convert them with llama.cpp's
 ``convert_hf_to_gguf.py``. The `gguf` package provides the writer and the tensor-name tables.
 
-Two details make llama.cpp compute exactly what transformers computes:
+These details make llama.cpp compute exactly what transformers computes:
 - Llama-family q_proj/k_proj rows are permuted: HF rotates the two halves of each head
   ("rotate_half"), llama.cpp's Llama RoPE rotates adjacent pairs. Qwen2 uses NeoX-style RoPE in
   llama.cpp, which is HF's layout, so its weights go as they are.
 - The byte-level BPE vocabulary is written with pre-tokenizer "gpt-2", which splits text as the
   GPT-2 regex of HF's ByteLevel pre-tokenizer does.
+- llama.cpp gives a model whose ``general.name`` contains "phi3" or "phi-3" the quirks of Microsoft's
+  Phi-3 vocabulary (whitespace stripped after special tokens, and a lookup of ``</s>`` that fails to
+  load any other vocabulary), so such a name is written with the family spelt "phi_3".
+  Phi-3's RoPE is NeoX-style in llama.cpp, and its fused qkv/gate_up weights go as they are.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
     "llama": gguf.MODEL_ARCH.LLAMA,
     "mistral": gguf.MODEL_ARCH.LLAMA,
     "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "phi3": gguf.MODEL_ARCH.PHI3,
 }
 _PERMUTED_ROPE = {gguf.MODEL_ARCH.LLAMA}
 
@@ -40,6 +46,10 @@ def _permute(weight: np.ndarray, n_head: int) -> np.ndarray:
     """HF's half-split rotary layout -> llama.cpp's interleaved pairs, per head."""
     rows = weight.shape[0]
     return weight.reshape(n_head, 2, rows // n_head // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _gguf_name(model_dir: str | Path) -> str:
+    return re.sub(r"phi-?3", "phi_3", Path(model_dir).name, flags=re.IGNORECASE)
 
 
 def _rope_theta(config: Any) -> float:
@@ -96,7 +106,7 @@ def convert_hf_to_gguf(model_dir: str | Path, output: str | Path) -> Path:
 
     output = Path(output)
     writer = gguf.GGUFWriter(str(output), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(Path(model_dir).name)
+    writer.add_name(_gguf_name(model_dir))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
