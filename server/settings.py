@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     model: list[str] = Field(
         default_factory=list,
         description="Model to serve: a local directory or a hub id. Repeat for several. "
-        "None: the bundled demo models, demo-llama and demo-qwen, with their personas.",
+        "None: the bundled demo models, demo-llama, demo-qwen and demo-phi3, with their personas.",
     )
     served_model_name: list[str] = Field(
         default_factory=list,

@@ -25,7 +25,7 @@ SAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("source", ["tiny", "demo-qwen"])
+@pytest.mark.parametrize("source", ["tiny", "demo-qwen", "demo-phi3"])
 def test_no_text_needs_fewer_tokens_than_the_bound_says(source: str, llama_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(llama_dir if source == "tiny" else demo_model_dir(source))
     longest = hf_max_token_chars(tokenizer)

@@ -1,9 +1,11 @@
-"""Build the demo models: train both from scratch, extract and calibrate their personas, write them
+"""Build the demo models: train each from scratch, extract and calibrate its personas, write them
 into the package (server/demo_models/), then print the held-out evaluation.
 
-    python -m server.demo.build [--skip-training]
+    python -m server.demo.build [--skip-training] [--only NAME ...]
 
-About 8 minutes on a 2-core CPU. Deterministic up to floating-point noise across machines.
+About 4 minutes each for demo-llama and demo-qwen on a 2-core CPU; about 29 for demo-phi3 (19 of
+them training, on one thread of a 2-core CPU shared with other work).
+Deterministic up to floating-point noise across machines.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from persona_store.errors import PersonaNotFound
 from persona_store.records import PersonaDraft
 
 DEMO_MODELS_DIR = Path(__file__).resolve().parent.parent / "demo_models"
-DEMO_MODEL_NAMES = ("demo-llama", "demo-qwen")
+DEMO_MODEL_NAMES = ("demo-llama", "demo-qwen", "demo-phi3")
 PERSONAS_FILE = "personas.json"
 SEEDED_MARKER = "demo-personas-seeded.json"
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
@@ -17,7 +18,7 @@ from server.demo.tokenizer import train_chat_tokenizer
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """One demo model: architecture, widths and seed (the two demos differ in all of them)."""
+    """One demo model: architecture, widths and seed (the demos differ in all of them)."""
 
     name: str
     architecture: str
@@ -32,16 +33,21 @@ class DemoSpec:
     steps: int = 1200
     batch_size: int = 32
     learning_rate: float = 3e-3
+    config_extras: dict[str, Any] = field(default_factory=dict)  # family-specific config fields
 
 
+MAX_POSITIONS = 256
+# Phi-3's default original context (4096 tokens, a bound of its rope scaling) made the demos' context.
+PHI3_CONTEXT = {"original_max_position_embeddings": MAX_POSITIONS}
 DEMO_SPECS = {
     spec.name: spec
     for spec in [
         DemoSpec("demo-llama", "llama", 128, 4, 4, 4, 384, vocab_size=1024, seed=1),
         DemoSpec("demo-qwen", "qwen2", 96, 4, 4, 2, 288, vocab_size=900, seed=2),
+        # Head dim 32, the smallest vLLM's CPU attention serves.
+        DemoSpec("demo-phi3", "phi3", 192, 6, 6, 3, 576, vocab_size=1200, seed=3, config_extras=PHI3_CONTEXT),
     ]
 }
-MAX_POSITIONS = 256
 
 
 def build_model(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
@@ -58,6 +64,7 @@ def build_model(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> PreTraine
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **spec.config_extras,
     )
     torch.manual_seed(spec.seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
