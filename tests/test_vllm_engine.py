@@ -27,7 +27,7 @@ from server.engine.vllm.options import VLLMOptions  # noqa: E402
 HIDDEN = 128
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "phi3"])
 def model_dir(request: pytest.FixtureRequest, vllm_model_dir: Callable[[str], Path]) -> Path:
     return vllm_model_dir(request.param)
 
