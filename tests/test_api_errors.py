@@ -202,7 +202,8 @@ def test_stale_if_match_is_409(server: ServerProcess, store_unchanged: None, per
         json={"model": LLAMA, "layers": {"1": random_vector(64, 9)}},
         headers={**ADMIN, "If-Match": stale},
     )
-    assert_openai_error(response, 409, f"expected {stale}")
+    # If-Match: 0 means "only if it does not exist" (the store's ABSENT), written as "expected none".
+    assert_openai_error(response, 409, "expected none" if stale == "0" else f"expected {stale}")
 
 
 def test_upload_replace_and_delete_cycle(server: ServerProcess) -> None:
