@@ -31,6 +31,7 @@ from server.engine.base import Backend
 from server.serving.generated_transfer import GenerationSpec, carry_by_generation
 from server.serving.persona_mapping import model_shape
 from server.serving.strength_sweep import StrengthRow, evaluate_strengths
+from server.steering.errors import SteeringError
 from server.steering.mapping import MappingMethod, corresponding_layer
 from server.steering.persona_transfer import FittedMaps, ModelShape, fit_maps, map_persona_vectors
 from server.steering.plan import Positions
@@ -154,7 +155,10 @@ async def _cell(
             vectors = await carry_by_generation(*engines, persona.vectors, persona.default_strength,
                                                 persona.default_positions, GENERATION)  # fmt: skip
         else:
-            vectors = _mapped_vectors(method, persona, others, maps, *shapes)
+            try:
+                vectors = _mapped_vectors(method, persona, others, maps, *shapes)
+            except SteeringError:  # e.g. the concept adapter with no other persona at these blocks
+                continue  # the cell has no row for this method; the summary counts cells per method
         tried = await sweep(
             vectors, [f * persona.default_strength for f in SWEEP], Positions(persona.default_positions)
         )
