@@ -7,11 +7,12 @@ adapter learns from the other personas only. P is then carried to the target by 
 the very function the server's map endpoint calls (``steering.persona_transfer``).
 
 On the target's held-out questions, each condition is scored with the source persona's positions
-at 1/4 to 4 times its default strength: the 1x row is what a user gets from the mapped persona's
-stored default, the best coherent row (perplexity under the unsteered target within 2x, no more
-collapse than the native persona) is what the map can do. The native persona runs at its own default
-strength. "Transfer" is the condition's trait shift over the native persona's shift on the target,
-with a 95% bootstrap interval over questions and samples (``intervals.py``); overshoot counts as 1.0.
+at 1/4 to 4 times the mapped persona's stored default strength (the source's for the maps, the
+calibrated one for the generated method): the 1x row is what a user gets by naming it, the best
+coherent row (perplexity under the unsteered target within 2x, no more collapse than the native
+persona) is what the map can do. The native persona runs at its own default strength. "Transfer"
+is the condition's trait shift over the native persona's shift on the target, with a 95% bootstrap
+interval over questions and samples (``intervals.py``); overshoot counts as 1.0.
 """
 
 from __future__ import annotations
@@ -151,17 +152,17 @@ async def _cell(
         "native": (native_row, native_row),
     }
     for method in MappingMethod:
+        default = persona.default_strength  # the maps store the source's default strength
         if method is MappingMethod.GENERATED:  # the source answers training questions only
-            vectors = await carry_by_generation(*engines, persona.vectors, persona.default_strength,
+            carried = await carry_by_generation(*engines, persona.vectors, persona.default_strength,
                                                 persona.default_positions, GENERATION)  # fmt: skip
+            vectors, default = carried.vectors, carried.default_strength
         else:
             try:
                 vectors = _mapped_vectors(method, persona, others, maps, *shapes)
             except SteeringError:  # e.g. the concept adapter with no other persona at these blocks
                 continue  # the cell has no row for this method; the summary counts cells per method
-        tried = await sweep(
-            vectors, [f * persona.default_strength for f in SWEEP], Positions(persona.default_positions)
-        )
+        tried = await sweep(vectors, [f * default for f in SWEEP], Positions(persona.default_positions))
         fluent = [row for row in tried if _fluent(row, baseline, native_row)] or [tried[AT_DEFAULT]]
         measured[method.value] = (tried[AT_DEFAULT], max(fluent, key=lambda row: row.trait_score))
 

@@ -202,6 +202,11 @@ class Backend(Protocol):
         """Stream the generation; closing the iterator early cancels the request."""
         ...
 
+    def answer_ids(self, text: str) -> list[int]:
+        """The token ids of ``text`` as this model would write it after a prompt (no special
+        tokens): how another model's answer is read back through this one."""
+        ...
+
     async def response_activations(
         self, request: GenerationRequest, response_ids: list[int], num_blocks: int | None = None
     ) -> np.ndarray:

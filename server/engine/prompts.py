@@ -33,6 +33,11 @@ def prompt_ids(tokenizer: Any, request: GenerationRequest, info: ModelInfo) -> l
         raise EngineError(f"the prompt cannot be rendered for model {info.id}: {exc}") from exc
 
 
+def answer_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text`` as response tokens: encoded without the special tokens a prompt starts with."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def eos_token_ids(generation_config: Any, tokenizer: Any) -> set[int]:
     """The ids that end a generation: the generation config's and the tokenizer's."""
     ids: set[int] = set()

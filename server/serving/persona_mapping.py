@@ -23,6 +23,7 @@ from server.serving.generated_transfer import GenerationSpec, carry_by_generatio
 from server.serving.mapping_fits import check_distinct, check_mapping_id
 from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
+from server.serving.strength_calibration import StrengthCalibration
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingMethod
 from server.steering.persona_transfer import (
@@ -107,12 +108,14 @@ class PersonaMapper:
         # the write expects the version seen here, so a persona written to the target meanwhile is a
         # 409 version_conflict, never silently replaced.
         expected = None if target.replace else await self._expected_target(name, source_model, target)
-        layers = await self._map_vectors(record, source_model, target.model, mapping, method)
+        layers, default_strength, calibration = await self._map_vectors(
+            record, source_model, target.model, mapping, method
+        )
         return await self._admin.put(
             name=target.name,
             model=target.model,
             layers={block: vector.tolist() for block, vector in layers.items()},
-            default_strength=record.info.default_strength,
+            default_strength=default_strength,
             description=record.info.description,
             default_positions=record.info.default_positions,
             expected_version=expected,
@@ -123,6 +126,7 @@ class PersonaMapper:
                 "source_version": record.info.version,
                 "method": method.value,
                 "mapping_id": None if mapping is None else mapping.info.id,
+                **({} if calibration is None else {"strength_calibration": calibration.to_dict()}),
             },
         )
 
@@ -165,25 +169,29 @@ class PersonaMapper:
         target_model: str,
         mapping: MappingRecord | None,
         method: MappingMethod,
-    ) -> dict[int, np.ndarray]:
-        """The persona's vectors on the target model, by target block."""
+    ) -> tuple[dict[int, np.ndarray], float, StrengthCalibration | None]:
+        """The persona's vectors on the target model by target block, its default strength there,
+        and how that strength was chosen (the generated method calibrates it; the maps keep the
+        source's, their vectors being norm-calibrated)."""
+        info = record.info
         if method is MappingMethod.GENERATED:
-            info = record.info
-            return await carry_by_generation(
+            carried = await carry_by_generation(
                 self._registry.get(source_model), self._registry.get(target_model), record.vectors,
                 info.default_strength, info.default_positions, self._generation,
             )  # fmt: skip
+            return carried.vectors, carried.default_strength, carried.calibration
         concepts = (
             await self._concept_pairs(record.info.name, source_model, target_model)
             if method is MappingMethod.CONCEPT
             else []
         )
-        return map_persona_vectors(
+        vectors = map_persona_vectors(
             method, record.vectors,
             model_shape(self._registry.get(source_model).info),
             model_shape(self._registry.get(target_model).info),
             fitted=None if mapping is None else fitted_map(mapping), concepts=concepts,
         )  # fmt: skip
+        return vectors, info.default_strength, None
 
     async def _mapping_for(
         self, source_model: str, target_model: str, method: str, mapping_id: str | None

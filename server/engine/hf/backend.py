@@ -17,7 +17,7 @@ from server.engine.hf.runner import ModelRunner
 from server.engine.hf.scheduler import Scheduler
 from server.engine.in_process import InProcessBackend
 from server.engine.prompt_bound import hf_max_token_chars
-from server.engine.prompts import eos_token_ids, prompt_ids
+from server.engine.prompts import answer_ids, eos_token_ids, prompt_ids
 from server.engine.read_back import leading_blocks
 from server.engine.sequence import ResponseCapture, Sequence, Sink
 from server.steering.plan import SteeringPlan
@@ -92,6 +92,9 @@ class HFBackend(InProcessBackend[Scheduler]):
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    def answer_ids(self, text: str) -> list[int]:
+        return answer_ids(self._tokenizer, text)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Prompt token ids: raw text as the tokenizer encodes it, or messages via the chat template."""

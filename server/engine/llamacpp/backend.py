@@ -135,6 +135,9 @@ class LlamaCppBackend(InProcessBackend[LaneScheduler]):
     def vocab(self) -> LlamaVocab:
         return self._vocab
 
+    def answer_ids(self, text: str) -> list[int]:
+        return self._vocab.tokenize(text, add_special=False)
+
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return self._vocab.prompt_ids(request.prompt, request.messages, self._info.max_context)
 

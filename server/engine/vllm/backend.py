@@ -26,7 +26,7 @@ from server.engine.base import (
     TokenLogprob,
 )
 from server.engine.prompt_bound import hf_max_token_chars
-from server.engine.prompts import eos_token_ids, prompt_ids
+from server.engine.prompts import answer_ids, eos_token_ids, prompt_ids
 from server.engine.read_back import answer_tokens, leading_blocks
 from server.engine.sequence import Sequence, emit, finish_last
 from server.engine.vllm.options import VLLMOptions
@@ -165,6 +165,9 @@ class VLLMBackend:
     async def worker_stats(self) -> list[dict[str, Any]]:
         """Per worker: rows steered so far, vector sets held, blocks owned (tests and diagnostics)."""
         return await self._rpc("persona_stats")
+
+    def answer_ids(self, text: str) -> list[int]:
+        return answer_ids(self._tokenizer, text)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return prompt_ids(self._tokenizer, request, self._info)

@@ -1,0 +1,126 @@
+"""The default strength of a carried persona, chosen on the target without its native persona.
+
+A carried vector's norm says little about how hard it pushes the target: at the source's default
+strength, personas carried between the demo models ranged from barely visible to 15x the unsteered
+perplexity. So the target answers prompts at a ladder of strengths, each answer read back unsteered
+as its own answer, and two things are measured per step: the effect, the answers' shift along the
+carried persona over the shift the source's steered answers showed the target (1.0 = the target
+writes as far into the persona as the source did), and the perplexity of the answers under the
+unsteered target over that of its unsteered answers. The default is the first step whose effect
+reaches the source's while perplexity stays within the bar the demo personas were calibrated with;
+failing that, the strongest step within the bar (the weakest step when none is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
+from server.steering.plan import Positions, SteeringPlan
+from server.steering.text_quality import perplexity
+
+# Multiples of the source persona's default strength, in steps of sqrt(2).
+STRENGTH_STEPS = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)
+# Perplexity over the unsteered answers' that still reads fluently (as the demo personas' defaults).
+FLUENT_PERPLEXITY_RATIO = 1.6
+
+
+@dataclass(frozen=True)
+class CalibrationStep:
+    strength: float
+    effect: float  # shift along the persona over the source's shift
+    perplexity_ratio: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {key: round(value, 4) for key, value in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class StrengthCalibration:
+    strength: float
+    steps: tuple[CalibrationStep, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"strength": self.strength, "steps": [step.to_dict() for step in self.steps]}
+
+
+@dataclass(frozen=True)
+class _Reading:
+    activations: np.ndarray  # mean block outputs over answer tokens, over all answers: [blocks, hidden]
+    perplexity: float
+
+
+async def _read_own_answers(
+    target: Backend, prompts: Sequence[str], plan: SteeringPlan | None, max_tokens: int, seed: int
+) -> _Reading:
+    """The target answers each prompt (steered by ``plan``), then reads its answers back unsteered."""
+
+    async def one(index: int, prompt: str) -> tuple[np.ndarray, float, int] | None:
+        sampling = SamplingParams(
+            max_tokens=max_tokens, temperature=1.0, seed=seed + index, clamp_to_context=True
+        )
+        messages = [ChatMessage("user", prompt)]
+        request = GenerationRequest(sampling=sampling, messages=messages, steering=plan)
+        ids = [token for chunk in [c async for c in target.generate(request)] for token in chunk.token_ids]
+        if not ids:
+            return None
+        unsteered = GenerationRequest(sampling=sampling, messages=messages)
+        nll, count = await target.response_nll(unsteered, ids)
+        return await target.response_activations(unsteered, ids), nll, count
+
+    read = [r for r in await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))) if r is not None]
+    if not read:
+        return _Reading(np.zeros(0), float("nan"))
+    nll, count = sum(r[1] for r in read), sum(r[2] for r in read)
+    return _Reading(np.mean([r[0] for r in read], axis=0), perplexity(nll, count))
+
+
+def chosen_strength(steps: Sequence[CalibrationStep], last: bool) -> float | None:
+    """The default once the ladder (so far ``steps``; ``last`` when no step follows) decides it:
+    the first step that reaches the source's effect while fluent; else the step before the first
+    one past the perplexity bar (stronger steps read worse still), the weakest if that is the first;
+    else, at the end, the strongest."""
+    step = steps[-1]
+    if not step.perplexity_ratio <= FLUENT_PERPLEXITY_RATIO:  # also a NaN perplexity (no answers)
+        return steps[-2].strength if len(steps) > 1 else step.strength
+    if step.effect >= 1.0 or last:
+        return step.strength
+    return None
+
+
+def _effect(shift: np.ndarray, reference: Mapping[int, np.ndarray]) -> float:
+    """Mean over the persona's blocks of the shift's length along the reference over the reference's."""
+    if shift.size == 0:
+        return 0.0
+    return float(np.mean([shift[block] @ ref / (ref @ ref) for block, ref in reference.items()]))
+
+
+async def calibrate_strength(
+    target: Backend,
+    vectors: Mapping[int, np.ndarray],
+    reference: Mapping[int, np.ndarray],
+    source_strength: float,
+    positions: str,
+    prompts: Sequence[str],
+    max_tokens: int = 48,
+    seed: int = 0,
+) -> StrengthCalibration:
+    """The default strength for ``vectors`` on ``target``: ``reference`` is, per target block, the
+    shift the source's steered answers showed the target (what the persona should reach)."""
+    plain = await _read_own_answers(target, prompts, None, max_tokens, seed)
+    steps: list[CalibrationStep] = []
+    for index, multiple in enumerate(STRENGTH_STEPS):
+        strength = multiple * source_strength
+        plan = SteeringPlan(dict(vectors), strength=strength, positions=Positions(positions))
+        steered = await _read_own_answers(target, prompts, plan, max_tokens, seed)
+        shift = steered.activations - plain.activations if steered.activations.size else steered.activations
+        step = CalibrationStep(strength, _effect(shift, reference), steered.perplexity / plain.perplexity)
+        steps.append(step)
+        chosen = chosen_strength(steps, last=index == len(STRENGTH_STEPS) - 1)
+        if chosen is not None:
+            return StrengthCalibration(chosen, tuple(steps))
+    raise AssertionError("the last step always decides")
