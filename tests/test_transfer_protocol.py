@@ -113,3 +113,44 @@ def test_the_calibrated_default_is_the_first_fluent_step_that_reaches_the_source
     # The weakest step already past the bar (or no answers at all): the weakest.
     assert chosen_strength(ladder((1, 0.2, 2.5)), last=False) == 1
     assert chosen_strength(ladder((1, 0.0, float("nan"))), last=False) == 1
+
+
+def test_the_ablation_table_and_plot_average_each_setting_over_the_cells() -> None:
+    from server.demo.intervals import Interval
+    from server.demo.transfer_ablation import AblationPoint, format_ablation_table
+    from server.serving.mapping_plots import ablation_png
+
+    def point(ablation: str, persona: str, setting: int, transfer: float) -> AblationPoint:
+        return AblationPoint(ablation, "demo-llama", "demo-qwen", persona, setting,
+                             Interval(transfer, transfer - 0.1, transfer + 0.1))  # fmt: skip
+
+    points = [point("prompts", "pirate", 18, 0.2), point("prompts", "silly", 18, 0.6),
+              point("prompts", "pirate", 140, 0.9), point("block", "formal", -1, 0.3),
+              point("block", "formal", 0, 0.8)]  # fmt: skip
+    table = format_ablation_table(points)
+    assert "| prompts | 18 | 0.40 | 2 |" in table and "| prompts | 140 | 0.90 | 1 |" in table
+    assert "| block | -1 | 0.30 | 1 |" in table and "| block | +0 | 0.80 | 1 |" in table
+    assert points[0].to_dict()["transfer_low"] == pytest.approx(0.1)
+    assert ablation_png([p.to_dict() for p in points]).startswith(b"\x89PNG")
+
+
+def test_the_transfer_table_compares_each_forecast_with_the_measured_transfer() -> None:
+    from server.demo.intervals import Interval
+    from server.demo.transfer import TransferRow, format_transfer_table, transfer_record
+    from server.serving.strength_sweep import StrengthRow
+
+    row = StrengthRow("pirate", 2.0, 0.5, 1.3, 0.9, 0.0, "arr")
+
+    def cell(persona: str, condition: str, measured: float, predicted: float | None) -> TransferRow:
+        interval = Interval(measured, measured - 0.1, measured + 0.1)
+        return TransferRow(
+            "demo-llama", "demo-qwen", persona, condition, row, row, interval, interval, predicted
+        )
+
+    rows = [cell("pirate", "generated", 0.9, 0.8), cell("formal", "generated", 0.5, 0.6),
+            cell("silly", "generated", 0.1, 0.2), cell("pirate", "ridge", 0.0, None)]  # fmt: skip
+    table = format_transfer_table(rows)
+    assert "| generated | 0.50 | 0.50 | 3 |" in table and "| ridge | 0.00 | 0.00 | 1 |" in table
+    assert "against measured, 3 cells: Pearson r = 0.98, mean absolute error 0.10." in table
+    assert transfer_record(rows[0])["predicted_transfer"] == 0.8
+    assert transfer_record(rows[3])["predicted_transfer"] is None

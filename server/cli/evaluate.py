@@ -18,18 +18,39 @@ def evaluate(
             help="Instead: the transfer table of every demo persona mapped between the demo models."
         ),
     ] = False,
+    ablation: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: the default mapping method's transfer against the number of prompts and "
+            "against the target block."
+        ),
+    ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="With --transfer: draw trait vs coherence (PNG).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="With --transfer or --ablation: draw it (PNG).")] = None,
 ) -> None:
     """Print what the demo personas do at -s, 0, +s on held-out questions (trait score, perplexity)."""
     from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
     from server.demo.persona_table import evaluate_demo_model, format_table
     from server.demo.transfer import format_transfer_table, transfer_record, transfer_table
+    from server.demo.transfer_ablation import format_ablation_table, transfer_ablations
     from server.engine.registry import load_backend
 
     async def run() -> None:
         backends = {name: load_backend(demo_model_dir(name), name) for name in DEMO_MODEL_NAMES}
         try:
+            if ablation:
+                points = await transfer_ablations(
+                    backends, samples=samples, progress=lambda s: typer.echo(s, err=True)
+                )
+                typer.echo(format_ablation_table(points))
+                records = [point.to_dict() for point in points]
+                if json_out is not None:
+                    json_out.write_text(json.dumps(records, indent=2))
+                if plot is not None:
+                    from server.serving.mapping_plots import ablation_png
+
+                    plot.write_bytes(ablation_png(records))
+                return
             if transfer:
                 rows = await transfer_table(
                     backends, samples=samples, progress=lambda s: typer.echo(s, err=True)

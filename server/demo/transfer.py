@@ -64,6 +64,7 @@ class TransferRow:
     best: StrengthRow  # the strongest coherent row of the sweep (the 1x row if none is coherent)
     default_transfer: Interval
     best_transfer: Interval
+    predicted: float | None = None  # the method's own forecast of transfer at default, if it has one
 
 
 def _mapped_vectors(
@@ -147,6 +148,7 @@ async def _cell(
     native_row = (
         await sweep(native.vectors, [native.default_strength], Positions(native.default_positions))
     )[0]
+    predicted: dict[str, float] = {}
     measured: dict[str, tuple[StrengthRow, StrengthRow]] = {
         "none": (baseline, baseline),
         "native": (native_row, native_row),
@@ -157,6 +159,7 @@ async def _cell(
             carried = await carry_by_generation(*engines, persona.vectors, persona.default_strength,
                                                 persona.default_positions, GENERATION)  # fmt: skip
             vectors, default = carried.vectors, carried.default_strength
+            predicted[method.value] = carried.calibration.predicted_transfer
         else:
             try:
                 vectors = _mapped_vectors(method, persona, others, maps, *shapes)
@@ -170,10 +173,12 @@ async def _cell(
         return transfer_interval(row.answer_scores, baseline.answer_scores, native_row.answer_scores,
                                  len(questions), overshoot_cap=OVERSHOOT_CAP)  # fmt: skip
 
-    return [
-        TransferRow(source, target, name, condition, at_default, best, interval(at_default), interval(best))
-        for condition, (at_default, best) in measured.items()
-    ]
+    rows = []
+    for condition, (at_default, best) in measured.items():
+        intervals = interval(at_default), interval(best)
+        forecast = predicted.get(condition)
+        rows.append(TransferRow(source, target, name, condition, at_default, best, *intervals, forecast))
+    return rows
 
 
 def _cell_text(interval: Interval) -> str:
@@ -200,9 +205,20 @@ def format_transfer_table(rows: list[TransferRow]) -> str:
     ]
     for condition in CONDITIONS[2:]:
         chosen = [r for r in rows if r.condition == condition]
+        if not chosen:
+            continue
         at_default = np.nanmean([r.default_transfer.estimate for r in chosen])
         best = np.nanmean([r.best_transfer.estimate for r in chosen])
         lines.append(f"| {condition} | {at_default:.2f} | {best:.2f} | {len(chosen)} |")
+    forecasts = [(r.predicted, r.default_transfer.estimate) for r in rows if r.predicted is not None]
+    if len(forecasts) > 2:
+        predicted, measured = np.array(forecasts).T
+        lines += [
+            "",
+            f"Predicted transfer (the calibration's effect) against measured, {len(forecasts)} cells: "
+            f"Pearson r = {np.corrcoef(predicted, measured)[0, 1]:.2f}, mean absolute error "
+            f"{np.mean(np.abs(predicted - measured)):.2f}.",
+        ]
     return "\n".join(lines)
 
 
@@ -214,5 +230,5 @@ def transfer_record(row: TransferRow) -> dict[str, object]:
         "transfer_high": row.best_transfer.high, "transfer_at_default": row.default_transfer.estimate,
         "transfer_at_default_low": row.default_transfer.low,
         "transfer_at_default_high": row.default_transfer.high,
-        "at_default": row.at_default.to_dict(), **row.best.to_dict(),
+        "predicted_transfer": row.predicted, "at_default": row.at_default.to_dict(), **row.best.to_dict(),
     }  # fmt: skip

@@ -89,12 +89,14 @@ async def carry_by_generation(
     strength: float,
     positions: str,
     spec: GenerationSpec,
+    block_pairs: Mapping[int, int] | None = None,
 ) -> CarriedPersona:
     """The persona (source block -> vector, at ``strength`` and ``positions``) on the target:
     target block -> vector (float32), at the target blocks of the same relative depth, each scaled so
     that its norm relative to the target's typical residual norm equals the source vector's relative
     norm (as every mapping method does), and the default strength calibrated on the target
-    (``strength_calibration``)."""
+    (``strength_calibration``). ``block_pairs`` (source block -> target block) overrides the
+    correspondence by relative depth."""
     plan = SteeringPlan(dict(vectors), strength=strength, positions=Positions(positions))
     steered, plain = await asyncio.gather(_answers(source, spec, plan), _answers(source, spec, None))
     kept = [
@@ -115,7 +117,10 @@ async def carry_by_generation(
     source_blocks, target_blocks = source_plain.shape[2], target_plain_text.shape[2]
     layers: dict[int, np.ndarray] = {}
     for block, vector in vectors.items():
-        target_block = corresponding_layer(block, source_blocks, target_blocks)
+        target_block = (
+            block_pairs[block] if block_pairs and block in block_pairs
+            else corresponding_layer(block, source_blocks, target_blocks)
+        )  # fmt: skip
         norms = float(source_norms[block]), float(target_norms[target_block])
         layers[target_block] = calibrate(difference[target_block], np.asarray(vector), *norms)
     steerable = set(target.info.steerable_layers)

@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # no display: render to memory
 import matplotlib.pyplot as plt
@@ -55,4 +56,30 @@ def transfer_png(points: list[dict[str, Any]], title: str) -> bytes:
     for axes in list(grid.flat)[len(panels) :]:
         axes.axis("off")
     figure.suptitle(title)
+    return _png(figure)
+
+
+def ablation_png(points: list[dict[str, Any]]) -> bytes:
+    """Two panels: transfer against the number of prompts, and against the target block's offset;
+    one line per persona and direction, with the mean over them in black."""
+    figure, panels = plt.subplots(1, 2, figsize=(11, 4))
+    labels = ("prompts the source answers", "target block - block of the same relative depth")
+    for axes, ablation, label in zip(panels, ("prompts", "block"), labels, strict=True):
+        chosen = [p for p in points if p["ablation"] == ablation]
+        for key in sorted({(p["source"], p["target"], p["persona"]) for p in chosen}):
+            line = sorted(
+                (p["setting"], p["transfer"])
+                for p in chosen
+                if (p["source"], p["target"], p["persona"]) == key
+            )
+            axes.plot(*zip(*line, strict=True), marker="o", alpha=0.45, label=f"{key[2]}: {key[0]}->{key[1]}")
+        settings = sorted({p["setting"] for p in chosen})
+        means = [np.mean([p["transfer"] for p in chosen if p["setting"] == s]) for s in settings]
+        axes.plot(settings, means, color="black", linewidth=2.5, marker="s", label="mean")
+        axes.set(xlabel=label, ylabel="transfer at the calibrated default", ylim=(-0.3, 1.1))
+        if ablation == "prompts":
+            axes.set_xscale("log")
+        axes.set_xticks(settings, [str(s) for s in settings])
+        axes.legend(fontsize=6)
+    figure.suptitle("generated method: transfer against prompts and block (demo models)")
     return _png(figure)

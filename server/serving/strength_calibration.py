@@ -44,8 +44,20 @@ class StrengthCalibration:
     strength: float
     steps: tuple[CalibrationStep, ...]
 
+    @property
+    def predicted_transfer(self) -> float:
+        """The share of the source's effect the target reaches at the chosen strength, within
+        [0, 1]: a forecast of the trait transfer, read from the target's own answers (no trait
+        scorer, no native persona; README, "Transfer table", shows how well it tracks)."""
+        effect = next(step.effect for step in self.steps if step.strength == self.strength)
+        return min(max(effect, 0.0), 1.0)
+
     def to_dict(self) -> dict[str, object]:
-        return {"strength": self.strength, "steps": [step.to_dict() for step in self.steps]}
+        return {
+            "strength": self.strength,
+            "predicted_transfer": round(self.predicted_transfer, 4),
+            "steps": [step.to_dict() for step in self.steps],
+        }
 
 
 @dataclass(frozen=True)
