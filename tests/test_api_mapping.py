@@ -114,6 +114,13 @@ def test_every_method_maps(server: ServerProcess, fitted: dict[str, Any], method
         calibration = mapped.json()["provenance"]["strength_calibration"]
         assert mapped.json()["default_strength"] == calibration["strength"]
         assert calibration["strength"] in [step["strength"] for step in calibration["steps"]]
+        assert 0.0 <= calibration["predicted_transfer"] <= 1.0
+    picture_url = f"{server.url}/admin/personas/bridge/calibration.png"
+    picture = httpx.get(picture_url, params={"model": QWEN}, headers=ADMIN)
+    if method == "generated":
+        assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
+    else:  # a map keeps the source's strength: nothing was calibrated
+        assert_openai_error(picture, 404, "no strength calibration")
 
 
 @pytest.mark.parametrize(

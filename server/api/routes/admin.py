@@ -31,10 +31,11 @@ from server.api.resources import (
 )
 from server.serving.extraction import ExtractionSpec
 from server.serving.mapping_fits import MappingFits
-from server.serving.mapping_plots import diagnostics_png
+from server.serving.mapping_plots import calibration_png, diagnostics_png
 from server.serving.persona_admin import PersonaAdmin
 from server.serving.persona_files import ImportOptions, PersonaFiles, VectorFormat
 from server.serving.persona_mapping import MapTarget, PersonaMapper
+from server.serving.strength_calibration import FLUENT_PERPLEXITY_RATIO
 from server.steering.plan import Positions
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], responses=errors(401, 403))
@@ -261,6 +262,25 @@ async def map_persona(name: NameParam, body: PersonaMapRequest, request: Request
     )
     info = await _mapper(request).map_persona(name, body.source_model, target, body.mapping_id, body.method)
     return info.to_dict()
+
+
+@router.get(
+    "/personas/{name}/calibration.png",
+    response_class=Response,
+    responses={**binary("image/png", "The strength calibration plot."), **errors(404, 422, 503)},
+)
+async def persona_calibration(name: NameParam, model: Annotated[str, Query()], request: Request) -> Response:
+    """How a mapped persona's default strength was chosen on the target (the generated method):
+    effect and perplexity per strength tried, the fluency bar and the stored default."""
+    persona = await _admin(request).get(name, model)
+    calibration = persona["provenance"].get("strength_calibration")
+    if calibration is None:
+        message = f"persona '{name}' of model '{model}' has no strength calibration (only a persona mapped "
+        raise APIError(404, message + "by the generated method has one)", "invalid_request_error")
+    source = f"'{persona['provenance'].get('source_name')}' on '{persona['provenance'].get('source_model')}'"
+    title = f"{name} on {model}, mapped from {source}"
+    png = await asyncio.to_thread(calibration_png, calibration, FLUENT_PERPLEXITY_RATIO, title)
+    return Response(png, media_type="image/png")
 
 
 def _handle(job: Any) -> JobHandle:
