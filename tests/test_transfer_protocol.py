@@ -154,3 +154,40 @@ def test_the_transfer_table_compares_each_forecast_with_the_measured_transfer() 
     assert "against measured, 3 cells: Pearson r = 0.98, mean absolute error 0.10." in table
     assert transfer_record(rows[0])["predicted_transfer"] == 0.8
     assert transfer_record(rows[3])["predicted_transfer"] is None
+
+
+@pytest.mark.integration
+async def test_the_table_scores_the_generated_persona_at_its_calibrated_default() -> None:
+    from server.demo.models import demo_model_dir, load_demo_personas
+    from server.demo.transfer import TransferRun, transfer_table
+    from server.engine.registry import load_backend
+    from server.steering.mapping import MappingMethod
+
+    models = ("demo-llama", "demo-qwen")
+    backends = {name: load_backend(demo_model_dir(name), name) for name in models}
+    try:
+        run = TransferRun(samples=1, methods=(MappingMethod.GENERATED, MappingMethod.ZERO_PAD),
+                          multiples=(1.0,), personas=("silly",))  # fmt: skip
+        rows = await transfer_table(backends, run, models=models)
+    finally:
+        for backend in backends.values():
+            await backend.close()
+    assert sorted((r.source, r.condition) for r in rows) == sorted(
+        (source, condition) for source in models for condition in ("none", "native", "generated", "zero_pad")
+    )
+    generated = [r for r in rows if r.condition == "generated"]
+    zero_pad = [r for r in rows if r.condition == "zero_pad"]
+    # The generated persona is scored at its calibrated default, which it forecasts; zero_pad keeps the
+    # source's default strength and forecasts nothing.
+    assert all(r.predicted is not None and r.at_default.strength == r.best.strength for r in generated)
+    silly = {(p.model, p.name): p for m in models for p in load_demo_personas(m)}
+    assert all(r.predicted is None and r.at_default.strength == silly[(r.source, "silly")].default_strength
+               for r in zero_pad)  # fmt: skip
+    # (llama -> qwen calibrates silly to 0.35x the source's default.)
+    assert any(r.at_default.strength != silly[(r.source, "silly")].default_strength for r in generated)
+    # Silly carries in both directions (about 1.0 of native in the table); zero-padding does not.
+    assert np.mean([r.default_transfer.estimate for r in generated]) > 0.6
+    assert (
+        np.mean([r.default_transfer.estimate for r in generated])
+        > np.mean([r.default_transfer.estimate for r in zero_pad]) + 0.3
+    )

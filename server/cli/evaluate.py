@@ -25,15 +25,44 @@ def evaluate(
             "against the target block."
         ),
     ] = False,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option("--method", help="With --transfer: only these mapping methods (repeat; default all)."),
+    ] = None,
+    personas: Annotated[
+        list[str] | None,
+        typer.Option("--persona", help="With --transfer: only these personas (repeat; default all)."),
+    ] = None,
+    at_default_only: Annotated[
+        bool, typer.Option(help="With --transfer: score the stored default strength only, no sweep.")
+    ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="With --transfer or --ablation: draw it (PNG).")] = None,
 ) -> None:
     """Print what the demo personas do at -s, 0, +s on held-out questions (trait score, perplexity)."""
     from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
     from server.demo.persona_table import evaluate_demo_model, format_table
-    from server.demo.transfer import format_transfer_table, transfer_record, transfer_table
+    from server.demo.transfer import (
+        SWEEP,
+        TransferRun,
+        format_transfer_table,
+        transfer_record,
+        transfer_table,
+    )
     from server.demo.transfer_ablation import format_ablation_table, transfer_ablations
     from server.engine.registry import load_backend
+    from server.steering.mapping import MappingMethod
+
+    known = {method.value for method in MappingMethod}
+    unknown = sorted(set(methods or ()) - known)
+    if unknown:
+        raise typer.BadParameter(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(known))}")
+    table_run = TransferRun(
+        samples=samples,
+        methods=tuple(MappingMethod(m) for m in methods) if methods else tuple(MappingMethod),
+        multiples=(1.0,) if at_default_only else SWEEP,
+        personas=tuple(personas) if personas else None,
+    )
 
     async def run() -> None:
         backends = {name: load_backend(demo_model_dir(name), name) for name in DEMO_MODEL_NAMES}
@@ -52,9 +81,7 @@ def evaluate(
                     plot.write_bytes(ablation_png(records))
                 return
             if transfer:
-                rows = await transfer_table(
-                    backends, samples=samples, progress=lambda s: typer.echo(s, err=True)
-                )
+                rows = await transfer_table(backends, table_run, progress=lambda s: typer.echo(s, err=True))
                 typer.echo(format_transfer_table(rows))
                 records = [transfer_record(r) for r in rows]
                 if json_out is not None:

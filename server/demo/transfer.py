@@ -41,7 +41,6 @@ CONDITIONS = ("none", "native", *(method.value for method in MappingMethod))
 # Multiples of the source persona's default strength tried for a mapped vector; 1.0 is its stored
 # default. Below 1: a mapped vector may need less push than the native one to stay coherent.
 SWEEP = (0.25, 0.5, 1.0, 2.0, 4.0)
-AT_DEFAULT = SWEEP.index(1.0)
 OVERSHOOT_CAP = 1.0
 # What the generated method's source answers: the demo's training questions, never the held-out ones.
 GENERATION = GenerationSpec(prompts=tuple(question for _, question in training_questions()), seed=7)
@@ -52,6 +51,20 @@ def _fluent(row: StrengthRow, baseline: StrengthRow, native: StrengthRow) -> boo
     native persona (with the noise of a few answers)."""
     collapse_bar = max(baseline.collapse_rate, native.collapse_rate) + 0.05
     return row.perplexity <= 2 * baseline.perplexity and row.collapse_rate <= collapse_bar
+
+
+@dataclass(frozen=True)
+class TransferRun:
+    """What one run of the table measures."""
+
+    samples: int = 2  # answers per held-out question and strength
+    methods: tuple[MappingMethod, ...] = tuple(MappingMethod)
+    multiples: tuple[float, ...] = SWEEP  # of the stored default; (1.0,): the stored default only
+    personas: tuple[str, ...] | None = None  # None: every persona of the source
+
+    def __post_init__(self) -> None:
+        if 1.0 not in self.multiples:
+            raise ValueError("the strengths tried must include the stored default (1.0)")
 
 
 @dataclass(frozen=True)
@@ -98,7 +111,7 @@ class _Activations:
 
 async def transfer_table(
     backends: dict[str, Backend],
-    samples: int = 2,
+    run: TransferRun = TransferRun(),
     progress: Callable[[str], None] | None = None,
     models: tuple[str, ...] = DEMO_MODEL_NAMES,
 ) -> list[TransferRow]:
@@ -109,15 +122,19 @@ async def transfer_table(
     rows: list[TransferRow] = []
     for source, target in itertools.permutations(models, 2):
         for name, persona in personas[source].items():
+            if run.personas is not None and name not in run.personas:
+                continue
             if progress is not None:
                 progress(f"{source} -> {target}: {name}")
-            xs, ys = await activations.get(source, name), await activations.get(target, name)
-            layer_map = {b: corresponding_layer(b, xs.shape[2], ys.shape[2]) for b in range(xs.shape[2])}
-            maps = fit_maps(xs, ys, layer_map)  # as a fit with the server's defaults (mean over tokens)
+            maps = None
+            if any(method is not MappingMethod.GENERATED for method in run.methods):  # fitted maps
+                xs, ys = await activations.get(source, name), await activations.get(target, name)
+                layer_map = {b: corresponding_layer(b, xs.shape[2], ys.shape[2]) for b in range(xs.shape[2])}
+                maps = fit_maps(xs, ys, layer_map)  # as a fit with the server's defaults (mean over tokens)
             others = [(personas[source][o], personas[target][o]) for o in personas[source] if o != name]
             pair = (shapes[source], shapes[target])
             rows += await _cell((backends[source], backends[target]), source, target, persona,
-                                personas[target][name], maps, others, pair, questions, samples)  # fmt: skip
+                                personas[target][name], maps, others, pair, questions, run)  # fmt: skip
     return rows
 
 
@@ -127,11 +144,11 @@ async def _cell(
     target: str,
     persona: PersonaDraft,
     native: PersonaDraft,
-    maps: FittedMaps,
+    maps: FittedMaps | None,
     others: list[tuple[PersonaDraft, PersonaDraft]],
     shapes: tuple[ModelShape, ModelShape],
     questions: list[str],
-    samples: int,
+    run: TransferRun,
 ) -> list[TransferRow]:
     """Every condition of one persona carried from ``source`` to ``target``."""
     backend = engines[1]
@@ -142,7 +159,7 @@ async def _cell(
         vectors: dict[int, np.ndarray], strengths: list[float], positions: Positions
     ) -> list[StrengthRow]:
         return await evaluate_strengths(backend, name, vectors, strengths, questions, score,
-                                        samples=samples, seed=11, positions=positions)  # fmt: skip
+                                        samples=run.samples, seed=11, positions=positions)  # fmt: skip
 
     baseline = (await sweep(native.vectors, [0.0], Positions.ALL))[0]
     native_row = (
@@ -153,7 +170,8 @@ async def _cell(
         "none": (baseline, baseline),
         "native": (native_row, native_row),
     }
-    for method in MappingMethod:
+    at_default = run.multiples.index(1.0)
+    for method in run.methods:
         default = persona.default_strength  # the maps store the source's default strength
         if method is MappingMethod.GENERATED:  # the source answers training questions only
             carried = await carry_by_generation(*engines, persona.vectors, persona.default_strength,
@@ -161,13 +179,16 @@ async def _cell(
             vectors, default = carried.vectors, carried.default_strength
             predicted[method.value] = carried.calibration.predicted_transfer
         else:
+            assert maps is not None  # fitted for every run that has a method other than generated
             try:
                 vectors = _mapped_vectors(method, persona, others, maps, *shapes)
             except SteeringError:  # e.g. the concept adapter with no other persona at these blocks
                 continue  # the cell has no row for this method; the summary counts cells per method
-        tried = await sweep(vectors, [f * default for f in SWEEP], Positions(persona.default_positions))
-        fluent = [row for row in tried if _fluent(row, baseline, native_row)] or [tried[AT_DEFAULT]]
-        measured[method.value] = (tried[AT_DEFAULT], max(fluent, key=lambda row: row.trait_score))
+        tried = await sweep(
+            vectors, [f * default for f in run.multiples], Positions(persona.default_positions)
+        )
+        fluent = [row for row in tried if _fluent(row, baseline, native_row)] or [tried[at_default]]
+        measured[method.value] = (tried[at_default], max(fluent, key=lambda row: row.trait_score))
 
     def interval(row: StrengthRow) -> Interval:
         return transfer_interval(row.answer_scores, baseline.answer_scores, native_row.answer_scores,
