@@ -110,10 +110,10 @@ def test_every_method_maps(server: ServerProcess, fitted: dict[str, Any], method
     mapped = map_persona(server, "bridge", source_model=LLAMA, target_model=QWEN, method=method)
     assert mapped.status_code == 201, mapped.text
     assert mapped.json()["provenance"]["method"] == method and mapped.json()["hidden_size"] == 48
-    if method == "generated":  # the default strength is calibrated on the target, and says how
+    if method == "generated":  # the vectors' scale is calibrated on the target, at the source's default
         calibration = mapped.json()["provenance"]["strength_calibration"]
-        assert mapped.json()["default_strength"] == calibration["strength"]
-        assert calibration["strength"] in [step["strength"] for step in calibration["steps"]]
+        assert mapped.json()["default_strength"] == calibration["strength"] == 3.0
+        assert calibration["scale"] in [step["scale"] for step in calibration["steps"]]
         assert 0.0 <= calibration["predicted_transfer"] <= 1.0
     picture_url = f"{server.url}/admin/personas/bridge/calibration.png"
     picture = httpx.get(picture_url, params={"model": QWEN}, headers=ADMIN)

@@ -83,36 +83,36 @@ async def test_a_persona_carried_by_generated_text_points_where_the_native_one_d
             # on neutral texts about 0.1).
             assert cosine > 0.75, (block, cosine)
         calibration = carried.calibration
-        assert carried.default_strength == calibration.strength
-        assert calibration.strength in [step.strength for step in calibration.steps]
-        chosen = next(step for step in calibration.steps if step.strength == calibration.strength)
+        assert calibration.strength == pirate.default_strength  # the persona keeps the source's default
+        assert calibration.scale in [step.scale for step in calibration.steps]
+        chosen = next(step for step in calibration.steps if step.scale == calibration.scale)
         assert chosen.perplexity_ratio <= FLUENT_PERPLEXITY_RATIO or chosen is calibration.steps[0]
         again = await carry_by_generation(qwen, llama, pirate.vectors, pirate.default_strength,
                                           pirate.default_positions, spec)  # fmt: skip
         # Seeded: reproducible, the default strength too.
         assert all(np.allclose(again.vectors[b], carried.vectors[b], atol=1e-5) for b in carried.vectors)
-        assert again.default_strength == carried.default_strength
+        assert again.calibration == carried.calibration
     finally:
         await llama.close()
         await qwen.close()
 
 
-def test_the_calibrated_default_is_the_first_fluent_step_that_reaches_the_source() -> None:
-    from server.serving.strength_calibration import CalibrationStep, chosen_strength
+def test_the_calibrated_scale_is_the_first_fluent_step_that_reaches_the_source() -> None:
+    from server.serving.strength_calibration import CalibrationStep, chosen_scale
 
     def ladder(*steps: tuple[float, float, float]) -> list[CalibrationStep]:
         return [CalibrationStep(*step) for step in steps]
 
     # Not reached yet, fluent: climb on (and at the end of the ladder take the strongest).
-    assert chosen_strength(ladder((1, 0.5, 1.1)), last=False) is None
-    assert chosen_strength(ladder((1, 0.5, 1.1), (2, 0.8, 1.3)), last=True) == 2
+    assert chosen_scale(ladder((1, 0.5, 1.1)), last=False) is None
+    assert chosen_scale(ladder((1, 0.5, 1.1), (2, 0.8, 1.3)), last=True) == 2
     # Reached while fluent.
-    assert chosen_strength(ladder((1, 0.5, 1.1), (2, 1.2, 1.3)), last=False) == 2
+    assert chosen_scale(ladder((1, 0.5, 1.1), (2, 1.2, 1.3)), last=False) == 2
     # Past the perplexity bar: the step before, even if this one reached the source's effect.
-    assert chosen_strength(ladder((1, 0.5, 1.1), (2, 1.2, 3.0)), last=False) == 1
+    assert chosen_scale(ladder((1, 0.5, 1.1), (2, 1.2, 3.0)), last=False) == 1
     # The weakest step already past the bar (or no answers at all): the weakest.
-    assert chosen_strength(ladder((1, 0.2, 2.5)), last=False) == 1
-    assert chosen_strength(ladder((1, 0.0, float("nan"))), last=False) == 1
+    assert chosen_scale(ladder((1, 0.2, 2.5)), last=False) == 1
+    assert chosen_scale(ladder((1, 0.0, float("nan"))), last=False) == 1
 
 
 def test_the_ablation_table_and_plot_average_each_setting_over_the_cells() -> None:
@@ -157,7 +157,7 @@ def test_the_transfer_table_compares_each_forecast_with_the_measured_transfer() 
 
 
 @pytest.mark.integration
-async def test_the_table_scores_the_generated_persona_at_its_calibrated_default() -> None:
+async def test_the_table_scores_the_generated_persona_at_the_stored_default() -> None:
     from server.demo.models import demo_model_dir, load_demo_personas
     from server.demo.transfer import TransferRun, transfer_table
     from server.engine.registry import load_backend
@@ -177,14 +177,11 @@ async def test_the_table_scores_the_generated_persona_at_its_calibrated_default(
     )
     generated = [r for r in rows if r.condition == "generated"]
     zero_pad = [r for r in rows if r.condition == "zero_pad"]
-    # The generated persona is scored at its calibrated default, which it forecasts; zero_pad keeps the
-    # source's default strength and forecasts nothing.
-    assert all(r.predicted is not None and r.at_default.strength == r.best.strength for r in generated)
+    # Both are scored at the stored default, the source's strength; the generated persona forecasts
+    # its transfer (its calibration), zero_pad does not.
     silly = {(p.model, p.name): p for m in models for p in load_demo_personas(m)}
-    assert all(r.predicted is None and r.at_default.strength == silly[(r.source, "silly")].default_strength
-               for r in zero_pad)  # fmt: skip
-    # (llama -> qwen calibrates silly to 0.35x the source's default.)
-    assert any(r.at_default.strength != silly[(r.source, "silly")].default_strength for r in generated)
+    assert all(r.at_default.strength == silly[(r.source, "silly")].default_strength for r in rows)
+    assert all(r.predicted is not None for r in generated) and all(r.predicted is None for r in zero_pad)
     # Silly carries in both directions (about 1.0 of native in the table); zero-padding does not.
     assert np.mean([r.default_transfer.estimate for r in generated]) > 0.6
     assert (

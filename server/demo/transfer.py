@@ -7,8 +7,8 @@ adapter learns from the other personas only. P is then carried to the target by 
 the very function the server's map endpoint calls (``steering.persona_transfer``).
 
 On the target's held-out questions, each condition is scored with the source persona's positions
-at 1/4 to 4 times the mapped persona's stored default strength (the source's for the maps, the
-calibrated one for the generated method): the 1x row is what a user gets by naming it, the best
+at 1/4 to 4 times the mapped persona's stored default strength (the source's; the generated method
+calibrates the scale of its vectors instead): the 1x row is what a user gets by naming it, the best
 coherent row (perplexity under the unsteered target within 2x, no more collapse than the native
 persona) is what the map can do. The native persona runs at its own default strength. "Transfer"
 is the condition's trait shift over the native persona's shift on the target, with a 95% bootstrap
@@ -172,11 +172,10 @@ async def _cell(
     }
     at_default = run.multiples.index(1.0)
     for method in run.methods:
-        default = persona.default_strength  # the maps store the source's default strength
         if method is MappingMethod.GENERATED:  # the source answers training questions only
             carried = await carry_by_generation(*engines, persona.vectors, persona.default_strength,
                                                 persona.default_positions, GENERATION)  # fmt: skip
-            vectors, default = carried.vectors, carried.default_strength
+            vectors = carried.vectors
             predicted[method.value] = carried.calibration.predicted_transfer
         else:
             assert maps is not None  # fitted for every run that has a method other than generated
@@ -184,9 +183,8 @@ async def _cell(
                 vectors = _mapped_vectors(method, persona, others, maps, *shapes)
             except SteeringError:  # e.g. the concept adapter with no other persona at these blocks
                 continue  # the cell has no row for this method; the summary counts cells per method
-        tried = await sweep(
-            vectors, [f * default for f in run.multiples], Positions(persona.default_positions)
-        )
+        strengths = [f * persona.default_strength for f in run.multiples]  # a mapped persona keeps it
+        tried = await sweep(vectors, strengths, Positions(persona.default_positions))
         fluent = [row for row in tried if _fluent(row, baseline, native_row)] or [tried[at_default]]
         measured[method.value] = (tried[at_default], max(fluent, key=lambda row: row.trait_score))
 

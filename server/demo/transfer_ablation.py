@@ -85,7 +85,7 @@ class _Cell:
             *self._engines, persona.vectors, persona.default_strength, persona.default_positions, spec,
             block_pairs=pairs,
         )  # fmt: skip
-        row = await self._row(carried.vectors, carried.default_strength, persona.default_positions)
+        row = await self._row(carried.vectors, persona.default_strength, persona.default_positions)
         baseline, native_row = self._reference
         transfer = transfer_interval(row.answer_scores, baseline.answer_scores, native_row.answer_scores,
                                      len(self._questions), overshoot_cap=OVERSHOOT_CAP)  # fmt: skip

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
-from server.serving.strength_calibration import StrengthCalibration, calibrate_strength
+from server.serving.strength_calibration import StrengthCalibration, calibrate_scale
 from server.steering.errors import SteeringError
 from server.steering.mapping import calibrate, corresponding_layer
 from server.steering.plan import Positions, SteeringPlan
@@ -46,8 +46,7 @@ class GenerationSpec:
 
 @dataclass(frozen=True)
 class CarriedPersona:
-    vectors: dict[int, np.ndarray]  # target block -> vector
-    default_strength: float
+    vectors: dict[int, np.ndarray]  # target block -> vector, at the calibrated scale
     calibration: StrengthCalibration
 
 
@@ -94,9 +93,9 @@ async def carry_by_generation(
     """The persona (source block -> vector, at ``strength`` and ``positions``) on the target:
     target block -> vector (float32), at the target blocks of the same relative depth, each scaled so
     that its norm relative to the target's typical residual norm equals the source vector's relative
-    norm (as every mapping method does), and the default strength calibrated on the target
-    (``strength_calibration``). ``block_pairs`` (source block -> target block) overrides the
-    correspondence by relative depth."""
+    norm (as every mapping method does), then all by the scale calibrated on the target at the
+    source's ``strength`` (``strength_calibration``): the persona keeps the source's default.
+    ``block_pairs`` (source block -> target block) overrides the correspondence by relative depth."""
     plan = SteeringPlan(dict(vectors), strength=strength, positions=Positions(positions))
     steered, plain = await asyncio.gather(_answers(source, spec, plan), _answers(source, spec, None))
     kept = [
@@ -127,8 +126,9 @@ async def carry_by_generation(
     layers = {block: vector for block, vector in layers.items() if block in steerable}
     if not layers:
         raise SteeringError("none of the persona's blocks corresponds to a block the target can steer")
-    calibration = await calibrate_strength(
+    calibration = await calibrate_scale(
         target, layers, {block: difference[block] for block in layers}, strength, positions,
         spec.calibration_subset(), spec.max_tokens, spec.seed,
     )  # fmt: skip
-    return CarriedPersona(layers, calibration.strength, calibration)
+    scaled = {block: (vector * calibration.scale).astype(np.float32) for block, vector in layers.items()}
+    return CarriedPersona(scaled, calibration)

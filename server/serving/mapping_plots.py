@@ -86,20 +86,21 @@ def ablation_png(points: list[dict[str, Any]]) -> bytes:
 
 
 def calibration_png(calibration: dict[str, Any], bar: float, title: str) -> bytes:
-    """A carried persona's strength ladder: the effect (share of the source's shift its answers
-    reach) and the perplexity ratio per strength, the fluency bar and the chosen default."""
+    """A carried persona's ladder of vector scales: the effect (share of the source's shift its
+    answers reach) and the perplexity ratio per scale, the fluency bar and the chosen scale."""
     steps = calibration["steps"]
-    strengths = [step["strength"] for step in steps]
+    strengths = [step["scale"] for step in steps]
     figure, effect = plt.subplots(figsize=(6.5, 4))
     effect.plot(strengths, [step["effect"] for step in steps], marker="o", color="tab:blue", label="effect")
     effect.axhline(1.0, linestyle=":", color="tab:blue")
-    effect.set(xscale="log", xlabel="strength", ylabel="effect (1 = the source's shift)")
+    effect.set(xscale="log", xlabel=f"scale of the vectors (at strength {calibration['strength']:g})",
+               ylabel="effect (1 = the source's shift)")  # fmt: skip
     fluency = effect.twinx()
     ratios = [step["perplexity_ratio"] for step in steps]
     fluency.plot(strengths, ratios, marker="s", color="tab:red", label="perplexity ratio")
     fluency.axhline(bar, linestyle=":", color="tab:red")
     fluency.set(ylabel="perplexity / unsteered perplexity")
-    effect.axvline(calibration["strength"], color="black", linewidth=2, label="stored default")
+    effect.axvline(calibration["scale"], color="black", linewidth=2, label="chosen scale")
     handles = effect.get_legend_handles_labels()[0] + fluency.get_legend_handles_labels()[0]
     effect.legend(handles=handles, fontsize="small", loc="upper left")
     predicted = calibration.get("predicted_transfer")

@@ -108,14 +108,12 @@ class PersonaMapper:
         # the write expects the version seen here, so a persona written to the target meanwhile is a
         # 409 version_conflict, never silently replaced.
         expected = None if target.replace else await self._expected_target(name, source_model, target)
-        layers, default_strength, calibration = await self._map_vectors(
-            record, source_model, target.model, mapping, method
-        )
+        layers, calibration = await self._map_vectors(record, source_model, target.model, mapping, method)
         return await self._admin.put(
             name=target.name,
             model=target.model,
             layers={block: vector.tolist() for block, vector in layers.items()},
-            default_strength=default_strength,
+            default_strength=record.info.default_strength,
             description=record.info.description,
             default_positions=record.info.default_positions,
             expected_version=expected,
@@ -169,17 +167,16 @@ class PersonaMapper:
         target_model: str,
         mapping: MappingRecord | None,
         method: MappingMethod,
-    ) -> tuple[dict[int, np.ndarray], float, StrengthCalibration | None]:
-        """The persona's vectors on the target model by target block, its default strength there,
-        and how that strength was chosen (the generated method calibrates it; the maps keep the
-        source's, their vectors being norm-calibrated)."""
+    ) -> tuple[dict[int, np.ndarray], StrengthCalibration | None]:
+        """The persona's vectors on the target model by target block, and how their scale was
+        calibrated on the target (the generated method; the maps' vectors are norm-calibrated only)."""
         info = record.info
         if method is MappingMethod.GENERATED:
             carried = await carry_by_generation(
                 self._registry.get(source_model), self._registry.get(target_model), record.vectors,
                 info.default_strength, info.default_positions, self._generation,
             )  # fmt: skip
-            return carried.vectors, carried.default_strength, carried.calibration
+            return carried.vectors, carried.calibration
         concepts = (
             await self._concept_pairs(record.info.name, source_model, target_model)
             if method is MappingMethod.CONCEPT
@@ -191,7 +188,7 @@ class PersonaMapper:
             model_shape(self._registry.get(target_model).info),
             fitted=None if mapping is None else fitted_map(mapping), concepts=concepts,
         )  # fmt: skip
-        return vectors, info.default_strength, None
+        return vectors, None
 
     async def _mapping_for(
         self, source_model: str, target_model: str, method: str, mapping_id: str | None

@@ -1,14 +1,17 @@
-"""The default strength of a carried persona, chosen on the target without its native persona.
+"""The scale of a carried persona's vectors, chosen on the target without its native persona, so
+that the source's default strength (and any strength, as the design asks) moves the target about as
+much as it moves the source.
 
 A carried vector's norm says little about how hard it pushes the target: at the source's default
 strength, personas carried between the demo models ranged from barely visible to 15x the unsteered
-perplexity. So the target answers prompts at a ladder of strengths, each answer read back unsteered
-as its own answer, and two things are measured per step: the effect, the answers' shift along the
-carried persona over the shift the source's steered answers showed the target (1.0 = the target
-writes as far into the persona as the source did), and the perplexity of the answers under the
-unsteered target over that of its unsteered answers. The default is the first step whose effect
-reaches the source's while perplexity stays within the bar the demo personas were calibrated with;
-failing that, the strongest step within the bar (the weakest step when none is).
+perplexity. So the target answers prompts with the vectors at a ladder of scales (at the source's
+default strength), each answer read back unsteered as its own answer, and two things are measured
+per step: the effect, the answers' shift along the carried persona over the shift the source's
+steered answers showed the target (1.0 = the target writes as far into the persona as the source
+did), and the perplexity of the answers under the unsteered target over that of its unsteered
+answers. The scale is the first step whose effect reaches the source's while perplexity stays within
+the bar the demo personas' defaults were calibrated with; failing that, the strongest step within
+the bar (the weakest step when none is).
 """
 
 from __future__ import annotations
@@ -23,15 +26,15 @@ from server.engine.base import Backend, ChatMessage, GenerationRequest, Sampling
 from server.steering.plan import Positions, SteeringPlan
 from server.steering.text_quality import perplexity
 
-# Multiples of the source persona's default strength, in steps of sqrt(2).
-STRENGTH_STEPS = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)
+# Scales of the norm-calibrated vectors tried, weakest first, in steps of sqrt(2).
+SCALE_STEPS = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)
 # Perplexity over the unsteered answers' that still reads fluently (as the demo personas' defaults).
 FLUENT_PERPLEXITY_RATIO = 1.6
 
 
 @dataclass(frozen=True)
 class CalibrationStep:
-    strength: float
+    scale: float
     effect: float  # shift along the persona over the source's shift
     perplexity_ratio: float
 
@@ -41,19 +44,21 @@ class CalibrationStep:
 
 @dataclass(frozen=True)
 class StrengthCalibration:
-    strength: float
+    scale: float  # applied to the norm-calibrated vectors
+    strength: float  # the source's default strength the ladder ran at (the persona's default)
     steps: tuple[CalibrationStep, ...]
 
     @property
     def predicted_transfer(self) -> float:
-        """The share of the source's effect the target reaches at the chosen strength, within
-        [0, 1]: a forecast of the trait transfer, read from the target's own answers (no trait
-        scorer, no native persona; README, "Transfer table", shows how well it tracks)."""
-        effect = next(step.effect for step in self.steps if step.strength == self.strength)
+        """The share of the source's effect the target reaches at the chosen scale, within [0, 1]:
+        a forecast of the trait transfer, read from the target's own answers (no trait scorer, no
+        native persona; README, "Transfer table", shows how well it tracks)."""
+        effect = next(step.effect for step in self.steps if step.scale == self.scale)
         return min(max(effect, 0.0), 1.0)
 
     def to_dict(self) -> dict[str, object]:
         return {
+            "scale": self.scale,
             "strength": self.strength,
             "predicted_transfer": round(self.predicted_transfer, 4),
             "steps": [step.to_dict() for step in self.steps],
@@ -91,16 +96,16 @@ async def _read_own_answers(
     return _Reading(np.mean([r[0] for r in read], axis=0), perplexity(nll, count))
 
 
-def chosen_strength(steps: Sequence[CalibrationStep], last: bool) -> float | None:
-    """The default once the ladder (so far ``steps``; ``last`` when no step follows) decides it:
+def chosen_scale(steps: Sequence[CalibrationStep], last: bool) -> float | None:
+    """The scale once the ladder (so far ``steps``; ``last`` when no step follows) decides it:
     the first step that reaches the source's effect while fluent; else the step before the first
     one past the perplexity bar (stronger steps read worse still), the weakest if that is the first;
     else, at the end, the strongest."""
     step = steps[-1]
     if not step.perplexity_ratio <= FLUENT_PERPLEXITY_RATIO:  # also a NaN perplexity (no answers)
-        return steps[-2].strength if len(steps) > 1 else step.strength
+        return steps[-2].scale if len(steps) > 1 else step.scale
     if step.effect >= 1.0 or last:
-        return step.strength
+        return step.scale
     return None
 
 
@@ -111,7 +116,7 @@ def _effect(shift: np.ndarray, reference: Mapping[int, np.ndarray]) -> float:
     return float(np.mean([shift[block] @ ref / (ref @ ref) for block, ref in reference.items()]))
 
 
-async def calibrate_strength(
+async def calibrate_scale(
     target: Backend,
     vectors: Mapping[int, np.ndarray],
     reference: Mapping[int, np.ndarray],
@@ -121,18 +126,18 @@ async def calibrate_strength(
     max_tokens: int = 48,
     seed: int = 0,
 ) -> StrengthCalibration:
-    """The default strength for ``vectors`` on ``target``: ``reference`` is, per target block, the
-    shift the source's steered answers showed the target (what the persona should reach)."""
+    """The scale for ``vectors`` on ``target`` at ``source_strength``: ``reference`` is, per target
+    block, the shift the source's steered answers showed the target (what the persona should reach)."""
     plain = await _read_own_answers(target, prompts, None, max_tokens, seed)
     steps: list[CalibrationStep] = []
-    for index, multiple in enumerate(STRENGTH_STEPS):
-        strength = multiple * source_strength
-        plan = SteeringPlan(dict(vectors), strength=strength, positions=Positions(positions))
+    for index, scale in enumerate(SCALE_STEPS):
+        scaled = {block: vector * scale for block, vector in vectors.items()}
+        plan = SteeringPlan(scaled, strength=source_strength, positions=Positions(positions))
         steered = await _read_own_answers(target, prompts, plan, max_tokens, seed)
         shift = steered.activations - plain.activations if steered.activations.size else steered.activations
-        step = CalibrationStep(strength, _effect(shift, reference), steered.perplexity / plain.perplexity)
+        step = CalibrationStep(scale, _effect(shift, reference), steered.perplexity / plain.perplexity)
         steps.append(step)
-        chosen = chosen_strength(steps, last=index == len(STRENGTH_STEPS) - 1)
+        chosen = chosen_scale(steps, last=index == len(SCALE_STEPS) - 1)
         if chosen is not None:
-            return StrengthCalibration(chosen, tuple(steps))
+            return StrengthCalibration(chosen, source_strength, tuple(steps))
     raise AssertionError("the last step always decides")
