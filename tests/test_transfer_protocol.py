@@ -150,7 +150,9 @@ def test_the_transfer_table_compares_each_forecast_with_the_measured_transfer() 
     rows = [cell("pirate", "generated", 0.9, 0.8), cell("formal", "generated", 0.5, 0.6),
             cell("silly", "generated", 0.1, 0.2), cell("pirate", "ridge", 0.0, None)]  # fmt: skip
     table = format_transfer_table(rows)
-    assert "| generated | 0.50 | 0.50 | 3 |" in table and "| ridge | 0.00 | 0.00 | 1 |" in table
+    # Each cell's interval is +-0.1: the mean of 3 independent cells is +-0.1 / sqrt(3).
+    assert "| generated | 0.50 [0.44, 0.56] | 0.50 [0.44, 0.56] | 3 |" in table
+    assert "| ridge | 0.00 [-0.10, 0.10] | 0.00 [-0.10, 0.10] | 1 |" in table
     assert "against measured, 3 cells: Pearson r = 0.98, mean absolute error 0.10." in table
     assert transfer_record(rows[0])["predicted_transfer"] == 0.8
     assert transfer_record(rows[3])["predicted_transfer"] is None
@@ -188,3 +190,12 @@ async def test_the_table_scores_the_generated_persona_at_the_stored_default() ->
         np.mean([r.default_transfer.estimate for r in generated])
         > np.mean([r.default_transfer.estimate for r in zero_pad]) + 0.3
     )
+
+
+def test_the_mean_interval_leaves_out_cells_without_an_estimate() -> None:
+    from server.demo.intervals import Interval, mean_interval
+
+    nan = float("nan")
+    mean = mean_interval([Interval(0.4, 0.2, 0.6), Interval(0.8, 0.6, 1.0), Interval(nan, nan, nan)])
+    assert mean.estimate == pytest.approx(0.6)
+    assert mean.high - mean.estimate == pytest.approx(0.2 / np.sqrt(2))  # two cells of +-0.2

@@ -25,7 +25,7 @@ import numpy as np
 
 from persona_store.records import PersonaDraft
 from server.demo.corpus import held_out_questions, neutral_texts, training_questions
-from server.demo.intervals import Interval, transfer_interval
+from server.demo.intervals import Interval, mean_interval, transfer_interval
 from server.demo.models import DEMO_MODEL_NAMES, load_demo_personas
 from server.demo.traits import trait_rate
 from server.engine.base import Backend
@@ -219,16 +219,16 @@ def format_transfer_table(rows: list[TransferRow]) -> str:
         )
     lines += [
         "",
-        "| condition | mean transfer at default | mean best coherent | cells |",
+        "| condition | mean transfer at default [95% CI] | mean best coherent [95% CI] | cells |",
         "|---|---|---|---|",
     ]
     for condition in CONDITIONS[2:]:
         chosen = [r for r in rows if r.condition == condition]
         if not chosen:
             continue
-        at_default = np.nanmean([r.default_transfer.estimate for r in chosen])
-        best = np.nanmean([r.best_transfer.estimate for r in chosen])
-        lines.append(f"| {condition} | {at_default:.2f} | {best:.2f} | {len(chosen)} |")
+        at_default = _cell_text(mean_interval([r.default_transfer for r in chosen]))
+        best = _cell_text(mean_interval([r.best_transfer for r in chosen]))
+        lines.append(f"| {condition} | {at_default} | {best} | {len(chosen)} |")
     forecasts = [(r.predicted, r.default_transfer.estimate) for r in rows if r.predicted is not None]
     if len(forecasts) > 2:
         predicted, measured = np.array(forecasts).T
