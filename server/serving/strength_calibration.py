@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
+from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
 from server.steering.text_quality import perplexity
 
@@ -129,6 +130,8 @@ async def calibrate_scale(
     """The scale for ``vectors`` on ``target`` at ``source_strength``: ``reference`` is, per target
     block, the shift the source's steered answers showed the target (what the persona should reach)."""
     plain = await _read_own_answers(target, prompts, None, max_tokens, seed)
+    if plain.activations.size == 0:
+        raise SteeringError("the target model wrote no answers to calibrate the persona's scale with")
     steps: list[CalibrationStep] = []
     for index, scale in enumerate(SCALE_STEPS):
         scaled = {block: vector * scale for block, vector in vectors.items()}
