@@ -236,3 +236,12 @@ async def test_block_outputs_read_through_the_callback_equal_hf(
     assert np.abs(stopped - whole[:2]).max() < 1e-6
     # The lane is whole again: generation after a stopped read-back is what it was.
     assert await tokens(gguf_llama, request) == response
+
+
+def test_another_models_answer_is_read_as_the_hf_tokenizer_reads_it(
+    gguf_llama: LlamaCppBackend, hf_llama: HFBackend
+) -> None:
+    """The generated mapping method reads a source model's answer through this model: the answer's
+    text becomes the same response tokens on llama.cpp as on the HF checkpoint."""
+    for text in ("the crew of the ship", " gold and a map", "storm"):
+        assert gguf_llama.answer_ids(text) == hf_llama.answer_ids(text), text

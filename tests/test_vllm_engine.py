@@ -148,6 +148,7 @@ async def test_read_backs_equal_the_hf_engine(engines) -> None:
     nll, count = await vllm_backend.response_nll(request, response)
     expected_nll, expected_count = await hf_backend.response_nll(request, response)
     assert count == expected_count and abs(nll - expected_nll) < 1e-3
+    assert vllm_backend.answer_ids(" a storm at sea") == hf_backend.answer_ids(" a storm at sea")
 
 
 async def test_a_new_vector_set_replaces_its_source_on_the_workers(engines) -> None:
