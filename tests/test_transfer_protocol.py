@@ -199,3 +199,31 @@ def test_the_mean_interval_leaves_out_cells_without_an_estimate() -> None:
     mean = mean_interval([Interval(0.4, 0.2, 0.6), Interval(0.8, 0.6, 1.0), Interval(nan, nan, nan)])
     assert mean.estimate == pytest.approx(0.6)
     assert mean.high - mean.estimate == pytest.approx(0.2 / np.sqrt(2))  # two cells of +-0.2
+
+
+@pytest.mark.integration
+async def test_a_persona_carried_from_a_model_to_itself_comes_back_in_direction_and_scale() -> None:
+    """The known truth: from a model to itself the map is the identity. The carried pirate must
+    point where the persona points and need no rescaling."""
+    from server.demo.corpus import training_questions
+    from server.demo.models import demo_model_dir, load_demo_personas
+    from server.engine.registry import load_backend
+    from server.serving.generated_transfer import GenerationSpec, carry_by_generation
+
+    qwen = load_backend(demo_model_dir("demo-qwen"), "demo-qwen")
+    try:
+        pirate = {p.name: p for p in load_demo_personas("demo-qwen")}["pirate"]
+        spec = GenerationSpec(prompts=tuple(q for _, q in training_questions()[::3]), seed=7)
+        carried = await carry_by_generation(qwen, qwen, pirate.vectors, pirate.default_strength,
+                                            pirate.default_positions, spec)  # fmt: skip
+    finally:
+        await qwen.close()
+    assert sorted(carried.vectors) == sorted(pirate.vectors)
+    for block, vector in carried.vectors.items():
+        native = pirate.vectors[block]
+        assert vector @ native / np.linalg.norm(vector) / np.linalg.norm(native) > 0.7, block  # 0.76-0.92
+        # The norm calibration is exact on one model; what is left is the calibrated scale.
+        assert np.linalg.norm(vector) / np.linalg.norm(native) == pytest.approx(
+            carried.calibration.scale, rel=1e-3
+        )
+    assert 0.7 <= carried.calibration.scale <= 1.4  # 1.0 when measured
