@@ -240,9 +240,10 @@ def test_the_map_commands_fit_list_and_map(server: ServerProcess) -> None:
     assert f"ridge\t{QWEN} -> {LLAMA}" in listed.output
     mapped = CliRunner().invoke(app, ["map", "persona", "cli-bridge", "--source", QWEN, "--target", LLAMA,
                                       "--url", server.url], env=env)  # fmt: skip
-    assert (
-        mapped.exit_code == 0 and mapped.output == f"stored cli-bridge for {LLAMA}: version 1, blocks [1]\n"
-    )
+    stored, calibrated = mapped.output.splitlines()  # the default method, generated, says its scale
+    assert mapped.exit_code == 0 and stored == f"stored cli-bridge for {LLAMA}: version 1, blocks [1]"
+    assert calibrated.startswith("scale ") and "predicted transfer" in calibrated
+    assert calibrated.endswith(f"/admin/personas/cli-bridge/calibration.png?model={LLAMA}")
     refused = CliRunner().invoke(app, ["map", "fit", "--source", QWEN, "--target", QWEN, "--url", server.url],
                                  env=env)  # fmt: skip
     assert refused.exit_code == 1 and "same model" in refused.output

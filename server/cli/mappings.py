@@ -98,3 +98,10 @@ def map_persona(
     typer.echo(
         f"stored {info['name']} for {info['model']}: version {info['version']}, blocks {info['layers']}"
     )
+    calibration = info.get("provenance", {}).get("strength_calibration")
+    if calibration is not None:  # the generated method: how the vectors' scale was chosen
+        typer.echo(
+            f"scale {calibration['scale']:g} at strength {calibration['strength']:g}, predicted transfer "
+            f"{calibration['predicted_transfer']:.2f}; the ladder: GET /admin/personas/{info['name']}"
+            f"/calibration.png?model={info['model']}"
+        )
