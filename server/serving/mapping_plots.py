@@ -79,6 +79,7 @@ def ablation_png(points: list[dict[str, Any]]) -> bytes:
         axes.set(xlabel=label, ylabel="transfer at the calibrated default", ylim=(-0.3, 1.1))
         if ablation == "prompts":
             axes.set_xscale("log")
+            axes.minorticks_off()  # only the counts tried are labelled
         axes.set_xticks(settings, [str(s) for s in settings])
         axes.legend(fontsize=6)
     figure.suptitle("generated method: transfer against prompts and block (demo models)")
