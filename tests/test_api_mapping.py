@@ -41,7 +41,8 @@ def fit(server: ServerProcess, **body: Any) -> httpx.Response:
 
 
 def map_persona(server: ServerProcess, name: str, **body: Any) -> httpx.Response:
-    return httpx.post(f"{server.url}/admin/personas/{name}/map", json=body, headers=ADMIN, timeout=30)
+    # The generated method answers, reads back and calibrates before it answers (up to a minute here).
+    return httpx.post(f"{server.url}/admin/personas/{name}/map", json=body, headers=ADMIN, timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,13 @@ def test_every_method_maps(server: ServerProcess, fitted: dict[str, Any], method
         calibration = mapped.json()["provenance"]["strength_calibration"]
         assert mapped.json()["default_strength"] == calibration["strength"] == 3.0
         assert calibration["scale"] in [step["scale"] for step in calibration["steps"]]
+        # A persona on one block is tried around the same depth; the best forecast is kept (the
+        # first of equals, nearest first).
+        tried = calibration["blocks_tried"]
+        assert len(tried) >= 2 and tried[0]["blocks"] == [1]  # the same relative depth comes first
+        kept = max(tried, key=lambda placement: placement["predicted_transfer"])
+        assert list(mapped.json()["layers"]) == kept["blocks"]
+        assert calibration["predicted_transfer"] == kept["predicted_transfer"]
         assert 0.0 <= calibration["predicted_transfer"] <= 1.0
     picture_url = f"{server.url}/admin/personas/bridge/calibration.png"
     picture = httpx.get(picture_url, params={"model": QWEN}, headers=ADMIN)

@@ -38,6 +38,10 @@ class GenerationSpec:
     seed: int = 0
     concurrency: int = 32
     calibration_prompts: int = 48  # how many of the prompts the target answers per calibration step
+    # A persona on one source block is also tried at the target blocks this far from the block of
+    # the same relative depth, and kept where its calibration forecasts the most transfer (on the
+    # demo models the best block per persona gave 0.90 of native against 0.66 at the same depth).
+    block_search: int = 2
 
     def calibration_subset(self) -> tuple[str, ...]:
         """Every k-th prompt, ``calibration_prompts`` of them at most, spread over the whole list."""
@@ -48,6 +52,22 @@ class GenerationSpec:
 class CarriedPersona:
     vectors: dict[int, np.ndarray]  # target block -> vector, at the calibrated scale
     calibration: StrengthCalibration
+    # Each placement tried (target blocks, its calibration), the kept one among them.
+    placements: tuple[tuple[tuple[int, ...], StrengthCalibration], ...] = ()
+
+    def provenance(self) -> dict[str, object]:
+        """The calibration as the mapped persona's provenance records it."""
+        record = self.calibration.to_dict()
+        if len(self.placements) > 1:
+            record["blocks_tried"] = [
+                {
+                    "blocks": list(blocks),
+                    "scale": tried.scale,
+                    "predicted_transfer": round(tried.predicted_transfer, 4),
+                }
+                for blocks, tried in self.placements
+            ]
+        return record
 
 
 def _request(prompt: str, sampling: SamplingParams, plan: SteeringPlan | None = None) -> GenerationRequest:
@@ -94,8 +114,10 @@ async def carry_by_generation(
     target block -> vector (float32), at the target blocks of the same relative depth, each scaled so
     that its norm relative to the target's typical residual norm equals the source vector's relative
     norm (as every mapping method does), then all by the scale calibrated on the target at the
-    source's ``strength`` (``strength_calibration``): the persona keeps the source's default.
-    ``block_pairs`` (source block -> target block) overrides the correspondence by relative depth."""
+    source's ``strength`` (``strength_calibration``): the persona keeps the source's default. A
+    persona on one block is also tried ``spec.block_search`` blocks around that depth (the
+    placement whose calibration forecasts the most transfer is kept). ``block_pairs`` (source block
+    -> target block) fixes the placement instead."""
     plan = SteeringPlan(dict(vectors), strength=strength, positions=Positions(positions))
     steered, plain = await asyncio.gather(_answers(source, spec, plan), _answers(source, spec, None))
     kept = [
@@ -114,21 +136,34 @@ async def carry_by_generation(
     source_norms = np.linalg.norm(source_plain[:, 0], axis=-1).mean(axis=0)  # last-token norm per block
     target_norms = np.linalg.norm(target_plain_text[:, 0], axis=-1).mean(axis=0)
     source_blocks, target_blocks = source_plain.shape[2], target_plain_text.shape[2]
-    layers: dict[int, np.ndarray] = {}
-    for block, vector in vectors.items():
-        target_block = (
-            block_pairs[block] if block_pairs and block in block_pairs
-            else corresponding_layer(block, source_blocks, target_blocks)
-        )  # fmt: skip
-        norms = float(source_norms[block]), float(target_norms[target_block])
-        layers[target_block] = calibrate(difference[target_block], np.asarray(vector), *norms)
     steerable = set(target.info.steerable_layers)
-    layers = {block: vector for block, vector in layers.items() if block in steerable}
-    if not layers:
+
+    def placed(pairs: Mapping[int, int]) -> dict[int, np.ndarray]:
+        layers: dict[int, np.ndarray] = {}
+        for block, vector in vectors.items():
+            norms = float(source_norms[block]), float(target_norms[pairs[block]])
+            layers[pairs[block]] = calibrate(difference[pairs[block]], np.asarray(vector), *norms)
+        return {block: vector for block, vector in layers.items() if block in steerable}
+
+    same_depth = {block: corresponding_layer(block, source_blocks, target_blocks) for block in vectors}
+    candidates = [{**same_depth, **(block_pairs or {})}]
+    if block_pairs is None and len(vectors) == 1:  # nearest first: a tie keeps the nearer block
+        ((block, depth),) = same_depth.items()
+        offsets = sorted(range(-spec.block_search, spec.block_search + 1), key=lambda o: (abs(o), o))[1:]
+        candidates += [{block: depth + o} for o in offsets if depth + o in steerable]
+    trials: list[tuple[dict[int, np.ndarray], StrengthCalibration]] = []
+    for pairs in candidates:
+        layers = placed(pairs)
+        if not layers:
+            continue
+        calibration = await calibrate_scale(
+            target, layers, {block: difference[block] for block in layers}, strength, positions,
+            spec.calibration_subset(), spec.max_tokens, spec.seed,
+        )  # fmt: skip
+        trials.append((layers, calibration))
+    if not trials:
         raise SteeringError("none of the persona's blocks corresponds to a block the target can steer")
-    calibration = await calibrate_scale(
-        target, layers, {block: difference[block] for block in layers}, strength, positions,
-        spec.calibration_subset(), spec.max_tokens, spec.seed,
-    )  # fmt: skip
+    layers, calibration = max(trials, key=lambda trial: trial[1].predicted_transfer)  # first of equals
     scaled = {block: (vector * calibration.scale).astype(np.float32) for block, vector in layers.items()}
-    return CarriedPersona(scaled, calibration)
+    placements = tuple((tuple(sorted(tried)), tried_calibration) for tried, tried_calibration in trials)
+    return CarriedPersona(scaled, calibration, placements)

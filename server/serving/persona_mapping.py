@@ -23,7 +23,6 @@ from server.serving.generated_transfer import GenerationSpec, carry_by_generatio
 from server.serving.mapping_fits import check_distinct, check_mapping_id
 from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
-from server.serving.strength_calibration import StrengthCalibration
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingMethod
 from server.steering.persona_transfer import (
@@ -81,8 +80,11 @@ def describe_provenance(info: PersonaInfo) -> str:
     return f"mapped from '{provenance.get('source_name', info.name)}' on '{provenance.get('source_model')}'"
 
 
-# How many texts of the fitting corpus the generated method's source answers (twice each).
-GENERATION_PROMPTS = 96
+# How many texts of the fitting corpus the generated method's source answers (twice each), and how
+# many of them the target answers per calibration step. Few suffice: on the demo models 18 prompts
+# carried as much as 140 (README, ablations), and the map request waits for all of it.
+GENERATION_PROMPTS = 48
+CALIBRATION_PROMPTS = 24
 
 
 class PersonaMapper:
@@ -92,7 +94,9 @@ class PersonaMapper:
         self._registry = registry
         self._store = store
         self._admin = admin
-        self._generation = GenerationSpec(prompts=corpus.texts[:GENERATION_PROMPTS])
+        self._generation = GenerationSpec(
+            prompts=corpus.texts[:GENERATION_PROMPTS], calibration_prompts=CALIBRATION_PROMPTS
+        )
 
     async def map_persona(
         self, name: str, source_model: str, target: MapTarget, mapping_id: str | None, method: MappingMethod
@@ -124,7 +128,7 @@ class PersonaMapper:
                 "source_version": record.info.version,
                 "method": method.value,
                 "mapping_id": None if mapping is None else mapping.info.id,
-                **({} if calibration is None else {"strength_calibration": calibration.to_dict()}),
+                **({} if calibration is None else {"strength_calibration": calibration}),
             },
         )
 
@@ -167,7 +171,7 @@ class PersonaMapper:
         target_model: str,
         mapping: MappingRecord | None,
         method: MappingMethod,
-    ) -> tuple[dict[int, np.ndarray], StrengthCalibration | None]:
+    ) -> tuple[dict[int, np.ndarray], dict[str, object] | None]:
         """The persona's vectors on the target model by target block, and how their scale was
         calibrated on the target (the generated method; the maps' vectors are norm-calibrated only)."""
         info = record.info
@@ -176,7 +180,7 @@ class PersonaMapper:
                 self._registry.get(source_model), self._registry.get(target_model), record.vectors,
                 info.default_strength, info.default_positions, self._generation,
             )  # fmt: skip
-            return carried.vectors, carried.calibration
+            return carried.vectors, carried.provenance()
         concepts = (
             await self._concept_pairs(record.info.name, source_model, target_model)
             if method is MappingMethod.CONCEPT
