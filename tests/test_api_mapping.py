@@ -249,7 +249,8 @@ def test_the_map_commands_fit_list_and_map(server: ServerProcess) -> None:
     mapped = CliRunner().invoke(app, ["map", "persona", "cli-bridge", "--source", QWEN, "--target", LLAMA,
                                       "--url", server.url], env=env)  # fmt: skip
     stored, calibrated = mapped.output.splitlines()  # the default method, generated, says its scale
-    assert mapped.exit_code == 0 and stored == f"stored cli-bridge for {LLAMA}: version 1, blocks [1]"
+    # (A persona on one block lands where its calibration forecasts the most, near the same depth.)
+    assert mapped.exit_code == 0 and stored.startswith(f"stored cli-bridge for {LLAMA}: version 1, blocks [")
     assert calibrated.startswith("scale ") and "predicted transfer" in calibrated
     assert calibrated.endswith(f"/admin/personas/cli-bridge/calibration.png?model={LLAMA}")
     refused = CliRunner().invoke(app, ["map", "fit", "--source", QWEN, "--target", QWEN, "--url", server.url],

@@ -37,6 +37,7 @@ ROUTES = [
     ("post", "/admin/personas/{name}/import", "200", "Persona", WRITE_ERRORS),
     ("get", "/admin/personas/{name}/export", "200", "application/octet-stream",
      ADMIN | {400, 404, 422, 503}),
+    ("get", "/admin/personas/{name}/calibration.png", "200", "image/png", ADMIN | {404, 422, 503}),
     ("get", "/admin/personas", "200", "PersonaList", ADMIN | {404, 503}),
     ("post", "/admin/personas/{name}/extract", "202", "JobHandle", ADMIN | {400, 404, 413, 422}),
     ("post", "/admin/personas/{name}/map", "201", "Persona", ADMIN | {400, 404, 409, 413, 422, 503}),

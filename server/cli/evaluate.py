@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from server.demo.transfer import TransferRun
 
 
 def evaluate(
@@ -40,63 +43,77 @@ def evaluate(
     plot: Annotated[Path | None, typer.Option(help="With --transfer or --ablation: draw it (PNG).")] = None,
 ) -> None:
     """Print what the demo personas do at -s, 0, +s on held-out questions (trait score, perplexity)."""
-    from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
-    from server.demo.persona_table import evaluate_demo_model, format_table
-    from server.demo.transfer import (
-        SWEEP,
-        TransferRun,
-        format_transfer_table,
-        transfer_record,
-        transfer_table,
-    )
-    from server.demo.transfer_ablation import format_ablation_table, transfer_ablations
-    from server.engine.registry import load_backend
+    table_run = _transfer_run(samples, methods, personas, at_default_only)  # refused before loading
+
+    async def run() -> None:
+        from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
+        from server.engine.registry import load_backend
+
+        backends = {name: load_backend(demo_model_dir(name), name) for name in DEMO_MODEL_NAMES}
+        try:
+            if ablation:
+                await _ablation(backends, samples, json_out, plot)
+            elif transfer:
+                await _transfer(backends, table_run, json_out, plot)
+            else:
+                from server.demo.persona_table import evaluate_demo_model, format_table
+
+                verdicts = []
+                for name in DEMO_MODEL_NAMES:
+                    verdicts += await evaluate_demo_model(backends[name], name, samples=samples)
+                typer.echo(format_table(verdicts))
+        finally:
+            for backend in backends.values():
+                await backend.close()
+
+    asyncio.run(run())
+
+
+def _progress(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def _transfer_run(
+    samples: int, methods: list[str] | None, personas: list[str] | None, at_default_only: bool
+) -> TransferRun:
+    from server.demo.transfer import SWEEP, TransferRun
     from server.steering.mapping import MappingMethod
 
     known = {method.value for method in MappingMethod}
     unknown = sorted(set(methods or ()) - known)
     if unknown:
         raise typer.BadParameter(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(known))}")
-    table_run = TransferRun(
+    return TransferRun(
         samples=samples,
         methods=tuple(MappingMethod(m) for m in methods) if methods else tuple(MappingMethod),
         multiples=(1.0,) if at_default_only else SWEEP,
         personas=tuple(personas) if personas else None,
     )
 
-    async def run() -> None:
-        backends = {name: load_backend(demo_model_dir(name), name) for name in DEMO_MODEL_NAMES}
-        try:
-            if ablation:
-                points = await transfer_ablations(
-                    backends, samples=samples, progress=lambda s: typer.echo(s, err=True)
-                )
-                typer.echo(format_ablation_table(points))
-                records = [point.to_dict() for point in points]
-                if json_out is not None:
-                    json_out.write_text(json.dumps(records, indent=2))
-                if plot is not None:
-                    from server.serving.mapping_plots import ablation_png
 
-                    plot.write_bytes(ablation_png(records))
-                return
-            if transfer:
-                rows = await transfer_table(backends, table_run, progress=lambda s: typer.echo(s, err=True))
-                typer.echo(format_transfer_table(rows))
-                records = [transfer_record(r) for r in rows]
-                if json_out is not None:
-                    json_out.write_text(json.dumps(records, indent=2))
-                if plot is not None:
-                    from server.serving.mapping_plots import transfer_png
+def _write(records: list[dict[str, Any]], json_out: Path | None, plot: Path | None, draw: Any) -> None:
+    if json_out is not None:
+        json_out.write_text(json.dumps(records, indent=2))
+    if plot is not None:
+        plot.write_bytes(draw(records))
 
-                    plot.write_bytes(transfer_png(records, "demo personas mapped between the demo models"))
-                return
-            verdicts = []
-            for name in DEMO_MODEL_NAMES:
-                verdicts += await evaluate_demo_model(backends[name], name, samples=samples)
-            typer.echo(format_table(verdicts))
-        finally:
-            for backend in backends.values():
-                await backend.close()
 
-    asyncio.run(run())
+async def _transfer(
+    backends: dict[str, Any], run: TransferRun, json_out: Path | None, plot: Path | None
+) -> None:
+    from server.demo.transfer import format_transfer_table, transfer_record, transfer_table
+    from server.serving.mapping_plots import transfer_png
+
+    rows = await transfer_table(backends, run, progress=_progress)
+    typer.echo(format_transfer_table(rows))
+    title = "demo personas mapped between the demo models"
+    _write([transfer_record(r) for r in rows], json_out, plot, lambda records: transfer_png(records, title))
+
+
+async def _ablation(backends: dict[str, Any], samples: int, json_out: Path | None, plot: Path | None) -> None:
+    from server.demo.transfer_ablation import format_ablation_table, transfer_ablations
+    from server.serving.mapping_plots import ablation_png
+
+    points = await transfer_ablations(backends, samples=samples, progress=_progress)
+    typer.echo(format_ablation_table(points))
+    _write([point.to_dict() for point in points], json_out, plot, ablation_png)

@@ -101,6 +101,68 @@ async def _read_as_answers(
     return np.mean(await asyncio.gather(*(one(prompt, answer) for prompt, answer in answers)), axis=0)
 
 
+@dataclass(frozen=True)
+class _Contrast:
+    """What the target read: the persona's shift per target block, and the norms that calibrate."""
+
+    difference: np.ndarray  # [target blocks, hidden]
+    source_norms: np.ndarray  # typical residual norm per source block
+    target_norms: np.ndarray  # per target block
+
+
+async def _contrast(source: Backend, target: Backend, plan: SteeringPlan, spec: GenerationSpec) -> _Contrast:
+    steered, plain = await asyncio.gather(_answers(source, spec, plan), _answers(source, spec, None))
+    kept = [
+        (prompt, a, b)
+        for prompt, a, b in zip(spec.prompts, steered, plain, strict=True)
+        if target.answer_ids(a) and target.answer_ids(b)
+    ]
+    if not kept:
+        raise SteeringError("the source model wrote no answers to carry the persona with")
+    target_steered = await _read_as_answers(target, spec, [(prompt, a) for prompt, a, _ in kept])
+    target_plain = await _read_as_answers(target, spec, [(prompt, b) for prompt, _, b in kept])
+    # Norms for calibration as every mapping method takes them: last tokens of plain text.
+    source_plain = await source.text_activations([b for _, _, b in kept])
+    target_plain_text = await target.text_activations([b for _, _, b in kept])
+    return _Contrast(
+        target_steered - target_plain,
+        np.linalg.norm(source_plain[:, 0], axis=-1).mean(axis=0),
+        np.linalg.norm(target_plain_text[:, 0], axis=-1).mean(axis=0),
+    )
+
+
+def _placements(
+    vectors: Mapping[int, np.ndarray],
+    contrast: _Contrast,
+    steerable: set[int],
+    block_pairs: Mapping[int, int] | None,
+    search: int,
+) -> list[dict[int, np.ndarray]]:
+    """The placements to try, norm-calibrated: the blocks of the same relative depth (or
+    ``block_pairs``), then, for a persona on one block, its neighbours up to ``search`` away,
+    nearest first (so that a tie keeps the nearer block)."""
+    same_depth = {
+        block: corresponding_layer(block, len(contrast.source_norms), len(contrast.target_norms))
+        for block in vectors
+    }
+    candidates = [{**same_depth, **(block_pairs or {})}]
+    if block_pairs is None and len(vectors) == 1:
+        ((block, depth),) = same_depth.items()
+        offsets = sorted(range(-search, search + 1), key=lambda offset: (abs(offset), offset))[1:]
+        candidates += [{block: depth + offset} for offset in offsets if depth + offset in steerable]
+    placements = []
+    for pairs in candidates:
+        layers = {}
+        for block, vector in vectors.items():
+            there = pairs[block]
+            norms = float(contrast.source_norms[block]), float(contrast.target_norms[there])
+            if there in steerable:
+                layers[there] = calibrate(contrast.difference[there], np.asarray(vector), *norms)
+        if layers:
+            placements.append(layers)
+    return placements
+
+
 async def carry_by_generation(
     source: Backend,
     target: Backend,
@@ -119,51 +181,19 @@ async def carry_by_generation(
     placement whose calibration forecasts the most transfer is kept). ``block_pairs`` (source block
     -> target block) fixes the placement instead."""
     plan = SteeringPlan(dict(vectors), strength=strength, positions=Positions(positions))
-    steered, plain = await asyncio.gather(_answers(source, spec, plan), _answers(source, spec, None))
-    kept = [
-        (prompt, a, b)
-        for prompt, a, b in zip(spec.prompts, steered, plain, strict=True)
-        if target.answer_ids(a) and target.answer_ids(b)
-    ]
-    if not kept:
-        raise SteeringError("the source model wrote no answers to carry the persona with")
-    target_steered = await _read_as_answers(target, spec, [(prompt, a) for prompt, a, _ in kept])
-    target_plain = await _read_as_answers(target, spec, [(prompt, b) for prompt, _, b in kept])
-    difference = target_steered - target_plain  # [blocks, hidden]
-    # Norms for calibration as every mapping method takes them: last tokens of plain text.
-    source_plain = await source.text_activations([b for _, _, b in kept])
-    target_plain_text = await target.text_activations([b for _, _, b in kept])
-    source_norms = np.linalg.norm(source_plain[:, 0], axis=-1).mean(axis=0)  # last-token norm per block
-    target_norms = np.linalg.norm(target_plain_text[:, 0], axis=-1).mean(axis=0)
-    source_blocks, target_blocks = source_plain.shape[2], target_plain_text.shape[2]
+    contrast = await _contrast(source, target, plan, spec)
     steerable = set(target.info.steerable_layers)
-
-    def placed(pairs: Mapping[int, int]) -> dict[int, np.ndarray]:
-        layers: dict[int, np.ndarray] = {}
-        for block, vector in vectors.items():
-            norms = float(source_norms[block]), float(target_norms[pairs[block]])
-            layers[pairs[block]] = calibrate(difference[pairs[block]], np.asarray(vector), *norms)
-        return {block: vector for block, vector in layers.items() if block in steerable}
-
-    same_depth = {block: corresponding_layer(block, source_blocks, target_blocks) for block in vectors}
-    candidates = [{**same_depth, **(block_pairs or {})}]
-    if block_pairs is None and len(vectors) == 1:  # nearest first: a tie keeps the nearer block
-        ((block, depth),) = same_depth.items()
-        offsets = sorted(range(-spec.block_search, spec.block_search + 1), key=lambda o: (abs(o), o))[1:]
-        candidates += [{block: depth + o} for o in offsets if depth + o in steerable]
+    placements = _placements(vectors, contrast, steerable, block_pairs, spec.block_search)
+    if not placements:
+        raise SteeringError("none of the persona's blocks corresponds to a block the target can steer")
     trials: list[tuple[dict[int, np.ndarray], StrengthCalibration]] = []
-    for pairs in candidates:
-        layers = placed(pairs)
-        if not layers:
-            continue
+    for layers in placements:
         calibration = await calibrate_scale(
-            target, layers, {block: difference[block] for block in layers}, strength, positions,
+            target, layers, {block: contrast.difference[block] for block in layers}, strength, positions,
             spec.calibration_subset(), spec.max_tokens, spec.seed,
         )  # fmt: skip
         trials.append((layers, calibration))
-    if not trials:
-        raise SteeringError("none of the persona's blocks corresponds to a block the target can steer")
     layers, calibration = max(trials, key=lambda trial: trial[1].predicted_transfer)  # first of equals
     scaled = {block: (vector * calibration.scale).astype(np.float32) for block, vector in layers.items()}
-    placements = tuple((tuple(sorted(tried)), tried_calibration) for tried, tried_calibration in trials)
-    return CarriedPersona(scaled, calibration, placements)
+    tried = tuple((tuple(sorted(placed)), placed_calibration) for placed, placed_calibration in trials)
+    return CarriedPersona(scaled, calibration, tried)
