@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
-from server.serving.strength_calibration import StrengthCalibration, calibrate_scale
+from server.serving.strength_calibration import StrengthCalibration, calibrate_scale, read_unsteered
 from server.steering.errors import SteeringError
 from server.steering.mapping import calibrate, corresponding_layer
 from server.steering.plan import Positions, SteeringPlan
@@ -87,18 +87,18 @@ async def _answers(backend: Backend, spec: GenerationSpec, plan: SteeringPlan | 
 
 
 async def _read_as_answers(
-    backend: Backend, spec: GenerationSpec, answers: list[tuple[str, str]]
+    backend: Backend, spec: GenerationSpec, answers: list[tuple[str, list[int]]]
 ) -> np.ndarray:
-    """Mean block outputs over each (prompt, answer)'s answer tokens, read by ``backend`` unsteered
-    as its own answer to the prompt: [blocks, hidden], averaged over the answers."""
+    """Mean block outputs over each (prompt, answer ids)'s answer tokens, read by ``backend``
+    unsteered as its own answer to the prompt: [blocks, hidden], averaged over the answers."""
     gate = asyncio.Semaphore(spec.concurrency)
     sampling = SamplingParams(max_tokens=spec.max_tokens, clamp_to_context=True)
 
-    async def one(prompt: str, answer: str) -> np.ndarray:
+    async def one(prompt: str, ids: list[int]) -> np.ndarray:
         async with gate:
-            return await backend.response_activations(_request(prompt, sampling), backend.answer_ids(answer))
+            return await backend.response_activations(_request(prompt, sampling), ids)
 
-    return np.mean(await asyncio.gather(*(one(prompt, answer) for prompt, answer in answers)), axis=0)
+    return np.mean(await asyncio.gather(*(one(prompt, ids) for prompt, ids in answers)), axis=0)
 
 
 @dataclass(frozen=True)
@@ -112,18 +112,17 @@ class _Contrast:
 
 async def _contrast(source: Backend, target: Backend, plan: SteeringPlan, spec: GenerationSpec) -> _Contrast:
     steered, plain = await asyncio.gather(_answers(source, spec, plan), _answers(source, spec, None))
-    kept = [
-        (prompt, a, b)
-        for prompt, a, b in zip(spec.prompts, steered, plain, strict=True)
-        if target.answer_ids(a) and target.answer_ids(b)
-    ]
+    # Each answer in the target's tokens, once; a pair with an empty side is dropped.
+    encoded = [(prompt, target.answer_ids(a), target.answer_ids(b), b)
+               for prompt, a, b in zip(spec.prompts, steered, plain, strict=True)]  # fmt: skip
+    kept = [(prompt, a_ids, b_ids, b) for prompt, a_ids, b_ids, b in encoded if a_ids and b_ids]
     if not kept:
         raise SteeringError("the source model wrote no answers to carry the persona with")
-    target_steered = await _read_as_answers(target, spec, [(prompt, a) for prompt, a, _ in kept])
-    target_plain = await _read_as_answers(target, spec, [(prompt, b) for prompt, _, b in kept])
+    target_steered = await _read_as_answers(target, spec, [(prompt, ids) for prompt, ids, _, _ in kept])
+    target_plain = await _read_as_answers(target, spec, [(prompt, ids) for prompt, _, ids, _ in kept])
     # Norms for calibration as every mapping method takes them: last tokens of plain text.
-    source_plain = await source.text_activations([b for _, _, b in kept])
-    target_plain_text = await target.text_activations([b for _, _, b in kept])
+    source_plain = await source.text_activations([b for *_, b in kept])
+    target_plain_text = await target.text_activations([b for *_, b in kept])
     return _Contrast(
         target_steered - target_plain,
         np.linalg.norm(source_plain[:, 0], axis=-1).mean(axis=0),
@@ -186,11 +185,13 @@ async def carry_by_generation(
     placements = _placements(vectors, contrast, steerable, block_pairs, spec.block_search)
     if not placements:
         raise SteeringError("none of the persona's blocks corresponds to a block the target can steer")
+    prompts = spec.calibration_subset()
+    plain = await read_unsteered(target, prompts, spec.max_tokens, spec.seed)
     trials: list[tuple[dict[int, np.ndarray], StrengthCalibration]] = []
     for layers in placements:
         calibration = await calibrate_scale(
             target, layers, {block: contrast.difference[block] for block in layers}, strength, positions,
-            spec.calibration_subset(), spec.max_tokens, spec.seed,
+            prompts, plain, spec.max_tokens, spec.seed,
         )  # fmt: skip
         trials.append((layers, calibration))
     layers, calibration = max(trials, key=lambda trial: trial[1].predicted_transfer)  # first of equals

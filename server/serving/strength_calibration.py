@@ -67,14 +67,16 @@ class StrengthCalibration:
 
 
 @dataclass(frozen=True)
-class _Reading:
+class Reading:
+    """The target's answers to the calibration prompts, read back unsteered."""
+
     activations: np.ndarray  # mean block outputs over answer tokens, over all answers: [blocks, hidden]
     perplexity: float
 
 
 async def _read_own_answers(
     target: Backend, prompts: Sequence[str], plan: SteeringPlan | None, max_tokens: int, seed: int
-) -> _Reading:
+) -> Reading:
     """The target answers each prompt (steered by ``plan``), then reads its answers back unsteered."""
 
     async def one(index: int, prompt: str) -> tuple[np.ndarray, float, int] | None:
@@ -92,9 +94,9 @@ async def _read_own_answers(
 
     read = [r for r in await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))) if r is not None]
     if not read:
-        return _Reading(np.zeros(0), float("nan"))
+        return Reading(np.zeros(0), float("nan"))
     nll, count = sum(r[1] for r in read), sum(r[2] for r in read)
-    return _Reading(np.mean([r[0] for r in read], axis=0), perplexity(nll, count))
+    return Reading(np.mean([r[0] for r in read], axis=0), perplexity(nll, count))
 
 
 def chosen_scale(steps: Sequence[CalibrationStep], last: bool) -> float | None:
@@ -117,6 +119,17 @@ def _effect(shift: np.ndarray, reference: Mapping[int, np.ndarray]) -> float:
     return float(np.mean([shift[block] @ ref / (ref @ ref) for block, ref in reference.items()]))
 
 
+async def read_unsteered(
+    target: Backend, prompts: Sequence[str], max_tokens: int = 48, seed: int = 0
+) -> Reading:
+    """The target's unsteered answers to the calibration prompts: what every step is measured
+    against, read once for all the placements a persona is calibrated at."""
+    plain = await _read_own_answers(target, prompts, None, max_tokens, seed)
+    if plain.activations.size == 0:
+        raise SteeringError("the target model wrote no answers to calibrate the persona's scale with")
+    return plain
+
+
 async def calibrate_scale(
     target: Backend,
     vectors: Mapping[int, np.ndarray],
@@ -124,14 +137,13 @@ async def calibrate_scale(
     source_strength: float,
     positions: str,
     prompts: Sequence[str],
+    plain: Reading,
     max_tokens: int = 48,
     seed: int = 0,
 ) -> StrengthCalibration:
     """The scale for ``vectors`` on ``target`` at ``source_strength``: ``reference`` is, per target
-    block, the shift the source's steered answers showed the target (what the persona should reach)."""
-    plain = await _read_own_answers(target, prompts, None, max_tokens, seed)
-    if plain.activations.size == 0:
-        raise SteeringError("the target model wrote no answers to calibrate the persona's scale with")
+    block, the shift the source's steered answers showed the target (what the persona should reach);
+    ``plain`` is ``read_unsteered`` of the same prompts, max_tokens and seed."""
     steps: list[CalibrationStep] = []
     for index, scale in enumerate(SCALE_STEPS):
         scaled = {block: vector * scale for block, vector in vectors.items()}
