@@ -19,6 +19,7 @@ from server.api.errors import AsciiJSONResponse, install_error_handlers
 from server.api.metrics_port import MetricsServer
 from server.api.openapi import install_openapi
 from server.api.routes import admin, health, openai
+from server.api.routes.playground import install_playground
 from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir, seed_demo_personas
 from server.engine.registry import load_backends
 from server.metrics import Metrics
@@ -117,6 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    install_playground(app)
     # The default cap depends on the models: the lifespan sets it once they are loaded.
     app.state.max_body_bytes = settings.max_body_bytes or MIN_BODY_BYTES
     refused = app.state.metrics.requests_refused.labels("413")

@@ -1,0 +1,36 @@
+"""The playground page: static files shipped in the package, served at /playground (and / leads there).
+
+The page is plain HTML, CSS and ES modules with no build step and nothing fetched from elsewhere; it
+talks only to this server's public (/v1) and admin (/admin) APIs, with the keys the user types in.
+It is not part of the API, so it stays out of the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+PLAYGROUND_DIR = Path(__file__).resolve().parent.parent / "playground"
+# The page names its assets with this prefix; the mount below serves them.
+ASSETS_PATH = "/playground/assets"
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+async def root() -> RedirectResponse:
+    return RedirectResponse("/playground", status_code=307)
+
+
+@router.get("/playground")
+async def playground() -> FileResponse:
+    # no-cache: the page must match the server it comes from after an upgrade.
+    return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def install_playground(app: FastAPI) -> None:
+    app.include_router(router)
+    app.mount(ASSETS_PATH, StaticFiles(directory=PLAYGROUND_DIR), name="playground-assets")
