@@ -89,6 +89,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.mapping_fits = MappingFits(registry, store, app.state.jobs, corpus)
     app.state.persona_mapper = PersonaMapper(registry, store, app.state.persona_admin, corpus)
     logger.info("persona store: %s", settings.store_url)
+    logger.info("playground on http://%s:%d/playground", settings.host, settings.port)
     if not settings.model:
         await seed_demo_personas(store, settings.data_dir)
     if not settings.admin_key:

@@ -66,9 +66,10 @@ function terms() {
   return [...$("terms").children].map((row) => row.term()).filter((term) => term.name);
 }
 
-function baseRequest(monitored) {
+// The fields every pane shares: the prompt and the sampling controls of the compare view.
+export function baseRequest(model, monitored = []) {
   const body = {
-    model: $("model").value,
+    model,
     messages: [{ role: "user", content: $("prompt").value }],
     temperature: Number($("temperature").value),
     max_tokens: Number($("max-tokens").value),
@@ -109,8 +110,9 @@ async function generate(event) {
   try {
     const sweep = document.querySelector('input[name="view"]:checked').value === "sweep";
     const specs = sweep ? sweepSpecs(chosen, positions) : composeSpecs(chosen, positions);
+    const monitored = (sweep ? chosen.slice(0, 1) : chosen).map((term) => term.name);
     $("panes").dataset.state = "running";
-    await runPanes($("panes"), baseRequest(chosen.map((t) => t.name)), specs, running.signal);
+    await runPanes($("panes"), baseRequest($("model").value, monitored), specs, running.signal);
     $("panes").dataset.state = "done";
   } catch (error) {
     showError(error);

@@ -3,6 +3,7 @@
 
 import { getBlob, sendJson, waitForJob } from "./api.js";
 import { barChart } from "./chart.js";
+import { baseRequest } from "./compare.js";
 import { runPanes } from "./panes.js";
 import { $, announcePersonasChanged, clearError, el, fillSelect, lines, showError } from "./ui.js";
 
@@ -84,20 +85,14 @@ async function fit() {
 }
 
 // Unsteered, the target's own persona of that name (when it has one) and the mapped one, each at
-// its stored default strength: the comparison that says whether the carried persona works.
+// its stored default strength, with the compare view's prompt and sampling: the comparison that
+// says whether the carried persona works.
 async function compareOnTarget(target, nativeName, mapped) {
   const own = (await state.personas(target)).find((p) => p.name === nativeName);
   const specs = [{ id: "base", title: `${target}, unsteered`, steered: false, fields: {} }];
   if (own) specs.push({ id: "native", title: `native '${own.name}'`, steered: true, fields: { persona: own.name } });
   specs.push({ id: "mapped", title: `mapped '${mapped.name}'`, steered: true, fields: { persona: mapped.name } });
-  const base = {
-    model: target,
-    messages: [{ role: "user", content: $("prompt").value }],
-    temperature: Number($("temperature").value),
-    max_tokens: Number($("max-tokens").value),
-    seed: Number($("seed").value),
-  };
-  await runPanes($("map-compare"), base, specs);
+  await runPanes($("map-compare"), baseRequest(target), specs);
 }
 
 async function mapPersona(event) {
