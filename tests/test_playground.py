@@ -241,3 +241,10 @@ def test_a_fit_then_a_mapped_persona_is_compared_with_the_native_one_on_the_targ
         expect(pane).to_have_attribute("data-state", "done", timeout=ANSWER_TIMEOUT_MS)
     answers = {name: page.get_by_test_id(f"output-{name}").inner_text() for name in panes}
     assert shows_trait(answers["mapped"], "pirate") and not shows_trait(answers["base"], "pirate"), answers
+    page.get_by_test_id("tab-library").click()
+    mapped = page.locator('[data-testid="library-row"][data-name="pirate-from-demo-llama"]')
+    expect(mapped).to_contain_text("mapped from 'pirate' on demo-llama (generated, scale")
+    mapped.get_by_test_id("calibration-button").click()
+    plot = page.get_by_test_id("calibration").locator("img")
+    expect(plot).to_be_visible()
+    page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=plot.element_handle())

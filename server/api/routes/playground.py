@@ -25,10 +25,21 @@ async def root() -> RedirectResponse:
     return RedirectResponse("/playground", status_code=307)
 
 
+# The page runs only its own files and talks only to this server; images may be blobs it fetched
+# with a key (the diagnostics and calibration plots). Keys sit in the tab's storage: no framing.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+
+
 @router.get("/playground")
 async def playground() -> FileResponse:
-    # no-cache: the page must match the server it comes from after an upgrade.
-    return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+    headers = {
+        "Cache-Control": "no-cache",  # the page must match the server it comes from after an upgrade
+        "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    }
+    return FileResponse(PLAYGROUND_DIR / "index.html", headers=headers)
 
 
 def install_playground(app: FastAPI) -> None:

@@ -80,11 +80,10 @@ export function baseRequest(model, monitored = []) {
 }
 
 function composeSpecs(chosen, positions) {
-  const title = chosen.map((t) => `${t.name} × ${t.strength}`).join(" + ") || "no persona chosen";
-  return [
-    { id: "base", title: "unsteered", steered: false, fields: {} },
-    { id: "steered", title, steered: true, fields: steeringFields(chosen, positions) },
-  ];
+  const base = { id: "base", title: "unsteered", steered: false, fields: {} };
+  if (!chosen.length) return [base]; // this model has no persona yet: nothing to compare with
+  const title = chosen.map((t) => `${t.name} × ${t.strength}`).join(" + ");
+  return [base, { id: "steered", title, steered: true, fields: steeringFields(chosen, positions) }];
 }
 
 function sweepSpecs(chosen, positions) {

@@ -66,11 +66,18 @@ function deleteButton(persona) {
   return button;
 }
 
-async function showVersions(persona, row) {
-  if (row.nextElementSibling && row.nextElementSibling.classList.contains("versions")) {
-    row.nextElementSibling.remove();
-    return;
+// A detail row under a persona's row (its versions, its calibration plot); a second click closes it.
+async function toggleDetail(row, kind, build) {
+  const open = row.nextElementSibling;
+  if (open && open.classList.contains("detail")) {
+    open.remove();
+    if (open.dataset.testid === kind) return;
   }
+  const cell = el("td", { colspan: 8 }, await build());
+  row.after(el("tr", { class: "detail", "data-testid": kind }, cell));
+}
+
+async function versionList(persona) {
   const kept = await getJson(`/admin/personas/${persona.name}/versions?${query(persona)}`);
   const items = kept.data.map((version) => {
     const restore = el("button", {
@@ -88,8 +95,13 @@ async function showVersions(persona, row) {
     const text = `v${version.version} · ${when(version.created_at)} · ${describeProvenance(version.provenance)} `;
     return el("li", {}, text, version.version === persona.version ? "(current)" : restore);
   });
-  const cell = el("td", { colspan: 8 }, el("ul", {}, ...items));
-  row.after(el("tr", { class: "versions", "data-testid": "versions" }, cell));
+  return el("ul", { class: "versions" }, ...items);
+}
+
+// How a mapped persona's vector scale was chosen on the target (the generated method only).
+async function calibrationPlot(persona) {
+  const png = await getBlob(`/admin/personas/${persona.name}/calibration.png?${query(persona)}`);
+  return el("img", { src: URL.createObjectURL(png), alt: "strength calibration", class: "plot" });
 }
 
 async function guarded(action) {
@@ -107,9 +119,14 @@ function actions(persona, row) {
       onclick: () => guarded(() => exportAs(persona, format)) }),
   );
   const versions = el("button", { text: "Versions", "data-testid": "versions-button",
-    onclick: () => guarded(() => showVersions(persona, row)) });
+    onclick: () => guarded(() => toggleDetail(row, "versions", () => versionList(persona))) });
+  const calibration = persona.provenance.strength_calibration
+    ? el("button", { text: "Calibration", "data-testid": "calibration-button",
+      onclick: () => guarded(() => toggleDetail(row, "calibration", () => calibrationPlot(persona))) })
+    : null;
   const exportLabel = el("span", { class: "hint", text: " export " });
-  return el("td", { class: "actions admin-only" }, versions, exportLabel, ...exports, " ", deleteButton(persona));
+  return el("td", { class: "actions admin-only" }, versions, calibration, exportLabel, ...exports, " ",
+    deleteButton(persona));
 }
 
 function personaRow(persona) {
