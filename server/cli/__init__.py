@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from server.cli import convert, evaluate, extract, generate, serve
+from server.cli import bake, convert, evaluate, extract, generate, serve
 from server.cli.mappings import app as mappings_app
 from server.cli.personas import app as personas_app
 
@@ -24,5 +24,6 @@ app.command(
 )(serve.serve)
 app.command()(generate.generate)
 app.command()(extract.extract)
+app.command()(bake.bake)
 app.command()(convert.convert)
 app.command("eval")(evaluate.evaluate)
