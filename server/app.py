@@ -20,8 +20,10 @@ from server.api.metrics_port import MetricsServer
 from server.api.openapi import install_openapi
 from server.api.routes import admin, health, openai
 from server.api.routes.playground import install_playground
+from server.baking.outputs import read_provenance
 from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir, seed_demo_personas
-from server.engine.registry import load_backends
+from server.engine.base import Backend
+from server.engine.registry import load_backend, load_backends
 from server.metrics import Metrics
 from server.serving.background import JobRegistry
 from server.serving.completions import CompletionService, Limits
@@ -29,6 +31,7 @@ from server.serving.fitting_corpus import DEMO_CORPUS, FittingCorpus
 from server.serving.mapping_fits import MappingFits
 from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
+from server.serving.persona_bakes import PersonaBakes
 from server.serving.persona_extraction import PersonaExtraction
 from server.serving.persona_files import PersonaFiles
 from server.serving.persona_mapping import PersonaMapper
@@ -68,13 +71,37 @@ def _start_metrics_server(settings: Settings, metrics: Metrics) -> MetricsServer
     return server.start()
 
 
+def _baked_parents(sources: list[tuple[str, str]]) -> dict[str, str]:
+    """The base of each served model that is a baked persona (its folder says so)."""
+    parents = {}
+    for source, model_id in sources:
+        provenance = read_provenance(source) if Path(source).is_dir() else None
+        if provenance is not None and provenance.get("base_model"):
+            parents[model_id] = str(provenance["base_model"])
+    return parents
+
+
+def _persona_bakes(app: FastAPI, sources: list[tuple[str, str]], prompts: tuple[str, ...]) -> PersonaBakes:
+    settings: Settings = app.state.settings
+
+    async def load(folder: Path, model_id: str) -> Backend:
+        return await asyncio.to_thread(load_backend, folder, model_id, settings)
+
+    return PersonaBakes(
+        app.state.registry, app.state.store, app.state.jobs,
+        sources={model_id: Path(source) for source, model_id in sources}, data_dir=settings.data_dir,
+        default_prompts=prompts, load=load, max_strength=settings.max_strength,
+    )  # fmt: skip
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     store = CachingStore(open_store(settings.store_url), observer=app.state.metrics)
     store.start()
-    backends = await asyncio.to_thread(load_backends, model_sources(settings), settings)
-    registry = ModelRegistry(backends, max_in_flight=settings.max_num_seqs + settings.max_queue)
+    sources = model_sources(settings)
+    backends = await asyncio.to_thread(load_backends, sources, settings)
+    registry = ModelRegistry(backends, settings.max_num_seqs + settings.max_queue, _baked_parents(sources))
     largest = max(max(b.info.max_context, b.info.num_layers * b.info.hidden_size) for b in backends.values())
     app.state.max_body_bytes = settings.max_body_bytes or default_body_bytes(largest)
     limits = Limits(settings.max_tokens_cap, settings.default_max_tokens, settings.max_strength)
@@ -88,10 +115,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     corpus = await asyncio.to_thread(FittingCorpus.load, settings.mapping_corpus or DEMO_CORPUS)
     app.state.mapping_fits = MappingFits(registry, store, app.state.jobs, corpus)
     app.state.persona_mapper = PersonaMapper(registry, store, app.state.persona_admin, corpus)
+    app.state.persona_bakes = _persona_bakes(app, sources, corpus.texts)
     logger.info("persona store: %s", settings.store_url)
     logger.info("playground on http://%s:%d/playground", settings.host, settings.port)
     if not settings.model:
         await seed_demo_personas(store, settings.data_dir)
+    await app.state.persona_bakes.serve_saved()
     if not settings.admin_key:
         logger.warning("no admin key is configured: admin routes accept loopback clients only")
     metrics_server = _start_metrics_server(settings, app.state.metrics)

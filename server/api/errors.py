@@ -16,7 +16,7 @@ from persona_store.errors import MappingNotFound, PersonaNotFound, StoreUnavaila
 from persona_store.formats import FormatError
 from server.errors import InvalidRequest
 from server.serving.background import JobNotFound
-from server.serving.errors import ModelNotFound, Overloaded, PersonaExists, RequestRejected
+from server.serving.errors import ModelExists, ModelNotFound, Overloaded, PersonaExists, RequestRejected
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingError
 
@@ -81,6 +81,7 @@ _MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
     (InvalidRequest, 400, "invalid_request_error", None),  # engine limits, bad sampling values
     (VersionConflict, 409, "invalid_request_error", "version_conflict"),
     (PersonaExists, 409, "invalid_request_error", "persona_exists"),
+    (ModelExists, 409, "invalid_request_error", "model_exists"),
     (StoreUnavailable, 503, "server_error", "store_unavailable"),
 ]
 

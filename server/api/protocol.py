@@ -27,6 +27,8 @@ def _valid_unicode(value: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 PersonaName = Annotated[str, StringConstraints(pattern=PERSONA_NAME_PATTERN)]
 LayerIndex = Annotated[int, Field(ge=0, le=100_000)]
+# A served model's name as a bake gives it (also its folder under the data dir).
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
@@ -236,3 +238,21 @@ class ExtractionRequest(BaseModel):
     temperature: FiniteFloat = Field(1.0, ge=0, le=2)
     seed: Seed = 0
     description: Text = Field("", max_length=4000)
+
+
+class BakeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text = Field(description="The served model to bake the persona into (its HF weights).")
+    strength: FiniteFloat | None = Field(None, description="Default: the persona's default strength.")
+    rank: int = Field(32, ge=1, le=256, description="LoRA rank.")
+    trajectories: int = Field(200, ge=4, le=5000, description="Answers of the steered model to learn from.")
+    steps: int = Field(300, ge=1, le=20_000, description="Training steps (batches of 8 answers).")
+    max_tokens: int = Field(48, ge=1, le=1024, description="Length of each sampled answer.")
+    prompts: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] | None = Field(
+        None, min_length=2, max_length=20_000, description="Prompts to answer (default: the fitting corpus)."
+    )
+    served_name: Annotated[str, StringConstraints(pattern=SERVED_NAME_PATTERN)] | None = Field(
+        None, description="The baked model's name (default: MODEL+PERSONA)."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Sampling and training seed.")

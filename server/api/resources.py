@@ -23,6 +23,7 @@ class ModelCard(BaseModel):
     num_layers: int = Field(description="Decoder blocks: a persona's layers are indices below this.")
     hidden_size: int = Field(description="The length of every persona vector for this model.")
     max_model_len: int = Field(description="The context window, in tokens.")
+    parent: str | None = Field(None, description="The model this one was made from (a baked persona's base).")
 
 
 class ModelList(BaseModel):
@@ -78,8 +79,8 @@ class JobHandle(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
-    kind: str = Field(description="extraction or mapping.")
-    status: Literal["queued", "running", "succeeded", "failed"]
+    kind: str = Field(description="extraction, mapping or bake.")
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: float = Field(ge=0, le=1)
     error: str | None = Field(description="Why the job failed (null unless it did).")
     result: dict[str, Any] | None = Field(

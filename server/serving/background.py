@@ -1,4 +1,8 @@
-"""Background jobs (extractions, later mappings): run as asyncio tasks, polled by id."""
+"""Background jobs (extractions, mapping fits, bakes): asyncio tasks, polled by id, cancellable.
+
+Cancelling cancels the task; work running in a thread (a training loop) stops at its next progress
+report, which raises JobCancelled once the job is cancelled.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,10 @@ logger = logging.getLogger(__name__)
 Work = Callable[[Callable[[float], None]], Awaitable[dict[str, Any]]]
 
 
+class JobCancelled(Exception):
+    """Raised by a cancelled job's progress callback: the work stops where it reports progress."""
+
+
 class JobNotFound(LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job '{job_id}' does not exist (or is too old to be kept)")
@@ -25,7 +33,7 @@ class JobNotFound(LookupError):
 class Job:
     id: str
     kind: str
-    status: str = "queued"  # queued | running | succeeded | failed
+    status: str = "queued"  # queued | running | succeeded | failed | cancelled
     progress: float = 0.0
     error: str | None = None
     result: dict[str, Any] | None = None
@@ -62,16 +70,30 @@ class JobRegistry:
 
     async def _run(self, job: Job, work: Work) -> None:
         def progress(fraction: float) -> None:
+            if job.status == "cancelled":
+                raise JobCancelled(job.id)
             job.progress = min(max(fraction, 0.0), 1.0)
 
         job.status = "running"
         try:
             job.result = await work(progress)
+        except (asyncio.CancelledError, JobCancelled):
+            job.status = "cancelled"
+            return
         except Exception as exc:  # a failed job reports why; the server goes on
             logger.exception("%s job %s failed", job.kind, job.id)
             job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
             return
         job.status, job.progress = "succeeded", 1.0
+
+    def cancel(self, job_id: str) -> Job:
+        """Stop a queued or running job (a finished one is left as it ended)."""
+        job = self.get(job_id)
+        if job.status in ("queued", "running"):
+            job.status = "cancelled"
+            if job.task is not None:
+                job.task.cancel()
+        return job
 
     def get(self, job_id: str) -> Job:
         try:

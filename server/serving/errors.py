@@ -11,6 +11,14 @@ class ModelNotFound(LookupError):
         self.model = model
 
 
+class ModelExists(Exception):
+    """A new served model would take a name already served (api: 409 model_exists)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"a model named '{model}' is already served; choose another name")
+        self.model = model
+
+
 class RequestRejected(InvalidRequest):
     """A request outside the server's limits (strength cap, max_tokens cap, conflicting fields)."""
 

@@ -6,14 +6,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from server.engine.base import Backend
-from server.serving.errors import ModelNotFound, Overloaded
+from server.serving.errors import ModelExists, ModelNotFound, Overloaded
 
 
 class ModelRegistry:
-    def __init__(self, backends: dict[str, Backend], max_in_flight: int) -> None:
+    def __init__(
+        self, backends: dict[str, Backend], max_in_flight: int, parents: dict[str, str] | None = None
+    ) -> None:
         self._backends = backends
         self._max_in_flight = max_in_flight
         self._in_flight = dict.fromkeys(backends, 0)
+        self._parents = dict(parents or {})
 
     @property
     def max_in_flight(self) -> int:
@@ -29,6 +32,19 @@ class ModelRegistry:
             return self._backends[model]
         except KeyError:
             raise ModelNotFound(model, self.ids) from None
+
+    def parent(self, model: str) -> str | None:
+        """The model a served model was made from (a baked persona's base), if any."""
+        return self._parents.get(model)
+
+    def add(self, model: str, backend: Backend, parent: str | None = None) -> None:
+        """Serve one more model from now on (a persona just baked)."""
+        if model in self._backends:
+            raise ModelExists(model)
+        self._backends[model] = backend
+        self._in_flight[model] = 0
+        if parent is not None:
+            self._parents[model] = parent
 
     def __iter__(self) -> Iterator[Backend]:
         return iter(self._backends.values())

@@ -13,6 +13,7 @@ from server.api.auth import require_admin
 from server.api.errors import APIError
 from server.api.openapi import binary, errors
 from server.api.protocol import (
+    BakeRequest,
     ExtractionRequest,
     MappingFitRequest,
     PersonaMapRequest,
@@ -33,6 +34,7 @@ from server.serving.extraction import ExtractionSpec
 from server.serving.mapping_fits import MappingFits
 from server.serving.mapping_plots import calibration_png, diagnostics_png
 from server.serving.persona_admin import PersonaAdmin
+from server.serving.persona_bakes import BakeOptions
 from server.serving.persona_files import ImportOptions, PersonaFiles, VectorFormat
 from server.serving.persona_mapping import MapTarget, PersonaMapper
 from server.serving.strength_calibration import FLUENT_PERPLEXITY_RATIO
@@ -202,6 +204,28 @@ async def extract_persona(name: NameParam, body: ExtractionRequest, request: Req
 @router.get("/jobs/{job_id}", response_model=JobStatus, responses=errors(404))
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     return request.app.state.jobs.get(job_id).to_dict()
+
+
+@router.delete("/jobs/{job_id}", response_model=JobStatus, responses=errors(404))
+async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+    """Cancel a queued or running job (a finished one is left as it ended)."""
+    return request.app.state.jobs.cancel(job_id).to_dict()
+
+
+@router.post(
+    "/personas/{name}/bake",
+    status_code=202,
+    response_model=JobHandle,
+    responses=errors(400, 404, 409, 413, 422),
+)
+async def bake_persona(name: NameParam, body: BakeRequest, request: Request) -> JobHandle:
+    """Distil the model steered by this persona into LoRA weights, then serve the result as a model
+    (named in the job's result as model_id; default MODEL+PERSONA), as a background job."""
+    options = BakeOptions(
+        strength=body.strength, rank=body.rank, trajectories=body.trajectories, steps=body.steps,
+        max_tokens=body.max_tokens, prompts=body.prompts, served_name=body.served_name, seed=body.seed,
+    )  # fmt: skip
+    return _handle(await request.app.state.persona_bakes.start(name, body.model, options))
 
 
 @router.post("/mappings", status_code=202, response_model=JobHandle, responses=errors(400, 404, 413, 422))

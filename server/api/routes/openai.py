@@ -142,12 +142,14 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_model_card(b.info) for b in request.app.state.registry])
+    registry = request.app.state.registry
+    return ModelList(data=[_model_card(b.info, registry.parent(b.info.id)) for b in registry])
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard, responses=errors(404))
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    return _model_card(request.app.state.registry.get(model_id).info)
+    registry = request.app.state.registry
+    return _model_card(registry.get(model_id).info, registry.parent(model_id))
 
 
 @router.get("/personas", response_model=PersonaSummaryList, responses=errors(404, 503))
@@ -158,11 +160,12 @@ async def list_personas(request: Request, model: str | None = None) -> dict[str,
     return {"object": "list", "data": data}
 
 
-def _model_card(info: Any) -> ModelCard:
+def _model_card(info: Any, parent: str | None) -> ModelCard:
     return ModelCard(
         id=info.id,
         backend=info.backend,
         num_layers=info.num_layers,
         hidden_size=info.hidden_size,
         max_model_len=info.max_context,
+        parent=parent,
     )
