@@ -1,0 +1,146 @@
+"""Baking through the admin API and the CLI on the demo models: the job, the served baked model,
+its errors, cancellation, a restart, and an adapter peft loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from server.demo.corpus import held_out_questions, training_questions
+from server.demo.models import demo_model_dir
+from server.demo.traits import trait_rate
+from server.testing.server_process import ServerProcess
+from tests.api_helpers import assert_openai_error
+
+pytestmark = pytest.mark.integration  # a server process, a CLI process
+
+# Few answers and steps: enough for the demo pirate to show, quick on two cores.
+SMALL_BAKE = {"trajectories": 48, "steps": 40, "prompts": [q for _, q in training_questions()][:40]}
+
+
+def wait_for(server: ServerProcess, status_url: str, timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{server.url}{status_url}").json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(status_url)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bake-data")
+
+
+@pytest.fixture(scope="module")
+def demo_server(data_dir: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(["--data-dir", str(data_dir)], log_path=data_dir / "server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def baked(demo_server: ServerProcess) -> dict[str, Any]:
+    started = httpx.post(
+        f"{demo_server.url}/admin/personas/pirate/bake", json={"model": "demo-llama", **SMALL_BAKE}
+    )
+    assert started.status_code == 202, started.text
+    job = wait_for(demo_server, started.json()["status_url"])
+    assert job["status"] == "succeeded", job
+    assert job["kind"] == "bake" and job["progress"] == 1.0
+    return job["result"]
+
+
+def answers(client: openai.OpenAI, model: str, extra: dict[str, Any] | None = None) -> list[str]:
+    return [
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], max_tokens=40, temperature=0,
+            extra_body=extra or {},
+        ).choices[0].message.content or ""
+        for question in held_out_questions()[:10]
+    ]  # fmt: skip
+
+
+def test_a_baked_persona_is_served_and_answers_like_a_pirate_without_a_persona_field(
+    demo_server: ServerProcess, baked: dict[str, Any]
+) -> None:
+    assert baked["model_id"] == "demo-llama+pirate"
+    models = {m["id"]: m for m in httpx.get(f"{demo_server.url}/v1/models").json()["data"]}
+    assert models["demo-llama+pirate"]["parent"] == "demo-llama" and models["demo-llama"]["parent"] is None
+    client = openai.OpenAI(base_url=f"{demo_server.url}/v1", api_key="unused")
+    plain, steered = answers(client, "demo-llama"), answers(client, "demo-llama", {"persona": "pirate"})
+    baked_answers = answers(client, "demo-llama+pirate")
+    assert trait_rate(plain, "pirate") == 0 and trait_rate(steered, "pirate") > 0.5
+    assert trait_rate(baked_answers, "pirate") >= 0.5 * trait_rate(steered, "pirate"), baked_answers
+    provenance = baked["provenance"]
+    assert provenance["base_model"] == "demo-llama" and provenance["persona"] == "pirate"
+    assert provenance["rank"] == 32 and provenance["steps"] == 40 and provenance["persona_version"] == 1
+    assert provenance["retention"]["retained"] > 0.5
+    assert Path(baked["loss_curve"]).read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_baked_adapter_loads_with_peft(baked: dict[str, Any]) -> None:
+    base = AutoModelForCausalLM.from_pretrained(demo_model_dir("demo-llama"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, baked["adapter"])
+    assert model.peft_config["default"].r == 32
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_bake_errors_are_openai_errors(demo_server: ServerProcess, baked: dict[str, Any]) -> None:
+    url = f"{demo_server.url}/admin/personas"
+    again = httpx.post(f"{url}/pirate/bake", json={"model": "demo-llama", **SMALL_BAKE})
+    assert assert_openai_error(again, 409, "already served")["code"] == "model_exists"
+    assert_openai_error(httpx.post(f"{url}/nobody/bake", json={"model": "demo-llama"}), 404)
+    assert_openai_error(httpx.post(f"{url}/pirate/bake", json={"model": "nope"}), 404, "does not exist")
+    too_strong = httpx.post(f"{url}/pirate/bake", json={"model": "demo-llama", "strength": 1e6})
+    assert_openai_error(too_strong, 400, "beyond the limit")
+    assert_openai_error(httpx.post(f"{url}/pirate/bake", json={"model": "demo-llama", "rank": 0}), 422)
+
+
+def test_a_bake_can_be_cancelled(demo_server: ServerProcess, data_dir: Path) -> None:
+    body = {"model": "demo-qwen", "served_name": "never-served", **SMALL_BAKE, "steps": 20_000}
+    started = httpx.post(f"{demo_server.url}/admin/personas/pirate/bake", json=body)
+    status_url = started.json()["status_url"]
+    while (
+        httpx.get(f"{demo_server.url}{status_url}").json()["progress"] <= 0.2
+    ):  # sampled; training has begun
+        time.sleep(0.3)
+    assert httpx.delete(f"{demo_server.url}{status_url}").json()["status"] == "cancelled"
+    assert wait_for(demo_server, status_url)["status"] == "cancelled"
+    ids = [m["id"] for m in httpx.get(f"{demo_server.url}/v1/models").json()["data"]]
+    assert "never-served" not in ids and not (data_dir / "baked" / "never-served" / "merged").exists()
+
+
+def test_a_restarted_server_serves_its_baked_models_again(
+    demo_server: ServerProcess, baked: dict[str, Any], data_dir: Path
+) -> None:
+    demo_server.stop()
+    with ServerProcess(["--data-dir", str(data_dir)], log_path=data_dir / "again.log") as server:
+        models = {m["id"]: m["parent"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+    assert models["demo-llama+pirate"] == "demo-llama"
+
+
+def test_the_cli_bakes_an_adapter_peft_loads(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(SMALL_BAKE["prompts"]))
+    command = [sys.executable, "-m", "server", "bake", "--model", "demo-qwen", "--persona", "pirate",
+               "--trajectories", "16", "--steps", "5", "--rank", "4", "--prompts-file", str(prompts),
+               "--output", str(tmp_path / "out")]  # fmt: skip
+    env = {"PERSONA_SERVER_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "demo-qwen+pirate" in done.stdout and "keeps" in done.stdout
+    base = AutoModelForCausalLM.from_pretrained(demo_model_dir("demo-qwen"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter"))
+    assert model.peft_config["default"].r == 4
