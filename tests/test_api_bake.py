@@ -88,6 +88,7 @@ def test_a_baked_persona_is_served_and_answers_like_a_pirate_without_a_persona_f
     assert provenance["rank"] == 32 and provenance["steps"] == 40 and provenance["persona_version"] == 1
     assert provenance["retention"]["retained"] > 0.5
     assert Path(baked["loss_curve"]).read_bytes().startswith(b"\x89PNG")
+    assert all(Path(baked["gguf"][kind]).read_bytes().startswith(b"GGUF") for kind in ("model", "adapter"))
 
 
 def test_a_baked_adapter_loads_with_peft(baked: dict[str, Any]) -> None:

@@ -34,8 +34,17 @@ def evaluate(
     ] = None,
     personas: Annotated[
         list[str] | None,
-        typer.Option("--persona", help="With --transfer: only these personas (repeat; default all)."),
+        typer.Option(
+            "--persona", help="With --transfer or --bake: only these personas (repeat; default all)."
+        ),
     ] = None,
+    bake: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: how much of each demo persona a bake keeps (LoRA ranks, numbers of answers)."
+        ),
+    ] = False,
+    steps: Annotated[int, typer.Option(help="With --bake: training steps of each bake.")] = 300,
     at_default_only: Annotated[
         bool, typer.Option(help="With --transfer: score the stored default strength only, no sweep.")
     ] = False,
@@ -51,7 +60,9 @@ def evaluate(
 
         backends = {name: load_backend(demo_model_dir(name), name) for name in DEMO_MODEL_NAMES}
         try:
-            if ablation:
+            if bake:
+                await _bake(backends, samples, steps, personas, json_out)
+            elif ablation:
                 await _ablation(backends, samples, json_out, plot)
             elif transfer:
                 await _transfer(backends, table_run, json_out, plot)
@@ -117,3 +128,18 @@ async def _ablation(backends: dict[str, Any], samples: int, json_out: Path | Non
     points = await transfer_ablations(backends, samples=samples, progress=_progress)
     typer.echo(format_ablation_table(points))
     _write([point.to_dict() for point in points], json_out, plot, ablation_png)
+
+
+async def _bake(
+    backends: dict[str, Any], samples: int, steps: int, personas: list[str] | None, json_out: Path | None
+) -> None:
+    from server.demo.bake_table import BakeRun, format_bake_table, persona_bake_cells
+    from server.demo.models import load_demo_personas
+
+    run, cells = BakeRun(samples=samples, steps=steps), []
+    for model, backend in backends.items():
+        for draft in load_demo_personas(model):
+            if personas is None or draft.name in personas:
+                cells += await persona_bake_cells(backend, model, draft.name, run, progress=_progress)
+    typer.echo(format_bake_table(cells))
+    _write([cell.to_dict() for cell in cells], json_out, None, None)

@@ -25,6 +25,7 @@ from server.baking.distill import BakeSpec, DistillResult, distill
 from server.baking.outputs import loss_curve_png, save_adapter, save_merged, write_provenance
 from server.baking.trajectories import sample_trajectories
 from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
+from server.engine.llamacpp.convert import ConversionError, convert_hf_to_gguf, convert_lora_to_gguf
 from server.serving.monitoring import Monitor, persona_scores
 from server.steering.plan import SteeringPlan
 
@@ -32,6 +33,7 @@ Progress = Callable[[float], None]
 # Loads a model folder as a served backend (the engine registry's loader, given by the app).
 BackendLoader = Callable[[Path, str], Awaitable[Backend]]
 VALIDATION_EVERY = 5  # one prompt in five validates
+RETENTION_PROMPTS = 48  # of the validating prompts, how many the retention is measured on
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,12 @@ class BakeOutcome:
     adapter: Path
     merged: Path
     loss_curve: Path
+    gguf: dict[str, str]  # model and adapter paths, or why they were skipped
     provenance: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         paths = {"adapter": str(self.adapter), "merged": str(self.merged), "loss_curve": str(self.loss_curve)}
-        return {"model_id": self.model_id, **paths, "provenance": self.provenance}
+        return {"model_id": self.model_id, **paths, "gguf": self.gguf, "provenance": self.provenance}
 
 
 def _split(prompts: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -138,6 +141,18 @@ async def _train(base: Backend, order: BakeOrder, progress: Progress) -> tuple[D
     return result, tokenizer, validating
 
 
+def _save_gguf(source: Path, adapter: Path, merged: Path, folder: Path) -> dict[str, str]:
+    """The merged model as a GGUF, and the adapter as a llama.cpp LoRA of the base's GGUF (both F32,
+    by our converter); an architecture it does not know is noted, not an error."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        model = convert_hf_to_gguf(merged, folder / "model.gguf")
+        lora = convert_lora_to_gguf(adapter, source, folder / "adapter.gguf")
+    except ConversionError as exc:
+        return {"skipped": str(exc)}
+    return {"model": str(model), "adapter": str(lora)}
+
+
 def _provenance(order: BakeOrder, result: DistillResult, seconds: float) -> dict[str, Any]:
     info = order.record.info
     return {
@@ -174,9 +189,10 @@ async def bake_persona(
         loss_curve_png(result.losses, f"{order.record.info.name} baked into {order.base_model}")
     )
     await asyncio.to_thread(save_merged, result.model, tokenizer, merged, provenance)
+    gguf = await asyncio.to_thread(_save_gguf, order.source, adapter, merged, order.output / "gguf")
     progress(0.85)
     baked = await load(merged, order.model_id)
-    plan = order.plan()
+    plan, validating = order.plan(), validating[:RETENTION_PROMPTS]
     unsteered = await persona_shift(base, base, validating, None, order)
     steered = await persona_shift(base, base, validating, plan, order)
     distilled = await persona_shift(base, baked, validating, None, order)
@@ -188,4 +204,4 @@ async def bake_persona(
     for folder in (adapter, merged):
         write_provenance(folder, provenance)
     progress(1.0)
-    return BakeOutcome(order.model_id, adapter, merged, curve, provenance), baked
+    return BakeOutcome(order.model_id, adapter, merged, curve, gguf, provenance), baked

@@ -35,7 +35,13 @@ class StrengthRow:
 
 
 async def _answer(
-    backend: Backend, question: str, plan: SteeringPlan | None, seed: int, max_tokens: int, temperature: float
+    backend: Backend,
+    question: str,
+    plan: SteeringPlan | None,
+    seed: int,
+    max_tokens: int,
+    temperature: float,
+    judge: Backend | None = None,
 ) -> tuple[str, float, int]:
     sampling = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, seed=seed, clamp_to_context=True
@@ -46,7 +52,8 @@ async def _answer(
     async for chunk in backend.generate(steered):
         text.append(chunk.text)
         ids.extend(chunk.token_ids)
-    nll, count = await backend.response_nll(GenerationRequest(sampling=sampling, messages=messages), ids)
+    reader = backend if judge is None else judge
+    nll, count = await reader.response_nll(GenerationRequest(sampling=sampling, messages=messages), ids)
     return "".join(text), nll, count
 
 
@@ -63,12 +70,15 @@ async def evaluate_strengths(
     seed: int = 0,
     concurrency: int = 32,
     positions: Positions = Positions.ALL,
+    judge: Backend | None = None,
 ) -> list[StrengthRow]:
+    """``judge`` reads the answers back for their perplexity (default: ``backend`` unsteered); give
+    another model of the same tokenizer to judge a model's answers by it (a baked model by its base)."""
     gate = asyncio.Semaphore(concurrency)
 
     async def bounded(question: str, plan: SteeringPlan | None, answer_seed: int) -> tuple[str, float, int]:
         async with gate:
-            return await _answer(backend, question, plan, answer_seed, max_tokens, temperature)
+            return await _answer(backend, question, plan, answer_seed, max_tokens, temperature, judge)
 
     rows = []
     for strength in strengths:

@@ -143,3 +143,48 @@ def convert_hf_to_gguf(model_dir: str | Path, output: str | Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return output
+
+
+# peft names a LoRA pair after the weight it adapts: PREFIX + <HF weight name without .weight> + SUFFIX.
+_PEFT_PREFIX = "base_model.model."
+_LORA_SUFFIXES = {".lora_A.weight": "lora_a", ".lora_B.weight": "lora_b"}
+
+
+def convert_lora_to_gguf(adapter_dir: str | Path, base_model_dir: str | Path, output: str | Path) -> Path:
+    """Write a peft LoRA adapter of ``base_model_dir`` as a llama.cpp GGUF LoRA adapter (F32).
+
+    llama.cpp names each pair after the base tensor (``blk.0.attn_q.weight.lora_a`` [r, in] and
+    ``...lora_b`` [out, r]) and scales B @ A by ``adapter.lora.alpha / r``, as peft does. B's rows
+    of Llama q/k projections get the same RoPE permutation as the base weights' rows.
+    """
+    from safetensors.numpy import load_file
+
+    config = AutoConfig.from_pretrained(base_model_dir)
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise ConversionError(f"cannot convert adapters of model type {config.model_type!r}")
+    adapter = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    writer = gguf.GGUFWriter(str(output), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter["lora_alpha"]))
+    for key, data in sorted(tensors.items()):
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None or not key.startswith(_PEFT_PREFIX):
+            raise ConversionError(f"not a LoRA tensor of peft's layout: {key!r}")
+        hf_weight = key.removeprefix(_PEFT_PREFIX).removesuffix(suffix) + ".weight"
+        name = names.get_name(hf_weight, try_suffixes=(".weight",))
+        if name is None:
+            raise ConversionError(f"no GGUF name for the adapted tensor {hf_weight!r}")
+        projection = hf_weight.rsplit(".", 2)[-2]
+        if arch in _PERMUTED_ROPE and projection in heads and _LORA_SUFFIXES[suffix] == "lora_b":
+            data = _permute(data, heads[projection])
+        writer.add_tensor(f"{name}.{_LORA_SUFFIXES[suffix]}", np.ascontiguousarray(data, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(output)
