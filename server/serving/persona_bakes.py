@@ -100,7 +100,8 @@ class PersonaBakes:
         for merged in sorted(self._folder.glob("*/merged")):
             provenance = read_provenance(merged)
             name = merged.parent.name
-            if provenance is None or name in self._registry.ids:
+            # The retention is written last: a bake stopped before the end is not served.
+            if provenance is None or "retention" not in provenance or name in self._registry.ids:
                 continue
             self._registry.add(name, await self._load(merged, name), parent=provenance.get("base_model"))
             served.append(name)
