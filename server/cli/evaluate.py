@@ -67,17 +67,21 @@ def evaluate(
             elif transfer:
                 await _transfer(backends, table_run, json_out, plot)
             else:
-                from server.demo.persona_table import evaluate_demo_model, format_table
-
-                verdicts = []
-                for name in DEMO_MODEL_NAMES:
-                    verdicts += await evaluate_demo_model(backends[name], name, samples=samples)
-                typer.echo(format_table(verdicts))
+                await _persona_table(backends, samples)
         finally:
             for backend in backends.values():
                 await backend.close()
 
     asyncio.run(run())
+
+
+async def _persona_table(backends: dict[str, Any], samples: int) -> None:
+    from server.demo.persona_table import evaluate_demo_model, format_table
+
+    verdicts = []
+    for name, backend in backends.items():
+        verdicts += await evaluate_demo_model(backend, name, samples=samples)
+    typer.echo(format_table(verdicts))
 
 
 def _progress(line: str) -> None:
