@@ -236,10 +236,10 @@ def test_a_fit_then_a_mapped_persona_is_compared_with_the_native_one_on_the_targ
     page.get_by_test_id("map-start").click()
     stored = "stored 'pirate-from-demo-llama' v1 on demo-qwen"
     expect(page.get_by_test_id("map-status")).to_contain_text(stored, timeout=ANSWER_TIMEOUT_MS)
-    panes = {name: page.get_by_test_id(f"pane-{name}") for name in ("base", "native", "mapped")}
+    panes = {name: page.get_by_test_id(f"pane-map-{name}") for name in ("base", "native", "mapped")}
     for pane in panes.values():
         expect(pane).to_have_attribute("data-state", "done", timeout=ANSWER_TIMEOUT_MS)
-    answers = {name: page.get_by_test_id(f"output-{name}").inner_text() for name in panes}
+    answers = {name: page.get_by_test_id(f"output-map-{name}").inner_text() for name in panes}
     assert shows_trait(answers["mapped"], "pirate") and not shows_trait(answers["base"], "pirate"), answers
     page.get_by_test_id("tab-library").click()
     mapped = page.locator('[data-testid="library-row"][data-name="pirate-from-demo-llama"]')
@@ -248,3 +248,18 @@ def test_a_fit_then_a_mapped_persona_is_compared_with_the_native_one_on_the_targ
     plot = page.get_by_test_id("calibration").locator("img")
     expect(plot).to_be_visible()
     page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=plot.element_handle())
+
+
+def test_a_bake_runs_to_100_percent_and_its_model_answers_beside_the_steered_one(page: Page) -> None:
+    page.get_by_test_id("tab-make").click()
+    page.get_by_test_id("bake-model").select_option("demo-llama")
+    page.get_by_test_id("bake-persona").select_option("pirate")
+    page.get_by_test_id("bake-trajectories").fill("16")
+    page.get_by_test_id("bake-steps").fill("10")
+    page.get_by_test_id("bake-start").click()
+    expect(page.get_by_test_id("bake-status")).to_contain_text("serving 'demo-llama+pirate'", timeout=180_000)
+    expect(page.get_by_test_id("bake-progress")).to_have_attribute("value", "100")
+    for pane in ("pane-bake-steered", "pane-bake-baked"):
+        expect(page.get_by_test_id(pane)).to_have_attribute("data-state", "done", timeout=ANSWER_TIMEOUT_MS)
+    assert page.get_by_test_id("output-bake-baked").inner_text()
+    expect(page.get_by_test_id("model").locator('option[value="demo-llama+pirate"]')).to_have_count(1)

@@ -1,6 +1,7 @@
 // The playground's start: find which keys the server wants, load the models, wire the views.
 
 import { ApiError, forgetKeys, getJson, getKey, setKey } from "./api.js";
+import { initBake, showBakeModels } from "./bake.js";
 import { initCompare, showModels } from "./compare.js";
 import { initLibrary, showLibraryModels } from "./library.js";
 import { initMake, showMakeModels } from "./make.js";
@@ -15,7 +16,13 @@ const KEY_PROMPTS = {
 // until something changes them).
 const state = {
   admin: false,
+  models: [],
   cache: new Map(),
+  // A model the server began to serve (a bake): every model picker offers it from now on.
+  addModel(id) {
+    if (!this.models.some((model) => model.id === id)) this.models.push({ id });
+    return showAllModels(this.models);
+  },
   async personas(model) {
     if (!this.cache.has(model)) {
       const listing = getJson(`/v1/personas?model=${encodeURIComponent(model)}`).then((body) => body.data);
@@ -75,6 +82,11 @@ async function probeAdmin() {
   $("forget-keys").hidden = !(getKey("api") || getKey("admin"));
 }
 
+async function showAllModels(models) {
+  showLibraryModels(models);
+  await Promise.all([showModels(models), showMakeModels(models), showBakeModels(models)]);
+}
+
 function initTabs() {
   const tabs = document.querySelectorAll("nav [role=tab]");
   for (const tab of tabs) {
@@ -92,6 +104,7 @@ async function start() {
   initCompare(state);
   const reloadLibrary = initLibrary(state);
   initMake(state);
+  initBake(state);
   document.addEventListener("personas-changed", () => state.cache.clear(), { capture: true });
   $("api-key-button").addEventListener("click", async () => (await askKey("api")) && location.reload());
   $("admin-key-button").addEventListener("click", async () => (await askKey("admin")) && location.reload());
@@ -99,10 +112,9 @@ async function start() {
     forgetKeys();
     location.reload();
   });
-  const models = await loadModels();
+  state.models = await loadModels();
   await probeAdmin();
-  showLibraryModels(models);
-  await Promise.all([showModels(models), showMakeModels(models), reloadLibrary()]);
+  await Promise.all([showAllModels(state.models), reloadLibrary()]);
   document.body.dataset.ready = "true";
 }
 

@@ -89,9 +89,9 @@ async function fit() {
 // says whether the carried persona works.
 async function compareOnTarget(target, nativeName, mapped) {
   const own = (await state.personas(target)).find((p) => p.name === nativeName);
-  const specs = [{ id: "base", title: `${target}, unsteered`, steered: false, fields: {} }];
-  if (own) specs.push({ id: "native", title: `native '${own.name}'`, steered: true, fields: { persona: own.name } });
-  specs.push({ id: "mapped", title: `mapped '${mapped.name}'`, steered: true, fields: { persona: mapped.name } });
+  const specs = [{ id: "map-base", title: `${target}, unsteered`, steered: false, fields: {} }];
+  if (own) specs.push({ id: "map-native", title: `native '${own.name}'`, steered: true, fields: { persona: own.name } });
+  specs.push({ id: "map-mapped", title: `mapped '${mapped.name}'`, steered: true, fields: { persona: mapped.name } });
   await runPanes($("map-compare"), baseRequest(target), specs);
 }
 
