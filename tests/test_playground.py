@@ -113,10 +113,7 @@ def test_an_imported_vector_file_shows_in_the_library(
     vector_file.write_bytes(exported.content)
     page.get_by_test_id("tab-library").click()
     expect(page.locator('[data-testid="library-row"][data-name="sea-dog"]')).to_have_count(0)
-    page.get_by_test_id("import-file").set_input_files(vector_file)
-    page.get_by_test_id("import-name").fill("sea-dog")
-    page.get_by_test_id("import-model").select_option("demo-phi3")
-    page.get_by_test_id("import-submit").click()
+    import_through_the_page(page, vector_file, "sea-dog", "demo-phi3")
     row = page.locator('[data-testid="library-row"][data-name="sea-dog"][data-model="demo-phi3"]')
     expect(row).to_contain_text("imported from gguf (sea-dog.gguf)")
     page.get_by_test_id("tab-compare").click()
@@ -186,11 +183,11 @@ def test_keys_are_asked_once_and_admin_actions_wait_for_the_admin_key(
     fresh.close()
 
 
-def import_through_the_page(page: Page, vector_file: Path, name: str, model: str, strength: str) -> None:
+def import_through_the_page(page: Page, vector_file: Path, name: str, model: str, strength: str = "") -> None:
     page.get_by_test_id("import-file").set_input_files(vector_file)
     page.get_by_test_id("import-name").fill(name)
     page.get_by_test_id("import-model").select_option(model)
-    page.get_by_test_id("import-strength").fill(strength)
+    page.get_by_test_id("import-strength").fill(strength)  # empty: the file's or the default strength
     page.get_by_test_id("import-submit").click()
 
 

@@ -4,15 +4,19 @@
 import { request, sendJson, waitForJob } from "./api.js";
 import { baseRequest } from "./compare.js";
 import { runPanes } from "./panes.js";
-import { $, announcePersonasChanged, clearError, fillSelect, showError } from "./ui.js";
+import {
+  $,
+  announcePersonasChanged,
+  clearError,
+  fillPersonaSelect,
+  fillSelect,
+  progressShower,
+  showError,
+} from "./ui.js";
 
 let state;
 let statusUrl = null;
 
-function showProgress(fraction, status) {
-  $("bake-progress").value = Math.round(fraction * 100);
-  $("bake-status").textContent = `${status} ${Math.round(fraction * 100)}%`;
-}
 
 function retentionNote(provenance) {
   const retention = provenance.retention;
@@ -31,6 +35,7 @@ async function bake(event) {
     trajectories: Number($("bake-trajectories").value),
     steps: Number($("bake-steps").value),
   };
+  const showProgress = progressShower($("bake-progress"), $("bake-status"));
   $("bake-start").disabled = true;
   $("bake-cancel").disabled = false;
   try {
@@ -58,9 +63,8 @@ async function cancel() {
   if (statusUrl) await request(statusUrl, { method: "DELETE" }).catch(showError);
 }
 
-async function showPersonas() {
-  const personas = await state.personas($("bake-model").value);
-  fillSelect($("bake-persona"), personas.map((p) => p.name));
+function showPersonas() {
+  return fillPersonaSelect(state, $("bake-persona"), $("bake-model").value);
 }
 
 export async function showBakeModels(models) {

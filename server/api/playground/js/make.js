@@ -5,17 +5,19 @@ import { getBlob, sendJson, waitForJob } from "./api.js";
 import { barChart } from "./chart.js";
 import { baseRequest } from "./compare.js";
 import { runPanes } from "./panes.js";
-import { $, announcePersonasChanged, clearError, el, fillSelect, lines, showError } from "./ui.js";
+import {
+  $,
+  announcePersonasChanged,
+  clearError,
+  el,
+  fillPersonaSelect,
+  fillSelect,
+  lines,
+  progressShower,
+  showError,
+} from "./ui.js";
 
 let state;
-
-function showProgress(bar, label) {
-  return (fraction, status) => {
-    const percent = Math.round(fraction * 100);
-    bar.value = percent;
-    label.textContent = `${status} ${percent}%`;
-  };
-}
 
 function extractionReport(result) {
   const bars = result.layers.map((report) => ({
@@ -45,7 +47,7 @@ async function extract(event) {
   };
   if ($("extract-strength").value) body.default_strength = Number($("extract-strength").value);
   const name = encodeURIComponent($("extract-name").value.trim());
-  const progress = showProgress($("extract-progress"), $("extract-status"));
+  const progress = progressShower($("extract-progress"), $("extract-status"));
   $("extract-report").replaceChildren();
   button.disabled = true;
   try {
@@ -64,7 +66,7 @@ async function extract(event) {
 
 async function fit() {
   clearError();
-  const progress = showProgress($("fit-progress"), $("fit-status"));
+  const progress = progressShower($("fit-progress"), $("fit-status"));
   const image = $("fit-diagnostics");
   image.hidden = true;
   $("fit-start").disabled = true;
@@ -120,9 +122,8 @@ async function mapPersona(event) {
   }
 }
 
-async function showSourcePersonas() {
-  const personas = await state.personas($("fit-source").value);
-  fillSelect($("map-persona"), personas.map((p) => p.name));
+function showSourcePersonas() {
+  return fillPersonaSelect(state, $("map-persona"), $("fit-source").value);
 }
 
 export async function showMakeModels(models) {

@@ -49,3 +49,18 @@ export function downloadBlob(blob, filename) {
   link.remove();
   setTimeout(() => URL.revokeObjectURL(link.href), 1000);
 }
+
+// A job's progress callback (fraction in [0, 1], status) drawing on a <progress> and a label.
+export function progressShower(bar, label) {
+  return (fraction, status) => {
+    const percent = Math.round(fraction * 100);
+    bar.value = percent;
+    label.textContent = `${status} ${percent}%`;
+  };
+}
+
+// Offer the personas of ``model`` in ``select`` (state.personas caches them per model).
+export async function fillPersonaSelect(state, select, model) {
+  const personas = await state.personas(model);
+  fillSelect(select, personas.map((p) => p.name));
+}
