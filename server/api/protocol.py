@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    StringConstraints,
+    model_validator,
+)
 
 from persona_store.records import PERSONA_NAME_PATTERN
 from server.serving.requests import MAX_LOGPROBS
@@ -61,6 +69,52 @@ class SteeringIn(BaseModel):
 
     layers: list[LayerIndex] | None = Field(None, min_length=1, max_length=1024)
     positions: Positions | None = None
+
+
+class PersonaTargetIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: PersonaName
+    score: FiniteFloat = Field(description="The trait score (projection) the answer should hold.")
+    strength: FiniteFloat | None = Field(
+        None, description="The strength the prompt is steered with (default: the persona's default)."
+    )
+    max_strength: FiniteFloat | None = Field(
+        None, gt=0, description="The controller keeps |strength| below this (default: 4x the default)."
+    )
+    gain: FiniteFloat = Field(
+        0.5, gt=0, le=100, description="How fast the strength follows the error (strength per unit of "
+        "error, in units of the vector's norm).",
+    )  # fmt: skip
+
+
+class SteerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: PersonaName
+    strength: FiniteFloat | None = Field(None, description="Default: the persona's default strength.")
+
+
+class PersonaRuleIn(BaseModel):
+    """When a monitored persona's projection crosses a threshold, steer with another from the next
+    token on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    monitor: PersonaName
+    above: FiniteFloat | None = Field(None, description="Fire when the projection is above this.")
+    below: FiniteFloat | None = Field(None, description="Fire when the projection is below this.")
+    steer: SteerIn
+    for_tokens: int | None = Field(
+        None, ge=1, le=100_000, description="Steer at most this many tokens in a row (default: until "
+        "the projection drops back).",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> PersonaRuleIn:
+        if (self.above is None) == (self.below is None):
+            raise ValueError("a persona_when rule takes exactly one of above or below")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -123,6 +177,17 @@ class _CompletionRequest(BaseModel):
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (as in vLLM).")
     persona_monitor: list[PersonaName] | None = Field(
         None, max_length=16, description="Personas whose trait score the answer reports (persona_scores)."
+    )
+    persona_monitor_tokens: bool = Field(
+        False,
+        description="With persona_monitor: each token's projection as the model wrote it "
+        "(persona_token_scores), read in the pass that chose the token.",
+    )
+    persona_target: PersonaTargetIn | None = Field(
+        None, description="Steer with a persona at a strength set token by token to hold a trait score."
+    )
+    persona_when: list[PersonaRuleIn] | None = Field(
+        None, min_length=1, max_length=8, description="Steer only while a monitored trait shows."
     )
 
     def stop_strings(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from server.errors import InvalidRequest
+from server.steering.closed_loop import LoopSpec, TokenTrace
 from server.steering.plan import SteeringPlan
 
 
@@ -125,12 +126,17 @@ class GenerationRequest:
     # Answers to the prompt, each streamed with its own ``TokenChunk.index``; answer i samples with
     # seed + i (as vLLM's n does), and an engine may share their prompt's prefill.
     n: int = 1
+    # Closed-loop steering (engines whose ModelInfo.closed_loop is True): readings per token, a
+    # target, rules. ``steering`` then holds the prompt's steering (the target at its first strength).
+    loop: LoopSpec | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise EngineError("a generation request takes either a prompt or messages")
         if self.n < 1:
             raise EngineError(f"n must be at least 1, got {self.n}", "n")
+        if self.loop is not None and self.n > 1:
+            raise EngineError("closed-loop steering follows one answer: n must be 1", "n")
 
     def choice_sampling(self, index: int) -> SamplingParams:
         """The sampling of answer ``index``: the request's, with seed + index when it has a seed."""
@@ -157,6 +163,8 @@ class TokenChunk:
     index: int = 0  # which of the request's n answers this chunk belongs to
     # When the request asked for logprobs: one entry per token of ``token_ids``.
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # When the request has a closed loop: one entry per token of ``token_ids``.
+    traces: tuple[TokenTrace, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +194,8 @@ class ModelInfo:
     # The most characters of text one token stands for (None: no sound bound): prompts longer than
     # max_context times this are refused before they are tokenized (prompt_bound.py).
     max_token_chars: int | None = None
+    # Whether it serves GenerationRequest.loop (per-token readings, targets, rules).
+    closed_loop: bool = False
 
     def why_unsteerable(self, layer: int) -> str:
         """`` (reason)`` for a block of the model that cannot be steered, else nothing."""

@@ -23,6 +23,7 @@ import torch
 from server.engine.base import TokenLogprob
 from server.engine.sampling import next_token
 from server.engine.sequence import Sequence, emit, fail
+from server.steering.closed_loop import TokenTrace
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +143,17 @@ class EngineScheduler(ABC, Generic[SequenceT, TaskT]):
         logger.exception("prefill failed")
         fail(sequences, error)
 
-    def _emit(self, sequence: SequenceT, token: int, logprob: TokenLogprob | None = None) -> None:
-        emit(sequence, token, self._eos, logprob)
+    def _emit(
+        self,
+        sequence: SequenceT,
+        token: int,
+        logprob: TokenLogprob | None = None,
+        trace: TokenTrace | None = None,
+    ) -> None:
+        emit(sequence, token, self._eos, logprob, trace)
 
-    def _choose_and_emit(self, sequence: SequenceT, logits: torch.Tensor) -> None:
+    def _choose_and_emit(
+        self, sequence: SequenceT, logits: torch.Tensor, trace: TokenTrace | None = None
+    ) -> None:
         """Choose the sequence's next token from its logits [vocab] and send it."""
-        self._emit(sequence, *next_token(logits, sequence, self._eos))
+        self._emit(sequence, *next_token(logits, sequence, self._eos), trace)

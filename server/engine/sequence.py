@@ -26,6 +26,7 @@ from server.engine.base import (
     TokenLogprob,
 )
 from server.engine.text_stream import TextStream
+from server.steering.closed_loop import SteeringLoop, TokenTrace
 from server.steering.plan import SteeringPlan
 
 Sink = Callable[[TokenChunk | BaseException], None]
@@ -74,6 +75,7 @@ class Sequence:
     queue_seconds: float | None = None  # set when the scheduler takes it into a batch
     capture: ResponseCapture | None = None  # monitoring in flight (HF backend)
     index: int = 0  # which of its request's n answers this is
+    loop: SteeringLoop | None = None  # closed-loop steering: readings and strengths per token
 
     @classmethod
     def for_request(
@@ -103,6 +105,7 @@ class Sequence:
             max_new_tokens=max_new_tokens,
             generator=sampling_generator(sampling),
             index=index,
+            loop=SteeringLoop(request.loop) if request.loop is not None else None,
         )
 
     def mark_scheduled(self) -> None:
@@ -151,7 +154,11 @@ def ends_answer(sequence: Sequence, token: int, eos_token_ids: set[int]) -> bool
 
 
 def emit(
-    sequence: Sequence, token: int, eos_token_ids: set[int], logprob: TokenLogprob | None = None
+    sequence: Sequence,
+    token: int,
+    eos_token_ids: set[int],
+    logprob: TokenLogprob | None = None,
+    trace: TokenTrace | None = None,
 ) -> None:
     """Append a generated token and send its chunk; marks the sequence finished on its last token."""
     sequence.output_ids.append(token)
@@ -174,6 +181,7 @@ def emit(
         queue_seconds=sequence.queue_seconds if len(sequence.output_ids) == 1 else None,
         index=sequence.index,
         logprobs=None if logprob is None else (logprob,),
+        traces=None if trace is None else (trace,),
     )
     if finish is not None and sequence.capture is not None:
         sequence.capture.held = chunk  # sent after one more step has read the last token's outputs

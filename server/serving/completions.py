@@ -23,6 +23,7 @@ from server.serving.model_registry import ModelRegistry
 from server.serving.monitoring import Monitor, load_monitors, monitored_blocks, persona_scores
 from server.serving.personas import ResolvedPersonas, resolve_personas
 from server.serving.requests import CompletionJob
+from server.serving.steering_loops import LoopPlan, LoopReport, plan_loop
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class _Plan:
     sampling: SamplingParams
     personas: ResolvedPersonas
     monitors: list[Monitor]
+    loop: LoopPlan | None = None
 
 
 @dataclass
@@ -55,6 +57,7 @@ class _Run:
     request: GenerationRequest
     offset: int  # the choice index of its first answer
     token_ids: list[int] = field(default_factory=list)  # of its answers, for a monitoring read-back
+    report: LoopReport | None = None  # what its closed loop did, token by token
 
     async def close(self) -> None:
         await self.stream.aclose()  # type: ignore[attr-defined]
@@ -72,11 +75,15 @@ def _shape(job: CompletionJob) -> responses.ResponseShape:
     )
 
 
-def _persona_echo(job: CompletionJob, personas: ResolvedPersonas) -> Any:
+def _persona_echo(job: CompletionJob, personas: ResolvedPersonas, report: LoopReport | None = None) -> Any:
+    """The personas applied; a target persona with its mean strength so far."""
     echoes = [echo.to_dict() for echo in personas.echoes]
+    target = report.target_echo() if report is not None else None
+    if target is not None:
+        echoes.append(target)
     if not echoes:
         return None
-    return echoes[0] if isinstance(job.persona, str) else echoes
+    return echoes[0] if len(echoes) == 1 and not isinstance(job.persona, list) else echoes
 
 
 class CompletionService:
@@ -153,13 +160,18 @@ class CompletionService:
             self._limits.max_strength,
         )
         monitors = await load_monitors(self._store, backend.info, job.persona_monitor)
-        return _Plan(backend, sampling, personas, monitors)
+        limit = self._limits.max_strength
+        loop = await plan_loop(self._store, backend.info, job, personas, monitors, limit)
+        return _Plan(backend, sampling, personas, monitors, loop)
 
     async def _open(self, job: CompletionJob, plan: _Plan, prompt: str | None, offset: int) -> _Run:
         arrived = time.perf_counter()
+        loop = plan.loop
         request = GenerationRequest(
-            sampling=plan.sampling, prompt=prompt, messages=job.messages, steering=plan.personas.plan,
+            sampling=plan.sampling, prompt=prompt, messages=job.messages,
+            steering=plan.personas.plan if loop is None else loop.prompt_plan,
             monitor_blocks=monitored_blocks(plan.monitors) if plan.monitors else None, n=job.n,
+            loop=None if loop is None else loop.spec,
         )  # fmt: skip
         release = ExitStack()
         release.enter_context(self._registry.admit(job.model, places=job.n))
@@ -175,7 +187,8 @@ class CompletionService:
         finally:
             waiting.dec()
         return _Run(job=job, plan=plan, stream=stream, first=first, arrived=arrived, release=release,
-                    request=request, offset=offset)  # fmt: skip
+                    request=request, offset=offset,
+                    report=None if loop is None else LoopReport(loop))  # fmt: skip
 
     async def _open_all(self, job: CompletionJob) -> list[_Run]:
         """Open every prompt's generation; if one fails, close the others and raise its error."""
@@ -285,6 +298,17 @@ class CompletionService:
         return scores
 
     @staticmethod
+    def _loop_fields(run: _Run, chunk: TokenChunk) -> dict[str, Any] | None:
+        """A streamed chunk's closed-loop fields: its tokens' readings and strengths, and on the last
+        chunk the rules that fired."""
+        if run.report is None:
+            return None
+        fields = run.report.add(chunk.traces or ())
+        if chunk.finish_reason is not None:
+            fields.update(run.report.fired())
+        return fields or None
+
+    @staticmethod
     def _echoes(job: CompletionJob) -> list[str]:
         """Each answer's prompt text, by answer index, when the job asked to echo it."""
         if not job.echo or job.is_chat:
@@ -298,13 +322,19 @@ class CompletionService:
         async with aclosing(self._merged(runs)) as chunks:
             async for run, chunk in chunks:
                 answers[run.offset + chunk.index].add(chunk)
+                if run.report is not None and chunk.traces:
+                    run.report.add(chunk.traces)
                 if chunk.finish_reason is not None and run.job.persona_monitor:
                     scores = await self._scores(run, chunk)
         totals = responses.usage(
             sum(run.first.prompt_tokens for run in runs), sum(a.completion_tokens for a in answers.values())
         )
-        persona = _persona_echo(job, runs[0].plan.personas)
-        return _shape(job).completion(list(answers.values()), totals, persona, scores, self._echoes(job))
+        report = runs[0].report
+        persona = _persona_echo(job, runs[0].plan.personas, report)
+        extras = report.final() if report is not None else None
+        return _shape(job).completion(
+            list(answers.values()), totals, persona, scores, self._echoes(job), extras
+        )
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[str]:
         """Open the generation (errors raise here, before any byte is sent), then return its SSE events."""
@@ -312,7 +342,7 @@ class CompletionService:
         return self._events(job, runs)
 
     async def _events(self, job: CompletionJob, runs: list[_Run]) -> AsyncIterator[str]:
-        shape, persona = _shape(job), _persona_echo(job, runs[0].plan.personas)
+        shape, persona = _shape(job), _persona_echo(job, runs[0].plan.personas, runs[0].report)
         echoes = self._echoes(job)
         sent: dict[int, int] = {}  # answer -> characters of its text sent so far
         generated: dict[int, int] = {}
@@ -326,9 +356,12 @@ class CompletionService:
                 generated[index] = chunk.completion_tokens
                 finish = chunk.finish_reason.value if chunk.finish_reason else None
                 scores = await self._scores(run, chunk) if finish else None  # on the final chunk
-                if text or first or finish or chunk.logprobs:
+                extras = self._loop_fields(run, chunk)
+                if finish and run.report is not None:
+                    persona = _persona_echo(job, run.plan.personas, run.report)  # the mean strength
+                if text or first or finish or chunk.logprobs or extras:
                     payload = shape.chunk(text, finish, persona, first=first, scores=scores, index=index,
-                                          logprobs=chunk.logprobs, offset=offset)  # fmt: skip
+                                          logprobs=chunk.logprobs, offset=offset, extras=extras)  # fmt: skip
                     yield responses.sse(payload)
         if job.include_usage:
             totals = responses.usage(sum(run.first.prompt_tokens for run in runs), sum(generated.values()))

@@ -11,13 +11,44 @@ from server.steering.plan import Positions
 
 # ChatMessage is part of a completion request (and MAX_LOGPROBS one of its limits): the API takes
 # them from here, never from the engine.
-__all__ = ["MAX_LOGPROBS", "ChatMessage", "CompletionJob", "JsonOutput", "PersonaTerm", "SteeringOverride"]
+__all__ = [
+    "MAX_LOGPROBS",
+    "ChatMessage",
+    "CompletionJob",
+    "JsonOutput",
+    "PersonaTerm",
+    "SteeringOverride",
+    "TargetTerm",
+    "WhenRule",
+]
 
 
 @dataclass(frozen=True)
 class PersonaTerm:
     name: str
     strength: float | None = None  # None: the persona's stored default strength
+
+
+@dataclass(frozen=True)
+class TargetTerm:
+    """Hold persona ``name``'s reading at ``score``, the strength chosen token by token."""
+
+    name: str
+    score: float
+    strength: float | None = None  # the prompt's (default: the persona's default strength)
+    max_strength: float | None = None  # default: 4x the default strength, within the server's limit
+    gain: float = 0.5
+
+
+@dataclass(frozen=True)
+class WhenRule:
+    """While ``monitor``'s reading is above (or below) ``threshold``, steer with ``steer``."""
+
+    monitor: str
+    threshold: float
+    above: bool
+    steer: PersonaTerm
+    for_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +98,14 @@ class CompletionJob:
     persona_strength: float | None = None
     steering: SteeringOverride | None = None
     persona_monitor: tuple[str, ...] = ()  # personas whose trait score the answer reports
+    monitor_tokens: bool = False  # and each token's reading of them
+    persona_target: TargetTerm | None = None
+    persona_when: tuple[WhenRule, ...] = ()
+
+    @property
+    def closed_loop(self) -> bool:
+        """Whether the job reads the model as it writes (token scores, a target, rules)."""
+        return self.monitor_tokens or self.persona_target is not None or bool(self.persona_when)
 
     @property
     def is_chat(self) -> bool:

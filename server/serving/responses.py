@@ -34,9 +34,37 @@ class AppliedPersona(BaseModel):
     """A persona that steered the answer, as it was applied."""
 
     name: str
-    strength: float = Field(description="The strength used: the request's, else the persona's default.")
+    strength: float = Field(
+        description="The strength used: the request's, else the persona's default (persona_target: "
+        "the mean over the answer's tokens so far)."
+    )
     version: int = Field(description="The persona version that steered.")
     layers: list[int] = Field(description="The decoder blocks that were steered.")
+    target_score: float | None = Field(None, description="persona_target only: the score it held to.")
+
+
+class FiredRule(BaseModel):
+    """A run of answer tokens that one ``persona_when`` rule steered."""
+
+    rule: int = Field(description="The rule's index in persona_when.")
+    token: int = Field(description="The first steered answer token (0-based).")
+    tokens: int = Field(description="How many tokens in a row it steered.")
+
+
+_TOKEN_SCORES = (
+    "With persona_monitor_tokens: per monitored persona, each answer token's projection, read in the "
+    "forward pass that chose the token at the position it was chosen from, on the steered run minus what "
+    "the request's own steering added to the residual stream (unlike persona_scores, which reads the "
+    "whole answer back unsteered). A streamed chunk holds its own tokens'."
+)
+_TARGET_STRENGTHS = "With persona_target: the strength each answer token was chosen under (a chunk: its own)."
+_WHEN_FIRED = "With persona_when: each run of tokens a rule steered (on the chunk that finishes)."
+
+
+class _LoopFields(BaseModel):
+    persona_token_scores: dict[str, list[float]] | None = Field(None, description=_TOKEN_SCORES)
+    persona_target_strengths: list[float] | None = Field(None, description=_TARGET_STRENGTHS)
+    persona_when_fired: list[FiredRule] | None = Field(None, description=_WHEN_FIRED)
 
 
 PersonaEcho = Annotated[
@@ -125,7 +153,7 @@ class _Envelope(BaseModel):
     model: str
 
 
-class ChatCompletion(_Envelope):
+class ChatCompletion(_Envelope, _LoopFields):
     object: Literal["chat.completion"]
     choices: list[ChatChoice]
     usage: Usage
@@ -133,7 +161,7 @@ class ChatCompletion(_Envelope):
     persona_scores: PersonaScores = None
 
 
-class TextCompletion(_Envelope):
+class TextCompletion(_Envelope, _LoopFields):
     object: Literal["text_completion"]
     choices: list[TextChoice]
     usage: Usage
@@ -145,7 +173,7 @@ _USAGE_CHUNK = "Only on the last chunk before [DONE], if stream_options.include_
 _CHUNK_PERSONA = "The persona applied (a list if composed; null if none): on every chunk but the usage chunk."
 
 
-class ChatCompletionChunk(_Envelope):
+class ChatCompletionChunk(_Envelope, _LoopFields):
     """One server-sent event of a streamed chat completion."""
 
     object: Literal["chat.completion.chunk"]
@@ -155,7 +183,7 @@ class ChatCompletionChunk(_Envelope):
     usage: Usage | None = Field(None, description=_USAGE_CHUNK)
 
 
-class CompletionChunk(_Envelope):
+class CompletionChunk(_Envelope, _LoopFields):
     """One server-sent event of a streamed text completion."""
 
     object: Literal["text_completion"]
@@ -303,9 +331,10 @@ class ResponseShape:
         persona: Any,
         scores: dict[str, float] | None = None,
         echo: Sequence[str] = (),
+        extras: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The whole response; ``echo``, when the request asked for it, holds each answer's prompt
-        text by the answer's index."""
+        text by the answer's index; ``extras``: closed-loop fields."""
         choices = []
         for answer in answers:
             prefix = echo[answer.index] if echo else ""
@@ -313,7 +342,9 @@ class ResponseShape:
             choices.append(self._choice(answer.index, prefix + answer.text, answer.finish_reason, delta=None,
                                         logprobs=logprobs))  # fmt: skip
         body = {**self._envelope(False, choices), "usage": totals, "persona": persona}
-        return body if scores is None else {**body, "persona_scores": scores}
+        if scores is not None:
+            body["persona_scores"] = scores
+        return body if not extras else {**body, **extras}
 
     def chunk(
         self,
@@ -325,15 +356,19 @@ class ResponseShape:
         index: int = 0,
         logprobs: Sequence[TokenLogprob] | None = None,
         offset: int = 0,
+        extras: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """One event of a streamed choice; ``offset`` is where ``text`` starts in the choice's text."""
+        """One event of a streamed choice; ``offset`` is where ``text`` starts in the choice's text;
+        ``extras``: closed-loop fields."""
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         delta["content"] = text
         choice = self._choice(
             index, text, finish_reason, delta=delta, logprobs=self._logprobs(logprobs, offset)
         )
         body = {**self._envelope(True, [choice]), "persona": persona}
-        return body if scores is None else {**body, "persona_scores": scores}
+        if scores is not None:
+            body["persona_scores"] = scores
+        return body if not extras else {**body, **extras}
 
     def usage_chunk(self, totals: dict[str, int]) -> dict[str, Any]:
         return {**self._envelope(True, []), "usage": totals}

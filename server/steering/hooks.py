@@ -8,7 +8,7 @@ left untouched, bit for bit, because the addition goes through ``index_add`` on 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -49,11 +49,24 @@ class BatchSteering:
         device: torch.device | str,
     ) -> BatchSteering | None:
         """``position_masks`` is bool [rows, tokens]: where each row's plan applies in this forward."""
+        deltas = [None if plan is None else plan.deltas for plan in plans]
+        return cls.from_deltas(deltas, position_masks, dtype=dtype, device=device)
+
+    @classmethod
+    def from_deltas(
+        cls,
+        rows_deltas: Sequence[Mapping[int, torch.Tensor] | None],
+        position_masks: torch.Tensor,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> BatchSteering | None:
+        """Per row, block -> what it adds (None or empty: nothing); ``position_masks`` as in ``build``."""
         per_layer: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        for row, plan in enumerate(plans):
-            if plan is None or plan.is_noop or not bool(position_masks[row].any()):
+        for row, deltas in enumerate(rows_deltas):
+            if not deltas or not bool(position_masks[row].any()):
                 continue
-            for layer, delta in plan.deltas.items():
+            for layer, delta in deltas.items():
                 per_layer.setdefault(layer, []).append((row, delta))
         if not per_layer:
             return None
@@ -63,7 +76,7 @@ class BatchSteering:
             vectors = torch.stack([delta for _, delta in entries])
             # Precomputed once per batch composition: a decode step reuses it at every token.
             addition = position_masks[rows].to(vectors.dtype).unsqueeze(-1) * vectors.unsqueeze(1)
-            every_row = len(entries) == len(plans)
+            every_row = len(entries) == len(rows_deltas)
             layers[layer] = LayerAddition(
                 rows=None if every_row else rows.to(device),
                 addition=addition.to(device=device, dtype=dtype),

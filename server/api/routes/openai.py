@@ -11,11 +11,19 @@ from fastapi.responses import StreamingResponse
 from server.api.auth import require_api_key
 from server.api.errors import APIError
 from server.api.openapi import errors, event_stream
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, _CompletionRequest
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, PersonaRuleIn, _CompletionRequest
 from server.api.resources import ModelCard, ModelList, PersonaSummaryList
 from server.serving.completions import CompletionService
 from server.serving.errors import RequestRejected
-from server.serving.requests import ChatMessage, CompletionJob, JsonOutput, PersonaTerm, SteeringOverride
+from server.serving.requests import (
+    ChatMessage,
+    CompletionJob,
+    JsonOutput,
+    PersonaTerm,
+    SteeringOverride,
+    TargetTerm,
+    WhenRule,
+)
 from server.serving.responses import ChatCompletion, ChatCompletionChunk, CompletionChunk, TextCompletion
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=errors(401))
@@ -75,8 +83,26 @@ def _job(body: _CompletionRequest, logprobs: int | None, **prompt: Any) -> Compl
         persona_strength=body.persona_strength,
         steering=steering,
         persona_monitor=tuple(body.persona_monitor or ()),
+        monitor_tokens=body.persona_monitor_tokens,
+        persona_target=_target(body),
+        persona_when=tuple(_rule(rule) for rule in body.persona_when or ()),
         **prompt,
     )
+
+
+def _target(body: _CompletionRequest) -> TargetTerm | None:
+    target = body.persona_target
+    if target is None:
+        return None
+    return TargetTerm(target.name, target.score, target.strength, target.max_strength, target.gain)
+
+
+def _rule(rule: PersonaRuleIn) -> WhenRule:
+    above = rule.above is not None
+    threshold = rule.above if rule.above is not None else rule.below
+    assert threshold is not None  # the protocol model holds exactly one
+    steer = PersonaTerm(rule.steer.name, rule.steer.strength)
+    return WhenRule(rule.monitor, threshold, above, steer, rule.for_tokens)
 
 
 async def _until_disconnect(request: Request, work: Any) -> Any:

@@ -20,6 +20,7 @@ from server.engine.prompt_bound import hf_max_token_chars
 from server.engine.prompts import answer_ids, eos_token_ids, prompt_ids
 from server.engine.read_back import leading_blocks
 from server.engine.sequence import ResponseCapture, Sequence, Sink
+from server.steering.closed_loop import LoopSpec
 from server.steering.plan import SteeringPlan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -35,14 +36,15 @@ def _max_context(model: PreTrainedModel, tokenizer: Any) -> int:
 
 
 def _in_flight_capture(
-    monitor_blocks: int | None, plan: SteeringPlan | None, num_layers: int
+    monitor_blocks: int | None, plan: SteeringPlan | None, loop: LoopSpec | None, num_layers: int
 ) -> ResponseCapture | None:
     """A capture of the monitored blocks while generating, when it equals the unsteered read-back:
     no steering on those blocks or before them (a block's output depends only on the blocks up to it)."""
     if monitor_blocks is None:
         return None
     blocks = leading_blocks(monitor_blocks, num_layers)
-    if plan is not None and min(plan.deltas, default=num_layers) < blocks:
+    steered = set(plan.deltas if plan is not None else ()) | (loop.steered_blocks if loop else set())
+    if min(steered, default=num_layers) < blocks:
         return None
     return ResponseCapture(blocks)
 
@@ -64,6 +66,7 @@ class HFBackend(InProcessBackend[Scheduler]):
             max_context=_max_context(model, tokenizer),
             steerable_layers=tuple(range(layout.num_layers)),
             max_token_chars=hf_max_token_chars(tokenizer),
+            closed_loop=True,
         )
         eos_ids = eos_token_ids(model.generation_config, tokenizer)
         self._scheduler = Scheduler(self._runner, eos_ids, max_batch_size)
@@ -102,7 +105,9 @@ class HFBackend(InProcessBackend[Scheduler]):
 
     def _sequence(self, request: GenerationRequest, prompt: list[int], index: int, sink: Sink) -> Sequence:
         sequence = Sequence.for_request(request, prompt, self._info, self._tokenizer, sink, index)
-        sequence.capture = _in_flight_capture(request.monitor_blocks, sequence.plan, self._info.num_layers)
+        sequence.capture = _in_flight_capture(
+            request.monitor_blocks, sequence.plan, request.loop, self._info.num_layers
+        )
         return sequence
 
     async def _read_back(self, request: GenerationRequest, response_ids: list[int], work: Any) -> Any:

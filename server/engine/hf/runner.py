@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -165,11 +166,46 @@ class ModelRunner:
 
     def decode_steering(self, plans: Sequence[SteeringPlan | None]) -> BatchSteering | None:
         """The steering of a decode step for rows carrying ``plans`` (reusable while the rows stay)."""
-        mask = torch.tensor(
-            [[plan is not None and steers_generated_tokens(plan.positions)] for plan in plans],
-            dtype=torch.bool,
-        )
-        return BatchSteering.build(plans, mask, dtype=self.dtype, device=self.device)
+        return self.rows_steering(
+            [plan.deltas if plan is not None and steers_generated_tokens(plan.positions) else None
+             for plan in plans]
+        )  # fmt: skip
+
+    def rows_steering(self, rows_deltas: Sequence[Mapping[int, torch.Tensor] | None]) -> BatchSteering | None:
+        """The steering of a decode step where row i adds ``rows_deltas[i]`` (block -> vector)."""
+        mask = torch.ones((len(rows_deltas), 1), dtype=torch.bool)
+        return BatchSteering.from_deltas(rows_deltas, mask, dtype=self.dtype, device=self.device)
+
+    @contextmanager
+    def _capturing(self, rows: Sequence[int], num_blocks: int) -> Iterator[list[torch.Tensor]]:
+        """Collect, during the forward run inside, the outputs of blocks ``0..num_blocks-1`` of
+        ``rows`` at the last position (what the steering hooks left there), one tensor per block."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        outputs: list[torch.Tensor] = []
+
+        def capture(_module: torch.nn.Module, _args: object, output: object) -> None:
+            hidden = output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
+            outputs.append(hidden.index_select(0, index)[:, -1].float().cpu())
+
+        handles = [block.register_forward_hook(capture) for block in self.layout.blocks[:num_blocks]]
+        try:
+            yield outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def prefill_capturing(
+        self,
+        prompts: Sequence[Sequence[int]],
+        plans: Sequence[SteeringPlan | None],
+        rows: Sequence[int],
+        num_blocks: int,
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+        """``prefill``, also returning the outputs of blocks ``0..num_blocks-1`` for ``rows`` at their
+        last prompt token: [len(rows), num_blocks, hidden]."""
+        with self._capturing(rows, num_blocks) as outputs:
+            logits, cache, mask = self.prefill(prompts, plans)
+        return logits, cache, mask, torch.stack(outputs, dim=1)
 
     def decode_capturing(
         self,
@@ -181,19 +217,8 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``decode``, also returning the outputs of blocks ``0..num_blocks-1`` for ``rows`` at the fed
         position: [len(rows), num_blocks, hidden] (what the steering hooks left there)."""
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
-        outputs: list[torch.Tensor] = []
-
-        def capture(_module: torch.nn.Module, _args: object, output: object) -> None:
-            hidden = output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
-            outputs.append(hidden.index_select(0, index)[:, -1].float().cpu())
-
-        handles = [block.register_forward_hook(capture) for block in self.layout.blocks[:num_blocks]]
-        try:
+        with self._capturing(rows, num_blocks) as outputs:
             logits = self.decode(batch, last_tokens, steering)
-        finally:
-            for handle in handles:
-                handle.remove()
         return logits, torch.stack(outputs, dim=1)
 
     def decode(

@@ -12,12 +12,16 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+import torch
+
 from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.runner import ModelRunner
 from server.engine.sampling import next_tokens
 from server.engine.scheduler import EngineScheduler, ModelTask
 from server.engine.sequence import Sequence
+from server.steering.closed_loop import TokenTrace
 from server.steering.hooks import BatchSteering
+from server.steering.plan import steers_generated_tokens
 
 
 class Scheduler(EngineScheduler[Sequence, ModelTask]):
@@ -90,10 +94,16 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
         unique: dict[tuple[tuple[int, ...], str], int] = {}
         source = [unique.setdefault(key, len(unique)) for key in keys]
         firsts = [keys.index(key) for key in unique]
+        prompts, plans = [group[row].prompt_ids for row in firsts], [group[row].plan for row in firsts]
+        # Rows whose closed loop reads the state the first answer token is chosen from.
+        read = sorted({source[row] for row, sequence in enumerate(group) if sequence.loop is not None})
         try:
-            logits, cache, mask = self._runner.prefill(
-                [group[row].prompt_ids for row in firsts], [group[row].plan for row in firsts]
-            )
+            if read:
+                num_blocks = max(s.loop.spec.num_blocks for s in group if s.loop is not None)
+                run = self._runner.prefill_capturing(prompts, plans, read, num_blocks)
+                logits, cache, mask, outputs = run
+            else:
+                logits, cache, mask = self._runner.prefill(prompts, plans)
         except Exception as exc:
             if len(firsts) == 1:
                 self._fail_prefill(group, exc)
@@ -102,7 +112,11 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
             return any([self._prefill([sequence]) for sequence in group])
         logits = logits.cpu()
         for row, sequence in enumerate(group):
-            self._choose_and_emit(sequence, logits[source[row]])
+            trace = None
+            if sequence.loop is not None:
+                added = sequence.plan.deltas if sequence.plan is not None else {}
+                trace = sequence.loop.observe(outputs[read.index(source[row])], added)
+            self._choose_and_emit(sequence, logits[source[row]], trace)
         kept = [row for row, sequence in enumerate(group) if not sequence.finished]
         if not kept:
             return False
@@ -116,28 +130,39 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
         self._rows.extend(group[row] for row in kept)
         return True
 
+    def _step_steering(self) -> BatchSteering | None:
+        """This step's steering: the batch's, kept while its rows stay, unless a closed loop changes
+        its row's steering from token to token."""
+        if not any(sequence.loop is not None for sequence in self._rows):
+            return self._decode_steering
+        return self._runner.rows_steering([_decode_deltas(sequence) for sequence in self._rows])
+
     def _decode_step(self) -> None:
         last_tokens = [s.output_ids[-1] for s in self._rows]
-        capturing = [row for row, s in enumerate(self._rows) if s.capture is not None]
-        if capturing:
-            num_blocks = max(self._rows[row].capture.num_blocks for row in capturing)  # type: ignore[union-attr]
+        steering = self._step_steering()
+        reading = [row for row, s in enumerate(self._rows) if s.capture is not None or s.loop is not None]
+        traces: dict[int, TokenTrace] = {}
+        if reading:
+            num_blocks = max(_blocks_read(self._rows[row]) for row in reading)
             logits, outputs = self._runner.decode_capturing(
-                self._batch, last_tokens, self._decode_steering, capturing, num_blocks
+                self._batch, last_tokens, steering, reading, num_blocks
             )
-            for row, row_outputs in zip(capturing, outputs, strict=True):
-                capture = self._rows[row].capture
-                assert capture is not None
-                capture.add(row_outputs[: capture.num_blocks])  # the fed token is a response token
+            for row, row_outputs in zip(reading, outputs, strict=True):
+                sequence = self._rows[row]
+                if sequence.capture is not None:  # the fed token is a response token
+                    sequence.capture.add(row_outputs[: sequence.capture.num_blocks])
+                if sequence.loop is not None and not _holds_last(sequence):
+                    traces[row] = sequence.loop.observe(row_outputs)
         else:
-            logits = self._runner.decode(self._batch, last_tokens, self._decode_steering)
+            logits = self._runner.decode(self._batch, last_tokens, steering)
         choices = next_tokens(logits, self._rows, self._eos)
-        for sequence, (token, logprob) in zip(self._rows, choices, strict=True):
-            if sequence.capture is not None and sequence.capture.held is not None:
+        for row, (sequence, (token, logprob)) in enumerate(zip(self._rows, choices, strict=True)):
+            if _holds_last(sequence):
                 # This step read its last token: the final chunk goes out now, with the means.
                 sequence.finished = True
-                sequence.sink(sequence.capture.release())
+                sequence.sink(sequence.capture.release())  # type: ignore[union-attr]
             else:
-                self._emit(sequence, token, logprob)
+                self._emit(sequence, token, logprob, traces.get(row))
         self._drop_rows(lambda s: s.finished)
 
     def _drop_rows(self, leaves: Callable[[Sequence], bool]) -> None:
@@ -155,3 +180,22 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
         self._rows = []
         self._batch = KVBatch()
         self._decode_steering = None
+
+
+def _holds_last(sequence: Sequence) -> bool:
+    """Whether the sequence has generated its last token and waits for this step to read it."""
+    return sequence.capture is not None and sequence.capture.held is not None
+
+
+def _blocks_read(sequence: Sequence) -> int:
+    """How many leading blocks a decode step reads for the sequence."""
+    capture = sequence.capture.num_blocks if sequence.capture is not None else 0
+    return max(capture, sequence.loop.spec.num_blocks if sequence.loop is not None else 0)
+
+
+def _decode_deltas(sequence: Sequence) -> dict[int, torch.Tensor] | None:
+    """What the sequence adds to each block at its generated tokens in this step."""
+    if sequence.loop is not None:
+        return sequence.loop.deltas()
+    plan = sequence.plan
+    return plan.deltas if plan is not None and steers_generated_tokens(plan.positions) else None
