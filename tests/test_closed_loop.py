@@ -8,7 +8,8 @@ forward hook adding the rule's vector exactly at the passes it should, or the bl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from server.steering.closed_loop import (
     Rule,
     SteeringLoop,
     Target,
+    TokenTrace,
     fired_runs,
     pushed_by,
 )
@@ -50,7 +52,7 @@ def tokens_of(chunks: Sequence[TokenChunk]) -> list[int]:
     return [token for chunk in chunks for token in chunk.token_ids]
 
 
-def traces_of(chunks: Sequence[TokenChunk]) -> list:
+def traces_of(chunks: Sequence[TokenChunk]) -> list[TokenTrace]:
     return [trace for chunk in chunks for trace in chunk.traces or ()]
 
 
@@ -64,8 +66,8 @@ def reference_decode(
     prompt = backend.prompt_ids(chat(None))
     active = {"on": False}
 
-    def hook(block: int):  # noqa: ANN202
-        def add(_module, _args, output):  # noqa: ANN001, ANN202
+    def hook(block: int) -> Callable[..., Any]:
+        def add(_module: torch.nn.Module, _args: object, output: Any) -> Any:
             if not active["on"]:
                 return None
             hidden = output if isinstance(output, torch.Tensor) else output[0]
@@ -223,7 +225,7 @@ async def _replay(backend: HFBackend, persona: torch.Tensor, strengths: list[flo
     prompt = backend.prompt_ids(chat(None))
     step = {"strength": 0.0}
 
-    def add(_module, _args, output):  # noqa: ANN001, ANN202
+    def add(_module: torch.nn.Module, _args: object, output: Any) -> Any:
         hidden = output if isinstance(output, torch.Tensor) else output[0]
         hidden = hidden.clone()
         hidden[:, -1] += step["strength"] * persona
