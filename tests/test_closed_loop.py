@@ -243,3 +243,15 @@ async def _replay(backend: HFBackend, persona: torch.Tensor, strengths: list[flo
     finally:
         handle.remove()
     return tokens
+
+
+async def test_a_rule_that_fires_on_the_prompt_steers_the_answer_from_its_first_token(
+    llama_backend: HFBackend,
+) -> None:
+    rule = Rule(_monitor(3), -1e9, True, "q", {1: vector(5)}, strength=6.0, for_tokens=2)
+    chunks = await collect(llama_backend, chat(LoopSpec(rules=(rule,)), max_tokens=10))
+    applied = [trace.rules for trace in traces_of(chunks)]
+    assert applied[:3] == [(0,), (0,), ()]  # two tokens, then it rests (the reading never drops)
+    # By hand: the prompt's pass with the vector at its last token, then the pass that feeds token 0.
+    expected = reference_decode(llama_backend, {1: 6.0 * vector(5)}, {0, 1}, max_tokens=10)
+    assert tokens_of(chunks) == expected != tokens_of(await collect(llama_backend, chat(None, max_tokens=10)))

@@ -168,6 +168,29 @@ class SteeringLoop:
         """block -> what this answer adds to the block's output in the current pass (float32)."""
         return self._deltas
 
+    @property
+    def rules_on(self) -> tuple[int, ...]:
+        """The rules that steer the current pass."""
+        return tuple(sorted(self._active))
+
+    def rerun(self) -> None:
+        """The pass just run again with the rules that are on (the prompt's last token): it counts as
+        one of their ``for_tokens``, and the reading that turned them on still holds."""
+        for index in self.rules_on:
+            self._update_rule(index, self.spec.rules[index], crossed=True)
+        self._deltas = self._compose()
+
+    def rule_deltas(self) -> dict[int, torch.Tensor]:
+        """block -> what the rules that are on add (the prompt's last token is run again with it when
+        a rule fires on the prompt: the answer is steered from its first token)."""
+        deltas: dict[int, torch.Tensor] = {}
+        for index in self.rules_on:
+            rule = self.spec.rules[index]
+            for block, vector in rule.vectors.items():
+                scaled = vector * rule.strength
+                deltas[block] = deltas[block] + scaled if block in deltas else scaled
+        return deltas
+
     def _compose(self) -> dict[int, torch.Tensor]:
         deltas = {block: delta.clone() for block, delta in self.spec.static.items()}
         terms: list[tuple[Mapping[int, torch.Tensor], float]] = []

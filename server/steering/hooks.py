@@ -32,6 +32,13 @@ class LayerAddition:
             return hidden + self.addition
         return hidden.index_add(0, self.rows, self.addition)
 
+    def dense(self, num_rows: int) -> torch.Tensor:
+        """The addition of every row [num_rows, tokens, hidden] (zeros where a row is not steered)."""
+        if self.rows is None:
+            return self.addition
+        zeros = self.addition.new_zeros((num_rows, *self.addition.shape[1:]))
+        return zeros.index_add(0, self.rows, self.addition)
+
 
 @dataclass(frozen=True)
 class BatchSteering:
@@ -82,6 +89,18 @@ class BatchSteering:
                 addition=addition.to(device=device, dtype=dtype),
             )
         return cls(layers=layers)
+
+
+def summed(parts: Sequence[BatchSteering | None], num_rows: int) -> BatchSteering | None:
+    """One forward's steering that adds what each of ``parts`` adds (over the same rows and tokens)."""
+    present = [part for part in parts if part is not None]
+    if len(present) < 2:
+        return present[0] if present else None
+    layers: dict[int, LayerAddition] = {}
+    for layer in sorted({layer for part in present for layer in part.layers}):
+        additions = [part.layers[layer].dense(num_rows) for part in present if layer in part.layers]
+        layers[layer] = LayerAddition(rows=None, addition=torch.stack(additions).sum(dim=0))
+    return BatchSteering(layers=layers)
 
 
 class SteeringHooks:

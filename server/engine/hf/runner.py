@@ -11,7 +11,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.kv_cache import GrowingCache
-from server.steering.hooks import BatchSteering, SteeringHooks
+from server.steering.hooks import BatchSteering, SteeringHooks, summed
 from server.steering.layers import find_decoder_layout
 from server.steering.plan import SteeringPlan, prompt_position_mask, steers_generated_tokens
 
@@ -59,9 +59,13 @@ class ModelRunner:
         return logits[:, -1, :].float()
 
     def prefill(
-        self, prompts: Sequence[Sequence[int]], plans: Sequence[SteeringPlan | None]
+        self,
+        prompts: Sequence[Sequence[int]],
+        plans: Sequence[SteeringPlan | None],
+        at_last: Sequence[Mapping[int, torch.Tensor] | None] | None = None,
     ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """Run prompts together, left-padded to the longest; one weight pass serves the whole group.
+        ``at_last``: per row, block -> what is added at the last prompt token besides its plan.
 
         Returns the next-token logits [rows, vocab], the group's cache and its attention mask
         [rows, longest] (0 on the padding), ready for ``KVBatch.append``.
@@ -76,6 +80,11 @@ class ModelRunner:
                 if plan is not None:
                     masks[row, pads[row] :] = prompt_position_mask(plan.positions, len(ids))
             steering = BatchSteering.build(plans, masks, dtype=self.dtype, device=self.device)
+        if at_last is not None:
+            last = torch.zeros((len(prompts), longest), dtype=torch.bool)
+            last[:, -1] = True
+            extra = BatchSteering.from_deltas(at_last, last, dtype=self.dtype, device=self.device)
+            steering = summed([steering, extra], len(prompts))
         cache = self.cache_factory()
         logits = self._forward(input_ids, attention_mask, position_ids, cache, steering)
         return logits, cache, attention_mask

@@ -8,6 +8,7 @@ of waiting for the batch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -111,15 +112,20 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
             # Again one by one, so that only the failing prompt fails (a list: every one must run).
             return any([self._prefill([sequence]) for sequence in group])
         logits = logits.cpu()
+        again: list[tuple[Sequence, TokenTrace]] = []
         for row, sequence in enumerate(group):
             trace = None
             if sequence.loop is not None:
                 added = sequence.plan.deltas if sequence.plan is not None else {}
                 trace = sequence.loop.observe(outputs[read.index(source[row])], added)
+                if sequence.loop.rules_on:  # a rule fired on the prompt: it steers the first token too
+                    again.append((sequence, trace))
+                    continue
             self._choose_and_emit(sequence, logits[source[row]], trace)
-        kept = [row for row, sequence in enumerate(group) if not sequence.finished]
+        joined = any([self._prefill_ruled(sequence, trace) for sequence, trace in again])
+        kept = [row for row, s in enumerate(group) if not s.finished and all(s is not a for a, _ in again)]
         if not kept:
-            return False
+            return joined
         rows = [source[row] for row in kept]
         if rows != list(range(len(firsts))):
             group_batch = KVBatch()
@@ -128,6 +134,26 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
             cache, mask = group_batch.cache, group_batch.attention_mask  # type: ignore[assignment]
         self._batch.append(cache, mask)
         self._rows.extend(group[row] for row in kept)
+        return True
+
+    def _prefill_ruled(self, sequence: Sequence, trace: TokenTrace) -> bool:
+        """Prefill again a prompt on which a rule fired, the rules' vectors added at its last token, and
+        merge it into the batch; True when it continues."""
+        assert sequence.loop is not None
+        rules = sequence.loop.rules_on
+        try:
+            logits, cache, mask = self._runner.prefill(
+                [sequence.prompt_ids], [sequence.plan], at_last=[sequence.loop.rule_deltas()]
+            )
+        except Exception as exc:
+            self._fail_prefill([sequence], exc)
+            return False
+        sequence.loop.rerun()
+        self._choose_and_emit(sequence, logits[0].cpu(), dataclasses.replace(trace, rules=rules))
+        if sequence.finished:
+            return False
+        self._batch.append(cache, mask)
+        self._rows.append(sequence)
         return True
 
     def _step_steering(self) -> BatchSteering | None:
