@@ -103,12 +103,12 @@ def test_a_rule_that_never_fires_changes_nothing_and_one_that_fires_reports_when
         "for_tokens": 3,
     }
     fired = ask(client, persona_when=[never, always])
-    # Read at the prompt's last token, it fires there: tokens 0-2 are steered, then it rests.
-    assert fired.model_extra["persona_when_fired"] == [{"rule": 1, "token": 0, "tokens": 3}]
+    # Read at the prompt's last token, it fires there and steers every token (the reading stays past).
+    assert fired.model_extra["persona_when_fired"] == [{"rule": 1, "token": 0, "tokens": TOKENS}]
     assert fired.choices[0].message.content != plain
     text, extras = streamed(client, persona_when=[never, always])
     assert text == fired.choices[0].message.content
-    assert extras[-1]["persona_when_fired"] == [{"rule": 1, "token": 0, "tokens": 3}]
+    assert extras[-1]["persona_when_fired"] == [{"rule": 1, "token": 0, "tokens": TOKENS}]
     assert all("persona_when_fired" not in chunk for chunk in extras[:-1])
 
 

@@ -27,7 +27,7 @@ from server.steering.closed_loop import (
     fired_runs,
     pushed_by,
 )
-from server.steering.plan import SteeringPlan
+from server.steering.plan import Positions, SteeringPlan
 
 QUESTION = "where is the treasure"
 HIDDEN = 64
@@ -135,17 +135,34 @@ def test_the_controller_moves_toward_the_target_and_stays_within_its_bound() -> 
     assert at_target.strength == pytest.approx(1.0)  # no error, no move
 
 
-def test_a_rule_steers_for_its_tokens_then_rests_until_the_reading_drops() -> None:
+def _rule_traces(for_tokens: int | None, readings: list[float], rerun: bool = False) -> list[tuple[int, ...]]:
     monitor = Direction.of("m", {0: torch.tensor([1.0, 0.0])})
-    rule = Rule(monitor, 0.5, True, "q", {0: torch.tensor([0.0, 1.0])}, strength=2.0, for_tokens=2)
+    rule = Rule(monitor, 0.5, True, "q", {0: torch.tensor([0.0, 1.0])}, strength=2.0, for_tokens=for_tokens)
     loop = SteeringLoop(LoopSpec(rules=(rule,)))
-    readings = [0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
     applied = []
-    for reading in readings:
+    for index, reading in enumerate(readings):
         applied.append(loop.observe(torch.tensor([[reading, 0.0]])).rules)
+        if rerun and index == 0:
+            loop.rerun()
+    return applied
+
+
+def test_a_rule_with_for_tokens_steers_that_many_tokens_whatever_the_readings() -> None:
     # token i's pass runs under what the readings of tokens < i decided
-    assert applied == [(), (), (0,), (0,), (), (), (), (0,)]
-    assert fired_runs(applied) == [{"rule": 0, "token": 2, "tokens": 2}, {"rule": 0, "token": 7, "tokens": 1}]
+    applied = _rule_traces(2, [0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    assert applied == [(), (), (0,), (0,), (), (), (0,), (0,), (0,)]  # fires again on a reading past it
+    assert fired_runs(applied) == [{"rule": 0, "token": 2, "tokens": 2}, {"rule": 0, "token": 6, "tokens": 3}]
+
+
+def test_a_rule_without_for_tokens_steers_until_the_reading_drops_back() -> None:
+    applied = _rule_traces(None, [0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    assert applied == [(), (), (0,), (0,), (), (0,)]
+
+
+def test_the_prompt_run_again_counts_as_a_rule_token() -> None:
+    assert _rule_traces(2, [1.0, 0.0, 0.0]) == [(), (0,), (0,)]
+    # Fired on the prompt's reading, token 0 is chosen again under it: one token is left of two.
+    assert _rule_traces(2, [1.0, 0.0, 0.0], rerun=True)[1:] == [(0,), ()]
 
 
 # --- on the HF engine ------------------------------------------------------------------------------
@@ -204,7 +221,7 @@ async def test_a_rule_that_fires_steers_from_the_next_token_on(llama_backend: HF
     steered = {index for index, rules in enumerate(applied) if rules}
     assert tokens == reference_decode(llama_backend, steer, steered, max_tokens=16)
     runs = fired_runs(applied)
-    assert runs[0]["token"] == fire + 1 and 1 <= runs[0]["tokens"] <= 3
+    assert runs[0]["token"] == fire + 1 and runs[0]["tokens"] >= 3
 
 
 async def test_a_target_steers_its_persona_at_the_reported_strengths(llama_backend: HFBackend) -> None:
@@ -248,10 +265,23 @@ async def _replay(backend: HFBackend, persona: torch.Tensor, strengths: list[flo
 async def test_a_rule_that_fires_on_the_prompt_steers_the_answer_from_its_first_token(
     llama_backend: HFBackend,
 ) -> None:
-    rule = Rule(_monitor(3), -1e9, True, "q", {1: vector(5)}, strength=6.0, for_tokens=2)
-    chunks = await collect(llama_backend, chat(LoopSpec(rules=(rule,)), max_tokens=10))
+    rule = Rule(_monitor(3), -1e9, True, "q", {1: vector(5)}, 6.0, for_tokens=2, positions=Positions.RESPONSE)
+    other = Rule(_monitor(3), 1e9, True, "q", {1: vector(5)}, strength=6.0)  # never fires
+    chunks = await collect(llama_backend, chat(LoopSpec(rules=(other, rule)), max_tokens=10))
     applied = [trace.rules for trace in traces_of(chunks)]
-    assert applied[:3] == [(0,), (0,), ()]  # two tokens, then it rests (the reading never drops)
-    # By hand: the prompt's pass with the vector at its last token, then the pass that feeds token 0.
-    expected = reference_decode(llama_backend, {1: 6.0 * vector(5)}, {0, 1}, max_tokens=10)
+    assert set(applied) == {(1,)}  # fired on the prompt, and again after each two tokens
+    # By hand: the prompt's pass with the vector at its last token (the persona's positions: the
+    # response's), then every pass after it.
+    expected = reference_decode(llama_backend, {1: 6.0 * vector(5)}, set(range(10)), max_tokens=10)
     assert tokens_of(chunks) == expected != tokens_of(await collect(llama_backend, chat(None, max_tokens=10)))
+
+
+async def test_a_rule_of_a_prompt_persona_fired_on_the_prompt_steers_the_prompt_as_a_request_would(
+    llama_backend: HFBackend,
+) -> None:
+    steer = {1: vector(5)}
+    rule = Rule(_monitor(3), -1e9, True, "q", steer, 6.0, for_tokens=2, positions=Positions.PROMPT)
+    chunks = await collect(llama_backend, chat(LoopSpec(rules=(rule,)), max_tokens=10))
+    assert [trace.rules for trace in traces_of(chunks)] == [(0,)] + [()] * 9  # done: it fires no more
+    fixed = chat(None, max_tokens=10, plan=SteeringPlan(steer, strength=6.0, positions=Positions.PROMPT))
+    assert tokens_of(chunks) == tokens_of(await collect(llama_backend, fixed))

@@ -19,6 +19,7 @@ from pydantic import (
 
 from persona_store.records import PERSONA_NAME_PATTERN
 from server.serving.requests import MAX_LOGPROBS
+from server.steering.closed_loop import DEFAULT_GAIN
 from server.steering.mapping import MappingMethod
 from server.steering.plan import Positions
 
@@ -77,14 +78,17 @@ class PersonaTargetIn(BaseModel):
     name: PersonaName
     score: FiniteFloat = Field(description="The trait score (projection) the answer should hold.")
     strength: FiniteFloat | None = Field(
-        None, description="The strength the prompt is steered with (default: the persona's default)."
-    )
+        None, description="The prompt's strength (default: the persona's default); generated tokens start "
+        "there too when the persona's positions steer them, else at 0.",
+    )  # fmt: skip
     max_strength: FiniteFloat | None = Field(
-        None, gt=0, description="The controller keeps |strength| below this (default: 4x the default)."
-    )
+        None, gt=0, description="The controller keeps |strength| within this (default: the persona's "
+        "default strength).",
+    )  # fmt: skip
     gain: FiniteFloat = Field(
-        0.5, gt=0, le=100, description="How fast the strength follows the error (strength per unit of "
-        "error, in units of the vector's norm).",
+        DEFAULT_GAIN, gt=0, le=100,
+        description="How fast the strength follows the error (strength per unit of error, in units of "
+        "the vector's norm).",
     )  # fmt: skip
 
 

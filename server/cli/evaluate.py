@@ -35,7 +35,8 @@ def evaluate(
     personas: Annotated[
         list[str] | None,
         typer.Option(
-            "--persona", help="With --transfer or --bake: only these personas (repeat; default all)."
+            "--persona",
+            help="With --transfer, --bake or --closed-loop: only these personas (repeat; default all).",
         ),
     ] = None,
     bake: Annotated[
@@ -45,6 +46,13 @@ def evaluate(
         ),
     ] = False,
     steps: Annotated[int, typer.Option(help="With --bake: training steps of each bake.")] = 300,
+    closed_loop: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: fixed strengths against persona_target, and a persona_when rule against "
+            "a system prompt that elicits the trait."
+        ),
+    ] = False,
     at_default_only: Annotated[
         bool, typer.Option(help="With --transfer: score the stored default strength only, no sweep.")
     ] = False,
@@ -60,7 +68,9 @@ def evaluate(
 
         backends = {name: load_backend(demo_model_dir(name), name) for name in DEMO_MODEL_NAMES}
         try:
-            if bake:
+            if closed_loop:
+                await _closed_loop(backends, samples, personas, json_out)
+            elif bake:
                 await _bake(backends, samples, steps, personas, json_out)
             elif ablation:
                 await _ablation(backends, samples, json_out, plot)
@@ -147,3 +157,15 @@ async def _bake(
                 cells += await persona_bake_cells(backend, model, draft.name, run, progress=_progress)
     typer.echo(format_bake_table(cells))
     _write([cell.to_dict() for cell in cells], json_out, None, None)
+
+
+async def _closed_loop(
+    backends: dict[str, Any], samples: int, personas: list[str] | None, json_out: Path | None
+) -> None:
+    from server.demo.closed_loop_table import LoopRun, closed_loop_rows, format_loop_table
+
+    rows = []
+    for model, backend in backends.items():
+        rows += await closed_loop_rows(backend, model, LoopRun(samples=samples), personas, _progress)
+    typer.echo(format_loop_table(rows))
+    _write([row.to_dict() for row in rows], json_out, None, None)

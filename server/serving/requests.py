@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.engine.base import MAX_LOGPROBS, ChatMessage
+from server.steering.closed_loop import DEFAULT_GAIN
 from server.steering.plan import Positions
 
 # ChatMessage is part of a completion request (and MAX_LOGPROBS one of its limits): the API takes
@@ -36,8 +37,8 @@ class TargetTerm:
     name: str
     score: float
     strength: float | None = None  # the prompt's (default: the persona's default strength)
-    max_strength: float | None = None  # default: 4x the default strength, within the server's limit
-    gain: float = 0.5
+    max_strength: float | None = None  # default: the persona's default strength, within the server's limit
+    gain: float = DEFAULT_GAIN
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ from server.serving.requests import CompletionJob, TargetTerm, WhenRule
 from server.steering.closed_loop import Direction, LoopSpec, Rule, Target, TokenTrace, fired_runs
 from server.steering.plan import SteeringPlan, steers_generated_tokens
 
-# The target's bound when the request names none: this many times the persona's default strength.
-DEFAULT_MAX_MULTIPLE = 4.0
+# The target's bound when the request names none: this many times the persona's default strength
+# (on the demo models, steering generated tokens much past it wrecks the text: README's table).
+DEFAULT_MAX_MULTIPLE = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,11 @@ async def _target(
     assert resolved.plan is not None
     vectors = resolved.plan.terms[0].vectors
     echo = resolved.echoes[0]
-    target = Target(_direction(term.name, vectors), vectors, term.score, echo.strength, bound, term.gain)
+    # Generated tokens start where a fixed request of the persona has them: at its strength when its
+    # positions reach them, else unsteered.
+    start = echo.strength if steers_generated_tokens(resolved.plan.positions) else 0.0
+    direction = _direction(term.name, vectors)
+    target = Target(direction, vectors, term.score, echo.strength, bound, term.gain, response_strength=start)
     return target, resolved.plan, echo
 
 
@@ -79,6 +84,7 @@ async def _rule(store: PersonaStore, model: ModelInfo, rule: WhenRule, limit: fl
         vectors=steer.plan.terms[0].vectors,
         strength=steer.echoes[0].strength,
         for_tokens=rule.for_tokens,
+        positions=steer.plan.positions,
     )
 
 

@@ -14,7 +14,9 @@ prompt token for the first answer token, then each generated token as it is fed 
 - with a target, sets the target persona's strength for the next pass by an integral controller on
   the error ``target - reading`` (bounded), so that the mean reading over the answer tracks the target;
 - with rules, turns a rule's steering on for the next pass when its reading crosses the threshold,
-  and off after ``for_tokens`` passes or when the reading drops back.
+  and off after ``for_tokens`` passes, or (without ``for_tokens``) when the reading drops back. A rule
+  that fires on the prompt's reading steers the answer from its first token: the engine runs the
+  prompt again with the rule's vectors added at its last token.
 
 Nothing here runs a model: engines feed readings in and take additions out (``deltas``).
 """
@@ -28,6 +30,11 @@ from dataclasses import dataclass, field
 import torch
 
 from server.steering.errors import SteeringError
+from server.steering.plan import Positions, steers_generated_tokens
+
+# The target controller's gain when the request names none: on the demo models, higher gains swing the
+# strength of generated tokens far enough to wreck the text (README's closed-loop table).
+DEFAULT_GAIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,11 @@ class Direction:
 @dataclass(frozen=True)
 class Target:
     """Hold ``direction``'s reading at ``score`` by steering with ``vectors`` at a strength in
-    [-max_strength, max_strength]; the strength moves by ``gain / |vector|`` per unit of error."""
+    [-max_strength, max_strength]; the strength moves by ``gain / |vector|`` per unit of error.
+
+    ``initial_strength`` steers the prompt; the generated tokens start from ``response_strength``
+    (what a fixed request of the persona adds there: its strength, or 0 when it steers the prompt only)
+    and move from the first reading on."""
 
     direction: Direction
     vectors: Mapping[int, torch.Tensor]
@@ -72,15 +83,21 @@ class Target:
     initial_strength: float
     max_strength: float
     gain: float
+    response_strength: float | None = None  # None: initial_strength
 
     def __post_init__(self) -> None:
-        for name in ("score", "initial_strength", "max_strength", "gain"):
+        for name in ("score", "initial_strength", "max_strength", "gain", "start"):
             if not math.isfinite(getattr(self, name)):
                 raise SteeringError(f"persona_target {name} must be a finite number")
         if self.max_strength <= 0:
             raise SteeringError("persona_target max_strength must be positive")
         if self.gain <= 0:
             raise SteeringError("persona_target gain must be positive")
+
+    @property
+    def start(self) -> float:
+        """The strength the generated tokens start from."""
+        return self.initial_strength if self.response_strength is None else self.response_strength
 
     @property
     def step_per_unit(self) -> float:
@@ -93,8 +110,8 @@ class Target:
 @dataclass(frozen=True)
 class Rule:
     """When ``monitor``'s reading is above (``above`` True) or below ``threshold``, add
-    ``strength * vectors`` from the next pass on, for at most ``for_tokens`` passes in a row
-    (None: until the reading drops back)."""
+    ``strength * vectors`` from the next pass on: for ``for_tokens`` passes, or (None) until the
+    reading drops back."""
 
     monitor: Direction
     threshold: float
@@ -103,6 +120,9 @@ class Rule:
     vectors: Mapping[int, torch.Tensor]
     strength: float
     for_tokens: int | None = None
+    # Where the steered persona steers when the rule fires on the prompt (its own positions); fired in
+    # the answer, it steers the generated tokens.
+    positions: Positions = Positions.ALL
 
     def crossed(self, reading: float) -> bool:
         return reading > self.threshold if self.above else reading < self.threshold
@@ -160,8 +180,9 @@ class SteeringLoop:
     def __init__(self, spec: LoopSpec) -> None:
         self.spec = spec
         self.strength = spec.target.initial_strength if spec.target is not None else None
-        self._active: dict[int, int] = {}  # rule -> passes it has steered in a row
-        self._resting: set[int] = set()  # rules that ran for_tokens and wait for the reading to drop
+        self._read_once = False  # the prompt's pass is read first; generated tokens follow
+        self._active: dict[int, int] = {}  # rule -> passes it steers in a row, counting the current one
+        self._spent: set[int] = set()  # rules that steered the whole answer through the prompt
         self._deltas = self._compose()
 
     def deltas(self) -> dict[int, torch.Tensor]:
@@ -174,22 +195,27 @@ class SteeringLoop:
         return tuple(sorted(self._active))
 
     def rerun(self) -> None:
-        """The pass just run again with the rules that are on (the prompt's last token): it counts as
-        one of their ``for_tokens``, and the reading that turned them on still holds."""
-        for index in self.rules_on:
-            self._update_rule(index, self.spec.rules[index], crossed=True)
-        self._deltas = self._compose()
-
-    def rule_deltas(self) -> dict[int, torch.Tensor]:
-        """block -> what the rules that are on add (the prompt's last token is run again with it when
-        a rule fires on the prompt: the answer is steered from its first token)."""
-        deltas: dict[int, torch.Tensor] = {}
+        """The prompt was run again with the rules that fired on it (``prompt_rules``): that pass
+        counts as one of their ``for_tokens``; a rule without holds on the reading that turned it on; a
+        rule whose persona steers the prompt only has steered the whole answer and fires no more."""
         for index in self.rules_on:
             rule = self.spec.rules[index]
-            for block, vector in rule.vectors.items():
-                scaled = vector * rule.strength
-                deltas[block] = deltas[block] + scaled if block in deltas else scaled
-        return deltas
+            if not steers_generated_tokens(rule.positions):
+                del self._active[index]
+                self._spent.add(index)
+                continue
+            self._update_rule(index, rule, crossed=rule.for_tokens is None)
+        self._deltas = self._compose()
+
+    def prompt_rules(self) -> list[tuple[dict[int, torch.Tensor], Positions]]:
+        """What the rules that are on add to the prompt when they fire on it: each persona at its
+        strength and its own positions, as if the request had carried it (CAST's use: a prompt that
+        shows a trait gets the answer steered)."""
+        parts = []
+        for index in self.rules_on:
+            rule = self.spec.rules[index]
+            parts.append(({block: v * rule.strength for block, v in rule.vectors.items()}, rule.positions))
+        return parts
 
     def _compose(self) -> dict[int, torch.Tensor]:
         deltas = {block: delta.clone() for block, delta in self.spec.static.items()}
@@ -220,28 +246,32 @@ class SteeringLoop:
         target = self.spec.target
         if target is not None:
             assert self.strength is not None
-            moved = self.strength + target.step_per_unit * (target.score - readings[target.direction.name])
+            base = self.strength if self._read_once else target.start
+            moved = base + target.step_per_unit * (target.score - readings[target.direction.name])
             self.strength = min(max(moved, -target.max_strength), target.max_strength)
+        self._read_once = True
         for index, rule in enumerate(self.spec.rules):
             self._update_rule(index, rule, rule.crossed(readings[rule.monitor.name]))
         self._deltas = self._compose()
         return trace
 
     def _update_rule(self, index: int, rule: Rule, crossed: bool) -> None:
-        if not crossed:
-            self._active.pop(index, None)
-            self._resting.discard(index)
+        """After a pass: a rule with ``for_tokens`` steers that many passes once it fires, whatever the
+        readings meanwhile (they would show its own push); one without steers while its reading stays
+        past the threshold. Either fires (again) on a reading past the threshold."""
+        if index in self._spent:
             return
-        if index in self._resting:
-            return
-        ran = self._active.get(index)
-        if ran is None:
-            self._active[index] = 1
-        elif rule.for_tokens is not None and ran >= rule.for_tokens:
+        ran = self._active.get(index)  # passes it has steered, counting the one just run
+        if ran is not None:
+            if rule.for_tokens is None:
+                if crossed:
+                    return
+            elif ran < rule.for_tokens:
+                self._active[index] = ran + 1
+                return
             del self._active[index]
-            self._resting.add(index)
-        else:
-            self._active[index] = ran + 1
+        if crossed:
+            self._active[index] = 1
 
 
 def pushed_by(additions: Mapping[int, torch.Tensor], num_blocks: int) -> dict[int, torch.Tensor]:

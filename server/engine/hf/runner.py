@@ -13,7 +13,7 @@ from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.kv_cache import GrowingCache
 from server.steering.hooks import BatchSteering, SteeringHooks, summed
 from server.steering.layers import find_decoder_layout
-from server.steering.plan import SteeringPlan, prompt_position_mask, steers_generated_tokens
+from server.steering.plan import Positions, SteeringPlan, prompt_position_mask, steers_generated_tokens
 
 
 class _EnoughBlocks(Exception):
@@ -62,10 +62,10 @@ class ModelRunner:
         self,
         prompts: Sequence[Sequence[int]],
         plans: Sequence[SteeringPlan | None],
-        at_last: Sequence[Mapping[int, torch.Tensor] | None] | None = None,
+        extra: Sequence[Sequence[tuple[Mapping[int, torch.Tensor], Positions]]] | None = None,
     ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """Run prompts together, left-padded to the longest; one weight pass serves the whole group.
-        ``at_last``: per row, block -> what is added at the last prompt token besides its plan.
+        ``extra``: per row, more (block -> addition, positions) added besides its plan.
 
         Returns the next-token logits [rows, vocab], the group's cache and its attention mask
         [rows, longest] (0 on the padding), ready for ``KVBatch.append``.
@@ -80,11 +80,14 @@ class ModelRunner:
                 if plan is not None:
                     masks[row, pads[row] :] = prompt_position_mask(plan.positions, len(ids))
             steering = BatchSteering.build(plans, masks, dtype=self.dtype, device=self.device)
-        if at_last is not None:
-            last = torch.zeros((len(prompts), longest), dtype=torch.bool)
-            last[:, -1] = True
-            extra = BatchSteering.from_deltas(at_last, last, dtype=self.dtype, device=self.device)
-            steering = summed([steering, extra], len(prompts))
+        for row, parts in enumerate(extra or ()):
+            for deltas, positions in parts:
+                mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
+                mask[row, pads[row] :] = prompt_position_mask(positions, len(prompts[row]))
+                rows: list[Mapping[int, torch.Tensor] | None] = [None] * len(prompts)
+                rows[row] = deltas
+                part = BatchSteering.from_deltas(rows, mask, dtype=self.dtype, device=self.device)
+                steering = summed([steering, part], len(prompts))
         cache = self.cache_factory()
         logits = self._forward(input_ids, attention_mask, position_ids, cache, steering)
         return logits, cache, attention_mask

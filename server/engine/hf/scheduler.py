@@ -137,13 +137,13 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
         return True
 
     def _prefill_ruled(self, sequence: Sequence, trace: TokenTrace) -> bool:
-        """Prefill again a prompt on which a rule fired, the rules' vectors added at its last token, and
-        merge it into the batch; True when it continues."""
+        """Prefill again a prompt on which a rule fired, with the rules' personas added at their own
+        positions, and merge it into the batch; True when it continues."""
         assert sequence.loop is not None
         rules = sequence.loop.rules_on
         try:
             logits, cache, mask = self._runner.prefill(
-                [sequence.prompt_ids], [sequence.plan], at_last=[sequence.loop.rule_deltas()]
+                [sequence.prompt_ids], [sequence.plan], extra=[sequence.loop.prompt_rules()]
             )
         except Exception as exc:
             self._fail_prefill([sequence], exc)
