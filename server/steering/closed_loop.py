@@ -241,7 +241,7 @@ class SteeringLoop:
         trace = TokenTrace(
             scores={d.name: readings[d.name] for d in self.spec.token_scores},
             strength=self.strength,
-            rules=tuple(sorted(self._active)),
+            rules=tuple(sorted({*self._active, *self._spent})),  # a spent rule steered the prompt
         )
         target = self.spec.target
         if target is not None:
