@@ -1,8 +1,9 @@
 """Closed-loop steering through the official openai client: per-token scores, a target, rules.
 
-The server is the session's (tiny Llama and Qwen on the HF engine, the tiny Llama on llama.cpp); its
-personas are random vectors, so these tests check what the fields do, not what a trait looks like
-(the demo models' table in the README measures that: `persona-server eval --closed-loop`).
+The server is the session's (tiny Llama and Qwen on the HF engine, the tiny Llama's very weights on
+llama.cpp, whose per-row lane serves closed loops); its personas are random vectors, so these tests
+check what the fields do, not what a trait looks like (the demo models' table in the README
+measures that: `persona-server eval --closed-loop`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import openai
 import pytest
 
 from server.testing.server_process import ServerProcess
-from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error
+from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error, random_vector, upload
 
 TOKENS = 12
 
@@ -26,10 +27,10 @@ def ask(client: openai.OpenAI, stream: bool = False, model: str = LLAMA, **extra
     )  # fmt: skip
 
 
-def streamed(client: openai.OpenAI, **extra: Any) -> tuple[str, list[dict[str, Any]]]:
+def streamed(client: openai.OpenAI, model: str = LLAMA, **extra: Any) -> tuple[str, list[dict[str, Any]]]:
     """The streamed answer's text and each chunk's persona-server fields."""
     text, extras = "", []
-    for chunk in ask(client, stream=True, **extra):
+    for chunk in ask(client, stream=True, model=model, **extra):
         if chunk.choices:
             text += chunk.choices[0].delta.content or ""
             extras.append(chunk.model_extra)
@@ -112,6 +113,36 @@ def test_a_rule_that_never_fires_changes_nothing_and_one_that_fires_reports_when
     assert all("persona_when_fired" not in chunk for chunk in extras[:-1])
 
 
+def test_the_gguf_twin_reads_and_steers_like_the_hf_model(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    """The same weights on llama.cpp (its per-row lane) and on transformers: the same answers, readings,
+    strengths and rules."""
+    for model in (LLAMA, GGUF):
+        for name, layers in (("loop-trait", {1: random_vector(64, 61), 2: random_vector(64, 62)}),
+                             ("loop-push", {1: random_vector(64, 63)})):  # fmt: skip
+            assert upload(server.url, name, model, layers, 4.0).status_code == 200
+    fields = {
+        "persona_monitor": ["loop-trait"], "persona_monitor_tokens": True,
+        "persona_target": {"name": "loop-trait", "score": 50.0, "max_strength": 8.0},
+        "persona_when": [{"monitor": "loop-trait", "above": -1e9, "for_tokens": 2,
+                          "steer": {"name": "loop-push", "strength": 12.0}}],
+    }  # fmt: skip
+    hf, gguf = ask(client, **fields), ask(client, model=GGUF, **fields)
+    assert gguf.choices[0].message.content == hf.choices[0].message.content
+    assert gguf.model_extra["persona_when_fired"] == hf.model_extra["persona_when_fired"]
+    assert hf.model_extra["persona_when_fired"][0] == {"rule": 0, "token": 0, "tokens": TOKENS}
+    for field in ("persona_target_strengths",):
+        assert gguf.model_extra[field] == pytest.approx(hf.model_extra[field], rel=1e-3, abs=1e-3)
+    readings = [body.model_extra["persona_token_scores"]["loop-trait"] for body in (hf, gguf)]
+    assert readings[1] == pytest.approx(readings[0], rel=1e-3, abs=1e-3)
+    text, extras = streamed(client, model=GGUF, **fields)
+    assert text == gguf.choices[0].message.content
+    assert joined(extras, "persona_target_strengths") == pytest.approx(
+        gguf.model_extra["persona_target_strengths"]
+    )
+
+
 def _post(server: ServerProcess, **fields: Any) -> httpx.Response:
     body = {"model": LLAMA, "messages": QUESTION, "max_tokens": 4, **fields}
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -123,10 +154,6 @@ def test_closed_loop_requests_it_cannot_serve_get_clear_errors(
 ) -> None:
     target = {"name": "pirate", "score": 1.0}
     rule = {"monitor": "formal", "above": 1.0, "steer": {"name": "quitter"}}
-    error = assert_openai_error(
-        _post(server, model=GGUF, persona_target=target), 400, "llamacpp", "hf engine"
-    )
-    assert error["param"] == "persona_target"
     assert assert_openai_error(_post(server, persona_when=[rule], n=2), 400, "n > 1")["param"] == "n"
     error = assert_openai_error(_post(server, persona_monitor_tokens=True), 400, "needs persona_monitor")
     assert error["param"] == "persona_monitor_tokens"

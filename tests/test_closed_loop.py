@@ -15,8 +15,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from server.engine.base import ChatMessage, GenerationRequest, SamplingParams, TokenChunk
+from server.engine.base import ChatMessage, GenerationRequest, ModelInfo, SamplingParams, TokenChunk
 from server.engine.hf.backend import HFBackend
+from server.serving.errors import RequestRejected
+from server.serving.requests import CompletionJob, PersonaTerm, TargetTerm, WhenRule
+from server.serving.steering_loops import check_loop
 from server.steering.closed_loop import (
     Direction,
     LoopSpec,
@@ -286,3 +289,17 @@ async def test_a_rule_of_a_prompt_persona_fired_on_the_prompt_steers_the_prompt_
     assert [trace.rules for trace in traces_of(chunks)] == [(0,)] * 10
     fixed = chat(None, max_tokens=10, plan=SteeringPlan(steer, strength=6.0, positions=Positions.PROMPT))
     assert tokens_of(chunks) == tokens_of(await collect(llama_backend, fixed))
+
+
+def test_an_engine_without_closed_loops_refuses_them_naming_the_field() -> None:
+    info = ModelInfo(id="m", backend="vllm", num_layers=3, hidden_size=HIDDEN, max_context=64,
+                     steerable_layers=(0, 1, 2))  # fmt: skip
+    messages = [ChatMessage("user", QUESTION)]
+    for fields, param in (
+        ({"persona_target": TargetTerm("p", 1.0)}, "persona_target"),
+        ({"persona_when": (WhenRule("p", 1.0, True, PersonaTerm("q")),)}, "persona_when"),
+        ({"persona_monitor": ("p",), "monitor_tokens": True}, "persona_monitor_tokens"),
+    ):
+        with pytest.raises(RequestRejected) as refused:
+            check_loop(CompletionJob(model="m", messages=messages, **fields), info)
+        assert refused.value.param == param and "vllm engine" in str(refused.value)

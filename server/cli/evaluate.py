@@ -47,11 +47,7 @@ def evaluate(
     ] = False,
     steps: Annotated[int, typer.Option(help="With --bake: training steps of each bake.")] = 300,
     closed_loop: Annotated[
-        bool,
-        typer.Option(
-            help="Instead: fixed strengths against persona_target, and a persona_when rule against "
-            "a system prompt that elicits the trait."
-        ),
+        bool, typer.Option(help="Instead: fixed strengths against persona_target, and persona_when rules.")
     ] = False,
     at_default_only: Annotated[
         bool, typer.Option(help="With --transfer: score the stored default strength only, no sweep.")
@@ -62,27 +58,32 @@ def evaluate(
     """Print what the demo personas do at -s, 0, +s on held-out questions (trait score, perplexity)."""
     table_run = _transfer_run(samples, methods, personas, at_default_only)  # refused before loading
 
-    async def run() -> None:
-        from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
-        from server.engine.registry import load_backend
+    async def table(backends: dict[str, Any]) -> None:
+        if closed_loop:
+            await _closed_loop(backends, samples, personas, json_out)
+        elif bake:
+            await _bake(backends, samples, steps, personas, json_out)
+        elif ablation:
+            await _ablation(backends, samples, json_out, plot)
+        elif transfer:
+            await _transfer(backends, table_run, json_out, plot)
+        else:
+            await _persona_table(backends, samples)
 
-        backends = {name: load_backend(demo_model_dir(name), name) for name in DEMO_MODEL_NAMES}
-        try:
-            if closed_loop:
-                await _closed_loop(backends, samples, personas, json_out)
-            elif bake:
-                await _bake(backends, samples, steps, personas, json_out)
-            elif ablation:
-                await _ablation(backends, samples, json_out, plot)
-            elif transfer:
-                await _transfer(backends, table_run, json_out, plot)
-            else:
-                await _persona_table(backends, samples)
-        finally:
-            for backend in backends.values():
-                await backend.close()
+    asyncio.run(_on_demo_models(table))
 
-    asyncio.run(run())
+
+async def _on_demo_models(work: Any) -> None:
+    """``await work(backends)`` with the three demo models loaded, closed afterwards."""
+    from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
+    from server.engine.registry import load_backend
+
+    backends = {name: load_backend(demo_model_dir(name), name) for name in DEMO_MODEL_NAMES}
+    try:
+        await work(backends)
+    finally:
+        for backend in backends.values():
+            await backend.close()
 
 
 async def _persona_table(backends: dict[str, Any], samples: int) -> None:

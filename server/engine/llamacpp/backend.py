@@ -91,6 +91,7 @@ class LlamaCppBackend(InProcessBackend[LaneScheduler]):
             steerable_layers=llama_cpp_steerable_blocks(n_layer),
             unsteerable_note=LLAMA_CPP_UNSTEERABLE_NOTE,
             max_token_chars=self._vocab.max_token_chars,
+            closed_loop=mixed is not None,  # in the per-row lane
         )
         self._scheduler = LaneScheduler(self._lanes, self._vocab.eog_tokens, n_embd)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
@@ -49,6 +49,27 @@ class LaneConfig:
     kv_type: str = "f16"
 
 
+@dataclass
+class _Reading:
+    """The outputs of the leading blocks at some rows of one decode, as the callback sees them."""
+
+    rows: np.ndarray  # batch rows read (each asks for logits)
+    output_rows: np.ndarray  # the batch rows that ask for logits
+    batch_rows: int
+    num_blocks: int
+    taken: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def take(self, block: int, output: np.ndarray) -> None:
+        if output.shape[0] == self.batch_rows:
+            self.taken[block] = output[self.rows].copy()
+        else:  # the last block keeps only the rows with logits
+            self.taken[block] = output[np.searchsorted(self.output_rows, self.rows)].copy()
+
+    def outputs(self) -> np.ndarray:
+        """[rows, num_blocks, n_embd]."""
+        return np.stack([self.taken[block] for block in range(self.num_blocks)], axis=1)
+
+
 @dataclass(frozen=True)
 class TokenSlot:
     token: int
@@ -66,6 +87,7 @@ class Lane:
         self._callback_error: Exception | None = None
         self._captured: dict[int, np.ndarray] | None = None  # block -> output rows, while capturing
         self._last_captured_block = -1  # while capturing: the graph stops after this block's output
+        self._reading: _Reading | None = None  # rows whose leading blocks one decode reads (closed loops)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = config.context_tokens
         params.n_batch = min(params.n_ctx, 2048)
@@ -120,19 +142,22 @@ class Lane:
         Returning False when told a node is done stops the computation, so a failure here is kept
         for decode() to raise rather than silently leaving a half-computed batch.
         """
-        additions = self._additions
-        if additions is None and self._captured is None:
+        additions, reading = self._additions, self._reading
+        if additions is None and self._captured is None and reading is None:
             return not ask  # observe nothing (and, if told a node is done, go on)
         try:
             match = _BLOCK_OUTPUT.match(self._get_name(tensor) or b"")
             block = int(match.group(1)) if match else -1
             if ask:
                 steered = additions is not None and block in additions.blocks
-                return steered or (self._captured is not None and block >= 0)
+                read = reading is not None and 0 <= block < reading.num_blocks
+                return steered or read or (self._captured is not None and block >= 0)
             rows = self._count(tensor) // self._n_embd
             view = np.ctypeslib.as_array(self._get_data(tensor), shape=(rows, self._n_embd))
             if additions is not None:
                 additions.add_to(block, view)
+            if reading is not None and 0 <= block < reading.num_blocks:
+                reading.take(block, view)  # after the steering, as the HF engine's hooks read
             if self._captured is not None:
                 self._captured[block] = view.copy()
                 # False ends the graph here: the later blocks and the output layer are not needed.
@@ -173,6 +198,26 @@ class Lane:
         self.clear()
         mean = (sums / max(len(tokens) - start, 1)).astype(np.float32)
         return np.stack([last, mean])
+
+    def decode_reading(
+        self,
+        slots: list[TokenSlot],
+        additions: dict[int, np.ndarray] | None,
+        rows: list[int],
+        num_blocks: int,
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """``decode``, also returning the outputs of blocks ``0..num_blocks-1`` at the slots ``rows``
+        (each asks for logits): [len(rows), num_blocks, n_embd], what the steering left there."""
+        if not self.per_row:
+            raise ValueError("reading block outputs needs a per-row lane")
+        output_rows = np.flatnonzero([slot.logits for slot in slots])
+        self._reading = _Reading(np.asarray(rows), output_rows, len(slots), num_blocks)
+        try:
+            logits = self.decode(slots, additions)
+            outputs = self._reading.outputs()
+        finally:
+            self._reading = None
+        return logits, outputs
 
     def decode(
         self,
@@ -218,9 +263,13 @@ class Lane:
                 rows.append(np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy())
         return rows
 
+    def drop_cells(self, sequence: int) -> None:
+        """Drop a sequence's cache cells; it keeps its slot."""
+        llama_cpp.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+
     def forget(self, sequence: int) -> None:
         """Drop a sequence's cache cells and give its slot back."""
-        llama_cpp.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+        self.drop_cells(sequence)
         self.free_slots.append(sequence)
 
     def clear(self) -> None:

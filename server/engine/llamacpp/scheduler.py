@@ -23,6 +23,7 @@ the plan steers generated tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -33,10 +34,11 @@ import numpy as np
 import torch
 
 from server.engine.llamacpp.lane import Lane, TokenSlot
-from server.engine.llamacpp.steering import per_row_additions
+from server.engine.llamacpp.steering import RowSteering, per_row_additions
 from server.engine.scheduler import EngineScheduler, ModelTask
 from server.engine.sequence import Sequence
-from server.steering.plan import prompt_position_mask, steers_generated_tokens
+from server.steering.closed_loop import TokenTrace
+from server.steering.plan import Positions, prompt_position_mask, steers_generated_tokens
 
 
 @dataclass(eq=False)
@@ -61,6 +63,28 @@ class LaneSequence(Sequence):
         if self.plan is None:
             return [False] * len(self.prompt_ids)
         return prompt_position_mask(self.plan.positions, len(self.prompt_ids)).tolist()
+
+    def prompt_rows(self, extra: list[tuple[dict[int, torch.Tensor], Positions]]) -> list[RowSteering]:
+        """Per prompt token, what the per-row lane adds: the plan where it steers, and ``extra``
+        (block -> addition, positions) where each part's positions reach."""
+        steered = self.prompt_steering()
+        length = len(self.prompt_ids)
+        masks = [(deltas, prompt_position_mask(positions, length)) for deltas, positions in extra]
+        rows: list[RowSteering] = []
+        for position, plan_steers in enumerate(steered):
+            added = dict(self.deltas) if plan_steers else {}
+            for deltas, mask in masks:
+                if mask[position]:
+                    for block, delta in deltas.items():
+                        added[block] = added[block] + delta.numpy() if block in added else delta.numpy()
+            rows.append((added, bool(added)))
+        return rows
+
+    def step_steering(self) -> RowSteering:
+        """What the per-row lane adds at this sequence's next generated token."""
+        if self.loop is not None:
+            return {block: delta.numpy() for block, delta in self.loop.deltas().items()}, True
+        return self.deltas, self.steers_generated
 
 
 @dataclass(eq=False)
@@ -168,6 +192,8 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
         key = sequence.steering_key
         vector_lanes = [s for s in self._states if not s.lane.per_row]
         mixed = next((s for s in self._states if s.lane.per_row and s.has_room(sequence)), None)
+        if sequence.loop is not None:
+            return mixed  # its steering changes token by token, and its blocks are read: per row only
         if mixed is not None and mixed.rows:
             return mixed  # one batch for everything beats a batch per plan
         for state in vector_lanes:
@@ -195,20 +221,46 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
             sequence.slot = state.lane.free_slots.pop()
             sequence.mark_scheduled()
             try:
-                logits = torch.from_numpy(self._prefill(state, sequence))
-                self._choose_and_emit(sequence, logits)
+                logits, trace = self._open(state, sequence)
+                self._choose_and_emit(sequence, torch.from_numpy(logits), trace)
             except Exception as exc:
                 self._fail_prefill([sequence], exc)
             state.rows.append(sequence)
             self._drop_rows(state, lambda s: s.finished)
 
-    def _prefill(self, state: LaneState, sequence: LaneSequence) -> np.ndarray:
-        """Feed the prompt; the logits of its last token."""
+    def _open(self, state: LaneState, sequence: LaneSequence) -> tuple[np.ndarray, TokenTrace | None]:
+        """Prefill a sequence: the logits of its last prompt token and, with a closed loop, the trace
+        of the pass that reads it (a rule that fires there has the prompt prefilled again with it)."""
+        loop = sequence.loop
+        if loop is None:
+            return self._prefill(state, sequence)[0], None
+        logits, outputs = self._prefill(state, sequence, read=loop.spec.num_blocks)
+        added = sequence.plan.deltas if sequence.plan is not None else {}
+        trace = loop.observe(torch.from_numpy(outputs[0]), added)
+        if loop.rules_on:
+            rules = loop.rules_on
+            state.lane.drop_cells(sequence.slot)
+            logits, _ = self._prefill(state, sequence, extra=loop.prompt_rules())
+            loop.rerun()
+            trace = dataclasses.replace(trace, rules=rules)
+        return logits, trace
+
+    def _prefill(
+        self,
+        state: LaneState,
+        sequence: LaneSequence,
+        read: int = 0,
+        extra: list[tuple[dict[int, torch.Tensor], Positions]] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Feed the prompt; the logits of its last token and, when ``read`` (per-row lane), the
+        outputs of its first ``read`` blocks there [1, read, hidden]. ``extra``: more to add."""
         ids, lane = sequence.prompt_ids, state.lane
         steered = sequence.prompt_steering()
+        rows = sequence.prompt_rows(extra or []) if lane.per_row else []
         # A control vector is on or off for a whole decode: feed the prompt in runs of equal steering.
         runs = [(0, len(ids))] if lane.per_row else _runs(steered)
         logits: list[np.ndarray] = []
+        outputs = None
         for begin, end in runs:
             if not lane.per_row:
                 lane.steer(state.steering if steered[begin] else None)
@@ -216,27 +268,37 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
                 stop = min(start + lane.batch_capacity, end)
                 slots = [TokenSlot(ids[p], p, sequence.slot, p == len(ids) - 1) for p in range(start, stop)]
                 additions = None
-                if lane.per_row and sequence.deltas:
-                    rows = [(sequence.deltas, steered[p]) for p in range(start, stop)]
-                    additions = per_row_additions(rows, self._hidden)
-                logits = lane.decode(slots, additions)
+                if lane.per_row and any(steers for _, steers in rows[start:stop]):
+                    additions = per_row_additions(rows[start:stop], self._hidden)
+                if read and stop == len(ids):
+                    logits, outputs = lane.decode_reading(slots, additions, [len(slots) - 1], read)
+                else:
+                    logits = lane.decode(slots, additions)
                 sequence.position = stop
-        return logits[-1]
+        return logits[-1], outputs
 
     def _decode_step(self, state: LaneState) -> None:
         additions = None
         if state.lane.per_row:
-            additions = per_row_additions([(s.deltas, s.steers_generated) for s in state.rows], self._hidden)
+            additions = per_row_additions([s.step_steering() for s in state.rows], self._hidden)
         else:
             state.lane.steer(state.steering if state.rows[0].steers_generated else None)
         slots = [TokenSlot(s.output_ids[-1], s.position, s.slot, True) for s in state.rows]
-        rows = state.lane.decode(slots, additions)
-        for sequence, logits in zip(state.rows, rows, strict=True):
+        reading = [row for row, s in enumerate(state.rows) if s.loop is not None]
+        traces: dict[int, TokenTrace] = {}
+        if reading:
+            num_blocks = max(state.rows[row].loop.spec.num_blocks for row in reading)  # type: ignore[union-attr]
+            rows, outputs = state.lane.decode_reading(slots, additions, reading, num_blocks)
+            for row, row_outputs in zip(reading, outputs, strict=True):
+                traces[row] = state.rows[row].loop.observe(torch.from_numpy(row_outputs))  # type: ignore[union-attr]
+        else:
+            rows = state.lane.decode(slots, additions)
+        for row, (sequence, logits) in enumerate(zip(state.rows, rows, strict=True)):
             sequence.position += 1
             if sequence.sampling.plain_argmax:
-                self._emit(sequence, int(np.argmax(logits)))
+                self._emit(sequence, int(np.argmax(logits)), None, traces.get(row))
             else:
-                self._choose_and_emit(sequence, torch.from_numpy(logits))
+                self._choose_and_emit(sequence, torch.from_numpy(logits), traces.get(row))
         self._drop_rows(state, lambda s: s.finished)
 
     def _drop_rows(self, state: LaneState, leaves: Callable[[LaneSequence], bool]) -> None:
