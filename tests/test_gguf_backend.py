@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -245,3 +246,29 @@ def test_another_models_answer_is_read_as_the_hf_tokenizer_reads_it(
     text becomes the same response tokens on llama.cpp as on the HF checkpoint."""
     for text in ("the crew of the ship", " gold and a map", "storm"):
         assert gguf_llama.answer_ids(text) == hf_llama.answer_ids(text), text
+
+
+async def test_unsteered_monitoring_is_read_while_generating_and_equals_the_hf_read_back(
+    gguf_llama: LlamaCppBackend, hf_llama: HFBackend
+) -> None:
+    """With nothing steered up to the monitored blocks, the per-row lane reads them as the answer's
+    tokens are fed back (the last chunk carries the means, as on the HF engine); a steered request
+    is read back instead."""
+    later = persona(4, [2], 64, 3.0, Positions.ALL)
+    for plan, blocks, in_flight in ((None, 2, True), (later, 2, True), (later, 3, False)):
+        sampling = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+        request = GenerationRequest(messages=[ChatMessage("user", QUESTIONS[2])], sampling=sampling,
+                                    steering=plan, monitor_blocks=blocks)  # fmt: skip
+        chunks = [chunk async for chunk in gguf_llama.generate(request)]
+        assert all(chunk.response_means is None for chunk in chunks[:-1])
+        answer = [token for chunk in chunks for token in chunk.token_ids]
+        assert len(answer) == 9 and answer == await tokens(
+            hf_llama, dataclasses.replace(request, monitor_blocks=None)
+        )
+        means = chunks[-1].response_means
+        if not in_flight:
+            assert means is None
+            continue
+        assert means is not None and means.shape == (blocks, 64)
+        read_back = await hf_llama.response_activations(request, answer, num_blocks=blocks)
+        assert np.abs(means - read_back).max() < 1e-4

@@ -113,6 +113,18 @@ class Sequence:
         self.queue_seconds = time.perf_counter() - self.submitted_at
 
 
+def holds_last(sequence: Sequence) -> bool:
+    """Whether the sequence has generated its last token and waits for a step to read it (in-flight
+    monitoring: a token's block outputs are computed when it is fed back)."""
+    return sequence.capture is not None and sequence.capture.held is not None
+
+
+def blocks_read(sequence: Sequence) -> int:
+    """How many leading blocks a decode step reads for the sequence (monitoring, its closed loop)."""
+    capture = sequence.capture.num_blocks if sequence.capture is not None else 0
+    return max(capture, sequence.loop.spec.num_blocks if sequence.loop is not None else 0)
+
+
 def check_token_ids(token_ids: tuple[int, ...], vocab_size: int) -> None:
     """EngineError unless every id is in the tokenizer's vocabulary."""
     outside = [token for token in token_ids if token >= vocab_size]

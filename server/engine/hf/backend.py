@@ -18,10 +18,8 @@ from server.engine.hf.scheduler import Scheduler
 from server.engine.in_process import InProcessBackend
 from server.engine.prompt_bound import hf_max_token_chars
 from server.engine.prompts import answer_ids, eos_token_ids, prompt_ids
-from server.engine.read_back import leading_blocks
-from server.engine.sequence import ResponseCapture, Sequence, Sink
-from server.steering.closed_loop import LoopSpec
-from server.steering.plan import SteeringPlan
+from server.engine.read_back import in_flight_capture, leading_blocks
+from server.engine.sequence import Sequence, Sink
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -33,20 +31,6 @@ def _max_context(model: PreTrainedModel, tokenizer: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return int(min(tokenizer.model_max_length, 1 << 20))
-
-
-def _in_flight_capture(
-    monitor_blocks: int | None, plan: SteeringPlan | None, loop: LoopSpec | None, num_layers: int
-) -> ResponseCapture | None:
-    """A capture of the monitored blocks while generating, when it equals the unsteered read-back:
-    no steering on those blocks or before them (a block's output depends only on the blocks up to it)."""
-    if monitor_blocks is None:
-        return None
-    blocks = leading_blocks(monitor_blocks, num_layers)
-    steered = set(plan.deltas if plan is not None else ()) | (loop.steered_blocks if loop else set())
-    if min(steered, default=num_layers) < blocks:
-        return None
-    return ResponseCapture(blocks)
 
 
 class HFBackend(InProcessBackend[Scheduler]):
@@ -105,7 +89,7 @@ class HFBackend(InProcessBackend[Scheduler]):
 
     def _sequence(self, request: GenerationRequest, prompt: list[int], index: int, sink: Sink) -> Sequence:
         sequence = Sequence.for_request(request, prompt, self._info, self._tokenizer, sink, index)
-        sequence.capture = _in_flight_capture(
+        sequence.capture = in_flight_capture(
             request.monitor_blocks, sequence.plan, request.loop, self._info.num_layers
         )
         return sequence

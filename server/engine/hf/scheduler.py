@@ -19,7 +19,7 @@ from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.runner import ModelRunner
 from server.engine.sampling import next_tokens
 from server.engine.scheduler import EngineScheduler, ModelTask
-from server.engine.sequence import Sequence
+from server.engine.sequence import Sequence, blocks_read, holds_last
 from server.steering.closed_loop import TokenTrace
 from server.steering.hooks import BatchSteering
 from server.steering.plan import steers_generated_tokens
@@ -169,7 +169,7 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
         reading = [row for row, s in enumerate(self._rows) if s.capture is not None or s.loop is not None]
         traces: dict[int, TokenTrace] = {}
         if reading:
-            num_blocks = max(_blocks_read(self._rows[row]) for row in reading)
+            num_blocks = max(blocks_read(self._rows[row]) for row in reading)
             logits, outputs = self._runner.decode_capturing(
                 self._batch, last_tokens, steering, reading, num_blocks
             )
@@ -177,13 +177,13 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
                 sequence = self._rows[row]
                 if sequence.capture is not None:  # the fed token is a response token
                     sequence.capture.add(row_outputs[: sequence.capture.num_blocks])
-                if sequence.loop is not None and not _holds_last(sequence):
+                if sequence.loop is not None and not holds_last(sequence):
                     traces[row] = sequence.loop.observe(row_outputs)
         else:
             logits = self._runner.decode(self._batch, last_tokens, steering)
         choices = next_tokens(logits, self._rows, self._eos)
         for row, (sequence, (token, logprob)) in enumerate(zip(self._rows, choices, strict=True)):
-            if _holds_last(sequence):
+            if holds_last(sequence):
                 # This step read its last token: the final chunk goes out now, with the means.
                 sequence.finished = True
                 sequence.sink(sequence.capture.release())  # type: ignore[union-attr]
@@ -206,17 +206,6 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
         self._rows = []
         self._batch = KVBatch()
         self._decode_steering = None
-
-
-def _holds_last(sequence: Sequence) -> bool:
-    """Whether the sequence has generated its last token and waits for this step to read it."""
-    return sequence.capture is not None and sequence.capture.held is not None
-
-
-def _blocks_read(sequence: Sequence) -> int:
-    """How many leading blocks a decode step reads for the sequence."""
-    capture = sequence.capture.num_blocks if sequence.capture is not None else 0
-    return max(capture, sequence.loop.spec.num_blocks if sequence.loop is not None else 0)
 
 
 def _decode_deltas(sequence: Sequence) -> dict[int, torch.Tensor] | None:

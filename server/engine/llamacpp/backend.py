@@ -27,6 +27,7 @@ from server.engine.llamacpp.lane import KV_TYPES, Lane, LaneConfig, TokenSlot
 from server.engine.llamacpp.scheduler import LaneScheduler, LaneSequence
 from server.engine.llamacpp.steering import row_deltas, steering_buffer
 from server.engine.llamacpp.vocab import LlamaVocab
+from server.engine.read_back import in_flight_capture
 from server.engine.sequence import Sink
 from server.steering.layers import LLAMA_CPP_UNSTEERABLE_NOTE, llama_cpp_steerable_blocks
 
@@ -150,6 +151,9 @@ class LlamaCppBackend(InProcessBackend[LaneScheduler]):
             sequence.steering = steering_buffer(sequence.plan, self._info.hidden_size, self._info.num_layers)
             sequence.steering_key = sequence.plan.fingerprint()
             sequence.deltas = row_deltas(sequence.plan)
+        if any(lane.per_row for lane in self._lanes):  # its callback reads the blocks while generating
+            blocks, plan = request.monitor_blocks, sequence.plan
+            sequence.capture = in_flight_capture(blocks, plan, request.loop, self._info.num_layers)
         return sequence
 
     def _has_per_row_lane(self) -> None:

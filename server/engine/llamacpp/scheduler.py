@@ -36,7 +36,7 @@ import torch
 from server.engine.llamacpp.lane import Lane, TokenSlot
 from server.engine.llamacpp.steering import RowSteering, per_row_additions
 from server.engine.scheduler import EngineScheduler, ModelTask
-from server.engine.sequence import Sequence
+from server.engine.sequence import Sequence, blocks_read, holds_last
 from server.steering.closed_loop import TokenTrace
 from server.steering.plan import Positions, prompt_position_mask, steers_generated_tokens
 
@@ -192,8 +192,8 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
         key = sequence.steering_key
         vector_lanes = [s for s in self._states if not s.lane.per_row]
         mixed = next((s for s in self._states if s.lane.per_row and s.has_room(sequence)), None)
-        if sequence.loop is not None:
-            return mixed  # its steering changes token by token, and its blocks are read: per row only
+        if sequence.loop is not None or sequence.capture is not None:
+            return mixed  # its blocks are read (and its steering may change token by token): per row only
         if mixed is not None and mixed.rows:
             return mixed  # one batch for everything beats a batch per plan
         for state in vector_lanes:
@@ -284,18 +284,26 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
         else:
             state.lane.steer(state.steering if state.rows[0].steers_generated else None)
         slots = [TokenSlot(s.output_ids[-1], s.position, s.slot, True) for s in state.rows]
-        reading = [row for row, s in enumerate(state.rows) if s.loop is not None]
+        reading = [row for row, s in enumerate(state.rows) if s.loop is not None or s.capture is not None]
         traces: dict[int, TokenTrace] = {}
         if reading:
-            num_blocks = max(state.rows[row].loop.spec.num_blocks for row in reading)  # type: ignore[union-attr]
+            num_blocks = max(blocks_read(state.rows[row]) for row in reading)
             rows, outputs = state.lane.decode_reading(slots, additions, reading, num_blocks)
             for row, row_outputs in zip(reading, outputs, strict=True):
-                traces[row] = state.rows[row].loop.observe(torch.from_numpy(row_outputs))  # type: ignore[union-attr]
+                sequence = state.rows[row]
+                if sequence.capture is not None:  # the fed token is a response token
+                    sequence.capture.add(torch.from_numpy(row_outputs[: sequence.capture.num_blocks]))
+                if sequence.loop is not None and not holds_last(sequence):
+                    traces[row] = sequence.loop.observe(torch.from_numpy(row_outputs))
         else:
             rows = state.lane.decode(slots, additions)
         for row, (sequence, logits) in enumerate(zip(state.rows, rows, strict=True)):
             sequence.position += 1
-            if sequence.sampling.plain_argmax:
+            if holds_last(sequence):
+                # This step read its last token: the final chunk goes out now, with the means.
+                sequence.finished = True
+                sequence.sink(sequence.capture.release())  # type: ignore[union-attr]
+            elif sequence.sampling.plain_argmax:
                 self._emit(sequence, int(np.argmax(logits)), None, traces.get(row))
             else:
                 self._choose_and_emit(sequence, torch.from_numpy(logits), traces.get(row))
