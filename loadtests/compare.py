@@ -16,7 +16,7 @@ persona-server runs five conditions on each model: unsteered; one persona for ev
 distinct personas (request i carries persona i mod 16, so every batch mixes 8 of them at concurrency
 8); one persona with monitoring on (``persona_monitor`` of that persona: each answer is scored, by a
 read-back since the persona steers the monitored blocks); and unsteered with monitoring on (the HF
-engine reads the monitored blocks while generating; llama.cpp reads back).
+engine and llama.cpp's per-row lane read the monitored blocks while generating).
 Every condition streams the same greedy chat requests with the same max_tokens; all conditions are
 interleaved round-robin (``loadtests/interleaved.py``). Tokens: persona-server's and transformers
 serve's streamed usage; llama_cpp.server's usage over-reports, so it is asked for ``min_tokens =
