@@ -23,6 +23,10 @@ serve's streamed usage; llama_cpp.server's usage over-reports, so it is asked fo
 max_tokens`` and each request counts max_tokens (checked to end by length).
 
     python -m loadtests.compare [--rounds 3] [--requests 16] [--max-tokens 64] [--concurrency 1 8] [--vllm]
+                                [--closed-loop]
+
+``--closed-loop`` adds, on HF and GGUF, a target on one persona and a rule that reads every token
+and never fires (the cost of closed-loop steering).
 """
 
 from __future__ import annotations
@@ -72,6 +76,18 @@ def persona_conditions(family: str, url: str, model: str, concurrency: int) -> l
     ]  # fmt: skip
 
 
+def closed_loop_conditions(family: str, url: str, model: str, concurrency: int) -> list[Condition]:
+    """With --closed-loop: a target on one persona (its strength set token by token), and a rule that
+    reads every token and never fires (the readings' own cost)."""
+    target = {"ignore_eos": True, "persona_target": {"name": "p0", "score": 1.0}}
+    quiet = {"monitor": "p0", "above": 1e9, "steer": {"name": "p1"}}
+    return [
+        Condition(f"persona-server {family}, one persona, target", url, model, concurrency, [target]),
+        Condition(f"persona-server {family}, unsteered, quiet rule", url, model, concurrency,
+                  [{"ignore_eos": True, "persona_when": [quiet]}]),
+    ]  # fmt: skip
+
+
 def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float | None]]:
     """The issue's targets at concurrency 8 (None: reported, no target)."""
     by = {c.key: c.tokens_per_second for c in conditions}
@@ -101,6 +117,13 @@ def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float | None]]
         )
         for condition in ("unsteered", f"{PERSONAS} personas"):
             out[f"{family}: persona-server {condition} / {peer}"] = (rate(condition) / by[(peer, n)], bar)
+        if (f"{ours}, one persona, target", n) in by:
+            out[f"{family}: one persona, target / one persona"] = (
+                rate("one persona, target") / rate("one persona"), None,
+            )  # fmt: skip
+            out[f"{family}: unsteered, quiet rule / unsteered"] = (
+                rate("unsteered, quiet rule") / rate("unsteered"), None,
+            )  # fmt: skip
     return out
 
 
@@ -148,6 +171,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             conditions += persona_conditions("HF", ours.url, HF_MODEL, n)
             conditions.append(Condition("transformers serve", hf_peer.url, str(model_dir), n, [{}]))
             conditions += persona_conditions("GGUF", ours.url, GGUF_MODEL, n)
+            if args.closed_loop:
+                conditions += closed_loop_conditions("HF", ours.url, HF_MODEL, n)
+                conditions += closed_loop_conditions("GGUF", ours.url, GGUF_MODEL, n)
             conditions.append(
                 Condition("llama_cpp.server", gguf_peer.url, GGUF_MODEL, n, [{}], count_usage=False)
             )
@@ -170,6 +196,9 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, TARGET_CONCURRENCY])
     parser.add_argument("--vllm", action="store_true", help="add the vLLM engine and plain vLLM")
+    parser.add_argument(
+        "--closed-loop", action="store_true", help="add a persona_target and a never-firing rule (HF, GGUF)"
+    )
     parser.add_argument(
         "--transformers-cli", type=Path, default=None,
         help="the `transformers` script of another environment (the vllm extra pins transformers < 5.20)",
