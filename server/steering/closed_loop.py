@@ -151,10 +151,6 @@ class LoopSpec:
         return 1 + max(block for direction in self.directions() for block in direction.units)
 
     @property
-    def steers(self) -> bool:
-        return self.target is not None or bool(self.rules)
-
-    @property
     def steered_blocks(self) -> set[int]:
         """Every block the loop may add to at some token."""
         blocks = set(self.static)
