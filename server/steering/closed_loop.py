@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -99,7 +100,7 @@ class Target:
         """The strength the generated tokens start from."""
         return self.initial_strength if self.response_strength is None else self.response_strength
 
-    @property
+    @cached_property  # read at every token
     def step_per_unit(self) -> float:
         """Strength change per unit of reading error: ``gain`` over the vectors' mean norm, so that
         gain 1 moves the strength by what would push the read block by the error directly."""

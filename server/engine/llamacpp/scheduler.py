@@ -68,6 +68,8 @@ class LaneSequence(Sequence):
         """Per prompt token, what the per-row lane adds: the plan where it steers, and ``extra``
         (block -> addition, positions) where each part's positions reach."""
         steered = self.prompt_steering()
+        if not extra:  # the common case: the plan's own rows, no copies
+            return [(self.deltas, plan_steers) for plan_steers in steered]
         length = len(self.prompt_ids)
         masks = [(deltas, prompt_position_mask(positions, length)) for deltas, positions in extra]
         rows: list[RowSteering] = []
