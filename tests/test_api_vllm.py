@@ -113,6 +113,38 @@ def test_monitoring_scores_equal_the_hf_engine(servers: tuple[ServerProcess, Ser
         assert scores[0] == pytest.approx(scores[1], rel=1e-3, abs=1e-4)
 
 
+def test_closed_loops_read_and_steer_as_on_the_hf_engine(
+    servers: tuple[ServerProcess, ServerProcess],
+) -> None:
+    """Per-token scores, a target and a rule through the openai client, streamed and not: the same
+    answers, readings, strengths and fired rules as the HF engine's."""
+    upload_to_both(servers, "loop-trait", {1: random_vector(HIDDEN, 41), 2: random_vector(HIDDEN, 42)}, 2.0)
+    upload_to_both(servers, "loop-push", {1: random_vector(HIDDEN, 43)}, 3.0)
+    fields = {
+        "persona_monitor": ["loop-trait"], "persona_monitor_tokens": True,
+        "persona_target": {"name": "loop-trait", "score": 30.0, "max_strength": 4.0},
+        "persona_when": [{"monitor": "loop-trait", "above": -1e9, "for_tokens": 2,
+                          "steer": {"name": "loop-push"}}],
+    }  # fmt: skip
+    ours, theirs = (ask(client, **fields) for client in clients(servers))
+    assert ours.choices[0].message.content == theirs.choices[0].message.content
+    assert ours.model_extra["persona_when_fired"] == theirs.model_extra["persona_when_fired"]
+    assert ours.model_extra["persona_when_fired"][0] == {"rule": 0, "token": 0, "tokens": 12}
+    for field in ("persona_target_strengths",):
+        assert ours.model_extra[field] == pytest.approx(theirs.model_extra[field], abs=1e-3)
+    readings = [body.model_extra["persona_token_scores"]["loop-trait"] for body in (ours, theirs)]
+    assert readings[0] == pytest.approx(readings[1], abs=1e-3)
+    stream = clients(servers)[0].chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, stream=True,
+        extra_body={"ignore_eos": True, **fields},
+    )  # fmt: skip
+    chunks = [chunk for chunk in stream if chunk.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ours.choices[0].message.content
+    streamed = [v for c in chunks for v in c.model_extra.get("persona_target_strengths") or []]
+    assert streamed == pytest.approx(ours.model_extra["persona_target_strengths"])
+    assert chunks[-1].model_extra["persona_when_fired"] == ours.model_extra["persona_when_fired"]
+
+
 def test_bad_persona_input_is_a_clear_4xx(servers: tuple[ServerProcess, ServerProcess]) -> None:
     client = clients(servers)[0]
     with pytest.raises(openai.NotFoundError):

@@ -14,8 +14,9 @@ import pytest
 import pytest_asyncio
 import torch
 
-from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
+from server.engine.base import ChatMessage, GenerationRequest, SamplingParams, TokenChunk
 from server.engine.hf.backend import HFBackend
+from server.steering.closed_loop import Direction, LoopSpec, Rule, Target, TokenTrace
 from server.steering.plan import Positions, SteeringPlan
 
 pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
@@ -160,3 +161,87 @@ async def test_a_new_vector_set_replaces_its_source_on_the_workers(engines) -> N
     await greedy(vllm_backend, "sea", new, max_tokens=2)
     held = (await vllm_backend.worker_stats())[0]["held_sets"]
     assert new.terms[0].key in held and old.terms[0].key not in held
+
+
+# --- closed loops: run in the workers, they must read and steer as the HF engine does -------------
+
+
+async def looped(backend: object, loop: LoopSpec, plan: SteeringPlan | None = None) -> list[TokenChunk]:
+    request = GenerationRequest(
+        sampling=SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+        prompt="the crew and the map",
+        steering=plan,
+        loop=loop,
+    )
+    return [chunk async for chunk in backend.generate(request)]  # type: ignore[attr-defined]
+
+
+def traced(chunks: list[TokenChunk]) -> tuple[list[int], list[TokenTrace]]:
+    return [t for c in chunks for t in c.token_ids], [t for c in chunks for t in c.traces or ()]
+
+
+def loops() -> dict[str, tuple[LoopSpec, SteeringPlan | None]]:
+    monitor = Direction.of("m", {1: vector(30), 2: vector(31)})
+    push = {1: vector(32)}
+    fixed = SteeringPlan({2: vector(33)}, strength=1.5)
+    target = Target(monitor, push, score=40.0, initial_strength=1.0, max_strength=3.0, gain=0.5)
+
+    def on_prompt(positions: Positions) -> Rule:
+        return Rule(monitor, -1e9, True, "q", push, 3.0, for_tokens=2, positions=positions)
+
+    return {
+        "scores under a plan": (LoopSpec(token_scores=(monitor,), static=fixed.deltas), fixed),
+        "target": (LoopSpec(token_scores=(monitor,), target=target), SteeringPlan(push, strength=1.0)),
+        "quiet rule": (LoopSpec(rules=(Rule(monitor, 1e9, True, "q", push, 3.0),)), None),
+        "rule on the prompt": (LoopSpec(rules=(on_prompt(Positions.RESPONSE),)), fixed),
+        "prompt rule on the prompt": (LoopSpec(rules=(on_prompt(Positions.PROMPT),)), None),
+    }
+
+
+def assert_same_loop(ours: list[TokenChunk], theirs: list[TokenChunk], name: str) -> None:
+    (tokens, traces), (expected_tokens, expected) = traced(ours), traced(theirs)
+    assert tokens == expected_tokens, name
+    assert [t.rules for t in traces] == [t.rules for t in expected], name
+    assert [t.strength for t in traces] == pytest.approx([t.strength for t in expected], abs=1e-3), name
+    scores = [t.scores[k] for t in traces for k in sorted(t.scores)]
+    assert scores == pytest.approx([t.scores[k] for t in expected for k in sorted(t.scores)], abs=1e-3), name
+
+
+async def test_closed_loops_read_and_steer_as_on_the_hf_engine(engines) -> None:
+    vllm_backend, hf_backend = engines
+    for name, (loop, plan) in loops().items():
+        assert_same_loop(await looped(vllm_backend, loop, plan), await looped(hf_backend, loop, plan), name)
+    # A rule that fires mid-answer, where the HF engine's readings cross a threshold.
+    monitor = Direction.of("m", {1: vector(30), 2: vector(31)})
+    _, plain = traced(await looped(hf_backend, LoopSpec(token_scores=(monitor,))))
+    scores = [trace.scores["m"] for trace in plain]
+    # The first reading past every earlier one (from above or from below) is where the rule fires.
+    fire, above = min(
+        (i, above)
+        for above in (True, False)
+        for i in range(1, len(scores))
+        if ((scores[i] > max(scores[:i])) if above else (scores[i] < min(scores[:i])))
+    )
+    threshold = max(scores[:fire]) + 1e-4 if above else min(scores[:fire]) - 1e-4
+    rule = Rule(monitor, threshold, above, "q", {1: vector(32)}, 3.0, for_tokens=3)
+    theirs = await looped(hf_backend, LoopSpec(rules=(rule,)))
+    assert traced(theirs)[1][fire + 1].rules == (0,)
+    assert_same_loop(await looped(vllm_backend, LoopSpec(rules=(rule,))), theirs, "mid-answer rule")
+
+
+async def test_closed_loops_in_one_batch_equal_their_solo_answers_and_leave_nothing_behind(
+    engines,
+) -> None:
+    vllm_backend, _ = engines
+    jobs = list(loops().values())
+    solo = [traced(await looped(vllm_backend, loop, plan)) for loop, plan in jobs]
+    together = await asyncio.gather(
+        *(looped(vllm_backend, loop, plan) for loop, plan in jobs),
+        greedy(vllm_backend, "the crew and the map", None),
+    )
+    for (tokens, traces), chunks in zip(solo, together[:-1], strict=True):
+        batched_tokens, batched_traces = traced(chunks)
+        assert batched_tokens == tokens
+        assert [t.strength for t in batched_traces] == pytest.approx([t.strength for t in traces], abs=1e-4)
+    assert together[-1] == await greedy(vllm_backend, "the crew and the map", None)
+    assert all(stats["loops"] == 0 for stats in await vllm_backend.worker_stats())

@@ -109,7 +109,8 @@ def check_loop(job: CompletionJob, model: ModelInfo) -> None:
     if not model.closed_loop:
         raise RequestRejected(
             f"{param} reads the model as it writes; the {model.backend} engine serving {model.id} "
-            "cannot yet (the hf engine can)",
+            "cannot (closed loops run on the hf engine, on vllm with one pipeline stage, and on "
+            "llama.cpp with a per-row lane)",
             param=param,
         )
     if job.persona_target is not None and job.persona_target.name in _static_names(job):

@@ -171,16 +171,42 @@ class TokenTrace:
     rules: tuple[int, ...]  # rules whose steering applied in that pass
 
 
+@dataclass(frozen=True)
+class LoopProgress:
+    """Where a ``SteeringLoop`` stands between passes: enough to carry it to another process (an
+    engine's worker) and go on there."""
+
+    strength: float | None
+    read_once: bool
+    active: tuple[tuple[int, int], ...]  # (rule, passes it has steered in a row)
+    spent: tuple[int, ...]
+
+
 class SteeringLoop:
     """One answer's loop state: the strengths of the current pass and the rules that are on."""
 
-    def __init__(self, spec: LoopSpec) -> None:
+    def __init__(self, spec: LoopSpec, progress: LoopProgress | None = None) -> None:
         self.spec = spec
         self.strength = spec.target.initial_strength if spec.target is not None else None
         self._read_once = False  # the prompt's pass is read first; generated tokens follow
         self._active: dict[int, int] = {}  # rule -> passes it steers in a row, counting the current one
         self._spent: set[int] = set()  # rules that steered the whole answer through the prompt
+        if progress is not None:
+            self.strength = progress.strength
+            self._read_once = progress.read_once
+            self._active = dict(progress.active)
+            self._spent = set(progress.spent)
         self._deltas = self._compose()
+
+    def progress(self) -> LoopProgress:
+        return LoopProgress(
+            self.strength, self._read_once, tuple(sorted(self._active.items())), tuple(sorted(self._spent))
+        )
+
+    @property
+    def read_prompt(self) -> bool:
+        """Whether the prompt's pass has been read (the next reading is a generated token's)."""
+        return self._read_once
 
     def deltas(self) -> dict[int, torch.Tensor]:
         """block -> what this answer adds to the block's output in the current pass (float32)."""

@@ -29,10 +29,12 @@ from server.engine.prompt_bound import hf_max_token_chars
 from server.engine.prompts import answer_ids, eos_token_ids, prompt_ids
 from server.engine.read_back import answer_tokens, leading_blocks
 from server.engine.sequence import Sequence, emit, finish_last
+from server.engine.vllm.loops import LoopRun, open_loop
 from server.engine.vllm.options import VLLMOptions
 from server.engine.vllm.read_backs import ReadBacks
 from server.engine.vllm.resident import ResidentSets
 from server.engine.vllm.wire import SteeringRef
+from server.steering.closed_loop import TokenTrace
 from server.steering.plan import SteeringPlan
 
 
@@ -43,6 +45,20 @@ def cache_salt(plan: SteeringPlan, num_prompt_tokens: int) -> str:
     terms = "+".join(f"{term.key}*{term.strength!r}" for term in plan.terms)
     length = "" if plan.positions.value == "all" else f"@{num_prompt_tokens}"
     return f"persona:{plan.positions.value}{length}:{terms}"
+
+
+def steering_args(plan: SteeringPlan | None) -> dict[str, Any]:
+    """What a request steered by ``plan`` tells the workers (references to the sets they hold)."""
+    if plan is None:
+        return {}
+    return SteeringRef(
+        tuple((term.key, term.strength) for term in plan.terms), plan.positions.value
+    ).to_extra_args()
+
+
+def _pipeline_stages(engine: Any) -> int:
+    config = getattr(engine, "vllm_config", None)
+    return int(getattr(getattr(config, "parallel_config", None), "pipeline_parallel_size", 1) or 1)
 
 
 def token_logprob(sequence: Sequence, completion: Any, index: int) -> TokenLogprob | None:
@@ -106,6 +122,8 @@ class VLLMBackend:
             steerable_layers=tuple(range(num_layers)),
             constrained_decoding=True,  # vLLM's structured outputs
             max_token_chars=hf_max_token_chars(tokenizer),
+            # A loop's readings steer earlier blocks in the next pass: one worker must hold every block.
+            closed_loop=_pipeline_stages(engine) == 1,
         )
         self._eos_ids = eos_ids
         self._resident = ResidentSets(self._rpc, resident_capacity)
@@ -187,31 +205,47 @@ class VLLMBackend:
         keys = await self._resident.acquire(first.plan.terms) if first.plan is not None else []
         # vLLM refuses n > 1 when greedy: the answers are equal, so one is generated and shared.
         shared = first.sampling.greedy and request.n > 1
+        loop: LoopRun | None = None
         try:
-            params = self._sampling_params(first, 1 if shared else request.n)  # answer i: seed + i, as ours
+            salt = cache_salt(first.plan, len(first.prompt_ids)) if first.plan is not None else None
+            steering = steering_args(first.plan)
+            if first.loop is not None:
+                probe = self._read_backs.steered_last
+                loop = await open_loop(first, probe, self._rpc, steering, salt)
+                steering, salt = {**steering, **loop.extra_args()}, loop.cache_salt
+            # answer i samples with seed + i, as ours
+            params = self._sampling_params(first, 1 if shared else request.n, steering)
             prompt: dict[str, Any] = {"prompt_token_ids": first.prompt_ids}
-            if first.plan is not None:
-                prompt["cache_salt"] = cache_salt(first.plan, len(first.prompt_ids))
+            if salt is not None:
+                prompt["cache_salt"] = salt
             outputs = self._engine.generate(
                 prompt, params, request_id=f"{request.request_id}-{uuid.uuid4().hex}"
             )
             async with contextlib.aclosing(outputs):
                 async for output in _refusals_as_engine_errors(outputs):
                     for completion in output.outputs:
+                        traces = await loop.traces(len(completion.token_ids)) if loop is not None else None
                         for sequence in sequences if shared else [sequences[completion.index]]:
-                            self._emit_all(sequence, completion, chunks, queue_seconds(output))
+                            self._emit_all(sequence, completion, chunks, queue_seconds(output), traces)
                     for chunk in chunks:
                         yield chunk
                     chunks.clear()
                     if all(sequence.finished for sequence in sequences):
                         return
         finally:
+            if loop is not None:
+                await loop.close()
             self._resident.release(keys)
             if keys:
                 await self._resident.evict()
 
     def _emit_all(
-        self, sequence: Sequence, completion: Any, chunks: list[TokenChunk], queued: float | None
+        self,
+        sequence: Sequence,
+        completion: Any,
+        chunks: list[TokenChunk],
+        queued: float | None,
+        traces: list[TokenTrace] | None = None,
     ) -> None:
         """One answer's new tokens from vLLM as our chunks (text, stops and usage as on every engine)."""
         if sequence.finished:
@@ -219,22 +253,20 @@ class VLLMBackend:
         if sequence.queue_seconds is None:
             sequence.queue_seconds = queued
         for index, token in enumerate(completion.token_ids):
-            emit(sequence, token, self._eos_ids, token_logprob(sequence, completion, index))
+            trace = traces[index] if traces is not None else None
+            emit(sequence, token, self._eos_ids, token_logprob(sequence, completion, index), trace)
             if sequence.finished:
                 return
         if completion.finish_reason is not None:  # vLLM stopped on an id we do not know
             finish_last(sequence, chunks)
 
-    def _sampling_params(self, sequence: Sequence, n: int = 1) -> Any:
+    def _sampling_params(
+        self, sequence: Sequence, n: int = 1, extra_args: dict[str, Any] | None = None
+    ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         sampling = sequence.sampling
-        plan = sequence.plan
-        extra_args = None
-        if plan is not None:
-            ref = SteeringRef(tuple((term.key, term.strength) for term in plan.terms), plan.positions.value)
-            extra_args = ref.to_extra_args()
         return SamplingParams(
             n=n,
             max_tokens=sequence.max_new_tokens,
@@ -253,7 +285,7 @@ class VLLMBackend:
             ignore_eos=sampling.ignore_eos,
             detokenize=False,  # our TextStream detokenizes and applies stop strings, as on every engine
             output_kind=RequestOutputKind.DELTA,
-            extra_args=extra_args,
+            extra_args=extra_args or None,
         )
 
     async def response_activations(

@@ -44,8 +44,12 @@ class ReadBacks:
         self._rpc = rpc
         self._info = info
 
-    async def _run(self, tokens: list[int], params: Any) -> Any:
-        prompt = {"prompt_token_ids": tokens, "cache_salt": f"read-back:{uuid.uuid4().hex}"}
+    async def _run(self, tokens: list[int], params: Any, salt: str | None = "") -> Any:
+        """One request over ``tokens``; by default under a salt of its own (off the prefix cache)."""
+        prompt: dict[str, Any] = {"prompt_token_ids": tokens}
+        salt = f"read-back:{uuid.uuid4().hex}" if salt == "" else salt
+        if salt is not None:
+            prompt["cache_salt"] = salt
         final = None
         async for output in self._engine.generate(prompt, params, request_id=f"read-back-{uuid.uuid4().hex}"):
             final = output
@@ -62,11 +66,30 @@ class ReadBacks:
         params = SamplingParams(
             max_tokens=1, temperature=0.0, detokenize=False, extra_args=spec.to_extra_args()
         )
+        return await self._captured(tokens, params, spec)
+
+    async def steered_last(
+        self, tokens: list[int], steering: dict[str, Any], salt: str | None, num_blocks: int
+    ) -> np.ndarray:
+        """Outputs of blocks ``0..num_blocks-1`` at the last position of ``tokens`` run with
+        ``steering`` (a request's extra args) and ``salt`` (its cache salt; None: none, so an
+        unsteered prompt shares the prefix cache): [num_blocks, hidden]."""
+        from vllm import SamplingParams
+
+        spec = CaptureSpec(token=uuid.uuid4().hex, start=len(tokens) - 1, num_blocks=num_blocks)
+        extra_args = {**steering, **spec.to_extra_args()}
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args=extra_args)
+        _, last = await self._captured(tokens, params, spec, salt)
+        return last
+
+    async def _captured(
+        self, tokens: list[int], params: Any, spec: CaptureSpec, salt: str | None = ""
+    ) -> tuple[np.ndarray, np.ndarray]:
         try:
-            await self._run(tokens, params)
+            await self._run(tokens, params, salt)
         finally:  # taken even when the run failed, so no worker keeps it
             parts = await self._rpc("persona_take_capture", (spec.token,))
-        return merge_captures(parts, num_blocks)
+        return merge_captures(parts, spec.num_blocks)
 
     async def nll(self, tokens: list[int], start: int) -> tuple[float, int]:
         """Summed negative log-likelihood (nats) of tokens ``start:`` given what precedes, unsteered."""

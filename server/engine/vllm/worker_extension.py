@@ -42,6 +42,7 @@ class PersonaWorkerExtension:
         runner = self.model_runner
         num_reqs = runner.input_batch.num_reqs
         bounds = runner.query_start_loc.np[: num_reqs + 1].tolist()
+        loops = self._persona_steering.loops
         rows = []
         for index, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
             state = runner.requests[req_id]
@@ -53,6 +54,7 @@ class PersonaWorkerExtension:
                     state.num_prompt_tokens,
                     SteeringRef.from_extra_args(extra_args),
                     CaptureSpec.from_extra_args(extra_args),
+                    loops.state_for(extra_args),
                 )
             )
         return rows
@@ -82,6 +84,10 @@ class PersonaWorkerExtension:
         """What a read-back request left behind on this worker's blocks (then forgotten)."""
         return self._persona_steering.captures.take(token)
 
+    def persona_loop_take(self, token: str, close: bool = False) -> list[list[Any]] | None:
+        """The token traces a closed-loop request recorded since the last take; ``close`` forgets it."""
+        return self._persona_steering.loops.take(token, close)
+
     def persona_stats(self) -> dict[str, Any]:
         steering = self._persona_steering
         return {
@@ -89,4 +95,5 @@ class PersonaWorkerExtension:
             "missing_sets": steering.missing_sets,
             "held_sets": steering.held_sets,
             "owned_layers": list(steering.owned_layers),
+            "loops": len(steering.loops),
         }

@@ -23,6 +23,7 @@ from torch import nn
 
 from server.engine.vllm.capture import StepCapture, WorkerCaptures
 from server.engine.vllm.wire import CaptureSpec, SteeringRef, unpack
+from server.engine.vllm.worker_loops import LoopRead, LoopState, WorkerLoops, loop_additions, loop_read
 from server.steering.plan import Positions, steered_position_mask
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class BatchRow:
     num_prompt_tokens: int
     ref: SteeringRef | None
     capture: CaptureSpec | None = None
+    loop: LoopState | None = None
 
 
 @dataclass
@@ -46,6 +48,7 @@ class StepDeltas:
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> long [n]
     deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n, hidden]
     captures: list[StepCapture] = field(default_factory=list)  # read-backs in this forward
+    reads: list[LoopRead] = field(default_factory=list)  # closed loops read in this forward
 
 
 def steered_offsets(positions: str, token_positions: torch.Tensor, num_prompt_tokens: int) -> torch.Tensor:
@@ -71,6 +74,7 @@ class WorkerSteering:
         self._batch_rows = batch_rows  # this forward's requests, None in a dummy or profiling run
         self._current_forward = current_forward  # identity of the forward under way
         self.captures = captures
+        self.loops = WorkerLoops()
         self._sets: dict[str, dict[int, torch.Tensor]] = {}
         self._combined: dict[SteeringRef, dict[int, torch.Tensor]] = {}
         self._forward: object | None = None
@@ -80,16 +84,26 @@ class WorkerSteering:
         self.missing_sets = 0  # requests that named a set this worker did not hold
 
     @property
+    def _device(self) -> torch.device:
+        weight = next(self._blocks[self.owned_layers[0]].parameters()) if self.owned_layers else None
+        return weight.device if weight is not None else torch.device("cpu")
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The dtype added vectors take: the blocks' (float32 beside quantized weights)."""
+        weight = next(self._blocks[self.owned_layers[0]].parameters()) if self.owned_layers else None
+        return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+
+    @property
     def held_sets(self) -> list[str]:
         return sorted(self._sets)
 
     def load(self, key: str, vectors: dict[int, bytes]) -> None:
         """Hold a vector set (float32 bytes, kept in the model's dtype on its device) under ``key``."""
-        weight = next(self._blocks[self.owned_layers[0]].parameters()) if self.owned_layers else None
-        device = weight.device if weight is not None else torch.device("cpu")
-        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
         self._sets[key] = {
-            int(layer): torch.from_numpy(unpack(vector, np.float32)).to(device=device, dtype=dtype)
+            int(layer): torch.from_numpy(unpack(vector, np.float32)).to(
+                device=self._device, dtype=self._dtype
+            )
             for layer, vector in vectors.items()
             if int(layer) in self.owned_layers
         }
@@ -119,9 +133,12 @@ class WorkerSteering:
                     output = (output[0].index_add(0, rows, step.deltas[layer]), *output[1:])
                 else:
                     output = output.index_add(0, rows, step.deltas[layer])
-            if step.captures:
+            if step.captures or step.reads:
                 stream = output[0] + output[1] if isinstance(output, tuple) else output
-                self.captures.record(layer, stream, step.captures)
+                if step.captures:
+                    self.captures.record(layer, stream, step.captures)
+                for read in step.reads:
+                    read.take(layer, stream)
             return output
 
         return hook
@@ -153,6 +170,37 @@ class WorkerSteering:
         self._combined[ref] = combined
         return combined
 
+    def _held_vectors(self, ref: SteeringRef | None) -> dict[int, torch.Tensor] | None:
+        if ref is None:
+            return None
+        vectors = self._vectors_of(ref)
+        if vectors is None:
+            self.missing_sets += 1
+            logger.error("a request names a persona vector set this worker does not hold; unsteered")
+        return vectors
+
+    def _row_additions(
+        self, row: BatchRow, token_positions: Callable[[BatchRow], torch.Tensor], step: StepDeltas
+    ) -> list[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
+        """(offsets into the row's tokens, block -> vector) pairs the request adds in this forward; a
+        closed loop's reading joins ``step`` when the forward chooses its next token."""
+        vectors = self._held_vectors(row.ref)
+        if row.loop is not None:
+            positions = token_positions(row)
+            read = loop_read(row.loop, vectors, positions, row.num_prompt_tokens, row.end - 1)
+            if read is not None:
+                step.reads.append(read)
+            plan = (vectors, row.ref.positions) if vectors is not None and row.ref is not None else None
+            like = torch.empty(0, device=self._device, dtype=self._dtype)
+            return loop_additions(row.loop, plan, positions, row.num_prompt_tokens, like)
+        if row.ref is None or vectors is None:
+            return []
+        if row.ref.positions == "all":
+            offsets = torch.arange(row.end - row.start)
+        else:
+            offsets = steered_offsets(row.ref.positions, token_positions(row), row.num_prompt_tokens)
+        return [(offsets, vectors)] if offsets.numel() else []
+
     def _build(self, batch: list[BatchRow], positions: torch.Tensor | None) -> StepDeltas:
         per_layer_rows: dict[int, list[torch.Tensor]] = {}
         per_layer_deltas: dict[int, list[torch.Tensor]] = {}
@@ -170,22 +218,10 @@ class WorkerSteering:
                 continue
             if row.capture is not None:
                 step.captures.append(_step_capture(row, row.capture, token_positions(row)))
-            if row.ref is None:
-                continue
-            vectors = self._vectors_of(row.ref)
-            if vectors is None:
-                self.missing_sets += 1
-                logger.error("a request names a persona vector set this worker does not hold; unsteered")
-                continue
-            if row.ref.positions == "all":
-                offsets = torch.arange(row.end - row.start)
-            else:
-                offsets = steered_offsets(row.ref.positions, token_positions(row), row.num_prompt_tokens)
-            if offsets.numel() == 0:
-                continue
-            for layer, vector in vectors.items():
-                per_layer_rows.setdefault(layer, []).append(offsets + row.start)
-                per_layer_deltas.setdefault(layer, []).append(vector.expand(offsets.numel(), -1))
+            for offsets, by_layer in self._row_additions(row, token_positions, step):
+                for layer, vector in by_layer.items():
+                    per_layer_rows.setdefault(layer, []).append(offsets + row.start)
+                    per_layer_deltas.setdefault(layer, []).append(vector.expand(offsets.numel(), -1))
         for layer, parts in per_layer_rows.items():
             device = per_layer_deltas[layer][0].device
             step.rows[layer] = torch.cat(parts).to(device)
