@@ -16,7 +16,7 @@ persona-server runs five conditions on each model: unsteered; one persona for ev
 distinct personas (request i carries persona i mod 16, so every batch mixes 8 of them at concurrency
 8); one persona with monitoring on (``persona_monitor`` of that persona: each answer is scored, by a
 read-back since the persona steers the monitored blocks); and unsteered with monitoring on (the HF
-engine and llama.cpp's per-row lane read the monitored blocks while generating).
+engine, llama.cpp's per-row lane and the vLLM engine read the monitored blocks while generating).
 Every condition streams the same greedy chat requests with the same max_tokens; all conditions are
 interleaved round-robin (``loadtests/interleaved.py``). Tokens: persona-server's and transformers
 serve's streamed usage; llama_cpp.server's usage over-reports, so it is asked for ``min_tokens =
@@ -25,8 +25,8 @@ max_tokens`` and each request counts max_tokens (checked to end by length).
     python -m loadtests.compare [--rounds 3] [--requests 16] [--max-tokens 64] [--concurrency 1 8] [--vllm]
                                 [--closed-loop]
 
-``--closed-loop`` adds, on HF and GGUF, a target on one persona and a rule that reads every token
-and never fires (the cost of closed-loop steering).
+``--closed-loop`` adds, on HF and GGUF (and vLLM with ``--vllm``), a target on one persona and a
+rule that reads every token and never fires (the cost of closed-loop steering).
 """
 
 from __future__ import annotations
@@ -174,6 +174,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             if args.closed_loop:
                 conditions += closed_loop_conditions("HF", ours.url, HF_MODEL, n)
                 conditions += closed_loop_conditions("GGUF", ours.url, GGUF_MODEL, n)
+                if args.vllm:
+                    conditions += closed_loop_conditions("vLLM", ours_vllm.url, HF_MODEL, n)
             conditions.append(
                 Condition("llama_cpp.server", gguf_peer.url, GGUF_MODEL, n, [{}], count_usage=False)
             )
@@ -197,7 +199,9 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, TARGET_CONCURRENCY])
     parser.add_argument("--vllm", action="store_true", help="add the vLLM engine and plain vLLM")
     parser.add_argument(
-        "--closed-loop", action="store_true", help="add a persona_target and a never-firing rule (HF, GGUF)"
+        "--closed-loop",
+        action="store_true",
+        help="add a persona_target and a never-firing rule (HF, GGUF, vLLM)",
     )
     parser.add_argument(
         "--transformers-cli", type=Path, default=None,

@@ -16,7 +16,12 @@ conditions interleaved round-robin (``loadtests/interleaved.py``); tokens are th
 streamed usage. vLLM runs with ``VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0``
 (both cores) and ``VLLM_CPU_KVCACHE_SPACE=2``, for persona-server and plain vLLM alike.
 
-    python -m loadtests.vllm_bench [--rounds 3] [--requests 16] [--max-tokens 64]
+``--monitoring`` adds four persona-server vllm conditions: unsteered with ``persona_monitor`` of p0
+(read while generating: nothing is steered up to p0's blocks), one persona monitored (p0 steers the
+blocks it reads: read back), a ``persona_target`` on p0 and a ``persona_when`` rule that reads p0 at
+every token and never fires (closed loops run in vLLM's workers).
+
+    python -m loadtests.vllm_bench [--rounds 3] [--requests 16] [--max-tokens 64] [--monitoring]
 """
 
 from __future__ import annotations
@@ -65,10 +70,48 @@ def conditions_at(n: int, vllm_url: str, hf_url: str, compiled_url: str, eager_u
     ]
 
 
+def monitoring_conditions_at(n: int, vllm_url: str) -> list[Condition]:
+    """With --monitoring: monitored answers and closed loops on persona-server's vLLM engine."""
+    plain = {"ignore_eos": True}
+    quiet = {"monitor": "p0", "above": 1e9, "steer": {"name": "p1"}}
+    fields = {
+        "unsteered, monitored": {**plain, "persona_monitor": ["p0"]},
+        "one persona, monitored": {**plain, "persona": "p0", "persona_monitor": ["p0"]},
+        "one persona, target": {**plain, "persona_target": {"name": "p0", "score": 1.0}},
+        "unsteered, quiet rule": {**plain, "persona_when": [quiet]},
+    }
+    return [
+        Condition(f"persona-server vllm, {name}", vllm_url, MODEL, n, [body]) for name, body in fields.items()
+    ]
+
+
+def monitoring_ratios(by: dict[tuple[str, int], float], n: int) -> dict[str, tuple[float, float | None]]:
+    def rate(condition: str) -> float:
+        return by[(f"persona-server vllm, {condition}", n)]
+
+    return {
+        f"unsteered monitored / unsteered, c={n}": (rate("unsteered, monitored") / rate("unsteered"), 0.9),
+        f"one persona monitored / one persona, c={n}": (
+            rate("one persona, monitored") / rate("one persona"),
+            0.8,
+        ),
+        f"one persona, target / one persona, c={n}": (
+            rate("one persona, target") / rate("one persona"),
+            None,
+        ),
+        f"unsteered, quiet rule / unsteered, c={n}": (
+            rate("unsteered, quiet rule") / rate("unsteered"),
+            None,
+        ),
+    }
+
+
 def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float | None]]:
     by = {c.key: c.tokens_per_second for c in conditions}
     out: dict[str, tuple[float, float | None]] = {}
     for n in CONCURRENCIES:
+        if ("persona-server vllm, unsteered, monitored", n) in by:
+            out.update(monitoring_ratios(by, n))
         unsteered = by[("persona-server vllm, unsteered", n)]
         one = by[("persona-server vllm, one persona", n)]
         out[f"one persona / unsteered, c={n}"] = (one / unsteered, 0.95)
@@ -92,7 +135,7 @@ def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float | None]]
     return out
 
 
-async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | None) -> None:
+async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | None, monitoring: bool) -> None:
     with tempfile.TemporaryDirectory() as folder, ExitStack() as stack:
         work = Path(folder)
         model_dir = build_tiny_model(work / MODEL, "llama", **REFERENCE_SIZES)
@@ -107,6 +150,8 @@ async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | Non
                 upload(server.url, f"p{index}", MODEL, layers, 2.0).raise_for_status()
         urls = (ours_vllm.url, hf_server.url, compiled.url, eager.url)
         conditions = [c for n in CONCURRENCIES for c in conditions_at(n, *urls)]
+        if monitoring:
+            conditions += [c for n in CONCURRENCIES for c in monitoring_conditions_at(n, ours_vllm.url)]
         await run_interleaved(conditions, rounds, requests, max_tokens)
     print(f"\nReference Llama (d=512, 8 blocks, head dim 64, float32), {os.cpu_count()} cores, "
           f"{rounds} rounds x {requests} chat requests x {max_tokens} tokens, greedy\n")  # fmt: skip
@@ -127,5 +172,8 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=16, help="requests per condition and round")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--monitoring", action="store_true", help="add monitored answers and closed loops on the vllm engine"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.rounds, args.requests, args.max_tokens, args.json))
+    asyncio.run(main(args.rounds, args.requests, args.max_tokens, args.json, args.monitoring))

@@ -4,6 +4,7 @@ read-backs. One vLLM engine per architecture for the module (start-up takes 20-6
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 from collections.abc import AsyncIterator, Callable
@@ -245,3 +246,34 @@ async def test_closed_loops_in_one_batch_equal_their_solo_answers_and_leave_noth
         assert [t.strength for t in batched_traces] == pytest.approx([t.strength for t in traces], abs=1e-4)
     assert together[-1] == await greedy(vllm_backend, "the crew and the map", None)
     assert all(stats["loops"] == 0 for stats in await vllm_backend.worker_stats())
+
+
+async def test_monitored_answers_are_read_in_flight_as_the_hf_engine_reads_them_back(engines) -> None:
+    """However the answer ends (its length, a stop id vLLM applies, a stop string ours), the means of
+    the monitored blocks come with the last chunk and equal the HF engine's read-back."""
+    vllm_backend, hf_backend = engines
+    prompt = "the crew and the map"
+    plain = await greedy(vllm_backend, prompt, None, max_tokens=12)
+    ends = {
+        "length": {},
+        "stop id": {"stop_token_ids": (plain[5],), "min_tokens": 3},
+        "stop string": {"stop": (vllm_backend._tokenizer.decode(plain[:6])[-3:],)},
+    }
+    steered = {None: True, "all": True, "prompt": False}  # a plan on block 2, past the blocks read
+    for (end, fields), (positions, in_flight) in itertools.product(ends.items(), steered.items()):
+        plan = (
+            None if positions is None else SteeringPlan({2: vector(40)}, 3.0, positions=Positions(positions))
+        )
+        request = GenerationRequest(
+            sampling=SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, **fields),
+            prompt=prompt, steering=plan, monitor_blocks=2,
+        )  # fmt: skip
+        chunks = [chunk async for chunk in vllm_backend.generate(request)]
+        means = chunks[-1].response_means
+        assert (means is not None) == in_flight, (end, positions)
+        answer = [token for chunk in chunks for token in chunk.token_ids]
+        assert answer == [t for c in [c async for c in hf_backend.generate(request)] for t in c.token_ids]
+        if means is not None:
+            expected = await hf_backend.response_activations(request, answer, 2)
+            np.testing.assert_allclose(means, expected, atol=1e-4, err_msg=f"{end}, {positions}")
+    assert all(stats["captures"] == 0 for stats in await vllm_backend.worker_stats())

@@ -12,11 +12,14 @@ import torch
 
 from server.engine.base import EngineError
 from server.engine.vllm.backend import cache_salt
+from server.engine.vllm.capture import TAIL, StepCapture, WorkerCaptures
+from server.engine.vllm.loop_wire import LoopRef, trace_in, trace_out
 from server.engine.vllm.options import VLLMOptions
 from server.engine.vllm.read_backs import merge_captures
 from server.engine.vllm.resident import ResidentSets
 from server.engine.vllm.wire import CaptureSpec, SteeringRef, pack, unpack
 from server.engine.vllm.worker_steering import steered_offsets
+from server.steering.closed_loop import Direction, LoopProgress, LoopSpec, Rule, Target, TokenTrace
 from server.steering.plan import PlanTerm, Positions, SteeringPlan, prompt_position_mask
 
 
@@ -161,6 +164,57 @@ def test_captures_merge_across_pipeline_stages_and_tensor_parallel_copies() -> N
     assert means.tolist() == [[1, 1], [2, 2], [3, 3]] and last.tolist() == [[0, 0], [1, 1], [2, 2]]
     with pytest.raises(EngineError, match="blocks"):
         merge_captures([part([0])], 2)
+
+
+def _feed(captures: WorkerCaptures, positions: list[int], blocks: int = 2) -> None:
+    """One forward of an in-flight capture: rows whose block-l output is ``position + 100 * l``."""
+    step = StepCapture("t", blocks, torch.arange(len(positions)), None, torch.tensor(positions))
+    for layer in range(blocks):
+        outputs = torch.tensor([[p + 100.0 * layer] * 2 for p in positions])
+        captures.record(layer, outputs, [step])
+
+
+def test_an_in_flight_capture_is_cut_at_the_answers_end() -> None:
+    """vLLM may run past an answer's end before its abort arrives: what it fed there is taken out."""
+    captures = WorkerCaptures()
+    for positions in ([5], [6, 7], [8], [9], [10]):  # the answer's last position is 7
+        _feed(captures, positions)
+    taken = captures.take("t", end=8)
+    assert taken is not None and taken["seen_last"] is True and taken["counts"] == {0: 3, 1: 3}
+    assert unpack(taken["sums"][1], np.float64).tolist() == [318.0, 318.0]  # 105 + 106 + 107
+    _feed(captures, [5])
+    assert captures.take("t", end=7)["seen_last"] is False  # position 6 was never fed
+    for position in range(5, 6 + TAIL + 2):  # ran further past the end than the capture keeps apart
+        _feed(captures, [position])
+    assert captures.take("t", end=6) is None
+    _feed(captures, [5, 6])
+    _feed(captures, [6])  # a recomputed position (a preempted request) would count twice
+    assert captures.take("t", end=7) is None and len(captures) == 0
+
+
+def test_a_closed_loop_crosses_to_the_workers_whole() -> None:
+    unit = {1: torch.tensor([0.6, 0.8])}
+    monitor = Direction("m", unit)
+    spec = LoopSpec(
+        token_scores=(monitor,),
+        target=Target(monitor, {1: torch.tensor([3.0, 4.0])}, 2.0, 1.0, 3.0, 0.2, response_strength=0.0),
+        rules=(Rule(monitor, -1.5, False, "q", {0: torch.tensor([1.0, 2.0])}, 4.0, 3, Positions.PROMPT),),
+        static={2: torch.tensor([0.5, 0.5])},
+    )
+    ref = LoopRef("token", spec, LoopProgress(0.5, True, ((0, 2),), ()), (0,))
+    back = LoopRef.from_extra_args({"other": 1, **ref.to_extra_args()})
+    assert back is not None and (back.token, back.progress, back.prompt_rules) == (
+        "token",
+        ref.progress,
+        (0,),
+    )
+    assert back.spec.target.step_per_unit == pytest.approx(spec.target.step_per_unit)  # type: ignore[union-attr]
+    assert back.spec.rules[0].positions == Positions.PROMPT and back.spec.rules[0].for_tokens == 3
+    assert back.spec.static[2].tolist() == [0.5, 0.5] and back.spec.token_scores[0].units[1].tolist() == [
+        pytest.approx(0.6), pytest.approx(0.8)]  # fmt: skip
+    assert LoopRef.from_extra_args({"other": 1}) is None
+    trace = TokenTrace({"m": 1.5}, None, (0, 2))
+    assert trace_in(trace_out(trace)) == trace
 
 
 def test_an_engine_argument_vllm_does_not_have_is_a_clear_error() -> None:

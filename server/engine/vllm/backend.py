@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,7 +29,8 @@ from server.engine.base import (
 from server.engine.prompt_bound import hf_max_token_chars
 from server.engine.prompts import answer_ids, eos_token_ids, prompt_ids
 from server.engine.read_back import answer_tokens, leading_blocks
-from server.engine.sequence import Sequence, emit, finish_last
+from server.engine.sequence import Sequence, emit, finish_last, holds_last
+from server.engine.vllm.in_flight import InFlightMonitor, in_flight_monitor
 from server.engine.vllm.loops import LoopRun, open_loop
 from server.engine.vllm.options import VLLMOptions
 from server.engine.vllm.read_backs import ReadBacks
@@ -206,23 +208,16 @@ class VLLMBackend:
         # vLLM refuses n > 1 when greedy: the answers are equal, so one is generated and shared.
         shared = first.sampling.greedy and request.n > 1
         loop: LoopRun | None = None
+        monitor: InFlightMonitor | None = None
         try:
-            salt = cache_salt(first.plan, len(first.prompt_ids)) if first.plan is not None else None
-            steering = steering_args(first.plan)
-            if first.loop is not None:
-                probe = self._read_backs.steered_last
-                loop = await open_loop(first, probe, self._rpc, steering, salt)
-                steering, salt = {**steering, **loop.extra_args()}, loop.cache_salt
-            # answer i samples with seed + i, as ours
-            params = self._sampling_params(first, 1 if shared else request.n, steering)
-            prompt: dict[str, Any] = {"prompt_token_ids": first.prompt_ids}
-            if salt is not None:
-                prompt["cache_salt"] = salt
+            loop, monitor, prompt, params = await self._submission(request, first, 1 if shared else request.n)
             outputs = self._engine.generate(
                 prompt, params, request_id=f"{request.request_id}-{uuid.uuid4().hex}"
             )
             async with contextlib.aclosing(outputs):
                 async for output in _refusals_as_engine_errors(outputs):
+                    # An answer held before this output: the step that fed its last token has run.
+                    fed_last = holds_last(first)
                     for completion in output.outputs:
                         traces = await loop.traces(len(completion.token_ids)) if loop is not None else None
                         for sequence in sequences if shared else [sequences[completion.index]]:
@@ -230,14 +225,46 @@ class VLLMBackend:
                     for chunk in chunks:
                         yield chunk
                     chunks.clear()
-                    if all(sequence.finished for sequence in sequences):
-                        return
+                    if fed_last or all(sequence.finished for sequence in sequences):
+                        break
+            if monitor is not None and first.capture is not None and first.capture.held is not None:
+                means = await monitor.means(self._read_backs.steered_last, self._info.max_context)
+                first.finished = True
+                yield dataclasses.replace(first.capture.held, response_means=means)
         finally:
+            if monitor is not None:
+                await monitor.drop()
             if loop is not None:
                 await loop.close()
             self._resident.release(keys)
             if keys:
                 await self._resident.evict()
+
+    async def _submission(
+        self, request: GenerationRequest, first: Sequence, n: int
+    ) -> tuple[LoopRun | None, InFlightMonitor | None, dict[str, Any], Any]:
+        """The request as vLLM takes it (prompt, sampling parameters), with its closed loop and its
+        in-flight monitor when it has them."""
+        plan_salt = cache_salt(first.plan, len(first.prompt_ids)) if first.plan is not None else None
+        plan_args = steering_args(first.plan)
+        steering, salt = plan_args, plan_salt
+        loop = monitor = None
+        if first.loop is not None:
+            loop = await open_loop(first, self._read_backs.steered_last, self._rpc, plan_args, plan_salt)
+            steering, salt = {**steering, **loop.extra_args()}, loop.cache_salt
+        if self._info.closed_loop:  # one pipeline stage: one worker holds every monitored block
+            owns_salt = loop is not None and loop.owns_salt
+            monitor = in_flight_monitor(first, request, self._info, self._rpc, (plan_args, salt), owns_salt)
+        one_more = 0
+        if monitor is not None:
+            steering = {**steering, **monitor.extra_args()}
+            # One token more than the answer may have, so that vLLM feeds its last token back.
+            one_more = int(len(first.prompt_ids) + first.max_new_tokens < self._info.max_context)
+        params = self._sampling_params(first, n, steering, one_more)  # answer i samples with seed + i
+        prompt: dict[str, Any] = {"prompt_token_ids": first.prompt_ids}
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        return loop, monitor, prompt, params
 
     def _emit_all(
         self,
@@ -248,7 +275,7 @@ class VLLMBackend:
         traces: list[TokenTrace] | None = None,
     ) -> None:
         """One answer's new tokens from vLLM as our chunks (text, stops and usage as on every engine)."""
-        if sequence.finished:
+        if sequence.finished or holds_last(sequence):
             return  # a stop string of ours ended it; vLLM may still be generating it
         if sequence.queue_seconds is None:
             sequence.queue_seconds = queued
@@ -261,15 +288,17 @@ class VLLMBackend:
             finish_last(sequence, chunks)
 
     def _sampling_params(
-        self, sequence: Sequence, n: int = 1, extra_args: dict[str, Any] | None = None
+        self, sequence: Sequence, n: int, extra_args: dict[str, Any], one_more: int = 0
     ) -> Any:
+        """vLLM's sampling parameters for the sequence's request (``one_more`` token past its budget
+        where the last token must be fed back)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         sampling = sequence.sampling
         return SamplingParams(
             n=n,
-            max_tokens=sequence.max_new_tokens,
+            max_tokens=sequence.max_new_tokens + one_more,
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,

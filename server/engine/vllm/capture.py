@@ -1,7 +1,13 @@
-"""Reading block outputs inside a vLLM worker for read-backs (monitoring, extraction, mapping fits).
+"""Reading block outputs inside a vLLM worker: read-backs (monitoring, extraction, mapping fits) and
+answers monitored while they are generated.
 
 A read-back is an unsteered request whose prompt is the text to read; its prompt may be prefilled in
 several forwards (chunked prefill), so sums accumulate per block until the front end takes them.
+
+An answer monitored in flight sums its response positions as they are fed back. vLLM may run a few
+steps past the answer's end (the front end applies stop strings and aborts after), so such a capture
+keeps the last ``TAIL`` positions' outputs apart too, and the front end cuts the sums at the answer's
+end when it takes them; a position fed twice (a preempted request recomputed) spoils the capture.
 """
 
 from __future__ import annotations
@@ -14,12 +20,31 @@ import torch
 
 from server.engine.vllm.wire import pack
 
+# Positions an in-flight capture keeps apart: more than vLLM runs past an answer's end before the
+# abort arrives (a step or two with asynchronous scheduling).
+TAIL = 8
+
 
 @dataclass
 class CaptureState:
     sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float64 [hidden]
     counts: dict[int, int] = field(default_factory=dict)
     last: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [hidden]
+    tail: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # position -> layer -> float64
+    positions: set[int] = field(default_factory=set)  # positions summed (in-flight captures)
+    spoiled: bool = False
+
+    def cut(self, end: int) -> bool:
+        """Take positions ``end`` and later out of the sums; False when some are no longer apart."""
+        late = sorted(position for position in self.positions if position >= end)
+        if any(position not in self.tail for position in late):
+            return False
+        for position in late:
+            for layer, output in self.tail[position].items():
+                self.sums[layer] = self.sums[layer] - output
+                self.counts[layer] -= 1
+            self.positions.discard(position)
+        return True
 
 
 @dataclass(frozen=True)
@@ -30,11 +55,15 @@ class StepCapture:
     num_blocks: int
     rows: torch.Tensor  # flat rows whose outputs are summed
     last_row: int | None  # flat row of the last prompt token, when it is in this forward
+    positions: torch.Tensor | None = None  # the rows' positions, for an in-flight capture
 
 
 class WorkerCaptures:
     def __init__(self) -> None:
         self._states: dict[str, CaptureState] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
 
     def record(self, layer: int, outputs: torch.Tensor, captures: list[StepCapture]) -> None:
         """Add block ``layer``'s outputs [tokens, hidden] (the residual stream) of each capture's rows."""
@@ -42,18 +71,44 @@ class WorkerCaptures:
             if layer >= capture.num_blocks:
                 continue
             state = self._states.setdefault(capture.token, CaptureState())
-            picked = outputs.index_select(0, capture.rows.to(outputs.device)).double().sum(0).cpu()
-            state.sums[layer] = state.sums[layer] + picked if layer in state.sums else picked
+            picked = outputs.index_select(0, capture.rows.to(outputs.device)).double()
+            summed = picked.sum(0).cpu()
+            state.sums[layer] = state.sums[layer] + summed if layer in state.sums else summed
             state.counts[layer] = state.counts.get(layer, 0) + int(capture.rows.numel())
             if capture.last_row is not None:
                 state.last[layer] = outputs[capture.last_row].float().cpu()
+            if capture.positions is not None:
+                _keep_tail(state, layer, capture.positions.tolist(), picked)
 
-    def take(self, token: str) -> dict[str, Any] | None:
+    def take(self, token: str, end: int | None = None) -> dict[str, Any] | None:
+        """What a capture summed (then forgotten); ``end``: an in-flight capture's sums cut before that
+        position, with ``seen_last`` telling whether position ``end - 1`` was summed (None when the
+        capture cannot be cut)."""
         state = self._states.pop(token, None)
         if state is None:
             return None
+        seen_last = None
+        if end is not None:
+            if state.spoiled or not state.cut(end):
+                return None
+            seen_last = end - 1 in state.positions
         return {
             "sums": {layer: pack(tensor.numpy().astype(np.float64)) for layer, tensor in state.sums.items()},
             "counts": dict(state.counts),
             "last": {layer: pack(tensor.numpy().astype(np.float32)) for layer, tensor in state.last.items()},
+            "seen_last": seen_last,
         }
+
+
+def _keep_tail(state: CaptureState, layer: int, positions: list[int], outputs: torch.Tensor) -> None:
+    """Keep the latest ``TAIL`` positions' outputs apart (``outputs`` [rows, hidden], float64)."""
+    if layer == min(state.counts):  # once per forward: the first block this worker reads
+        if state.positions.intersection(positions):
+            state.spoiled = True
+        state.positions.update(positions)
+    newest = max(state.positions, default=0)
+    for position, output in zip(positions, outputs.cpu(), strict=True):
+        if position > newest - TAIL:
+            state.tail.setdefault(position, {})[layer] = output
+    for position in [p for p in state.tail if p <= newest - TAIL]:
+        del state.tail[position]

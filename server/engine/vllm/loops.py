@@ -38,8 +38,8 @@ class LoopRun:
         self._pending: deque[TokenTrace] = deque([first] if first is not None else [])
         # A target or a rule steers generated tokens by what the answer does: no other request may
         # reuse its KV cache (nor it another's past the prompt).
-        steers_by_readings = ref.spec.target is not None or bool(ref.spec.rules)
-        self.cache_salt = f"persona-loop:{ref.token}" if steers_by_readings else salt
+        self.owns_salt = ref.spec.target is not None or bool(ref.spec.rules)
+        self.cache_salt = f"persona-loop:{ref.token}" if self.owns_salt else salt
 
     def extra_args(self) -> dict[str, object]:
         return self.ref.to_extra_args()

@@ -62,18 +62,31 @@ CAPTURE_KEY = "persona_server_capture"
 @dataclass(frozen=True)
 class CaptureSpec:
     """A read-back request: sum the outputs of blocks ``0..num_blocks-1`` over positions >= ``start``,
-    and keep the last prompt token's outputs; the worker holds them under ``token`` until taken."""
+    and keep the last prompt token's outputs; the worker holds them under ``token`` until taken.
+    ``in_flight``: a generating request's answer, whose sums the front end cuts at the answer's end."""
 
     token: str
     start: int
     num_blocks: int
+    in_flight: bool = False
 
     def to_extra_args(self) -> dict[str, object]:
-        return {CAPTURE_KEY: {"token": self.token, "start": self.start, "blocks": self.num_blocks}}
+        entry = {
+            "token": self.token,
+            "start": self.start,
+            "blocks": self.num_blocks,
+            "in_flight": self.in_flight,
+        }
+        return {CAPTURE_KEY: entry}
 
     @classmethod
     def from_extra_args(cls, extra_args: dict[str, object] | None) -> CaptureSpec | None:
         entry = (extra_args or {}).get(CAPTURE_KEY)
         if not isinstance(entry, dict):
             return None
-        return cls(token=str(entry["token"]), start=int(entry["start"]), num_blocks=int(entry["blocks"]))
+        return cls(
+            token=str(entry["token"]),
+            start=int(entry["start"]),
+            num_blocks=int(entry["blocks"]),
+            in_flight=bool(entry.get("in_flight", False)),
+        )

@@ -80,9 +80,10 @@ class PersonaWorkerExtension:
     def persona_drop(self, keys: list[str]) -> None:
         self._persona_steering.drop(keys)
 
-    def persona_take_capture(self, token: str) -> dict[str, Any] | None:
-        """What a read-back request left behind on this worker's blocks (then forgotten)."""
-        return self._persona_steering.captures.take(token)
+    def persona_take_capture(self, token: str, end: int | None = None) -> dict[str, Any] | None:
+        """What a read-back request, or an answer monitored in flight (cut before position ``end``),
+        left behind on this worker's blocks (then forgotten)."""
+        return self._persona_steering.captures.take(token, end)
 
     def persona_loop_take(self, token: str, close: bool = False) -> list[list[Any]] | None:
         """The token traces a closed-loop request recorded since the last take; ``close`` forgets it."""
@@ -96,4 +97,5 @@ class PersonaWorkerExtension:
             "held_sets": steering.held_sets,
             "owned_layers": list(steering.owned_layers),
             "loops": len(steering.loops),
+            "captures": len(steering.captures),
         }

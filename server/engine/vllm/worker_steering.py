@@ -236,4 +236,5 @@ def _step_capture(row: BatchRow, spec: CaptureSpec, token_positions: torch.Tenso
     keep = torch.nonzero(token_positions >= spec.start, as_tuple=False).flatten()
     at_last = torch.nonzero(token_positions == row.num_prompt_tokens - 1, as_tuple=False).flatten()
     last = row.start + int(at_last[0]) if at_last.numel() else None
-    return StepCapture(spec.token, spec.num_blocks, keep + row.start, last)
+    positions = token_positions[keep] if spec.in_flight else None
+    return StepCapture(spec.token, spec.num_blocks, keep + row.start, last, positions)
