@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from server.engine.base import EngineError
+from server.engine.base import EngineError, ModelInfo
 from server.engine.vllm.backend import cache_salt
 from server.engine.vllm.capture import TAIL, StepCapture, WorkerCaptures
 from server.engine.vllm.loop_wire import LoopRef, trace_in, trace_out
 from server.engine.vllm.options import VLLMOptions
-from server.engine.vllm.read_backs import merge_captures
+from server.engine.vllm.read_backs import ReadBacks, merge_captures
 from server.engine.vllm.resident import ResidentSets
 from server.engine.vllm.wire import CaptureSpec, SteeringRef, pack, unpack
 from server.engine.vllm.worker_steering import steered_offsets
@@ -166,18 +166,44 @@ def test_captures_merge_across_pipeline_stages_and_tensor_parallel_copies() -> N
         merge_captures([part([0])], 2)
 
 
+async def test_a_read_back_installs_the_workers_hooks_before_its_request_runs() -> None:
+    """An extraction may be a fresh engine's first request: its read-backs must not run unhooked."""
+    pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
+    calls: list[str] = []
+
+    class Engine:
+        async def generate(self, prompt: Any, params: Any, request_id: str) -> Any:
+            calls.append("request")
+            yield object()
+
+    async def hooks_ready() -> None:
+        calls.append("hooks")
+
+    async def rpc(method: str, args: tuple[Any, ...]) -> list[Any]:
+        calls.append(method)
+        return [None]
+
+    info = ModelInfo(
+        id="m", backend="vllm", num_layers=2, hidden_size=4, max_context=64, steerable_layers=(0, 1)
+    )
+    with pytest.raises(EngineError, match="saw blocks"):
+        await ReadBacks(Engine(), rpc, info, hooks_ready).block_outputs([1, 2, 3], 1, 2)
+    assert calls == ["hooks", "request", "persona_take_capture"]
+
+
 def _feed(captures: WorkerCaptures, positions: list[int], blocks: int = 2) -> None:
     """One forward of an in-flight capture: rows whose block-l output is ``position + 100 * l``."""
-    step = StepCapture("t", blocks, torch.arange(len(positions)), None, torch.tensor(positions))
+    step = StepCapture("t", blocks, torch.arange(len(positions)), None, tuple(positions))
+    rows = captures.begin([step])
     for layer in range(blocks):
         outputs = torch.tensor([[p + 100.0 * layer] * 2 for p in positions])
-        captures.record(layer, outputs, [step])
+        captures.record(layer, outputs, [step], rows)
 
 
 def test_an_in_flight_capture_is_cut_at_the_answers_end() -> None:
     """vLLM may run past an answer's end before its abort arrives: what it fed there is taken out."""
     captures = WorkerCaptures()
-    for positions in ([5], [6, 7], [8], [9], [10]):  # the answer's last position is 7
+    for positions in ([], [5], [6, 7], [8], [9], [10]):  # the prompt's forward, then the answer to 7
         _feed(captures, positions)
     taken = captures.take("t", end=8)
     assert taken is not None and taken["seen_last"] is True and taken["counts"] == {0: 3, 1: 3}

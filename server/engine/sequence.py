@@ -27,7 +27,7 @@ from server.engine.base import (
 )
 from server.engine.text_stream import TextStream
 from server.steering.closed_loop import SteeringLoop, TokenTrace
-from server.steering.plan import SteeringPlan
+from server.steering.plan import SteeringPlan, steers_generated_tokens
 
 Sink = Callable[[TokenChunk | BaseException], None]
 
@@ -107,6 +107,14 @@ class Sequence:
             index=index,
             loop=SteeringLoop(request.loop) if request.loop is not None else None,
         )
+
+    def generated_deltas(self) -> dict[int, torch.Tensor] | None:
+        """What the sequence adds to each block at its next generated token: its closed loop's
+        additions, else its plan's where the plan steers generated tokens (None: nothing)."""
+        if self.loop is not None:
+            return self.loop.deltas()
+        plan = self.plan
+        return plan.deltas if plan is not None and steers_generated_tokens(plan.positions) else None
 
     def mark_scheduled(self) -> None:
         """The scheduler starts this request's prefill: its time in the queue ends here."""

@@ -23,8 +23,9 @@ from server.serving.requests import CompletionJob, TargetTerm, WhenRule
 from server.steering.closed_loop import Direction, LoopSpec, Rule, Target, TokenTrace, fired_runs
 from server.steering.plan import SteeringPlan, steers_generated_tokens
 
-# The target's bound when the request names none: this many times the persona's default strength
-# (on the demo models, steering generated tokens much past it wrecks the text: README's table).
+# The target's bound when the request names none: this many times the persona's default strength (the
+# demo personas are calibrated on the prompt; steering their generated tokens at that strength already
+# wrecks the text where a rule does it, README's closed-loop table, so the target goes no further).
 DEFAULT_MAX_MULTIPLE = 1.0
 
 

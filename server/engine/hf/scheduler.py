@@ -13,8 +13,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-import torch
-
 from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.runner import ModelRunner
 from server.engine.sampling import next_tokens
@@ -22,7 +20,6 @@ from server.engine.scheduler import EngineScheduler, ModelTask
 from server.engine.sequence import Sequence, blocks_read, holds_last
 from server.steering.closed_loop import TokenTrace
 from server.steering.hooks import BatchSteering
-from server.steering.plan import steers_generated_tokens
 
 
 class Scheduler(EngineScheduler[Sequence, ModelTask]):
@@ -161,7 +158,7 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
         its row's steering from token to token."""
         if not any(sequence.loop is not None for sequence in self._rows):
             return self._decode_steering
-        return self._runner.rows_steering([_decode_deltas(sequence) for sequence in self._rows])
+        return self._runner.rows_steering([sequence.generated_deltas() for sequence in self._rows])
 
     def _decode_step(self) -> None:
         last_tokens = [s.output_ids[-1] for s in self._rows]
@@ -206,11 +203,3 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
         self._rows = []
         self._batch = KVBatch()
         self._decode_steering = None
-
-
-def _decode_deltas(sequence: Sequence) -> dict[int, torch.Tensor] | None:
-    """What the sequence adds to each block at its generated tokens in this step."""
-    if sequence.loop is not None:
-        return sequence.loop.deltas()
-    plan = sequence.plan
-    return plan.deltas if plan is not None and steers_generated_tokens(plan.positions) else None

@@ -83,10 +83,11 @@ class LaneSequence(Sequence):
         return rows
 
     def step_steering(self) -> RowSteering:
-        """What the per-row lane adds at this sequence's next generated token."""
-        if self.loop is not None:
-            return {block: delta.numpy() for block, delta in self.loop.deltas().items()}, True
-        return self.deltas, self.steers_generated
+        """What the per-row lane adds at this sequence's next generated token (``generated_deltas``;
+        without a loop, the plan's numpy copies made once)."""
+        if self.loop is None:
+            return self.deltas, self.steers_generated
+        return {block: delta.numpy() for block, delta in (self.generated_deltas() or {}).items()}, True
 
 
 @dataclass(eq=False)

@@ -129,7 +129,7 @@ class VLLMBackend:
         )
         self._eos_ids = eos_ids
         self._resident = ResidentSets(self._rpc, resident_capacity)
-        self._read_backs = ReadBacks(engine, self._rpc, self._info)
+        self._read_backs = ReadBacks(engine, self._rpc, self._info, self._ensure_set_up)
         self._setup_lock = asyncio.Lock()
         self._set_up = False
 

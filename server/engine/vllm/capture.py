@@ -27,10 +27,10 @@ TAIL = 8
 
 @dataclass
 class CaptureState:
-    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float64 [hidden]
+    sums: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> float64 [hidden]
     counts: dict[int, int] = field(default_factory=dict)
-    last: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [hidden]
-    tail: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # position -> layer -> float64
+    last: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> float32 [hidden]
+    tail: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)  # position -> layer -> float64
     positions: set[int] = field(default_factory=set)  # positions summed (in-flight captures)
     spoiled: bool = False
 
@@ -46,16 +46,28 @@ class CaptureState:
             self.positions.discard(position)
         return True
 
+    def fed(self, positions: tuple[int, ...]) -> None:
+        """An in-flight capture's positions in a forward: a position fed again spoils the sums, and
+        positions fall out of the tail as newer ones come."""
+        if not positions:
+            return
+        if self.positions.intersection(positions):
+            self.spoiled = True
+        self.positions.update(positions)
+        oldest_kept = max(self.positions) - TAIL + 1
+        for position in [p for p in self.tail if p < oldest_kept]:
+            del self.tail[position]
+
 
 @dataclass(frozen=True)
 class StepCapture:
-    """One read-back request's rows in a forward."""
+    """One capture's rows in a forward."""
 
     token: str
     num_blocks: int
     rows: torch.Tensor  # flat rows whose outputs are summed
     last_row: int | None  # flat row of the last prompt token, when it is in this forward
-    positions: torch.Tensor | None = None  # the rows' positions, for an in-flight capture
+    positions: tuple[int, ...] | None = None  # the rows' positions, for an in-flight capture
 
 
 class WorkerCaptures:
@@ -65,20 +77,38 @@ class WorkerCaptures:
     def __len__(self) -> int:
         return len(self._states)
 
-    def record(self, layer: int, outputs: torch.Tensor, captures: list[StepCapture]) -> None:
-        """Add block ``layer``'s outputs [tokens, hidden] (the residual stream) of each capture's rows."""
+    def begin(self, captures: list[StepCapture]) -> torch.Tensor:
+        """A forward's captures, before its first block: their rows, concatenated (every block's
+        outputs at them are copied out at once)."""
         for capture in captures:
+            state = self._states.setdefault(capture.token, CaptureState())
+            if capture.positions is not None:
+                state.fed(capture.positions)
+        return torch.cat([capture.rows for capture in captures])
+
+    def record(
+        self, layer: int, outputs: torch.Tensor, captures: list[StepCapture], rows: torch.Tensor
+    ) -> None:
+        """Add block ``layer``'s outputs [tokens, hidden] (the residual stream) at each capture's rows
+        (``rows``: theirs, concatenated, from ``begin``)."""
+        picked = outputs.index_select(0, rows.to(outputs.device)).double().cpu().numpy()
+        start = 0
+        for capture in captures:
+            mine = picked[start : start + capture.rows.numel()]
+            start += capture.rows.numel()
             if layer >= capture.num_blocks:
                 continue
-            state = self._states.setdefault(capture.token, CaptureState())
-            picked = outputs.index_select(0, capture.rows.to(outputs.device)).double()
-            summed = picked.sum(0).cpu()
+            state = self._states[capture.token]
+            summed = mine.sum(axis=0)
             state.sums[layer] = state.sums[layer] + summed if layer in state.sums else summed
-            state.counts[layer] = state.counts.get(layer, 0) + int(capture.rows.numel())
+            state.counts[layer] = state.counts.get(layer, 0) + len(mine)
             if capture.last_row is not None:
-                state.last[layer] = outputs[capture.last_row].float().cpu()
-            if capture.positions is not None:
-                _keep_tail(state, layer, capture.positions.tolist(), picked)
+                state.last[layer] = outputs[capture.last_row].float().cpu().numpy()
+            if capture.positions:
+                oldest_kept = max(state.positions) - TAIL + 1
+                for position, output in zip(capture.positions, mine, strict=True):
+                    if position >= oldest_kept:
+                        state.tail.setdefault(position, {})[layer] = output
 
     def take(self, token: str, end: int | None = None) -> dict[str, Any] | None:
         """What a capture summed (then forgotten); ``end``: an in-flight capture's sums cut before that
@@ -93,22 +123,8 @@ class WorkerCaptures:
                 return None
             seen_last = end - 1 in state.positions
         return {
-            "sums": {layer: pack(tensor.numpy().astype(np.float64)) for layer, tensor in state.sums.items()},
+            "sums": {layer: pack(total.astype(np.float64)) for layer, total in state.sums.items()},
             "counts": dict(state.counts),
-            "last": {layer: pack(tensor.numpy().astype(np.float32)) for layer, tensor in state.last.items()},
+            "last": {layer: pack(output.astype(np.float32)) for layer, output in state.last.items()},
             "seen_last": seen_last,
         }
-
-
-def _keep_tail(state: CaptureState, layer: int, positions: list[int], outputs: torch.Tensor) -> None:
-    """Keep the latest ``TAIL`` positions' outputs apart (``outputs`` [rows, hidden], float64)."""
-    if layer == min(state.counts):  # once per forward: the first block this worker reads
-        if state.positions.intersection(positions):
-            state.spoiled = True
-        state.positions.update(positions)
-    newest = max(state.positions, default=0)
-    for position, output in zip(positions, outputs.cpu(), strict=True):
-        if position > newest - TAIL:
-            state.tail.setdefault(position, {})[layer] = output
-    for position in [p for p in state.tail if p <= newest - TAIL]:
-        del state.tail[position]

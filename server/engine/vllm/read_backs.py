@@ -39,10 +39,13 @@ def merge_captures(parts: list[dict[str, Any] | None], num_blocks: int) -> tuple
 
 
 class ReadBacks:
-    def __init__(self, engine: Any, rpc: Rpc, info: ModelInfo) -> None:
+    def __init__(
+        self, engine: Any, rpc: Rpc, info: ModelInfo, hooks_ready: Callable[[], Awaitable[None]]
+    ) -> None:
         self._engine = engine
         self._rpc = rpc
         self._info = info
+        self._hooks_ready = hooks_ready  # the workers' hooks, installed before a capture's request runs
 
     async def _run(self, tokens: list[int], params: Any, salt: str | None = "") -> Any:
         """One request over ``tokens``; by default under a salt of its own (off the prefix cache)."""
@@ -85,6 +88,7 @@ class ReadBacks:
     async def _captured(
         self, tokens: list[int], params: Any, spec: CaptureSpec, salt: str | None = ""
     ) -> tuple[np.ndarray, np.ndarray]:
+        await self._hooks_ready()  # a read-back may be an engine's first request (an extraction)
         try:
             await self._run(tokens, params, salt)
         finally:  # taken even when the run failed, so no worker keeps it

@@ -48,6 +48,7 @@ class StepDeltas:
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> long [n]
     deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n, hidden]
     captures: list[StepCapture] = field(default_factory=list)  # read-backs in this forward
+    capture_rows: torch.Tensor | None = None  # their rows, concatenated
     reads: list[LoopRead] = field(default_factory=list)  # closed loops read in this forward
 
 
@@ -135,8 +136,8 @@ class WorkerSteering:
                     output = output.index_add(0, rows, step.deltas[layer])
             if step.captures or step.reads:
                 stream = output[0] + output[1] if isinstance(output, tuple) else output
-                if step.captures:
-                    self.captures.record(layer, stream, step.captures)
+                if step.capture_rows is not None:
+                    self.captures.record(layer, stream, step.captures, step.capture_rows)
                 for read in step.reads:
                     read.take(layer, stream)
             return output
@@ -222,6 +223,8 @@ class WorkerSteering:
                 for layer, vector in by_layer.items():
                     per_layer_rows.setdefault(layer, []).append(offsets + row.start)
                     per_layer_deltas.setdefault(layer, []).append(vector.expand(offsets.numel(), -1))
+        if step.captures:
+            step.capture_rows = self.captures.begin(step.captures)
         for layer, parts in per_layer_rows.items():
             device = per_layer_deltas[layer][0].device
             step.rows[layer] = torch.cat(parts).to(device)
@@ -236,5 +239,5 @@ def _step_capture(row: BatchRow, spec: CaptureSpec, token_positions: torch.Tenso
     keep = torch.nonzero(token_positions >= spec.start, as_tuple=False).flatten()
     at_last = torch.nonzero(token_positions == row.num_prompt_tokens - 1, as_tuple=False).flatten()
     last = row.start + int(at_last[0]) if at_last.numel() else None
-    positions = token_positions[keep] if spec.in_flight else None
+    positions = tuple(token_positions[keep].tolist()) if spec.in_flight else None
     return StepCapture(spec.token, spec.num_blocks, keep + row.start, last, positions)
