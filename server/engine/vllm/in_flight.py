@@ -11,7 +11,6 @@ end-of-sequence id) that one position is read back alone, its prefix from vLLM's
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -19,11 +18,9 @@ import numpy as np
 from server.engine.base import GenerationRequest, ModelInfo
 from server.engine.read_back import in_flight_capture, leading_blocks
 from server.engine.sequence import ResponseCapture, Sequence
+from server.engine.vllm.read_backs import Probe, Rpc
 from server.engine.vllm.wire import CaptureSpec, unpack
 from server.steering.plan import Positions
-
-Rpc = Callable[[str, tuple[Any, ...]], Awaitable[list[Any]]]
-Probe = Callable[[list[int], dict[str, Any], str | None, int], Awaitable[np.ndarray]]
 
 
 class InFlightMonitor:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
@@ -21,11 +20,8 @@ import torch
 from server.engine.base import EngineError
 from server.engine.sequence import Sequence
 from server.engine.vllm.loop_wire import LoopRef, trace_in
+from server.engine.vllm.read_backs import Probe, Rpc
 from server.steering.closed_loop import TokenTrace
-
-Rpc = Callable[[str, tuple[Any, ...]], Awaitable[list[Any]]]
-# (prompt ids, extra_args, cache salt, blocks) -> the last position's block outputs after steering
-Probe = Callable[[list[int], dict[str, Any], str | None, int], Awaitable[Any]]
 
 
 class LoopRun:

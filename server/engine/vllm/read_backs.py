@@ -18,6 +18,9 @@ from server.engine.base import EngineError, ModelInfo
 from server.engine.vllm.wire import CaptureSpec, unpack
 
 Rpc = Callable[[str, tuple[Any, ...]], Awaitable[list[Any]]]
+# ReadBacks.steered_last: (prompt ids, extra_args, cache salt, blocks) -> the last position's block
+# outputs after steering, [blocks, hidden]
+Probe = Callable[[list[int], dict[str, Any], str | None, int], Awaitable[np.ndarray]]
 
 
 def merge_captures(parts: list[dict[str, Any] | None], num_blocks: int) -> tuple[np.ndarray, np.ndarray]:

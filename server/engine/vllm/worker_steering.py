@@ -12,6 +12,7 @@ block output.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -84,12 +85,12 @@ class WorkerSteering:
         self.steered_rows = 0  # rows steered since start (tests read it to see the hooks fire)
         self.missing_sets = 0  # requests that named a set this worker did not hold
 
-    @property
+    @functools.cached_property  # the blocks' weights stay where they were loaded
     def _device(self) -> torch.device:
         weight = next(self._blocks[self.owned_layers[0]].parameters()) if self.owned_layers else None
         return weight.device if weight is not None else torch.device("cpu")
 
-    @property
+    @functools.cached_property
     def _dtype(self) -> torch.dtype:
         """The dtype added vectors take: the blocks' (float32 beside quantized weights)."""
         weight = next(self._blocks[self.owned_layers[0]].parameters()) if self.owned_layers else None
