@@ -14,7 +14,7 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 PERSONA_SERVER_HOST=0.0.0.0 PERSONA_SE
 
 WORKDIR /app
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY server ./server
 COPY persona_store ./persona_store
 

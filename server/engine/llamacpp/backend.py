@@ -24,6 +24,7 @@ import torch
 from server.engine.base import EngineError, GenerationRequest, ModelInfo
 from server.engine.in_process import InProcessBackend
 from server.engine.llamacpp.lane import KV_TYPES, Lane, LaneConfig, TokenSlot
+from server.engine.llamacpp.row_callback import CallbackMissingError
 from server.engine.llamacpp.scheduler import LaneScheduler, LaneSequence
 from server.engine.llamacpp.steering import row_deltas, steering_buffer
 from server.engine.llamacpp.vocab import LlamaVocab
@@ -80,7 +81,10 @@ class LlamaCppBackend(InProcessBackend[LaneScheduler]):
         n_layer = llama_cpp.llama_model_n_layer(model)
         self._lanes = [Lane(model, config, n_embd, n_layer) for _ in range(contexts)]
         if mixed is not None:
-            self._lanes.append(Lane(model, mixed, n_embd, n_layer, per_row=True))
+            try:
+                self._lanes.append(Lane(model, mixed, n_embd, n_layer, per_row=True))
+            except CallbackMissingError as exc:
+                raise EngineError(f"{exc}; or serve without it (--no-gguf-mixed-context)") from exc
         for lane in self._lanes:
             lane.set_vocab_size(self._vocab.size)
         self._info = ModelInfo(

@@ -2,15 +2,15 @@
 
 A control vector (``llama_set_adapter_cvec``) is added to every token a context decodes, so a
 control-vector lane carries the requests of one plan at a time. The per-row lane instead adds each
-token's own deltas to the block outputs from llama.cpp's graph-evaluation callback (lane.py), so
-requests with different plans share one batch. Both add ``strength * vector`` to the output of
-block L, exactly as the HF backend's hooks do; the buffer's layout is in server/steering/layers.py.
+token's own deltas to the block outputs from llama.cpp's graph-evaluation callback (compiled C,
+row_callback.py), so requests with different plans share one batch. Both add ``strength * vector``
+to the output of block L, exactly as the HF backend's hooks do; the buffer's layout is in
+server/steering/layers.py.
 """
 
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
@@ -69,24 +69,3 @@ def per_row_additions(rows: list[RowSteering], hidden: int) -> dict[int, np.ndar
             for block, delta in deltas.items():
                 additions[block][index] = delta
     return additions
-
-
-@dataclass(frozen=True)
-class RowAdditions:
-    """What one decode of the per-row lane adds: block -> [batch rows, hidden], one row per token."""
-
-    blocks: dict[int, np.ndarray]
-    output_rows: np.ndarray  # the batch rows that ask for logits
-
-    def add_to(self, block: int, output: np.ndarray) -> None:
-        """Add the block's rows to its output [rows, hidden], in place."""
-        additions = self.blocks.get(block)
-        if additions is None:
-            return
-        rows = output.shape[0]
-        if rows == additions.shape[0]:
-            output += additions
-        elif rows == len(self.output_rows):  # the last block keeps only the rows with logits
-            output += additions[self.output_rows]
-        else:
-            raise RuntimeError(f"block {block} output has {rows} rows for a batch of {additions.shape[0]}")
