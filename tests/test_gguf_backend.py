@@ -105,6 +105,32 @@ async def test_concurrent_personas_equal_their_solo_runs(gguf_llama: LlamaCppBac
     assert len({tuple(s) for s in solo}) > 4
 
 
+@pytest.mark.parametrize("positions", list(Positions))
+async def test_a_persona_alone_in_a_control_vector_lane_joins_the_per_row_lane_when_another_arrives(
+    gguf_llama: LlamaCppBackend, positions: Positions
+) -> None:
+    """Each busy lane costs a llama_decode per step: the first request of a burst, which found nothing
+    running and took a control-vector lane, is fed again into the per-row lane once a request with
+    another persona starts there, and answers what it answers alone."""
+    first = chat(QUESTIONS[0], persona(30, [1, 2], 64, 1.0, positions), max_tokens=24)
+    second = chat(QUESTIONS[1], persona(31, [2], 64, 1.0, positions), max_tokens=24)
+    solo = [await tokens(gguf_llama, first), await tokens(gguf_llama, second)]
+    scheduler = gguf_llama.scheduler
+    stream: AsyncIterator[TokenChunk] = gguf_llama.generate(first)
+    answer: list[int] = []
+    while len(answer) < 8:  # its prompt and these tokens are fed again when it moves
+        answer += (await anext(stream)).token_ids
+    assert scheduler.rows_per_lane().count((False, 1)) == 1  # alone: a control-vector lane
+    joining = asyncio.ensure_future(tokens(gguf_llama, second))
+    for _ in range(200):
+        if (True, 2) in scheduler.rows_per_lane():
+            break
+        await asyncio.sleep(0.005)
+    assert scheduler.rows_per_lane().count((True, 2)) == 1, scheduler.rows_per_lane()
+    answer += [token async for chunk in stream for token in chunk.token_ids]
+    assert [answer, await joining] == solo
+
+
 async def test_a_cancelled_request_frees_its_lane(gguf_llama: LlamaCppBackend) -> None:
     scheduler = gguf_llama.scheduler
     stream: AsyncIterator[TokenChunk] = gguf_llama.generate(chat(QUESTIONS[1], max_tokens=500))
