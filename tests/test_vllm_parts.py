@@ -17,6 +17,7 @@ from server.engine.vllm.loop_wire import LoopRef, trace_in, trace_out
 from server.engine.vllm.options import VLLMOptions
 from server.engine.vllm.read_backs import ReadBacks, merge_captures
 from server.engine.vllm.resident import ResidentSets
+from server.engine.vllm.trace_taker import TraceTaker
 from server.engine.vllm.wire import CaptureSpec, SteeringRef, pack, unpack
 from server.engine.vllm.worker_steering import steered_offsets
 from server.steering.closed_loop import Direction, LoopProgress, LoopSpec, Rule, Target, TokenTrace
@@ -249,3 +250,46 @@ def test_an_engine_argument_vllm_does_not_have_is_a_clear_error() -> None:
 
     with pytest.raises(EngineError, match="no_such_argument"):
         VLLMBackend.load("/models/none", options=VLLMOptions(extra={"no_such_argument": 1}))
+
+
+async def test_loop_traces_asked_while_an_rpc_is_out_share_the_next_one() -> None:
+    """At concurrency 8 every loop answer asks for its traces after the same engine step: one RPC
+    serves the first, one the seven that asked meanwhile, and each answer gets its own traces."""
+    calls: list[list[tuple[str, bool]]] = []
+
+    async def rpc(method: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        assert method == "persona_loop_take"
+        asked = args[0]
+        calls.append(asked)
+        await asyncio.sleep(0.01)  # the engine's step
+        # Two tensor-parallel copies answer alike; a worker without the loop answers nothing for it.
+        held = {token: [[token, index]] for index, (token, _) in enumerate(asked) if token != "gone"}
+        return [held, dict(held)]
+
+    taker = TraceTaker(rpc)
+    tokens = [f"loop{i}" for i in range(8)]
+    first = asyncio.create_task(taker.take(tokens[0], close=False))
+    while not calls:  # the first answer's RPC is out
+        await asyncio.sleep(0)
+    rest = [taker.take(token, close=i == 7) for i, token in enumerate(tokens) if i > 0]
+    taken = [await first, *await asyncio.gather(*rest)]
+    assert [len(asked) for asked in calls] == [1, 7]
+    assert calls[1][-1] == ("loop7", True)
+    assert [traces[0][0] for traces in taken] == tokens
+    assert await taker.take("gone", close=True) == []
+
+
+async def test_a_failed_trace_rpc_fails_every_answer_waiting_on_it_and_not_the_next() -> None:
+    failing = [True]
+
+    async def rpc(method: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        await asyncio.sleep(0)
+        if failing[0]:
+            raise RuntimeError("engine dead")
+        return [{token: [[1]] for token, _ in args[0]}]
+
+    taker = TraceTaker(rpc)
+    results = await asyncio.gather(taker.take("a", False), taker.take("b", False), return_exceptions=True)
+    assert all(isinstance(result, RuntimeError) for result in results)
+    failing[0] = False
+    assert await taker.take("c", False) == [[1]]

@@ -35,6 +35,7 @@ from server.engine.vllm.loops import LoopRun, open_loop
 from server.engine.vllm.options import VLLMOptions
 from server.engine.vllm.read_backs import ReadBacks
 from server.engine.vllm.resident import ResidentSets
+from server.engine.vllm.trace_taker import TraceTaker
 from server.engine.vllm.wire import SteeringRef
 from server.steering.closed_loop import TokenTrace
 from server.steering.plan import SteeringPlan
@@ -130,6 +131,7 @@ class VLLMBackend:
         self._eos_ids = eos_ids
         self._resident = ResidentSets(self._rpc, resident_capacity)
         self._read_backs = ReadBacks(engine, self._rpc, self._info, self._ensure_set_up)
+        self._traces = TraceTaker(self._rpc)
         self._setup_lock = asyncio.Lock()
         self._set_up = False
 
@@ -250,7 +252,7 @@ class VLLMBackend:
         steering, salt = plan_args, plan_salt
         loop = monitor = None
         if first.loop is not None:
-            loop = await open_loop(first, self._read_backs.steered_last, self._rpc, plan_args, plan_salt)
+            loop = await open_loop(first, self._read_backs.steered_last, self._traces, plan_args, plan_salt)
             steering, salt = {**steering, **loop.extra_args()}, loop.cache_salt
         if self._info.closed_loop:  # one pipeline stage: one worker holds every monitored block
             owns_salt = loop is not None and loop.owns_salt

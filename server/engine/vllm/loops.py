@@ -20,7 +20,8 @@ import torch
 from server.engine.base import EngineError
 from server.engine.sequence import Sequence
 from server.engine.vllm.loop_wire import LoopRef, trace_in
-from server.engine.vllm.read_backs import Probe, Rpc
+from server.engine.vllm.read_backs import Probe
+from server.engine.vllm.trace_taker import TraceTaker
 from server.steering.closed_loop import TokenTrace
 
 
@@ -28,8 +29,8 @@ class LoopRun:
     """One answer's loop on the workers: ``extra_args`` and ``cache_salt`` for its request, then
     ``traces(count)`` after each output and ``close`` when it ends."""
 
-    def __init__(self, rpc: Rpc, ref: LoopRef, first: TokenTrace | None, salt: str | None) -> None:
-        self._rpc = rpc
+    def __init__(self, taker: TraceTaker, ref: LoopRef, first: TokenTrace | None, salt: str | None) -> None:
+        self._taker = taker
         self.ref = ref
         self._pending: deque[TokenTrace] = deque([first] if first is not None else [])
         # A target or a rule steers generated tokens by what the answer does: no other request may
@@ -53,14 +54,11 @@ class LoopRun:
         await self._take(close=True)
 
     async def _take(self, close: bool) -> list[TokenTrace]:
-        # Tensor-parallel workers run equal copies of the loop; with data parallelism one engine has it.
-        parts = await self._rpc("persona_loop_take", (self.ref.token, close))
-        found = next((part for part in parts if part is not None), [])
-        return [trace_in(trace) for trace in found]
+        return [trace_in(trace) for trace in await self._taker.take(self.ref.token, close)]
 
 
 async def open_loop(
-    sequence: Sequence, probe: Probe, rpc: Rpc, steering: dict[str, Any], salt: str | None
+    sequence: Sequence, probe: Probe, taker: TraceTaker, steering: dict[str, Any], salt: str | None
 ) -> LoopRun:
     """The loop of ``sequence`` ready to run on the workers; ``steering`` and ``salt``: its plan's
     extra args and cache salt (the prompt's steering)."""
@@ -68,7 +66,7 @@ async def open_loop(
     assert loop is not None
     token = uuid.uuid4().hex
     if not loop.spec.rules:
-        return LoopRun(rpc, LoopRef(token, loop.spec), None, salt)
+        return LoopRun(taker, LoopRef(token, loop.spec), None, salt)
     plan = sequence.plan
     last = await probe(sequence.prompt_ids, steering, salt, loop.spec.num_blocks)
     trace = loop.observe(torch.from_numpy(last), plan.deltas if plan is not None else {})
@@ -76,4 +74,4 @@ async def open_loop(
     if fired:  # they steer the prompt, at their personas' own positions, and the first token
         loop.rerun()
         trace = dataclasses.replace(trace, rules=fired)
-    return LoopRun(rpc, LoopRef(token, loop.spec, loop.progress(), fired), trace, salt)
+    return LoopRun(taker, LoopRef(token, loop.spec, loop.progress(), fired), trace, salt)

@@ -85,9 +85,12 @@ class PersonaWorkerExtension:
         left behind on this worker's blocks (then forgotten)."""
         return self._persona_steering.captures.take(token, end)
 
-    def persona_loop_take(self, token: str, close: bool = False) -> list[list[Any]] | None:
-        """The token traces a closed-loop request recorded since the last take; ``close`` forgets it."""
-        return self._persona_steering.loops.take(token, close)
+    def persona_loop_take(self, asked: list[tuple[str, bool]]) -> dict[str, list[list[Any]]]:
+        """For each (token, close) asked: the token traces that closed-loop request recorded since its
+        last take, if this worker runs it; ``close`` forgets it."""
+        loops = self._persona_steering.loops
+        taken = {token: loops.take(token, close) for token, close in asked}
+        return {token: traces for token, traces in taken.items() if traces is not None}
 
     def persona_stats(self) -> dict[str, Any]:
         steering = self._persona_steering
