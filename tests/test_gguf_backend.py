@@ -110,15 +110,15 @@ async def test_a_persona_alone_in_a_control_vector_lane_joins_the_per_row_lane_w
     gguf_llama: LlamaCppBackend, positions: Positions
 ) -> None:
     """Each busy lane costs a llama_decode per step: the first request of a burst, which found nothing
-    running and took a control-vector lane, is fed again into the per-row lane once a request with
-    another persona starts there, and answers what it answers alone."""
+    running and took a control-vector lane, moves with its cache cells into the per-row lane once a
+    request with another persona starts there, and answers what it answers alone."""
     first = chat(QUESTIONS[0], persona(30, [1, 2], 64, 1.0, positions), max_tokens=24)
     second = chat(QUESTIONS[1], persona(31, [2], 64, 1.0, positions), max_tokens=24)
     solo = [await tokens(gguf_llama, first), await tokens(gguf_llama, second)]
     scheduler = gguf_llama.scheduler
     stream: AsyncIterator[TokenChunk] = gguf_llama.generate(first)
     answer: list[int] = []
-    while len(answer) < 8:  # its prompt and these tokens are fed again when it moves
+    while len(answer) < 8:  # its cells hold the prompt and these tokens when it moves
         answer += (await anext(stream)).token_ids
     assert scheduler.rows_per_lane().count((False, 1)) == 1  # alone: a control-vector lane
     joining = asyncio.ensure_future(tokens(gguf_llama, second))

@@ -177,6 +177,17 @@ class Lane:
                     rows.append(np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy())
         return rows, read
 
+    def copy_cells(self, sequence: int, target: Lane, target_sequence: int) -> bool:
+        """Copy a sequence's cache cells into ``target_sequence`` of another lane over the same model,
+        bit for bit (the keys and values computed here, under this lane's steering); False when the
+        target has no run of free cells long enough."""
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, sequence)
+        state = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx, state, size, sequence)
+        if not written:
+            return False
+        return bool(llama_cpp.llama_state_seq_set_data(target._ctx, state, written, target_sequence))
+
     def drop_cells(self, sequence: int) -> None:
         """Drop a sequence's cache cells; it keeps its slot."""
         llama_cpp.llama_memory_seq_rm(self._memory, sequence, -1, -1)

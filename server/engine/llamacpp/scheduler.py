@@ -12,8 +12,8 @@ new request joins it; else it joins a control-vector lane that carries its plan;
 plan is running or waiting, it goes to the per-row lane (mixed personas batch together); else it
 takes an empty control-vector lane (one plan at a time, or no steering, keeps the free path).
 A request that took a control-vector lane a moment before others with another plan arrived (the
-first of a burst) moves into the per-row lane once it runs: its prompt and answer so far are fed
-again there, in one batch, so that the step decodes one batch, not two.
+first of a burst) moves into the per-row lane once it runs, its KV cells copied over, so that a step
+decodes one batch, not two.
 
 A sequence reserves KV cells for its prompt and its max_tokens, so a lane never runs out of cache
 mid-generation. Requests are admitted in arrival order: one that finds no lane waits, and so do
@@ -237,9 +237,9 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
 
     def _gather_into_per_row(self) -> None:
         """Each busy lane costs a llama_decode per step. While the per-row lane runs, move into it the
-        rows of a control-vector lane that it has room for, when each can be fed again in one batch:
-        typically the first request of a burst of mixed personas, which found nothing else running
-        and took a control-vector lane a moment before the others arrived."""
+        rows of a control-vector lane that it has room for, their cache cells copied over: typically
+        the first request of a burst of mixed personas, which found nothing else running and took a
+        control-vector lane a moment before the others arrived."""
         mixed = next((s for s in self._states if s.lane.per_row and s.rows), None)
         if mixed is None:
             return
@@ -249,25 +249,23 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
                 continue
             if mixed.reserved + sum(s.reservation for s in rows) > mixed.lane.context_tokens:
                 continue
-            if any(s.position > mixed.lane.batch_capacity for s in rows):
-                continue  # feeding it again would take more than one batch
-            for sequence in rows:
-                slot = sequence.slot
-                self._feed_again(mixed, sequence)
-                state.lane.forget(slot)
-            state.rows, state.key, state.steering = [], None, None
+            moved = [sequence for sequence in list(rows) if self._move(state, mixed, sequence)]
+            if len(moved) == len(rows):
+                state.rows, state.key, state.steering = [], None, None
+            else:
+                state.rows = [sequence for sequence in rows if sequence not in moved]
 
-    def _feed_again(self, state: LaneState, sequence: LaneSequence) -> None:
-        """Feed a running sequence's prompt and answer so far into a free slot of the per-row lane,
-        steered as they were; its last token is fed by the next step, as every row's is."""
-        answer = sequence.output_ids[:-1]
-        tokens = sequence.prompt_ids + answer
-        rows = sequence.prompt_rows([]) + [sequence.step_steering()] * len(answer)
-        sequence.slot = state.lane.free_slots.pop()
-        slots = [TokenSlot(token, p, sequence.slot, p == len(tokens) - 1) for p, token in enumerate(tokens)]
-        steered = any(steers for _, steers in rows)
-        state.lane.decode(slots, per_row_additions(rows, self._hidden) if steered else None)
-        state.rows.append(sequence)
+    def _move(self, source: LaneState, target: LaneState, sequence: LaneSequence) -> bool:
+        """Move a running sequence's cells into a free slot of ``target``; False (and nothing moved)
+        when its cache has no run of free cells that long."""
+        slot = target.lane.free_slots.pop()
+        if not source.lane.copy_cells(sequence.slot, target.lane, slot):
+            target.lane.forget(slot)
+            return False
+        source.lane.forget(sequence.slot)
+        sequence.slot = slot
+        target.rows.append(sequence)
+        return True
 
     def _open(self, state: LaneState, sequence: LaneSequence) -> tuple[np.ndarray, TokenTrace | None]:
         """Prefill a sequence: the logits of its last prompt token and, with a closed loop, the trace

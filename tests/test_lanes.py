@@ -1,10 +1,12 @@
-"""The per-row lane's compiled evaluation callback: what it adds and reads at the rows it is given."""
+"""llama.cpp lanes below the scheduler: the per-row lane's compiled evaluation callback (what it adds
+and reads at the rows it is given), and cache cells copied from one lane to another."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -22,18 +24,26 @@ HIDDEN, BLOCKS, PROMPT = 64, 3, 16  # the tiny Llama's
 
 
 @pytest.fixture(scope="module")
-def lane(llama_gguf: Path) -> Iterator[Lane]:
+def model(llama_gguf: Path) -> Iterator[Any]:
     _init_llama_cpp()
-    model = llama_cpp.llama_model_load_from_file(
-        str(llama_gguf).encode(), llama_cpp.llama_model_default_params()
-    )
-    lane = Lane(
-        model, LaneConfig(context_tokens=256, sequences=2, threads=2, kv_type="f32"), HIDDEN, BLOCKS, True
-    )
+    params = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(llama_gguf).encode(), params)
+    yield model
+    llama_cpp.llama_model_free(model)
+
+
+def _lane(model: Any, context_tokens: int, per_row: bool) -> Lane:
+    config = LaneConfig(context_tokens=context_tokens, sequences=2, threads=2, kv_type="f32")
+    lane = Lane(model, config, HIDDEN, BLOCKS, per_row=per_row)
     lane.set_vocab_size(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
+    return lane
+
+
+@pytest.fixture(scope="module")
+def lane(model: Any) -> Iterator[Lane]:
+    lane = _lane(model, 256, per_row=True)
     yield lane
     lane.close()
-    llama_cpp.llama_model_free(model)
 
 
 def _prompt(every_row_logits: bool) -> list[TokenSlot]:
@@ -79,3 +89,21 @@ def test_a_gguf_model_without_the_compiled_callback_refuses_to_load_its_per_row_
             LlamaCppBackend.load(llama_gguf, contexts=1)
     finally:
         row_callback._compiled.cache_clear()
+
+
+def test_a_sequence_copied_into_another_lane_goes_on_as_it_would_have(model: Any) -> None:
+    """The scheduler moves a running request between lanes by copying its cache cells: the next
+    token's logits are the ones the first lane gives, and a lane without room says so."""
+    source, target, small = _lane(model, 512, False), _lane(model, 512, True), _lane(model, 256, True)
+    try:
+        length = 300
+        source.decode([TokenSlot(5 + p % 50, p, 0, p == length - 1) for p in range(length)])
+        assert not source.copy_cells(0, small, 0)  # 300 cells do not fit in 256
+        assert source.copy_cells(0, target, 1)
+        expected = source.decode([TokenSlot(9, length, 0, True)])[0]
+        assert np.abs(target.decode([TokenSlot(9, length, 1, True)])[0] - expected).max() < 1e-4
+        # The same token without those cells is another computation.
+        assert np.abs(small.decode([TokenSlot(9, length, 0, True)])[0] - expected).max() > 1e-2
+    finally:
+        for lane in (source, target, small):
+            lane.close()
