@@ -18,6 +18,7 @@ from server.engine.base import ChatMessage, GenerationRequest, SamplingParams, T
 from server.engine.hf.backend import HFBackend
 from server.engine.llamacpp.backend import LlamaCppBackend
 from server.engine.llamacpp.convert import convert_hf_to_gguf
+from server.engine.llamacpp.lane import Lane
 from server.engine.llamacpp.steering import steering_buffer
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
@@ -129,6 +130,35 @@ async def test_a_persona_alone_in_a_control_vector_lane_joins_the_per_row_lane_w
     assert scheduler.rows_per_lane().count((True, 2)) == 1, scheduler.rows_per_lane()
     answer += [token async for chunk in stream for token in chunk.token_ids]
     assert [answer, await joining] == solo
+
+
+async def test_a_request_whose_cells_find_no_room_in_the_per_row_lane_ends_where_it_is(
+    gguf_llama: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-row lane may hold no run of free cells long enough for a moving request's cache: it
+    stays in its control-vector lane, is not tried again every step, and answers as alone."""
+    tried: list[int] = []
+
+    def no_room(lane: Lane, sequence: int, target: Lane, target_sequence: int) -> bool:
+        tried.append(sequence)
+        return False
+
+    first = chat(QUESTIONS[0], persona(30, [1, 2], 64, 1.0, Positions.ALL), max_tokens=24)
+    second = chat(QUESTIONS[1], persona(31, [2], 64, 1.0, Positions.ALL), max_tokens=24)
+    solo = [await tokens(gguf_llama, first), await tokens(gguf_llama, second)]
+    monkeypatch.setattr(Lane, "copy_cells", no_room)
+    scheduler = gguf_llama.scheduler
+    stream: AsyncIterator[TokenChunk] = gguf_llama.generate(first)
+    answer = list((await anext(stream)).token_ids)
+    joining = asyncio.ensure_future(tokens(gguf_llama, second))
+    for _ in range(200):
+        if (True, 1) in scheduler.rows_per_lane():
+            break
+        await asyncio.sleep(0.005)
+    assert sorted(scheduler.rows_per_lane()) == [(False, 0), (False, 1), (True, 1)]
+    answer += [token async for chunk in stream for token in chunk.token_ids]
+    assert [answer, await joining] == solo
+    assert len(tried) == 1
 
 
 async def test_a_cancelled_request_frees_its_lane(gguf_llama: LlamaCppBackend) -> None:

@@ -52,6 +52,7 @@ class LaneSequence(Sequence):
     slot: int = -1
     position: int = 0  # tokens of this sequence in its lane's cache
     steers_generated: bool = field(init=False, default=False)  # read on every decode step
+    stays: bool = False  # its cells found no room in the per-row lane once: it ends where it is
 
     def __post_init__(self) -> None:
         self.steers_generated = self.plan is not None and steers_generated_tokens(self.plan.positions)
@@ -244,16 +245,15 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
         if mixed is None:
             return
         for state in self._states:
-            rows = state.rows
+            rows = [sequence for sequence in state.rows if not sequence.stays]
             if state.lane.per_row or not rows or len(mixed.lane.free_slots) < len(rows):
                 continue
             if mixed.reserved + sum(s.reservation for s in rows) > mixed.lane.context_tokens:
                 continue
-            moved = [sequence for sequence in list(rows) if self._move(state, mixed, sequence)]
-            if len(moved) == len(rows):
-                state.rows, state.key, state.steering = [], None, None
-            else:
-                state.rows = [sequence for sequence in rows if sequence not in moved]
+            moved = [sequence for sequence in rows if self._move(state, mixed, sequence)]
+            state.rows = [sequence for sequence in state.rows if sequence not in moved]
+            if not state.rows:
+                state.key, state.steering = None, None
 
     def _move(self, source: LaneState, target: LaneState, sequence: LaneSequence) -> bool:
         """Move a running sequence's cells into a free slot of ``target``; False (and nothing moved)
@@ -261,6 +261,7 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
         slot = target.lane.free_slots.pop()
         if not source.lane.copy_cells(sequence.slot, target.lane, slot):
             target.lane.forget(slot)
+            sequence.stays = True  # copying its state out again each step would cost each step
             return False
         source.lane.forget(sequence.slot)
         sequence.slot = slot
