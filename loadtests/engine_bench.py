@@ -3,7 +3,7 @@
 Drives ``HFBackend`` directly (no HTTP) on a random-weight Llama (hidden 512, 8 blocks, 8 heads,
 intermediate 1408, vocab 400, float32: the project's reference serving model) and measures, in one
 interleaved run, completion tokens per second for each condition. Conditions run round-robin, in a
-rotated order each round, so that the machine's drift hits them all alike; the ratios are what count.
+shuffled order each round, so that the machine's drift hits them all alike; the ratios are what count.
 
     python -m loadtests.engine_bench [--rounds 3] [--requests 32] [--max-tokens 64]
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from loadtests.orders import round_orders
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
 from server.steering.plan import SteeringPlan
@@ -126,9 +127,8 @@ async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | Non
         backend = HFBackend.load(model_dir, model_id="bench-llama", max_batch_size=32)
     conditions = build_conditions(backend.info.hidden_size, backend.info.num_layers)
     await run_condition(backend, conditions[1], 16, 8)  # warm-up: allocator, kernels
-    for round_index in range(rounds):
-        shift = round_index % len(conditions)
-        for condition in conditions[shift:] + conditions[:shift]:
+    for order in round_orders(conditions, rounds):
+        for condition in order:
             # Fewer requests alone: at concurrency 1 the same count would dominate the run time.
             count = requests if condition.concurrency > 1 else max(4, requests // 8)
             tokens, seconds = await run_condition(backend, condition, count, max_tokens)

@@ -21,6 +21,7 @@ from typing import Any
 import openai
 
 from loadtests.engine_bench import QUESTIONS
+from loadtests.orders import round_orders
 
 
 @dataclass
@@ -95,12 +96,11 @@ async def run_condition(condition: Condition, requests: int, max_tokens: int) ->
 
 
 async def run_interleaved(conditions: list[Condition], rounds: int, requests: int, max_tokens: int) -> None:
-    """A short uncounted warm-up of each condition, then ``rounds`` rounds in a rotated order each."""
+    """A short uncounted warm-up of each condition, then ``rounds`` rounds in a shuffled order each."""
     for condition in conditions:
         await run_condition(condition.fresh(), 2, 8)
-    for round_index in range(rounds):
-        shift = round_index % len(conditions)
-        for condition in conditions[shift:] + conditions[:shift]:
+    for order in round_orders(conditions, rounds):
+        for condition in order:
             count = requests if condition.concurrency > 1 else max(4, requests // 2)
             await run_condition(condition, count, max_tokens)
 
