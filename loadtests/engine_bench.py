@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from loadtests.orders import round_orders
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
 from server.steering.plan import SteeringPlan
+from server.testing.round_orders import round_orders
 from server.testing.tiny_models import build_tiny_model
 
 REFERENCE_SIZES = {
