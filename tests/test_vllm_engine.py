@@ -1,5 +1,8 @@
 """The vLLM engine against the HF engine on the same weights: tokens, steering, batching, caching,
-read-backs. One vLLM engine per architecture for the module (start-up takes 20-60 s here)."""
+read-backs, closed loops. One vLLM engine per architecture for the module (start-up takes 20-60 s
+here), compiled as vLLM runs by default (steering inside the compiled graph: docs/design.md,
+"Steering inside vLLM's compiled graph"), and one Llama engine in eager mode, which must steer alike.
+The engines hold 4 steering slots, fewer than the distinct plans some tests run at once."""
 
 from __future__ import annotations
 
@@ -29,16 +32,25 @@ from server.engine.vllm.options import VLLMOptions  # noqa: E402
 HIDDEN = 128
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "phi3"])
-def model_dir(request: pytest.FixtureRequest, vllm_model_dir: Callable[[str], Path]) -> Path:
-    return vllm_model_dir(request.param)
+SLOTS = 4
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "phi3", "llama-eager"])
+def engine_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model_dir(engine_kind: str, vllm_model_dir: Callable[[str], Path]) -> Path:
+    return vllm_model_dir(engine_kind.removesuffix("-eager"))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engines(model_dir: Path) -> AsyncIterator[tuple[VLLMBackend, HFBackend]]:
+async def engines(engine_kind: str, model_dir: Path) -> AsyncIterator[tuple[VLLMBackend, HFBackend]]:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # both cores of this machine
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    options = VLLMOptions(max_model_len=1024, max_num_seqs=16)
+    eager = {"enforce_eager": True} if engine_kind.endswith("-eager") else {}
+    options = VLLMOptions(max_model_len=1024, max_num_seqs=16, steering_slots=SLOTS, extra=eager)
     vllm_backend = await asyncio.to_thread(VLLMBackend.load, model_dir, options=options)
     hf_backend = HFBackend.load(model_dir)
     yield vllm_backend, hf_backend
@@ -84,14 +96,32 @@ async def test_greedy_tokens_equal_the_hf_engine_unsteered_and_at_every_rule(eng
         assert steered != unsteered, f"{name}: steering changed nothing"
 
 
-async def test_the_hooks_fire_in_the_workers(engines) -> None:
-    """vLLM skips Python hooks silently when it compiles the model: the workers count what they steer."""
+async def first_logprobs(backend: VLLMBackend, plan: SteeringPlan | None) -> list[float]:
+    request = GenerationRequest(
+        sampling=SamplingParams(max_tokens=1, temperature=0, logprobs=5),
+        prompt="one two three",
+        steering=plan,
+    )
+    chunks = [chunk async for chunk in backend.generate(request)]
+    return [logprob for _, _, logprob in chunks[0].logprobs[0].top]
+
+
+async def test_the_model_runs_as_asked_and_steering_runs_inside_it(engine_kind: str, engines) -> None:
+    """The guard of the compiled path: vLLM compiled the model (no silent fall-back to eager), and a
+    steered request's logits differ from the unsteered ones there."""
     vllm_backend, _ = engines
-    before = sum(stats["steered_rows"] for stats in await vllm_backend.worker_stats())
-    await greedy(vllm_backend, "one two three", SteeringPlan({2: vector(8)}, strength=2.0), max_tokens=4)
+    eager = engine_kind.endswith("-eager")
+    stats = await vllm_backend.worker_stats()
+    assert all(s["compiled"] is not eager and s["enforce_eager"] is eager for s in stats)
+    assert all(s["compilation_mode"] == 0 for s in stats) is eager
+    before = sum(s["steered_rows"] for s in stats)
+    plan = SteeringPlan({2: vector(8)}, strength=2.0)
+    unsteered = await first_logprobs(vllm_backend, None)
+    assert await first_logprobs(vllm_backend, plan) != pytest.approx(unsteered, abs=1e-3)
+    assert await first_logprobs(vllm_backend, None) == pytest.approx(unsteered, abs=1e-5)
     stats = await vllm_backend.worker_stats()
     assert sum(s["steered_rows"] for s in stats) > before
-    assert all(s["missing_sets"] == 0 for s in stats)
+    assert all(s["missing_sets"] == 0 and s["unslotted"] == 0 for s in stats)
 
 
 async def test_chat_prompts_render_as_on_the_hf_engine(engines) -> None:
@@ -106,6 +136,8 @@ async def test_chat_prompts_render_as_on_the_hf_engine(engines) -> None:
 
 
 async def test_twelve_concurrent_requests_with_different_personas_equal_their_solo_answers(engines) -> None:
+    """Six distinct plans (and unsteered requests) at once on 4 steering slots: requests wait for a
+    slot, none is steered by another's plan or left unsteered."""
     vllm_backend, _ = engines
     rng = random.Random(0)
     words = ["sea", "ship", "wind", "gold", "map", "storm", "island", "crew"]
@@ -116,6 +148,8 @@ async def test_twelve_concurrent_requests_with_different_personas_equal_their_so
     solo = [await greedy(vllm_backend, prompt, plan) for prompt, plan in jobs]
     together = await asyncio.gather(*(greedy(vllm_backend, prompt, plan) for prompt, plan in jobs))
     assert list(together) == solo
+    assert len({id(plan) for _, plan in jobs if plan is not None}) > SLOTS
+    assert all(stats["unslotted"] == 0 for stats in await vllm_backend.worker_stats())
 
 
 async def test_a_steered_request_never_reuses_kv_cached_unsteered(engines) -> None:

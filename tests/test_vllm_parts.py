@@ -24,13 +24,33 @@ from server.steering.closed_loop import Direction, LoopProgress, LoopSpec, Rule,
 from server.steering.plan import PlanTerm, Positions, SteeringPlan, prompt_position_mask
 
 
-def test_steering_needs_eager_mode_and_our_worker_extension_whatever_the_user_passes() -> None:
+def test_vllm_runs_compiled_unless_the_user_asks_for_eager_and_keeps_the_users_loader() -> None:
+    """docs/design.md, "Steering inside vLLM's compiled graph": our loader wraps the user's, and our
+    settings enter vLLM's compile-cache key (additional_config)."""
     kwargs = VLLMOptions(extra={"block_size": 32}).engine_kwargs("/models/m", "m")
-    assert kwargs["enforce_eager"] is True  # vLLM skips Python hooks in a compiled model
+    assert "enforce_eager" not in kwargs  # vLLM's default: compiled
     assert kwargs["worker_extension_cls"].endswith("PersonaWorkerExtension")
     assert kwargs["block_size"] == 32 and kwargs["served_model_name"] == ["m"]
-    with pytest.raises(EngineError, match="enforce_eager"):
-        VLLMOptions(extra={"enforce_eager": False}).engine_kwargs("/models/m", "m")
+    assert kwargs["load_format"] == "persona_server"
+    assert kwargs["model_loader_extra_config"]["persona_server"] == {"load_format": "auto", "extra": {}}
+    assert kwargs["additional_config"]["persona_server"]["slots"] == 32  # max_num_seqs by default
+    users = {"enforce_eager": True, "load_format": "safetensors", "additional_config": {"other": 1},
+             "model_loader_extra_config": {"enable_multithread_load": True}, "max_num_seqs": 8}  # fmt: skip
+    kwargs = VLLMOptions(extra=users).engine_kwargs("/models/m", "m")
+    assert kwargs["enforce_eager"] is True and kwargs["additional_config"]["other"] == 1
+    assert kwargs["model_loader_extra_config"]["persona_server"] == {
+        "load_format": "safetensors",
+        "extra": {"enable_multithread_load": True},
+    }
+    assert kwargs["additional_config"]["persona_server"]["slots"] == 8
+    assert (
+        VLLMOptions(steering_slots=5).engine_kwargs("/m", "m")["additional_config"]["persona_server"]["slots"]
+        == 5
+    )
+    with pytest.raises(EngineError, match="worker_extension_cls"):
+        VLLMOptions(extra={"worker_extension_cls": "x.Y"}).engine_kwargs("/models/m", "m")
+    with pytest.raises(EngineError, match="persona_server"):
+        VLLMOptions(extra={"load_format": "persona_server"}).engine_kwargs("/models/m", "m")
 
 
 def test_the_v1_model_runner_is_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,13 +80,7 @@ def test_the_workers_steer_the_positions_the_hf_engine_steers(positions: Positio
     workers are the prompt mask of steering/plan.py, then every generated token or none."""
     prompt = 6
     steered: list[int] = []
-    for chunk in (
-        torch.arange(0, 4),
-        torch.arange(4, 6),
-        torch.tensor([6]),
-        torch.tensor([7]),
-        torch.tensor([8]),
-    ):
+    for chunk in (np.arange(0, 4), np.arange(4, 6), np.array([6]), np.array([7]), np.array([8])):
         steered += [int(chunk[i]) for i in steered_offsets(positions.value, chunk, prompt)]
     expected_prompt = [p for p in range(prompt) if prompt_position_mask(positions, prompt)[p]]
     expected_response = [6, 7, 8] if positions in (Positions.ALL, Positions.RESPONSE) else []
@@ -193,12 +207,16 @@ async def test_a_read_back_installs_the_workers_hooks_before_its_request_runs() 
 
 
 def _feed(captures: WorkerCaptures, positions: list[int], blocks: int = 2) -> None:
-    """One forward of an in-flight capture: rows whose block-l output is ``position + 100 * l``."""
-    step = StepCapture("t", blocks, torch.arange(len(positions)), None, tuple(positions))
-    rows = captures.begin([step])
+    """One forward of an in-flight capture from position 5: read rows 1.. whose block-l output is
+    ``position + 100 * l``."""
+    kept = tuple((row, position) for row, position in enumerate(positions, start=1))
+    step = StepCapture("t", blocks, 5, None, 0, kept, None, in_flight=True)
+    captures.begin([step])
+    reads = np.zeros((blocks, len(positions) + 1, 2))
     for layer in range(blocks):
-        outputs = torch.tensor([[p + 100.0 * layer] * 2 for p in positions])
-        captures.record(layer, outputs, [step], rows)
+        for row, position in kept:
+            reads[layer, row] = position + 100.0 * layer
+    captures.record(step, reads, list(range(blocks)))
 
 
 def test_an_in_flight_capture_is_cut_at_the_answers_end() -> None:

@@ -77,6 +77,7 @@ def _load_vllm(source: str, model_id: str | None, settings: Settings) -> Backend
         enable_prefix_caching=settings.enable_prefix_caching,
         max_num_seqs=settings.max_num_seqs,
         cpu_kv_cache_gib=settings.vllm_cpu_kv_cache_gib,
+        steering_slots=settings.vllm_steering_slots,
         extra=settings.vllm_engine_args,
     )
     return VLLMBackend.load(source, model_id=model_id, options=options)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,9 @@ from server.engine.vllm.loops import LoopRun, open_loop
 from server.engine.vllm.options import VLLMOptions
 from server.engine.vllm.read_backs import ReadBacks
 from server.engine.vllm.resident import ResidentSets
+from server.engine.vllm.slot_gate import LOOP_DEMAND, SlotGate
 from server.engine.vllm.trace_taker import TraceTaker
-from server.engine.vllm.wire import SteeringRef
+from server.engine.vllm.wire import SteeringRef, slot_key
 from server.steering.closed_loop import TokenTrace
 from server.steering.plan import SteeringPlan
 
@@ -50,13 +51,25 @@ def cache_salt(plan: SteeringPlan, num_prompt_tokens: int) -> str:
     return f"persona:{plan.positions.value}{length}:{terms}"
 
 
+def plan_ref(plan: SteeringPlan) -> SteeringRef:
+    """A plan as the workers know it: references to the sets they hold, strengths, positions."""
+    return SteeringRef(tuple((term.key, term.strength) for term in plan.terms), plan.positions.value)
+
+
 def steering_args(plan: SteeringPlan | None) -> dict[str, Any]:
-    """What a request steered by ``plan`` tells the workers (references to the sets they hold)."""
-    if plan is None:
-        return {}
-    return SteeringRef(
-        tuple((term.key, term.strength) for term in plan.terms), plan.positions.value
-    ).to_extra_args()
+    """What a request steered by ``plan`` tells the workers."""
+    return {} if plan is None else plan_ref(plan).to_extra_args()
+
+
+def slots_wanted(sequence: Sequence) -> dict[Hashable, int]:
+    """The workers' steering slots a request takes while it runs (slot_gate.py): its plan's, shared
+    by every request with that plan, and a closed loop's own."""
+    wanted: dict[Hashable, int] = {}
+    if sequence.plan is not None:
+        wanted[slot_key(plan_ref(sequence.plan))[0]] = 1
+    if sequence.loop is not None:
+        wanted[object()] = LOOP_DEMAND
+    return wanted
 
 
 def _pipeline_stages(engine: Any) -> int:
@@ -110,7 +123,13 @@ class VLLMBackend:
     """Serves one model on a vLLM engine; every request may carry its own steering plan."""
 
     def __init__(
-        self, engine: Any, tokenizer: Any, model_id: str, eos_ids: set[int], resident_capacity: int = 64
+        self,
+        engine: Any,
+        tokenizer: Any,
+        model_id: str,
+        eos_ids: set[int],
+        slots: int,
+        resident_capacity: int = 64,
     ) -> None:
         self._engine = engine
         self._tokenizer = tokenizer
@@ -132,6 +151,7 @@ class VLLMBackend:
         self._resident = ResidentSets(self._rpc, resident_capacity)
         self._read_backs = ReadBacks(engine, self._rpc, self._info, self._ensure_set_up)
         self._traces = TraceTaker(self._rpc)
+        self._gate = SlotGate(slots)  # no forward carries more plans than the workers have slots
         self._setup_lock = asyncio.Lock()
         self._set_up = False
 
@@ -153,7 +173,7 @@ class VLLMBackend:
             generation_config = None
         options.prepare_process()
         engine = AsyncLLM.from_engine_args(engine_args)
-        return cls(engine, tokenizer, name, eos_token_ids(generation_config, tokenizer))
+        return cls(engine, tokenizer, name, eos_token_ids(generation_config, tokenizer), options.slots)
 
     @property
     def info(self) -> ModelInfo:
@@ -211,7 +231,9 @@ class VLLMBackend:
         shared = first.sampling.greedy and request.n > 1
         loop: LoopRun | None = None
         monitor: InFlightMonitor | None = None
+        admitted = contextlib.AsyncExitStack()
         try:
+            await admitted.enter_async_context(self._gate.admit(slots_wanted(first)))
             loop, monitor, prompt, params = await self._submission(request, first, 1 if shared else request.n)
             outputs = self._engine.generate(
                 prompt, params, request_id=f"{request.request_id}-{uuid.uuid4().hex}"
@@ -238,6 +260,7 @@ class VLLMBackend:
                 await monitor.drop()
             if loop is not None:
                 await loop.close()
+            await admitted.aclose()
             self._resident.release(keys)
             if keys:
                 await self._resident.evict()

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from server.engine.vllm.wire import pack
 
@@ -61,13 +60,25 @@ class CaptureState:
 
 @dataclass(frozen=True)
 class StepCapture:
-    """One capture's rows in a forward."""
+    """One capture's share of a forward: the read rows its tokens' block outputs were summed into.
+
+    ``sum_row`` sums ``sum_count`` tokens at once; each token in ``kept`` has a row of its own (the
+    last prompt token, whose outputs are kept; every position of an in-flight capture, kept apart for
+    the cut); a kept token at a position from ``start`` on is summed too."""
 
     token: str
     num_blocks: int
-    rows: torch.Tensor  # flat rows whose outputs are summed
-    last_row: int | None  # flat row of the last prompt token, when it is in this forward
-    positions: tuple[int, ...] | None = None  # the rows' positions, for an in-flight capture
+    start: int
+    sum_row: int | None
+    sum_count: int
+    kept: tuple[tuple[int, int], ...]  # (read row, position)
+    last_position: int | None  # the position whose outputs are kept as "last", when in this forward
+    in_flight: bool = False
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """An in-flight capture's positions in this forward (all kept apart)."""
+        return tuple(position for _, position in self.kept) if self.in_flight else ()
 
 
 class WorkerCaptures:
@@ -77,38 +88,43 @@ class WorkerCaptures:
     def __len__(self) -> int:
         return len(self._states)
 
-    def begin(self, captures: list[StepCapture]) -> torch.Tensor:
-        """A forward's captures, before its first block: their rows, concatenated (every block's
-        outputs at them are copied out at once)."""
+    def begin(self, captures: list[StepCapture]) -> None:
+        """A forward's captures, before it runs."""
         for capture in captures:
             state = self._states.setdefault(capture.token, CaptureState())
-            if capture.positions is not None:
+            if capture.in_flight:
                 state.fed(capture.positions)
-        return torch.cat([capture.rows for capture in captures])
 
-    def record(
-        self, layer: int, outputs: torch.Tensor, captures: list[StepCapture], rows: torch.Tensor
-    ) -> None:
-        """Add block ``layer``'s outputs [tokens, hidden] (the residual stream) at each capture's rows
-        (``rows``: theirs, concatenated, from ``begin``)."""
-        picked = outputs.index_select(0, rows.to(outputs.device)).double().cpu().numpy()
-        start = 0
-        for capture in captures:
-            mine = picked[start : start + capture.rows.numel()]
-            start += capture.rows.numel()
-            if layer >= capture.num_blocks:
-                continue
-            state = self._states[capture.token]
-            summed = mine.sum(axis=0)
-            state.sums[layer] = state.sums[layer] + summed if layer in state.sums else summed
-            state.counts[layer] = state.counts.get(layer, 0) + len(mine)
-            if capture.last_row is not None:
-                state.last[layer] = outputs[capture.last_row].float().cpu().numpy()
-            if capture.positions:
-                oldest_kept = max(state.positions) - TAIL + 1
-                for position, output in zip(capture.positions, mine, strict=True):
-                    if position >= oldest_kept:
-                        state.tail.setdefault(position, {})[layer] = output
+    def spoil(self, token: str) -> None:
+        """A capture whose positions found no read rows: its sums cannot be trusted."""
+        self._states.setdefault(token, CaptureState()).spoiled = True
+
+    def record(self, capture: StepCapture, reads: np.ndarray, layers: list[int]) -> None:
+        """Add what ``capture`` read in a forward: ``reads[block, row]``, float64 [blocks, rows, hidden],
+        the forward's read rows; ``layers``: the blocks this worker owns."""
+        state = self._states[capture.token]
+        blocks = [layer for layer in layers if layer < capture.num_blocks]
+        if not blocks:
+            return
+        for layer in blocks:
+            total = reads[layer, capture.sum_row].copy() if capture.sum_row is not None else None
+            count = capture.sum_count
+            for row, position in capture.kept:
+                output = reads[layer, row]
+                if position >= capture.start:
+                    total = output.copy() if total is None else total + output
+                    count += 1
+                if position == capture.last_position:
+                    state.last[layer] = output.astype(np.float32)
+                if capture.in_flight:
+                    state.tail.setdefault(position, {})[layer] = output
+            if total is not None and count:
+                state.sums[layer] = state.sums[layer] + total if layer in state.sums else total
+                state.counts[layer] = state.counts.get(layer, 0) + count
+        if capture.in_flight and state.positions:
+            oldest_kept = max(state.positions) - TAIL + 1
+            for position in [p for p in state.tail if p < oldest_kept]:
+                del state.tail[position]
 
     def take(self, token: str, end: int | None = None) -> dict[str, Any] | None:
         """What a capture summed (then forgotten); ``end``: an in-flight capture's sums cut before that

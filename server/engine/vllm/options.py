@@ -1,8 +1,12 @@
 """vLLM's engine arguments as persona-server sets them, and the process settings vLLM reads.
 
-Two arguments are ours, not the user's: eager mode (vLLM skips Python hooks in a compiled model,
-silently) and the worker extension that holds the hooks. The V1 model runner is pinned for the same
-reason: the hooks read its batch layout.
+vLLM runs as the user sets it, compiled by default (``enforce_eager`` is the user's choice). Ours are
+the worker extension that steers, and the model loader that puts the steering into the model before
+vLLM compiles it: the user's ``load_format`` and ``model_loader_extra_config`` go to the loader it
+wraps. ``additional_config`` carries our slot count and the version of the in-graph steering, which
+vLLM hashes into its compile cache's key, so a model compiled without our steering (plain vLLM on the
+same folder) is never loaded for ours, nor ours for it. The V1 model runner is pinned: the workers
+read its batch layout.
 """
 
 from __future__ import annotations
@@ -18,8 +22,19 @@ from server.engine.base import EngineError
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "server.engine.vllm.worker_extension.PersonaWorkerExtension"
-# Engine arguments persona-server must set itself; a user's value would switch the hooks off.
-RESERVED_ARGS = {"enforce_eager": True, "worker_extension_cls": WORKER_EXTENSION}
+# Engine arguments persona-server must set itself; a user's value would switch steering off.
+RESERVED_ARGS = ("worker_extension_cls",)
+# Our model loader's load format (steered_loader.py), and the key of our settings in vLLM's
+# model_loader_extra_config (the user's loader) and additional_config (read by the loader).
+LOAD_FORMAT = "persona_server"
+CONFIG_KEY = "persona_server"
+# Changes whenever what in_graph.py traces into the model changes (vLLM's compile cache key).
+IN_GRAPH_VERSION = 1
+
+
+def loader_config(inner_format: str, inner_extra: dict[str, Any] | None) -> dict[str, Any]:
+    """``model_loader_extra_config`` naming the user's loader: its format and its own extra config."""
+    return {CONFIG_KEY: {"load_format": inner_format, "extra": inner_extra or {}}}
 
 
 @dataclass(frozen=True)
@@ -34,7 +49,12 @@ class VLLMOptions:
     enable_prefix_caching: bool = True
     max_num_seqs: int = 32
     cpu_kv_cache_gib: int = 1
+    steering_slots: int | None = None  # default: max_num_seqs
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def slots(self) -> int:
+        return self.steering_slots or int(self.extra.get("max_num_seqs", self.max_num_seqs))
 
     def engine_kwargs(self, source: str, model_id: str) -> dict[str, Any]:
         """Keyword arguments of vLLM's ``AsyncEngineArgs`` for one model."""
@@ -43,6 +63,13 @@ class VLLMOptions:
             raise EngineError(
                 f"vLLM engine arguments {clash} are set by persona-server (steering needs them)"
             )
+        extra = dict(self.extra)
+        inner_format = str(extra.pop("load_format", "auto"))
+        if inner_format == LOAD_FORMAT:
+            raise EngineError(f"load_format {LOAD_FORMAT!r} is persona-server's own; name the model's format")
+        inner_extra = extra.pop("model_loader_extra_config", None)
+        additional = dict(extra.pop("additional_config", None) or {})
+        additional[CONFIG_KEY] = {"slots": self.slots, "in_graph": IN_GRAPH_VERSION}
         kwargs: dict[str, Any] = {
             "model": source,
             "served_model_name": [model_id],
@@ -58,7 +85,13 @@ class VLLMOptions:
             kwargs["max_model_len"] = self.max_model_len
         if self.quantization is not None:
             kwargs["quantization"] = self.quantization
-        return {**kwargs, **self.extra, **RESERVED_ARGS}
+        ours = {
+            "worker_extension_cls": WORKER_EXTENSION,
+            "load_format": LOAD_FORMAT,
+            "model_loader_extra_config": loader_config(inner_format, inner_extra),
+            "additional_config": additional,
+        }
+        return {**kwargs, **extra, **ours}
 
     def prepare_process(self) -> None:
         """Environment vLLM reads at start-up (inherited by its spawned processes); a value the user

@@ -56,6 +56,16 @@ class SteeringRef:
         return cls(terms=terms, positions=positions)
 
 
+def slot_key(ref: SteeringRef) -> tuple[tuple[object, ...], float]:
+    """The slot a plan's vectors take in the workers' tables and the scale its tokens read them at:
+    one persona at any strength shares that persona's slot (unit vectors, the strength as the
+    scale); a composition takes a slot of its own, summed at its strengths."""
+    if len(ref.terms) == 1:
+        key, strength = ref.terms[0]
+        return ("set", key), strength
+    return ("plan", ref.terms), 1.0
+
+
 CAPTURE_KEY = "persona_server_capture"
 
 

@@ -1,50 +1,61 @@
 """Methods persona-server adds to every vLLM worker (``worker_extension_cls``), called from the front
-end with ``collective_rpc``: install the block hooks, hold and drop vector sets, report.
+end with ``collective_rpc``: start steering, hold and drop vector sets, take reads, report.
 
 This is the one module that reads vLLM's model-runner internals (V1 runner: ``input_batch.req_ids``,
-``query_start_loc``, ``requests[id].sampling_params.extra_args``); the backend pins that runner and
-eager mode, and a test fails if the hooks stop firing.
+``num_computed_tokens_cpu``, ``query_start_loc``, ``requests[id].sampling_params.extra_args``, and
+``_model_forward``, which vLLM documents as the place to wrap the model's execution). Importing it
+registers our model loader (steered_loader.py), which the worker does before it loads the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from server.engine.vllm import steered_loader  # noqa: F401  (registers the loader in this process)
 from server.engine.vllm.capture import WorkerCaptures
+from server.engine.vllm.in_graph import buffers_of
 from server.engine.vllm.wire import CaptureSpec, SteeringRef
 from server.engine.vllm.worker_steering import BatchRow, WorkerSteering
 
 
-def _forward_identity() -> object | None:
-    """The forward context under way, or None outside a forward or in a dummy/profiling run."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
+def _around_forward(steering: WorkerSteering, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The runner's model call with this forward's steering written before it and its reads taken
+    after it, outside the compiled model (and outside any CUDA graph it replays)."""
 
-    if not is_forward_context_available():
-        return None
-    context = get_forward_context()
-    return context if context.attn_metadata else None
+    def steered_forward(*args: Any, **kwargs: Any) -> Any:
+        reads = steering.before_forward()
+        output = forward(*args, **kwargs)
+        steering.after_forward(reads)
+        return output
+
+    return steered_forward
 
 
-def _decoder_blocks(model: Any) -> Any:
+def _runs_compiled(model: Any) -> bool:
+    """Whether vLLM runs the decoder stack through its compiled function (traced here, or loaded
+    from its compile cache), not eagerly."""
     inner = getattr(model, "model", None)
-    blocks = getattr(inner, "layers", None)
-    if blocks is None:
-        raise RuntimeError(f"{type(model).__name__}: no model.layers to steer")
-    return blocks
+    if inner is None or getattr(inner, "do_not_compile", True):
+        return False
+    return bool(getattr(inner, "compiled", False) or getattr(inner, "aot_compiled_fn", None) is not None)
 
 
 class PersonaWorkerExtension:
     """Mixed into vLLM's worker class; ``self`` is the worker."""
 
     model_runner: Any
+    vllm_config: Any
 
     def _persona_rows(self) -> list[BatchRow]:
         runner = self.model_runner
-        num_reqs = runner.input_batch.num_reqs
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
         bounds = runner.query_start_loc.np[: num_reqs + 1].tolist()
+        computed = batch.num_computed_tokens_cpu[:num_reqs].tolist()
         loops = self._persona_steering.loops
         rows = []
-        for index, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
+        for index, req_id in enumerate(batch.req_ids[:num_reqs]):
             state = runner.requests[req_id]
             extra_args = state.sampling_params.extra_args if state.sampling_params is not None else None
             rows.append(
@@ -52,6 +63,7 @@ class PersonaWorkerExtension:
                     bounds[index],
                     bounds[index + 1],
                     state.num_prompt_tokens,
+                    int(computed[index]),
                     SteeringRef.from_extra_args(extra_args),
                     CaptureSpec.from_extra_args(extra_args),
                     loops.state_for(extra_args),
@@ -60,19 +72,28 @@ class PersonaWorkerExtension:
         return rows
 
     def persona_setup(self) -> dict[str, Any]:
-        """Install the hooks on the blocks this worker owns (all of them, or its pipeline stage's)."""
-        from vllm.model_executor.models.utils import PPMissingLayer
-
+        """Start steering: each forward of the runner writes the steering buffers first (once)."""
         existing = getattr(self, "_persona_steering", None)
         if existing is not None:
-            existing.remove()
-        blocks = _decoder_blocks(self.model_runner.get_model())
-        owned = [index for index, block in enumerate(blocks) if not isinstance(block, PPMissingLayer)]
-        captures = WorkerCaptures()
-        steering = WorkerSteering(blocks, owned, self._persona_rows, _forward_identity, captures)
-        steering.install()
+            return self._persona_summary()
+        runner = self.model_runner
+        model = runner.get_model()
+        buffers = buffers_of(model)
+        if buffers is None:
+            raise RuntimeError("the model was not loaded by persona-server's loader: no steering buffers")
+        steering = WorkerSteering(buffers, buffers.owned_layers, self._persona_rows, WorkerCaptures())
         self._persona_steering = steering
-        return {"num_layers": len(blocks), "owned_layers": owned}
+        runner._model_forward = _around_forward(steering, runner._model_forward)
+        return self._persona_summary()
+
+    def _persona_summary(self) -> dict[str, Any]:
+        return {
+            "num_layers": int(self._persona_steering.num_layers),
+            "owned_layers": list(self._persona_steering.owned_layers),
+            "compilation_mode": int(self.vllm_config.compilation_config.mode),
+            "enforce_eager": bool(self.vllm_config.model_config.enforce_eager),
+            "compiled": _runs_compiled(self.model_runner.get_model()),
+        }
 
     def persona_load(self, key: str, vectors: dict[int, bytes]) -> None:
         self._persona_steering.load(key, vectors)
@@ -95,10 +116,11 @@ class PersonaWorkerExtension:
     def persona_stats(self) -> dict[str, Any]:
         steering = self._persona_steering
         return {
+            **self._persona_summary(),
             "steered_rows": steering.steered_rows,
             "missing_sets": steering.missing_sets,
+            "unslotted": steering.unslotted,
             "held_sets": steering.held_sets,
-            "owned_layers": list(steering.owned_layers),
             "loops": len(steering.loops),
             "captures": len(steering.captures),
         }

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from server.engine.vllm.loop_wire import LOOP_KEY, LoopRef, trace_out
@@ -31,24 +32,28 @@ class LoopState:
 
 @dataclass
 class LoopRead:
-    """A loop's reading in this forward: the chosen row's outputs at blocks ``0..num_blocks-1``."""
+    """A loop's reading in this forward: the block outputs at the token that chooses its next one."""
 
     state: LoopState
-    row: int  # flat row in the forward's batch
+    token: int  # flat index of that token in the forward's batch
     additions: dict[int, torch.Tensor] | None  # what the pass added, when not the loop's own deltas
-    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def take(self, layer: int, stream: torch.Tensor) -> None:
-        """Block ``layer``'s residual stream [tokens, hidden]; after the last block read, the loop
+    def observe(self, outputs: np.ndarray) -> None:
+        """Blocks ``0..num_blocks-1``'s residual stream at the token [num_blocks, hidden]: the loop
         observes the pass and sets the next one."""
-        loop = self.state.loop
-        num_blocks = loop.spec.num_blocks
-        if layer >= num_blocks:
-            return
-        self.outputs[layer] = stream[self.row]
-        if layer == num_blocks - 1:
-            outputs = torch.stack([self.outputs[block] for block in range(num_blocks)]).float().cpu()
-            self.state.traces.append(trace_out(loop.observe(outputs, self.additions)))
+        trace = self.state.loop.observe(torch.from_numpy(outputs).float(), self.additions)
+        self.state.traces.append(trace_out(trace))
+
+
+@dataclass(frozen=True)
+class LoopPart:
+    """Tokens of a loop request that add the same vectors in this forward; ``fresh``: vectors that
+    change from pass to pass (the loop's own), written again every forward."""
+
+    offsets: np.ndarray  # into the request's tokens in this forward
+    name: str
+    vectors: Vectors
+    fresh: bool = False
 
 
 class WorkerLoops:
@@ -82,43 +87,51 @@ class WorkerLoops:
         return traces
 
 
-def loop_additions(
-    state: LoopState,
-    plan: tuple[Vectors, str] | None,
-    token_positions: torch.Tensor,
-    num_prompt_tokens: int,
-    like: torch.Tensor,
-) -> list[tuple[torch.Tensor, Vectors]]:
-    """(offsets into the request's rows, block -> vector) pairs a loop request adds in this forward:
-    the plan (``(vectors, positions rule)``) and the prompt-fired rules on prompt rows, the loop's
-    current additions on generated rows. ``like``: a tensor of the model's device and dtype."""
+def loop_parts(
+    state: LoopState, plan: tuple[Vectors, str] | None, token_positions: np.ndarray, num_prompt_tokens: int
+) -> list[LoopPart]:
+    """What a loop request adds in this forward, as parts that do not overlap: on prompt tokens the
+    plan (``(vectors, positions rule)``) and the prompt-fired rules, each at its own positions and
+    summed where they meet; on generated tokens the loop's current additions."""
+    positions = torch.from_numpy(token_positions)
     prompt = token_positions < num_prompt_tokens
-    parts: list[tuple[torch.Tensor, Vectors]] = []
+    components: list[tuple[np.ndarray, Vectors]] = []
 
-    def on_prompt(vectors: Vectors, positions: Positions) -> None:
-        keep = steered_position_mask(positions, token_positions, num_prompt_tokens) & prompt
-        if vectors and bool(keep.any()):
-            parts.append((torch.nonzero(keep, as_tuple=False).flatten(), vectors))
+    def on_prompt(vectors: Vectors, rule: Positions) -> None:
+        keep = steered_position_mask(rule, positions, num_prompt_tokens).numpy() & prompt
+        if vectors and keep.any():
+            components.append((keep, vectors))
 
     if plan is not None:
-        on_prompt(plan[0], Positions(plan[1]))
+        on_prompt({b: v.float() for b, v in plan[0].items()}, Positions(plan[1]))
     rules = state.loop.spec.rules
     for index in state.ref.prompt_rules:
         rule = rules[index]
-        on_prompt({b: (v * rule.strength).to(like) for b, v in rule.vectors.items()}, rule.positions)
-    generated = torch.nonzero(~prompt, as_tuple=False).flatten()
+        on_prompt({b: v * rule.strength for b, v in rule.vectors.items()}, rule.positions)
+    parts: list[LoopPart] = []
+    which = np.zeros(len(token_positions), dtype=np.int64)  # bit i: component i steers the token
+    for bit, (keep, _) in enumerate(components):
+        which[keep] |= 1 << bit
+    for combination in np.unique(which[which > 0]):
+        summed: Vectors = {}
+        for bit, (_, vectors) in enumerate(components):
+            if combination >> bit & 1:
+                for block, vector in vectors.items():
+                    summed[block] = summed[block] + vector if block in summed else vector
+        parts.append(LoopPart(np.flatnonzero(which == combination), f"prompt:{combination}", summed))
+    generated = np.flatnonzero(~prompt)
     deltas = state.loop.deltas()
-    if generated.numel() and deltas:
-        parts.append((generated, {block: delta.to(like) for block, delta in deltas.items()}))
+    if generated.size and deltas:
+        parts.append(LoopPart(generated, "generated", deltas, fresh=True))
     return parts
 
 
 def loop_read(
     state: LoopState,
     plan_vectors: Vectors | None,
-    token_positions: torch.Tensor,
+    token_positions: np.ndarray,
     num_prompt_tokens: int,
-    last_row: int,
+    last_token: int,
 ) -> LoopRead | None:
     """The reading this forward owes the loop, when its last row chooses a token: the last prompt
     token (unless the front end read the prompt already) or a generated token fed back."""
@@ -130,5 +143,5 @@ def loop_read(
             return None
         # Every positions rule steers the last prompt token: the pass added the plan there.
         added = {block: v.float().cpu() for block, v in (plan_vectors or {}).items()}
-        return LoopRead(state, last_row, added)
-    return LoopRead(state, last_row, None)
+        return LoopRead(state, last_token, added)
+    return LoopRead(state, last_token, None)

@@ -1,33 +1,40 @@
-"""Steering inside a vLLM worker: vector sets held by key, one delta table per forward, block hooks.
+"""Steering inside a vLLM worker: vector sets held by key, and each forward's steering and reads
+written into the model's persistent buffers (in_graph.py) before it runs, read out after.
 
-A forward pass of vLLM's V1 model runner carries the tokens of many requests in one flat tensor;
-the tokens ``query_start_loc[i]:query_start_loc[i + 1]`` belong to the runner's i-th request, in
-steps that mix prefill and decode too. At the first hooked block of a forward, the rows each request
-steers and what they add are worked out once (``StepDeltas``); every hooked block then adds its rows.
-
-vLLM's Llama-family blocks return ``(hidden, residual)`` and the residual stream after the block is
-their sum (the next block's fused add + norm adds them), so adding to ``hidden`` is adding to the HF
-block output.
+A forward pass of vLLM's V1 model runner carries the tokens of many requests in one flat tensor; the
+tokens ``query_start_loc[i]:query_start_loc[i + 1]`` belong to the runner's i-th request, in steps
+that mix prefill and decode too. Before each forward the worker works out, per token, the slot it
+adds (with its scale) and the read row its block outputs go to, and copies those into the buffers;
+the compiled forward does the rest. After the forward the read rows come back in one copy.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from server.engine.vllm.capture import StepCapture, WorkerCaptures
-from server.engine.vllm.wire import CaptureSpec, SteeringRef, unpack
-from server.engine.vllm.worker_loops import LoopRead, LoopState, WorkerLoops, loop_additions, loop_read
+from server.engine.vllm.in_graph import SteeringBuffers
+from server.engine.vllm.slots import SlotTable
+from server.engine.vllm.wire import CaptureSpec, SteeringRef, slot_key, unpack
+from server.engine.vllm.worker_loops import (
+    LoopPart,
+    LoopRead,
+    LoopState,
+    WorkerLoops,
+    loop_parts,
+    loop_read,
+)
 from server.steering.plan import Positions, steered_position_mask
 
 logger = logging.getLogger(__name__)
+
+Vectors = dict[int, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -37,75 +44,84 @@ class BatchRow:
     start: int
     end: int
     num_prompt_tokens: int
+    num_computed_tokens: int  # tokens before this forward's: the position of its first token
     ref: SteeringRef | None
     capture: CaptureSpec | None = None
     loop: LoopState | None = None
 
+    @property
+    def positions(self) -> np.ndarray:
+        return np.arange(self.num_computed_tokens, self.num_computed_tokens + self.end - self.start)
+
+
+@dataclass(frozen=True)
+class Addition:
+    """Tokens of the flat batch that add one slot's vectors, at one scale."""
+
+    tokens: np.ndarray
+    key: Hashable
+    vectors: Callable[[], Vectors]
+    scale: float = 1.0
+    fresh: bool = False  # the vectors change from forward to forward: written every time
+
 
 @dataclass
-class StepDeltas:
-    """Per steered block: the flat rows to add to and what each row adds."""
+class StepReads:
+    """What a forward reads, and for whom: its captures and loop readings, by read row."""
 
-    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> long [n]
-    deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n, hidden]
-    captures: list[StepCapture] = field(default_factory=list)  # read-backs in this forward
-    capture_rows: torch.Tensor | None = None  # their rows, concatenated
-    reads: list[LoopRead] = field(default_factory=list)  # closed loops read in this forward
+    captures: list[StepCapture] = field(default_factory=list)
+    loops: list[tuple[LoopRead, int]] = field(default_factory=list)  # (reading, read row)
+    rows: int = 0  # read rows in use, from 1
+
+    def __bool__(self) -> bool:
+        return bool(self.captures or self.loops)
 
 
-def steered_offsets(positions: str, token_positions: torch.Tensor, num_prompt_tokens: int) -> torch.Tensor:
+def steered_offsets(positions: str, token_positions: np.ndarray, num_prompt_tokens: int) -> np.ndarray:
     """Which of a request's tokens in this forward its rule steers (offsets into its slice), by the
     rule of steering/plan.py; ``token_positions`` are the tokens' absolute positions."""
-    keep = steered_position_mask(Positions(positions), token_positions, num_prompt_tokens)
-    return torch.nonzero(keep, as_tuple=False).flatten()
+    if positions == "all":
+        return np.arange(len(token_positions))
+    keep = steered_position_mask(Positions(positions), torch.from_numpy(token_positions), num_prompt_tokens)
+    return np.flatnonzero(keep.numpy())
 
 
 class WorkerSteering:
-    """The vector sets a worker holds and the hooks that apply them to its blocks."""
+    """The vector sets a worker holds and what it writes into the model's buffers around each forward."""
 
     def __init__(
         self,
-        blocks: nn.ModuleList,
+        buffers: SteeringBuffers,
         owned_layers: Iterable[int],
-        batch_rows: Callable[[], list[BatchRow] | None],
-        current_forward: Callable[[], object | None],
+        batch_rows: Callable[[], list[BatchRow]],
         captures: WorkerCaptures,
     ) -> None:
-        self._blocks = blocks
+        self._buffers = buffers
         self.owned_layers = tuple(owned_layers)
-        self._batch_rows = batch_rows  # this forward's requests, None in a dummy or profiling run
-        self._current_forward = current_forward  # identity of the forward under way
+        self._batch_rows = batch_rows  # this forward's requests
         self.captures = captures
         self.loops = WorkerLoops()
-        self._sets: dict[str, dict[int, torch.Tensor]] = {}
-        self._combined: dict[SteeringRef, dict[int, torch.Tensor]] = {}
-        self._forward: object | None = None
-        self._step = StepDeltas()
-        self._handles: list[Any] = []
-        self.steered_rows = 0  # rows steered since start (tests read it to see the hooks fire)
+        self._slots = SlotTable(buffers.num_slots)
+        self._sets: dict[str, Vectors] = {}
+        self._combined: dict[SteeringRef, Vectors] = {}
+        self._dirty = 0  # tokens at the head of the token buffers that may hold non-zero entries
+        self.steered_rows = 0  # tokens steered since start (tests read it to see steering run)
         self.missing_sets = 0  # requests that named a set this worker did not hold
+        self.unslotted = 0  # additions left out of a forward for want of a free slot
 
-    @functools.cached_property  # the blocks' weights stay where they were loaded
-    def _device(self) -> torch.device:
-        weight = next(self._blocks[self.owned_layers[0]].parameters()) if self.owned_layers else None
-        return weight.device if weight is not None else torch.device("cpu")
-
-    @functools.cached_property
-    def _dtype(self) -> torch.dtype:
-        """The dtype added vectors take: the blocks' (float32 beside quantized weights)."""
-        weight = next(self._blocks[self.owned_layers[0]].parameters()) if self.owned_layers else None
-        return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+    @property
+    def num_layers(self) -> int:
+        return int(self._buffers.tables.shape[0])
 
     @property
     def held_sets(self) -> list[str]:
         return sorted(self._sets)
 
     def load(self, key: str, vectors: dict[int, bytes]) -> None:
-        """Hold a vector set (float32 bytes, kept in the model's dtype on its device) under ``key``."""
+        """Hold a vector set (float32 bytes) under ``key``, in float32 on the model's device."""
+        device = self._buffers.tables.device
         self._sets[key] = {
-            int(layer): torch.from_numpy(unpack(vector, np.float32)).to(
-                device=self._device, dtype=self._dtype
-            )
+            int(layer): torch.from_numpy(unpack(vector, np.float32)).to(device)
             for layer, vector in vectors.items()
             if int(layer) in self.owned_layers
         }
@@ -114,65 +130,184 @@ class WorkerSteering:
     def drop(self, keys: Iterable[str]) -> None:
         for key in keys:
             self._sets.pop(key, None)
+            self._slots.forget(("set", key))
         self._combined.clear()
 
-    def install(self) -> None:
-        for layer in self.owned_layers:
-            hook = self._hook_for(layer)
-            self._handles.append(self._blocks[layer].register_forward_hook(hook, with_kwargs=True))
+    # --- around each forward ------------------------------------------------------------------------
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def before_forward(self) -> StepReads:
+        """Write this forward's slots, scales and read rows into the buffers; what it reads."""
+        rows = self._batch_rows()
+        count = rows[-1].end if rows else 0
+        reads = StepReads()
+        additions: list[Addition] = []
+        loop_reads: list[LoopRead] = []
+        read_row = np.zeros(count, dtype=np.int64)
+        for row in rows:
+            if row.end <= row.start:
+                continue
+            additions += self._row_additions(row, loop_reads)
+            if row.capture is not None:
+                self._add_capture(row, row.capture, reads, read_row)
+        # A loop's reading shares the read row of an in-flight capture at the same token.
+        reads.loops = [(read, self._read_row_of(read.token, reads, read_row)) for read in loop_reads]
+        if not additions and not reads and not self._dirty:
+            return reads  # the buffers hold zeros already: nothing to write
+        slot = np.zeros(count, dtype=np.int64)
+        scale = np.zeros(count, dtype=np.float32)
+        self._place(additions, slot, scale)
+        self._write(count, slot, scale, read_row)
+        self.captures.begin(reads.captures)
+        return reads
 
-    def _hook_for(self, layer: int) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-            step = self._deltas_for_this_forward(args, kwargs)
-            rows = step.rows.get(layer)
-            if rows is not None:
-                if isinstance(output, tuple):
-                    output = (output[0].index_add(0, rows, step.deltas[layer]), *output[1:])
-                else:
-                    output = output.index_add(0, rows, step.deltas[layer])
-            if step.captures or step.reads:
-                stream = output[0] + output[1] if isinstance(output, tuple) else output
-                if step.capture_rows is not None:
-                    self.captures.record(layer, stream, step.captures, step.capture_rows)
-                for read in step.reads:
-                    read.take(layer, stream)
-            return output
+    def after_forward(self, reads: StepReads) -> None:
+        """Take this forward's reads out of the buffers and hand them to their captures and loops."""
+        if not reads:
+            return
+        buffer = self._buffers.reads
+        taken = buffer[:, : reads.rows + 1].double().cpu().numpy()
+        buffer[:, 1 : reads.rows + 1].zero_()
+        self._buffers.token_read[: self._dirty].zero_()  # a dummy forward before the next sums nothing
+        for capture in reads.captures:
+            self.captures.record(capture, taken, list(self.owned_layers))
+        for read, row in reads.loops:
+            read.observe(taken[: read.state.loop.spec.num_blocks, row])
 
-        return hook
+    # --- what each request adds and reads --------------------------------------------------------------
 
-    def _deltas_for_this_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepDeltas:
-        forward = self._current_forward()
-        if forward is not None and forward is self._forward:
-            return self._step
-        self._forward = forward
-        rows = self._batch_rows() if forward is not None else None
-        positions = kwargs.get("positions", args[0] if args else None)
-        self._step = self._build(rows or [], positions)
-        return self._step
+    def _row_additions(self, row: BatchRow, loop_reads: list[LoopRead]) -> list[Addition]:
+        vectors = self._held_vectors(row.ref)
+        if row.loop is not None:
+            return self._loop_additions(row, row.loop, vectors, loop_reads)
+        if row.ref is None or vectors is None:
+            return []
+        offsets = steered_offsets(row.ref.positions, row.positions, row.num_prompt_tokens)
+        if not offsets.size:
+            return []
+        key, scale = slot_key(row.ref)
+        return [Addition(offsets + row.start, key, functools.partial(self._slot_vectors, row.ref), scale)]
 
-    def _vectors_of(self, ref: SteeringRef) -> dict[int, torch.Tensor] | None:
-        """layer -> sum of strength * vector over the ref's terms (memoized until the sets change)."""
+    def _loop_additions(
+        self, row: BatchRow, loop: LoopState, vectors: Vectors | None, loop_reads: list[LoopRead]
+    ) -> list[Addition]:
+        """A closed loop's parts (its slots are its own), and its reading when this forward owes one."""
+        positions = row.positions
+        read = loop_read(loop, vectors, positions, row.num_prompt_tokens, row.end - 1)
+        if read is not None:
+            loop_reads.append(read)
+        plan = (vectors, row.ref.positions) if vectors is not None and row.ref is not None else None
+        parts = loop_parts(loop, plan, positions, row.num_prompt_tokens)
+        return [_loop_addition(loop.ref.token, row.start, part) for part in parts]
+
+    def _add_capture(self, row: BatchRow, spec: CaptureSpec, reads: StepReads, read_row: np.ndarray) -> None:
+        """A capture's tokens in this forward: the last prompt token and every in-flight position get a
+        read row of their own, the other positions from ``spec.start`` on one summing row."""
+        positions = row.positions
+        summed = np.flatnonzero(positions >= spec.start)
+        last = np.flatnonzero(positions == row.num_prompt_tokens - 1)
+        kept = summed if spec.in_flight else last
+        if reads.rows + len(kept) + 1 > self._buffers.num_read_rows:
+            if spec.in_flight:  # no rows for its positions: the front end reads the answer back
+                self.captures.spoil(spec.token)
+                return
+            raise RuntimeError("a forward's read-backs need more read rows than the buffers hold")
+        kept_rows = []
+        for offset in kept:
+            reads.rows += 1
+            read_row[row.start + offset] = reads.rows
+            kept_rows.append((reads.rows, int(positions[offset])))
+        rest = np.setdiff1d(summed, kept)
+        sum_row = None
+        if rest.size:
+            reads.rows += 1
+            sum_row = reads.rows
+            read_row[row.start + rest] = sum_row
+        last_position = row.num_prompt_tokens - 1 if last.size else None
+        reads.captures.append(
+            StepCapture(
+                token=spec.token,
+                num_blocks=spec.num_blocks,
+                start=spec.start,
+                sum_row=sum_row,
+                sum_count=int(rest.size),
+                kept=tuple(kept_rows),
+                last_position=last_position,
+                in_flight=spec.in_flight,
+            )
+        )
+
+    def _read_row_of(self, token: int, reads: StepReads, read_row: np.ndarray) -> int:
+        """The read row of one flat token, given it if it has none (a loop's reading)."""
+        if read_row[token]:
+            return int(read_row[token])
+        if reads.rows + 1 > self._buffers.num_read_rows:
+            raise RuntimeError("a forward's readings need more read rows than the buffers hold")
+        reads.rows += 1
+        read_row[token] = reads.rows
+        return reads.rows
+
+    # --- slots and buffers -------------------------------------------------------------------------------
+
+    def _place(self, additions: list[Addition], slot: np.ndarray, scale: np.ndarray) -> None:
+        """Give every addition a slot (written when new to it, or fresh) and mark its tokens."""
+        placed = self._slots.assign([addition.key for addition in additions])
+        for addition in additions:
+            index, new = placed.get(addition.key, (None, False))
+            if index is None:
+                self.unslotted += 1
+                logger.error("a forward carries more steering plans than the %d slots", self._slots.size)
+                continue
+            if new or addition.fresh:
+                self._fill_slot(index, addition.vectors())
+            slot[addition.tokens] = index
+            scale[addition.tokens] = addition.scale
+            self.steered_rows += int(addition.tokens.size)
+
+    def _fill_slot(self, index: int, vectors: Vectors) -> None:
+        tables = self._buffers.tables
+        tables[:, index].zero_()
+        for layer, vector in vectors.items():
+            tables[layer, index].copy_(vector)
+
+    def _write(self, count: int, slot: np.ndarray, scale: np.ndarray, read_row: np.ndarray) -> None:
+        buffers = self._buffers
+        if count > buffers.max_tokens:
+            raise RuntimeError(f"a forward of {count} tokens, past the buffers' {buffers.max_tokens}")
+        buffers.token_slot[:count].copy_(torch.from_numpy(slot))
+        buffers.token_scale[:count].copy_(torch.from_numpy(scale))
+        buffers.token_read[:count].copy_(torch.from_numpy(read_row))
+        if self._dirty > count:  # padding past this batch reads slot 0 and the discard row
+            buffers.token_slot[count : self._dirty].zero_()
+            buffers.token_scale[count : self._dirty].zero_()
+            buffers.token_read[count : self._dirty].zero_()
+        self._dirty = count if (slot.any() or read_row.any()) else 0
+
+    # --- vector sets -------------------------------------------------------------------------------------
+
+    def _slot_vectors(self, ref: SteeringRef) -> Vectors:
+        """What a plan's slot holds: one persona's unit vectors (its strength is the scale), or a
+        composition's sum of strength * vectors."""
+        if len(ref.terms) == 1:
+            return self._sets[ref.terms[0][0]]
+        return self._vectors_of(ref) or {}
+
+    def _vectors_of(self, ref: SteeringRef) -> Vectors | None:
+        """layer -> sum of strength * vector over the ref's terms, float32 (memoized until the sets
+        change); None when a set is not held."""
         combined = self._combined.get(ref)
         if combined is not None:
             return combined
         if any(key not in self._sets for key, _ in ref.terms):
             return None
-        summed: dict[int, torch.Tensor] = {}
+        summed: Vectors = {}
         for key, strength in ref.terms:
             for layer, vector in self._sets[key].items():
-                scaled = vector.float() * strength
+                scaled = vector * strength
                 summed[layer] = summed[layer] + scaled if layer in summed else scaled
-        dtype = next(iter(self._sets[ref.terms[0][0]].values()), torch.zeros(0)).dtype
-        combined = {layer: vector.to(dtype) for layer, vector in summed.items()}
-        self._combined[ref] = combined
-        return combined
+        self._combined[ref] = summed
+        return summed
 
-    def _held_vectors(self, ref: SteeringRef | None) -> dict[int, torch.Tensor] | None:
+    def _held_vectors(self, ref: SteeringRef | None) -> Vectors | None:
         if ref is None:
             return None
         vectors = self._vectors_of(ref)
@@ -181,64 +316,8 @@ class WorkerSteering:
             logger.error("a request names a persona vector set this worker does not hold; unsteered")
         return vectors
 
-    def _row_additions(
-        self, row: BatchRow, token_positions: Callable[[BatchRow], torch.Tensor], step: StepDeltas
-    ) -> list[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
-        """(offsets into the row's tokens, block -> vector) pairs the request adds in this forward; a
-        closed loop's reading joins ``step`` when the forward chooses its next token."""
-        vectors = self._held_vectors(row.ref)
-        if row.loop is not None:
-            positions = token_positions(row)
-            read = loop_read(row.loop, vectors, positions, row.num_prompt_tokens, row.end - 1)
-            if read is not None:
-                step.reads.append(read)
-            plan = (vectors, row.ref.positions) if vectors is not None and row.ref is not None else None
-            like = torch.empty(0, device=self._device, dtype=self._dtype)
-            return loop_additions(row.loop, plan, positions, row.num_prompt_tokens, like)
-        if row.ref is None or vectors is None:
-            return []
-        if row.ref.positions == "all":
-            offsets = torch.arange(row.end - row.start)
-        else:
-            offsets = steered_offsets(row.ref.positions, token_positions(row), row.num_prompt_tokens)
-        return [(offsets, vectors)] if offsets.numel() else []
 
-    def _build(self, batch: list[BatchRow], positions: torch.Tensor | None) -> StepDeltas:
-        per_layer_rows: dict[int, list[torch.Tensor]] = {}
-        per_layer_deltas: dict[int, list[torch.Tensor]] = {}
-        flat: list[torch.Tensor] = []
-
-        def token_positions(row: BatchRow) -> torch.Tensor:
-            if not flat:  # one device->host copy per forward, only when a rule needs positions
-                assert positions is not None
-                flat.append((positions[0] if positions.ndim == 2 else positions).cpu())
-            return flat[0][row.start : row.end]
-
-        step = StepDeltas()
-        for row in batch:
-            if row.end <= row.start or positions is None:
-                continue
-            if row.capture is not None:
-                step.captures.append(_step_capture(row, row.capture, token_positions(row)))
-            for offsets, by_layer in self._row_additions(row, token_positions, step):
-                for layer, vector in by_layer.items():
-                    per_layer_rows.setdefault(layer, []).append(offsets + row.start)
-                    per_layer_deltas.setdefault(layer, []).append(vector.expand(offsets.numel(), -1))
-        if step.captures:
-            step.capture_rows = self.captures.begin(step.captures)
-        for layer, parts in per_layer_rows.items():
-            device = per_layer_deltas[layer][0].device
-            step.rows[layer] = torch.cat(parts).to(device)
-            step.deltas[layer] = torch.cat(per_layer_deltas[layer])
-            self.steered_rows += int(step.rows[layer].numel())
-        return step
-
-
-def _step_capture(row: BatchRow, spec: CaptureSpec, token_positions: torch.Tensor) -> StepCapture:
-    """A read-back's rows in this forward: positions from ``spec.start`` on are summed, and the last
-    prompt token's row is kept when this forward holds it (a long prompt is prefilled in chunks)."""
-    keep = torch.nonzero(token_positions >= spec.start, as_tuple=False).flatten()
-    at_last = torch.nonzero(token_positions == row.num_prompt_tokens - 1, as_tuple=False).flatten()
-    last = row.start + int(at_last[0]) if at_last.numel() else None
-    positions = tuple(token_positions[keep].tolist()) if spec.in_flight else None
-    return StepCapture(spec.token, spec.num_blocks, keep + row.start, last, positions)
+def _loop_addition(token: str, start: int, part: LoopPart) -> Addition:
+    """A part of a closed loop as an addition of the flat batch, in a slot of the loop's own."""
+    vectors = part.vectors
+    return Addition(part.offsets + start, ("loop", token, part.name), lambda: vectors, fresh=part.fresh)
