@@ -311,3 +311,23 @@ async def test_a_failed_trace_rpc_fails_every_answer_waiting_on_it_and_not_the_n
     assert all(isinstance(result, RuntimeError) for result in results)
     failing[0] = False
     assert await taker.take("c", False) == [[1]]
+
+
+def test_vllms_compile_cache_tells_our_model_from_plain_vllms(vllm_model_dir) -> None:
+    """vLLM keys its compiled artifacts by its configuration, not by the model loader: without our
+    additional_config, plain vLLM on the same folder would hand us its graph, which has no steering
+    in it (docs/design.md, "Steering inside vLLM's compiled graph", the compile cache)."""
+    engine_args = pytest.importorskip("vllm.engine.arg_utils", reason="needs the vllm extra")
+    model = str(vllm_model_dir("llama"))
+    ours = VLLMOptions(max_model_len=512).engine_kwargs(model, "m")
+    plain = {key: value for key, value in ours.items() if key not in RESERVED_BY_US}
+
+    def compile_key(kwargs: dict[str, Any]) -> str:
+        return engine_args.AsyncEngineArgs(**kwargs).create_engine_config().compute_hash()
+
+    assert compile_key(ours) != compile_key(plain)
+    other_slots = VLLMOptions(max_model_len=512, steering_slots=7).engine_kwargs(model, "m")
+    assert compile_key(other_slots) != compile_key(ours)  # the tables' shapes are in the graph
+
+
+RESERVED_BY_US = ("worker_extension_cls", "load_format", "model_loader_extra_config", "additional_config")
