@@ -43,6 +43,8 @@ class SteeredModelLoader(BaseModelLoader):
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         model = self._inner.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+        if model_config is not vllm_config.model_config:
+            return model  # a speculative decoder's draft model: it proposes tokens, steering is the target's
         blocks = decoder_blocks(model)
         reference = next(model.parameters())
         dtype = reference.dtype if reference.is_floating_point() else model_config.dtype

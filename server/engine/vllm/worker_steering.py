@@ -77,6 +77,34 @@ class StepReads:
         return bool(self.captures or self.loops)
 
 
+class TokenStaging:
+    """Host arrays the token buffers are copied from: pinned on CUDA, so that the copies do not wait
+    for the GPU; a new forward's arrays are written only once the last forward's copies are done."""
+
+    def __init__(self, max_tokens: int, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        make = lambda dtype: torch.zeros(max_tokens, dtype=dtype, pin_memory=cuda)  # noqa: E731
+        self._slot, self._scale, self._read = make(torch.long), make(torch.float32), make(torch.long)
+        self._copied = torch.cuda.Event() if cuda else None
+
+    def arrays(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Zeroed numpy views of the first ``count`` entries: slot, scale, read row per token."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        views = (self._slot.numpy()[:count], self._scale.numpy()[:count], self._read.numpy()[:count])
+        for view in views:
+            view.fill(0)
+        return views
+
+    def copy_to(self, buffers: SteeringBuffers, count: int) -> None:
+        blocking = self._copied is None
+        buffers.token_slot[:count].copy_(self._slot[:count], non_blocking=not blocking)
+        buffers.token_scale[:count].copy_(self._scale[:count], non_blocking=not blocking)
+        buffers.token_read[:count].copy_(self._read[:count], non_blocking=not blocking)
+        if self._copied is not None:
+            self._copied.record()
+
+
 def steered_offsets(positions: str, token_positions: np.ndarray, num_prompt_tokens: int) -> np.ndarray:
     """Which of a request's tokens in this forward its rule steers (offsets into its slice), by the
     rule of steering/plan.py; ``token_positions`` are the tokens' absolute positions."""
@@ -102,6 +130,7 @@ class WorkerSteering:
         self.captures = captures
         self.loops = WorkerLoops()
         self._slots = SlotTable(buffers.num_slots)
+        self._staging = TokenStaging(buffers.max_tokens, buffers.tables.device)
         self._sets: dict[str, Vectors] = {}
         self._combined: dict[SteeringRef, Vectors] = {}
         self._dirty = 0  # tokens at the head of the token buffers that may hold non-zero entries
@@ -153,10 +182,12 @@ class WorkerSteering:
         reads.loops = [(read, self._read_row_of(read.token, reads, read_row)) for read in loop_reads]
         if not additions and not reads and not self._dirty:
             return reads  # the buffers hold zeros already: nothing to write
-        slot = np.zeros(count, dtype=np.int64)
-        scale = np.zeros(count, dtype=np.float32)
+        if count > self._buffers.max_tokens:
+            raise RuntimeError(f"a forward of {count} tokens, past the buffers' {self._buffers.max_tokens}")
+        slot, scale, read = self._staging.arrays(count)
         self._place(additions, slot, scale)
-        self._write(count, slot, scale, read_row)
+        read[:] = read_row
+        self._write(count, bool(slot.any() or read.any()))
         self.captures.begin(reads.captures)
         return reads
 
@@ -269,18 +300,16 @@ class WorkerSteering:
         for layer, vector in vectors.items():
             tables[layer, index].copy_(vector)
 
-    def _write(self, count: int, slot: np.ndarray, scale: np.ndarray, read_row: np.ndarray) -> None:
+    def _write(self, count: int, any_set: bool) -> None:
+        """The staged token arrays into the buffers; past them, up to what the forward before wrote,
+        zeros (CUDA graphs pad a batch, and padding must read slot 0 and the discard row)."""
         buffers = self._buffers
-        if count > buffers.max_tokens:
-            raise RuntimeError(f"a forward of {count} tokens, past the buffers' {buffers.max_tokens}")
-        buffers.token_slot[:count].copy_(torch.from_numpy(slot))
-        buffers.token_scale[:count].copy_(torch.from_numpy(scale))
-        buffers.token_read[:count].copy_(torch.from_numpy(read_row))
-        if self._dirty > count:  # padding past this batch reads slot 0 and the discard row
+        self._staging.copy_to(buffers, count)
+        if self._dirty > count:
             buffers.token_slot[count : self._dirty].zero_()
             buffers.token_scale[count : self._dirty].zero_()
             buffers.token_read[count : self._dirty].zero_()
-        self._dirty = count if (slot.any() or read_row.any()) else 0
+        self._dirty = count if any_set else 0
 
     # --- vector sets -------------------------------------------------------------------------------------
 
