@@ -17,6 +17,7 @@ from server.engine.vllm.loop_wire import LoopRef, trace_in, trace_out
 from server.engine.vllm.options import VLLMOptions
 from server.engine.vllm.read_backs import ReadBacks, merge_captures
 from server.engine.vllm.resident import ResidentSets
+from server.engine.vllm.slot_gate import SlotGate
 from server.engine.vllm.trace_taker import TraceTaker
 from server.engine.vllm.wire import CaptureSpec, SteeringRef, pack, unpack
 from server.engine.vllm.worker_steering import steered_offsets
@@ -50,6 +51,9 @@ def test_vllm_runs_compiled_unless_the_user_asks_for_eager_and_keeps_the_users_l
         VLLMOptions(steering_slots=5).engine_kwargs("/m", "m")["additional_config"]["persona_server"]["slots"]
         == 5
     )
+    # Fewer batch rows than a closed loop and its plan take still get the slots the gate needs.
+    assert VLLMOptions(max_num_seqs=1).slots == 4
+    SlotGate(VLLMOptions(max_num_seqs=1).slots)
     with pytest.raises(EngineError, match="worker_extension_cls"):
         VLLMOptions(extra={"worker_extension_cls": "x.Y"}).engine_kwargs("/models/m", "m")
     with pytest.raises(EngineError, match="persona_server"):

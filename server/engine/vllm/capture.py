@@ -53,9 +53,13 @@ class CaptureState:
         if self.positions.intersection(positions):
             self.spoiled = True
         self.positions.update(positions)
-        oldest_kept = max(self.positions) - TAIL + 1
-        for position in [p for p in self.tail if p < oldest_kept]:
+        for position in [p for p in self.tail if p < self.oldest_kept]:
             del self.tail[position]
+
+    @property
+    def oldest_kept(self) -> int:
+        """The oldest position whose outputs stay apart in the tail."""
+        return max(self.positions, default=0) - TAIL + 1
 
 
 @dataclass(frozen=True)
@@ -116,15 +120,11 @@ class WorkerCaptures:
                     count += 1
                 if position == capture.last_position:
                     state.last[layer] = output.astype(np.float32)
-                if capture.in_flight:
+                if capture.in_flight and position >= state.oldest_kept:
                     state.tail.setdefault(position, {})[layer] = output
             if total is not None and count:
                 state.sums[layer] = state.sums[layer] + total if layer in state.sums else total
                 state.counts[layer] = state.counts.get(layer, 0) + count
-        if capture.in_flight and state.positions:
-            oldest_kept = max(state.positions) - TAIL + 1
-            for position in [p for p in state.tail if p < oldest_kept]:
-                del state.tail[position]
 
     def take(self, token: str, end: int | None = None) -> dict[str, Any] | None:
         """What a capture summed (then forgotten); ``end``: an in-flight capture's sums cut before that

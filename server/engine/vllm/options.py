@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine.base import EngineError
+from server.engine.vllm.slot_gate import MIN_SLOTS
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,10 @@ class VLLMOptions:
 
     @property
     def slots(self) -> int:
-        return self.steering_slots or int(self.extra.get("max_num_seqs", self.max_num_seqs))
+        """Steering slots per worker: the user's, or one per batch row, and never fewer than one
+        closed loop and its plan take (slot_gate.py)."""
+        rows = int(self.extra.get("max_num_seqs", self.max_num_seqs))
+        return self.steering_slots or max(rows, MIN_SLOTS)
 
     def engine_kwargs(self, source: str, model_id: str) -> dict[str, Any]:
         """Keyword arguments of vLLM's ``AsyncEngineArgs`` for one model."""

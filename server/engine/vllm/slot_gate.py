@@ -16,12 +16,13 @@ from contextlib import asynccontextmanager
 # prompt steering reaches, its last prompt token (where rules steering the response start), and
 # its generated tokens.
 LOOP_DEMAND = 3
+MIN_SLOTS = LOOP_DEMAND + 1  # a closed loop's and its plan's
 
 
 class SlotGate:
     def __init__(self, slots: int) -> None:
-        if slots < LOOP_DEMAND + 1:
-            raise ValueError(f"a closed loop and its plan need {LOOP_DEMAND + 1} steering slots")
+        if slots < MIN_SLOTS:
+            raise ValueError(f"a closed loop and its plan need {MIN_SLOTS} steering slots")
         self.slots = slots
         self._users: dict[Hashable, tuple[int, int]] = {}  # key -> (requests, slots taken)
         self._changed = asyncio.Condition()

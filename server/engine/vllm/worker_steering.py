@@ -97,10 +97,10 @@ class TokenStaging:
         return views
 
     def copy_to(self, buffers: SteeringBuffers, count: int) -> None:
-        blocking = self._copied is None
-        buffers.token_slot[:count].copy_(self._slot[:count], non_blocking=not blocking)
-        buffers.token_scale[:count].copy_(self._scale[:count], non_blocking=not blocking)
-        buffers.token_read[:count].copy_(self._read[:count], non_blocking=not blocking)
+        pinned = self._copied is not None
+        buffers.token_slot[:count].copy_(self._slot[:count], non_blocking=pinned)
+        buffers.token_scale[:count].copy_(self._scale[:count], non_blocking=pinned)
+        buffers.token_read[:count].copy_(self._read[:count], non_blocking=pinned)
         if self._copied is not None:
             self._copied.record()
 
