@@ -123,6 +123,32 @@ def test_a_bake_can_be_cancelled(demo_server: ServerProcess, data_dir: Path) -> 
     assert "never-served" not in ids and not (data_dir / "baked" / "never-served" / "merged").exists()
 
 
+# The least the API allows that still trains, converts and loads a baked model: quick on two cores.
+TINY_BAKE = {"trajectories": 4, "steps": 1, "max_tokens": 4, "rank": 1, "prompts": SMALL_BAKE["prompts"][:5]}
+
+
+def test_bakes_posted_at_once_all_succeed_and_later_bakes_too(
+    demo_server: ServerProcess, baked: dict[str, Any]
+) -> None:
+    """Issue 29: after one bake, six at once (two per demo model) failed with "Cannot copy out of meta
+    tensor", and so did every bake after them: concurrent loads broke transformers' loading for good."""
+    url = f"{demo_server.url}/admin/personas/pirate/bake"
+    bodies = [
+        {"model": model, "served_name": f"{model}-together-{i}", **TINY_BAKE}
+        for model in ("demo-llama", "demo-phi3", "demo-qwen")
+        for i in range(2)
+    ]
+    with httpx.Client(timeout=30) as client:
+        started = [client.post(url, json=body) for body in bodies]
+    assert all(r.status_code == 202 for r in started), [r.text for r in started]
+    jobs = [wait_for(demo_server, r.json()["status_url"]) for r in started]
+    assert [job["status"] for job in jobs] == ["succeeded"] * len(jobs), [job.get("error") for job in jobs]
+    later = httpx.post(url, json={"model": "demo-phi3", "served_name": "demo-phi3-later", **TINY_BAKE})
+    assert wait_for(demo_server, later.json()["status_url"])["status"] == "succeeded"
+    ids = {m["id"] for m in httpx.get(f"{demo_server.url}/v1/models").json()["data"]}
+    assert {body["served_name"] for body in bodies} | {"demo-phi3-later"} <= ids
+
+
 def test_a_restarted_server_serves_its_baked_models_again(
     demo_server: ServerProcess, baked: dict[str, Any], data_dir: Path
 ) -> None:

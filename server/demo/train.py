@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from server.demo.corpus import Conversation, generate_corpus
 from server.demo.tokenizer import train_chat_tokenizer
+from server.engine.model_loading import causal_lm_from_config
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def build_model(spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> PreTraine
         **spec.config_extras,
     )
     torch.manual_seed(spec.seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return causal_lm_from_config(config, dtype=torch.float32)
 
 
 def encode(conversation: Conversation, tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[int]]:

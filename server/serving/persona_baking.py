@@ -26,6 +26,7 @@ from server.baking.outputs import loss_curve_png, save_adapter, save_merged, wri
 from server.baking.trajectories import sample_trajectories
 from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
 from server.engine.llamacpp.convert import ConversionError, convert_hf_to_gguf, convert_lora_to_gguf
+from server.engine.model_loading import load_causal_lm
 from server.serving.monitoring import Monitor, persona_scores
 from server.steering.plan import SteeringPlan
 
@@ -83,10 +84,10 @@ def _split(prompts: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _load_student(source: Path) -> tuple[Any, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32), tokenizer
+    return load_causal_lm(source, dtype=torch.float32), tokenizer
 
 
 async def _answers(

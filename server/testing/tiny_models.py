@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from server.demo.tokenizer import train_chat_tokenizer
+from server.engine.model_loading import causal_lm_from_config
 
 _WORDS = (
     "the a ship sea captain sails wind storm calm harbor map treasure gold island crew deck rope anchor "
@@ -112,7 +113,7 @@ def build_tiny_model(
     tokenizer = build_tokenizer(vocab_size=vocab_size, seed=seed)
     config = tiny_config(architecture, len(tokenizer), **sizes)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = causal_lm_from_config(config, dtype=torch.float32)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

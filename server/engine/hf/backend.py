@@ -9,13 +9,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from server.engine.base import EngineError, GenerationRequest, ModelInfo
 from server.engine.hf.read_back import ReadBackBatcher
 from server.engine.hf.runner import ModelRunner
 from server.engine.hf.scheduler import Scheduler
 from server.engine.in_process import InProcessBackend
+from server.engine.model_loading import load_causal_lm
 from server.engine.prompt_bound import hf_max_token_chars
 from server.engine.prompts import answer_ids, eos_token_ids, prompt_ids
 from server.engine.read_back import in_flight_capture, leading_blocks
@@ -71,7 +72,7 @@ class HFBackend(InProcessBackend[Scheduler]):
         if dtype not in DTYPES:
             raise EngineError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         tokenizer = AutoTokenizer.from_pretrained(str(source), revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(str(source), revision=revision, dtype=DTYPES[dtype])
+        model = load_causal_lm(source, revision=revision, dtype=DTYPES[dtype])
         model.to(device)
         name = model_id or Path(str(source).rstrip("/")).name
         return cls(model, tokenizer, name, max_batch_size=max_batch_size)

@@ -27,7 +27,9 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
+
+from server.engine.model_loading import load_causal_lm
 
 ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
     "llama": gguf.MODEL_ARCH.LLAMA,
@@ -99,7 +101,7 @@ def convert_hf_to_gguf(model_dir: str | Path, output: str | Path) -> Path:
         raise ConversionError(
             f"cannot convert model type {config.model_type!r}; supported: {sorted(ARCHITECTURES)}"
         )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = load_causal_lm(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     n_head, n_kv_head = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
