@@ -58,6 +58,34 @@ def page(browser: Browser, demo_server: ServerProcess) -> Iterator[Page]:
     assert not errors, errors  # no uncaught script error on the way
 
 
+# Every path that serves the page or one of its files: the page itself, the page again through the
+# assets folder (a second way to load it, which once came without the page's headers), a script, a
+# stylesheet.
+PAGE_PATHS = ["/playground", "/playground/assets/index.html", "/playground/assets/js/main.js",
+              "/playground/assets/playground.css"]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("path", PAGE_PATHS)
+def test_every_path_of_the_page_carries_its_headers(
+    demo_server: ServerProcess, path: str, method: str
+) -> None:
+    response = httpx.request(method, f"{demo_server.url}{path}")
+    assert response.status_code == 200, (path, response.text)
+    policy = response.headers.get("content-security-policy", "")
+    assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy, (path, policy)
+    assert response.headers.get("x-frame-options") == "DENY", path
+    assert response.headers.get("x-content-type-options") == "nosniff", path
+    assert response.headers.get("cache-control") == "no-cache", path
+    if method == "HEAD":
+        assert response.content == b"" and int(response.headers["content-length"]) > 0
+
+
+def test_head_on_the_root_leads_to_the_page(demo_server: ServerProcess) -> None:
+    response = httpx.head(f"{demo_server.url}/")
+    assert (response.status_code, response.headers["location"]) == (307, "/playground")
+
+
 def generate(page: Page) -> tuple[str, str]:
     page.get_by_test_id("generate").click()
     for pane in ("pane-base", "pane-steered"):
