@@ -261,3 +261,23 @@ def test_lone_surrogates_never_reach_the_store(server: ServerProcess, store_unch
     response = httpx.put(f"{server.url}/admin/personas/pirate", content=body,
                          headers={**ADMIN, "Content-Type": "application/json"})  # fmt: skip
     assert_openai_error(response, 422, "description")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/admin/personas/pirate", "DELETE, GET, PUT"),
+        ("PUT", "/admin/jobs/job-0", "DELETE, GET"),
+        ("POST", "/admin/mappings/map-000000000000", "DELETE, GET"),
+        ("PUT", "/admin/mappings", "GET, POST"),
+        ("OPTIONS", "/admin/personas/pirate", "DELETE, GET, PUT"),
+        ("GET", "/v1/chat/completions", "POST"),
+    ],
+)
+def test_a_405_lists_every_method_of_the_path(
+    server: ServerProcess, method: str, path: str, allowed: str
+) -> None:
+    # RFC 9110: Allow lists the resource's methods, not only those of the first route on the path.
+    response = httpx.request(method, f"{server.url}{path}", headers=ADMIN)
+    assert_openai_error(response, 405)
+    assert response.headers["allow"] == allowed

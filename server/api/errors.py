@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 
 from persona_store.errors import MappingNotFound, PersonaNotFound, StoreUnavailable, VersionConflict
 from persona_store.formats import FormatError
+from server.api.allow import allow_header
 from server.errors import InvalidRequest
 from server.serving.background import JobNotFound
 from server.serving.errors import ModelExists, ModelNotFound, Overloaded, PersonaExists, RequestRejected
@@ -145,12 +146,13 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = _validation_message(exc)
         return error_response(422, message, "invalid_request_error", param, "invalid_value")
 
-    async def http_error(_request: Request, exc: Exception) -> AsciiJSONResponse:
+    async def http_error(request: Request, exc: Exception) -> AsciiJSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         if (unparseable := _unparseable_body(exc)) is not None:
             return error_response(400, unparseable, "invalid_request_error", None, "invalid_json")
         error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(exc.status_code, str(exc.detail), error_type, None, None, exc.headers)
+        headers = allow_header(request, exc.headers) if exc.status_code == 405 else exc.headers
+        return error_response(exc.status_code, str(exc.detail), error_type, None, None, headers)
 
     async def unexpected(_request: Request, exc: Exception) -> AsciiJSONResponse:
         logger.exception("unhandled error", exc_info=exc)
