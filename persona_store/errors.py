@@ -11,6 +11,8 @@ class PersonaNotFound(StoreError):
     def __init__(self, model: str, name: str) -> None:
         super().__init__(f"persona '{name}' does not exist for model '{model}'")
         self.model, self.name = model, name
+        # The request field that named the persona, set by a server that knows it (its 404's param).
+        self.param: str | None = None
 
 
 class VersionConflict(StoreError):

@@ -281,3 +281,60 @@ def test_a_405_lists_every_method_of_the_path(
     response = httpx.request(method, f"{server.url}{path}", headers=ADMIN)
     assert_openai_error(response, 405)
     assert response.headers["allow"] == allowed
+
+
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+GHOST_RULE = {"monitor": "ghost", "above": 0.5, "steer": {"name": "pirate"}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "storm " * 1200}]}, 400, "messages"),
+        ({"persona": "ghost"}, 404, "persona"),
+        ({"persona": [{"name": "pirate", "strength": 1}, {"name": "ghost"}]}, 404, "persona"),
+        ({"persona_monitor": ["pirate", "ghost"]}, 404, "persona_monitor"),
+        ({"persona_target": {"name": "ghost", "score": 1.0}}, 404, "persona_target"),
+        ({"persona_when": [GHOST_RULE]}, 404, "persona_when"),
+        ({"persona": "pirate", "steering": {"layers": [2]}}, 422, "steering.layers"),
+        ({"messages": [{"role": "user", "content": [IMAGE_PART]}]}, 422, "messages.0.content"),
+        ({"persona": [{"name": 7}]}, 422, "persona.0.name"),
+        ({"stop": [7]}, 422, "stop.0"),
+    ],
+    ids=[
+        "context",
+        "persona",
+        "composed-persona",
+        "monitor",
+        "target",
+        "rule",
+        "steering-layer",
+        "image-part",
+        "union-member",
+        "stop-member",
+    ],
+)
+def test_a_chat_4xx_names_the_field_at_fault(
+    server: ServerProcess, personas: Any, fields: dict[str, Any], status: int, param: str
+) -> None:
+    error = assert_openai_error(post_chat(server, **fields), status)
+    assert error["param"] == param, error
+    assert "list[" not in error["message"] and "function-after" not in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("prompt", "status", "param"),
+    [
+        ("storm " * 1200, 400, "prompt"),
+        ("", 422, "prompt"),
+        (["a", ""], 422, "prompt.1"),
+        ([], 422, "prompt"),
+    ],
+    ids=["context", "empty", "empty-member", "empty-list"],
+)
+def test_a_completion_4xx_names_the_prompt(
+    server: ServerProcess, prompt: Any, status: int, param: str
+) -> None:
+    body = {"model": LLAMA, "prompt": prompt, "max_tokens": 4}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, headers=API, timeout=30)
+    assert assert_openai_error(response, status)["param"] == param

@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     FiniteFloat,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 
@@ -34,6 +35,7 @@ def _valid_unicode(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+PromptText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_valid_unicode)]
 PersonaName = Annotated[str, StringConstraints(pattern=PERSONA_NAME_PATTERN)]
 LayerIndex = Annotated[int, Field(ge=0, le=100_000)]
 # A served model's name as a bake gives it (also its folder under the data dir).
@@ -51,6 +53,16 @@ class ChatMessageIn(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        # One clear refusal of an image (or audio, file) part, instead of an error per union member.
+        for index, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise ValueError(f"part {index} has type '{kind}': this server reads text parts only")
+        return content
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -209,7 +221,8 @@ class ChatCompletionRequest(_CompletionRequest):
 
 
 class CompletionRequest(_CompletionRequest):
-    prompt: Text | list[Text] = Field(
+    # An empty prompt gives the model nothing to continue (most tokenizers encode it to no token).
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
         description="A prompt, or a list of prompts (n answers each, numbered prompt by prompt)."
     )
     logprobs: int | None = Field(

@@ -144,11 +144,13 @@ def _layer_map(layers: dict[int, int] | None, source: ModelInfo, target: ModelIn
     for source_block, target_block in layer_map.items():
         if not 0 <= source_block < source_blocks:
             raise SteeringError(
-                f"source block {source_block} is outside '{source.id}' (0..{source_blocks - 1})"
+                f"source block {source_block} is outside '{source.id}' (0..{source_blocks - 1})",
+                param="layers",
             )
         if not 0 <= target_block < target_blocks:
             raise SteeringError(
-                f"target block {target_block} is outside '{target.id}' (0..{target_blocks - 1})"
+                f"target block {target_block} is outside '{target.id}' (0..{target_blocks - 1})",
+                param="layers",
             )
     return layer_map
 

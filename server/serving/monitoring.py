@@ -15,6 +15,7 @@ import numpy as np
 
 from persona_store.base import PersonaStore
 from server.engine.base import ModelInfo
+from server.serving.personas import lookup
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ async def load_monitors(store: PersonaStore, model: ModelInfo, names: Sequence[s
     """The personas to monitor, as unit vectors (PersonaNotFound for an unknown name)."""
     monitors = []
     for name in dict.fromkeys(names):
-        record = await store.get(model.id, name)
+        record = await lookup(store, model, name, "persona_monitor")
         directions = {
             block: (vector / np.linalg.norm(vector)).astype(np.float32)
             for block, vector in record.vectors.items()

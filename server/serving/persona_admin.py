@@ -41,7 +41,9 @@ class PersonaAdmin:
 
     def check_name(self, name: str) -> None:
         if not is_valid_persona_name(name):
-            raise SteeringError(f"persona name '{name}' must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}$")
+            raise SteeringError(
+                f"persona name '{name}' must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}$", param="name"
+            )
 
     async def put(
         self,
@@ -69,17 +71,20 @@ class PersonaAdmin:
                 raise SteeringError(
                     f"layer {layer} is outside model '{model}': expected a block index in "
                     f"{info.steerable_layers[0]}..{info.steerable_layers[-1]}, got {layer}"
-                    f"{info.why_unsteerable(layer)}"
+                    f"{info.why_unsteerable(layer)}",
+                    param=f"layers.{layer}",
                 )
             if len(values) != info.hidden_size:
                 raise SteeringError(
                     f"the vector for layer {layer} has {len(values)} values; model '{model}' "
-                    f"expects its hidden size, {info.hidden_size}"
+                    f"expects its hidden size, {info.hidden_size}",
+                    param=f"layers.{layer}",
                 )
             vector = np.asarray(values, dtype=np.float32)
             if not np.isfinite(vector).all():  # finite as float64 may still overflow float32
                 raise SteeringError(
-                    f"the vector for layer {layer} holds values that are not finite in float32"
+                    f"the vector for layer {layer} holds values that are not finite in float32",
+                    param=f"layers.{layer}",
                 )
             check_scaled_range(layer, vector, limit)
             vectors[layer] = vector

@@ -36,12 +36,14 @@ class PersonaExtraction:
         for layer in layers or []:
             if layer not in backend.info.steerable_layers:
                 raise SteeringError(
-                    f"layer {layer} is outside model '{model}' (blocks 0..{backend.info.num_layers - 1})"
+                    f"layer {layer} is outside model '{model}' (blocks 0..{backend.info.num_layers - 1})",
+                    param="layers",
                 )
         answers = len(spec.questions) * spec.samples_per_question * 2
         if answers > MAX_EXTRACTION_ANSWERS:
             raise RequestRejected(
-                f"the extraction asks for {answers} answers; at most {MAX_EXTRACTION_ANSWERS}"
+                f"the extraction asks for {answers} answers; at most {MAX_EXTRACTION_ANSWERS}",
+                param="questions",
             )
 
         async def work(progress: Callable[[float], None]) -> dict[str, Any]:

@@ -205,11 +205,13 @@ class PersonaMapper:
             if (info.source_model, info.target_model) != (source_model, target_model):
                 raise SteeringError(
                     f"mapping {mapping_id} maps '{info.source_model}' to '{info.target_model}', "
-                    f"not '{source_model}' to '{target_model}'"
+                    f"not '{source_model}' to '{target_model}'",
+                    param="mapping_id",
                 )
             if info.metadata.get("method") != method:
                 raise SteeringError(
-                    f"mapping {mapping_id} is a {info.metadata.get('method')} map, not {method}"
+                    f"mapping {mapping_id} is a {info.metadata.get('method')} map, not {method}",
+                    param="mapping_id",
                 )
             return record
         pair = (source_model, target_model)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from persona_store.base import PersonaStore
+from persona_store.errors import PersonaNotFound
+from persona_store.records import PersonaRecord
 from server.engine.base import ModelInfo
 from server.serving.errors import RequestRejected
 from server.serving.requests import PersonaTerm, SteeringOverride
@@ -59,6 +61,16 @@ def _terms(persona: str | Sequence[PersonaTerm], persona_strength: float | None)
     return list(persona)
 
 
+async def lookup(store: PersonaStore, model: ModelInfo, name: str, param: str) -> PersonaRecord:
+    """The persona ``name`` of ``model``; an unknown one's 404 names ``param``, the request field
+    that asked for it."""
+    try:
+        return await store.get(model.id, name)
+    except PersonaNotFound as exc:
+        exc.param = param
+        raise
+
+
 async def resolve_personas(
     store: PersonaStore,
     model: ModelInfo,
@@ -66,29 +78,30 @@ async def resolve_personas(
     persona_strength: float | None,
     override: SteeringOverride | None,
     max_strength: float,
+    param: str = "persona",
 ) -> ResolvedPersonas:
-    """Look up each persona for ``model`` and compose one plan; raises on unknown or bad input."""
+    """Look up each persona for ``model`` and compose one plan; raises on unknown or bad input.
+    ``param`` is the request field that names the personas."""
     if persona is None:
         if persona_strength is not None or override is not None:
             raise RequestRejected("persona_strength and steering need a persona", param="persona")
         return NO_PERSONA
     terms, echoes, stored_positions = [], [], set()
     for term in _terms(persona, persona_strength):
-        record = await store.get(model.id, term.name)
+        record = await lookup(store, model, term.name, param)
         stored_positions.add(record.info.default_positions)
         strength = record.info.default_strength if term.strength is None else term.strength
         if not math.isfinite(strength) or abs(strength) > max_strength:
             raise RequestRejected(
                 f"strength {strength} of persona '{term.name}' is outside [-{max_strength}, {max_strength}]",
-                param="persona_strength",
+                param="persona_strength" if param == "persona" else param,
             )
         layers = tuple(record.vectors)
         if override is not None and override.layers is not None:
             missing = sorted(set(override.layers) - set(layers))
             if missing:
-                raise SteeringError(
-                    f"persona '{term.name}' has no vector for layers {missing}; its layers are {list(layers)}"
-                )
+                message = f"persona '{term.name}' has no vector for layers {missing}; its layers are "
+                raise SteeringError(message + str(list(layers)), param="steering.layers")
             layers = tuple(sorted(set(override.layers)))
         # The source names what the vectors are, so an engine holding old ones knows they are stale.
         source = f"{model.id}/{term.name}/{','.join(map(str, layers))}"
@@ -103,6 +116,7 @@ async def resolve_personas(
     for layer in plan.vectors:
         if layer not in model.steerable_layers:
             raise SteeringError(
-                f"layer {layer} cannot be steered on model '{model.id}'{model.why_unsteerable(layer)}"
+                f"layer {layer} cannot be steered on model '{model.id}'{model.why_unsteerable(layer)}",
+                param="steering.layers" if override is not None and override.layers is not None else param,
             )
     return ResolvedPersonas(plan=plan, echoes=tuple(echoes))

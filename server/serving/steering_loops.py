@@ -18,7 +18,7 @@ from persona_store.base import PersonaStore
 from server.engine.base import ModelInfo
 from server.serving.errors import RequestRejected
 from server.serving.monitoring import Monitor
-from server.serving.personas import PersonaEcho, ResolvedPersonas, resolve_personas
+from server.serving.personas import PersonaEcho, ResolvedPersonas, lookup, resolve_personas
 from server.serving.requests import CompletionJob, TargetTerm, WhenRule
 from server.steering.closed_loop import Direction, LoopSpec, Rule, Target, TokenTrace, fired_runs
 from server.steering.plan import SteeringPlan, steers_generated_tokens
@@ -52,7 +52,7 @@ def _monitor_direction(monitor: Monitor) -> Direction:
 async def _target(
     store: PersonaStore, model: ModelInfo, term: TargetTerm, limit: float
 ) -> tuple[Target, SteeringPlan, PersonaEcho]:
-    record = await store.get(model.id, term.name)
+    record = await lookup(store, model, term.name, "persona_target")
     bound = term.max_strength
     if bound is None:
         bound = min(DEFAULT_MAX_MULTIPLE * abs(record.info.default_strength), limit) or limit
@@ -61,7 +61,7 @@ async def _target(
             f"persona_target max_strength {bound} is above this server's limit {limit}",
             param="persona_target",
         )
-    resolved = await resolve_personas(store, model, term.name, term.strength, None, limit)
+    resolved = await resolve_personas(store, model, term.name, term.strength, None, limit, "persona_target")
     assert resolved.plan is not None
     vectors = resolved.plan.terms[0].vectors
     echo = resolved.echoes[0]
@@ -74,8 +74,10 @@ async def _target(
 
 
 async def _rule(store: PersonaStore, model: ModelInfo, rule: WhenRule, limit: float) -> Rule:
-    monitored = await store.get(model.id, rule.monitor)
-    steer = await resolve_personas(store, model, rule.steer.name, rule.steer.strength, None, limit)
+    monitored = await lookup(store, model, rule.monitor, "persona_when")
+    steer = await resolve_personas(
+        store, model, rule.steer.name, rule.steer.strength, None, limit, "persona_when"
+    )
     assert steer.plan is not None
     return Rule(
         monitor=_direction(rule.monitor, _in_model(monitored.vectors, model)),

@@ -159,9 +159,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 )
 async def completions(body: CompletionRequest, request: Request) -> Any:
     prompt = body.prompt
-    if isinstance(prompt, list):
-        if not prompt:
-            raise RequestRejected("the prompt list is empty", param="prompt")
+    if isinstance(prompt, list):  # never empty: the protocol says so
         prompt = prompt[0] if len(prompt) == 1 else tuple(prompt)
     return await _respond(request, _job(body, body.logprobs, prompt=prompt, echo=body.echo))
 
