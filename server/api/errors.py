@@ -15,10 +15,16 @@ from starlette.responses import JSONResponse
 from persona_store.errors import MappingNotFound, PersonaNotFound, StoreUnavailable, VersionConflict
 from persona_store.formats import FormatError
 from server.api.allow import allow_header
-from server.api.params import field_path, telling_errors
-from server.errors import InvalidRequest
+from server.errors import EngineDied, EngineFault, InvalidRequest
 from server.serving.background import JobNotFound
-from server.serving.errors import ModelExists, ModelNotFound, Overloaded, PersonaExists, RequestRejected
+from server.serving.errors import (
+    EngineRestarting,
+    ModelExists,
+    ModelNotFound,
+    Overloaded,
+    PersonaExists,
+    RequestRejected,
+)
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingError
 
@@ -90,8 +96,8 @@ _MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
-    for error in telling_errors(list(exc.errors()))[:5]:
-        location = field_path(error.get("loc", ())) or ""
+    for error in exc.errors()[:5]:
+        location = ".".join(str(item) for item in error.get("loc", ()) if item != "body")
         param = param or location or None
         parts.append(f"{location}: {error.get('msg')}" if location else str(error.get("msg")))
     return "; ".join(parts) or "invalid request", param
@@ -136,6 +142,17 @@ def install_error_handlers(app: FastAPI) -> None:
         retry = str(getattr(exc, "retry_after_seconds", 1))
         return error_response(429, str(exc), "rate_limit_error", None, "overloaded", {"Retry-After": retry})
 
+    async def engine_down(_request: Request, exc: Exception) -> AsciiJSONResponse:
+        # Never a bare 500: the request was fine, the engine failed it; a retry may succeed.
+        code = "engine_error"
+        message = str(exc)
+        if isinstance(exc, EngineRestarting):
+            code = "engine_restarting"
+        elif isinstance(exc, EngineDied):
+            code, message = "engine_restarting", f"{exc}; the server restarts it, retry later"
+        retry = str(getattr(exc, "retry_after_seconds", 5))
+        return error_response(503, message, "server_error", None, code, {"Retry-After": retry})
+
     async def api_error(_request: Request, exc: Exception) -> AsciiJSONResponse:
         assert isinstance(exc, APIError)
         return error_response(exc.status, str(exc), exc.error_type, None, exc.code)
@@ -160,6 +177,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error", "server_error")
 
     app.add_exception_handler(Overloaded, overloaded)
+    for engine_error in (EngineFault, EngineRestarting):
+        app.add_exception_handler(engine_error, engine_down)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)

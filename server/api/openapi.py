@@ -29,7 +29,8 @@ _ERRORS = {
     413: "The request body is larger than the server accepts.",
     422: "The body or a parameter does not validate, or the steering does not fit the model.",
     429: "Every batch row and queue place of the model is taken: retry after Retry-After seconds.",
-    503: "The persona store cannot be reached.",
+    503: "The persona store cannot be reached, or the model's engine failed the request or is "
+    "restarting after it died: retry after Retry-After seconds.",
 }
 _SCHEMA_REF = "#/components/schemas/{model}"
 

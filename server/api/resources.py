@@ -122,7 +122,10 @@ class MappingList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "unavailable"]
+    engines_down: dict[str, str] = Field(
+        default_factory=dict, description="Models whose engine cannot serve now (it died), and why."
+    )
 
 
 class Readiness(BaseModel):
@@ -130,3 +133,7 @@ class Readiness(BaseModel):
     models: list[str]
     store: str = Field(description="ok, or why the persona store cannot be reached.")
     change_feed: str = Field(description="live, down (resubscribing) or none.")
+    engines_down: dict[str, str] = Field(
+        default_factory=dict,
+        description="Models whose engine cannot serve now (it died and is restarting), and why.",
+    )

@@ -209,7 +209,14 @@ class Backend(Protocol):
     def info(self) -> ModelInfo: ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        """Stream the generation; closing the iterator early cancels the request."""
+        """Stream the generation; closing the iterator early cancels the request. A request the
+        engine fails through no fault of its own raises ``server.errors.EngineFault`` (``EngineDied``
+        once the engine can serve no more)."""
+        ...
+
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (its process or thread died), or None while it can.
+        Cheap: the server asks every second (serving/engine_supervisor.py)."""
         ...
 
     def answer_ids(self, text: str) -> list[int]:

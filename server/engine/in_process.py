@@ -46,6 +46,10 @@ class InProcessBackend(ABC, Generic[SchedulerT]):
         prompt_ids = self.prompt_ids(request)  # once for the n answers
         return [self._sequence(request, prompt_ids, index, sink) for index in range(request.n)]
 
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (its scheduler died), or None while it can."""
+        return self._scheduler.failure
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         return stream(lambda sink: self._sequences(request, sink), self._scheduler.submit)
 

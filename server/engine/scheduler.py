@@ -2,8 +2,12 @@
 
 Requests and tasks arrive from any thread through an inbox; one thread takes them in between steps,
 so the model is only ever driven from that thread. A step that raises fails every request the
-scheduler holds, never the server; ``stop()`` fails whatever is still there. What a step does
-(admission, batching, decoding) is each engine's own: hf/scheduler.py, llamacpp/scheduler.py.
+scheduler holds, never the server; ``stop()`` fails whatever is still there. The engine is dead
+(``failure``) when its thread ends by an error or ``MAX_FAILED_STEPS`` steps in a row fail (a model
+whose every step fails, as after a CUDA device assert, is in a state only a reload clears): it fails
+what it holds and whatever arrives later, and the server restarts it (serving/engine_supervisor.py).
+What a step does (admission, batching, decoding) is each engine's own: hf/scheduler.py,
+llamacpp/scheduler.py.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
@@ -23,9 +28,12 @@ import torch
 from server.engine.base import TokenLogprob
 from server.engine.sampling import next_token
 from server.engine.sequence import Sequence, emit, fail
+from server.errors import EngineDied, EngineFault, InvalidRequest
 from server.steering.closed_loop import TokenTrace
 
 logger = logging.getLogger(__name__)
+
+MAX_FAILED_STEPS = 3  # failed steps in a row that make the engine dead
 
 
 @dataclass(eq=False)
@@ -45,6 +53,11 @@ class ModelTask:
         except Exception as exc:
             self.result.set_exception(exc)
 
+    def fail(self, error: BaseException) -> None:
+        """End the task with ``error`` unless it was cancelled while it waited."""
+        if self.result.set_running_or_notify_cancel():
+            self.result.set_exception(error)
+
 
 SequenceT = TypeVar("SequenceT", bound=Sequence)
 TaskT = TypeVar("TaskT", bound=ModelTask)
@@ -58,6 +71,12 @@ class EngineScheduler(ABC, Generic[SequenceT, TaskT]):
         self._inbox: queue.SimpleQueue[list[SequenceT] | TaskT | None] = queue.SimpleQueue()
         self._waiting: deque[SequenceT] = deque()
         self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
+        self._failed_steps = 0
+        self._failure: str | None = None
+        # Every sequence submitted and not yet dropped: a thread that dies mid-admission may hold one
+        # in no list, and it must fail rather than wait forever.
+        self._submitted: weakref.WeakSet[SequenceT] = weakref.WeakSet()
+        self._submitted_lock = threading.Lock()
 
     def _start(self) -> None:
         """Start the thread: a subclass calls this once its own state exists."""
@@ -71,12 +90,23 @@ class EngineScheduler(ABC, Generic[SequenceT, TaskT]):
     def num_waiting(self) -> int:
         return len(self._waiting) + self._inbox.qsize()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve, or None while it can."""
+        return self._failure
+
     def submit(self, sequences: list[SequenceT]) -> None:
         """Queue a request's sequences; they arrive together, so that one prefill may serve them."""
+        with self._submitted_lock:
+            self._submitted.update(sequences)
         self._inbox.put(sequences)
+        if self._failure is not None:  # after the put: the dead thread may have drained the inbox
+            self._fail_inbox()
 
     def _enqueue(self, task: TaskT) -> Future[Any]:
         self._inbox.put(task)
+        if self._failure is not None:
+            self._fail_inbox()
         return task.result
 
     def stop(self) -> None:
@@ -103,15 +133,59 @@ class EngineScheduler(ABC, Generic[SequenceT, TaskT]):
         return bool(self._waiting) or self.num_running > 0
 
     def _loop(self) -> None:
-        while self._pull_inbox(block=not self._busy()):
-            # A client that left while its request waited: it leaves the line now, not at its turn.
-            if any(sequence.cancelled for sequence in self._waiting):
-                self._waiting = deque(s for s in self._waiting if not s.cancelled)
-            try:
-                self._step()
-            except Exception as exc:  # a failed step fails what the scheduler holds, never the server
-                logger.exception("%s: generation step failed", self._thread.name)
-                self._fail_all(exc)
+        try:
+            while self._pull_inbox(block=not self._busy()):
+                # A client that left while its request waited: it leaves the line now, not at its turn.
+                if any(sequence.cancelled for sequence in self._waiting):
+                    self._waiting = deque(s for s in self._waiting if not s.cancelled)
+                self._step_once()
+        except BaseException as exc:  # the thread ends: nothing it holds or is sent may wait forever
+            logger.exception("%s: the engine's thread stopped", self._thread.name)
+            self._die(f"the engine's thread stopped: {exc!r}")
+
+    def _step_once(self) -> None:
+        failed_before = self._failed_steps
+        try:
+            self._step()
+        except Exception as exc:  # a failed step fails what the scheduler holds, never the server
+            logger.exception("%s: generation step failed", self._thread.name)
+            self._failed_steps += 1
+            self._fail_all(EngineFault(f"the engine failed a step: {exc}"))
+            last: BaseException = exc
+        else:
+            if self._failed_steps == failed_before:  # nothing failed in it, not even a prefill
+                self._failed_steps = 0
+            last = RuntimeError("a prefill failed")
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            self._die(f"{self._failed_steps} steps in a row failed, the last with: {last!r}")
+            raise EngineDied(self._failure)
+
+    def _die(self, reason: str) -> None:
+        """Fail what the scheduler holds and whatever is sent from now on."""
+        if self._failure is None:
+            self._failure = reason
+        error = EngineDied(f"the engine died: {self._failure}")
+        self._fail_all(error)
+        self._fail_held_tasks(error)
+        self._fail_inbox()
+        with self._submitted_lock:
+            unfinished = [sequence for sequence in self._submitted if not sequence.finished]
+        fail(unfinished, error)
+
+    def _fail_held_tasks(self, error: BaseException) -> None:
+        """Fail the tasks a subclass keeps until the model is free for them (none here)."""
+
+    def _fail_inbox(self) -> None:
+        error = EngineDied(f"the engine died: {self._failure}")
+        try:
+            while True:
+                item = self._inbox.get_nowait()
+                if isinstance(item, ModelTask):
+                    item.fail(error)
+                elif item is not None:
+                    fail(item, error)
+        except queue.Empty:
+            return
 
     def _pull_inbox(self, block: bool) -> bool:
         """Move submitted requests to the waiting line and hand over tasks; False once stop() was called."""
@@ -130,18 +204,24 @@ class EngineScheduler(ABC, Generic[SequenceT, TaskT]):
             return True
 
     def _shut_down(self) -> None:
-        self._fail_all(RuntimeError("the engine is shutting down"))
+        self._fail_all(EngineFault("the engine is shutting down"))
+        self._failure = self._failure or "the engine was shut down"
+        self._fail_inbox()  # what was sent after stop() must not wait for a thread that has ended
 
     def _fail_all(self, error: BaseException) -> None:
         fail([*self._running(), *self._waiting], error)
         self._waiting = deque()
         self._forget_running()
 
-    @staticmethod
-    def _fail_prefill(sequences: list[SequenceT], error: BaseException) -> None:
-        """A prompt that fails fails alone: the batch goes on."""
+    def _fail_prefill(self, sequences: list[SequenceT], error: BaseException) -> None:
+        """A prompt that fails fails alone: the batch goes on. It counts as a failed step (a model
+        whose every forward fails must be found dead however its requests arrive)."""
+        if isinstance(error, InvalidRequest):  # the request's own fault: it says what to change
+            fail(sequences, error)
+            return
         logger.exception("prefill failed")
-        fail(sequences, error)
+        self._failed_steps += 1
+        fail(sequences, EngineFault(f"the engine failed the prompt: {error}"))
 
     def _emit(
         self,

@@ -16,7 +16,7 @@ from typing import Any
 
 from persona_store.base import PersonaStore
 from server.engine.base import Backend, GenerationRequest, SamplingParams, StructuredOutput, TokenChunk
-from server.errors import InvalidRequest
+from server.errors import EngineFault
 from server.metrics import Metrics
 from server.serving import responses
 from server.serving.errors import RequestRejected
@@ -85,13 +85,6 @@ def _persona_echo(job: CompletionJob, personas: ResolvedPersonas, report: LoopRe
     if not echoes:
         return None
     return echoes[0] if len(echoes) == 1 and not isinstance(job.persona, list) else echoes
-
-
-def _name_the_prompt(exc: BaseException, job: CompletionJob) -> None:
-    """An engine refuses a prompt (longer than the context, empty, not renderable) without knowing
-    the request's fields: name the field, as the OpenAI API does (messages, or a text's prompt)."""
-    if isinstance(exc, InvalidRequest) and exc.param is None:
-        exc.param = "messages" if job.is_chat else "prompt"
 
 
 class CompletionService:
@@ -188,10 +181,9 @@ class CompletionService:
         stream = plan.backend.generate(request)
         try:
             first = await anext(stream)
-        except BaseException as exc:
+        except BaseException:
             await stream.aclose()  # type: ignore[attr-defined]
             release.close()
-            _name_the_prompt(exc, job)
             raise
         finally:
             waiting.dec()
@@ -355,23 +347,32 @@ class CompletionService:
         echoes = self._echoes(job)
         sent: dict[int, int] = {}  # answer -> characters of its text sent so far
         generated: dict[int, int] = {}
-        async with aclosing(self._merged(runs)) as chunks:
-            async for run, chunk in chunks:
-                index = run.offset + chunk.index
-                first = index not in sent
-                text = (echoes[index] if echoes and first else "") + chunk.text
-                offset = sent.get(index, 0)
-                sent[index] = offset + len(text)
-                generated[index] = chunk.completion_tokens
-                finish = chunk.finish_reason.value if chunk.finish_reason else None
-                scores = await self._scores(run, chunk) if finish else None  # on the final chunk
-                extras = self._loop_fields(run, chunk)
-                if finish and run.report is not None:
-                    persona = _persona_echo(job, run.plan.personas, run.report)  # the mean strength
-                if text or first or finish or chunk.logprobs or extras:
-                    payload = shape.chunk(text, finish, persona, first=first, scores=scores, index=index,
-                                          logprobs=chunk.logprobs, offset=offset, extras=extras)  # fmt: skip
-                    yield responses.sse(payload)
+        try:
+            async with aclosing(self._merged(runs)) as chunks:
+                async for run, chunk in chunks:
+                    index = run.offset + chunk.index
+                    first = index not in sent
+                    text = (echoes[index] if echoes and first else "") + chunk.text
+                    offset = sent.get(index, 0)
+                    sent[index] = offset + len(text)
+                    generated[index] = chunk.completion_tokens
+                    finish = chunk.finish_reason.value if chunk.finish_reason else None
+                    scores = await self._scores(run, chunk) if finish else None  # on the final chunk
+                    extras = self._loop_fields(run, chunk)
+                    if finish and run.report is not None:
+                        persona = _persona_echo(job, run.plan.personas, run.report)  # the mean strength
+                    if text or first or finish or chunk.logprobs or extras:
+                        payload = shape.chunk(
+                            text, finish, persona, first=first, scores=scores, index=index,
+                            logprobs=chunk.logprobs, offset=offset, extras=extras,
+                        )  # fmt: skip
+                        yield responses.sse(payload)
+        except EngineFault as exc:
+            # The answer cannot end normally: an error event (as vLLM sends one), which the openai
+            # client raises as an APIError, instead of a stream that breaks off or never ends.
+            yield responses.sse(responses.stream_error(str(exc), "engine_error"))
+            yield responses.sse("[DONE]")
+            return
         if job.include_usage:
             totals = responses.usage(sum(run.first.prompt_tokens for run in runs), sum(generated.values()))
             yield responses.sse(shape.usage_chunk(totals))

@@ -37,3 +37,12 @@ class Overloaded(Exception):
     def __init__(self, model: str, retry_after_seconds: int = 1) -> None:
         super().__init__(f"model '{model}' has too many requests in flight; retry later")
         self.retry_after_seconds = retry_after_seconds
+
+
+class EngineRestarting(Exception):
+    """The engine of a model died and is being restarted; the client should retry later (api: 503)."""
+
+    def __init__(self, model: str, reason: str, retry_after_seconds: int = 5) -> None:
+        super().__init__(f"the engine of model '{model}' is restarting ({reason}); retry later")
+        self.model = model
+        self.retry_after_seconds = retry_after_seconds

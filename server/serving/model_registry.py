@@ -1,22 +1,31 @@
-"""The served models by id, with per-model admission so that a flood gets 429s, not an endless queue."""
+"""The served models by id, with per-model admission so that a flood gets 429s, not an endless queue,
+and each model's engine state: serving, or down while the supervisor restarts it
+(engine_supervisor.py), when its requests get 503s."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from server.engine.base import Backend
-from server.serving.errors import ModelExists, ModelNotFound, Overloaded
+from server.serving.errors import EngineRestarting, ModelExists, ModelNotFound, Overloaded
 
 
 class ModelRegistry:
     def __init__(
-        self, backends: dict[str, Backend], max_in_flight: int, parents: dict[str, str] | None = None
+        self,
+        backends: dict[str, Backend],
+        max_in_flight: int,
+        parents: dict[str, str] | None = None,
+        sources: dict[str, str | Path] | None = None,
     ) -> None:
         self._backends = backends
         self._max_in_flight = max_in_flight
         self._in_flight = dict.fromkeys(backends, 0)
         self._parents = dict(parents or {})
+        self._sources = dict(sources or {})
+        self._down: dict[str, str] = {}  # model -> why its engine cannot serve now
 
     @property
     def max_in_flight(self) -> int:
@@ -27,17 +36,36 @@ class ModelRegistry:
     def ids(self) -> list[str]:
         return list(self._backends)
 
+    @property
+    def down(self) -> dict[str, str]:
+        """The models whose engine cannot serve now, and why."""
+        return dict(self._down)
+
     def get(self, model: str) -> Backend:
+        """The model's engine; EngineRestarting (503) while it is down."""
+        backend = self.engine(model)
+        if model in self._down:
+            raise EngineRestarting(model, self._down[model])
+        return backend
+
+    def engine(self, model: str) -> Backend:
+        """The model's engine as registered, serving or not (the supervisor's view)."""
         try:
             return self._backends[model]
         except KeyError:
             raise ModelNotFound(model, self.ids) from None
 
+    def source(self, model: str) -> str | Path | None:
+        """Where the model was loaded from (to load it again), if known."""
+        return self._sources.get(model)
+
     def parent(self, model: str) -> str | None:
         """The model a served model was made from (a baked persona's base), if any."""
         return self._parents.get(model)
 
-    def add(self, model: str, backend: Backend, parent: str | None = None) -> None:
+    def add(
+        self, model: str, backend: Backend, parent: str | None = None, source: str | Path | None = None
+    ) -> None:
         """Serve one more model from now on (a persona just baked)."""
         if model in self._backends:
             raise ModelExists(model)
@@ -45,6 +73,19 @@ class ModelRegistry:
         self._in_flight[model] = 0
         if parent is not None:
             self._parents[model] = parent
+        if source is not None:
+            self._sources[model] = source
+
+    def mark_down(self, model: str, reason: str) -> None:
+        """The model's engine cannot serve: its requests answer 503 with ``reason`` from now on."""
+        self._down[model] = reason
+
+    def replace(self, model: str, backend: Backend) -> Backend:
+        """Serve the model from a new engine (a restarted one); returns the old one, to close."""
+        old = self.engine(model)
+        self._backends[model] = backend
+        self._down.pop(model, None)
+        return old
 
     def __iter__(self) -> Iterator[Backend]:
         return iter(self._backends.values())

@@ -87,7 +87,7 @@ class PersonaBakes:
         async def work(progress: Any) -> dict[str, Any]:
             try:
                 outcome, baked = await bake_persona(self._registry.get(model), order, self._load, progress)
-                self._registry.add(served, baked, parent=model)
+                self._registry.add(served, baked, parent=model, source=order.output / "merged")
             finally:
                 self._pending.discard(served)
             return outcome.to_dict()
@@ -103,7 +103,8 @@ class PersonaBakes:
             # The retention is written last: a bake stopped before the end is not served.
             if provenance is None or "retention" not in provenance or name in self._registry.ids:
                 continue
-            self._registry.add(name, await self._load(merged, name), parent=provenance.get("base_model"))
+            parent = provenance.get("base_model")
+            self._registry.add(name, await self._load(merged, name), parent=parent, source=merged)
             served.append(name)
         if served:
             logger.info("serving baked models: %s", ", ".join(served))

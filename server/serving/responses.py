@@ -374,6 +374,11 @@ class ResponseShape:
         return {**self._envelope(True, []), "usage": totals}
 
 
+def stream_error(message: str, code: str) -> dict[str, Any]:
+    """The event that ends a stream which failed after its first bytes: the OpenAI error object."""
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
 def sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"

@@ -17,30 +17,47 @@ router = APIRouter()
 _TEXT = {"type": "string"}
 
 
-@router.get("/health", response_model=Health)
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get(
+    "/health",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "No served model's engine can serve (all died)."}},
+)
+async def health(request: Request) -> Any:
+    """Liveness: the process answers and some engine can serve. One dead engine among several is a
+    readiness matter (it restarts by itself); every engine dead is the process's, for its replacement."""
+    registry = getattr(request.app.state, "registry", None)
+    down = registry.down if registry is not None else {}
+    alive = registry is None or not registry.ids or len(down) < len(registry.ids)
+    body = {"status": "ok" if alive else "unavailable", "engines_down": down}
+    return AsciiJSONResponse(body, status_code=200 if alive else 503)
 
 
 @router.get(
     "/ready",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "No model is served or the store is unreachable."}},
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "No model is served, a model's engine is down, or the store is unreachable.",
+        }
+    },
 )
 async def ready(request: Request) -> Any:
     state = request.app.state
     models = state.registry.ids
+    down = state.registry.down
     try:
         await state.store.ping()
         store = "ok"
     except StoreUnavailable as exc:
         store = str(exc)
-    ready = bool(models) and store == "ok"
+    ready = bool(models) and store == "ok" and not down
     body = {
         "status": "ready" if ready else "unavailable",
         "models": models,
         "store": store,
         "change_feed": state.store.feed_state,  # informational: the version probe covers a down feed
+        "engines_down": down,
     }
     return AsciiJSONResponse(body, status_code=200 if ready else 503)
 

@@ -186,6 +186,11 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
         for task in self._tasks:
             task.result.cancel()
 
+    def _fail_held_tasks(self, error: BaseException) -> None:
+        for task in self._tasks:
+            task.fail(error)
+        self._tasks.clear()
+
     def _empty_lane(self, per_row: bool | None = None) -> LaneState | None:
         for state in self._states:
             if not state.rows and (per_row is None or state.lane.per_row == per_row):

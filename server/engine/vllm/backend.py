@@ -30,6 +30,7 @@ from server.engine.prompt_bound import hf_max_token_chars
 from server.engine.prompts import answer_ids, eos_token_ids, prompt_ids
 from server.engine.read_back import answer_tokens, leading_blocks
 from server.engine.sequence import Sequence, emit, finish_last, holds_last
+from server.engine.vllm.faults import as_engine_errors, raise_if_dead
 from server.engine.vllm.in_flight import InFlightMonitor, in_flight_monitor
 from server.engine.vllm.loops import LoopRun, open_loop
 from server.engine.vllm.options import VLLMOptions
@@ -87,17 +88,6 @@ def token_logprob(sequence: Sequence, completion: Any, index: int) -> TokenLogpr
     ranked = sorted((entry.rank, token_id, entry.logprob) for token_id, entry in entries.items())
     top = tuple((token_id, name(token_id), float(logprob)) for _, token_id, logprob in ranked)
     return TokenLogprob(token, name(token), float(entries[token].logprob), top[: sequence.sampling.logprobs])
-
-
-async def _refusals_as_engine_errors(outputs: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """vLLM's outputs; a request vLLM refuses (its own checks of the sampling values) is bad input."""
-    from vllm.exceptions import VLLMClientError
-
-    try:
-        async for output in outputs:
-            yield output
-    except VLLMClientError as exc:
-        raise EngineError(f"vLLM refused the request: {exc}", getattr(exc, "parameter", None)) from exc
 
 
 def structured_outputs(structured: StructuredOutput | None) -> Any:
@@ -190,10 +180,18 @@ class VLLMBackend:
         engine's results only; a read-back ran on one of them, so every engine's are gathered."""
         await self._ensure_set_up()
         core = self._engine.engine_core
-        if hasattr(core, "call_utility_all_async") and len(getattr(core, "core_engines", ())) > 1:
-            per_engine = await core.call_utility_all_async("collective_rpc", method, None, args, None)
-            return [result for results in per_engine for result in results]
-        return await self._engine.collective_rpc(method, args=args)
+        try:
+            if hasattr(core, "call_utility_all_async") and len(getattr(core, "core_engines", ())) > 1:
+                per_engine = await core.call_utility_all_async("collective_rpc", method, None, args, None)
+                return [result for results in per_engine for result in results]
+            return await self._engine.collective_rpc(method, args=args)
+        except Exception as exc:
+            raise_if_dead(exc)
+            raise
+
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (vLLM's engine core or a worker died), or None."""
+        return "vLLM's engine core died" if self._engine.errored else None
 
     async def _ensure_set_up(self) -> None:
         """Install the hooks in every worker, once, before the first request that needs them."""
@@ -201,7 +199,11 @@ class VLLMBackend:
             return
         async with self._setup_lock:
             if not self._set_up:
-                await self._engine.collective_rpc("persona_setup")  # reaches every engine
+                try:
+                    await self._engine.collective_rpc("persona_setup")  # reaches every engine
+                except Exception as exc:
+                    raise_if_dead(exc)
+                    raise
                 self._set_up = True
 
     async def worker_stats(self) -> list[dict[str, Any]]:
@@ -239,7 +241,7 @@ class VLLMBackend:
                 prompt, params, request_id=f"{request.request_id}-{uuid.uuid4().hex}"
             )
             async with contextlib.aclosing(outputs):
-                async for output in _refusals_as_engine_errors(outputs):
+                async for output in as_engine_errors(outputs):
                     # An answer held before this output: the step that fed its last token has run.
                     fed_last = holds_last(first)
                     for completion in output.outputs:

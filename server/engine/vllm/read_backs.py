@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from server.engine.base import EngineError, ModelInfo
+from server.engine.vllm.faults import as_engine_errors
 from server.engine.vllm.wire import CaptureSpec, unpack
 
 Rpc = Callable[[str, tuple[Any, ...]], Awaitable[list[Any]]]
@@ -57,7 +58,8 @@ class ReadBacks:
         if salt is not None:
             prompt["cache_salt"] = salt
         final = None
-        async for output in self._engine.generate(prompt, params, request_id=f"read-back-{uuid.uuid4().hex}"):
+        outputs = self._engine.generate(prompt, params, request_id=f"read-back-{uuid.uuid4().hex}")
+        async for output in as_engine_errors(outputs):
             final = output
         return final
 
