@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from persona_store.errors import MappingNotFound, PersonaNotFound, StoreUnavailable, VersionConflict
 from persona_store.formats import FormatError
 from server.api.allow import allow_header
+from server.api.params import field_path, telling_errors
 from server.errors import EngineDied, EngineFault, InvalidRequest
 from server.serving.background import JobNotFound
 from server.serving.errors import (
@@ -96,8 +97,8 @@ _MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
-    for error in exc.errors()[:5]:
-        location = ".".join(str(item) for item in error.get("loc", ()) if item != "body")
+    for error in telling_errors(list(exc.errors()))[:5]:
+        location = field_path(error.get("loc", ())) or ""
         param = param or location or None
         parts.append(f"{location}: {error.get('msg')}" if location else str(error.get("msg")))
     return "; ".join(parts) or "invalid request", param

@@ -16,7 +16,7 @@ from typing import Any
 
 from persona_store.base import PersonaStore
 from server.engine.base import Backend, GenerationRequest, SamplingParams, StructuredOutput, TokenChunk
-from server.errors import EngineFault
+from server.errors import EngineFault, InvalidRequest
 from server.metrics import Metrics
 from server.serving import responses
 from server.serving.errors import RequestRejected
@@ -85,6 +85,13 @@ def _persona_echo(job: CompletionJob, personas: ResolvedPersonas, report: LoopRe
     if not echoes:
         return None
     return echoes[0] if len(echoes) == 1 and not isinstance(job.persona, list) else echoes
+
+
+def _name_the_prompt(exc: BaseException, job: CompletionJob) -> None:
+    """An engine refuses a prompt (longer than the context, empty, not renderable) without knowing
+    the request's fields: name the field, as the OpenAI API does (messages, or a text's prompt)."""
+    if isinstance(exc, InvalidRequest) and exc.param is None:
+        exc.param = "messages" if job.is_chat else "prompt"
 
 
 class CompletionService:
@@ -181,9 +188,10 @@ class CompletionService:
         stream = plan.backend.generate(request)
         try:
             first = await anext(stream)
-        except BaseException:
+        except BaseException as exc:
             await stream.aclose()  # type: ignore[attr-defined]
             release.close()
+            _name_the_prompt(exc, job)
             raise
         finally:
             waiting.dec()
