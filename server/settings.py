@@ -134,7 +134,10 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that names none.")
     max_strength: float = Field(
-        64.0, gt=0, description="Largest |strength| of a persona in a request (400 above)."
+        64.0,
+        gt=0,
+        description="Largest |strength| a request may apply at any block: of one persona, "
+        "and of a composition's strengths added up (400 above).",
     )
     max_body_bytes: int | None = Field(
         None,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -39,3 +41,35 @@ def assert_openai_error(response: httpx.Response, status: int, *fragments: str) 
     for fragment in fragments:
         assert fragment in error["message"], error["message"]
     return error
+
+
+class HealthProbe:
+    """Asks /health over and over on a thread and keeps the slowest answer's time."""
+
+    def __init__(self, server: Any) -> None:  # anything with the server's url
+        self._url = f"{server.url}/health"
+        self.slowest = 0.0
+        self.answers = self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._probe, daemon=True)
+
+    def _probe(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                try:
+                    answered = client.get(self._url).status_code == 200
+                except httpx.HTTPError:  # a timeout is the slowest answer of all
+                    answered = False
+                self.slowest = max(self.slowest, time.perf_counter() - started)
+                self.answers += answered
+                self.failures += not answered
+                time.sleep(0.02)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)

@@ -21,7 +21,7 @@ import pytest
 
 from server.testing.server_process import ServerProcess
 from server.testing.tiny_models import build_tiny_model
-from tests.api_helpers import API_KEY, QUESTION, assert_openai_error, metric
+from tests.api_helpers import API_KEY, QUESTION, HealthProbe, assert_openai_error, metric
 
 pytestmark = pytest.mark.integration
 
@@ -96,38 +96,6 @@ class RunningStream:
         """The longest wait for a chunk between ``start`` and ``end``."""
         times = [start, *(t for t in self.arrivals if start < t < end), end]
         return max(b - a for a, b in itertools.pairwise(times))
-
-
-class HealthProbe:
-    """Asks /health over and over on a thread and keeps the slowest answer's time."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        self._url = f"{server.url}/health"
-        self.slowest = 0.0
-        self.answers = self.failures = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._probe, daemon=True)
-
-    def _probe(self) -> None:
-        with httpx.Client(timeout=10) as client:
-            while not self._stop.is_set():
-                started = time.perf_counter()
-                try:
-                    answered = client.get(self._url).status_code == 200
-                except httpx.HTTPError:  # a timeout is the slowest answer of all
-                    answered = False
-                self.slowest = max(self.slowest, time.perf_counter() - started)
-                self.answers += answered
-                self.failures += not answered
-                time.sleep(0.02)
-
-    def __enter__(self) -> HealthProbe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
 
 
 def post(server: ServerProcess, path: str, body: dict[str, Any]) -> httpx.Response:

@@ -341,8 +341,10 @@ class CompletionService:
         report = runs[0].report
         persona = _persona_echo(job, runs[0].plan.personas, report)
         extras = report.final() if report is not None else None
-        return _shape(job).completion(
-            list(answers.values()), totals, persona, scores, self._echoes(job), extras
+        # Built in a worker thread: n answers with logprobs make hundreds of thousands of dicts, and
+        # Python code there yields the GIL to the event loop every few milliseconds.
+        return await asyncio.to_thread(
+            _shape(job).completion, list(answers.values()), totals, persona, scores, self._echoes(job), extras
         )
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from persona_store.base import PersonaStore
 from persona_store.errors import PersonaNotFound
@@ -71,6 +72,24 @@ async def lookup(store: PersonaStore, model: ModelInfo, name: str, param: str) -
         raise
 
 
+def _check_summed_strength(
+    terms: list[tuple[dict[int, Any], float, str]], max_strength: float, param: str
+) -> None:
+    """--max-strength bounds what a block receives, not each term: a persona listed many times (or
+    several at the limit) would otherwise add up past it."""
+    summed: dict[int, float] = {}
+    for vectors, strength, _source in terms:
+        for layer in vectors:
+            summed[layer] = summed.get(layer, 0.0) + abs(strength)
+    layer, total = max(summed.items(), key=lambda item: item[1], default=(0, 0.0))
+    if total > max_strength:
+        raise RequestRejected(
+            f"the composed personas' strengths add up to {total:g} at layer {layer}, beyond the limit "
+            f"{max_strength:g} (--max-strength bounds the sum of |strength| at each block)",
+            param=param,
+        )
+
+
 async def resolve_personas(
     store: PersonaStore,
     model: ModelInfo,
@@ -107,6 +126,7 @@ async def resolve_personas(
         source = f"{model.id}/{term.name}/{','.join(map(str, layers))}"
         terms.append(({layer: record.vectors[layer] for layer in layers}, strength, source))
         echoes.append(PersonaEcho(term.name, strength, record.info.version, layers))
+    _check_summed_strength(terms, max_strength, param)
     # The request's positions win; else the personas' own, when they agree; else all.
     positions = Positions(stored_positions.pop()) if len(stored_positions) == 1 else Positions.ALL
     if override is not None and override.positions is not None:

@@ -272,7 +272,9 @@ class Answer:
     def add(self, chunk: TokenChunk) -> None:
         self.parts.append(chunk.text)
         if chunk.logprobs is not None:
-            self.logprobs = [*(self.logprobs or []), *chunk.logprobs]
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(chunk.logprobs)  # in place: a copy per token is quadratic
         self.completion_tokens = chunk.completion_tokens
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason.value

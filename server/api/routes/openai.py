@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import require_api_key
-from server.api.errors import APIError
+from server.api.errors import APIError, ascii_json_by_choice
 from server.api.openapi import errors, event_stream
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, PersonaRuleIn, _CompletionRequest
 from server.api.resources import ModelCard, ModelList, PersonaSummaryList
@@ -131,7 +131,10 @@ async def _respond(request: Request, job: CompletionJob) -> Any:
         # takes the request out of the queue at once.
         events = await _until_disconnect(request, service.stream(job))
         return StreamingResponse(events, media_type="text/event-stream")
-    return await _until_disconnect(request, service.complete(job))
+    completion = await _until_disconnect(request, service.complete(job))
+    # Encoded off the event loop, a choice at a time: a large answer must not stall other clients.
+    body = await asyncio.to_thread(ascii_json_by_choice, completion)
+    return Response(body, media_type="application/json")
 
 
 # exclude_unset: the service's dict is the wire; fields it left out (persona_scores) stay out.
