@@ -185,3 +185,16 @@ def test_an_abandoned_waiting_stream_leaves_the_queue_at_once(server: ServerProc
         queued = abandonable_stream(server)
         assert wait_until(lambda: waiting() == 1, 10)
         queued.close()
+
+
+def test_a_persona_list_of_200000_terms_is_refused_at_once(server: ServerProcess) -> None:
+    """Issue 29: 200,000 terms (7.6 MB, under the body cap) answered 200 after 27.5 s, blocked /health
+    for 18.5 s and kept 250 MB; now the protocol bounds the list before a single lookup."""
+    terms = [{"name": "pirate", "strength": 1.0}] * 200_000
+    with HealthProbe(server) as health:
+        started = time.perf_counter()
+        refused = post(server, "chat/completions", {"model": MODEL, "messages": QUESTION, "persona": terms})
+        took = time.perf_counter() - started
+    assert assert_openai_error(refused, 422, "at most 16 items")["param"] == "persona"
+    assert health.failures == 0 and health.slowest <= 1.0, f"/health took {health.slowest:.2f} s"
+    assert took < 5, f"the refusal took {took:.1f} s"
