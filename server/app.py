@@ -29,6 +29,7 @@ from server.serving.background import JobRegistry
 from server.serving.completions import CompletionService, Limits
 from server.serving.engine_supervisor import EngineSupervisor, RestartPolicy
 from server.serving.fitting_corpus import DEMO_CORPUS, FittingCorpus
+from server.serving.job_admission import JobLimits
 from server.serving.mapping_fits import MappingFits
 from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
@@ -134,11 +135,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.completions = CompletionService(registry, store, app.state.metrics, limits)
     app.state.persona_admin = PersonaAdmin(registry, store, settings.max_strength)
     app.state.persona_files = PersonaFiles(registry, store, app.state.persona_admin)
-    app.state.jobs = JobRegistry()
+    app.state.jobs = JobRegistry(
+        JobLimits(settings.max_jobs_per_kind, settings.max_jobs_per_model, settings.max_queued_jobs)
+    )
     app.state.persona_extraction = PersonaExtraction(registry, app.state.persona_admin, app.state.jobs)
     corpus = await asyncio.to_thread(FittingCorpus.load, settings.mapping_corpus or DEMO_CORPUS)
     app.state.mapping_fits = MappingFits(registry, store, app.state.jobs, corpus)
-    app.state.persona_mapper = PersonaMapper(registry, store, app.state.persona_admin, corpus)
+    app.state.persona_mapper = PersonaMapper(
+        registry, store, app.state.persona_admin, corpus, app.state.jobs.admission
+    )
     app.state.persona_bakes = _persona_bakes(app, sources, corpus.texts)
     logger.info("persona store: %s", settings.store_url)
     logger.info("playground on http://%s:%d/playground", settings.host, settings.port)

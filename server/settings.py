@@ -123,6 +123,21 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         256, ge=0, description="Requests per model that may wait for a batch row before 429 is answered."
     )
+    max_jobs_per_kind: int = Field(
+        2, ge=1, le=64,
+        description="Admin jobs of one kind (bake, extraction, mapping fit, and map requests of the "
+        "generated method) that run at once; more wait in the job queue.",
+    )  # fmt: skip
+    max_jobs_per_model: int = Field(
+        1, ge=1, le=64,
+        description="Admin jobs of any kind that run at once on one model (a map or fit works on two). "
+        "Jobs share the model's engine with chat: one at a time keeps chat latency near its usual.",
+    )  # fmt: skip
+    max_queued_jobs: int = Field(
+        16, ge=0, le=10_000,
+        description="Admin jobs that may wait for a place (their status gives their queue_position); "
+        "past them a job is answered 429 with Retry-After.",
+    )  # fmt: skip
     engine_max_restarts: int = Field(
         5, ge=0, description="Restarts of a model's dead engine within 10 minutes; past them it stays "
         "down and /ready answers 503 naming it, for the orchestrator to replace the replica.",

@@ -18,6 +18,7 @@ from persona_store.records import PersonaDraft, PersonaRecord
 from persona_store.sqlite import SQLiteStore
 from server.engine.hf.backend import HFBackend
 from server.serving.fitting_corpus import FittingCorpus
+from server.serving.job_admission import Admission, JobLimits
 from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
 from server.serving.persona_mapping import MapTarget, PersonaMapper
@@ -59,7 +60,8 @@ async def test_a_persona_written_between_check_and_write_is_kept(
     store = InterleavedStore(tmp_path / "personas.sqlite3")
     registry = ModelRegistry({SOURCE: llama_backend, TARGET: qwen_backend}, max_in_flight=4)
     corpus = FittingCorpus("texts", ("the sea is wide",))  # only the generated method reads it
-    mapper = PersonaMapper(registry, store, PersonaAdmin(registry, store, max_strength=50.0), corpus)
+    admin = PersonaAdmin(registry, store, max_strength=50.0)
+    mapper = PersonaMapper(registry, store, admin, corpus, Admission(JobLimits()))
     await store.put(PersonaDraft(model=SOURCE, name="pilot", vectors=vectors(64, 1)))
     target = MapTarget(TARGET, "pilot")
     if mapped_before:  # the check passes (it may replace this one) but the write must not

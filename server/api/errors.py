@@ -21,6 +21,7 @@ from server.serving.background import JobNotFound
 from server.serving.errors import (
     EngineRestarting,
     ModelExists,
+    ModelInUse,
     ModelNotFound,
     Overloaded,
     PersonaExists,
@@ -111,6 +112,7 @@ _MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
     (VersionConflict, 409, "invalid_request_error", "version_conflict"),
     (PersonaExists, 409, "invalid_request_error", "persona_exists"),
     (ModelExists, 409, "invalid_request_error", "model_exists"),
+    (ModelInUse, 409, "invalid_request_error", "model_in_use"),
     (StoreUnavailable, 503, "server_error", "store_unavailable"),
 ]
 

@@ -26,6 +26,14 @@ class ModelCard(BaseModel):
     parent: str | None = Field(None, description="The model this one was made from (a baked persona's base).")
 
 
+class ModelDeleted(BaseModel):
+    """A deleted model, as OpenAI answers the deletion of a fine-tuned model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
@@ -81,6 +89,10 @@ class JobStatus(BaseModel):
     id: str
     kind: str = Field(description="extraction, mapping or bake.")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    queue_position: int | None = Field(
+        ge=1, description="While queued: 1 for the next job to start (when its models have a free place), "
+        "2 for the one after; null once it runs.",
+    )  # fmt: skip
     progress: float = Field(ge=0, le=1)
     error: str | None = Field(description="Why the job failed (null unless it did).")
     result: dict[str, Any] | None = Field(

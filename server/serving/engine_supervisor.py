@@ -99,8 +99,11 @@ class EngineSupervisor:
                 logger.exception("model %s: restart %d failed", model, attempt)
                 self._registry.mark_down(model, f"{reason}; restart {attempt} failed: {exc}")
                 continue
-            self._registry.replace(model, engine)
             del self._restarts[model]  # watched again
+            if model not in self._registry.ids:  # deleted (a baked model) while it was down
+                await self._close(engine)
+                return
+            self._registry.replace(model, engine)
             self._on_restart(model)
             logger.info("model %s: the engine serves again (restart %d)", model, attempt)
             return

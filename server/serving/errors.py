@@ -34,8 +34,8 @@ class PersonaExists(Exception):
 class Overloaded(Exception):
     """Every batch row and queue place of a model is taken; the client should retry later."""
 
-    def __init__(self, model: str, retry_after_seconds: int = 1) -> None:
-        super().__init__(f"model '{model}' has too many requests in flight; retry later")
+    def __init__(self, model: str, retry_after_seconds: int = 1, message: str | None = None) -> None:
+        super().__init__(message or f"model '{model}' has too many requests in flight; retry later")
         self.retry_after_seconds = retry_after_seconds
 
 
@@ -46,3 +46,20 @@ class EngineRestarting(Exception):
         super().__init__(f"the engine of model '{model}' is restarting ({reason}); retry later")
         self.model = model
         self.retry_after_seconds = retry_after_seconds
+
+
+class JobQueueFull(Overloaded):
+    """Every running place of a kind of admin work and every queue place is taken (api: 429)."""
+
+    def __init__(self, kind: str, queued: int, retry_after_seconds: int) -> None:
+        message = f"no place for another {kind} job: the running places are taken and {queued} jobs wait"
+        super().__init__("", retry_after_seconds, f"{message}; retry later")
+
+
+class ModelInUse(Exception):
+    """A model cannot be deleted while work runs or waits on it (api: 409 model_in_use)."""
+
+    def __init__(self, model: str, jobs: int) -> None:
+        super().__init__(f"model '{model}' has {jobs} jobs running or queued on it; cancel them or wait")
+        self.model = model
+        self.param = "model"

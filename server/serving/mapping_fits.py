@@ -86,7 +86,7 @@ class MappingFits:
                 raise RequestRejected(str(exc)) from exc
             return await self._store_maps(source_model, target_model, maps, corpus.name, len(xs), reduce)
 
-        return self._jobs.submit("mapping", work)
+        return self._jobs.submit("mapping", work, models=[source_model, target_model])
 
     @staticmethod
     def _check_size(texts: Sequence[str], folds: int) -> None:

@@ -4,6 +4,8 @@ and each model's engine state: serving, or down while the supervisor restarts it
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,7 +72,7 @@ class ModelRegistry:
         if model in self._backends:
             raise ModelExists(model)
         self._backends[model] = backend
-        self._in_flight[model] = 0
+        self._in_flight.setdefault(model, 0)  # requests of a deleted namesake may still be leaving
         if parent is not None:
             self._parents[model] = parent
         if source is not None:
@@ -78,7 +80,8 @@ class ModelRegistry:
 
     def mark_down(self, model: str, reason: str) -> None:
         """The model's engine cannot serve: its requests answer 503 with ``reason`` from now on."""
-        self._down[model] = reason
+        if model in self._backends:  # a deleted model is nobody's concern
+            self._down[model] = reason
 
     def replace(self, model: str, backend: Backend) -> Backend:
         """Serve the model from a new engine (a restarted one); returns the old one, to close."""
@@ -87,6 +90,20 @@ class ModelRegistry:
         self._down.pop(model, None)
         return old
 
+    async def remove(self, model: str, drain_seconds: float) -> Backend:
+        """Stop serving the model (new requests get 404) and return its engine, to close, once its
+        requests in flight have ended or ``drain_seconds`` have passed."""
+        backend = self.engine(model)
+        del self._backends[model]
+        for known in (self._parents, self._sources, self._down):
+            known.pop(model, None)
+        deadline = time.monotonic() + drain_seconds
+        while self._in_flight.get(model, 0) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if model not in self._backends and self._in_flight.get(model) == 0:  # else still counted
+            del self._in_flight[model]
+        return backend
+
     def __iter__(self) -> Iterator[Backend]:
         return iter(self._backends.values())
 
@@ -94,6 +111,8 @@ class ModelRegistry:
     def admit(self, model: str, places: int = 1) -> Iterator[None]:
         """Hold ``places`` of the model's in-flight places (batch rows plus queue: one per answer)
         for a request's lifetime."""
+        if model not in self._backends:  # deleted since the request found it
+            raise ModelNotFound(model, self.ids)
         if self._in_flight[model] + places > self._max_in_flight:
             raise Overloaded(model)
         self._in_flight[model] += places

@@ -1,12 +1,15 @@
-"""The admin side of baking: check a bake request, run it as a job, serve the baked model.
+"""The admin side of baking: check a bake request, run it as a job, serve the baked model, delete it.
 
 Baked models live under the data dir (``baked/<name>/``: adapter, merged, loss curve) and are
-served again when the server restarts.
+served again when the server restarts. A bake that fails or is cancelled leaves no folder, and
+deleting a baked model removes its folder.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +19,13 @@ from persona_store.base import PersonaStore
 from server.baking.distill import BakeSpec
 from server.baking.outputs import read_provenance
 from server.serving.background import Job, JobRegistry
-from server.serving.errors import ModelExists, RequestRejected
+from server.serving.errors import ModelExists, ModelInUse, RequestRejected
 from server.serving.model_registry import ModelRegistry
 from server.serving.persona_baking import BackendLoader, BakeOrder, bake_persona
 
 logger = logging.getLogger(__name__)
 BAKED_DIR = "baked"
+DRAIN_SECONDS = 30.0  # a deleted model's requests in flight may end before its engine closes
 
 
 @dataclass(frozen=True)
@@ -82,17 +86,39 @@ class PersonaBakes:
             model_id=served, trajectories=options.trajectories, max_tokens=options.max_tokens,
             spec=BakeSpec(rank=options.rank, steps=options.steps, seed=options.seed),
         )  # fmt: skip
-        self._pending.add(served)
 
         async def work(progress: Any) -> dict[str, Any]:
-            try:
-                outcome, baked = await bake_persona(self._registry.get(model), order, self._load, progress)
-                self._registry.add(served, baked, parent=model, source=order.output / "merged")
-            finally:
-                self._pending.discard(served)
+            outcome, baked = await bake_persona(self._registry.get(model), order, self._load, progress)
+            self._registry.add(served, baked, parent=model, source=order.output / "merged")
             return outcome.to_dict()
 
-        return self._jobs.submit("bake", work)
+        async def on_end(job: Job) -> None:
+            self._pending.discard(served)
+            if job.status != "succeeded":  # a bake that did not finish leaves nothing behind
+                await asyncio.to_thread(shutil.rmtree, order.output, ignore_errors=True)
+
+        job = self._jobs.submit("bake", work, models=[model], on_end=on_end)
+        self._pending.add(served)
+        return job
+
+    async def delete(self, model: str) -> None:
+        """Stop serving a model baked here and remove its folder; a base model, or one served from a
+        folder of its own (``--model``), is not this service's to delete."""
+        folder = self._folder / model
+        if self._registry.source(model) != folder / "merged":
+            self._registry.engine(model)  # 404 for a model not served
+            raise RequestRejected(
+                f"model '{model}' was not baked on this server: only baked models can be deleted",
+                param="model",
+            )
+        if (jobs := self._jobs.admission.on_model(model)) > 0:
+            raise ModelInUse(model, jobs)
+        backend = await self._registry.remove(model, DRAIN_SECONDS)
+        try:
+            await backend.close()
+        finally:
+            await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
+        logger.info("deleted the baked model %s and %s", model, folder)
 
     async def serve_saved(self) -> list[str]:
         """Serve again every model baked here before (skipping a name already served)."""

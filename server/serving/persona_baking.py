@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from server.steering.plan import SteeringPlan
 Progress = Callable[[float], None]
 # Loads a model folder as a served backend (the engine registry's loader, given by the app).
 BackendLoader = Callable[[Path, str], Awaitable[Backend]]
+T = TypeVar("T")
 VALIDATION_EVERY = 5  # one prompt in five validates
 RETENTION_PROMPTS = 48  # of the validating prompts, how many the retention is measured on
 
@@ -174,6 +175,42 @@ def _provenance(order: BakeOrder, result: DistillResult, seconds: float) -> dict
     }
 
 
+def _write_outputs(
+    order: BakeOrder, result: DistillResult, tokenizer: Any, provenance: dict[str, Any]
+) -> tuple[Path, Path, Path, dict[str, str]]:
+    """The adapter, the loss curve, the merged model and the GGUFs, into the order's folder."""
+    order.output.mkdir(parents=True, exist_ok=True)
+    adapter, merged = order.output / "adapter", order.output / "merged"
+    save_adapter(result.model, adapter, provenance)
+    curve = order.output / "loss_curve.png"
+    curve.write_bytes(
+        loss_curve_png(result.losses, f"{order.record.info.name} baked into {order.base_model}")
+    )
+    save_merged(result.model, tokenizer, merged, provenance)
+    gguf = _save_gguf(order.source, adapter, merged, order.output / "gguf")
+    return adapter, merged, curve, gguf
+
+
+async def _to_the_end(running: asyncio.Future[T]) -> T:
+    """Await ``running`` (work in a thread, which cannot be stopped); when the caller is cancelled
+    meanwhile, still wait for it to end, so that clean-up after it finds every file it wrote."""
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await asyncio.wait([running])
+        raise
+
+
+async def _load_baked(load: BackendLoader, merged: Path, model_id: str) -> Backend:
+    loading = asyncio.ensure_future(load(merged, model_id))
+    try:
+        return await _to_the_end(loading)
+    except asyncio.CancelledError:
+        if not loading.cancelled() and loading.exception() is None:
+            await loading.result().close()  # loaded for a bake that was cancelled meanwhile
+        raise
+
+
 async def bake_persona(
     base: Backend, order: BakeOrder, load: BackendLoader, progress: Progress
 ) -> tuple[BakeOutcome, Backend]:
@@ -182,27 +219,30 @@ async def bake_persona(
     started = time.monotonic()
     result, tokenizer, validating = await _train(base, order, progress)
     provenance = _provenance(order, result, time.monotonic() - started)
-    order.output.mkdir(parents=True, exist_ok=True)
-    adapter, merged = order.output / "adapter", order.output / "merged"
-    await asyncio.to_thread(save_adapter, result.model, adapter, provenance)
-    curve = order.output / "loss_curve.png"
-    curve.write_bytes(
-        loss_curve_png(result.losses, f"{order.record.info.name} baked into {order.base_model}")
-    )
-    await asyncio.to_thread(save_merged, result.model, tokenizer, merged, provenance)
-    gguf = await asyncio.to_thread(_save_gguf, order.source, adapter, merged, order.output / "gguf")
+    writing = asyncio.ensure_future(asyncio.to_thread(_write_outputs, order, result, tokenizer, provenance))
+    adapter, merged, curve, gguf = await _to_the_end(writing)
     progress(0.85)
-    baked = await load(merged, order.model_id)
-    plan, validating = order.plan(), validating[:RETENTION_PROMPTS]
-    unsteered = await persona_shift(base, base, validating, None, order)
-    steered = await persona_shift(base, base, validating, plan, order)
-    distilled = await persona_shift(base, baked, validating, None, order)
+    baked = await _load_baked(load, merged, order.model_id)
+    try:
+        provenance["retention"] = await _retention(base, baked, validating[:RETENTION_PROMPTS], order)
+        for folder in (adapter, merged):
+            write_provenance(folder, provenance)
+        progress(1.0)
+    except BaseException:  # failed or cancelled: the baked engine is nobody's to close but ours
+        await baked.close()
+        raise
+    return BakeOutcome(order.model_id, adapter, merged, curve, gguf, provenance), baked
+
+
+async def _retention(
+    base: Backend, baked: Backend, prompts: Sequence[str], order: BakeOrder
+) -> dict[str, Any]:
+    """How much of the steered model's persona score shift the baked model keeps, unsteered."""
+    unsteered = await persona_shift(base, base, prompts, None, order)
+    steered = await persona_shift(base, base, prompts, order.plan(), order)
+    distilled = await persona_shift(base, baked, prompts, None, order)
     shift = steered - unsteered
-    provenance["retention"] = {
-        "prompts": len(validating), "unsteered_score": unsteered, "steered_score": steered,
+    return {
+        "prompts": len(prompts), "unsteered_score": unsteered, "steered_score": steered,
         "baked_score": distilled, "retained": (distilled - unsteered) / shift if shift else None,
     }  # fmt: skip
-    for folder in (adapter, merged):
-        write_provenance(folder, provenance)
-    progress(1.0)
-    return BakeOutcome(order.model_id, adapter, merged, curve, gguf, provenance), baked

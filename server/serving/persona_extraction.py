@@ -64,4 +64,4 @@ class PersonaExtraction:
             )
             return {"persona": info.to_dict(), **result.summary()}
 
-        return self._jobs.submit("extraction", work)
+        return self._jobs.submit("extraction", work, models=[model])

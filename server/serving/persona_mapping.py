@@ -20,6 +20,7 @@ from server.engine.base import ModelInfo
 from server.serving.errors import PersonaExists, RequestRejected
 from server.serving.fitting_corpus import FittingCorpus
 from server.serving.generated_transfer import GenerationSpec, carry_by_generation
+from server.serving.job_admission import Admission
 from server.serving.mapping_fits import check_distinct, check_mapping_id
 from server.serving.model_registry import ModelRegistry
 from server.serving.persona_admin import PersonaAdmin
@@ -89,11 +90,17 @@ CALIBRATION_PROMPTS = 24
 
 class PersonaMapper:
     def __init__(
-        self, registry: ModelRegistry, store: PersonaStore, admin: PersonaAdmin, corpus: FittingCorpus
+        self,
+        registry: ModelRegistry,
+        store: PersonaStore,
+        admin: PersonaAdmin,
+        corpus: FittingCorpus,
+        admission: Admission,
     ) -> None:
         self._registry = registry
         self._store = store
         self._admin = admin
+        self._admission = admission
         self._generation = GenerationSpec(
             prompts=corpus.texts[:GENERATION_PROMPTS], calibration_prompts=CALIBRATION_PROMPTS
         )
@@ -176,10 +183,13 @@ class PersonaMapper:
         calibrated on the target (the generated method; the maps' vectors are norm-calibrated only)."""
         info = record.info
         if method is MappingMethod.GENERATED:
-            carried = await carry_by_generation(
-                self._registry.get(source_model), self._registry.get(target_model), record.vectors,
-                info.default_strength, info.default_positions, self._generation,
-            )  # fmt: skip
+            # Both models generate and read for a while, as a job does: it waits for a turn among
+            # the jobs (429 past their queue), the other methods are arithmetic on stored vectors.
+            async with self._admission.turn("map", (source_model, target_model)):
+                carried = await carry_by_generation(
+                    self._registry.get(source_model), self._registry.get(target_model), record.vectors,
+                    info.default_strength, info.default_positions, self._generation,
+                )  # fmt: skip
             return carried.vectors, carried.provenance()
         concepts = (
             await self._concept_pairs(record.info.name, source_model, target_model)

@@ -100,7 +100,9 @@ export async function* streamChunks(path, body, signal) {
 export async function waitForJob(statusUrl, onProgress, intervalMs = 400) {
   for (;;) {
     const job = await getJson(statusUrl);
-    onProgress(job.progress, job.status);
+    // A job past the server's job limits waits in a queue: say where.
+    const status = job.queue_position ? `queued (position ${job.queue_position})` : job.status;
+    onProgress(job.progress, status);
     if (job.status === "succeeded") return job.result;
     if (job.status === "failed") throw new ApiError(500, job.error || "the job failed");
     await new Promise((resolve) => setTimeout(resolve, intervalMs));
