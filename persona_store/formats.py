@@ -23,7 +23,12 @@ MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
 class FormatError(ValueError):
-    """A vector file that cannot be read as what it claims to be."""
+    """A vector file that cannot be read as what it claims to be; ``param`` names the request field
+    at fault when a server knows it (the file, or the format it was read as)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ def new_mapping_id() -> str:
 
 
 def is_valid_mapping_id(mapping_id: str) -> bool:
-    return bool(_MAPPING_ID.match(mapping_id))
+    return bool(_MAPPING_ID.fullmatch(mapping_id))  # match's $ takes a trailing newline
 
 
 @dataclass(frozen=True)

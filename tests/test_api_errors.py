@@ -338,3 +338,91 @@ def test_a_completion_4xx_names_the_prompt(
     body = {"model": LLAMA, "prompt": prompt, "max_tokens": 4}
     response = httpx.post(f"{server.url}/v1/completions", json=body, headers=API, timeout=30)
     assert assert_openai_error(response, status)["param"] == param
+
+
+# A JSON value of another type than the schema's: pydantic's lax mode took each of these (a bake with
+# "seed": false ran with seed 0). Bodies that would start a job or a generation name an unknown
+# persona or model, so that a server that takes the value answers 404 and starts nothing.
+NO_CHAT = {"model": "no-such-model", "messages": QUESTION}
+WRONG_TYPES = [
+    ("/admin/personas/ghost/bake", {"model": LLAMA, "seed": False}, "seed"),
+    ("/admin/personas/ghost/bake", {"model": LLAMA, "rank": True}, "rank"),
+    ("/admin/personas/ghost/bake", {"model": LLAMA, "steps": "300"}, "steps"),
+    ("/admin/personas/ghost/bake", {"model": LLAMA, "strength": True}, "strength"),
+    ("/admin/personas/ghost/extract", {"seed": False}, "seed"),
+    ("/admin/personas/ghost/extract", {"samples_per_question": True}, "samples_per_question"),
+    ("/admin/personas/ghost/extract", {"temperature": "1.0"}, "temperature"),
+    ("/admin/personas/ghost/extract", {"layers": [True]}, "layers.0"),
+    ("/v1/chat/completions", {**NO_CHAT, "n": True}, "n"),
+    ("/v1/chat/completions", {**NO_CHAT, "max_tokens": "4"}, "max_tokens"),
+    ("/v1/chat/completions", {**NO_CHAT, "temperature": True}, "temperature"),
+    ("/v1/chat/completions", {**NO_CHAT, "stream": 1}, "stream"),
+    ("/v1/completions", {"model": "no-such-model", "prompt": "hi", "echo": "yes"}, "echo"),
+]
+EXTRACTION = {
+    "model": "no-such-model",
+    "positive_prompts": ["be a pirate"],
+    "negative_prompts": ["be plain"],
+    "questions": ["tell me about the sea"],
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"), WRONG_TYPES, ids=[f"{p}-{r}" for p, _, r in WRONG_TYPES]
+)
+def test_a_value_of_another_json_type_is_422(
+    server: ServerProcess, path: str, fields: dict[str, Any], param: str
+) -> None:
+    body = {**EXTRACTION, **fields} if path.endswith("/extract") else fields
+    headers = API if path.startswith("/v1/") else ADMIN
+    response = httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=30)
+    assert assert_openai_error(response, 422)["param"] == param
+
+
+def test_an_integer_written_as_a_whole_number_is_taken(server: ServerProcess) -> None:
+    # JSON Schema counts 4.0 as an integer, and so does the server.
+    response = post_chat(server, n=1.0, max_tokens=4.0, seed=7.0)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("if_match", ["null", "*", 'W/"1"', '"1", "2"', '"1', "1.0", "-1"])
+def test_an_if_match_that_is_not_one_version_is_400_naming_the_header(
+    server: ServerProcess, store_unchanged: None, personas: Any, if_match: str
+) -> None:
+    headers = {**ADMIN, "If-Match": if_match}
+    for method, path, body in [
+        ("PUT", "/admin/personas/pirate", {"model": LLAMA, "layers": {"1": random_vector(64, 9)}}),
+        ("DELETE", f"/admin/personas/pirate?model={LLAMA}", None),
+        ("POST", "/admin/personas/pirate/restore", {"model": LLAMA, "version": 1}),
+    ]:
+        response = httpx.request(method, f"{server.url}{path}", json=body, headers=headers)
+        error = assert_openai_error(response, 400, "If-Match")
+        assert error["param"] == "If-Match", (method, error)
+
+
+def test_if_match_takes_the_version_as_an_entity_tag_or_a_number(server: ServerProcess) -> None:
+    version = upload(server.url, "tagged", LLAMA, {1: random_vector(64, 3)}).json()["version"]
+    body = {"model": LLAMA, "layers": {"1": random_vector(64, 4)}}
+    tagged = httpx.put(
+        f"{server.url}/admin/personas/tagged", json=body, headers={**ADMIN, "If-Match": f'"{version}"'}
+    )
+    assert tagged.status_code == 200, tagged.text
+    bare = httpx.delete(f"{server.url}/admin/personas/tagged", params={"model": LLAMA},
+                        headers={**ADMIN, "If-Match": str(version + 1)})  # fmt: skip
+    assert bare.status_code == 204, bare.text
+
+
+def test_an_extraction_whose_questions_cannot_fit_the_context_is_400_at_once(server: ServerProcess) -> None:
+    # The tiny Llama's context is 1024 tokens; this system prompt and question together are more.
+    long = "storm " * 660
+    body = {
+        **EXTRACTION,
+        "model": LLAMA,
+        "positive_prompts": ["be a pirate", long],
+        "questions": ["sea?", long],
+    }
+    url = f"{server.url}/admin/personas/longwinded/extract"
+    error = assert_openai_error(
+        httpx.post(url, json=body, headers=ADMIN, timeout=60), 400, "question 1", "1024"
+    )
+    assert error["param"] == "questions"

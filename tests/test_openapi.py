@@ -49,7 +49,7 @@ ROUTES = [
     ("get", "/admin/mappings/{mapping_id}", "200", "Mapping", ADMIN | {400, 404, 503}),
     ("get", "/admin/mappings/{mapping_id}/diagnostics.png", "200", "image/png", ADMIN | {400, 404, 503}),
     ("delete", "/admin/mappings/{mapping_id}", "204", None, ADMIN | {400, 404, 503}),
-    ("get", "/health", "200", "Health", set()),
+    ("get", "/health", "200", "Health", {503}),  # its 503 is a Health: every engine is down
     ("get", "/ready", "200", "Readiness", {503}),  # its 503 is a Readiness, not an error object
 ]  # fmt: skip
 
@@ -92,7 +92,7 @@ def test_route_documents_its_answer_and_errors(
         assert _ref_name(content["application/json"]["schema"]["$ref"]) == success
     documented = {int(code) for code in responses if code != status}
     assert documented == failures
-    for code in failures - ({503} if path == "/ready" else set()):
+    for code in failures - ({503} if path in ("/health", "/ready") else set()):
         body = responses[str(code)]["content"]["application/json"]["schema"]
         assert _ref_name(body["$ref"]) == "ErrorResponse", code
         assert responses[str(code)]["description"], code
@@ -108,7 +108,11 @@ def test_ready_documents_its_503_as_readiness(schema: dict[str, Any]) -> None:
                                              ("/v1/completions", "CompletionChunk")])  # fmt: skip
 def test_streams_are_documented_as_server_sent_events(schema: dict[str, Any], path: str, chunk: str) -> None:
     ok = schema["paths"][path]["post"]["responses"]["200"]
-    assert _ref_name(ok["content"]["text/event-stream"]["schema"]["$ref"]) == chunk
+    event = ok["content"]["text/event-stream"]["schema"]  # one event: its data is a chunk as JSON
+    done, as_json = event["properties"]["data"]["anyOf"]
+    assert done == {"const": "[DONE]"} and as_json["contentMediaType"] == "application/json"
+    documents = [_ref_name(option["$ref"]) for option in as_json["contentSchema"]["anyOf"]]
+    assert documents == [chunk, "ErrorResponse"]  # a stream that fails ends with the error object
     assert "[DONE]" in ok["description"]
 
 
@@ -223,3 +227,96 @@ def test_what_the_builder_writes_is_the_documented_model_field_for_field(chat: b
     for model, body in written:
         dumped = model.model_validate(body).model_dump(mode="json", exclude_unset=True)
         assert _wire(dumped) == _wire(body)
+
+
+# What the server enforces, stated (issue 29, item 7): a fuzzer that follows the schema is never
+# refused for a pattern or bound the schema kept to itself (the run is in test_api_lifecycle.py).
+CONDITIONAL_WRITES = [
+    ("put", "/admin/personas/{name}"), ("delete", "/admin/personas/{name}"),
+    ("post", "/admin/personas/{name}/restore"), ("post", "/admin/personas/{name}/import"),
+]  # fmt: skip
+
+
+def _parameter(schema: dict[str, Any], method: str, path: str, name: str) -> dict[str, Any]:
+    return next(p for p in schema["paths"][path][method]["parameters"] if p["name"] == name)
+
+
+def test_patterns_the_server_checks_are_stated(schema: dict[str, Any]) -> None:
+    from persona_store.mappings import MAPPING_ID_PATTERN
+    from server.api.routes.admin import IF_MATCH_PATTERN
+
+    for method in ("get", "delete"):
+        assert _parameter(schema, method, "/admin/mappings/{mapping_id}", "mapping_id")["schema"][
+            "pattern"
+        ] == (MAPPING_ID_PATTERN)
+    mapping_id = schema["components"]["schemas"]["PersonaMapRequest"]["properties"]["mapping_id"]
+    assert {"type": "string", "pattern": MAPPING_ID_PATTERN} in mapping_id["anyOf"]
+    for method, path in CONDITIONAL_WRITES:
+        if_match = _parameter(schema, method, path, "if-match")["schema"]
+        assert (if_match["type"], if_match["pattern"]) == ("string", IF_MATCH_PATTERN), path
+
+
+def test_no_parameter_or_form_field_offers_null(schema: dict[str, Any]) -> None:
+    # A header, query or form value is absent or a string: "null" was sent as text and refused.
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for parameter in operation.get("parameters", []):
+                assert "null" not in json.dumps(parameter["schema"]), (method, path, parameter["name"])
+    form = schema["components"]["schemas"]["Body_import_persona_admin_personas__name__import_post"]
+    assert "null" not in json.dumps(form["properties"])
+
+
+def test_bounds_are_json_schema_keywords(schema: dict[str, Any]) -> None:
+    # pydantic writes a bound around a validated alias (Int | None) as ge/le, which no validator reads.
+    for node in _nodes(schema):
+        assert not {"ge", "le", "gt", "lt"} & set(node), node
+    seed = schema["components"]["schemas"]["ExtractionRequest"]["properties"]["seed"]
+    assert (seed["minimum"], seed["maximum"]) == (-(2**53 - 1), 2**53 - 1)
+    folds = schema["components"]["schemas"]["MappingFitRequest"]["properties"]["folds"]["anyOf"][0]
+    assert (folds["minimum"], folds["maximum"]) == (2, 20)
+
+
+def test_rules_between_fields_are_stated(schema: dict[str, Any]) -> None:
+    components = schema["components"]["schemas"]
+    assert len(components["PersonaRuleIn"]["oneOf"]) == 2  # exactly one of above and below
+    chat = json.dumps(components["ChatCompletionRequest"]["allOf"])
+    for field in ("persona_strength", "persona_monitor_tokens", "persona_target", "top_logprobs"):
+        assert field in chat, field
+    assert "echo" in json.dumps(components["CompletionRequest"]["allOf"])
+
+
+def test_the_served_models_bound_their_requests(schema: dict[str, Any]) -> None:
+    from server.api.openapi_rules import Served, add_served_bounds
+    from server.serving.persona_admin import largest_value
+
+    served = Served(steerable_layers=[1, 2], blocks=3, hidden_sizes=(64, 64), max_strength=50.0,
+                    max_tokens_cap=16, default_max_tokens=8, max_answers=4, constrained_decoding=False,
+                    closed_loop=True, vocab_size=400)  # fmt: skip
+    components = json.loads(json.dumps(schema["components"]["schemas"]))
+    add_served_bounds(components, served)
+    upload = components["PersonaUpload"]["properties"]
+    assert upload["layers"]["propertyNames"] == {"pattern": "^(1|2)$"}
+    vector = upload["layers"]["additionalProperties"]
+    assert (vector["minItems"], vector["maxItems"], vector["items"]["maximum"]) == (
+        64,
+        64,
+        largest_value(50.0),
+    )
+    assert (upload["default_strength"]["minimum"], upload["default_strength"]["maximum"]) == (-50.0, 50.0)
+    chat = components["ChatCompletionRequest"]["properties"]
+    assert chat["n"]["maximum"] == 4 and chat["max_tokens"]["anyOf"][0]["maximum"] == 16
+    assert chat["stop_token_ids"]["anyOf"][0]["items"]["maximum"] == 399
+    assert components["ResponseFormat"]["properties"]["type"]["enum"] == ["text"]  # no engine constrains JSON
+    assert components["ExtractionRequest"]["properties"]["layers"]["anyOf"][0]["items"]["enum"] == [1, 2]
+    fit = components["MappingFitRequest"]["properties"]["layers"]
+    assert fit["propertyNames"] == {"pattern": "^(0|1|2)$"}
+
+
+def _nodes(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _nodes(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _nodes(item)

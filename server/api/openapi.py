@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from server.api.errors import ErrorResponse
+from server.api.openapi_rules import complete_rules
 from server.serving.responses import STREAM_CHUNKS
 
 Responses = dict[int | str, dict[str, Any]]
@@ -41,8 +42,15 @@ def errors(*statuses: int) -> Responses:
 
 
 def event_stream(chunk: type[BaseModel]) -> Responses:
-    """A 200 that, when the request set ``stream``, is server-sent events of ``chunk`` objects."""
-    schema = {"$ref": _SCHEMA_REF.format(model=chunk.__name__)}
+    """A 200 that, when the request set ``stream``, is server-sent events of ``chunk`` objects.
+
+    The schema of text/event-stream describes one event (OpenAPI 3.2's reading, which fuzzers
+    check): its data is a chunk as JSON, the error object when the stream fails after its first
+    bytes, or the final [DONE]."""
+    refs = [{"$ref": _SCHEMA_REF.format(model=model)} for model in (chunk.__name__, "ErrorResponse")]
+    as_json = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": refs}}
+    data = {"anyOf": [{"const": "[DONE]"}, as_json]}
+    schema = {"type": "object", "required": ["data"], "properties": {"data": data}}
     description = (
         f"A JSON object; or, with stream=true, text/event-stream whose events are `data: <{chunk.__name__}>`"
         " and finally `data: [DONE]`."
@@ -107,6 +115,7 @@ def install_openapi(app: FastAPI) -> None:
         _drop_default_422(schema)
         _add_stream_chunks(schema)
         _add_runtime_choices(app, schema)
+        complete_rules(app, schema)
         app.openapi_schema = schema
         return schema
 

@@ -12,13 +12,25 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    FiniteFloat,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
+from persona_store.mappings import MAPPING_ID_PATTERN
 from persona_store.records import PERSONA_NAME_PATTERN
+from server.api.json_types import (
+    JSON_SAFE_INTEGER,
+    LAYER_KEYS,
+    Bool,
+    Float,
+    Int,
+    LayerIndex,
+    LayerKey,
+    Seed,
+    TokenId,
+)
 from server.serving.requests import MAX_LOGPROBS
 from server.steering.closed_loop import DEFAULT_GAIN
 from server.steering.mapping import MappingMethod
@@ -37,10 +49,8 @@ def _valid_unicode(value: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 PromptText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_valid_unicode)]
 PersonaName = Annotated[str, StringConstraints(pattern=PERSONA_NAME_PATTERN)]
-LayerIndex = Annotated[int, Field(ge=0, le=100_000)]
 # A served model's name as a bake gives it (also its folder under the data dir).
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
 class TextPart(BaseModel):
@@ -74,7 +84,7 @@ class PersonaTermIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: PersonaName
-    strength: FiniteFloat | None = None
+    strength: Float | None = None
 
 
 class SteeringIn(BaseModel):
@@ -88,16 +98,16 @@ class PersonaTargetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: PersonaName
-    score: FiniteFloat = Field(description="The trait score (projection) the answer should hold.")
-    strength: FiniteFloat | None = Field(
+    score: Float = Field(description="The trait score (projection) the answer should hold.")
+    strength: Float | None = Field(
         None, description="The prompt's strength (default: the persona's default); generated tokens start "
         "there too when the persona's positions steer them, else at 0.",
     )  # fmt: skip
-    max_strength: FiniteFloat | None = Field(
+    max_strength: Float | None = Field(
         None, gt=0, description="The controller keeps |strength| within this (default: the persona's "
         "default strength).",
     )  # fmt: skip
-    gain: FiniteFloat = Field(
+    gain: Float = Field(
         DEFAULT_GAIN, gt=0, le=100,
         description="How fast the strength follows the error (strength per unit of error, in units of "
         "the vector's norm).",
@@ -108,7 +118,7 @@ class SteerIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: PersonaName
-    strength: FiniteFloat | None = Field(None, description="Default: the persona's default strength.")
+    strength: Float | None = Field(None, description="Default: the persona's default strength.")
 
 
 class PersonaRuleIn(BaseModel):
@@ -118,10 +128,10 @@ class PersonaRuleIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     monitor: PersonaName
-    above: FiniteFloat | None = Field(None, description="Fire when the projection is above this.")
-    below: FiniteFloat | None = Field(None, description="Fire when the projection is below this.")
+    above: Float | None = Field(None, description="Fire when the projection is above this.")
+    below: Float | None = Field(None, description="Fire when the projection is below this.")
     steer: SteerIn
-    for_tokens: int | None = Field(
+    for_tokens: Int | None = Field(
         None, ge=1, le=100_000, description="Steer at most this many tokens in a row (default: until "
         "the projection drops back).",
     )  # fmt: skip
@@ -134,14 +144,14 @@ class PersonaRuleIn(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class JsonSchemaFormat(BaseModel):
     name: str = Field("answer", max_length=64)
     description: Text | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -156,45 +166,45 @@ class _CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: Text
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: FiniteFloat | None = Field(None, ge=0, le=2)
-    top_p: FiniteFloat | None = Field(None, gt=0, le=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: Float | None = Field(None, ge=0, le=2)
+    top_p: Float | None = Field(None, gt=0, le=1)
     stop: Text | list[Text] | None = None
     seed: Seed | None = Field(
         None, description="The same seed gives the same answer on the same engine; answer i uses seed + i."
     )
-    n: int = Field(1, ge=1, le=128, description="Answers to the prompt (they share its prefill).")
-    best_of: int | None = Field(None, ge=1, le=128, description="Only best_of = n (or none) is served.")
-    top_k: int | None = Field(None, ge=-1, description="Sample among the k likeliest tokens (0 or -1: all).")
-    min_p: FiniteFloat | None = Field(
+    n: Int = Field(1, ge=1, le=128, description="Answers to the prompt (they share its prefill).")
+    best_of: Int | None = Field(None, ge=1, le=128, description="Only best_of = n (or none) is served.")
+    top_k: Int | None = Field(None, ge=-1, description="Sample among the k likeliest tokens (0 or -1: all).")
+    min_p: Float | None = Field(
         None, ge=0, le=1, description="Drop tokens below min_p times the likeliest token's probability."
     )
-    presence_penalty: FiniteFloat | None = Field(None, ge=-2, le=2)
-    frequency_penalty: FiniteFloat | None = Field(None, ge=-2, le=2)
-    repetition_penalty: FiniteFloat | None = Field(
+    presence_penalty: Float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: Float | None = Field(
         None, gt=0, le=100, description="vLLM's: > 1 discourages tokens of the prompt and the answer."
     )
-    min_tokens: int | None = Field(None, ge=0, description="No end of the answer before this many tokens.")
-    stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(None, max_length=256)
+    min_tokens: Int | None = Field(None, ge=0, description="No end of the answer before this many tokens.")
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=256)
     response_format: ResponseFormat | None = None
-    return_tokens_as_token_ids: bool = Field(
+    return_tokens_as_token_ids: Bool = Field(
         False, description="Name the tokens of logprobs token_id:N (as vLLM does), which no two tokens share."
     )
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
     persona: PersonaName | list[PersonaTermIn] | None = Field(
         None, description="A persona name, or a list of {name, strength} to compose."
     )
-    persona_strength: FiniteFloat | None = Field(
+    persona_strength: Float | None = Field(
         None, description="Multiplies the persona's vector (default: the persona's default strength)."
     )
     steering: SteeringIn | None = None
-    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (as in vLLM).")
+    ignore_eos: Bool = Field(False, description="Keep generating past end-of-sequence (as in vLLM).")
     persona_monitor: list[PersonaName] | None = Field(
         None, max_length=16, description="Personas whose trait score the answer reports (persona_scores)."
     )
-    persona_monitor_tokens: bool = Field(
+    persona_monitor_tokens: Bool = Field(
         False,
         description="With persona_monitor: each token's projection as the model wrote it "
         "(persona_token_scores), read in the pass that chose the token.",
@@ -213,9 +223,9 @@ class _CompletionRequest(BaseModel):
 
 class ChatCompletionRequest(_CompletionRequest):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = Field(False, description="Return each answer token's log-probability.")
-    top_logprobs: int | None = Field(
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    logprobs: Bool = Field(False, description="Return each answer token's log-probability.")
+    top_logprobs: Int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many likeliest alternatives per token."
     )
 
@@ -225,20 +235,22 @@ class CompletionRequest(_CompletionRequest):
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
         description="A prompt, or a list of prompts (n answers each, numbered prompt by prompt)."
     )
-    logprobs: int | None = Field(
+    logprobs: Int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="Each token's log-probability and its k likeliest rivals."
     )
-    echo: bool = Field(False, description="Each answer begins with its prompt.")
+    echo: Bool = Field(False, description="Each answer begins with its prompt.")
 
 
 class PersonaUpload(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Text
-    layers: dict[LayerIndex, list[FiniteFloat]] = Field(
-        min_length=1, description="Decoder block index -> vector of the model's hidden size."
+    layers: dict[LayerKey, list[Float]] = Field(
+        min_length=1,
+        description="Decoder block index -> vector of the model's hidden size.",
+        json_schema_extra=LAYER_KEYS,
     )
-    default_strength: FiniteFloat = 1.0
+    default_strength: Float = 1.0
     default_positions: Positions = Field(Positions.ALL, description="Where the persona steers by default.")
     description: Text = Field("", max_length=4000)
 
@@ -247,7 +259,7 @@ class PersonaRestore(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Text
-    version: int = Field(ge=1, le=2**62, description="The kept version to make current again.")
+    version: Int = Field(ge=1, le=JSON_SAFE_INTEGER, description="The kept version to make current again.")
 
 
 class MappingFitRequest(BaseModel):
@@ -255,25 +267,32 @@ class MappingFitRequest(BaseModel):
 
     source_model: Text
     target_model: Text
-    layers: dict[LayerIndex, LayerIndex] | None = Field(
+    layers: dict[LayerKey, LayerIndex] | None = Field(
         None,
         min_length=1,
         max_length=256,
         description="Source block -> target block (default: by relative depth).",
+        json_schema_extra=LAYER_KEYS,
     )
     texts: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] | None = Field(
         None, max_length=20_000, description="Neutral texts both models read (default: a bundled corpus)."
     )
-    lambdas: list[Annotated[FiniteFloat, Field(gt=0)]] | None = Field(
+    lambdas: list[Annotated[Float, Field(gt=0)]] | None = Field(
         None,
         min_length=1,
         max_length=50,
         description="Ridge penalties, relative to the mean Gram eigenvalue.",
     )
-    folds: int | None = Field(None, ge=2, le=20)
+    folds: Int | None = Field(None, ge=2, le=20)
     reduce: Literal["mean", "last"] = Field(
         "mean", description="Each text's block output: its mean over tokens, or its last token."
     )
+
+
+# Checked by the mapping service (400 naming mapping_id, as for the id in a path); stated here.
+MappingId = Annotated[
+    str, Field(max_length=64), WithJsonSchema({"type": "string", "pattern": MAPPING_ID_PATTERN})
+]
 
 
 class PersonaMapRequest(BaseModel):
@@ -281,7 +300,7 @@ class PersonaMapRequest(BaseModel):
 
     source_model: Text
     target_model: Text
-    mapping_id: str | None = Field(None, max_length=64, description="Default: the newest fitting mapping.")
+    mapping_id: MappingId | None = Field(None, description="Default: the newest fitting mapping.")
     method: MappingMethod = Field(
         MappingMethod.GENERATED,
         description="generated (the default: the source writes with and without the persona, the "
@@ -291,7 +310,7 @@ class PersonaMapRequest(BaseModel):
     target_name: PersonaName | None = Field(
         None, description="The name to store it under on the target model (default: the persona's name)."
     )
-    replace: bool = Field(
+    replace: Bool = Field(
         False,
         description="Replace a persona of that name on the target even when it was not mapped from this "
         "persona on this source model (without it, such a persona is a 409 persona_exists).",
@@ -314,10 +333,10 @@ class ExtractionRequest(BaseModel):
     layers: list[LayerIndex] | None = Field(
         None, min_length=1, description="Blocks to store (null: the recommended)."
     )
-    samples_per_question: int = Field(1, ge=1, le=64)
-    default_strength: FiniteFloat | None = Field(None, description="Stored default strength (null: 1.0).")
-    max_tokens: int = Field(48, ge=1, le=1024, description="Length of each generated answer.")
-    temperature: FiniteFloat = Field(1.0, ge=0, le=2)
+    samples_per_question: Int = Field(1, ge=1, le=64)
+    default_strength: Float | None = Field(None, description="Stored default strength (null: 1.0).")
+    max_tokens: Int = Field(48, ge=1, le=1024, description="Length of each generated answer.")
+    temperature: Float = Field(1.0, ge=0, le=2)
     seed: Seed = 0
     description: Text = Field("", max_length=4000)
 
@@ -326,15 +345,15 @@ class BakeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Text = Field(description="The served model to bake the persona into (its HF weights).")
-    strength: FiniteFloat | None = Field(None, description="Default: the persona's default strength.")
-    rank: int = Field(32, ge=1, le=256, description="LoRA rank.")
-    trajectories: int = Field(200, ge=4, le=5000, description="Answers of the steered model to learn from.")
-    steps: int = Field(300, ge=1, le=20_000, description="Training steps (batches of 8 answers).")
-    max_tokens: int = Field(48, ge=1, le=1024, description="Length of each sampled answer.")
+    strength: Float | None = Field(None, description="Default: the persona's default strength.")
+    rank: Int = Field(32, ge=1, le=256, description="LoRA rank.")
+    trajectories: Int = Field(200, ge=4, le=5000, description="Answers of the steered model to learn from.")
+    steps: Int = Field(300, ge=1, le=20_000, description="Training steps (batches of 8 answers).")
+    max_tokens: Int = Field(48, ge=1, le=1024, description="Length of each sampled answer.")
     prompts: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] | None = Field(
         None, min_length=2, max_length=20_000, description="Prompts to answer (default: the fitting corpus)."
     )
     served_name: Annotated[str, StringConstraints(pattern=SERVED_NAME_PATTERN)] | None = Field(
         None, description="The baked model's name (default: MODEL+PERSONA)."
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Sampling and training seed.")
+    seed: Int = Field(0, ge=0, le=2**31 - 1, description="Sampling and training seed.")

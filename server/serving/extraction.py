@@ -7,7 +7,7 @@ is read back once, unsteered, to take the mean output of every decoder block ove
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,19 +55,28 @@ class ExtractionResult:
         }
 
 
+def conversation(system: str, question: str) -> list[ChatMessage]:
+    """What the model answers: the question, under the side's system prompt (none when empty)."""
+    return [*([ChatMessage("system", system)] if system else []), ChatMessage("user", question)]
+
+
+def pairings(prompts: Sequence[str], spec: ExtractionSpec) -> Iterator[tuple[int, int, int]]:
+    """(question, sample, system prompt) indices of every answer of one side, in order: sample s of
+    question q answers under prompt (q + s) mod the side's prompts."""
+    for q_index in range(len(spec.questions)):
+        for sample in range(spec.samples_per_question):
+            yield q_index, sample, (q_index + sample) % len(prompts)
+
+
 def _requests(prompts: Sequence[str], spec: ExtractionSpec, side: int) -> list[GenerationRequest]:
     requests = []
-    for q_index, question in enumerate(spec.questions):
-        for sample in range(spec.samples_per_question):
-            system = prompts[(q_index + sample) % len(prompts)]
-            messages = [ChatMessage("system", system)] if system else []
-            sampling = SamplingParams(
-                max_tokens=spec.max_tokens, temperature=spec.temperature, clamp_to_context=True,
-                seed=spec.seed + 1_000_003 * side + 1009 * q_index + sample,
-            )  # fmt: skip
-            requests.append(
-                GenerationRequest(sampling=sampling, messages=[*messages, ChatMessage("user", question)])
-            )
+    for q_index, sample, p_index in pairings(prompts, spec):
+        sampling = SamplingParams(
+            max_tokens=spec.max_tokens, temperature=spec.temperature, clamp_to_context=True,
+            seed=spec.seed + 1_000_003 * side + 1009 * q_index + sample,
+        )  # fmt: skip
+        messages = conversation(prompts[p_index], spec.questions[q_index])
+        requests.append(GenerationRequest(sampling=sampling, messages=messages))
     return requests
 
 

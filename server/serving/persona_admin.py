@@ -21,11 +21,18 @@ from server.steering.plan import Positions
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def check_scaled_range(layer: int, vector: np.ndarray, max_strength: float) -> None:
-    """SteeringError unless ``max_strength * vector`` stays finite in float32, so that the persona
-    serves every strength a request may ask for."""
-    peak = float(np.abs(vector).max(initial=0.0))
-    if peak * max_strength > _FLOAT32_MAX:
+def largest_value(max_strength: float) -> float:
+    """The largest magnitude a stored vector may hold: scaled by the largest strength it stays
+    finite in float32, rounding to float32 first included (/openapi.json states it as the bound)."""
+    return _FLOAT32_MAX / max_strength / (1 + 2**-20)
+
+
+def check_scaled_range(layer: int, values: np.ndarray, max_strength: float) -> None:
+    """SteeringError unless ``max_strength * values`` stays finite in float32, so that the persona
+    serves every strength a request may ask for. ``values`` are the request's (float64): the bound
+    is the same number whatever float32 rounds them to."""
+    peak = float(np.abs(values).max(initial=0.0))
+    if peak > largest_value(max_strength):
         raise SteeringError(
             f"the vector for layer {layer} holds values up to {peak:.3g} in magnitude, which overflow "
             f"float32 once scaled by the largest allowed strength, {max_strength:g}",
@@ -86,7 +93,7 @@ class PersonaAdmin:
                     f"the vector for layer {layer} holds values that are not finite in float32",
                     param=f"layers.{layer}",
                 )
-            check_scaled_range(layer, vector, limit)
+            check_scaled_range(layer, np.asarray(values, dtype=np.float64), limit)
             vectors[layer] = vector
         draft = PersonaDraft(
             model=model,

@@ -47,7 +47,8 @@ class VectorFormat(StrEnum):
         except ValueError:
             raise FormatError(
                 f"cannot tell the format of {filename!r}: name it *.safetensors, *.gguf or *.pt, "
-                "or say format=..."
+                "or say format=...",
+                param="format",
             ) from None
 
 
@@ -72,14 +73,15 @@ def _read(data: bytes, fmt: VectorFormat, layers: list[int] | None) -> VectorFil
     if fmt is VectorFormat.PT:
         if not layers:
             raise FormatError(
-                "a persona_vectors .pt file holds every block: say which to import with layers=..."
+                "a persona_vectors .pt file holds every block: say which to import with layers=...",
+                param="layers",
             )
         return read_persona_vectors_pt(data, layers)
     vectors = read_safetensors(data) if fmt is VectorFormat.SAFETENSORS else read_gguf_control_vector(data)
     if layers:
         missing = sorted(set(layers) - set(vectors.vectors))
         if missing:
-            raise FormatError(f"the file has no vector for block(s) {missing}")
+            raise FormatError(f"the file has no vector for block(s) {missing}", param="layers")
         vectors = VectorFile({layer: vectors.vectors[layer] for layer in layers}, vectors.metadata)
     return vectors
 
@@ -94,7 +96,11 @@ class PersonaFiles:
         self._admin.check_name(name)
         self._registry.get(options.model)  # an unknown model is a 404 before the file is even parsed
         fmt = options.format or VectorFormat.from_filename(filename)
-        loaded = _read(data, fmt, options.layers)
+        try:
+            loaded = _read(data, fmt, options.layers)
+        except FormatError as exc:
+            exc.param = exc.param or "file"
+            raise
         # Our own safetensors exports carry the record's settings; what the request says wins.
         meta = loaded.metadata
         strength = options.default_strength
@@ -127,7 +133,8 @@ class PersonaFiles:
             content = write_safetensors(record.vectors, _metadata(record))
         elif fmt is VectorFormat.GGUF:
             if min(record.vectors) < LLAMA_CPP_FIRST_STEERABLE_BLOCK:  # the file holds direction.1 upwards
-                raise FormatError(f"{LLAMA_CPP_UNSTEERABLE_NOTE}; re-upload the persona without it")
+                message = f"{LLAMA_CPP_UNSTEERABLE_NOTE}; re-upload the persona without it"
+                raise FormatError(message, param="format")
             content = write_gguf_control_vector(record.vectors, model_hint=model)
         else:
             num_blocks = len(self._registry.get(model).info.steerable_layers)

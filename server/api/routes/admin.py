@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Request, Response, UploadFile
 from pydantic import FiniteFloat
 
+from persona_store.mappings import MAPPING_ID_PATTERN
 from persona_store.records import PERSONA_NAME_PATTERN
 from server.api.auth import require_admin
 from server.api.errors import APIError
+from server.api.json_types import JSON_SAFE_INTEGER
 from server.api.openapi import binary, errors
 from server.api.protocol import (
     BakeRequest,
@@ -30,7 +33,9 @@ from server.api.resources import (
     PersonaList,
     PersonaWithVectors,
 )
+from server.serving.errors import RequestRejected
 from server.serving.extraction import ExtractionSpec
+from server.serving.extraction_fit import check_extraction_fits
 from server.serving.mapping_fits import MappingFits
 from server.serving.mapping_plots import calibration_png, diagnostics_png
 from server.serving.persona_admin import PersonaAdmin
@@ -42,6 +47,8 @@ from server.steering.plan import Positions
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], responses=errors(401, 403))
 NameParam = Annotated[str, Path(pattern=PERSONA_NAME_PATTERN)]
+# Checked by the mapping service (400 naming mapping_id); stated here for clients and fuzzers.
+MappingIdParam = Annotated[str, Path(json_schema_extra={"pattern": MAPPING_ID_PATTERN})]
 LAYER_LIST_PATTERN = r"^\s*\d{1,6}(\s*,\s*\d{1,6})*\s*$"
 
 
@@ -61,21 +68,35 @@ def _files(request: Request) -> PersonaFiles:
     return request.app.state.persona_files
 
 
+# If-Match carries the one version a write expects to replace, as an entity tag ("3", RFC 9110's
+# form) or a bare number (3); 0 means "only if no version is current". Anything else, "*" and lists
+# of tags included, is refused (400 naming the header) rather than read as no condition at all.
+IF_MATCH_PATTERN = r'^([0-9]{1,18}|"[0-9]{1,18}")$'
+IfMatch = Annotated[
+    str | None,
+    Header(
+        description='The version the write expects to replace: "3" or 3 (0: only if the persona does '
+        "not exist); a stale one is a 409 version_conflict.",
+        json_schema_extra={"pattern": IF_MATCH_PATTERN},
+    ),
+]
+
+
 def _expected_version(if_match: str | None) -> int | None:
-    """If-Match carries the version a write expects to replace (quotes, as in an ETag, are allowed)."""
     if if_match is None:
         return None
-    value = if_match.strip().strip('"')
-    if not value.isdigit():
-        raise APIError(
-            400, f"If-Match must be a persona version number, got {if_match!r}", "invalid_request_error"
+    if re.fullmatch(IF_MATCH_PATTERN, if_match) is None:
+        raise RequestRejected(
+            f'If-Match must be one persona version, as "3" or 3, got {if_match!r} ("*" and lists of '
+            "versions are not supported)",
+            param="If-Match",
         )
-    return int(value)
+    return int(if_match.strip('"'))
 
 
 @router.put("/personas/{name}", response_model=Persona, responses=errors(400, 404, 409, 413, 422, 503))
 async def put_persona(
-    name: NameParam, body: PersonaUpload, request: Request, if_match: Annotated[str | None, Header()] = None
+    name: NameParam, body: PersonaUpload, request: Request, if_match: IfMatch = None
 ) -> dict[str, Any]:
     info = await _admin(request).put(
         name=name,
@@ -99,7 +120,7 @@ async def delete_persona(
     name: NameParam,
     model: Annotated[str, Query()],
     request: Request,
-    if_match: Annotated[str | None, Header()] = None,
+    if_match: IfMatch = None,
 ) -> Response:
     await _admin(request).delete(name, model, expected_version=_expected_version(if_match))
     return Response(status_code=204)
@@ -116,7 +137,7 @@ async def list_versions(name: NameParam, model: Annotated[str, Query()], request
     "/personas/{name}/restore", response_model=Persona, responses=errors(400, 404, 409, 413, 422, 503)
 )
 async def restore_persona(
-    name: NameParam, body: PersonaRestore, request: Request, if_match: Annotated[str | None, Header()] = None
+    name: NameParam, body: PersonaRestore, request: Request, if_match: IfMatch = None
 ) -> dict[str, Any]:
     """Make a kept version current again, as a new version (versions never repeat)."""
     info = await _admin(request).restore(name, body.model, body.version, _expected_version(if_match))
@@ -130,7 +151,7 @@ async def import_persona(
     name: NameParam,
     request: Request,
     file: Annotated[UploadFile, File(description="safetensors, GGUF control vector or persona_vectors .pt")],
-    model: Annotated[str, Form()],
+    model: Annotated[str, Form(min_length=1)],  # an empty form field reads as none
     format: Annotated[VectorFormat | None, Form(description="Default: from the file name.")] = None,
     layers: Annotated[
         str | None,
@@ -139,7 +160,7 @@ async def import_persona(
     default_strength: Annotated[FiniteFloat | None, Form()] = None,
     default_positions: Annotated[Positions | None, Form()] = None,
     description: Annotated[str | None, Form(max_length=4000)] = None,
-    if_match: Annotated[str | None, Header()] = None,
+    if_match: IfMatch = None,
 ) -> dict[str, Any]:
     options = ImportOptions(
         model=model,
@@ -165,7 +186,7 @@ async def export_persona(
     request: Request,
     model: Annotated[str, Query()],
     format: Annotated[VectorFormat, Query()] = VectorFormat.SAFETENSORS,
-    version: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+    version: Annotated[int | None, Query(ge=1, le=JSON_SAFE_INTEGER)] = None,
 ) -> Response:
     exported = await _files(request).export_file(name, model, format, version)
     disposition = f'attachment; filename="{exported.filename}"'
@@ -195,6 +216,7 @@ async def extract_persona(name: NameParam, body: ExtractionRequest, request: Req
         temperature=body.temperature,
         seed=body.seed,
     )
+    await check_extraction_fits(request.app.state.registry, body.model, spec)
     job = request.app.state.persona_extraction.start(
         name, body.model, spec, body.layers, body.default_strength, body.description
     )
@@ -243,7 +265,7 @@ async def list_mappings(request: Request) -> MappingList:
 
 
 @router.get("/mappings/{mapping_id}", response_model=Mapping, responses=errors(400, 404, 503))
-async def get_mapping(mapping_id: str, request: Request) -> dict[str, Any]:
+async def get_mapping(mapping_id: MappingIdParam, request: Request) -> dict[str, Any]:
     return (await _fits(request).get(mapping_id)).to_dict()
 
 
@@ -252,7 +274,7 @@ async def get_mapping(mapping_id: str, request: Request) -> dict[str, Any]:
     response_class=Response,
     responses={**binary("image/png", "The diagnostics plot."), **errors(400, 404, 503)},
 )
-async def mapping_diagnostics(mapping_id: str, request: Request) -> Response:
+async def mapping_diagnostics(mapping_id: MappingIdParam, request: Request) -> Response:
     """Held-out error per lambda and the singular values of each block's map, as a picture."""
     info = await _fits(request).get(mapping_id)
     if info.metadata.get("method") != "ridge":
@@ -264,7 +286,7 @@ async def mapping_diagnostics(mapping_id: str, request: Request) -> Response:
 
 
 @router.delete("/mappings/{mapping_id}", status_code=204, responses=errors(400, 404, 503))
-async def delete_mapping(mapping_id: str, request: Request) -> Response:
+async def delete_mapping(mapping_id: MappingIdParam, request: Request) -> Response:
     await _fits(request).delete(mapping_id)
     return Response(status_code=204)
 
