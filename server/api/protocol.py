@@ -51,6 +51,12 @@ PromptText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_val
 PersonaName = Annotated[str, StringConstraints(pattern=PERSONA_NAME_PATTERN)]
 # A served model's name as a bake gives it (also its folder under the data dir).
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+# Bounds of the lists a request may carry: each item costs work on every request (a store lookup per
+# persona, a scan of the text per stop string), so a hostile body under the byte cap stays cheap.
+MAX_COMPOSED_PERSONAS = 16
+MAX_STOP_STRINGS = 64
+StopText = Annotated[str, StringConstraints(max_length=1024), AfterValidator(_valid_unicode)]
+StopList = Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)]
 
 
 class TextPart(BaseModel):
@@ -162,6 +168,9 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+ComposedPersonas = Annotated[list[PersonaTermIn], Field(max_length=MAX_COMPOSED_PERSONAS)]
+
+
 class _CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -169,7 +178,9 @@ class _CompletionRequest(BaseModel):
     max_tokens: Int | None = Field(None, ge=1)
     temperature: Float | None = Field(None, ge=0, le=2)
     top_p: Float | None = Field(None, gt=0, le=1)
-    stop: Text | list[Text] | None = None
+    stop: StopText | StopList | None = Field(
+        None, description=f"A string, or up to {MAX_STOP_STRINGS}, that end the answer."
+    )
     seed: Seed | None = Field(
         None, description="The same seed gives the same answer on the same engine; answer i uses seed + i."
     )
@@ -193,8 +204,10 @@ class _CompletionRequest(BaseModel):
     stream: Bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    persona: PersonaName | list[PersonaTermIn] | None = Field(
-        None, description="A persona name, or a list of {name, strength} to compose."
+    persona: PersonaName | ComposedPersonas | None = Field(
+        None,
+        description=f"A persona name, or a list of up to {MAX_COMPOSED_PERSONAS} {{name, strength}} to "
+        "compose (their strengths' absolute values add up to at most --max-strength at each block).",
     )
     persona_strength: Float | None = Field(
         None, description="Multiplies the persona's vector (default: the persona's default strength)."
@@ -328,10 +341,12 @@ class ExtractionRequest(BaseModel):
         min_length=1, max_length=256
     )
     questions: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] = Field(
-        min_length=1, max_length=5000
-    )
+        min_length=1, max_length=5000,
+        description="Each is answered samples_per_question times with each persona prompt set: at most "
+        "20,000 answers in all (400 above).",
+    )  # fmt: skip
     layers: list[LayerIndex] | None = Field(
-        None, min_length=1, description="Blocks to store (null: the recommended)."
+        None, min_length=1, max_length=256, description="Blocks to store (null: the recommended)."
     )
     samples_per_question: Int = Field(1, ge=1, le=64)
     default_strength: Float | None = Field(None, description="Stored default strength (null: 1.0).")
@@ -341,18 +356,33 @@ class ExtractionRequest(BaseModel):
     description: Text = Field("", max_length=4000)
 
 
+# A bake's bounds: what a user baking a persona needs, with room (defaults 32 / 200 / 300 / 48), and
+# no more, since one bake holds a model's job place and a copy of its weights in training for its
+# whole run (the old ceilings, 5000 answers of 1024 tokens and 20,000 steps, made a bake of hours that
+# slowed every chat on the server). Retention on the demo models is reached by 200 answers and 300
+# steps; ranks past 128 are full-rank in all but name for the models served here.
+MAX_BAKE_RANK = 128
+MAX_BAKE_TRAJECTORIES = 2000
+MAX_BAKE_STEPS = 3000
+MAX_BAKE_TOKENS = 256  # a persona shows in an answer's first sentences
+MAX_BAKE_PROMPTS = 2500  # 4 in 5 teach: 2000 answers never need more distinct prompts
+
+
 class BakeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Text = Field(description="The served model to bake the persona into (its HF weights).")
     strength: Float | None = Field(None, description="Default: the persona's default strength.")
-    rank: Int = Field(32, ge=1, le=256, description="LoRA rank.")
-    trajectories: Int = Field(200, ge=4, le=5000, description="Answers of the steered model to learn from.")
-    steps: Int = Field(300, ge=1, le=20_000, description="Training steps (batches of 8 answers).")
-    max_tokens: Int = Field(48, ge=1, le=1024, description="Length of each sampled answer.")
-    prompts: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] | None = Field(
-        None, min_length=2, max_length=20_000, description="Prompts to answer (default: the fitting corpus)."
+    rank: Int = Field(32, ge=1, le=MAX_BAKE_RANK, description="LoRA rank.")
+    trajectories: Int = Field(
+        200, ge=4, le=MAX_BAKE_TRAJECTORIES, description="Answers of the steered model to learn from."
     )
+    steps: Int = Field(300, ge=1, le=MAX_BAKE_STEPS, description="Training steps (batches of 8 answers).")
+    max_tokens: Int = Field(48, ge=1, le=MAX_BAKE_TOKENS, description="Length of each sampled answer.")
+    prompts: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] | None = Field(
+        None, min_length=2, max_length=MAX_BAKE_PROMPTS,
+        description="Prompts to answer (default: the fitting corpus).",
+    )  # fmt: skip
     served_name: Annotated[str, StringConstraints(pattern=SERVED_NAME_PATTERN)] | None = Field(
         None, description="The baked model's name (default: MODEL+PERSONA)."
     )

@@ -29,6 +29,7 @@ from server.api.resources import (
     Mapping,
     MappingList,
     MappingSummary,
+    ModelDeleted,
     Persona,
     PersonaList,
     PersonaWithVectors,
@@ -204,7 +205,7 @@ async def list_personas(request: Request, model: str | None = None) -> dict[str,
     "/personas/{name}/extract",
     status_code=202,
     response_model=JobHandle,
-    responses=errors(400, 404, 413, 422),
+    responses=errors(400, 404, 413, 422, 429),
 )
 async def extract_persona(name: NameParam, body: ExtractionRequest, request: Request) -> JobHandle:
     spec = ExtractionSpec(
@@ -238,7 +239,7 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     "/personas/{name}/bake",
     status_code=202,
     response_model=JobHandle,
-    responses=errors(400, 404, 409, 413, 422),
+    responses=errors(400, 404, 409, 413, 422, 429),
 )
 async def bake_persona(name: NameParam, body: BakeRequest, request: Request) -> JobHandle:
     """Distil the model steered by this persona into LoRA weights, then serve the result as a model
@@ -250,7 +251,17 @@ async def bake_persona(name: NameParam, body: BakeRequest, request: Request) -> 
     return _handle(await request.app.state.persona_bakes.start(name, body.model, options))
 
 
-@router.post("/mappings", status_code=202, response_model=JobHandle, responses=errors(400, 404, 413, 422))
+@router.delete("/models/{model}", response_model=ModelDeleted, responses=errors(400, 404, 409))
+async def delete_model(model: str, request: Request) -> ModelDeleted:
+    """Stop serving a model baked on this server and delete its files (``<data-dir>/baked/<model>/``),
+    as OpenAI deletes a fine-tuned model; a model with jobs running or queued on it is a 409."""
+    await request.app.state.persona_bakes.delete(model)
+    return ModelDeleted(id=model)
+
+
+@router.post(
+    "/mappings", status_code=202, response_model=JobHandle, responses=errors(400, 404, 413, 422, 429)
+)
 async def fit_mapping(body: MappingFitRequest, request: Request) -> JobHandle:
     """Fit a map from one served model to another on the same neutral texts, as a background job."""
     job = _fits(request).start_fit(
@@ -295,7 +306,7 @@ async def delete_mapping(mapping_id: MappingIdParam, request: Request) -> Respon
     "/personas/{name}/map",
     status_code=201,
     response_model=Persona,
-    responses=errors(400, 404, 409, 413, 422, 503),
+    responses=errors(400, 404, 409, 413, 422, 429, 503),
 )
 async def map_persona(name: NameParam, body: PersonaMapRequest, request: Request) -> dict[str, Any]:
     """Carry a persona from source_model to target_model and store it there, under target_name.
