@@ -93,6 +93,8 @@ def _persona_bakes(app: FastAPI, sources: list[tuple[str, str]], prompts: tuple[
         app.state.registry, app.state.store, app.state.jobs,
         sources={model_id: Path(source) for source, model_id in sources}, data_dir=settings.data_dir,
         default_prompts=prompts, load=load, max_strength=settings.max_strength,
+        # A bake's teacher answers take a quarter of its model's batch rows: chat finds the rest free.
+        requests_in_flight=max(1, settings.max_num_seqs // 4),
     )  # fmt: skip
 
 

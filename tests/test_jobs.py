@@ -4,13 +4,17 @@ and each job's clean-up however it ends."""
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from typing import Any
 
 import pytest
+import torch
 
 from server.serving.background import Job, JobRegistry
 from server.serving.errors import JobQueueFull, Overloaded
 from server.serving.job_admission import Admission, JobLimits
+from server.serving.low_priority import JOB_NICE, run_low_priority
 
 
 class Gate:
@@ -130,3 +134,19 @@ async def test_a_map_request_takes_a_turn_among_the_jobs() -> None:
     gate.opened.set()
     await asyncio.wait_for(waiting, 5)
     assert entered.is_set() and admission.on_model("a") == 0
+
+
+async def test_cpu_heavy_job_work_runs_on_a_thread_of_its_own_at_a_low_priority() -> None:
+    def where() -> tuple[int, int, int]:
+        return (
+            threading.get_native_id(),
+            os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+            torch.get_num_threads(),
+        )
+
+    threads_before = torch.get_num_threads()
+    thread, nice, threads = await run_low_priority(1, where)
+    assert thread != threading.get_native_id() and nice == JOB_NICE and threads == 1
+    assert torch.get_num_threads() == threads_before  # the caller's threads are as they were
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert await asyncio.to_thread(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) == own

@@ -11,7 +11,8 @@ from server.engine.base import Backend, ChatMessage, GenerationRequest, Sampling
 from server.engine.prompts import prompt_ids
 from server.steering.plan import SteeringPlan
 
-# Requests in flight at once: enough to fill an engine's batch, few enough to keep memory flat.
+# Requests in flight at once by default: enough to fill an engine's batch. A server passes fewer,
+# so that its chat finds batch rows free while a bake samples (issue 29).
 CONCURRENCY = 32
 
 
@@ -32,6 +33,7 @@ async def sample_trajectories(
     temperature: float,
     seed: int,
     progress: Callable[[float], None] | None = None,
+    concurrency: int = CONCURRENCY,
 ) -> list[Trajectory]:
     """``count`` answers of the steered model, prompt i % len(prompts) with seed + i; empty answers
     are dropped. The prompt's tokens come from ``tokenizer`` (the student's), rendered as the engine
@@ -48,13 +50,20 @@ async def sample_trajectories(
         )
         for i in range(count)
     ]
-    trajectories: list[Trajectory] = []
-    for start in range(0, count, CONCURRENCY):
-        chunk = requests[start : start + CONCURRENCY]
-        answers = await asyncio.gather(*(_answer(backend, request) for request in chunk))
-        for request, answer in zip(chunk, answers, strict=True):
-            if answer:
-                trajectories.append(Trajectory(tuple(prompt_ids(tokenizer, request, backend.info)), answer))
+    gate, answered = asyncio.Semaphore(concurrency), 0
+
+    async def one(request: GenerationRequest) -> tuple[int, ...]:
+        nonlocal answered
+        async with gate:  # a sliding window: the next request starts as soon as one ends
+            answer = await _answer(backend, request)
+        answered += 1
         if progress is not None:
-            progress(min(start + CONCURRENCY, count) / count)
-    return trajectories
+            progress(answered / count)
+        return answer
+
+    answers = await asyncio.gather(*(one(request) for request in requests))
+    return [
+        Trajectory(tuple(prompt_ids(tokenizer, request, backend.info)), answer)
+        for request, answer in zip(requests, answers, strict=True)
+        if answer
+    ]

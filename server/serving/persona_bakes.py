@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from server.serving.persona_baking import BackendLoader, BakeOrder, bake_persona
 logger = logging.getLogger(__name__)
 BAKED_DIR = "baked"
 DRAIN_SECONDS = 30.0  # a deleted model's requests in flight may end before its engine closes
+# A bake trains beside the engines serving chat: on half the cores at most, at a low priority.
+TRAINING_THREADS = max(1, (os.cpu_count() or 2) // 2)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class PersonaBakes:
         default_prompts: Sequence[str],
         load: BackendLoader,
         max_strength: float,
+        requests_in_flight: int,
     ) -> None:
         self._registry, self._store, self._jobs = registry, store, jobs
         self._sources = sources
@@ -58,6 +62,7 @@ class PersonaBakes:
         self._default_prompts = list(default_prompts)
         self._load = load
         self._max_strength = max_strength
+        self._requests_in_flight = requests_in_flight  # of a bake's on its model's engine
         self._pending: set[str] = set()  # names of bakes under way
 
     def _source(self, model: str) -> Path:
@@ -85,6 +90,7 @@ class PersonaBakes:
             prompts=list(options.prompts or self._default_prompts), output=self._folder / served,
             model_id=served, trajectories=options.trajectories, max_tokens=options.max_tokens,
             spec=BakeSpec(rank=options.rank, steps=options.steps, seed=options.seed),
+            requests_in_flight=self._requests_in_flight, training_threads=TRAINING_THREADS,
         )  # fmt: skip
 
         async def work(progress: Any) -> dict[str, Any]:

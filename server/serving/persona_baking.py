@@ -23,10 +23,11 @@ import numpy as np
 from persona_store.records import PersonaRecord
 from server.baking.distill import BakeSpec, DistillResult, distill
 from server.baking.outputs import loss_curve_png, save_adapter, save_merged, write_provenance
-from server.baking.trajectories import sample_trajectories
+from server.baking.trajectories import CONCURRENCY, sample_trajectories
 from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
 from server.engine.llamacpp.convert import ConversionError, convert_hf_to_gguf, convert_lora_to_gguf
 from server.engine.model_loading import load_causal_lm
+from server.serving.low_priority import run_low_priority
 from server.serving.monitoring import Monitor, persona_scores
 from server.steering.plan import SteeringPlan
 
@@ -53,6 +54,11 @@ class BakeOrder:
     max_tokens: int = 48
     temperature: float = 1.0
     spec: BakeSpec = field(default_factory=BakeSpec)
+    # A server shares its engines and cores with chat while it bakes: it gives a bake fewer requests
+    # in flight than an engine's batch rows, and trains on a few torch threads at a low CPU priority
+    # (low_priority.py). None: train as a program alone on the machine (the CLI).
+    requests_in_flight: int = CONCURRENCY
+    training_threads: int | None = None
 
     def plan(self) -> SteeringPlan:
         vectors = {block: np.asarray(v, dtype=np.float32) for block, v in self.record.vectors.items()}
@@ -100,9 +106,11 @@ async def _answers(
             max_tokens=order.max_tokens, temperature=order.temperature, seed=seed, clamp_to_context=True
         )
         request = GenerationRequest(messages=[ChatMessage("user", prompt)], sampling=sampling, steering=plan)
-        ids = [token async for chunk in backend.generate(request) for token in chunk.token_ids]
+        async with gate:
+            ids = [token async for chunk in backend.generate(request) for token in chunk.token_ids]
         return request, ids
 
+    gate = asyncio.Semaphore(order.requests_in_flight)
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
@@ -131,15 +139,18 @@ async def _train(base: Backend, order: BakeOrder, progress: Progress) -> tuple[D
     sampling = {"max_tokens": order.max_tokens, "temperature": order.temperature}
     trajectories = await sample_trajectories(
         base, tokenizer, plan, teaching, order.trajectories, **sampling, seed=order.spec.seed,
-        progress=lambda f: progress(0.2 * f),
+        progress=lambda f: progress(0.2 * f), concurrency=order.requests_in_flight,
     )  # fmt: skip
     held_out = await sample_trajectories(
         base, tokenizer, plan, validating, max(order.trajectories // 4, 4), **sampling,
-        seed=order.spec.seed + 1_000_003,
+        seed=order.spec.seed + 1_000_003, concurrency=order.requests_in_flight,
     )  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    result = await asyncio.to_thread(distill, model, plan, trajectories, order.spec, pad, held_out,
-                                     lambda f: progress(0.2 + 0.6 * f))  # fmt: skip
+    training = (model, plan, trajectories, order.spec, pad, held_out, lambda f: progress(0.2 + 0.6 * f))
+    if order.training_threads is None:
+        result = await asyncio.to_thread(distill, *training)
+    else:
+        result = await run_low_priority(order.training_threads, distill, *training)
     return result, tokenizer, validating
 
 
