@@ -73,3 +73,16 @@ def test_models_loaded_at_once_all_load_and_later_loads_too(tmp_path: Path) -> N
         # What transformers patches while it builds is back as it was, for every later load.
         assert PreTrainedModel.tie_weights is tie_weights and torch.linspace is linspace
     close([HFBackend.load(demo_model_dir("demo-qwen"))])
+
+
+def test_loss_curves_drawn_at_once_all_draw() -> None:
+    """Issue 29 (seen in CI): bakes that finished together drew their loss curves on worker threads at
+    once, and pyplot's shared parser failed most of them ("Unknown symbol: \\mathdefault")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.baking.outputs import loss_curve_png
+
+    losses = [1.0 / (step + 1) for step in range(50)]
+    with ThreadPoolExecutor(6) as pool:
+        pngs = list(pool.map(lambda i: loss_curve_png(losses, f"bake {i}"), range(24)))
+    assert all(png.startswith(b"\x89PNG") for png in pngs)

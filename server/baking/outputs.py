@@ -13,6 +13,8 @@ from typing import Any
 
 from peft import PeftModel
 
+from server.plotting import drawn_alone
+
 PROVENANCE_FILE = "persona_bake.json"
 
 
@@ -43,6 +45,7 @@ def save_merged(model: PeftModel, tokenizer: Any, folder: Path, provenance: dict
     return folder
 
 
+@drawn_alone  # pyplot is not thread-safe, and bakes run at once
 def loss_curve_png(losses: list[float], title: str) -> bytes:
     import matplotlib
 

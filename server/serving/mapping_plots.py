@@ -8,6 +8,8 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from server.plotting import drawn_alone
+
 matplotlib.use("Agg")  # no display: render to memory
 import matplotlib.pyplot as plt
 
@@ -20,6 +22,7 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
+@drawn_alone
 def diagnostics_png(metadata: dict[str, Any], title: str) -> bytes:
     blocks: dict[str, dict[str, Any]] = metadata.get("blocks", {})
     figure, (errors, spectrum) = plt.subplots(1, 2, figsize=(10, 4))
@@ -39,6 +42,7 @@ def diagnostics_png(metadata: dict[str, Any], title: str) -> bytes:
     return _png(figure)
 
 
+@drawn_alone
 def transfer_png(points: list[dict[str, Any]], title: str) -> bytes:
     """Trait score against coherence (perplexity under the unsteered target), one panel per
     source -> target and persona, one marker per condition."""
@@ -59,6 +63,7 @@ def transfer_png(points: list[dict[str, Any]], title: str) -> bytes:
     return _png(figure)
 
 
+@drawn_alone
 def ablation_png(points: list[dict[str, Any]]) -> bytes:
     """Two panels: transfer against the number of prompts, and against the target block's offset;
     one line per persona and direction, with the mean over them in black."""
@@ -86,6 +91,7 @@ def ablation_png(points: list[dict[str, Any]]) -> bytes:
     return _png(figure)
 
 
+@drawn_alone
 def calibration_png(calibration: dict[str, Any], bar: float, title: str) -> bytes:
     """A carried persona's ladder of vector scales: the effect (share of the source's shift its
     answers reach) and the perplexity ratio per scale, the fluency bar and the chosen scale."""
