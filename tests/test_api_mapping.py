@@ -281,7 +281,8 @@ def test_the_map_persona_command_passes_target_name_and_replace(server: ServerPr
 def test_a_gguf_model_reads_its_block_outputs_for_a_fit(server: ServerProcess) -> None:
     # The GGUF copy of the tiny Llama reads block outputs through llama.cpp's evaluation callback.
     started = fit(server, source_model=GGUF, target_model=QWEN, layers={"1": 1}, folds=3)
-    job = wait_for_job(server, started.json()["id"])
+    # One read per corpus text through the callback: minutes when the 2 cores are shared.
+    job = wait_for_job(server, started.json()["id"], timeout=480)
     assert job["status"] == "succeeded", job
     assert upload(server.url, "from-gguf", GGUF, {1: random_vector(64, 3)}).status_code == 200
     mapped = map_persona(server, "from-gguf", source_model=GGUF, target_model=QWEN)
