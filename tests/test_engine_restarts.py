@@ -35,6 +35,16 @@ class LaneKilled(BaseException):
     """Not an Exception: it ends the scheduler thread as a crash in native code would end a lane."""
 
 
+def killed(*_args: object, **_kwargs: object) -> None:
+    raise LaneKilled
+
+
+def kill_lanes(engine: Any) -> None:
+    """Every lane of a llama.cpp engine ends its scheduler thread at its next decode."""
+    for state in engine.scheduler._states:
+        state.lane._decode = killed
+
+
 class InProcessServer:
     def __init__(self, app: FastAPI) -> None:
         self.app = app
@@ -169,11 +179,7 @@ def test_a_llama_cpp_engine_whose_lane_dies_is_restarted(
     engine = server.engine(GGUF)
     stream = running_stream(client, GGUF)
 
-    def killed(*_args: object, **_kwargs: object) -> None:
-        raise LaneKilled
-
-    for state in engine.scheduler._states:
-        state.lane._decode = killed
+    kill_lanes(engine)
     assert_ends_with_engine_error(stream)
     with pytest.raises(openai.APIStatusError) as raised:
         answer(client, GGUF)
@@ -185,11 +191,7 @@ def test_a_llama_cpp_engine_whose_lane_dies_is_restarted(
 def test_health_fails_only_while_no_engine_can_serve(server: InProcessServer, client: openai.OpenAI) -> None:
     engines = {model: server.engine(model) for model in (HF, GGUF)}
 
-    def killed(*_args: object, **_kwargs: object) -> None:
-        raise LaneKilled
-
-    for state in engines[GGUF].scheduler._states:
-        state.lane._decode = killed
+    kill_lanes(engines[GGUF])
     engines[HF].scheduler._step = killed  # the HF engine's thread ends too
     for model in engines:
         with pytest.raises(openai.APIStatusError):

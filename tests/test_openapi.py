@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from server.api.errors import ErrorResponse, error_response
+from server.api.openapi_rules import schema_nodes
 from server.app import create_app
 from server.engine.base import FinishReason, TokenChunk, TokenLogprob
 from server.serving.responses import Answer, ResponseShape, usage
@@ -269,7 +270,7 @@ def test_no_parameter_or_form_field_offers_null(schema: dict[str, Any]) -> None:
 
 def test_bounds_are_json_schema_keywords(schema: dict[str, Any]) -> None:
     # pydantic writes a bound around a validated alias (Int | None) as ge/le, which no validator reads.
-    for node in _nodes(schema):
+    for node in schema_nodes(schema):
         assert not {"ge", "le", "gt", "lt"} & set(node), node
     seed = schema["components"]["schemas"]["ExtractionRequest"]["properties"]["seed"]
     assert (seed["minimum"], seed["maximum"]) == (-(2**53 - 1), 2**53 - 1)
@@ -311,13 +312,3 @@ def test_the_served_models_bound_their_requests(schema: dict[str, Any]) -> None:
     assert components["ExtractionRequest"]["properties"]["layers"]["anyOf"][0]["items"]["enum"] == [1, 2]
     fit = components["MappingFitRequest"]["properties"]["layers"]
     assert fit["propertyNames"] == {"pattern": "^(0|1|2)$"}
-
-
-def _nodes(node: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _nodes(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _nodes(item)

@@ -72,20 +72,21 @@ def _largest_vocabulary(sizes: list[int | None]) -> int | None:
     return max(known) if len(known) == len(sizes) else None
 
 
-def _nodes(node: Any) -> Iterator[Schema]:
+def schema_nodes(node: Any) -> Iterator[Schema]:
+    """Every object of a JSON Schema document, depth first."""
     if isinstance(node, dict):
         yield node
         for value in node.values():
-            yield from _nodes(value)
+            yield from schema_nodes(value)
     elif isinstance(node, list):
         for item in node:
-            yield from _nodes(item)
+            yield from schema_nodes(item)
 
 
 def fix_numeric_keywords(schema: Schema) -> None:
     """``ge``/``le``/``gt``/``lt`` (pydantic's names, left where a bound wraps a validated alias such
     as ``Int | None``) as JSON Schema's keywords."""
-    for node in _nodes(schema):
+    for node in schema_nodes(schema):
         if node.get("type") in ("integer", "number"):
             for name, keyword in _NUMERIC_KEYWORDS.items():
                 if name in node:
