@@ -150,3 +150,13 @@ def threshold_claims() -> list[tuple[str, str]]:
 def test_a_threshold_the_docs_state_is_the_tests_threshold(page: str, sentence: str) -> None:
     text = " ".join((DOCS / page).read_text(encoding="utf-8").split())
     assert sentence in text, f"docs/{page} should say: {sentence}"
+
+
+def test_every_marker_is_documented() -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["pytest"][
+        "ini_options"
+    ]
+    names = {marker.split(":")[0].strip() for marker in declared["markers"]}
+    page = (DOCS / "development.md").read_text(encoding="utf-8")
+    missing = sorted(name for name in names if f"| `{name}` |" not in page)
+    assert not missing, f"docs/development.md, Markers, lacks {missing}"
