@@ -160,3 +160,14 @@ def test_every_marker_is_documented() -> None:
     page = (DOCS / "development.md").read_text(encoding="utf-8")
     missing = sorted(name for name in names if f"| `{name}` |" not in page)
     assert not missing, f"docs/development.md, Markers, lacks {missing}"
+
+
+def test_every_metric_is_documented() -> None:
+    names = set(
+        re.findall(
+            r'"(persona_server_[a-z_]+)"', (ROOT / "server" / "metrics.py").read_text(encoding="utf-8")
+        )
+    )
+    assert len(names) > 10
+    page = (DOCS / "operations.md").read_text(encoding="utf-8")
+    assert not sorted(name for name in names if name not in page)
