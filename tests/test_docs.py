@@ -171,3 +171,16 @@ def test_every_metric_is_documented() -> None:
     assert len(names) > 10
     page = (DOCS / "operations.md").read_text(encoding="utf-8")
     assert not sorted(name for name in names if name not in page)
+
+
+def features_table(text: str) -> list[str]:
+    return [
+        line
+        for line in text.split("## Features by engine")[1].split("\n## ")[0].splitlines()
+        if line.startswith("|")
+    ]
+
+
+def test_the_features_table_is_the_same_in_the_readme_and_the_docs() -> None:
+    readme = features_table(README.read_text(encoding="utf-8"))
+    assert len(readme) > 10 and readme == features_table((DOCS / "index.md").read_text(encoding="utf-8"))
