@@ -95,11 +95,15 @@ def source_of(path: str, function: str | None = None) -> str:
     return ast.get_source_segment(source, nodes[0]) or ""
 
 
-def asserted(source: str, pattern: str) -> float:
-    """The one number ``pattern`` (a regex with one group) finds in a test's source."""
+def written(source: str, pattern: str) -> str:
+    """The one number ``pattern`` (a regex with one group) finds in a test's source, as written there."""
     found = set(re.findall(pattern, source))
     assert len(found) == 1, f"{pattern!r} found {sorted(found)}"
-    return float(found.pop())
+    return found.pop()
+
+
+def asserted(source: str, pattern: str) -> float:
+    return float(written(source, pattern))
 
 
 def g(number: float) -> str:
@@ -128,6 +132,13 @@ def threshold_claims() -> list[tuple[str, str]]:
         asserted(transfer, r"scale <= ([\d.]+)"),
     )
     lines, function = test_code_shape.MAX_FILE_LINES, test_code_shape.MAX_FUNCTION_LINES
+    number = r"([0-9][0-9e.-]*)"
+    gguf_blocks = written(source_of("test_gguf_backend.py"), r"np\.abs\(gguf - hf\)\.max\(\) < " + number)
+    baked = written(source_of("test_baking_gguf.py"), r"\.max\(\) < " + number)
+    vllm_reads = written(source_of("test_vllm_engine.py"), r"atol=" + number)
+    gguf_loops = written(
+        source_of("test_api_closed_loop.py"), r"approx\(readings\[0\], rel=[0-9e.-]+, abs=" + number
+    )
     return [
         ("design.md", f"at most {lines} lines per file and {function} per function"),
         (
@@ -138,6 +149,10 @@ def threshold_claims() -> list[tuple[str, str]]:
         ("operations.md", f"`/health` within {g(large_health)} s (before"),
         ("operations.md", f"({g(examples)} examples per operation, seed {g(seed)}:"),
         ("mapping.md", f"asserts a cosine above {g(cosine_qwen)} at every block"),
+        ("engines/llama-cpp.md", f"(max abs diff < {gguf_blocks}, tested)"),
+        ("baking.md", f"(max difference < {baked} on"),
+        ("engines/vllm.md", f"read-backs equal the HF engine's within {vllm_reads};"),
+        ("closed-loop.md", f"give the same answer, readings (within {gguf_loops}), strengths"),
         (
             "results/transfer.md",
             f"a cosine above {g(cosine_self)} at every block and a scale within"
