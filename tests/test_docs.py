@@ -161,6 +161,29 @@ def threshold_claims() -> list[tuple[str, str]]:
     ]
 
 
+def product_constant(name: str) -> int:
+    """A module-level integer constant of the product, wherever its module lives."""
+    found = {
+        int(m[1])
+        for path in (ROOT / "server").rglob("*.py")
+        if (m := re.search(rf"^{name} = (\d+)", path.read_text(encoding="utf-8"), flags=re.MULTILINE))
+    }
+    assert len(found) == 1, f"{name}: {sorted(found)}"
+    return found.pop()
+
+
+def test_the_bake_bounds_the_docs_state_are_the_servers() -> None:
+    rank, answers, steps, tokens, prompts = (
+        product_constant(f"MAX_BAKE_{name}")
+        for name in ("RANK", "TRAJECTORIES", "STEPS", "TOKENS", "PROMPTS")
+    )
+    sentence = (
+        f"`rank` <= {rank}, `trajectories` <= {answers}, `steps` <= {steps}, `max_tokens` <= {tokens},"
+        f" up to {prompts:,} `prompts`"
+    )
+    assert sentence in " ".join((DOCS / "baking.md").read_text(encoding="utf-8").split())
+
+
 @pytest.mark.parametrize(("page", "sentence"), threshold_claims())
 def test_a_threshold_the_docs_state_is_the_tests_threshold(page: str, sentence: str) -> None:
     text = " ".join((DOCS / page).read_text(encoding="utf-8").split())
