@@ -28,7 +28,7 @@ import httpx
 import openai
 
 from loadtests.engine_bench import QUESTIONS
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 
 CHAT_MODEL = "demo-llama"
 CONDITIONS = {"no job": None, "bake on the same model": "demo-llama", "bake on another model": "demo-qwen"}

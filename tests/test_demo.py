@@ -20,7 +20,7 @@ from server.demo.train import DEMO_SPECS
 from server.demo.traits import shows_trait
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests.api_helpers import assert_openai_error
 
 

@@ -20,7 +20,7 @@ CONCRETE_ENGINES = ("server.engine.hf", "server.engine.llamacpp")
 ENGINE_TOOLS = {"server.engine.llamacpp.convert"}  # the GGUF writer is a file tool, not an engine
 CONCRETE_STORES = ("persona_store.sqlite", "persona_store.redis")
 LEAVES = {"server.settings", "server.metrics", "server.errors"}  # import nothing of ours
-TEST_SUPPORT = "server.testing"  # helpers for tests and benchmarks; the product never imports them
+TEST_SUPPORT = "testkit"  # helpers for tests and benchmarks; the product never imports them
 
 
 def module_name(path: Path) -> str:
