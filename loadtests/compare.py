@@ -49,7 +49,7 @@ from loadtests.peers import (
     transformers_server,
     vllm_server,
 )
-from server.engine.llamacpp.convert import convert_hf_to_gguf
+from server.gguf.model import convert_hf_to_gguf
 from testkit.personas import random_vector, upload
 from testkit.server_process import ServerProcess
 from testkit.tiny_models import build_tiny_model

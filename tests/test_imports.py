@@ -17,7 +17,6 @@ OURS = ("server", "persona_store")
 # Modules that name concrete engines or stores: the composition root and the engine registry.
 COMPOSITION_ROOTS = {"server.app", "server.engine.registry"}
 CONCRETE_ENGINES = ("server.engine.hf", "server.engine.llamacpp")
-ENGINE_TOOLS = {"server.engine.llamacpp.convert"}  # the GGUF writer is a file tool, not an engine
 CONCRETE_STORES = ("persona_store.sqlite", "persona_store.redis")
 LEAVES = {"server.settings", "server.metrics", "server.errors"}  # import nothing of ours
 TEST_SUPPORT = "testkit"  # helpers for tests and benchmarks; the product never imports them
@@ -80,7 +79,6 @@ def violation(importer: str, imported: str) -> str | None:
         return "steering is pure maths on vectors"
     if (
         within(imported, *CONCRETE_ENGINES)
-        and imported not in ENGINE_TOOLS
         and importer not in COMPOSITION_ROOTS
         and not within(importer, *(p for p in CONCRETE_ENGINES if within(imported, p)))
     ):
