@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
-from server.serving.strength_calibration import StrengthCalibration, calibrate_scale, read_unsteered
 from server.steering.errors import SteeringError
 from server.steering.mapping import calibrate, corresponding_layer
 from server.steering.plan import Positions, SteeringPlan
+from server.transfer.strength_calibration import StrengthCalibration, calibrate_scale, read_unsteered
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Carrying a stored persona to another served model with a stored map, and storing the result.
 
-The method dispatch and strength calibration live in ``steering.persona_transfer``: this service
+The method dispatch and strength calibration live in ``transfer.maps``: this service
 finds the records (the persona, the map, the concept personas) and stores the mapped persona with
 its provenance, never over another persona by accident: a persona already under the target name
 is replaced only when it was itself mapped from the same source persona and model, or when asked.
@@ -16,17 +16,17 @@ from persona_store.base import ABSENT, PersonaStore
 from persona_store.errors import PersonaNotFound
 from persona_store.mappings import MappingRecord
 from persona_store.records import PersonaInfo, PersonaRecord
+from server.admin.fitting_corpus import FittingCorpus
+from server.admin.job_admission import Admission
+from server.admin.mapping_fits import check_distinct, check_mapping_id
+from server.admin.persona_admin import PersonaAdmin
 from server.engine.base import ModelInfo
 from server.serving.errors import PersonaExists, RequestRejected
-from server.serving.fitting_corpus import FittingCorpus
-from server.serving.generated_transfer import GenerationSpec, carry_by_generation
-from server.serving.job_admission import Admission
-from server.serving.mapping_fits import check_distinct, check_mapping_id
 from server.serving.model_registry import ModelRegistry
-from server.serving.persona_admin import PersonaAdmin
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingMethod
-from server.steering.persona_transfer import (
+from server.transfer.generated import GenerationSpec, carry_by_generation
+from server.transfer.maps import (
     LEARNED_METHODS,
     ConceptPair,
     FittedMap,

@@ -4,7 +4,7 @@ The protocol, leave-one-persona-out: for every ordered pair of demo models and e
 the source, the maps are fitted on neutral texts that hold nothing of P's style (the corpus' touches
 of the other personas' styles stay, so the map still sees directions of style), and the concept
 adapter learns from the other personas only. P is then carried to the target by each method through
-the very function the server's map endpoint calls (``steering.persona_transfer``).
+the very function the server's map endpoint calls (``transfer.maps``).
 
 On the target's held-out questions, each condition is scored with the source persona's positions
 at 1/4 to 4 times the mapped persona's stored default strength (the source's; the generated method
@@ -24,18 +24,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from persona_store.records import PersonaDraft
+from server.admin.persona_mapping import model_shape
 from server.demo.corpus import held_out_questions, neutral_texts, training_questions
-from server.demo.intervals import Interval, mean_interval, transfer_interval
 from server.demo.models import DEMO_MODEL_NAMES, load_demo_personas
 from server.demo.traits import trait_rate
 from server.engine.base import Backend
-from server.serving.generated_transfer import GenerationSpec, carry_by_generation
-from server.serving.persona_mapping import model_shape
-from server.serving.strength_sweep import StrengthRow, evaluate_strengths
+from server.evaluation.intervals import Interval, mean_interval, transfer_interval
+from server.evaluation.strength_sweep import StrengthRow, evaluate_strengths
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingMethod, corresponding_layer
-from server.steering.persona_transfer import FittedMaps, ModelShape, fit_maps, map_persona_vectors
 from server.steering.plan import Positions
+from server.transfer.generated import GenerationSpec, carry_by_generation
+from server.transfer.maps import FittedMaps, ModelShape, fit_maps, map_persona_vectors
 
 CONDITIONS = ("none", "native", *(method.value for method in MappingMethod))
 # Multiples of the source persona's default strength tried for a mapped vector; 1.0 is its stored
