@@ -1,4 +1,5 @@
-"""The size rules of docs/design.md ("Size rules") for the product's code: no file past 400 lines, no function past 60."""
+"""The size rules of docs/design.md ("Size rules") for the product's code: no file past 400 lines,
+no function past 60."""
 
 from __future__ import annotations
 

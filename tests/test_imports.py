@@ -191,7 +191,7 @@ def test_no_module_imports_against_the_direction_of_the_layers() -> None:
         ("server.admin.persona_mapping", "server.evaluation.transfer_table"),
         ("server.app", "server.evaluation.strength_sweep"),
         ("server.transfer.carry", "persona_store.records"),
-        ("server.transfer.generated", "server.serving.model_registry"),
+        ("server.transfer.carry", "server.serving.model_registry"),
         ("server.gguf.model", "server.engine.llamacpp.backend"),
         ("server.api.routes.admin", "server.transfer.strength_calibration"),
         ("server.baking.bake", "server.admin.jobs"),

@@ -145,9 +145,8 @@ def test_effective_rank() -> None:
 
 def test_demo_personas_map_to_the_other_width_by_every_method_with_calibrated_norms() -> None:
     from server.demo.models import load_demo_personas
-    from server.evaluation.transfer_table import _mapped_vectors
     from server.steering.mapping import MappingMethod
-    from server.transfer.maps import ModelShape, fit_maps
+    from server.transfer.maps import ModelShape, fit_maps, map_persona_vectors
 
     llama = {p.name: p for p in load_demo_personas("demo-llama")}
     qwen = {p.name: p for p in load_demo_personas("demo-qwen")}
@@ -157,7 +156,9 @@ def test_demo_personas_map_to_the_other_width_by_every_method_with_calibrated_no
     others = [(llama[o], qwen[o]) for o in ("formal", "silly")]
     source, target = ModelShape(4, 128, (0, 1, 2, 3)), ModelShape(4, 96, (0, 1, 2, 3))
     for method in set(MappingMethod) - {MappingMethod.GENERATED}:  # that one needs served models
-        mapped = _mapped_vectors(method, llama["pirate"], others, maps, source, target)
+        concepts = [(a.vectors, b.vectors) for a, b in others]
+        fitted = maps.for_method(method)  # as the transfer table and the server's map request take it
+        mapped = map_persona_vectors(method, llama["pirate"].vectors, source, target, fitted, concepts)
         # The concept adapter maps the blocks where another persona has a vector too (formal: 0,
         # silly: 1); every other method maps all of pirate's blocks.
         expected = [0, 1] if method is MappingMethod.CONCEPT else sorted(llama["pirate"].vectors)

@@ -60,7 +60,7 @@ async def test_a_persona_carried_by_generated_text_points_where_the_native_one_d
     from server.demo.corpus import training_questions
     from server.demo.models import demo_model_dir, load_demo_personas
     from server.engine.registry import load_backend
-    from server.transfer.generated import GenerationSpec, carry_by_generation
+    from server.transfer.carry import GenerationSpec, carry_by_generation
     from server.transfer.strength_calibration import FLUENT_PERPLEXITY_RATIO
 
     llama, qwen = (load_backend(demo_model_dir(name), name) for name in ("demo-llama", "demo-qwen"))
@@ -212,7 +212,7 @@ async def test_a_persona_carried_from_a_model_to_itself_comes_back_in_direction_
     from server.demo.corpus import training_questions
     from server.demo.models import demo_model_dir, load_demo_personas
     from server.engine.registry import load_backend
-    from server.transfer.generated import GenerationSpec, carry_by_generation
+    from server.transfer.carry import GenerationSpec, carry_by_generation
 
     qwen = load_backend(demo_model_dir("demo-qwen"), "demo-qwen")
     try:

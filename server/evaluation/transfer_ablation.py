@@ -26,7 +26,7 @@ from server.evaluation.strength_sweep import StrengthRow, evaluate_strengths
 from server.evaluation.transfer_table import GENERATION, OVERSHOOT_CAP
 from server.steering.mapping import corresponding_layer
 from server.steering.plan import Positions
-from server.transfer.generated import GenerationSpec, carry_by_generation
+from server.transfer.carry import GenerationSpec, carry_by_generation
 
 DIRECTIONS = (("demo-llama", "demo-qwen"), ("demo-qwen", "demo-phi3"), ("demo-phi3", "demo-llama"))
 PROMPT_COUNTS = (18, 35, 70, 140)
