@@ -39,6 +39,15 @@ TEST_SUPPORT = "testkit"  # helpers for tests and benchmarks; the product never 
 EVALUATION = "server.evaluation"
 EVALUATION_USERS = ("server.evaluation", "server.cli.evaluate", "server.demo.build")
 ENTRY_POINTS = ("server.cli", "server.app", "server.__main__")
+# What the request path stands below: the layers that use it, and the offline work beside them.
+ABOVE_SERVING = (
+    "server.api",
+    "server.admin",
+    "server.transfer",
+    "server.baking",
+    "server.gguf",
+    "server.demo",
+)
 # What a layer may never import, with the reason.
 FORBIDDEN: tuple[tuple[str, tuple[str, ...], str], ...] = (
     (
@@ -48,15 +57,7 @@ FORBIDDEN: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ),
     (
         "server.serving",
-        (
-            "server.api",
-            "server.admin",
-            "server.transfer",
-            "server.baking",
-            "server.gguf",
-            "server.demo",
-            *ENTRY_POINTS,
-        ),
+        (*ABOVE_SERVING, *ENTRY_POINTS),
         "the request path never imports the layers above it, the admin services, nor the demo",
     ),
     (
@@ -71,17 +72,7 @@ FORBIDDEN: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ),
     (
         "server.engine",
-        (
-            "server.serving",
-            "server.api",
-            "server.admin",
-            "server.transfer",
-            "server.baking",
-            "server.gguf",
-            "server.demo",
-            *ENTRY_POINTS,
-            "persona_store",
-        ),
+        ("server.serving", *ABOVE_SERVING, *ENTRY_POINTS, "persona_store"),
         "engines know only steering plans, not requests, personas or stores",
     ),
 )
