@@ -49,10 +49,10 @@ from loadtests.peers import (
     transformers_server,
     vllm_server,
 )
-from server.engine.llamacpp.convert import convert_hf_to_gguf
-from server.testing.personas import random_vector, upload
-from server.testing.server_process import ServerProcess
-from server.testing.tiny_models import build_tiny_model
+from server.gguf.model import convert_hf_to_gguf
+from testkit.personas import random_vector, upload
+from testkit.server_process import ServerProcess
+from testkit.tiny_models import build_tiny_model
 
 HF_MODEL, GGUF_MODEL = "bench-llama", "bench-llama-gguf"
 PERSONAS = 16

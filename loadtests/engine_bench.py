@@ -24,8 +24,8 @@ import torch
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
 from server.steering.plan import SteeringPlan
-from server.testing.round_orders import round_orders
-from server.testing.tiny_models import build_tiny_model
+from testkit.round_orders import round_orders
+from testkit.tiny_models import build_tiny_model
 
 REFERENCE_SIZES = {
     "hidden_size": 512,

@@ -30,10 +30,10 @@ from pathlib import Path
 from loadtests.engine_bench import REFERENCE_SIZES
 from loadtests.interleaved import Condition, print_ratios, print_table, run_interleaved
 from loadtests.peers import check_llama_cpp_runs_to_max_tokens, llama_cpp_server
-from server.engine.llamacpp.convert import convert_hf_to_gguf
-from server.testing.personas import random_vector, upload
-from server.testing.server_process import ServerProcess
-from server.testing.tiny_models import build_tiny_model
+from server.gguf.model import convert_hf_to_gguf
+from testkit.personas import random_vector, upload
+from testkit.server_process import ServerProcess
+from testkit.tiny_models import build_tiny_model
 
 MODEL = "bench-llama"
 PERSONAS = 8

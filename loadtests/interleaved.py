@@ -21,7 +21,7 @@ from typing import Any
 import openai
 
 from loadtests.engine_bench import QUESTIONS
-from server.testing.round_orders import round_orders
+from testkit.round_orders import round_orders
 
 
 @dataclass

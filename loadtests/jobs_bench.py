@@ -28,7 +28,7 @@ import httpx
 import openai
 
 from loadtests.engine_bench import QUESTIONS
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 
 CHAT_MODEL = "demo-llama"
 CONDITIONS = {"no job": None, "bake on the same model": "demo-llama", "bake on another model": "demo-qwen"}
@@ -36,7 +36,7 @@ CONCURRENCY = 4
 MAX_TOKENS = 16
 WARM_UP = 64  # requests before measuring (the first ones of a fresh server are slow)
 MIN_PLAIN_REQUESTS = 64
-# A bake's phases by its job's progress (server/serving/persona_baking.py reports these fractions).
+# A bake's phases by its job's progress (server/baking/bake.py reports these fractions).
 PHASES = [(0.2, "sampling"), (0.8, "training"), (0.85, "writing, loading"), (1.01, "retention")]
 Sample = tuple[float, str]  # a chat's latency, and the bake's phase when it was sent ("-": none)
 

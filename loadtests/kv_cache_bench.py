@@ -21,7 +21,7 @@ from loadtests.engine_bench import REFERENCE_SIZES
 from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.kv_cache import GrowingCache
 from server.engine.hf.runner import ModelRunner
-from server.testing.tiny_models import build_tiny_model
+from testkit.tiny_models import build_tiny_model
 
 BATCH = 8
 CACHES = {"growing in place": GrowingCache, "concatenating (transformers)": DynamicCache}

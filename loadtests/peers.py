@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from loadtests.engine_bench import QUESTIONS
-from server.testing.server_process import free_port
+from testkit.server_process import free_port
 
 
 class PeerProcess:

@@ -35,9 +35,9 @@ from pathlib import Path
 from loadtests.engine_bench import REFERENCE_SIZES
 from loadtests.interleaved import Condition, print_ratios, print_table, run_interleaved
 from loadtests.peers import VLLM_ENV, vllm_server
-from server.testing.personas import random_vector, upload
-from server.testing.server_process import ServerProcess
-from server.testing.tiny_models import build_tiny_model
+from testkit.personas import random_vector, upload
+from testkit.server_process import ServerProcess
+from testkit.tiny_models import build_tiny_model
 
 MODEL = "bench-llama"
 PERSONAS = 32

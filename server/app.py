@@ -14,6 +14,15 @@ from persona_store.base import PersonaStore
 from persona_store.cache import CachingStore
 from persona_store.redis import RedisStore
 from persona_store.sqlite import SQLiteStore
+from server.admin.baked_models import PersonaBakes
+from server.admin.extraction_jobs import PersonaExtraction
+from server.admin.fitting_corpus import DEMO_CORPUS, FittingCorpus
+from server.admin.job_admission import JobLimits
+from server.admin.jobs import JobRegistry
+from server.admin.mapping_fits import MappingFits
+from server.admin.persona_admin import PersonaAdmin
+from server.admin.persona_files import PersonaFiles
+from server.admin.persona_mapping import PersonaMapper
 from server.api.body_limit import MIN_BODY_BYTES, BodySizeLimit, default_body_bytes
 from server.api.errors import AsciiJSONResponse, install_error_handlers
 from server.api.metrics_port import MetricsServer
@@ -25,18 +34,9 @@ from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir, seed_demo_perso
 from server.engine.base import Backend
 from server.engine.registry import load_backend, load_backends
 from server.metrics import Metrics
-from server.serving.background import JobRegistry
 from server.serving.completions import CompletionService, Limits
 from server.serving.engine_supervisor import EngineSupervisor, RestartPolicy
-from server.serving.fitting_corpus import DEMO_CORPUS, FittingCorpus
-from server.serving.job_admission import JobLimits
-from server.serving.mapping_fits import MappingFits
 from server.serving.model_registry import ModelRegistry
-from server.serving.persona_admin import PersonaAdmin
-from server.serving.persona_bakes import PersonaBakes
-from server.serving.persona_extraction import PersonaExtraction
-from server.serving.persona_files import PersonaFiles
-from server.serving.persona_mapping import PersonaMapper
 from server.settings import Settings
 
 logger = logging.getLogger("persona_server")

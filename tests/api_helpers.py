@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.testing import personas
-from server.testing.personas import random_vector  # noqa: F401 - the tests take it from here
+from testkit import personas
+from testkit.personas import random_vector  # noqa: F401 - the tests take it from here
 
 ADMIN_KEY = "admin-secret"
 API_KEY = "api-secret"

@@ -16,9 +16,9 @@ import openai
 import pytest
 
 from server.engine.hf.backend import HFBackend
-from server.engine.llamacpp.convert import convert_hf_to_gguf
-from server.testing.server_process import ServerProcess
-from server.testing.tiny_models import build_tiny_model
+from server.gguf.model import convert_hf_to_gguf
+from testkit.server_process import ServerProcess
+from testkit.tiny_models import build_tiny_model
 from tests.api_helpers import ADMIN_KEY, API_KEY, GGUF, LLAMA, QWEN, random_vector, upload
 from tests.redis_process import RedisProcess
 

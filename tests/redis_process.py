@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from server.testing.server_process import free_port
+from testkit.server_process import free_port
 
 
 class RedisProcess:

@@ -13,7 +13,7 @@ import selectors
 import socket
 import threading
 
-from server.testing.server_process import free_port
+from testkit.server_process import free_port
 
 
 class DeadOnUseProxy:

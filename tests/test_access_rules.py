@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests.api_helpers import assert_openai_error
 
 pytestmark = pytest.mark.integration  # a real uvicorn

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from server.demo.corpus import held_out_questions, training_questions
 from server.demo.models import demo_model_dir
 from server.demo.traits import trait_rate
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests.api_helpers import assert_openai_error
 
 pytestmark = pytest.mark.integration  # a server process, a CLI process

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests.api_helpers import (
     ADMIN_KEY,
     API_KEY,

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from server.testing.server_process import ServerProcess
-from server.testing.tiny_models import build_tiny_model
+from testkit.server_process import ServerProcess
+from testkit.tiny_models import build_tiny_model
 from tests.api_helpers import API_KEY, QUESTION, HealthProbe, assert_openai_error, metric
 
 pytestmark = pytest.mark.integration

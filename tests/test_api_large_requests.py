@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from server.api.protocol import MAX_COMPOSED_PERSONAS, MAX_STOP_STRINGS
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests.api_helpers import API_KEY, LLAMA, QUESTION, HealthProbe, assert_openai_error
 
 pytestmark = pytest.mark.integration

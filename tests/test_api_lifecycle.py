@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, QUESTION, assert_openai_error, random_vector, upload
 
 # Each test starts its own server (and schemathesis against it).

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from persona_store.formats import read_gguf_control_vector, read_safetensors, write_safetensors
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, LLAMA, QWEN, assert_openai_error, random_vector, upload
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

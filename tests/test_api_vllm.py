@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests import openai_field_checks as checks
 from tests.api_helpers import ADMIN_KEY, QUESTION, metric, random_vector, upload
 

@@ -14,7 +14,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.baking.outputs import save_adapter, save_merged
-from server.engine.llamacpp.convert import convert_hf_to_gguf, convert_lora_to_gguf
+from server.gguf.lora import convert_lora_to_gguf
+from server.gguf.model import convert_hf_to_gguf
 from tests.llama_cpp_reference import llama_cpp_logits
 
 pytestmark = pytest.mark.integration  # runs llama.cpp

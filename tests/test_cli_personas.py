@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from persona_store.formats import read_gguf_control_vector
 from server.cli import app
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, LLAMA, random_vector
 
 

@@ -15,12 +15,12 @@ import pytest
 
 from server.demo.corpus import POLES, held_out_questions, training_questions
 from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
-from server.demo.persona_table import PersonaVerdict, evaluate_demo_model, format_table
 from server.demo.train import DEMO_SPECS
 from server.demo.traits import shows_trait
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
-from server.testing.server_process import ServerProcess
+from server.evaluation.persona_table import PersonaVerdict, evaluate_demo_model, format_table
+from testkit.server_process import ServerProcess
 from tests.api_helpers import assert_openai_error
 
 

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 
 from server.app import create_app
 from server.settings import Settings
-from server.testing.server_process import free_port
+from testkit.server_process import free_port
 from tests.api_helpers import metric
 
 pytestmark = pytest.mark.integration

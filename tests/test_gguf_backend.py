@@ -17,9 +17,9 @@ from server.demo.models import demo_model_dir
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams, TokenChunk
 from server.engine.hf.backend import HFBackend
 from server.engine.llamacpp.backend import LlamaCppBackend
-from server.engine.llamacpp.convert import convert_hf_to_gguf
 from server.engine.llamacpp.lane import Lane
 from server.engine.llamacpp.steering import steering_buffer
+from server.gguf.model import convert_hf_to_gguf
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
 from tests.llama_cpp_reference import hf_logits, llama_cpp_logits

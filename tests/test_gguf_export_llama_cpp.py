@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, LLAMA, random_vector, upload
 from tests.llama_cpp_control_vectors import RefusedByLlamaCpp, load_control_vector
 from tests.llama_cpp_reference import hf_logits, llama_cpp_logits

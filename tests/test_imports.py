@@ -1,7 +1,22 @@
-"""The import direction of DESIGN.md, enforced: api -> serving -> {engine, steering, persona_store}.
+"""The import rules of docs/design.md ("Layers and import rules"), enforced.
 
-Every import statement of server/ and persona_store/ is read (function-level ones too, which is
-where lazy imports of optional engines hide) and checked against the rules below.
+The product's layers, each importing only those below it:
+
+- ``server.api`` (HTTP) -> ``server.serving`` (the request path) and ``server.admin`` (operator
+  services and jobs) -> ``server.engine``, ``server.steering``, ``persona_store``;
+- ``server.admin`` also uses ``server.transfer`` (carrying a persona to another model),
+  ``server.baking`` (LoRA bakes) and ``server.gguf`` (GGUF writers, through baking); the request
+  path uses none of them;
+- ``server.transfer`` drives engines and steering maths only: no requests, stores or services;
+- ``server.steering`` is pure maths on vectors; ``server.gguf`` reads HF weights and knows no engine;
+- engines know steering plans, never requests, personas or stores; only ``server.app`` and the engine
+  registry name a concrete engine, and only ``server.app`` a concrete store;
+- ``server.evaluation`` (the measured tables) is never imported by the product: only by
+  ``persona-server eval`` (``server.cli.evaluate``) and the demo build (``server.demo.build``);
+- ``testkit`` (test and benchmark support, not installed) is never imported by the product.
+
+Every import statement of server/, persona_store/ and testkit/ is read (function-level ones too,
+which is where lazy imports of optional engines hide) and checked against the rules below.
 """
 
 from __future__ import annotations
@@ -13,14 +28,67 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = ("server", "persona_store")
+OURS = ("server", "persona_store", "testkit")
+PRODUCT = ("server", "persona_store")
 # Modules that name concrete engines or stores: the composition root and the engine registry.
 COMPOSITION_ROOTS = {"server.app", "server.engine.registry"}
 CONCRETE_ENGINES = ("server.engine.hf", "server.engine.llamacpp")
-ENGINE_TOOLS = {"server.engine.llamacpp.convert"}  # the GGUF writer is a file tool, not an engine
 CONCRETE_STORES = ("persona_store.sqlite", "persona_store.redis")
 LEAVES = {"server.settings", "server.metrics", "server.errors"}  # import nothing of ours
-TEST_SUPPORT = "server.testing"  # helpers for tests and benchmarks; the product never imports them
+TEST_SUPPORT = "testkit"  # helpers for tests and benchmarks; the product never imports them
+EVALUATION = "server.evaluation"
+EVALUATION_USERS = ("server.evaluation", "server.cli.evaluate", "server.demo.build")
+ENTRY_POINTS = ("server.cli", "server.app", "server.__main__")
+# What the request path stands below: the layers that use it, and the offline work beside them.
+ABOVE_SERVING = (
+    "server.api",
+    "server.admin",
+    "server.transfer",
+    "server.baking",
+    "server.gguf",
+    "server.demo",
+)
+# What a layer may never import, with the reason.
+FORBIDDEN: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    (
+        "server.api",
+        ("server.engine", "server.transfer", "server.baking", "server.gguf", "server.demo", *ENTRY_POINTS),
+        "api reaches the engines only through serving and admin",
+    ),
+    (
+        "server.serving",
+        (*ABOVE_SERVING, *ENTRY_POINTS),
+        "the request path never imports the layers above it, the admin services, nor the demo",
+    ),
+    (
+        "server.admin",
+        ("server.api", "server.demo", *ENTRY_POINTS),
+        "admin services never import the HTTP layer, the demo nor the entry points",
+    ),
+    (
+        "server.baking",
+        ("server.api", "server.admin", "server.transfer", "server.demo", *ENTRY_POINTS),
+        "a bake is used by admin and the CLI, and uses neither",
+    ),
+    (
+        "server.engine",
+        ("server.serving", *ABOVE_SERVING, *ENTRY_POINTS, "persona_store"),
+        "engines know only steering plans, not requests, personas or stores",
+    ),
+)
+ALLOWED_ONLY: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("server.steering", ("server.steering", "server.errors"), "steering is pure maths on vectors"),
+    (
+        "server.transfer",
+        ("server.transfer", "server.engine.base", "server.steering", "server.errors"),
+        "transfer carries vectors with engines and steering maths: no requests, stores or services",
+    ),
+    (
+        "server.gguf",
+        ("server.gguf", "server.engine.model_loading"),
+        "the GGUF writers read HF weights: they know no engine, request or store",
+    ),
+)
 
 
 def module_name(path: Path) -> str:
@@ -60,27 +128,20 @@ def violation(importer: str, imported: str) -> str | None:
         return None
     if within(imported, TEST_SUPPORT):
         return "the product never imports its test support"
+    if within(imported, EVALUATION) and not within(importer, *EVALUATION_USERS):
+        return "evaluation code is never imported by the product (only by the eval CLI and the demo build)"
     if importer in LEAVES:
         return "settings, metrics and errors import nothing of ours"
     if within(importer, "persona_store") and within(imported, "server"):
         return "persona_store never imports server"
-    if within(importer, "server.api") and within(
-        imported, "server.engine", "server.demo", "server.cli", "server.app"
-    ):
-        return "api reaches the engines only through serving"
-    if within(importer, "server.serving") and within(
-        imported, "server.api", "server.demo", "server.cli", "server.app"
-    ):
-        return "serving never imports the layers above it nor the demo"
-    if within(importer, "server.engine") and within(
-        imported, "server.serving", "server.api", "server.demo", "server.cli", "server.app", "persona_store"
-    ):
-        return "engines know only steering plans, not requests, personas or stores"
-    if within(importer, "server.steering") and not within(imported, "server.steering", "server.errors"):
-        return "steering is pure maths on vectors"
+    for layer, forbidden, why in FORBIDDEN:
+        if within(importer, layer) and within(imported, *forbidden):
+            return why
+    for layer, allowed, why in ALLOWED_ONLY:
+        if within(importer, layer) and not within(imported, *allowed):
+            return why
     if (
         within(imported, *CONCRETE_ENGINES)
-        and imported not in ENGINE_TOOLS
         and importer not in COMPOSITION_ROOTS
         and not within(importer, *(p for p in CONCRETE_ENGINES if within(imported, p)))
     ):
@@ -115,7 +176,17 @@ def test_no_module_imports_against_the_direction_of_the_layers() -> None:
     ("importer", "imported"),
     [
         ("server.api.routes.openai", "server.engine.base"),
-        ("server.serving.mapping_fits", "server.demo.corpus"),
+        ("server.admin.mapping_fits", "server.demo.corpus"),
+        ("server.serving.completions", "server.admin.jobs"),
+        ("server.serving.personas", "server.transfer.carry"),
+        ("server.admin.persona_mapping", "server.evaluation.transfer_table"),
+        ("server.app", "server.evaluation.strength_sweep"),
+        ("server.transfer.carry", "persona_store.records"),
+        ("server.transfer.carry", "server.serving.model_registry"),
+        ("server.gguf.model", "server.engine.llamacpp.backend"),
+        ("server.api.routes.admin", "server.transfer.strength_calibration"),
+        ("server.baking.bake", "server.admin.jobs"),
+        ("server.cli.serve", "testkit.server_process"),
         ("server.cli.generate", "server.engine.hf.backend"),
         ("persona_store.sqlite", "server.steering.plan"),
         ("server.serving.completions", "persona_store.redis"),
@@ -157,7 +228,7 @@ def module_level_mutables(path: Path) -> Iterator[str]:
 def test_no_module_level_mutable_state() -> None:
     found = [
         finding
-        for package in OURS
+        for package in PRODUCT
         for path in sorted((ROOT / package).rglob("*.py"))
         for finding in module_level_mutables(path)
     ]

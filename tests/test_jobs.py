@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from server.serving.background import Job, JobRegistry
+from server.admin.job_admission import Admission, JobLimits
+from server.admin.jobs import Job, JobRegistry
+from server.baking.low_priority import JOB_NICE, run_low_priority
 from server.serving.errors import JobQueueFull, Overloaded
-from server.serving.job_admission import Admission, JobLimits
-from server.serving.low_priority import JOB_NICE, run_low_priority
 
 
 class Gate:

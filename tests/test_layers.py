@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from server.steering.errors import UnsupportedArchitectureError
 from server.steering.layers import find_decoder_layout
-from server.testing.tiny_models import SUPPORTED_ARCHITECTURES
+from testkit.tiny_models import SUPPORTED_ARCHITECTURES
 
 
 @pytest.mark.parametrize("architecture", SUPPORTED_ARCHITECTURES)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests.api_helpers import API_KEY, LLAMA, metric
 
 REPO = Path(__file__).resolve().parents[1]  # `-m loadtests.load` resolves from here

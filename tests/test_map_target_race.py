@@ -16,12 +16,12 @@ import pytest
 from persona_store.errors import VersionConflict
 from persona_store.records import PersonaDraft, PersonaRecord
 from persona_store.sqlite import SQLiteStore
+from server.admin.fitting_corpus import FittingCorpus
+from server.admin.job_admission import Admission, JobLimits
+from server.admin.persona_admin import PersonaAdmin
+from server.admin.persona_mapping import MapTarget, PersonaMapper
 from server.engine.hf.backend import HFBackend
-from server.serving.fitting_corpus import FittingCorpus
-from server.serving.job_admission import Admission, JobLimits
 from server.serving.model_registry import ModelRegistry
-from server.serving.persona_admin import PersonaAdmin
-from server.serving.persona_mapping import MapTarget, PersonaMapper
 from server.steering.mapping import MappingMethod
 
 SOURCE, TARGET = "tiny-llama", "tiny-qwen"

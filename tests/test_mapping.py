@@ -145,9 +145,8 @@ def test_effective_rank() -> None:
 
 def test_demo_personas_map_to_the_other_width_by_every_method_with_calibrated_norms() -> None:
     from server.demo.models import load_demo_personas
-    from server.demo.transfer import _mapped_vectors
     from server.steering.mapping import MappingMethod
-    from server.steering.persona_transfer import ModelShape, fit_maps
+    from server.transfer.maps import ModelShape, fit_maps, map_persona_vectors
 
     llama = {p.name: p for p in load_demo_personas("demo-llama")}
     qwen = {p.name: p for p in load_demo_personas("demo-qwen")}
@@ -157,7 +156,9 @@ def test_demo_personas_map_to_the_other_width_by_every_method_with_calibrated_no
     others = [(llama[o], qwen[o]) for o in ("formal", "silly")]
     source, target = ModelShape(4, 128, (0, 1, 2, 3)), ModelShape(4, 96, (0, 1, 2, 3))
     for method in set(MappingMethod) - {MappingMethod.GENERATED}:  # that one needs served models
-        mapped = _mapped_vectors(method, llama["pirate"], others, maps, source, target)
+        concepts = [(a.vectors, b.vectors) for a, b in others]
+        fitted = maps.for_method(method)  # as the transfer table and the server's map request take it
+        mapped = map_persona_vectors(method, llama["pirate"].vectors, source, target, fitted, concepts)
         # The concept adapter maps the blocks where another persona has a vector too (formal: 0,
         # silly: 1); every other method maps all of pirate's blocks.
         expected = [0, 1] if method is MappingMethod.CONCEPT else sorted(llama["pirate"].vectors)
@@ -173,7 +174,7 @@ def test_demo_personas_map_to_the_other_width_by_every_method_with_calibrated_no
 def test_a_learned_method_without_its_map_and_an_unmappable_persona_are_refused() -> None:
     from server.steering.errors import SteeringError
     from server.steering.mapping import MappingError, MappingMethod
-    from server.steering.persona_transfer import ModelShape, map_persona_vectors
+    from server.transfer.maps import ModelShape, map_persona_vectors
 
     shape = ModelShape(4, 8, (1, 2, 3))  # a GGUF-like target: block 0 cannot be steered
     vectors = {0: np.ones(8, np.float32)}
@@ -189,8 +190,8 @@ def test_a_learned_method_without_its_map_and_an_unmappable_persona_are_refused(
 
 
 def test_the_shipped_fitting_corpus_is_the_demo_corpus_and_jsonl_reads(tmp_path: Path) -> None:
+    from server.admin.fitting_corpus import DEMO_CORPUS, CorpusError, FittingCorpus
     from server.demo.corpus import neutral_texts
-    from server.serving.fitting_corpus import DEMO_CORPUS, CorpusError, FittingCorpus
 
     shipped = FittingCorpus.load(DEMO_CORPUS)
     assert shipped.name == "demo-neutral.txt" and list(shipped.texts) == neutral_texts()
@@ -207,7 +208,7 @@ def test_the_shipped_fitting_corpus_is_the_demo_corpus_and_jsonl_reads(tmp_path:
 def test_the_transfer_plot_is_a_png_with_a_row_per_three_panels() -> None:
     from matplotlib.image import imread
 
-    from server.serving.mapping_plots import transfer_png
+    from server.evaluation.plots import transfer_png
 
     def points(persona: str) -> list[dict[str, object]]:
         return [{"source": "a", "target": "b", "persona": persona, "condition": c, "perplexity": 1.5 + i,

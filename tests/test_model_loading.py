@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from server.demo.models import demo_model_dir
 from server.engine.hf.backend import HFBackend
-from server.engine.llamacpp.convert import convert_hf_to_gguf
+from server.gguf.model import convert_hf_to_gguf
 
 DEMO_MODELS = ("demo-llama", "demo-phi3", "demo-qwen")  # all three tie their embeddings
 ROUNDS = 3  # one round of six broke the old code about four times in five; three almost always

@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests import openai_field_checks as checks
 from tests.api_helpers import GGUF, LLAMA, random_vector, upload
 

@@ -288,8 +288,8 @@ def test_rules_between_fields_are_stated(schema: dict[str, Any]) -> None:
 
 
 def test_the_served_models_bound_their_requests(schema: dict[str, Any]) -> None:
+    from server.admin.persona_admin import largest_value
     from server.api.openapi_rules import Served, add_served_bounds
-    from server.serving.persona_admin import largest_value
 
     served = Served(steerable_layers=[1, 2], blocks=3, hidden_sizes=(64, 64), max_strength=50.0,
                     max_tokens_cap=16, default_max_tokens=8, max_answers=4, constrained_decoding=False,

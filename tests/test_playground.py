@@ -19,7 +19,7 @@ from safetensors.numpy import load
 
 from server.demo.models import demo_model_dir
 from server.demo.traits import shows_trait
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 
 pytestmark = pytest.mark.integration  # a server process and a browser process
 

@@ -22,7 +22,7 @@ import openai
 import pytest
 import yaml
 
-from server.testing.server_process import ServerProcess, free_port
+from testkit.server_process import ServerProcess, free_port
 from tests.api_helpers import QUESTION, random_vector, upload
 
 pytestmark = pytest.mark.integration  # real uvicorn and prometheus

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.testing.server_process import ServerProcess
+from testkit.server_process import ServerProcess
 from tests.api_helpers import QUESTION, assert_openai_error, metric, random_vector, upload
 from tests.redis_process import RedisProcess
 from tests.tcp_proxy import DeadOnUseProxy

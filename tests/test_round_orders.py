@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.testing.round_orders import round_orders
+from testkit.round_orders import round_orders
 
 
 def test_each_round_runs_every_condition_once_and_neighbours_change() -> None:

@@ -25,7 +25,7 @@ from server.serving.errors import ModelNotFound, Overloaded, RequestRejected
 from server.serving.model_registry import ModelRegistry
 from server.serving.requests import ChatMessage, CompletionJob, PersonaTerm, SteeringOverride
 from server.steering.errors import SteeringError
-from server.testing.personas import random_vector
+from testkit.personas import random_vector
 
 MODEL = "tiny-llama"  # the conftest's llama_backend serves under this id
 LIMITS = Limits(max_tokens_cap=64, default_max_tokens=7, max_strength=20.0)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.runner import ModelRunner
 from server.steering.plan import Positions, SteeringPlan
-from server.testing.tiny_models import SUPPORTED_ARCHITECTURES
+from testkit.tiny_models import SUPPORTED_ARCHITECTURES
 
 PROMPT = [5, 17, 42, 9, 100, 23, 7]
 LAYER = 1

@@ -1,5 +1,5 @@
 """The test suite and the benchmarks stand apart: neither imports the other. What both need lives in
-``server.testing`` (test_imports.py keeps the product from importing that)."""
+``testkit`` (test_imports.py keeps the product from importing that)."""
 
 from __future__ import annotations
 
@@ -28,4 +28,4 @@ def test_tests_and_loadtests_do_not_import_each_other(folder: str, other: str) -
         for path in sorted((ROOT / folder).rglob("*.py"))
         if (bad := {m for m in imported_modules(path) if m == other or m.startswith(f"{other}.")})
     }
-    assert offenders == {}, f"{folder}/ imports {other}/; move what both need into server/testing/"
+    assert offenders == {}, f"{folder}/ imports {other}/; move what both need into testkit/"

@@ -3,7 +3,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerFast
 
 from server.engine.text_stream import TextStream
-from server.testing.tiny_models import build_tokenizer
+from testkit.tiny_models import build_tokenizer
 
 TOKENIZER: PreTrainedTokenizerFast = build_tokenizer()
 

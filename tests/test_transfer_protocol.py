@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from server.admin.fitting_corpus import DEMO_CORPUS, FittingCorpus
 from server.demo.corpus import PERSONAS, neutral_texts
-from server.demo.intervals import Interval, transfer_interval
 from server.demo.traits import trait_rate
-from server.serving.fitting_corpus import DEMO_CORPUS, FittingCorpus
+from server.evaluation.intervals import Interval, transfer_interval
 
 
 def test_the_default_corpus_is_the_shipped_one_and_each_left_out_style_is_absent() -> None:
@@ -60,8 +60,8 @@ async def test_a_persona_carried_by_generated_text_points_where_the_native_one_d
     from server.demo.corpus import training_questions
     from server.demo.models import demo_model_dir, load_demo_personas
     from server.engine.registry import load_backend
-    from server.serving.generated_transfer import GenerationSpec, carry_by_generation
-    from server.serving.strength_calibration import FLUENT_PERPLEXITY_RATIO
+    from server.transfer.carry import GenerationSpec, carry_by_generation
+    from server.transfer.strength_calibration import FLUENT_PERPLEXITY_RATIO
 
     llama, qwen = (load_backend(demo_model_dir(name), name) for name in ("demo-llama", "demo-qwen"))
     try:
@@ -101,7 +101,7 @@ async def test_a_persona_carried_by_generated_text_points_where_the_native_one_d
 
 
 def test_the_calibrated_scale_is_the_first_fluent_step_that_reaches_the_source() -> None:
-    from server.serving.strength_calibration import CalibrationStep, chosen_scale
+    from server.transfer.strength_calibration import CalibrationStep, chosen_scale
 
     def ladder(*steps: tuple[float, float, float]) -> list[CalibrationStep]:
         return [CalibrationStep(*step) for step in steps]
@@ -119,9 +119,9 @@ def test_the_calibrated_scale_is_the_first_fluent_step_that_reaches_the_source()
 
 
 def test_the_ablation_table_and_plot_average_each_setting_over_the_cells() -> None:
-    from server.demo.intervals import Interval
-    from server.demo.transfer_ablation import AblationPoint, format_ablation_table
-    from server.serving.mapping_plots import ablation_png
+    from server.evaluation.intervals import Interval
+    from server.evaluation.plots import ablation_png
+    from server.evaluation.transfer_ablation import AblationPoint, format_ablation_table
 
     def point(ablation: str, persona: str, setting: int, transfer: float) -> AblationPoint:
         return AblationPoint(ablation, "demo-llama", "demo-qwen", persona, setting,
@@ -138,9 +138,9 @@ def test_the_ablation_table_and_plot_average_each_setting_over_the_cells() -> No
 
 
 def test_the_transfer_table_compares_each_forecast_with_the_measured_transfer() -> None:
-    from server.demo.intervals import Interval
-    from server.demo.transfer import TransferRow, format_transfer_table, transfer_record
-    from server.serving.strength_sweep import StrengthRow
+    from server.evaluation.intervals import Interval
+    from server.evaluation.strength_sweep import StrengthRow
+    from server.evaluation.transfer_table import TransferRow, format_transfer_table, transfer_record
 
     row = StrengthRow("pirate", 2.0, 0.5, 1.3, 0.9, 0.0, "arr")
 
@@ -164,8 +164,8 @@ def test_the_transfer_table_compares_each_forecast_with_the_measured_transfer() 
 @pytest.mark.integration
 async def test_the_table_scores_the_generated_persona_at_the_stored_default() -> None:
     from server.demo.models import demo_model_dir, load_demo_personas
-    from server.demo.transfer import TransferRun, transfer_table
     from server.engine.registry import load_backend
+    from server.evaluation.transfer_table import TransferRun, transfer_table
     from server.steering.mapping import MappingMethod
 
     models = ("demo-llama", "demo-qwen")
@@ -197,7 +197,7 @@ async def test_the_table_scores_the_generated_persona_at_the_stored_default() ->
 
 
 def test_the_mean_interval_leaves_out_cells_without_an_estimate() -> None:
-    from server.demo.intervals import Interval, mean_interval
+    from server.evaluation.intervals import Interval, mean_interval
 
     nan = float("nan")
     mean = mean_interval([Interval(0.4, 0.2, 0.6), Interval(0.8, 0.6, 1.0), Interval(nan, nan, nan)])
@@ -212,7 +212,7 @@ async def test_a_persona_carried_from_a_model_to_itself_comes_back_in_direction_
     from server.demo.corpus import training_questions
     from server.demo.models import demo_model_dir, load_demo_personas
     from server.engine.registry import load_backend
-    from server.serving.generated_transfer import GenerationSpec, carry_by_generation
+    from server.transfer.carry import GenerationSpec, carry_by_generation
 
     qwen = load_backend(demo_model_dir("demo-qwen"), "demo-qwen")
     try:

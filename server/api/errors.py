@@ -14,10 +14,10 @@ from starlette.responses import JSONResponse
 
 from persona_store.errors import MappingNotFound, PersonaNotFound, StoreUnavailable, VersionConflict
 from persona_store.formats import FormatError
+from server.admin.jobs import JobNotFound
 from server.api.allow import allow_header
 from server.api.params import field_path, telling_errors
 from server.errors import EngineDied, EngineFault, InvalidRequest
-from server.serving.background import JobNotFound
 from server.serving.errors import (
     EngineRestarting,
     ModelExists,

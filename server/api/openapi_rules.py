@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI
 
-from server.serving.persona_admin import largest_value
+from server.admin.persona_admin import largest_value
 
 Schema = dict[str, Any]
 _NULL = {"type": "null"}

@@ -28,10 +28,10 @@ def bake(
     """Distil the model steered by a persona into a LoRA adapter (KL on the steered model's answers)."""
     from tqdm import tqdm
 
+    from server.baking.bake import BakeOrder, bake_persona
     from server.baking.distill import BakeSpec
     from server.cli.bake_inputs import load_persona, model_source, prompts
     from server.engine.registry import load_backend
-    from server.serving.persona_baking import BakeOrder, bake_persona
 
     source, model_id = model_source(model)
     baked_id = name or f"{model_id}+{persona}"

@@ -45,6 +45,6 @@ async def load_persona(store_url: str | None, model_id: str, name: str) -> Perso
 def prompts(prompts_file: Path | None) -> list[str]:
     if prompts_file is not None:
         return [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
-    from server.serving.fitting_corpus import DEMO_CORPUS, FittingCorpus
+    from server.admin.fitting_corpus import DEMO_CORPUS, FittingCorpus
 
     return list(FittingCorpus.load(DEMO_CORPUS).texts)

@@ -13,7 +13,7 @@ def convert(
     output: Annotated[Path, typer.Argument(dir_okay=False, help="The GGUF file to write.")],
 ) -> None:
     """Write a local HF Llama/Mistral/Qwen2 checkpoint as an F32 GGUF file of the same weights."""
-    from server.engine.llamacpp.convert import ConversionError, convert_hf_to_gguf
+    from server.gguf.model import ConversionError, convert_hf_to_gguf
 
     try:
         written = convert_hf_to_gguf(model_dir, output)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from server.demo.transfer import TransferRun
+    from server.evaluation.transfer_table import TransferRun
 
 
 def evaluate(
@@ -87,7 +87,7 @@ async def _on_demo_models(work: Any) -> None:
 
 
 async def _persona_table(backends: dict[str, Any], samples: int) -> None:
-    from server.demo.persona_table import evaluate_demo_model, format_table
+    from server.evaluation.persona_table import evaluate_demo_model, format_table
 
     verdicts = []
     for name, backend in backends.items():
@@ -102,7 +102,7 @@ def _progress(line: str) -> None:
 def _transfer_run(
     samples: int, methods: list[str] | None, personas: list[str] | None, at_default_only: bool
 ) -> TransferRun:
-    from server.demo.transfer import SWEEP, TransferRun
+    from server.evaluation.transfer_table import SWEEP, TransferRun
     from server.steering.mapping import MappingMethod
 
     known = {method.value for method in MappingMethod}
@@ -127,8 +127,8 @@ def _write(records: list[dict[str, Any]], json_out: Path | None, plot: Path | No
 async def _transfer(
     backends: dict[str, Any], run: TransferRun, json_out: Path | None, plot: Path | None
 ) -> None:
-    from server.demo.transfer import format_transfer_table, transfer_record, transfer_table
-    from server.serving.mapping_plots import transfer_png
+    from server.evaluation.plots import transfer_png
+    from server.evaluation.transfer_table import format_transfer_table, transfer_record, transfer_table
 
     rows = await transfer_table(backends, run, progress=_progress)
     typer.echo(format_transfer_table(rows))
@@ -137,8 +137,8 @@ async def _transfer(
 
 
 async def _ablation(backends: dict[str, Any], samples: int, json_out: Path | None, plot: Path | None) -> None:
-    from server.demo.transfer_ablation import format_ablation_table, transfer_ablations
-    from server.serving.mapping_plots import ablation_png
+    from server.evaluation.plots import ablation_png
+    from server.evaluation.transfer_ablation import format_ablation_table, transfer_ablations
 
     points = await transfer_ablations(backends, samples=samples, progress=_progress)
     typer.echo(format_ablation_table(points))
@@ -148,8 +148,8 @@ async def _ablation(backends: dict[str, Any], samples: int, json_out: Path | Non
 async def _bake(
     backends: dict[str, Any], samples: int, steps: int, personas: list[str] | None, json_out: Path | None
 ) -> None:
-    from server.demo.bake_table import BakeRun, format_bake_table, persona_bake_cells
     from server.demo.models import load_demo_personas
+    from server.evaluation.bake_table import BakeRun, format_bake_table, persona_bake_cells
 
     run, cells = BakeRun(samples=samples, steps=steps), []
     for model, backend in backends.items():
@@ -163,7 +163,7 @@ async def _bake(
 async def _closed_loop(
     backends: dict[str, Any], samples: int, personas: list[str] | None, json_out: Path | None
 ) -> None:
-    from server.demo.closed_loop_table import LoopRun, closed_loop_rows, format_loop_table
+    from server.evaluation.closed_loop_table import LoopRun, closed_loop_rows, format_loop_table
 
     rows = []
     for model, backend in backends.items():

@@ -32,9 +32,9 @@ def extract(
     """Extract a persona vector from contrastive system prompts (Chen et al. 2025) with a progress bar."""
     from tqdm import tqdm
 
+    from server.admin.extraction import ExtractionSpec
+    from server.admin.extraction import extract as run_extraction
     from server.engine.registry import load_backend
-    from server.serving.extraction import ExtractionSpec
-    from server.serving.extraction import extract as run_extraction
 
     questions = list(question or [])
     if questions_file is not None:

@@ -18,15 +18,15 @@ from typing import Any
 
 from tqdm import tqdm
 
+from server.admin.extraction import ExtractionSpec, extract
 from server.demo.corpus import PERSONAS, POLES, training_questions
 from server.demo.models import PERSONAS_FILE, demo_model_dir
-from server.demo.persona_table import evaluate_demo_model, format_table
 from server.demo.train import DEMO_SPECS, train_demo
 from server.demo.traits import trait_rate
 from server.engine.base import Backend
 from server.engine.registry import load_backend
-from server.serving.extraction import ExtractionSpec, extract
-from server.serving.strength_sweep import StrengthRow, evaluate_strengths
+from server.evaluation.persona_table import evaluate_demo_model, format_table
+from server.evaluation.strength_sweep import StrengthRow, evaluate_strengths
 from server.steering.plan import Positions
 
 # Calibration tries each block alone, and all blocks but the last together, at these strengths.

@@ -41,7 +41,7 @@ class MappingMethod(StrEnum):
     INTERPOLATE = "interpolate"
     RANDOM = "random"
     # Through text: the source writes with and without the persona, the target reads both
-    # (serving/generated_transfer.py); it needs both models served, not a fitted map.
+    # (transfer/generated.py); it needs both models served, not a fitted map.
     GENERATED = "generated"
 
 

@@ -11,6 +11,14 @@ from pydantic import FiniteFloat
 
 from persona_store.mappings import MAPPING_ID_PATTERN
 from persona_store.records import PERSONA_NAME_PATTERN
+from server.admin.baked_models import BakeOptions
+from server.admin.extraction import ExtractionSpec
+from server.admin.extraction_prompts import check_extraction_fits
+from server.admin.mapping_fits import MappingFits
+from server.admin.mapping_plots import calibration_png, diagnostics_png
+from server.admin.persona_admin import PersonaAdmin
+from server.admin.persona_files import ImportOptions, PersonaFiles, VectorFormat
+from server.admin.persona_mapping import MapTarget, PersonaMapper
 from server.api.auth import require_admin
 from server.api.errors import APIError
 from server.api.json_types import JSON_SAFE_INTEGER
@@ -35,15 +43,6 @@ from server.api.resources import (
     PersonaWithVectors,
 )
 from server.serving.errors import RequestRejected
-from server.serving.extraction import ExtractionSpec
-from server.serving.extraction_fit import check_extraction_fits
-from server.serving.mapping_fits import MappingFits
-from server.serving.mapping_plots import calibration_png, diagnostics_png
-from server.serving.persona_admin import PersonaAdmin
-from server.serving.persona_bakes import BakeOptions
-from server.serving.persona_files import ImportOptions, PersonaFiles, VectorFormat
-from server.serving.persona_mapping import MapTarget, PersonaMapper
-from server.serving.strength_calibration import FLUENT_PERPLEXITY_RATIO
 from server.steering.plan import Positions
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], responses=errors(401, 403))
@@ -336,7 +335,7 @@ async def persona_calibration(name: NameParam, model: Annotated[str, Query()], r
         raise APIError(404, message + "by the generated method has one)", "invalid_request_error")
     source = f"'{persona['provenance'].get('source_name')}' on '{persona['provenance'].get('source_model')}'"
     title = f"{name} on {model}, mapped from {source}"
-    png = await asyncio.to_thread(calibration_png, calibration, FLUENT_PERPLEXITY_RATIO, title)
+    png = await asyncio.to_thread(calibration_png, calibration, title)
     return Response(png, media_type="image/png")
 
 

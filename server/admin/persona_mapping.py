@@ -1,38 +1,31 @@
 """Carrying a stored persona to another served model with a stored map, and storing the result.
 
-The method dispatch and strength calibration live in ``steering.persona_transfer``: this service
-finds the records (the persona, the map, the concept personas) and stores the mapped persona with
-its provenance, never over another persona by accident: a persona already under the target name
-is replaced only when it was itself mapped from the same source persona and model, or when asked.
+The carrying itself, by any method, is ``server.transfer.carry.carry_persona`` (the evaluation's
+transfer table calls it too): this service finds the records (the persona, the map, the concept
+personas) and stores the mapped persona with its provenance, never over another persona by
+accident: a persona already under the target name is replaced only when it was itself mapped from
+the same source persona and model, or when asked.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-
-import numpy as np
 
 from persona_store.base import ABSENT, PersonaStore
 from persona_store.errors import PersonaNotFound
 from persona_store.mappings import MappingRecord
 from persona_store.records import PersonaInfo, PersonaRecord
-from server.engine.base import ModelInfo
+from server.admin.fitting_corpus import FittingCorpus
+from server.admin.job_admission import Admission
+from server.admin.mapping_fits import check_distinct, check_mapping_id
+from server.admin.persona_admin import PersonaAdmin
 from server.serving.errors import PersonaExists, RequestRejected
-from server.serving.fitting_corpus import FittingCorpus
-from server.serving.generated_transfer import GenerationSpec, carry_by_generation
-from server.serving.job_admission import Admission
-from server.serving.mapping_fits import check_distinct, check_mapping_id
 from server.serving.model_registry import ModelRegistry
-from server.serving.persona_admin import PersonaAdmin
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingMethod
-from server.steering.persona_transfer import (
-    LEARNED_METHODS,
-    ConceptPair,
-    FittedMap,
-    ModelShape,
-    map_persona_vectors,
-)
+from server.transfer.carry import CarriedPersona, GenerationSpec, SourcePersona, carry_persona, drives_models
+from server.transfer.maps import LEARNED_METHODS, ConceptPair, FittedMap, map_kind
 
 
 def fitted_map(record: MappingRecord) -> FittedMap:
@@ -45,10 +38,6 @@ def fitted_map(record: MappingRecord) -> FittedMap:
         source_norms={int(b): float(n) for b, n in metadata.get("source_norms", {}).items()},
         target_norms={int(b): float(n) for b, n in metadata.get("target_norms", {}).items()},
     )
-
-
-def model_shape(info: ModelInfo) -> ModelShape:
-    return ModelShape(info.num_layers, info.hidden_size, tuple(info.steerable_layers))
 
 
 @dataclass(frozen=True)
@@ -81,13 +70,6 @@ def describe_provenance(info: PersonaInfo) -> str:
     return f"mapped from '{provenance.get('source_name', info.name)}' on '{provenance.get('source_model')}'"
 
 
-# How many texts of the fitting corpus the generated method's source answers (twice each), and how
-# many of them the target answers per calibration step. Few suffice: on the demo models 18 prompts
-# carried as much as 140 (README, ablations), and the map request waits for all of it.
-GENERATION_PROMPTS = 48
-CALIBRATION_PROMPTS = 24
-
-
 class PersonaMapper:
     def __init__(
         self,
@@ -101,9 +83,7 @@ class PersonaMapper:
         self._store = store
         self._admin = admin
         self._admission = admission
-        self._generation = GenerationSpec(
-            prompts=corpus.texts[:GENERATION_PROMPTS], calibration_prompts=CALIBRATION_PROMPTS
-        )
+        self._generation = GenerationSpec.server_default(corpus.texts)
 
     async def map_persona(
         self, name: str, source_model: str, target: MapTarget, mapping_id: str | None, method: MappingMethod
@@ -119,11 +99,12 @@ class PersonaMapper:
         # the write expects the version seen here, so a persona written to the target meanwhile is a
         # 409 version_conflict, never silently replaced.
         expected = None if target.replace else await self._expected_target(name, source_model, target)
-        layers, calibration = await self._map_vectors(record, source_model, target.model, mapping, method)
+        carried = await self._carry(record, source_model, target.model, mapping, method)
+        calibration = carried.provenance()
         return await self._admin.put(
             name=target.name,
             model=target.model,
-            layers={block: vector.tolist() for block, vector in layers.items()},
+            layers={block: vector.tolist() for block, vector in carried.vectors.items()},
             default_strength=record.info.default_strength,
             description=record.info.description,
             default_positions=record.info.default_positions,
@@ -161,8 +142,7 @@ class PersonaMapper:
         """The stored mapping the method goes through: required by a learned method, else optional."""
         # A learned method applies its own map; the others use the ridge fit (if any) for target
         # blocks and norm calibration.
-        wanted = method.value if method in LEARNED_METHODS else MappingMethod.RIDGE.value
-        mapping = await self._mapping_for(source_model, target_model, wanted, mapping_id)
+        mapping = await self._mapping_for(source_model, target_model, map_kind(method), mapping_id)
         if mapping is None and method in LEARNED_METHODS:
             raise RequestRejected(
                 f"no {method.value} mapping from '{source_model}' to '{target_model}': fit one with "
@@ -171,38 +151,34 @@ class PersonaMapper:
             )
         return mapping
 
-    async def _map_vectors(
+    async def _carry(
         self,
         record: PersonaRecord,
         source_model: str,
         target_model: str,
         mapping: MappingRecord | None,
         method: MappingMethod,
-    ) -> tuple[dict[int, np.ndarray], dict[str, object] | None]:
-        """The persona's vectors on the target model by target block, and how their scale was
-        calibrated on the target (the generated method; the maps' vectors are norm-calibrated only)."""
+    ) -> CarriedPersona:
+        """The persona carried to the target model by ``method`` (``carry_persona``)."""
         info = record.info
-        if method is MappingMethod.GENERATED:
-            # Both models generate and read for a while, as a job does: it waits for a turn among
-            # the jobs (429 past their queue), the other methods are arithmetic on stored vectors.
-            async with self._admission.turn("map", (source_model, target_model)):
-                carried = await carry_by_generation(
-                    self._registry.get(source_model), self._registry.get(target_model), record.vectors,
-                    info.default_strength, info.default_positions, self._generation,
-                )  # fmt: skip
-            return carried.vectors, carried.provenance()
         concepts = (
-            await self._concept_pairs(record.info.name, source_model, target_model)
+            await self._concept_pairs(info.name, source_model, target_model)
             if method is MappingMethod.CONCEPT
             else []
         )
-        vectors = map_persona_vectors(
-            method, record.vectors,
-            model_shape(self._registry.get(source_model).info),
-            model_shape(self._registry.get(target_model).info),
-            fitted=None if mapping is None else fitted_map(mapping), concepts=concepts,
-        )  # fmt: skip
-        return vectors, None
+        # A method that drives both models generates and reads for a while, as a job does: it waits
+        # for a turn among the jobs (429 past their queue); the others are arithmetic on stored vectors.
+        models = (source_model, target_model)
+        async with self._admission.turn("map", models) if drives_models(method) else nullcontext():
+            return await carry_persona(
+                method,
+                SourcePersona(record.vectors, info.default_strength, info.default_positions),
+                self._registry.get(source_model),
+                self._registry.get(target_model),
+                generation=self._generation,
+                fitted=None if mapping is None else fitted_map(mapping),
+                concepts=concepts,
+            )
 
     async def _mapping_for(
         self, source_model: str, target_model: str, method: str, mapping_id: str | None

@@ -8,7 +8,7 @@ from server.demo.corpus import held_out_questions
 from server.demo.models import load_demo_personas
 from server.demo.traits import trait_rate
 from server.engine.base import Backend
-from server.serving.strength_sweep import StrengthRow, evaluate_strengths
+from server.evaluation.strength_sweep import StrengthRow, evaluate_strengths
 from server.steering.plan import Positions
 
 

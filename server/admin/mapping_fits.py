@@ -1,7 +1,7 @@
 """Operator work on maps between models: fit one (a background job), list, read and delete them.
 
 A fit reads the same texts through both models, fits a ridge map per source block (lambda by
-cross-validation) and an orthogonal Procrustes map beside it (``steering.persona_transfer.fit_maps``),
+cross-validation) and an orthogonal Procrustes map beside it (``transfer.maps.fit_maps``),
 and stores both with their diagnostics, the corpus they were fitted on and each model's typical
 residual norm per block (used to calibrate strengths when a persona is mapped).
 """
@@ -16,14 +16,14 @@ import numpy as np
 
 from persona_store.base import PersonaStore
 from persona_store.mappings import MappingDraft, MappingInfo, is_valid_mapping_id
+from server.admin.fitting_corpus import FittingCorpus
+from server.admin.jobs import Job, JobRegistry
 from server.engine.base import ModelInfo
-from server.serving.background import Job, JobRegistry
 from server.serving.errors import RequestRejected
-from server.serving.fitting_corpus import FittingCorpus
 from server.serving.model_registry import ModelRegistry
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingError, corresponding_layer
-from server.steering.persona_transfer import FittedMap, FittedMaps, fit_maps
+from server.transfer.maps import FittedMap, FittedMaps, fit_maps
 
 MIN_TEXTS = 16
 MAX_TEXTS = 20_000

@@ -1,8 +1,7 @@
-"""Carrying one persona to another model: fit the maps, dispatch on the method, calibrate strengths.
-
-This is the one path a mapped persona takes. The server's ``POST /admin/personas/{name}/map`` and the
-demo's transfer table (``persona-server eval --transfer``) both call ``fit_maps`` and
-``map_persona_vectors``, so the table measures exactly what the server stores.
+"""The arithmetic of carrying a persona: fit the maps between two models, and carry a persona's
+vectors by a method that works on stored vectors (every method but generated, which drives both
+models: ``carry.py``). The server's mapping fits (``POST /admin/mappings``) and the evaluation's
+transfer table both call ``fit_maps``; every method is chosen in ``carry.carry_persona``.
 
 Rules, whatever the method:
 - source block b goes to the fitted map's target block for b when a map is given, else to the
@@ -73,6 +72,16 @@ class FittedMaps:
     ridge: FittedMap
     procrustes: FittedMap
     ridge_fits: dict[int, RidgeFit]  # per source block, for the diagnostics
+
+    def for_method(self, method: MappingMethod) -> FittedMap:
+        """The map ``method`` goes through (``map_kind``)."""
+        return self.procrustes if map_kind(method) == MappingMethod.PROCRUSTES.value else self.ridge
+
+
+def map_kind(method: MappingMethod) -> str:
+    """The kind of fitted map a method goes through: a learned method applies its own; the others
+    take target blocks and norm calibration from the ridge fit, when there is one."""
+    return method.value if method in LEARNED_METHODS else MappingMethod.RIDGE.value
 
 
 def fit_maps(

@@ -1,12 +1,18 @@
-"""Carrying a persona through generated text: the source model answers with the persona and without,
-the target model reads both sets of answers as its own answers to the same prompts, and the
-difference of its mean block outputs over the answer tokens is the persona on the target.
+"""Carrying a persona to another model, by any method: ``carry_persona``, the one function the
+server's map request (``server.admin.persona_mapping``) and the evaluation's transfer table
+(``server.evaluation.transfer_table``) call, so the table measures exactly what the server stores.
+A method that works on stored vectors (a fitted map, zero padding, interpolation, a random
+rotation, the concept adapter) is arithmetic (``maps.py``); the generated method, here, drives both
+models.
 
-This is extraction on the target (a difference of means over answer tokens, as in Chen et al.), with
-the contrast written by the steered source instead of by system prompts: the target's own native
-vector is never used, only the source persona, the source model and the target reading text. Unlike a
-linear map fitted on neutral texts, it needs no text that already carries the persona's style, which
-is why it carries directions a map never saw (README, "Transfer table").
+The generated method: the source model answers with the persona and without, the target model reads
+both sets of answers as its own answers to the same prompts, and the difference of its mean block
+outputs over the answer tokens is the persona on the target. This is extraction on the target (a
+difference of means over answer tokens, as in Chen et al.), with the contrast written by the steered
+source instead of by system prompts: the target's own native vector is never used, only the source
+persona, the source model and the target reading text. Unlike a linear map fitted on neutral texts,
+it needs no text that already carries the persona's style, which is why it carries directions a map
+never saw (README, "Transfer table").
 
 The target reads each answer after the prompt in its chat template, as extraction reads its own
 answers: read as bare text, the same answers gave directions further from the native persona's
@@ -16,16 +22,23 @@ answers: read as bare text, the same answers gave directions further from the na
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
-from server.serving.strength_calibration import StrengthCalibration, calibrate_scale, read_unsteered
+from server.engine.base import Backend, ChatMessage, GenerationRequest, ModelInfo, SamplingParams
 from server.steering.errors import SteeringError
-from server.steering.mapping import calibrate, corresponding_layer
+from server.steering.mapping import MappingMethod, calibrate, corresponding_layer
 from server.steering.plan import Positions, SteeringPlan
+from server.transfer.maps import ConceptPair, FittedMap, ModelShape, map_persona_vectors
+from server.transfer.strength_calibration import StrengthCalibration, calibrate_scale, read_unsteered
+
+# The server's generated method: how many texts of the fitting corpus the source answers (twice
+# each), and how many of them the target answers per calibration step. Few suffice: on the demo
+# models 18 prompts carried as much as 140 (README, ablations), and the map request waits for all of it.
+GENERATION_PROMPTS = 48
+CALIBRATION_PROMPTS = 24
 
 
 @dataclass(frozen=True)
@@ -47,16 +60,39 @@ class GenerationSpec:
         """Every k-th prompt, ``calibration_prompts`` of them at most, spread over the whole list."""
         return self.prompts[:: max(1, -(-len(self.prompts) // self.calibration_prompts))]
 
+    @classmethod
+    def server_default(cls, texts: Sequence[str]) -> GenerationSpec:
+        """The server's spec: the first ``GENERATION_PROMPTS`` texts of its fitting corpus."""
+        return cls(prompts=tuple(texts[:GENERATION_PROMPTS]), calibration_prompts=CALIBRATION_PROMPTS)
+
+
+@dataclass(frozen=True)
+class SourcePersona:
+    """What is carried: the persona's vectors on the source (block -> vector), and the strength and
+    positions it is used at by default (the carried persona keeps them)."""
+
+    vectors: Mapping[int, np.ndarray]
+    default_strength: float
+    default_positions: str
+
 
 @dataclass(frozen=True)
 class CarriedPersona:
-    vectors: dict[int, np.ndarray]  # target block -> vector, at the calibrated scale
-    calibration: StrengthCalibration
+    vectors: dict[int, np.ndarray]  # target block -> vector (float32), at the calibrated scale
+    # How the generated method calibrated the vectors' scale on the target; None for the others.
+    calibration: StrengthCalibration | None = None
     # Each placement tried (target blocks, its calibration), the kept one among them.
     placements: tuple[tuple[tuple[int, ...], StrengthCalibration], ...] = ()
 
-    def provenance(self) -> dict[str, object]:
-        """The calibration as the mapped persona's provenance records it."""
+    @property
+    def predicted_transfer(self) -> float | None:
+        """The calibration's forecast of transfer at the default strength, where there is one."""
+        return None if self.calibration is None else self.calibration.predicted_transfer
+
+    def provenance(self) -> dict[str, object] | None:
+        """The calibration as the mapped persona's provenance records it (None: not calibrated)."""
+        if self.calibration is None:
+            return None
         record = self.calibration.to_dict()
         if len(self.placements) > 1:
             record["blocks_tried"] = [
@@ -198,3 +234,39 @@ async def carry_by_generation(
     scaled = {block: (vector * calibration.scale).astype(np.float32) for block, vector in layers.items()}
     tried = tuple((tuple(sorted(placed)), placed_calibration) for placed, placed_calibration in trials)
     return CarriedPersona(scaled, calibration, tried)
+
+
+def model_shape(info: ModelInfo) -> ModelShape:
+    return ModelShape(info.num_layers, info.hidden_size, tuple(info.steerable_layers))
+
+
+def drives_models(method: MappingMethod) -> bool:
+    """Whether the method generates and reads with both models (a job's work, which waits for a
+    turn among the jobs) rather than doing arithmetic on stored vectors."""
+    return method is MappingMethod.GENERATED
+
+
+async def carry_persona(
+    method: MappingMethod,
+    persona: SourcePersona,
+    source: Backend,
+    target: Backend,
+    *,
+    generation: GenerationSpec,
+    fitted: FittedMap | None = None,
+    concepts: Sequence[ConceptPair] = (),
+) -> CarriedPersona:
+    """``persona`` on ``target``, carried from ``source`` by ``method``.
+
+    ``fitted`` is the map the method goes through (``FittedMaps.for_method``, or the stored map of
+    that kind): a learned method applies it, the others take target blocks and norm calibration
+    from it when given. ``concepts`` feed the concept adapter; ``generation`` is how the source
+    writes the generated method's contrast (``GenerationSpec.server_default`` on the server)."""
+    if drives_models(method):
+        return await carry_by_generation(
+            source, target, persona.vectors, persona.default_strength, persona.default_positions, generation
+        )
+    shapes = model_shape(source.info), model_shape(target.info)
+    return CarriedPersona(
+        map_persona_vectors(method, persona.vectors, *shapes, fitted=fitted, concepts=concepts)
+    )

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
-from server.steering.extraction import PersonaDirections, persona_directions
+from server.steering.persona_directions import PersonaDirections, persona_directions
 
 Progress = Callable[[float], None]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from server.serving.background import Job, JobRegistry
+from server.admin.extraction import ExtractionSpec, extract
+from server.admin.jobs import Job, JobRegistry
+from server.admin.persona_admin import PersonaAdmin
 from server.serving.errors import RequestRejected
-from server.serving.extraction import ExtractionSpec, extract
 from server.serving.model_registry import ModelRegistry
-from server.serving.persona_admin import PersonaAdmin
 from server.steering.errors import SteeringError
 
 MAX_EXTRACTION_ANSWERS = 20_000

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from server.admin.extraction import ExtractionSpec, conversation, pairings
+from server.admin.extraction_jobs import MAX_EXTRACTION_ANSWERS
 from server.engine.base import GenerationRequest, SamplingParams
 from server.errors import InvalidRequest
 from server.serving.errors import RequestRejected
-from server.serving.extraction import ExtractionSpec, conversation, pairings
 from server.serving.model_registry import ModelRegistry
-from server.serving.persona_extraction import MAX_EXTRACTION_ANSWERS
 
 _SIDES = ("positive", "negative")
 _ONE_TOKEN = SamplingParams(max_tokens=1)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.serving.job_admission import Admission, JobLimits, Ticket
+from server.admin.job_admission import Admission, JobLimits, Ticket
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The protocol, leave-one-persona-out: for every ordered pair of demo models and e
 the source, the maps are fitted on neutral texts that hold nothing of P's style (the corpus' touches
 of the other personas' styles stay, so the map still sees directions of style), and the concept
 adapter learns from the other personas only. P is then carried to the target by each method through
-the very function the server's map endpoint calls (``steering.persona_transfer``).
+the very function the server's map endpoint calls (``server.transfer.carry.carry_persona``).
 
 On the target's held-out questions, each condition is scored with the source persona's positions
 at 1/4 to 4 times the mapped persona's stored default strength (the source's; the generated method
@@ -25,17 +25,16 @@ import numpy as np
 
 from persona_store.records import PersonaDraft
 from server.demo.corpus import held_out_questions, neutral_texts, training_questions
-from server.demo.intervals import Interval, mean_interval, transfer_interval
 from server.demo.models import DEMO_MODEL_NAMES, load_demo_personas
 from server.demo.traits import trait_rate
 from server.engine.base import Backend
-from server.serving.generated_transfer import GenerationSpec, carry_by_generation
-from server.serving.persona_mapping import model_shape
-from server.serving.strength_sweep import StrengthRow, evaluate_strengths
+from server.evaluation.intervals import Interval, mean_interval, transfer_interval
+from server.evaluation.strength_sweep import StrengthRow, evaluate_strengths
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingMethod, corresponding_layer
-from server.steering.persona_transfer import FittedMaps, ModelShape, fit_maps, map_persona_vectors
 from server.steering.plan import Positions
+from server.transfer.carry import CarriedPersona, GenerationSpec, SourcePersona, carry_persona, drives_models
+from server.transfer.maps import FittedMaps, fit_maps
 
 CONDITIONS = ("none", "native", *(method.value for method in MappingMethod))
 # Multiples of the source persona's default strength tried for a mapped vector; 1.0 is its stored
@@ -80,21 +79,6 @@ class TransferRow:
     predicted: float | None = None  # the method's own forecast of transfer at default, if it has one
 
 
-def _mapped_vectors(
-    method: MappingMethod,
-    persona: PersonaDraft,
-    others: list[tuple[PersonaDraft, PersonaDraft]],
-    maps: FittedMaps,
-    source: ModelShape,
-    target: ModelShape,
-) -> dict[int, np.ndarray]:
-    """The persona on the target exactly as the server's map endpoint makes it: a learned method
-    applies its own map, the others take target blocks and norm calibration from the ridge fit."""
-    fitted = maps.procrustes if method is MappingMethod.PROCRUSTES else maps.ridge
-    concepts = [(a.vectors, b.vectors) for a, b in others]
-    return map_persona_vectors(method, persona.vectors, source, target, fitted=fitted, concepts=concepts)
-
-
 class _Activations:
     """Each model's block outputs on each leave-one-persona-out corpus, read once."""
 
@@ -116,7 +100,6 @@ async def transfer_table(
     models: tuple[str, ...] = DEMO_MODEL_NAMES,
 ) -> list[TransferRow]:
     activations = _Activations(backends)
-    shapes = {name: model_shape(backends[name].info) for name in models}
     personas = {name: {p.name: p for p in load_demo_personas(name)} for name in models}
     questions = held_out_questions()
     rows: list[TransferRow] = []
@@ -127,15 +110,37 @@ async def transfer_table(
             if progress is not None:
                 progress(f"{source} -> {target}: {name}")
             maps = None
-            if any(method is not MappingMethod.GENERATED for method in run.methods):  # fitted maps
+            if not all(drives_models(method) for method in run.methods):  # a method needs fitted maps
                 xs, ys = await activations.get(source, name), await activations.get(target, name)
                 layer_map = {b: corresponding_layer(b, xs.shape[2], ys.shape[2]) for b in range(xs.shape[2])}
                 maps = fit_maps(xs, ys, layer_map)  # as a fit with the server's defaults (mean over tokens)
             others = [(personas[source][o], personas[target][o]) for o in personas[source] if o != name]
-            pair = (shapes[source], shapes[target])
             rows += await _cell((backends[source], backends[target]), source, target, persona,
-                                personas[target][name], maps, others, pair, questions, run)  # fmt: skip
+                                personas[target][name], maps, others, questions, run)  # fmt: skip
     return rows
+
+
+async def _carried(
+    method: MappingMethod,
+    persona: PersonaDraft,
+    engines: tuple[Backend, Backend],
+    maps: FittedMaps | None,
+    others: list[tuple[PersonaDraft, PersonaDraft]],
+) -> CarriedPersona | None:
+    """The persona carried exactly as the server's map request carries it (the generated method's
+    source answers training questions only); None where the method maps none of its blocks (e.g.
+    the concept adapter with no other persona at these blocks)."""
+    source = SourcePersona(persona.vectors, persona.default_strength, persona.default_positions)
+    fitted = None if maps is None else maps.for_method(method)
+    concepts = [(a.vectors, b.vectors) for a, b in others]
+    try:
+        return await carry_persona(
+            method, source, *engines, generation=GENERATION, fitted=fitted, concepts=concepts
+        )
+    except SteeringError:
+        if drives_models(method):
+            raise
+        return None
 
 
 async def _cell(
@@ -146,7 +151,6 @@ async def _cell(
     native: PersonaDraft,
     maps: FittedMaps | None,
     others: list[tuple[PersonaDraft, PersonaDraft]],
-    shapes: tuple[ModelShape, ModelShape],
     questions: list[str],
     run: TransferRun,
 ) -> list[TransferRow]:
@@ -172,19 +176,13 @@ async def _cell(
     }
     at_default = run.multiples.index(1.0)
     for method in run.methods:
-        if method is MappingMethod.GENERATED:  # the source answers training questions only
-            carried = await carry_by_generation(*engines, persona.vectors, persona.default_strength,
-                                                persona.default_positions, GENERATION)  # fmt: skip
-            vectors = carried.vectors
-            predicted[method.value] = carried.calibration.predicted_transfer
-        else:
-            assert maps is not None  # fitted for every run that has a method other than generated
-            try:
-                vectors = _mapped_vectors(method, persona, others, maps, *shapes)
-            except SteeringError:  # e.g. the concept adapter with no other persona at these blocks
-                continue  # the cell has no row for this method; the summary counts cells per method
+        carried = await _carried(method, persona, engines, maps, others)
+        if carried is None:
+            continue  # the cell has no row for this method; the summary counts cells per method
+        if carried.predicted_transfer is not None:
+            predicted[method.value] = carried.predicted_transfer
         strengths = [f * persona.default_strength for f in run.multiples]  # a mapped persona keeps it
-        tried = await sweep(vectors, strengths, Positions(persona.default_positions))
+        tried = await sweep(carried.vectors, strengths, Positions(persona.default_positions))
         fluent = [row for row in tried if _fluent(row, baseline, native_row)] or [tried[at_default]]
         measured[method.value] = (tried[at_default], max(fluent, key=lambda row: row.trait_score))
 

@@ -24,8 +24,8 @@ from persona_store.formats import (
     write_safetensors,
 )
 from persona_store.records import PersonaInfo, PersonaRecord
+from server.admin.persona_admin import PersonaAdmin
 from server.serving.model_registry import ModelRegistry
-from server.serving.persona_admin import PersonaAdmin
 from server.steering.layers import LLAMA_CPP_FIRST_STEERABLE_BLOCK, LLAMA_CPP_UNSTEERABLE_NOTE
 from server.steering.plan import Positions
 

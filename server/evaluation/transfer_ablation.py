@@ -3,7 +3,7 @@ source answers, and against the target block the persona is carried to.
 
 Each point is the generated method end to end (carry, calibrate the default strength, score at that
 default on the target's held-out questions against the native persona), as in the transfer table
-(``transfer.py``), on a cycle of directions that has each demo model once as source and once as
+(``transfer_table.py``), on a cycle of directions that has each demo model once as source and once as
 target. The block ablation takes the personas that live on one source block and moves their target
 block over every steerable block of the target; offset 0 is the block of the same relative depth.
 """
@@ -18,15 +18,15 @@ import numpy as np
 
 from persona_store.records import PersonaDraft
 from server.demo.corpus import held_out_questions
-from server.demo.intervals import Interval, transfer_interval
 from server.demo.models import load_demo_personas
 from server.demo.traits import trait_rate
-from server.demo.transfer import GENERATION, OVERSHOOT_CAP
 from server.engine.base import Backend
-from server.serving.generated_transfer import GenerationSpec, carry_by_generation
-from server.serving.strength_sweep import StrengthRow, evaluate_strengths
+from server.evaluation.intervals import Interval, transfer_interval
+from server.evaluation.strength_sweep import StrengthRow, evaluate_strengths
+from server.evaluation.transfer_table import GENERATION, OVERSHOOT_CAP
 from server.steering.mapping import corresponding_layer
 from server.steering.plan import Positions
+from server.transfer.carry import GenerationSpec, carry_by_generation
 
 DIRECTIONS = (("demo-llama", "demo-qwen"), ("demo-qwen", "demo-phi3"), ("demo-phi3", "demo-llama"))
 PROMPT_COUNTS = (18, 35, 70, 140)

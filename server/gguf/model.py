@@ -1,4 +1,4 @@
-"""A small HF -> GGUF (F32) converter for the decoder-only architectures llama.cpp shares with us.
+"""A small HF -> GGUF (F32) model writer for the decoder-only architectures llama.cpp shares with us.
 
 It exists so that the GGUF backend can be tested against the HF backend on the very same weights
 (the tiny test models, the demo models) without llama.cpp's own conversion script, which is not part
@@ -37,14 +37,14 @@ ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
     "qwen2": gguf.MODEL_ARCH.QWEN2,
     "phi3": gguf.MODEL_ARCH.PHI3,
 }
-_PERMUTED_ROPE = {gguf.MODEL_ARCH.LLAMA}
+PERMUTED_ROPE = {gguf.MODEL_ARCH.LLAMA}
 
 
 class ConversionError(ValueError):
     """The model cannot be converted by this converter."""
 
 
-def _permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+def permute_rope_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
     """HF's half-split rotary layout -> llama.cpp's interleaved pairs, per head."""
     rows = weight.shape[0]
     return weight.reshape(n_head, 2, rows // n_head // 2, -1).swapaxes(1, 2).reshape(weight.shape)
@@ -135,58 +135,18 @@ def convert_hf_to_gguf(model_dir: str | Path, output: str | Path) -> Path:
         if name is None:
             raise ConversionError(f"no GGUF name for tensor {hf_name!r}")
         data = tensor.detach().to(torch.float32).numpy()
-        if arch in _PERMUTED_ROPE and hf_name.endswith("q_proj.weight"):
-            data = _permute(data, n_head)
-        elif arch in _PERMUTED_ROPE and hf_name.endswith("k_proj.weight"):
-            data = _permute(data, n_kv_head)
+        if arch in PERMUTED_ROPE and hf_name.endswith("q_proj.weight"):
+            data = permute_rope_rows(data, n_head)
+        elif arch in PERMUTED_ROPE and hf_name.endswith("k_proj.weight"):
+            data = permute_rope_rows(data, n_kv_head)
         writer.add_tensor(name, np.ascontiguousarray(data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     return output
 
 
-# peft names a LoRA pair after the weight it adapts: PREFIX + <HF weight name without .weight> + SUFFIX.
-_PEFT_PREFIX = "base_model.model."
-_LORA_SUFFIXES = {".lora_A.weight": "lora_a", ".lora_B.weight": "lora_b"}
-
-
-def convert_lora_to_gguf(adapter_dir: str | Path, base_model_dir: str | Path, output: str | Path) -> Path:
-    """Write a peft LoRA adapter of ``base_model_dir`` as a llama.cpp GGUF LoRA adapter (F32).
-
-    llama.cpp names each pair after the base tensor (``blk.0.attn_q.weight.lora_a`` [r, in] and
-    ``...lora_b`` [out, r]) and scales B @ A by ``adapter.lora.alpha / r``, as peft does. B's rows
-    of Llama q/k projections get the same RoPE permutation as the base weights' rows.
-    """
-    from safetensors.numpy import load_file
-
-    config = AutoConfig.from_pretrained(base_model_dir)
-    arch = ARCHITECTURES.get(config.model_type)
-    if arch is None:
-        raise ConversionError(f"cannot convert adapters of model type {config.model_type!r}")
-    adapter = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
-    writer = gguf.GGUFWriter(str(output), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter["lora_alpha"]))
-    for key, data in sorted(tensors.items()):
-        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
-        if suffix is None or not key.startswith(_PEFT_PREFIX):
-            raise ConversionError(f"not a LoRA tensor of peft's layout: {key!r}")
-        hf_weight = key.removeprefix(_PEFT_PREFIX).removesuffix(suffix) + ".weight"
-        name = names.get_name(hf_weight, try_suffixes=(".weight",))
-        if name is None:
-            raise ConversionError(f"no GGUF name for the adapted tensor {hf_weight!r}")
-        projection = hf_weight.rsplit(".", 2)[-2]
-        if arch in _PERMUTED_ROPE and projection in heads and _LORA_SUFFIXES[suffix] == "lora_b":
-            data = _permute(data, heads[projection])
-        writer.add_tensor(f"{name}.{_LORA_SUFFIXES[suffix]}", np.ascontiguousarray(data, dtype=np.float32))
+def write_file(writer: gguf.GGUFWriter) -> None:
+    """Header, key-value data and tensors, in the order GGUF lays them out; then close the file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return Path(output)

@@ -22,12 +22,13 @@ import numpy as np
 
 from persona_store.records import PersonaRecord
 from server.baking.distill import BakeSpec, DistillResult, distill
+from server.baking.low_priority import run_low_priority
 from server.baking.outputs import loss_curve_png, save_adapter, save_merged, write_provenance
 from server.baking.trajectories import CONCURRENCY, sample_trajectories
 from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
-from server.engine.llamacpp.convert import ConversionError, convert_hf_to_gguf, convert_lora_to_gguf
 from server.engine.model_loading import load_causal_lm
-from server.serving.low_priority import run_low_priority
+from server.gguf.lora import convert_lora_to_gguf
+from server.gguf.model import ConversionError, convert_hf_to_gguf
 from server.serving.monitoring import Monitor, persona_scores
 from server.steering.plan import SteeringPlan
 

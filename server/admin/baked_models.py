@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from persona_store.base import PersonaStore
+from server.admin.jobs import Job, JobRegistry
+from server.baking.bake import BackendLoader, BakeOrder, bake_persona
 from server.baking.distill import BakeSpec
 from server.baking.outputs import read_provenance
-from server.serving.background import Job, JobRegistry
 from server.serving.errors import ModelExists, ModelInUse, RequestRejected
 from server.serving.model_registry import ModelRegistry
-from server.serving.persona_baking import BackendLoader, BakeOrder, bake_persona
 
 logger = logging.getLogger(__name__)
 BAKED_DIR = "baked"

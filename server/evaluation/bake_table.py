@@ -18,16 +18,16 @@ from typing import Any
 
 from persona_store.arrays import vectors_checksum
 from persona_store.records import PersonaDraft, PersonaInfo, PersonaRecord
+from server.admin.fitting_corpus import DEMO_CORPUS, FittingCorpus
+from server.baking.bake import BakeOrder, bake_persona
 from server.baking.distill import BakeSpec
 from server.demo.corpus import held_out_questions
-from server.demo.intervals import Interval, transfer_interval
 from server.demo.models import demo_model_dir, load_demo_personas
 from server.demo.traits import trait_rate
 from server.engine.base import Backend
 from server.engine.registry import load_backend
-from server.serving.fitting_corpus import DEMO_CORPUS, FittingCorpus
-from server.serving.persona_baking import BakeOrder, bake_persona
-from server.serving.strength_sweep import StrengthRow, evaluate_strengths
+from server.evaluation.intervals import Interval, transfer_interval
+from server.evaluation.strength_sweep import StrengthRow, evaluate_strengths
 
 RANKS = (8, 16, 32)
 TRAJECTORY_COUNTS = (50, 100, 200, 500)
