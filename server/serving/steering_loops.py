@@ -25,7 +25,7 @@ from server.steering.plan import SteeringPlan, steers_generated_tokens
 
 # The target's bound when the request names none: this many times the persona's default strength (the
 # demo personas are calibrated on the prompt; steering their generated tokens at that strength already
-# wrecks the text where a rule does it, README's closed-loop table, so the target goes no further).
+# wrecks the text where a rule does it, docs/results/closed-loop.md, so the target goes no further).
 DEFAULT_MAX_MULTIPLE = 1.0
 
 

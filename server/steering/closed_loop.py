@@ -34,8 +34,8 @@ from server.steering.errors import SteeringError
 from server.steering.plan import Positions, steers_generated_tokens
 
 # The target controller's gain when the request names none: in development runs on the demo models, a
-# gain of 0.5 swung the strength of generated tokens far enough to wreck the text (README, "Closed-loop
-# steering").
+# gain of 0.5 swung the strength of generated tokens far enough to wreck the text
+# (docs/results/closed-loop.md).
 DEFAULT_GAIN = 0.1
 
 

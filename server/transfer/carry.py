@@ -12,7 +12,7 @@ difference of means over answer tokens, as in Chen et al.), with the contrast wr
 source instead of by system prompts: the target's own native vector is never used, only the source
 persona, the source model and the target reading text. Unlike a linear map fitted on neutral texts,
 it needs no text that already carries the persona's style, which is why it carries directions a map
-never saw (README, "Transfer table").
+never saw (docs/results/transfer.md).
 
 The target reads each answer after the prompt in its chat template, as extraction reads its own
 answers: read as bare text, the same answers gave directions further from the native persona's
@@ -36,7 +36,7 @@ from server.transfer.strength_calibration import StrengthCalibration, calibrate_
 
 # The server's generated method: how many texts of the fitting corpus the source answers (twice
 # each), and how many of them the target answers per calibration step. Few suffice: on the demo
-# models 18 prompts carried as much as 140 (README, ablations), and the map request waits for all of it.
+# models 18 prompts carried as much as 140 (docs/results/transfer.md, the ablations), and the map request waits for all of it.
 GENERATION_PROMPTS = 48
 CALIBRATION_PROMPTS = 24
 

@@ -53,7 +53,7 @@ class StrengthCalibration:
     def predicted_transfer(self) -> float:
         """The share of the source's effect the target reaches at the chosen scale, within [0, 1]:
         a forecast of the trait transfer, read from the target's own answers (no trait scorer, no
-        native persona; README, "Transfer table", shows how well it tracks)."""
+        native persona; docs/results/transfer.md shows how well it tracks)."""
         effect = next(step.effect for step in self.steps if step.scale == self.scale)
         return min(max(effect, 0.0), 1.0)
 
