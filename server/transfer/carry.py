@@ -36,7 +36,8 @@ from server.transfer.strength_calibration import StrengthCalibration, calibrate_
 
 # The server's generated method: how many texts of the fitting corpus the source answers (twice
 # each), and how many of them the target answers per calibration step. Few suffice: on the demo
-# models 18 prompts carried as much as 140 (docs/results/transfer.md, the ablations), and the map request waits for all of it.
+# models 18 prompts carried as much as 140 (docs/results/transfer.md, the ablations), and the map
+# request waits for all of it.
 GENERATION_PROMPTS = 48
 CALIBRATION_PROMPTS = 24
 
