@@ -1,8 +1,9 @@
 """Response bodies of the resources the API serves itself: models, personas, jobs, mappings, health.
 
-The completion objects live in ``server.serving.responses`` (the serving layer builds them) and the
-error object in ``server.api.errors``. Routes declare these models as their ``response_model``, so
-FastAPI checks every answer against its documented shape. Field order is the wire's key order.
+The completion objects live in ``server.serving.protocol.responses`` (the serving layer builds them)
+and the error object in ``server.api.errors``. Routes declare these models as their
+``response_model``, so FastAPI checks every answer against its documented shape. Field order is the
+wire's key order.
 """
 
 from __future__ import annotations
