@@ -206,7 +206,7 @@ def create_app(settings: Settings) -> FastAPI:
     def max_body_bytes() -> int:
         # The default cap depends on the models: the lifespan sets it once they are loaded.
         services = services_of(app)
-        return services.max_body_bytes if services else settings.max_body_bytes or MIN_BODY_BYTES
+        return services.max_body_bytes if services is not None else settings.max_body_bytes or MIN_BODY_BYTES
 
     refused = metrics.requests_refused.labels("413")
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, refused=refused.inc)

@@ -28,6 +28,8 @@ from server.settings import Settings
 
 @dataclass(frozen=True)
 class Services:
+    """The server's settings, metrics, store, engines (the registry) and the services built on them."""
+
     settings: Settings
     metrics: Metrics
     store: PersonaStore
