@@ -29,6 +29,7 @@ from server.api.metrics_port import MetricsServer
 from server.api.openapi import install_openapi
 from server.api.routes import admin, health, openai
 from server.api.routes.playground import install_playground
+from server.api.services import Services, services_of
 from server.baking.outputs import read_provenance
 from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir, seed_demo_personas
 from server.engine.base import Backend
@@ -83,26 +84,34 @@ def _baked_parents(sources: list[tuple[str, str]]) -> dict[str, str]:
     return parents
 
 
-def _persona_bakes(app: FastAPI, sources: list[tuple[str, str]], prompts: tuple[str, ...]) -> PersonaBakes:
-    settings: Settings = app.state.settings
-
+def _persona_bakes(
+    settings: Settings,
+    registry: ModelRegistry,
+    store: PersonaStore,
+    jobs: JobRegistry,
+    sources: list[tuple[str, str]],
+    prompts: tuple[str, ...],
+) -> PersonaBakes:
     async def load(folder: Path, model_id: str) -> Backend:
         return await asyncio.to_thread(load_backend, folder, model_id, settings)
 
     return PersonaBakes(
-        app.state.registry, app.state.store, app.state.jobs,
-        sources={model_id: Path(source) for source, model_id in sources}, data_dir=settings.data_dir,
-        default_prompts=prompts, load=load, max_strength=settings.max_strength,
+        registry,
+        store,
+        jobs,
+        sources={model_id: Path(source) for source, model_id in sources},
+        data_dir=settings.data_dir,
+        default_prompts=prompts,
+        load=load,
+        max_strength=settings.max_strength,
         # A bake's teacher answers take a quarter of its model's batch rows: chat finds the rest free.
         requests_in_flight=max(1, settings.max_num_seqs // 4),
-    )  # fmt: skip
+    )
 
 
-def _engine_supervisor(app: FastAPI) -> EngineSupervisor:
+def _engine_supervisor(services: Services) -> EngineSupervisor:
     """Restarts a dead engine from the source its model was loaded from."""
-    settings: Settings = app.state.settings
-    registry: ModelRegistry = app.state.registry
-    metrics: Metrics = app.state.metrics
+    settings, registry, metrics = services.settings, services.registry, services.metrics
 
     async def reload(model_id: str) -> Backend:
         source = registry.source(model_id)
@@ -118,44 +127,55 @@ def _engine_supervisor(app: FastAPI) -> EngineSupervisor:
     return EngineSupervisor(registry, reload, on_death, on_restart, policy)
 
 
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
-    store = CachingStore(open_store(settings.store_url), observer=app.state.metrics)
+async def _build_services(settings: Settings, metrics: Metrics) -> Services:
+    """Open the store, load the models, and build every service on them."""
+    store = CachingStore(open_store(settings.store_url), observer=metrics)
     store.start()
     sources = model_sources(settings)
     backends = await asyncio.to_thread(load_backends, sources, settings)
     registry = ModelRegistry(
-        backends, settings.max_num_seqs + settings.max_queue, _baked_parents(sources),
+        backends,
+        settings.max_num_seqs + settings.max_queue,
+        _baked_parents(sources),
         sources={model_id: source for source, model_id in sources},
-    )  # fmt: skip
+    )
     largest = max(max(b.info.max_context, b.info.num_layers * b.info.hidden_size) for b in backends.values())
-    app.state.max_body_bytes = settings.max_body_bytes or default_body_bytes(largest)
     limits = Limits(settings.max_tokens_cap, settings.default_max_tokens, settings.max_strength)
-    app.state.store = store
-    app.state.registry = registry
-    app.state.completions = CompletionService(registry, store, app.state.metrics, limits)
-    app.state.persona_admin = PersonaAdmin(registry, store, settings.max_strength)
-    app.state.persona_files = PersonaFiles(registry, store, app.state.persona_admin)
-    app.state.jobs = JobRegistry(
+    persona_admin = PersonaAdmin(registry, store, settings.max_strength)
+    jobs = JobRegistry(
         JobLimits(settings.max_jobs_per_kind, settings.max_jobs_per_model, settings.max_queued_jobs)
     )
-    app.state.persona_extraction = PersonaExtraction(registry, app.state.persona_admin, app.state.jobs)
     corpus = await asyncio.to_thread(FittingCorpus.load, settings.mapping_corpus or DEMO_CORPUS)
-    app.state.mapping_fits = MappingFits(registry, store, app.state.jobs, corpus)
-    app.state.persona_mapper = PersonaMapper(
-        registry, store, app.state.persona_admin, corpus, app.state.jobs.admission
+    return Services(
+        settings=settings,
+        metrics=metrics,
+        store=store,
+        registry=registry,
+        completions=CompletionService(registry, store, metrics, limits),
+        persona_admin=persona_admin,
+        persona_files=PersonaFiles(registry, store, persona_admin),
+        jobs=jobs,
+        persona_extraction=PersonaExtraction(registry, persona_admin, jobs),
+        mapping_fits=MappingFits(registry, store, jobs, corpus),
+        persona_mapper=PersonaMapper(registry, store, persona_admin, corpus, jobs.admission),
+        persona_bakes=_persona_bakes(settings, registry, store, jobs, sources, corpus.texts),
+        max_body_bytes=settings.max_body_bytes or default_body_bytes(largest),
     )
-    app.state.persona_bakes = _persona_bakes(app, sources, corpus.texts)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI, settings: Settings, metrics: Metrics) -> AsyncIterator[None]:
+    services = await _build_services(settings, metrics)
+    app.state.services = services
     logger.info("persona store: %s", settings.store_url)
     logger.info("playground on http://%s:%d/playground", settings.host, settings.port)
     if not settings.model:
-        await seed_demo_personas(store, settings.data_dir)
-    await app.state.persona_bakes.serve_saved()
+        await seed_demo_personas(services.store, settings.data_dir)
+    await services.persona_bakes.serve_saved()
     if not settings.admin_key:
         logger.warning("no admin key is configured: admin routes accept loopback clients only")
-    metrics_server = _start_metrics_server(settings, app.state.metrics)
-    supervisor = _engine_supervisor(app)
+    metrics_server = _start_metrics_server(settings, metrics)
+    supervisor = _engine_supervisor(services)
     supervisor.start()
     try:
         yield
@@ -163,28 +183,31 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await supervisor.close()
         if metrics_server is not None:
             metrics_server.stop()
-        await app.state.jobs.close()
-        await registry.close()
-        await store.close()
+        await services.jobs.close()
+        await services.registry.close()
+        await services.store.close()
 
 
 def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
     app = FastAPI(
         title="persona-server",
         summary="OpenAI-compatible inference with per-request persona steering.",
-        lifespan=_lifespan,
+        lifespan=lambda app: _lifespan(app, settings, metrics),
         default_response_class=AsciiJSONResponse,
     )
-    app.state.settings = settings
-    app.state.metrics = Metrics()
-    install_error_handlers(app)
-    install_openapi(app)
+    install_error_handlers(app, metrics)
+    install_openapi(app, settings)
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     install_playground(app)
-    # The default cap depends on the models: the lifespan sets it once they are loaded.
-    app.state.max_body_bytes = settings.max_body_bytes or MIN_BODY_BYTES
-    refused = app.state.metrics.requests_refused.labels("413")
-    app.add_middleware(BodySizeLimit, max_bytes=lambda: app.state.max_body_bytes, refused=refused.inc)
+
+    def max_body_bytes() -> int:
+        # The default cap depends on the models: the lifespan sets it once they are loaded.
+        services = services_of(app)
+        return services.max_body_bytes if services is not None else settings.max_body_bytes or MIN_BODY_BYTES
+
+    refused = metrics.requests_refused.labels("413")
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, refused=refused.inc)
     return app

@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server.api.protocol import MAX_COMPOSED_PERSONAS, MAX_STOP_STRINGS
+from server.serving.protocol.requests import MAX_COMPOSED_PERSONAS, MAX_STOP_STRINGS
 from testkit.server_process import ServerProcess
 from tests.api_helpers import API_KEY, LLAMA, QUESTION, HealthProbe, assert_openai_error
 

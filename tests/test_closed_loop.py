@@ -17,8 +17,9 @@ from transformers import DynamicCache
 
 from server.engine.base import ChatMessage, GenerationRequest, ModelInfo, SamplingParams, TokenChunk
 from server.engine.hf.backend import HFBackend
+from server.serving.completion_job import CompletionJob, PersonaTerm, TargetTerm, WhenRule
 from server.serving.errors import RequestRejected
-from server.serving.requests import CompletionJob, PersonaTerm, TargetTerm, WhenRule
+from server.serving.protocol.requests import ChatCompletionRequest
 from server.serving.steering_loops import check_loop
 from server.steering.closed_loop import (
     Direction,
@@ -295,11 +296,12 @@ def test_an_engine_without_closed_loops_refuses_them_naming_the_field() -> None:
     info = ModelInfo(id="m", backend="vllm", num_layers=3, hidden_size=HIDDEN, max_context=64,
                      steerable_layers=(0, 1, 2))  # fmt: skip
     messages = [ChatMessage("user", QUESTION)]
+    sampling = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": QUESTION}])
     for fields, param in (
         ({"persona_target": TargetTerm("p", 1.0)}, "persona_target"),
         ({"persona_when": (WhenRule("p", 1.0, True, PersonaTerm("q")),)}, "persona_when"),
         ({"persona_monitor": ("p",), "monitor_tokens": True}, "persona_monitor_tokens"),
     ):
         with pytest.raises(RequestRejected) as refused:
-            check_loop(CompletionJob(model="m", messages=messages, **fields), info)
+            check_loop(CompletionJob(model="m", sampling=sampling, messages=messages, **fields), info)
         assert refused.value.param == param and "vllm engine" in str(refused.value)

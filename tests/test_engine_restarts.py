@@ -66,7 +66,7 @@ class InProcessServer:
             return httpx.Response(599)
 
     def engine(self, model: str) -> Any:
-        return self.app.state.registry.engine(model)
+        return self.app.state.services.registry.engine(model)
 
     def __exit__(self, *exc: object) -> None:
         self._server.should_exit = True
@@ -158,7 +158,7 @@ def test_an_hf_engine_whose_steps_keep_failing_is_restarted(
     # Each request fails as the engine's fault (503, never 500) until its steps have failed enough
     # times in a row to call it dead; from then on 503 says it is restarting.
     codes = set()
-    while server.app.state.registry.down.get(HF) is None:
+    while server.app.state.services.registry.down.get(HF) is None:
         with pytest.raises(openai.APIStatusError) as raised:
             answer(client, HF)
         assert raised.value.status_code == 503
@@ -196,7 +196,7 @@ def test_health_fails_only_while_no_engine_can_serve(server: InProcessServer, cl
     for model in engines:
         with pytest.raises(openai.APIStatusError):
             answer(client, model)
-    wait_for(lambda: len(server.app.state.registry.down) == 2, 10, "the deaths were not noticed")
+    wait_for(lambda: len(server.app.state.services.registry.down) == 2, 10, "the deaths were not noticed")
     health = httpx.get(f"{server.url}/health", timeout=5)
     assert health.status_code == 503 and set(health.json()["engines_down"]) == {HF, GGUF}
     wait_for(lambda: server.ready().status_code == 200, 120, "the engines never came back")

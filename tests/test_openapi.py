@@ -16,7 +16,7 @@ from server.api.errors import ErrorResponse, error_response
 from server.api.openapi_rules import schema_nodes
 from server.app import create_app
 from server.engine.base import FinishReason, TokenChunk, TokenLogprob
-from server.serving.responses import Answer, ResponseShape, usage
+from server.serving.protocol.responses import Answer, ResponseShape, usage
 from server.settings import Settings
 
 V1, ADMIN = {401}, {401, 403}
@@ -213,7 +213,12 @@ def test_chunk_wire() -> None:
 def test_what_the_builder_writes_is_the_documented_model_field_for_field(chat: bool) -> None:
     # ResponseShape writes dicts for speed; the models are the definition they must match, key order
     # included, as a route's response_model would dump them.
-    from server.serving.responses import ChatCompletion, ChatCompletionChunk, CompletionChunk, TextCompletion
+    from server.serving.protocol.responses import (
+        ChatCompletion,
+        ChatCompletionChunk,
+        CompletionChunk,
+        TextCompletion,
+    )
 
     shape = _shape(chat)
     whole, chunk = (ChatCompletion, ChatCompletionChunk) if chat else (TextCompletion, CompletionChunk)

@@ -20,10 +20,11 @@ from persona_store.records import PersonaDraft
 from persona_store.sqlite import SQLiteStore
 from server.engine.hf.backend import HFBackend
 from server.metrics import Metrics
+from server.serving.completion_job import ChatMessage, CompletionJob, PersonaTerm, SteeringOverride
 from server.serving.completions import CompletionService, Limits
 from server.serving.errors import ModelNotFound, Overloaded, RequestRejected
 from server.serving.model_registry import ModelRegistry
-from server.serving.requests import ChatMessage, CompletionJob, PersonaTerm, SteeringOverride
+from server.serving.protocol.requests import ChatCompletionRequest
 from server.steering.errors import SteeringError
 from testkit.personas import random_vector
 
@@ -62,11 +63,13 @@ def service(llama_backend: HFBackend, store: SQLiteStore) -> CompletionService:
     return build_service(llama_backend, store)
 
 
-def job(**fields: Any) -> CompletionJob:
+def job(max_tokens: int | None = 12, **fields: Any) -> CompletionJob:
     """A greedy chat job that runs to max_tokens, so that answers compare token for token."""
-    defaults: dict[str, Any] = {"model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0.0,
-                                "ignore_eos": True}  # fmt: skip
-    return CompletionJob(**{**defaults, **fields})
+    asked = [{"role": message.role, "content": message.content} for message in QUESTION]
+    sampling = ChatCompletionRequest(
+        model=MODEL, messages=asked, max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+    )
+    return CompletionJob(**{"model": MODEL, "messages": QUESTION, "sampling": sampling, **fields})
 
 
 def answer(body: dict[str, Any]) -> str:

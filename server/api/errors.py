@@ -18,6 +18,7 @@ from server.admin.jobs import JobNotFound
 from server.api.allow import allow_header
 from server.api.params import field_path, telling_errors
 from server.errors import EngineDied, EngineFault, InvalidRequest
+from server.metrics import Metrics
 from server.serving.errors import (
     EngineRestarting,
     ModelExists,
@@ -146,7 +147,7 @@ def _unparseable_body(exc: StarletteHTTPException) -> str | None:
     return f"the request body cannot be parsed as JSON ({type(exc.__cause__).__name__})"
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     for exc_class, status, error_type, code in _MAPPING:
 
         async def handler(
@@ -161,7 +162,7 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_class, handler)
 
     async def overloaded(request: Request, exc: Exception) -> AsciiJSONResponse:
-        request.app.state.metrics.requests_refused.labels("429").inc()
+        metrics.requests_refused.labels("429").inc()
         retry = str(getattr(exc, "retry_after_seconds", 1))
         return error_response(429, str(exc), "rate_limit_error", None, "overloaded", {"Retry-After": retry})
 

@@ -17,7 +17,9 @@ from pydantic.json_schema import models_json_schema
 
 from server.api.errors import ErrorResponse
 from server.api.openapi_rules import complete_rules
-from server.serving.responses import STREAM_CHUNKS
+from server.api.services import services_of
+from server.serving.protocol.responses import STREAM_CHUNKS
+from server.settings import Settings
 
 Responses = dict[int | str, dict[str, Any]]
 
@@ -94,9 +96,9 @@ def _set_max(prop: dict[str, Any], maximum: int) -> None:
             option["maximum"] = maximum
 
 
-def _add_runtime_choices(app: FastAPI, schema: dict[str, Any]) -> None:
-    state = app.state
-    models = state.registry.ids if hasattr(state, "registry") else []
+def _add_runtime_choices(app: FastAPI, settings: Settings, schema: dict[str, Any]) -> None:
+    services = services_of(app)
+    models = services.registry.ids if services is not None else []
     schemas = schema.get("components", {}).get("schemas", {})
     for name in ("ChatCompletionRequest", "CompletionRequest", "PersonaUpload"):
         properties = schemas.get(name, {}).get("properties", {})
@@ -104,17 +106,17 @@ def _add_runtime_choices(app: FastAPI, schema: dict[str, Any]) -> None:
             properties["model"]["enum"] = models
         for field in ("max_tokens", "max_completion_tokens"):
             if field in properties:
-                _set_max(properties[field], state.settings.max_tokens_cap)
+                _set_max(properties[field], settings.max_tokens_cap)
 
 
-def install_openapi(app: FastAPI) -> None:
+def install_openapi(app: FastAPI, settings: Settings) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         _drop_default_422(schema)
         _add_stream_chunks(schema)
-        _add_runtime_choices(app, schema)
+        _add_runtime_choices(app, settings, schema)
         complete_rules(app, schema)
         app.openapi_schema = schema
         return schema

@@ -23,6 +23,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from server.admin.persona_admin import largest_value
+from server.api.services import services_of
 
 Schema = dict[str, Any]
 _NULL = {"type": "null"}
@@ -48,11 +49,11 @@ class Served:
 
 def served_facts(app: FastAPI) -> Served | None:
     """The running server's facts, or None before its models are loaded (no lifespan)."""
-    state = app.state
-    if not hasattr(state, "registry") or not state.registry.ids:
+    services = services_of(app)
+    if services is None or not services.registry.ids:
         return None
-    infos = [backend.info for backend in state.registry]
-    settings = state.settings
+    infos = [backend.info for backend in services.registry]
+    settings = services.settings
     return Served(
         steerable_layers=sorted({layer for info in infos for layer in info.steerable_layers}),
         blocks=max(info.num_layers for info in infos),
@@ -60,7 +61,7 @@ def served_facts(app: FastAPI) -> Served | None:
         max_strength=settings.max_strength,
         max_tokens_cap=settings.max_tokens_cap,
         default_max_tokens=settings.default_max_tokens,
-        max_answers=state.registry.max_in_flight,
+        max_answers=services.registry.max_in_flight,
         constrained_decoding=any(info.constrained_decoding for info in infos),
         closed_loop=any(info.closed_loop for info in infos),
         vocab_size=_largest_vocabulary([info.vocab_size for info in infos]),

@@ -1,8 +1,9 @@
 """Response bodies of the resources the API serves itself: models, personas, jobs, mappings, health.
 
-The completion objects live in ``server.serving.responses`` (the serving layer builds them) and the
-error object in ``server.api.errors``. Routes declare these models as their ``response_model``, so
-FastAPI checks every answer against its documented shape. Field order is the wire's key order.
+The completion objects live in ``server.serving.protocol.responses`` (the serving layer builds them)
+and the error object in ``server.api.errors``. Routes declare these models as their
+``response_model``, so FastAPI checks every answer against its documented shape. Field order is the
+wire's key order.
 """
 
 from __future__ import annotations
@@ -90,9 +91,10 @@ class JobStatus(BaseModel):
     kind: str = Field(description="extraction, mapping or bake.")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     queue_position: int | None = Field(
-        ge=1, description="While queued: 1 for the next job to start (when its models have a free place), "
+        ge=1,
+        description="While queued: 1 for the next job to start (when its models have a free place), "
         "2 for the one after; null once it runs.",
-    )  # fmt: skip
+    )
     progress: float = Field(ge=0, le=1)
     error: str | None = Field(description="Why the job failed (null unless it did).")
     result: dict[str, Any] | None = Field(

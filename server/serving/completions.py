@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from persona_store.base import PersonaStore
-from server.engine.base import Backend, GenerationRequest, SamplingParams, StructuredOutput, TokenChunk
+from server.engine.base import Backend, GenerationRequest, SamplingParams, TokenChunk
 from server.errors import EngineFault, InvalidRequest
 from server.metrics import Metrics
-from server.serving import responses
+from server.serving.completion_job import CompletionJob
 from server.serving.errors import RequestRejected
 from server.serving.model_registry import ModelRegistry
 from server.serving.monitoring import Monitor, load_monitors, monitored_blocks, persona_scores
 from server.serving.personas import ResolvedPersonas, resolve_personas
-from server.serving.requests import CompletionJob
+from server.serving.protocol import responses
 from server.serving.steering_loops import LoopPlan, LoopReport, plan_loop
 
 
@@ -105,9 +105,10 @@ class CompletionService:
 
     def _check(self, job: CompletionJob, backend: Backend) -> None:
         """Refuse what this server or this engine cannot serve, naming the field."""
-        if job.max_tokens is not None and job.max_tokens > self._limits.max_tokens_cap:
+        max_tokens = job.sampling.max_tokens
+        if max_tokens is not None and max_tokens > self._limits.max_tokens_cap:
             raise RequestRejected(
-                f"max_tokens is {job.max_tokens}; this server allows at most {self._limits.max_tokens_cap}",
+                f"max_tokens is {max_tokens}; this server allows at most {self._limits.max_tokens_cap}",
                 param="max_tokens",
             )
         answers = job.n * len(job.prompts)
@@ -122,43 +123,19 @@ class CompletionService:
                 "persona_monitor scores one answer: it cannot be combined with n > 1 or several prompts",
                 param="n" if job.n > 1 else "prompt",
             )
-        if job.echo and job.logprobs is not None:
+        if job.echo and job.sampling.logprob_count() is not None:
             raise RequestRejected("echo cannot be combined with logprobs", param="echo")
-        if job.json_output is not None and not backend.info.constrained_decoding:
+        if job.sampling.structured_output() is not None and not backend.info.constrained_decoding:
             raise RequestRejected(
                 f"response_format asks for JSON, which needs constrained decoding; the "
                 f"{backend.info.backend} engine serving {job.model} has none (the vllm engine does)",
                 param="response_format",
             )
 
-    def _sampling(self, job: CompletionJob) -> SamplingParams:
-        structured = None
-        if job.json_output is not None:
-            schema = job.json_output.schema
-            structured = StructuredOutput(dict(schema) if schema is not None else None)
-        return SamplingParams(
-            max_tokens=job.max_tokens if job.max_tokens is not None else self._limits.default_max_tokens,
-            temperature=1.0 if job.temperature is None else job.temperature,
-            top_p=1.0 if job.top_p is None else job.top_p,
-            top_k=job.top_k,
-            min_p=job.min_p,
-            presence_penalty=job.presence_penalty,
-            frequency_penalty=job.frequency_penalty,
-            repetition_penalty=job.repetition_penalty,
-            stop=job.stop,
-            stop_token_ids=job.stop_token_ids,
-            min_tokens=job.min_tokens,
-            seed=job.seed,
-            ignore_eos=job.ignore_eos,
-            logprobs=job.logprobs,
-            structured=structured,
-            clamp_to_context=job.max_tokens is None,
-        )
-
     async def _plan(self, job: CompletionJob) -> _Plan:
         backend = self._registry.get(job.model)
         self._check(job, backend)
-        sampling = self._sampling(job)
+        sampling = job.sampling.to_sampling_params(self._limits.default_max_tokens)
         personas = await resolve_personas(
             self._store,
             backend.info,
@@ -176,11 +153,14 @@ class CompletionService:
         arrived = time.perf_counter()
         loop = plan.loop
         request = GenerationRequest(
-            sampling=plan.sampling, prompt=prompt, messages=job.messages,
+            sampling=plan.sampling,
+            prompt=prompt,
+            messages=job.messages,
             steering=plan.personas.plan if loop is None else loop.prompt_plan,
-            monitor_blocks=monitored_blocks(plan.monitors) if plan.monitors else None, n=job.n,
+            monitor_blocks=monitored_blocks(plan.monitors) if plan.monitors else None,
+            n=job.n,
             loop=None if loop is None else loop.spec,
-        )  # fmt: skip
+        )
         release = ExitStack()
         release.enter_context(self._registry.admit(job.model, places=job.n))
         waiting = self._metrics.requests_waiting.labels(job.model)
@@ -195,9 +175,17 @@ class CompletionService:
             raise
         finally:
             waiting.dec()
-        return _Run(job=job, plan=plan, stream=stream, first=first, arrived=arrived, release=release,
-                    request=request, offset=offset,
-                    report=None if loop is None else LoopReport(loop))  # fmt: skip
+        return _Run(
+            job=job,
+            plan=plan,
+            stream=stream,
+            first=first,
+            arrived=arrived,
+            release=release,
+            request=request,
+            offset=offset,
+            report=None if loop is None else LoopReport(loop),
+        )
 
     async def _open_all(self, job: CompletionJob) -> list[_Run]:
         """Open every prompt's generation; if one fails, close the others and raise its error."""
@@ -297,8 +285,9 @@ class CompletionService:
             return None
         means = last.response_means
         if means is None:
-            unsteered = GenerationRequest(sampling=run.request.sampling, prompt=run.request.prompt,
-                                          messages=run.request.messages)  # fmt: skip
+            unsteered = GenerationRequest(
+                sampling=run.request.sampling, prompt=run.request.prompt, messages=run.request.messages
+            )
             blocks = monitored_blocks(run.plan.monitors)  # the read-back stops after the last block needed
             means = await run.plan.backend.response_activations(unsteered, run.token_ids, blocks)
         scores = persona_scores(means, run.plan.monitors)
@@ -373,9 +362,16 @@ class CompletionService:
                         persona = _persona_echo(job, run.plan.personas, run.report)  # the mean strength
                     if text or first or finish or chunk.logprobs or extras:
                         payload = shape.chunk(
-                            text, finish, persona, first=first, scores=scores, index=index,
-                            logprobs=chunk.logprobs, offset=offset, extras=extras,
-                        )  # fmt: skip
+                            text,
+                            finish,
+                            persona,
+                            first=first,
+                            scores=scores,
+                            index=index,
+                            logprobs=chunk.logprobs,
+                            offset=offset,
+                            extras=extras,
+                        )
                         yield responses.sse(payload)
         except EngineFault as exc:
             # The answer cannot end normally: an error event (as vLLM sends one), which the openai

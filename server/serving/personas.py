@@ -11,8 +11,8 @@ from persona_store.base import PersonaStore
 from persona_store.errors import PersonaNotFound
 from persona_store.records import PersonaRecord
 from server.engine.base import ModelInfo
+from server.serving.completion_job import PersonaTerm, SteeringOverride
 from server.serving.errors import RequestRejected
-from server.serving.requests import PersonaTerm, SteeringOverride
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
 

@@ -16,10 +16,10 @@ import torch
 
 from persona_store.base import PersonaStore
 from server.engine.base import ModelInfo
+from server.serving.completion_job import CompletionJob, TargetTerm, WhenRule
 from server.serving.errors import RequestRejected
 from server.serving.monitoring import Monitor
 from server.serving.personas import PersonaEcho, ResolvedPersonas, lookup, resolve_personas
-from server.serving.requests import CompletionJob, TargetTerm, WhenRule
 from server.steering.closed_loop import Direction, LoopSpec, Rule, Target, TokenTrace, fired_runs
 from server.steering.plan import SteeringPlan, steers_generated_tokens
 

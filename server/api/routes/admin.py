@@ -6,7 +6,7 @@ import asyncio
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Response, UploadFile
 from pydantic import FiniteFloat
 
 from persona_store.mappings import MAPPING_ID_PATTERN
@@ -14,16 +14,10 @@ from persona_store.records import PERSONA_NAME_PATTERN
 from server.admin.baked_models import BakeOptions
 from server.admin.extraction import ExtractionSpec
 from server.admin.extraction_prompts import check_extraction_fits
-from server.admin.mapping_fits import MappingFits
 from server.admin.mapping_plots import calibration_png, diagnostics_png
-from server.admin.persona_admin import PersonaAdmin
-from server.admin.persona_files import ImportOptions, PersonaFiles, VectorFormat
-from server.admin.persona_mapping import MapTarget, PersonaMapper
-from server.api.auth import require_admin
-from server.api.errors import APIError
-from server.api.json_types import JSON_SAFE_INTEGER
-from server.api.openapi import binary, errors
-from server.api.protocol import (
+from server.admin.persona_files import ImportOptions, VectorFormat
+from server.admin.persona_mapping import MapTarget
+from server.api.admin_requests import (
     BakeRequest,
     ExtractionRequest,
     MappingFitRequest,
@@ -31,6 +25,9 @@ from server.api.protocol import (
     PersonaRestore,
     PersonaUpload,
 )
+from server.api.auth import require_admin
+from server.api.errors import APIError
+from server.api.openapi import binary, errors
 from server.api.resources import (
     JobHandle,
     JobStatus,
@@ -42,7 +39,9 @@ from server.api.resources import (
     PersonaList,
     PersonaWithVectors,
 )
+from server.api.services import ServicesDep
 from server.serving.errors import RequestRejected
+from server.serving.protocol.json_types import JSON_SAFE_INTEGER
 from server.steering.plan import Positions
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], responses=errors(401, 403))
@@ -50,22 +49,6 @@ NameParam = Annotated[str, Path(pattern=PERSONA_NAME_PATTERN)]
 # Checked by the mapping service (400 naming mapping_id); stated here for clients and fuzzers.
 MappingIdParam = Annotated[str, Path(json_schema_extra={"pattern": MAPPING_ID_PATTERN})]
 LAYER_LIST_PATTERN = r"^\s*\d{1,6}(\s*,\s*\d{1,6})*\s*$"
-
-
-def _admin(request: Request) -> PersonaAdmin:
-    return request.app.state.persona_admin
-
-
-def _fits(request: Request) -> MappingFits:
-    return request.app.state.mapping_fits
-
-
-def _mapper(request: Request) -> PersonaMapper:
-    return request.app.state.persona_mapper
-
-
-def _files(request: Request) -> PersonaFiles:
-    return request.app.state.persona_files
 
 
 # If-Match carries the one version a write expects to replace, as an entity tag ("3", RFC 9110's
@@ -96,9 +79,9 @@ def _expected_version(if_match: str | None) -> int | None:
 
 @router.put("/personas/{name}", response_model=Persona, responses=errors(400, 404, 409, 413, 422, 503))
 async def put_persona(
-    name: NameParam, body: PersonaUpload, request: Request, if_match: IfMatch = None
+    name: NameParam, body: PersonaUpload, services: ServicesDep, if_match: IfMatch = None
 ) -> dict[str, Any]:
-    info = await _admin(request).put(
+    info = await services.persona_admin.put(
         name=name,
         model=body.model,
         layers=body.layers,
@@ -111,25 +94,29 @@ async def put_persona(
 
 
 @router.get("/personas/{name}", response_model=PersonaWithVectors, responses=errors(404, 422, 503))
-async def get_persona(name: NameParam, model: Annotated[str, Query()], request: Request) -> dict[str, Any]:
-    return await _admin(request).get(name, model)
+async def get_persona(
+    name: NameParam, model: Annotated[str, Query()], services: ServicesDep
+) -> dict[str, Any]:
+    return await services.persona_admin.get(name, model)
 
 
 @router.delete("/personas/{name}", status_code=204, responses=errors(400, 404, 409, 422, 503))
 async def delete_persona(
     name: NameParam,
     model: Annotated[str, Query()],
-    request: Request,
+    services: ServicesDep,
     if_match: IfMatch = None,
 ) -> Response:
-    await _admin(request).delete(name, model, expected_version=_expected_version(if_match))
+    await services.persona_admin.delete(name, model, expected_version=_expected_version(if_match))
     return Response(status_code=204)
 
 
 @router.get("/personas/{name}/versions", response_model=PersonaList, responses=errors(404, 422, 503))
-async def list_versions(name: NameParam, model: Annotated[str, Query()], request: Request) -> dict[str, Any]:
+async def list_versions(
+    name: NameParam, model: Annotated[str, Query()], services: ServicesDep
+) -> dict[str, Any]:
     """The kept versions, newest first (a deleted persona's history stays, for restoring)."""
-    kept = await _admin(request).versions(name, model)
+    kept = await services.persona_admin.versions(name, model)
     return {"object": "list", "data": [info.to_dict() for info in kept]}
 
 
@@ -137,10 +124,10 @@ async def list_versions(name: NameParam, model: Annotated[str, Query()], request
     "/personas/{name}/restore", response_model=Persona, responses=errors(400, 404, 409, 413, 422, 503)
 )
 async def restore_persona(
-    name: NameParam, body: PersonaRestore, request: Request, if_match: IfMatch = None
+    name: NameParam, body: PersonaRestore, services: ServicesDep, if_match: IfMatch = None
 ) -> dict[str, Any]:
     """Make a kept version current again, as a new version (versions never repeat)."""
-    info = await _admin(request).restore(name, body.model, body.version, _expected_version(if_match))
+    info = await services.persona_admin.restore(name, body.model, body.version, _expected_version(if_match))
     return info.to_dict()
 
 
@@ -149,7 +136,7 @@ async def restore_persona(
 )
 async def import_persona(
     name: NameParam,
-    request: Request,
+    services: ServicesDep,
     file: Annotated[UploadFile, File(description="safetensors, GGUF control vector or persona_vectors .pt")],
     model: Annotated[str, Form(min_length=1)],  # an empty form field reads as none
     format: Annotated[VectorFormat | None, Form(description="Default: from the file name.")] = None,
@@ -172,7 +159,7 @@ async def import_persona(
         expected_version=_expected_version(if_match),
     )
     data = await file.read()
-    info = await _files(request).import_file(name, data, file.filename or "", options)
+    info = await services.persona_files.import_file(name, data, file.filename or "", options)
     return info.to_dict()
 
 
@@ -183,12 +170,12 @@ async def import_persona(
 )
 async def export_persona(
     name: NameParam,
-    request: Request,
+    services: ServicesDep,
     model: Annotated[str, Query()],
     format: Annotated[VectorFormat, Query()] = VectorFormat.SAFETENSORS,
     version: Annotated[int | None, Query(ge=1, le=JSON_SAFE_INTEGER)] = None,
 ) -> Response:
-    exported = await _files(request).export_file(name, model, format, version)
+    exported = await services.persona_files.export_file(name, model, format, version)
     disposition = f'attachment; filename="{exported.filename}"'
     return Response(
         exported.content, media_type=format.media_type, headers={"Content-Disposition": disposition}
@@ -196,8 +183,8 @@ async def export_persona(
 
 
 @router.get("/personas", response_model=PersonaList, responses=errors(404, 503))
-async def list_personas(request: Request, model: str | None = None) -> dict[str, Any]:
-    return {"object": "list", "data": [info.to_dict() for info in await _admin(request).list(model)]}
+async def list_personas(services: ServicesDep, model: str | None = None) -> dict[str, Any]:
+    return {"object": "list", "data": [info.to_dict() for info in await services.persona_admin.list(model)]}
 
 
 @router.post(
@@ -206,7 +193,7 @@ async def list_personas(request: Request, model: str | None = None) -> dict[str,
     response_model=JobHandle,
     responses=errors(400, 404, 413, 422, 429),
 )
-async def extract_persona(name: NameParam, body: ExtractionRequest, request: Request) -> JobHandle:
+async def extract_persona(name: NameParam, body: ExtractionRequest, services: ServicesDep) -> JobHandle:
     spec = ExtractionSpec(
         positive_prompts=body.positive_prompts,
         negative_prompts=body.negative_prompts,
@@ -216,22 +203,22 @@ async def extract_persona(name: NameParam, body: ExtractionRequest, request: Req
         temperature=body.temperature,
         seed=body.seed,
     )
-    await check_extraction_fits(request.app.state.registry, body.model, spec)
-    job = request.app.state.persona_extraction.start(
+    await check_extraction_fits(services.registry, body.model, spec)
+    job = services.persona_extraction.start(
         name, body.model, spec, body.layers, body.default_strength, body.description
     )
     return _handle(job)
 
 
 @router.get("/jobs/{job_id}", response_model=JobStatus, responses=errors(404))
-async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    return request.app.state.jobs.get(job_id).to_dict()
+async def get_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
+    return services.jobs.get(job_id).to_dict()
 
 
 @router.delete("/jobs/{job_id}", response_model=JobStatus, responses=errors(404))
-async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+async def cancel_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
     """Cancel a queued or running job (a finished one is left as it ended)."""
-    return request.app.state.jobs.cancel(job_id).to_dict()
+    return services.jobs.cancel(job_id).to_dict()
 
 
 @router.post(
@@ -240,43 +227,49 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     response_model=JobHandle,
     responses=errors(400, 404, 409, 413, 422, 429),
 )
-async def bake_persona(name: NameParam, body: BakeRequest, request: Request) -> JobHandle:
+async def bake_persona(name: NameParam, body: BakeRequest, services: ServicesDep) -> JobHandle:
     """Distil the model steered by this persona into LoRA weights, then serve the result as a model
     (named in the job's result as model_id; default MODEL+PERSONA), as a background job."""
     options = BakeOptions(
-        strength=body.strength, rank=body.rank, trajectories=body.trajectories, steps=body.steps,
-        max_tokens=body.max_tokens, prompts=body.prompts, served_name=body.served_name, seed=body.seed,
-    )  # fmt: skip
-    return _handle(await request.app.state.persona_bakes.start(name, body.model, options))
+        strength=body.strength,
+        rank=body.rank,
+        trajectories=body.trajectories,
+        steps=body.steps,
+        max_tokens=body.max_tokens,
+        prompts=body.prompts,
+        served_name=body.served_name,
+        seed=body.seed,
+    )
+    return _handle(await services.persona_bakes.start(name, body.model, options))
 
 
 @router.delete("/models/{model}", response_model=ModelDeleted, responses=errors(400, 404, 409))
-async def delete_model(model: str, request: Request) -> ModelDeleted:
+async def delete_model(model: str, services: ServicesDep) -> ModelDeleted:
     """Stop serving a model baked on this server and delete its files (``<data-dir>/baked/<model>/``),
     as OpenAI deletes a fine-tuned model; a model with jobs running or queued on it is a 409."""
-    await request.app.state.persona_bakes.delete(model)
+    await services.persona_bakes.delete(model)
     return ModelDeleted(id=model)
 
 
 @router.post(
     "/mappings", status_code=202, response_model=JobHandle, responses=errors(400, 404, 413, 422, 429)
 )
-async def fit_mapping(body: MappingFitRequest, request: Request) -> JobHandle:
+async def fit_mapping(body: MappingFitRequest, services: ServicesDep) -> JobHandle:
     """Fit a map from one served model to another on the same neutral texts, as a background job."""
-    job = _fits(request).start_fit(
+    job = services.mapping_fits.start_fit(
         body.source_model, body.target_model, body.layers, body.texts, body.lambdas, body.folds, body.reduce
     )
     return _handle(job)
 
 
 @router.get("/mappings", response_model=MappingList, responses=errors(503))
-async def list_mappings(request: Request) -> MappingList:
-    return MappingList(data=[_mapping_summary(info) for info in await _fits(request).list()])
+async def list_mappings(services: ServicesDep) -> MappingList:
+    return MappingList(data=[_mapping_summary(info) for info in await services.mapping_fits.list()])
 
 
 @router.get("/mappings/{mapping_id}", response_model=Mapping, responses=errors(400, 404, 503))
-async def get_mapping(mapping_id: MappingIdParam, request: Request) -> dict[str, Any]:
-    return (await _fits(request).get(mapping_id)).to_dict()
+async def get_mapping(mapping_id: MappingIdParam, services: ServicesDep) -> dict[str, Any]:
+    return (await services.mapping_fits.get(mapping_id)).to_dict()
 
 
 @router.get(
@@ -284,20 +277,23 @@ async def get_mapping(mapping_id: MappingIdParam, request: Request) -> dict[str,
     response_class=Response,
     responses={**binary("image/png", "The diagnostics plot."), **errors(400, 404, 503)},
 )
-async def mapping_diagnostics(mapping_id: MappingIdParam, request: Request) -> Response:
+async def mapping_diagnostics(mapping_id: MappingIdParam, services: ServicesDep) -> Response:
     """Held-out error per lambda and the singular values of each block's map, as a picture."""
-    info = await _fits(request).get(mapping_id)
+    info = await services.mapping_fits.get(mapping_id)
     if info.metadata.get("method") != "ridge":
-        raise APIError(404, f"mapping {mapping_id} is a {info.metadata.get('method')} map: no CV diagnostics",
-                       "invalid_request_error")  # fmt: skip
+        raise APIError(
+            404,
+            f"mapping {mapping_id} is a {info.metadata.get('method')} map: no CV diagnostics",
+            "invalid_request_error",
+        )
     title = f"{info.source_model} -> {info.target_model} ({mapping_id})"
     png = await asyncio.to_thread(diagnostics_png, info.metadata, title)
     return Response(png, media_type="image/png")
 
 
 @router.delete("/mappings/{mapping_id}", status_code=204, responses=errors(400, 404, 503))
-async def delete_mapping(mapping_id: MappingIdParam, request: Request) -> Response:
-    await _fits(request).delete(mapping_id)
+async def delete_mapping(mapping_id: MappingIdParam, services: ServicesDep) -> Response:
+    await services.mapping_fits.delete(mapping_id)
     return Response(status_code=204)
 
 
@@ -307,7 +303,7 @@ async def delete_mapping(mapping_id: MappingIdParam, request: Request) -> Respon
     response_model=Persona,
     responses=errors(400, 404, 409, 413, 422, 429, 503),
 )
-async def map_persona(name: NameParam, body: PersonaMapRequest, request: Request) -> dict[str, Any]:
+async def map_persona(name: NameParam, body: PersonaMapRequest, services: ServicesDep) -> dict[str, Any]:
     """Carry a persona from source_model to target_model and store it there, under target_name.
 
     A persona of that name on the target that was not itself mapped from this persona and source
@@ -316,7 +312,9 @@ async def map_persona(name: NameParam, body: PersonaMapRequest, request: Request
     target = MapTarget(
         body.target_model, name if body.target_name is None else body.target_name, body.replace
     )
-    info = await _mapper(request).map_persona(name, body.source_model, target, body.mapping_id, body.method)
+    info = await services.persona_mapper.map_persona(
+        name, body.source_model, target, body.mapping_id, body.method
+    )
     return info.to_dict()
 
 
@@ -325,10 +323,12 @@ async def map_persona(name: NameParam, body: PersonaMapRequest, request: Request
     response_class=Response,
     responses={**binary("image/png", "The strength calibration plot."), **errors(404, 422, 503)},
 )
-async def persona_calibration(name: NameParam, model: Annotated[str, Query()], request: Request) -> Response:
+async def persona_calibration(
+    name: NameParam, model: Annotated[str, Query()], services: ServicesDep
+) -> Response:
     """How a mapped persona's default strength was chosen on the target (the generated method):
     effect and perplexity per strength tried, the fluency bar and the stored default."""
-    persona = await _admin(request).get(name, model)
+    persona = await services.persona_admin.get(name, model)
     calibration = persona["provenance"].get("strength_calibration")
     if calibration is None:
         message = f"persona '{name}' of model '{model}' has no strength calibration (only a persona mapped "

@@ -12,6 +12,7 @@ from server.api.auth import require_metrics_key
 from server.api.errors import APIError, AsciiJSONResponse
 from server.api.openapi import errors
 from server.api.resources import Health, Readiness
+from server.api.services import ServicesDep, services_of
 
 router = APIRouter()
 _TEXT = {"type": "string"}
@@ -25,7 +26,8 @@ _TEXT = {"type": "string"}
 async def health(request: Request) -> Any:
     """Liveness: the process answers and some engine can serve. One dead engine among several is a
     readiness matter (it restarts by itself); every engine dead is the process's, for its replacement."""
-    registry = getattr(request.app.state, "registry", None)
+    services = services_of(request.app)
+    registry = services.registry if services is not None else None
     down = registry.down if registry is not None else {}
     alive = registry is None or not registry.ids or len(down) < len(registry.ids)
     body = {"status": "ok" if alive else "unavailable", "engines_down": down}
@@ -42,12 +44,11 @@ async def health(request: Request) -> Any:
         }
     },
 )
-async def ready(request: Request) -> Any:
-    state = request.app.state
-    models = state.registry.ids
-    down = state.registry.down
+async def ready(services: ServicesDep) -> Any:
+    models = services.registry.ids
+    down = services.registry.down
     try:
-        await state.store.ping()
+        await services.store.ping()
         store = "ok"
     except StoreUnavailable as exc:
         store = str(exc)
@@ -56,7 +57,7 @@ async def ready(request: Request) -> Any:
         "status": "ready" if ready else "unavailable",
         "models": models,
         "store": store,
-        "change_feed": state.store.feed_state,  # informational: the version probe covers a down feed
+        "change_feed": services.store.feed_state,  # informational: the version probe covers a down feed
         "engines_down": down,
     }
     return AsciiJSONResponse(body, status_code=200 if ready else 503)
@@ -71,9 +72,13 @@ async def ready(request: Request) -> Any:
         **errors(401, 404),
     },
 )
-async def metrics(request: Request) -> Response:
+async def metrics(services: ServicesDep) -> Response:
     """Prometheus metrics; they name the personas asked for (--metrics-key, --metrics-port)."""
-    if request.app.state.settings.metrics_port is not None:
-        raise APIError(404, "/metrics is served on the metrics port (--metrics-port)",
-                       "invalid_request_error", "not_found")  # fmt: skip
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if services.settings.metrics_port is not None:
+        raise APIError(
+            404,
+            "/metrics is served on the metrics port (--metrics-port)",
+            "invalid_request_error",
+            "not_found",
+        )
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: thin mappings from protocol models to the completion service."""
+"""OpenAI-compatible routes: a protocol request turns itself into a job for the completion service."""
 
 from __future__ import annotations
 
@@ -11,98 +11,23 @@ from fastapi.responses import StreamingResponse
 from server.api.auth import require_api_key
 from server.api.errors import APIError, ascii_json_by_choice
 from server.api.openapi import errors, event_stream
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, PersonaRuleIn, _CompletionRequest
 from server.api.resources import ModelCard, ModelList, PersonaSummaryList
+from server.api.services import ServicesDep
+from server.serving.completion_job import CompletionJob
 from server.serving.completions import CompletionService
-from server.serving.errors import RequestRejected
-from server.serving.requests import (
-    ChatMessage,
-    CompletionJob,
-    JsonOutput,
-    PersonaTerm,
-    SteeringOverride,
-    TargetTerm,
-    WhenRule,
+from server.serving.protocol.requests import ChatCompletionRequest, CompletionRequest
+from server.serving.protocol.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    CompletionChunk,
+    TextCompletion,
 )
-from server.serving.responses import ChatCompletion, ChatCompletionChunk, CompletionChunk, TextCompletion
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=errors(401))
 # What a completion can answer besides 401: limits (400), unknown model or persona (404), a body
 # over the cap (413), a body that does not validate or steering that does not fit (422), a full
 # queue (429), the store down (503).
 _COMPLETION_ERRORS = errors(400, 404, 413, 422, 429, 503)
-
-
-def _service(request: Request) -> CompletionService:
-    return request.app.state.completions
-
-
-def _json_output(body: _CompletionRequest) -> JsonOutput | None:
-    response_format = body.response_format
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return JsonOutput()
-    if response_format.json_schema is None or response_format.json_schema.schema_ is None:
-        raise RequestRejected("response_format json_schema needs json_schema.schema", param="response_format")
-    return JsonOutput(response_format.json_schema.schema_)
-
-
-def _job(body: _CompletionRequest, logprobs: int | None, **prompt: Any) -> CompletionJob:
-    if body.best_of is not None and body.best_of != body.n:
-        raise RequestRejected("best_of other than n is not supported (vLLM dropped it too)", param="best_of")
-    persona = body.persona
-    if isinstance(persona, list):
-        persona = [PersonaTerm(term.name, term.strength) for term in persona]
-    steering = None
-    if body.steering is not None:
-        layers = tuple(body.steering.layers) if body.steering.layers is not None else None
-        steering = SteeringOverride(layers=layers, positions=body.steering.positions)
-    return CompletionJob(
-        model=body.model,
-        n=body.n,
-        max_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0,
-        stop=body.stop_strings(),
-        stop_token_ids=tuple(body.stop_token_ids or ()),
-        min_tokens=body.min_tokens or 0,
-        seed=body.seed,
-        ignore_eos=body.ignore_eos,
-        logprobs=logprobs,
-        tokens_as_ids=body.return_tokens_as_token_ids,
-        json_output=_json_output(body),
-        stream=body.stream,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        persona=persona,
-        persona_strength=body.persona_strength,
-        steering=steering,
-        persona_monitor=tuple(body.persona_monitor or ()),
-        monitor_tokens=body.persona_monitor_tokens,
-        persona_target=_target(body),
-        persona_when=tuple(_rule(rule) for rule in body.persona_when or ()),
-        **prompt,
-    )
-
-
-def _target(body: _CompletionRequest) -> TargetTerm | None:
-    target = body.persona_target
-    if target is None:
-        return None
-    return TargetTerm(target.name, target.score, target.strength, target.max_strength, target.gain)
-
-
-def _rule(rule: PersonaRuleIn) -> WhenRule:
-    above = rule.above is not None
-    threshold = rule.above if rule.above is not None else rule.below
-    assert threshold is not None  # the protocol model holds exactly one
-    steer = PersonaTerm(rule.steer.name, rule.steer.strength)
-    return WhenRule(rule.monitor, threshold, above, steer, rule.for_tokens)
 
 
 async def _until_disconnect(request: Request, work: Any) -> Any:
@@ -124,8 +49,7 @@ async def _until_disconnect(request: Request, work: Any) -> Any:
     return task.result()
 
 
-async def _respond(request: Request, job: CompletionJob) -> Any:
-    service = _service(request)
+async def _respond(request: Request, service: CompletionService, job: CompletionJob) -> Any:
     if job.stream:
         # A stream waits for its first chunk before answering: a client that leaves meanwhile
         # takes the request out of the queue at once.
@@ -144,14 +68,8 @@ async def _respond(request: Request, job: CompletionJob) -> Any:
     response_model_exclude_unset=True,
     responses={**_COMPLETION_ERRORS, **event_stream(ChatCompletionChunk)},
 )
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    messages = [ChatMessage(m.role, m.text()) for m in body.messages]
-    if body.max_tokens is None and body.max_completion_tokens is not None:
-        body.max_tokens = body.max_completion_tokens
-    if body.top_logprobs is not None and not body.logprobs:
-        raise RequestRejected("top_logprobs needs logprobs: true", param="top_logprobs")
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await _respond(request, _job(body, logprobs, messages=messages))
+async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep) -> Any:
+    return await _respond(request, services.completions, body.to_job())
 
 
 @router.post(
@@ -160,29 +78,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     response_model_exclude_unset=True,
     responses={**_COMPLETION_ERRORS, **event_stream(CompletionChunk)},
 )
-async def completions(body: CompletionRequest, request: Request) -> Any:
-    prompt = body.prompt
-    if isinstance(prompt, list):  # never empty: the protocol says so
-        prompt = prompt[0] if len(prompt) == 1 else tuple(prompt)
-    return await _respond(request, _job(body, body.logprobs, prompt=prompt, echo=body.echo))
+async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> Any:
+    return await _respond(request, services.completions, body.to_job())
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(request: Request) -> ModelList:
-    registry = request.app.state.registry
+async def list_models(services: ServicesDep) -> ModelList:
+    registry = services.registry
     return ModelList(data=[_model_card(b.info, registry.parent(b.info.id)) for b in registry])
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard, responses=errors(404))
-async def get_model(model_id: str, request: Request) -> ModelCard:
-    registry = request.app.state.registry
+async def get_model(model_id: str, services: ServicesDep) -> ModelCard:
+    registry = services.registry
     return _model_card(registry.get(model_id).info, registry.parent(model_id))
 
 
 @router.get("/personas", response_model=PersonaSummaryList, responses=errors(404, 503))
-async def list_personas(request: Request, model: str | None = None) -> dict[str, Any]:
+async def list_personas(services: ServicesDep, model: str | None = None) -> dict[str, Any]:
     """The stored personas (of one model, if given); their checksums are for the admin API only."""
-    infos = await request.app.state.persona_admin.list(model)
+    infos = await services.persona_admin.list(model)
     data = [{key: value for key, value in info.to_dict().items() if key != "checksum"} for info in infos]
     return {"object": "list", "data": data}
 

@@ -3,7 +3,8 @@
 Pydantic's lax mode converts more than /openapi.json admits: ``true`` and ``"7"`` become the integer
 1 and 7, ``"1.5"`` a number, ``1`` and ``"yes"`` a boolean, so a bake with ``"seed": false`` ran with
 seed 0. These types refuse such values (422 naming the field), and accept everything the schema
-allows, ``2.0`` for an integer included (JSON Schema counts it as one).
+allows, ``2.0`` for an integer included (JSON Schema counts it as one). ``Text`` is a string that is
+valid Unicode (JSON can escape a lone surrogate, which no tokenizer or store takes).
 
 Bounds sit inside a bounded alias (``Field`` before the validators): applied outside it, pydantic
 writes them into the JSON Schema as ``ge``/``le`` instead of ``minimum``/``maximum``.
@@ -14,7 +15,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import AllowInfNan, BeforeValidator, Field, Strict, StrictBool
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BeforeValidator,
+    Field,
+    Strict,
+    StrictBool,
+    StringConstraints,
+)
+
+from persona_store.records import PERSONA_NAME_PATTERN
 
 
 def _json_integer(value: Any) -> Any:
@@ -50,3 +61,18 @@ def _layer_key(value: Any) -> Any:
 
 
 LayerKey = Annotated[int, Field(ge=0, le=100_000), Strict(), BeforeValidator(_layer_key)]
+
+
+def _valid_unicode(value: str) -> str:
+    # JSON may escape a lone surrogate ("\ud800"); no tokenizer, database or encoder accepts one.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("the text holds a lone surrogate, which is not valid Unicode") from exc
+    return value
+
+
+# Refuses text that is not valid Unicode; in an Annotated string it follows the bounds, if any.
+VALID_UNICODE = AfterValidator(_valid_unicode)
+Text = Annotated[str, VALID_UNICODE]
+PersonaName = Annotated[str, StringConstraints(pattern=PERSONA_NAME_PATTERN)]

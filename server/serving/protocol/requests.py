@@ -1,4 +1,9 @@
-"""Request bodies of the HTTP API: the OpenAI fields that matter plus persona-server's own.
+"""The OpenAI request bodies (chat and text completions): the OpenAI fields that matter plus
+persona-server's own, and how a request turns itself into the engine's ``SamplingParams``
+(``to_sampling_params``, as vLLM's requests do) and into the serving layer's ``CompletionJob``.
+
+A sampling field is declared here and read in ``to_sampling_params``, and then it is the engine's
+(``SamplingParams`` and what each engine does with it): nothing in between copies it.
 
 Unknown OpenAI fields are accepted and ignored, as vLLM does, so that ordinary clients keep working.
 """
@@ -8,54 +13,37 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from persona_store.mappings import MAPPING_ID_PATTERN
-from persona_store.records import PERSONA_NAME_PATTERN
-from server.api.json_types import (
-    JSON_SAFE_INTEGER,
-    LAYER_KEYS,
+from server.engine.base import MAX_LOGPROBS, ChatMessage, SamplingParams, StructuredOutput
+from server.serving.completion_job import CompletionJob, PersonaTerm, SteeringOverride, TargetTerm, WhenRule
+from server.serving.errors import RequestRejected
+from server.serving.protocol.json_types import (
+    VALID_UNICODE,
     Bool,
     Float,
     Int,
     LayerIndex,
-    LayerKey,
+    PersonaName,
     Seed,
+    Text,
     TokenId,
 )
-from server.serving.requests import MAX_LOGPROBS
 from server.steering.closed_loop import DEFAULT_GAIN
-from server.steering.mapping import MappingMethod
 from server.steering.plan import Positions
 
-
-def _valid_unicode(value: str) -> str:
-    # JSON may escape a lone surrogate ("\ud800"); no tokenizer, database or encoder accepts one.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError("the text holds a lone surrogate, which is not valid Unicode") from exc
-    return value
-
-
-Text = Annotated[str, AfterValidator(_valid_unicode)]
-PromptText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_valid_unicode)]
-PersonaName = Annotated[str, StringConstraints(pattern=PERSONA_NAME_PATTERN)]
-# A served model's name as a bake gives it (also its folder under the data dir).
-SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+PromptText = Annotated[str, StringConstraints(min_length=1), VALID_UNICODE]
 # Bounds of the lists a request may carry: each item costs work on every request (a store lookup per
 # persona, a scan of the text per stop string), so a hostile body under the byte cap stays cheap.
 MAX_COMPOSED_PERSONAS = 16
 MAX_STOP_STRINGS = 64
-StopText = Annotated[str, StringConstraints(max_length=1024), AfterValidator(_valid_unicode)]
+StopText = Annotated[str, StringConstraints(max_length=1024), VALID_UNICODE]
 StopList = Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)]
 
 
@@ -106,18 +94,25 @@ class PersonaTargetIn(BaseModel):
     name: PersonaName
     score: Float = Field(description="The trait score (projection) the answer should hold.")
     strength: Float | None = Field(
-        None, description="The prompt's strength (default: the persona's default); generated tokens start "
+        None,
+        description="The prompt's strength (default: the persona's default); generated tokens start "
         "there too when the persona's positions steer them, else at 0.",
-    )  # fmt: skip
+    )
     max_strength: Float | None = Field(
-        None, gt=0, description="The controller keeps |strength| within this (default: the persona's "
-        "default strength).",
-    )  # fmt: skip
+        None,
+        gt=0,
+        description="The controller keeps |strength| within this (default: the persona's default strength).",
+    )
     gain: Float = Field(
-        DEFAULT_GAIN, gt=0, le=100,
+        DEFAULT_GAIN,
+        gt=0,
+        le=100,
         description="How fast the strength follows the error (strength per unit of error, in units of "
         "the vector's norm).",
-    )  # fmt: skip
+    )
+
+    def to_term(self) -> TargetTerm:
+        return TargetTerm(self.name, self.score, self.strength, self.max_strength, self.gain)
 
 
 class SteerIn(BaseModel):
@@ -138,15 +133,23 @@ class PersonaRuleIn(BaseModel):
     below: Float | None = Field(None, description="Fire when the projection is below this.")
     steer: SteerIn
     for_tokens: Int | None = Field(
-        None, ge=1, le=100_000, description="Steer at most this many tokens in a row (default: until "
-        "the projection drops back).",
-    )  # fmt: skip
+        None,
+        ge=1,
+        le=100_000,
+        description="Steer at most this many tokens in a row (default: until the projection drops back).",
+    )
 
     @model_validator(mode="after")
     def _one_threshold(self) -> PersonaRuleIn:
         if (self.above is None) == (self.below is None):
             raise ValueError("a persona_when rule takes exactly one of above or below")
         return self
+
+    def to_rule(self) -> WhenRule:
+        threshold = self.above if self.above is not None else self.below
+        assert threshold is not None  # the validator above holds exactly one
+        steer = PersonaTerm(self.steer.name, self.steer.strength)
+        return WhenRule(self.monitor, threshold, self.above is not None, steer, self.for_tokens)
 
 
 class StreamOptions(BaseModel):
@@ -233,6 +236,75 @@ class _CompletionRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return tuple(stop for stop in stops if stop)
 
+    def logprob_count(self) -> int | None:
+        raise NotImplementedError  # chat and text completions ask for logprobs in their own words
+
+    def structured_output(self) -> StructuredOutput | None:
+        response_format = self.response_format
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object":
+            return StructuredOutput()
+        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+            raise RequestRejected(
+                "response_format json_schema needs json_schema.schema", param="response_format"
+            )
+        return StructuredOutput(dict(response_format.json_schema.schema_))
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The engine's sampling parameters (vLLM's ``to_sampling_params``): a field left out takes the
+        engine's default, and a max_tokens left out the server's, within the context window."""
+        return SamplingParams(
+            max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            stop=self.stop_strings(),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            min_tokens=self.min_tokens or 0,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+            logprobs=self.logprob_count(),
+            structured=self.structured_output(),
+            clamp_to_context=self.max_tokens is None,
+        )
+
+    def _job(self, **prompt: Any) -> CompletionJob:
+        """The job this request asks for; ``prompt``: its messages, or its prompt (and echo)."""
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestRejected(
+                "best_of other than n is not supported (vLLM dropped it too)", param="best_of"
+            )
+        self.structured_output()  # refuses a json_schema without its schema before the model is looked up
+        persona = self.persona
+        if isinstance(persona, list):
+            persona = [PersonaTerm(term.name, term.strength) for term in persona]
+        steering = None
+        if self.steering is not None:
+            layers = tuple(self.steering.layers) if self.steering.layers is not None else None
+            steering = SteeringOverride(layers=layers, positions=self.steering.positions)
+        target = self.persona_target
+        return CompletionJob(
+            model=self.model,
+            sampling=self,
+            n=self.n,
+            tokens_as_ids=self.return_tokens_as_token_ids,
+            stream=self.stream,
+            include_usage=bool(self.stream_options and self.stream_options.include_usage),
+            persona=persona,
+            persona_strength=self.persona_strength,
+            steering=steering,
+            persona_monitor=tuple(self.persona_monitor or ()),
+            monitor_tokens=self.persona_monitor_tokens,
+            persona_target=None if target is None else target.to_term(),
+            persona_when=tuple(rule.to_rule() for rule in self.persona_when or ()),
+            **prompt,
+        )
+
 
 class ChatCompletionRequest(_CompletionRequest):
     messages: list[ChatMessageIn] = Field(min_length=1)
@@ -241,6 +313,21 @@ class ChatCompletionRequest(_CompletionRequest):
     top_logprobs: Int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many likeliest alternatives per token."
     )
+
+    @model_validator(mode="after")
+    def _max_completion_tokens(self) -> ChatCompletionRequest:
+        # OpenAI's newer name for max_tokens; max_tokens wins when both are given.
+        if self.max_tokens is None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def to_job(self) -> CompletionJob:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestRejected("top_logprobs needs logprobs: true", param="top_logprobs")
+        return self._job(messages=[ChatMessage(message.role, message.text()) for message in self.messages])
 
 
 class CompletionRequest(_CompletionRequest):
@@ -253,137 +340,11 @@ class CompletionRequest(_CompletionRequest):
     )
     echo: Bool = Field(False, description="Each answer begins with its prompt.")
 
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
-class PersonaUpload(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: Text
-    layers: dict[LayerKey, list[Float]] = Field(
-        min_length=1,
-        description="Decoder block index -> vector of the model's hidden size.",
-        json_schema_extra=LAYER_KEYS,
-    )
-    default_strength: Float = 1.0
-    default_positions: Positions = Field(Positions.ALL, description="Where the persona steers by default.")
-    description: Text = Field("", max_length=4000)
-
-
-class PersonaRestore(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: Text
-    version: Int = Field(ge=1, le=JSON_SAFE_INTEGER, description="The kept version to make current again.")
-
-
-class MappingFitRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    source_model: Text
-    target_model: Text
-    layers: dict[LayerKey, LayerIndex] | None = Field(
-        None,
-        min_length=1,
-        max_length=256,
-        description="Source block -> target block (default: by relative depth).",
-        json_schema_extra=LAYER_KEYS,
-    )
-    texts: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] | None = Field(
-        None, max_length=20_000, description="Neutral texts both models read (default: a bundled corpus)."
-    )
-    lambdas: list[Annotated[Float, Field(gt=0)]] | None = Field(
-        None,
-        min_length=1,
-        max_length=50,
-        description="Ridge penalties, relative to the mean Gram eigenvalue.",
-    )
-    folds: Int | None = Field(None, ge=2, le=20)
-    reduce: Literal["mean", "last"] = Field(
-        "mean", description="Each text's block output: its mean over tokens, or its last token."
-    )
-
-
-# Checked by the mapping service (400 naming mapping_id, as for the id in a path); stated here.
-MappingId = Annotated[
-    str, Field(max_length=64), WithJsonSchema({"type": "string", "pattern": MAPPING_ID_PATTERN})
-]
-
-
-class PersonaMapRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    source_model: Text
-    target_model: Text
-    mapping_id: MappingId | None = Field(None, description="Default: the newest fitting mapping.")
-    method: MappingMethod = Field(
-        MappingMethod.GENERATED,
-        description="generated (the default: the source writes with and without the persona, the "
-        "target reads both; no fitted map needed), or a map: ridge, procrustes, concept, zero_pad, "
-        "interpolate, random.",
-    )
-    target_name: PersonaName | None = Field(
-        None, description="The name to store it under on the target model (default: the persona's name)."
-    )
-    replace: Bool = Field(
-        False,
-        description="Replace a persona of that name on the target even when it was not mapped from this "
-        "persona on this source model (without it, such a persona is a 409 persona_exists).",
-    )
-
-
-class ExtractionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: Text
-    positive_prompts: list[Annotated[Text, StringConstraints(max_length=4000)]] = Field(
-        min_length=1, max_length=256
-    )
-    negative_prompts: list[Annotated[Text, StringConstraints(max_length=4000)]] = Field(
-        min_length=1, max_length=256
-    )
-    questions: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] = Field(
-        min_length=1, max_length=5000,
-        description="Each is answered samples_per_question times with each persona prompt set: at most "
-        "20,000 answers in all (400 above).",
-    )  # fmt: skip
-    layers: list[LayerIndex] | None = Field(
-        None, min_length=1, max_length=256, description="Blocks to store (null: the recommended)."
-    )
-    samples_per_question: Int = Field(1, ge=1, le=64)
-    default_strength: Float | None = Field(None, description="Stored default strength (null: 1.0).")
-    max_tokens: Int = Field(48, ge=1, le=1024, description="Length of each generated answer.")
-    temperature: Float = Field(1.0, ge=0, le=2)
-    seed: Seed = 0
-    description: Text = Field("", max_length=4000)
-
-
-# A bake's bounds: what a user baking a persona needs, with room (defaults 32 / 200 / 300 / 48), and
-# no more, since one bake holds a model's job place and a copy of its weights in training for its
-# whole run (the old ceilings, 5000 answers of 1024 tokens and 20,000 steps, made a bake of hours that
-# slowed every chat on the server). Retention on the demo models is reached by 200 answers and 300
-# steps; ranks past 128 are full-rank in all but name for the models served here.
-MAX_BAKE_RANK = 128
-MAX_BAKE_TRAJECTORIES = 2000
-MAX_BAKE_STEPS = 3000
-MAX_BAKE_TOKENS = 256  # a persona shows in an answer's first sentences
-MAX_BAKE_PROMPTS = 2500  # 4 in 5 teach: 2000 answers never need more distinct prompts
-
-
-class BakeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: Text = Field(description="The served model to bake the persona into (its HF weights).")
-    strength: Float | None = Field(None, description="Default: the persona's default strength.")
-    rank: Int = Field(32, ge=1, le=MAX_BAKE_RANK, description="LoRA rank.")
-    trajectories: Int = Field(
-        200, ge=4, le=MAX_BAKE_TRAJECTORIES, description="Answers of the steered model to learn from."
-    )
-    steps: Int = Field(300, ge=1, le=MAX_BAKE_STEPS, description="Training steps (batches of 8 answers).")
-    max_tokens: Int = Field(48, ge=1, le=MAX_BAKE_TOKENS, description="Length of each sampled answer.")
-    prompts: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] | None = Field(
-        None, min_length=2, max_length=MAX_BAKE_PROMPTS,
-        description="Prompts to answer (default: the fitting corpus).",
-    )  # fmt: skip
-    served_name: Annotated[str, StringConstraints(pattern=SERVED_NAME_PATTERN)] | None = Field(
-        None, description="The baked model's name (default: MODEL+PERSONA)."
-    )
-    seed: Int = Field(0, ge=0, le=2**31 - 1, description="Sampling and training seed.")
+    def to_job(self) -> CompletionJob:
+        prompt = self.prompt  # a list is never empty: the field says so
+        if isinstance(prompt, list):
+            return self._job(prompt=prompt[0] if len(prompt) == 1 else tuple(prompt), echo=self.echo)
+        return self._job(prompt=prompt, echo=self.echo)

@@ -1,27 +1,45 @@
-"""What the serving layer is asked to do, in its own terms (the API layer maps its protocol onto these)."""
+"""What the serving layer is asked to do, in its own terms: the OpenAI protocol's completion requests
+(``server.serving.protocol.requests``) turn themselves into a ``CompletionJob``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
-from server.engine.base import MAX_LOGPROBS, ChatMessage
+from server.engine.base import ChatMessage, SamplingParams, StructuredOutput
 from server.steering.closed_loop import DEFAULT_GAIN
 from server.steering.plan import Positions
 
-# ChatMessage is part of a completion request (and MAX_LOGPROBS one of its limits): the API takes
-# them from here, never from the engine.
+# ChatMessage is part of a completion job: its users take it from here, never from the engine.
 __all__ = [
-    "MAX_LOGPROBS",
     "ChatMessage",
     "CompletionJob",
-    "JsonOutput",
     "PersonaTerm",
+    "SamplingRequest",
     "SteeringOverride",
     "TargetTerm",
     "WhenRule",
 ]
+
+
+class SamplingRequest(Protocol):
+    """What a request asks of sampling, before the server's defaults; the protocol's completion
+    requests are one. A sampling field lives there and in the engine's ``SamplingParams`` only."""
+
+    @property
+    def max_tokens(self) -> int | None:
+        """As asked (None: the server's default, and the answer may stop at the context window)."""
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token whose log-probabilities are asked for (None: no logprobs)."""
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The JSON every answer must be, if any."""
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The engine's sampling parameters, ``default_max_tokens`` standing in for a max_tokens not
+        asked for."""
 
 
 @dataclass(frozen=True)
@@ -59,13 +77,6 @@ class SteeringOverride:
 
 
 @dataclass(frozen=True)
-class JsonOutput:
-    """The answer must be JSON: any object, or one that follows ``schema``."""
-
-    schema: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True)
 class CompletionJob:
     """One chat (``messages``) or text (``prompt``) completion request.
 
@@ -73,26 +84,12 @@ class CompletionJob:
     """
 
     model: str
+    sampling: SamplingRequest
     messages: Sequence[ChatMessage] | None = None
     prompt: str | Sequence[str] | None = None
     n: int = 1
     echo: bool = False  # text completions: each answer begins with its prompt
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    min_tokens: int = 0
-    seed: int | None = None
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; k: each token's and its k likeliest alternatives'
     tokens_as_ids: bool = False  # logprobs name tokens token_id:N
-    json_output: JsonOutput | None = None
     stream: bool = False
     include_usage: bool = False
     persona: str | Sequence[PersonaTerm] | None = None

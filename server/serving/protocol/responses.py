@@ -1,8 +1,8 @@
 """OpenAI response objects of chat and text completions, and their SSE framing.
 
 The pydantic models below define these objects: the API declares them on its routes (so
-/openapi.json documents them), and ``ResponseShape`` writes them as JSON-ready dicts. They live
-here, not in ``server.api``, because serving writes them and must never import the API.
+/openapi.json documents them), and ``ResponseShape`` writes them as JSON-ready dicts. The request
+bodies are in ``server.serving.protocol.requests``.
 
 Some fields are absent from the wire unless set (``persona_scores``, a chunk's ``usage``, a
 delta's ``role``), while others are present even when null (``persona``, ``logprobs``): the routes
@@ -226,11 +226,14 @@ class LogprobWriter:
     def chat(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
         content = []
         for e in entries:
-            top = [{"token": (name := self._name(i, t)), "logprob": _floor(lp), "bytes": _utf8(name)}
-                   for i, t, lp in e.top]  # fmt: skip
+            top = [
+                {"token": (name := self._name(i, t)), "logprob": _floor(lp), "bytes": _utf8(name)}
+                for i, t, lp in e.top
+            ]
             token = self._name(e.token_id, e.token)
-            content.append({"token": token, "logprob": _floor(e.logprob), "bytes": _utf8(token),
-                            "top_logprobs": top})  # fmt: skip
+            content.append(
+                {"token": token, "logprob": _floor(e.logprob), "bytes": _utf8(token), "top_logprobs": top}
+            )
         return {"content": content, "refusal": None}
 
     def _alternatives(self, entry: TokenLogprob) -> dict[str, float]:
@@ -300,8 +303,13 @@ class ResponseShape:
         kind = (
             ("chat.completion.chunk" if streamed else "chat.completion") if self.chat else "text_completion"
         )
-        return {"id": self.response_id, "object": kind, "created": self.created, "model": self.model,
-                "choices": choices}  # fmt: skip
+        return {
+            "id": self.response_id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
     def _logprobs(self, entries: Sequence[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
         if entries is None:
@@ -341,8 +349,11 @@ class ResponseShape:
         for answer in answers:
             prefix = echo[answer.index] if echo else ""
             logprobs = self._logprobs(answer.logprobs, len(prefix))
-            choices.append(self._choice(answer.index, prefix + answer.text, answer.finish_reason, delta=None,
-                                        logprobs=logprobs))  # fmt: skip
+            choices.append(
+                self._choice(
+                    answer.index, prefix + answer.text, answer.finish_reason, delta=None, logprobs=logprobs
+                )
+            )
         body = {**self._envelope(False, choices), "usage": totals, "persona": persona}
         if scores is not None:
             body["persona_scores"] = scores
