@@ -43,27 +43,27 @@ def _is_local(request: Request) -> bool:
         return False
 
 
-async def require_api_key(request: Request) -> None:
-    expected = get_services(request).settings.api_key
-    if expected and not _matches(_bearer(request), expected):
+def _check_key(request: Request, expected: str, key: str, code: str) -> None:
+    """401 unless the request's bearer token is ``expected`` (the API, admin or metrics key)."""
+    if not _matches(_bearer(request), expected):
         raise APIError(
             401,
-            "a valid API key is required (Authorization: Bearer <key>)",
+            f"a valid {key} is required (Authorization: Bearer <{key.removeprefix('API ')}>)",
             "authentication_error",
-            "invalid_api_key",
+            code,
         )
+
+
+async def require_api_key(request: Request) -> None:
+    expected = get_services(request).settings.api_key
+    if expected:
+        _check_key(request, expected, "API key", "invalid_api_key")
 
 
 async def require_admin(request: Request) -> None:
     expected = get_services(request).settings.admin_key
     if expected:
-        if not _matches(_bearer(request), expected):
-            raise APIError(
-                401,
-                "a valid admin key is required (Authorization: Bearer <admin key>)",
-                "authentication_error",
-                "invalid_admin_key",
-            )
+        _check_key(request, expected, "admin key", "invalid_admin_key")
     elif not _is_local(request):
         raise APIError(
             403,
@@ -76,10 +76,5 @@ async def require_admin(request: Request) -> None:
 
 async def require_metrics_key(request: Request) -> None:
     expected = get_services(request).settings.metrics_key
-    if expected and not _matches(_bearer(request), expected):
-        raise APIError(
-            401,
-            "a valid metrics key is required (Authorization: Bearer <metrics key>)",
-            "authentication_error",
-            "invalid_metrics_key",
-        )
+    if expected:
+        _check_key(request, expected, "metrics key", "invalid_metrics_key")
