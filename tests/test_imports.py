@@ -80,7 +80,7 @@ ALLOWED_ONLY: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("server.steering", ("server.steering", "server.errors"), "steering is pure maths on vectors"),
     (
         "server.transfer",
-        ("server.transfer", "server.engine.base", "server.steering", "server.errors"),
+        ("server.transfer", "server.engine.base", "server.engine.answers", "server.steering", "server.errors"),
         "transfer carries vectors with engines and steering maths: no requests, stores or services",
     ),
     (
