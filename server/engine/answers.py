@@ -63,10 +63,6 @@ class Answer:
     nll: float = 0.0
     nll_tokens: int = 0
 
-    @property
-    def messages(self) -> Sequence[ChatMessage]:
-        return self.request.messages or ()
-
     def in_tokens_of(self, reader: Backend) -> Answer:
         """The same answer in ``reader``'s tokens, as that model would write its text: how another
         model's answer is read back through this one."""
