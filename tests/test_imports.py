@@ -7,7 +7,8 @@ The product's layers, each importing only those below it:
 - ``server.admin`` also uses ``server.transfer`` (carrying a persona to another model),
   ``server.baking`` (LoRA bakes) and ``server.gguf`` (GGUF writers, through baking); the request
   path uses none of them;
-- ``server.transfer`` drives engines and steering maths only: no requests, stores or services;
+- ``server.transfer`` drives engines (their protocol, and ``server.engine.answers`` to answer and
+  read back) and steering maths only: no requests, stores or services;
 - ``server.steering`` is pure maths on vectors; ``server.gguf`` reads HF weights and knows no engine;
 - engines know steering plans, never requests, personas or stores; only ``server.app`` and the engine
   registry name a concrete engine, and only ``server.app`` a concrete store;
@@ -80,7 +81,13 @@ ALLOWED_ONLY: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("server.steering", ("server.steering", "server.errors"), "steering is pure maths on vectors"),
     (
         "server.transfer",
-        ("server.transfer", "server.engine.base", "server.steering", "server.errors"),
+        (
+            "server.transfer",
+            "server.engine.base",
+            "server.engine.answers",
+            "server.steering",
+            "server.errors",
+        ),
         "transfer carries vectors with engines and steering maths: no requests, stores or services",
     ),
     (

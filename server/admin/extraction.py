@@ -6,14 +6,14 @@ is read back once, unsteered, to take the mean output of every decoder block ove
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
+from server.engine.answers import ReadBack, answer_all, ask, conversation
+from server.engine.base import Backend, GenerationRequest
 from server.steering.persona_directions import PersonaDirections, persona_directions
 
 Progress = Callable[[float], None]
@@ -55,11 +55,6 @@ class ExtractionResult:
         }
 
 
-def conversation(system: str, question: str) -> list[ChatMessage]:
-    """What the model answers: the question, under the side's system prompt (none when empty)."""
-    return [*([ChatMessage("system", system)] if system else []), ChatMessage("user", question)]
-
-
 def pairings(prompts: Sequence[str], spec: ExtractionSpec) -> Iterator[tuple[int, int, int]]:
     """(question, sample, system prompt) indices of every answer of one side, in order: sample s of
     question q answers under prompt (q + s) mod the side's prompts."""
@@ -69,28 +64,23 @@ def pairings(prompts: Sequence[str], spec: ExtractionSpec) -> Iterator[tuple[int
 
 
 def _requests(prompts: Sequence[str], spec: ExtractionSpec, side: int) -> list[GenerationRequest]:
-    requests = []
-    for q_index, sample, p_index in pairings(prompts, spec):
-        sampling = SamplingParams(
-            max_tokens=spec.max_tokens, temperature=spec.temperature, clamp_to_context=True,
+    return [
+        ask(
+            conversation(prompts[p_index], spec.questions[q_index]),
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
             seed=spec.seed + 1_000_003 * side + 1009 * q_index + sample,
-        )  # fmt: skip
-        messages = conversation(prompts[p_index], spec.questions[q_index])
-        requests.append(GenerationRequest(sampling=sampling, messages=messages))
-    return requests
+        )
+        for q_index, sample, p_index in pairings(prompts, spec)
+    ]
 
 
-async def _answer_activations(
-    backend: Backend, request: GenerationRequest, positive: bool, spec: ExtractionSpec
-) -> tuple[str, np.ndarray | None]:
-    text, ids = [], []
-    async for chunk in backend.generate(request):
-        text.append(chunk.text)
-        ids.extend(chunk.token_ids)
-    answer = "".join(text)
-    if spec.accept is not None and not spec.accept(positive, answer):
-        return answer, None
-    return answer, await backend.response_activations(request, ids)
+def _reading(spec: ExtractionSpec, positive: bool) -> ReadBack:
+    """Each answer's activations, read back unless the spec's filter leaves the answer out."""
+    accept = spec.accept
+    if accept is None:
+        return ReadBack(activations=True)
+    return ReadBack(activations=True, only=lambda answer: accept(positive, answer.text))
 
 
 async def extract(
@@ -102,23 +92,22 @@ async def extract(
     }
     total = sum(len(requests) for requests in sides.values())
     done = 0
-    gate = asyncio.Semaphore(spec.concurrency)
 
-    async def one(request: GenerationRequest, positive: bool) -> tuple[str, np.ndarray | None]:
+    def answered(_: int) -> None:
         nonlocal done
-        async with gate:
-            result = await _answer_activations(backend, request, positive, spec)
         done += 1
         if progress is not None:
             progress(done / total)
-        return result
 
     activations: dict[bool, list[np.ndarray]] = {True: [], False: []}
     examples: dict[str, list[str]] = {}
     for positive, requests in sides.items():
-        results = await asyncio.gather(*(one(request, positive) for request in requests))
-        activations[positive] = [acts for _, acts in results if acts is not None]
-        examples["positive" if positive else "negative"] = [answer for answer, _ in results[:3]]
+        read = _reading(spec, positive)
+        answers = await answer_all(
+            backend, requests, concurrency=spec.concurrency, read=read, progress=answered
+        )
+        activations[positive] = [a.activations for a in answers if a.activations is not None]
+        examples["positive" if positive else "negative"] = [a.text for a in answers[:3]]
     if not activations[True] or not activations[False]:
         raise ValueError("the answer filter kept no answer on one side; nothing to extract")
     directions = persona_directions(np.stack(activations[True]), np.stack(activations[False]))

@@ -25,7 +25,8 @@ from server.baking.distill import BakeSpec, DistillResult, distill
 from server.baking.low_priority import run_low_priority
 from server.baking.outputs import loss_curve_png, save_adapter, save_merged, write_provenance
 from server.baking.trajectories import CONCURRENCY, sample_trajectories
-from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
+from server.engine.answers import ReadBack, answer_all, ask, read_all, written
+from server.engine.base import Backend
 from server.engine.model_loading import load_causal_lm
 from server.gguf.lora import convert_lora_to_gguf
 from server.gguf.model import ConversionError, convert_hf_to_gguf
@@ -98,23 +99,6 @@ def _load_student(source: Path) -> tuple[Any, Any]:
     return load_causal_lm(source, dtype=torch.float32), tokenizer
 
 
-async def _answers(
-    backend: Backend, prompts: Sequence[str], plan: SteeringPlan | None, order: BakeOrder
-) -> list[tuple[GenerationRequest, list[int]]]:
-    async def one(index: int, prompt: str) -> tuple[GenerationRequest, list[int]]:
-        seed = order.spec.seed + 7919 * (index + 1)
-        sampling = SamplingParams(
-            max_tokens=order.max_tokens, temperature=order.temperature, seed=seed, clamp_to_context=True
-        )
-        request = GenerationRequest(messages=[ChatMessage("user", prompt)], sampling=sampling, steering=plan)
-        async with gate:
-            ids = [token async for chunk in backend.generate(request) for token in chunk.token_ids]
-        return request, ids
-
-    gate = asyncio.Semaphore(order.requests_in_flight)
-    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
-
-
 async def persona_shift(
     base: Backend, answerer: Backend, prompts: Sequence[str], plan: SteeringPlan | None, order: BakeOrder
 ) -> float:
@@ -123,13 +107,23 @@ async def persona_shift(
         "persona",
         {b: v / np.linalg.norm(v) for b, v in order.record.vectors.items() if np.linalg.norm(v) > 0},
     )
-    blocks = 1 + max(monitor.directions)
-    scores = []
-    for request, ids in await _answers(answerer, prompts, plan, order):
-        if ids:
-            unsteered = GenerationRequest(messages=request.messages, sampling=request.sampling)
-            means = await base.response_activations(unsteered, ids, blocks)
-            scores.append(persona_scores(means, [monitor])["persona"])
+    requests = [
+        ask(
+            prompt,
+            max_tokens=order.max_tokens,
+            temperature=order.temperature,
+            seed=order.spec.seed + 7919 * (index + 1),
+            steering=plan,
+        )
+        for index, prompt in enumerate(prompts)
+    ]
+    answers = await answer_all(answerer, requests, concurrency=order.requests_in_flight)
+    # Read on the base, one after another.
+    read = ReadBack(activations=True, blocks=1 + max(monitor.directions))
+    scores = [
+        persona_scores(answer.activations, [monitor])["persona"]
+        for answer in await read_all(base, [a for a in answers if written(a)], read, concurrency=1)
+    ]
     return float(np.mean(scores)) if scores else 0.0
 
 
@@ -139,13 +133,26 @@ async def _train(base: Backend, order: BakeOrder, progress: Progress) -> tuple[D
     plan = order.plan()
     sampling = {"max_tokens": order.max_tokens, "temperature": order.temperature}
     trajectories = await sample_trajectories(
-        base, tokenizer, plan, teaching, order.trajectories, **sampling, seed=order.spec.seed,
-        progress=lambda f: progress(0.2 * f), concurrency=order.requests_in_flight,
-    )  # fmt: skip
+        base,
+        tokenizer,
+        plan,
+        teaching,
+        order.trajectories,
+        **sampling,
+        seed=order.spec.seed,
+        progress=lambda f: progress(0.2 * f),
+        concurrency=order.requests_in_flight,
+    )
     held_out = await sample_trajectories(
-        base, tokenizer, plan, validating, max(order.trajectories // 4, 4), **sampling,
-        seed=order.spec.seed + 1_000_003, concurrency=order.requests_in_flight,
-    )  # fmt: skip
+        base,
+        tokenizer,
+        plan,
+        validating,
+        max(order.trajectories // 4, 4),
+        **sampling,
+        seed=order.spec.seed + 1_000_003,
+        concurrency=order.requests_in_flight,
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     training = (model, plan, trajectories, order.spec, pad, held_out, lambda f: progress(0.2 + 0.6 * f))
     if order.training_threads is None:
@@ -255,6 +262,9 @@ async def _retention(
     distilled = await persona_shift(base, baked, prompts, None, order)
     shift = steered - unsteered
     return {
-        "prompts": len(prompts), "unsteered_score": unsteered, "steered_score": steered,
-        "baked_score": distilled, "retained": (distilled - unsteered) / shift if shift else None,
-    }  # fmt: skip
+        "prompts": len(prompts),
+        "unsteered_score": unsteered,
+        "steered_score": steered,
+        "baked_score": distilled,
+        "retained": (distilled - unsteered) / shift if shift else None,
+    }

@@ -19,11 +19,9 @@ Targets and bounds are the API's defaults (``persona_target`` with a score only)
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +29,9 @@ import torch
 from server.demo.corpus import POLES, held_out_questions, training_questions
 from server.demo.models import load_demo_personas
 from server.demo.traits import trait_rate
-from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
+from server.engine.answers import Answer, ReadBack, answer_all, ask, conversation
+from server.engine.base import Backend
+from server.evaluation.strength_sweep import question_seeds
 from server.serving.steering_loops import DEFAULT_MAX_MULTIPLE
 from server.steering.closed_loop import DEFAULT_GAIN, Direction, LoopSpec, Rule, Target
 from server.steering.plan import Positions, SteeringPlan, steers_generated_tokens
@@ -43,7 +43,7 @@ CALIBRATION_QUESTIONS = 24
 
 
 @dataclass(frozen=True)
-class Answer:
+class JudgedAnswer:
     text: str
     tokens: int
     nll: float
@@ -85,28 +85,14 @@ class _Persona:
         return SteeringPlan(self.vectors, strength=strength, positions=self.positions) if strength else None
 
 
-async def _answer(
-    backend: Backend,
-    messages: list[ChatMessage],
-    plan: SteeringPlan | None,
-    loop: LoopSpec,
-    seed: int,
-    max_tokens: int,
-) -> Answer:
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, clamp_to_context=True)
-    request = GenerationRequest(sampling=sampling, messages=messages, steering=plan, loop=loop)
-    judged = [message for message in messages if message.role != "system"]
-    text, ids, traces = [], [], []
-    async for chunk in backend.generate(request):
-        text.append(chunk.text)
-        ids.extend(chunk.token_ids)
-        traces.extend(chunk.traces or ())
-    name = loop.token_scores[0].name
-    nll, count = await backend.response_nll(GenerationRequest(sampling=sampling, messages=judged), ids)
-    return Answer(
-        text="".join(text),
-        tokens=count,
-        nll=nll,
+def _judged(answer: Answer, name: str) -> JudgedAnswer:
+    """An answer as a row counts it: its likelihood (read without the system prompt), the mean of its
+    per-token readings of ``name``, the mean strength of a target, whether a rule fired."""
+    traces = answer.traces
+    return JudgedAnswer(
+        text=answer.text,
+        tokens=answer.nll_tokens,
+        nll=answer.nll,
         reading=float(np.mean([trace.scores[name] for trace in traces])),
         strength=float(np.mean([trace.strength or 0.0 for trace in traces])),
         fired=any(trace.rules for trace in traces),
@@ -128,24 +114,18 @@ async def _answers(
     loop: LoopSpec,
     system: str = "",
     questions: Sequence[str] | None = None,
-) -> list[Answer]:
-    prefix = [ChatMessage("system", system)] if system else []
+) -> list[JudgedAnswer]:
     asked = held_out_questions() if questions is None else questions
-
-    def answer(question: str, seed: int) -> Any:
-        messages = [*prefix, ChatMessage("user", question)]
-        return _answer(backend, messages, plan, loop, seed, run.max_tokens)
-
-    seeds = [
-        (q, run.seed + 1000 * index + sample)
-        for index, q in enumerate(asked)
-        for sample in range(run.samples)
+    requests = [
+        ask(conversation(system, question), max_tokens=run.max_tokens, seed=seed, steering=plan, loop=loop)
+        for question, seed in question_seeds(asked, run.samples, run.seed)
     ]
-    return list(await asyncio.gather(*(answer(question, seed) for question, seed in seeds)))
+    answers = await answer_all(backend, requests, read=ReadBack(nll=True, without_system=True))
+    return [_judged(answer, loop.token_scores[0].name) for answer in answers]
 
 
 def _row(
-    model: str, persona: str, condition: str, answers: list[Answer], strength: float | None = None
+    model: str, persona: str, condition: str, answers: list[JudgedAnswer], strength: float | None = None
 ) -> LoopRow:
     """A row of the table; ``strength``: the fixed strength (else the target's mean)."""
     texts = [answer.text for answer in answers]
@@ -191,8 +171,16 @@ async def _rule_rows(backend: Backend, model: str, persona: _Persona, run: LoopR
     elicited = await _token_readings(backend, run, reads, calibration, system)
     threshold = float((plain.mean() + elicited.mean()) / 2)
     # Once it fires, it steers the rest of the answer (for_tokens: the answer's length).
-    rule = Rule(persona.direction, threshold, True, persona.name, persona.vectors, -persona.default_strength,
-                for_tokens=run.max_tokens, positions=persona.positions)  # fmt: skip
+    rule = Rule(
+        persona.direction,
+        threshold,
+        True,
+        persona.name,
+        persona.vectors,
+        -persona.default_strength,
+        for_tokens=run.max_tokens,
+        positions=persona.positions,
+    )
     ruled = LoopSpec(token_scores=(persona.direction,), rules=(rule,))
     rows = []
     for label, prompt in ((f"system prompt '{system}'", system), ("no system prompt", "")):
@@ -211,22 +199,27 @@ async def _token_readings(
 ) -> np.ndarray:
     """Every per-token reading of the unsteered model's answers to ``questions``."""
     name = loop.token_scores[0].name
-    prefix = [ChatMessage("system", system)] if system else []
-    sampling = SamplingParams(max_tokens=run.max_tokens, temperature=1.0, seed=run.seed)
-
-    async def read(question: str) -> list[float]:
-        messages = [*prefix, ChatMessage("user", question)]
-        request = GenerationRequest(sampling=sampling, messages=messages, loop=loop)
-        chunks = [chunk async for chunk in backend.generate(request)]
-        return [trace.scores[name] for chunk in chunks for trace in chunk.traces or ()]
-
-    return np.concatenate(await asyncio.gather(*(read(question) for question in questions)))
+    requests = [
+        ask(
+            conversation(system, question),
+            max_tokens=run.max_tokens,
+            seed=run.seed,
+            loop=loop,
+            clamp_to_context=False,
+        )
+        for question in questions
+    ]
+    answers = await answer_all(backend, requests)
+    return np.concatenate([[trace.scores[name] for trace in answer.traces] for answer in answers])
 
 
 async def closed_loop_rows(
-    backend: Backend, model: str, run: LoopRun, personas: Sequence[str] | None = None,
+    backend: Backend,
+    model: str,
+    run: LoopRun,
+    personas: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
-) -> list[LoopRow]:  # fmt: skip
+) -> list[LoopRow]:
     rows: list[LoopRow] = []
     for draft in load_demo_personas(model):
         if personas is not None and draft.name not in personas:

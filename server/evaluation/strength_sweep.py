@@ -7,15 +7,25 @@ UNSTEERED model, as in the persona-vectors literature.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
+from server.engine.answers import ReadBack, answer_all, ask
+from server.engine.base import Backend
 from server.steering.plan import Positions, SteeringPlan
 from server.steering.text_quality import collapsed, distinct_ngram_ratio, perplexity
+
+
+def question_seeds(questions: Sequence[str], samples: int, seed: int) -> list[tuple[str, int]]:
+    """Each question ``samples`` times, sample s of question q with seed + 1000 q + s: the same
+    seeds in every row of a table, so that rows differ by their steering, not by sampling luck."""
+    return [
+        (question, seed + 1000 * q_index + sample)
+        for q_index, question in enumerate(questions)
+        for sample in range(samples)
+    ]
 
 
 @dataclass(frozen=True)
@@ -32,29 +42,6 @@ class StrengthRow:
 
     def to_dict(self) -> dict[str, float | str]:
         return {key: value for key, value in self.__dict__.items() if key != "answer_scores"}
-
-
-async def _answer(
-    backend: Backend,
-    question: str,
-    plan: SteeringPlan | None,
-    seed: int,
-    max_tokens: int,
-    temperature: float,
-    judge: Backend | None = None,
-) -> tuple[str, float, int]:
-    sampling = SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, seed=seed, clamp_to_context=True
-    )
-    messages = [ChatMessage("user", question)]
-    steered = GenerationRequest(sampling=sampling, messages=messages, steering=plan)
-    text, ids = [], []
-    async for chunk in backend.generate(steered):
-        text.append(chunk.text)
-        ids.extend(chunk.token_ids)
-    reader = backend if judge is None else judge
-    nll, count = await reader.response_nll(GenerationRequest(sampling=sampling, messages=messages), ids)
-    return "".join(text), nll, count
 
 
 async def evaluate_strengths(
@@ -74,30 +61,24 @@ async def evaluate_strengths(
 ) -> list[StrengthRow]:
     """``judge`` reads the answers back for their perplexity (default: ``backend`` unsteered); give
     another model of the same tokenizer to judge a model's answers by it (a baked model by its base)."""
-    gate = asyncio.Semaphore(concurrency)
-
-    async def bounded(question: str, plan: SteeringPlan | None, answer_seed: int) -> tuple[str, float, int]:
-        async with gate:
-            return await _answer(backend, question, plan, answer_seed, max_tokens, temperature, judge)
-
     rows = []
     for strength in strengths:
         plan = SteeringPlan(dict(vectors), strength=strength, positions=positions) if strength != 0 else None
-        results = await asyncio.gather(
-            *(
-                bounded(question, plan, seed + 1000 * q_index + sample)
-                for q_index, question in enumerate(questions)
-                for sample in range(samples)
-            )
+        requests = [
+            ask(question, max_tokens=max_tokens, temperature=temperature, seed=answer_seed, steering=plan)
+            for question, answer_seed in question_seeds(questions, samples, seed)
+        ]
+        results = await answer_all(
+            backend, requests, concurrency=concurrency, read=ReadBack(nll=True), reader=judge
         )
-        answers = [text for text, _, _ in results]
+        answers = [answer.text for answer in results]
         words = [answer.lower().split() for answer in answers]
         rows.append(
             StrengthRow(
                 persona=persona,
                 strength=strength,
                 trait_score=score(answers),
-                perplexity=perplexity(sum(r[1] for r in results), sum(r[2] for r in results)),
+                perplexity=perplexity(sum(a.nll for a in results), sum(a.nll_tokens for a in results)),
                 distinct_2=float(np.mean([distinct_ngram_ratio(w) for w in words])),
                 collapse_rate=float(np.mean([collapsed(w) for w in words])),
                 example=answers[0],

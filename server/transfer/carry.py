@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.engine.base import Backend, ChatMessage, GenerationRequest, ModelInfo, SamplingParams
+from server.engine.answers import Answer, ReadBack, answer_all, ask, read_all, written
+from server.engine.base import Backend, ModelInfo
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingMethod, calibrate, corresponding_layer
 from server.steering.plan import Positions, SteeringPlan
@@ -107,35 +108,25 @@ class CarriedPersona:
         return record
 
 
-def _request(prompt: str, sampling: SamplingParams, plan: SteeringPlan | None = None) -> GenerationRequest:
-    return GenerationRequest(sampling=sampling, messages=[ChatMessage("user", prompt)], steering=plan)
+async def _answers(backend: Backend, spec: GenerationSpec, plan: SteeringPlan | None) -> list[Answer]:
+    requests = [
+        ask(
+            prompt,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            seed=spec.seed + index,
+            steering=plan,
+        )
+        for index, prompt in enumerate(spec.prompts)
+    ]
+    return await answer_all(backend, requests, concurrency=spec.concurrency)
 
 
-async def _answers(backend: Backend, spec: GenerationSpec, plan: SteeringPlan | None) -> list[str]:
-    gate = asyncio.Semaphore(spec.concurrency)
-
-    async def one(index: int, prompt: str) -> str:
-        sampling = SamplingParams(max_tokens=spec.max_tokens, temperature=spec.temperature,
-                                  seed=spec.seed + index, clamp_to_context=True)  # fmt: skip
-        async with gate:
-            return "".join([chunk.text async for chunk in backend.generate(_request(prompt, sampling, plan))])
-
-    return list(await asyncio.gather(*(one(index, prompt) for index, prompt in enumerate(spec.prompts))))
-
-
-async def _read_as_answers(
-    backend: Backend, spec: GenerationSpec, answers: list[tuple[str, list[int]]]
-) -> np.ndarray:
-    """Mean block outputs over each (prompt, answer ids)'s answer tokens, read by ``backend``
+async def _read_as_answers(backend: Backend, spec: GenerationSpec, answers: list[Answer]) -> np.ndarray:
+    """Mean block outputs over each answer's tokens (in ``backend``'s tokens), read by ``backend``
     unsteered as its own answer to the prompt: [blocks, hidden], averaged over the answers."""
-    gate = asyncio.Semaphore(spec.concurrency)
-    sampling = SamplingParams(max_tokens=spec.max_tokens, clamp_to_context=True)
-
-    async def one(prompt: str, ids: list[int]) -> np.ndarray:
-        async with gate:
-            return await backend.response_activations(_request(prompt, sampling), ids)
-
-    return np.mean(await asyncio.gather(*(one(prompt, ids) for prompt, ids in answers)), axis=0)
+    read = await read_all(backend, answers, ReadBack(activations=True), spec.concurrency)
+    return np.mean([answer.activations for answer in read], axis=0)
 
 
 @dataclass(frozen=True)
@@ -150,16 +141,15 @@ class _Contrast:
 async def _contrast(source: Backend, target: Backend, plan: SteeringPlan, spec: GenerationSpec) -> _Contrast:
     steered, plain = await asyncio.gather(_answers(source, spec, plan), _answers(source, spec, None))
     # Each answer in the target's tokens, once; a pair with an empty side is dropped.
-    encoded = [(prompt, target.answer_ids(a), target.answer_ids(b), b)
-               for prompt, a, b in zip(spec.prompts, steered, plain, strict=True)]  # fmt: skip
-    kept = [(prompt, a_ids, b_ids, b) for prompt, a_ids, b_ids, b in encoded if a_ids and b_ids]
+    encoded = [(a.in_tokens_of(target), b.in_tokens_of(target)) for a, b in zip(steered, plain, strict=True)]
+    kept = [(a, b) for a, b in encoded if written(a) and written(b)]
     if not kept:
         raise SteeringError("the source model wrote no answers to carry the persona with")
-    target_steered = await _read_as_answers(target, spec, [(prompt, ids) for prompt, ids, _, _ in kept])
-    target_plain = await _read_as_answers(target, spec, [(prompt, ids) for prompt, _, ids, _ in kept])
+    target_steered = await _read_as_answers(target, spec, [a for a, _ in kept])
+    target_plain = await _read_as_answers(target, spec, [b for _, b in kept])
     # Norms for calibration as every mapping method takes them: last tokens of plain text.
-    source_plain = await source.text_activations([b for *_, b in kept])
-    target_plain_text = await target.text_activations([b for *_, b in kept])
+    source_plain = await source.text_activations([b.text for _, b in kept])
+    target_plain_text = await target.text_activations([b.text for _, b in kept])
     return _Contrast(
         target_steered - target_plain,
         np.linalg.norm(source_plain[:, 0], axis=-1).mean(axis=0),
@@ -227,9 +217,16 @@ async def carry_by_generation(
     trials: list[tuple[dict[int, np.ndarray], StrengthCalibration]] = []
     for layers in placements:
         calibration = await calibrate_scale(
-            target, layers, {block: contrast.difference[block] for block in layers}, strength, positions,
-            prompts, plain, spec.max_tokens, spec.seed,
-        )  # fmt: skip
+            target,
+            layers,
+            {block: contrast.difference[block] for block in layers},
+            strength,
+            positions,
+            prompts,
+            plain,
+            spec.max_tokens,
+            spec.seed,
+        )
         trials.append((layers, calibration))
     layers, calibration = max(trials, key=lambda trial: trial[1].predicted_transfer)  # first of equals
     scaled = {block: (vector * calibration.scale).astype(np.float32) for block, vector in layers.items()}

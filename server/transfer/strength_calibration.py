@@ -16,13 +16,13 @@ the bar (the weakest step when none is).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from server.engine.base import Backend, ChatMessage, GenerationRequest, SamplingParams
+from server.engine.answers import ReadBack, answer_all, ask, written
+from server.engine.base import Backend
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
 from server.steering.text_quality import perplexity
@@ -78,25 +78,15 @@ async def _read_own_answers(
     target: Backend, prompts: Sequence[str], plan: SteeringPlan | None, max_tokens: int, seed: int
 ) -> Reading:
     """The target answers each prompt (steered by ``plan``), then reads its answers back unsteered."""
-
-    async def one(index: int, prompt: str) -> tuple[np.ndarray, float, int] | None:
-        sampling = SamplingParams(
-            max_tokens=max_tokens, temperature=1.0, seed=seed + index, clamp_to_context=True
-        )
-        messages = [ChatMessage("user", prompt)]
-        request = GenerationRequest(sampling=sampling, messages=messages, steering=plan)
-        ids = [token for chunk in [c async for c in target.generate(request)] for token in chunk.token_ids]
-        if not ids:
-            return None
-        unsteered = GenerationRequest(sampling=sampling, messages=messages)
-        nll, count = await target.response_nll(unsteered, ids)
-        return await target.response_activations(unsteered, ids), nll, count
-
-    read = [r for r in await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))) if r is not None]
+    requests = [
+        ask(prompt, max_tokens=max_tokens, seed=seed + i, steering=plan) for i, prompt in enumerate(prompts)
+    ]
+    answers = await answer_all(target, requests, read=ReadBack(activations=True, nll=True, only=written))
+    read = [answer for answer in answers if written(answer)]
     if not read:
         return Reading(np.zeros(0), float("nan"))
-    nll, count = sum(r[1] for r in read), sum(r[2] for r in read)
-    return Reading(np.mean([r[0] for r in read], axis=0), perplexity(nll, count))
+    nll, count = sum(a.nll for a in read), sum(a.nll_tokens for a in read)
+    return Reading(np.mean([a.activations for a in read], axis=0), perplexity(nll, count))
 
 
 def chosen_scale(steps: Sequence[CalibrationStep], last: bool) -> float | None:
