@@ -94,15 +94,18 @@ def server(
 ) -> Iterator[ServerProcess]:
     data = tmp_path_factory.mktemp("api-data")
     args = [
-        "--model", str(llama_dir), "--model", str(qwen_dir), "--model", str(llama_gguf),
-        "--served-model-name", LLAMA, "--served-model-name", QWEN, "--served-model-name", GGUF,
-        "--gguf-kv-type", "f32", "--gguf-contexts", "2",
-        "--admin-key", ADMIN_KEY, "--max-tokens-cap", "900", "--max-strength", "50",
-        "--default-max-tokens", "16", "--max-body-bytes", "200000",
-    ]  # fmt: skip
+        *["--model", str(llama_dir), "--model", str(qwen_dir), "--model", str(llama_gguf)],
+        *["--served-model-name", LLAMA, "--served-model-name", QWEN, "--served-model-name", GGUF],
+        *["--gguf-kv-type", "f32", "--gguf-contexts", "2", "--admin-key", ADMIN_KEY],
+        *["--max-tokens-cap", "900", "--max-strength", "50", "--default-max-tokens", "16"],
+        *["--max-body-bytes", "200000"],
+    ]
     # The API key comes from the environment, as every flag can.
-    with ServerProcess(args, env={"PERSONA_SERVER_API_KEY": API_KEY, "PERSONA_SERVER_DATA_DIR": str(data)},
-                       log_path=data / "server.log") as process:  # fmt: skip
+    with ServerProcess(
+        args,
+        env={"PERSONA_SERVER_API_KEY": API_KEY, "PERSONA_SERVER_DATA_DIR": str(data)},
+        log_path=data / "server.log",
+    ) as process:
         yield process
 
 

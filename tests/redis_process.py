@@ -20,9 +20,9 @@ class RedisProcess:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._command = [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory),
-            "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
-        ]  # fmt: skip
+            *[binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""],
+            *["--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec"],
+        ]
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisProcess:

@@ -46,8 +46,11 @@ def test_persona_steers_and_is_echoed(
     assert zero.choices[0].message.content == plain.choices[0].message.content
     assert plain.model_extra["persona"] is None
     assert steered.model_extra["persona"] == {
-        "name": "pirate", "strength": 6.0, "version": personas["pirate"]["version"], "layers": [1]
-    }  # fmt: skip
+        "name": "pirate",
+        "strength": 6.0,
+        "version": personas["pirate"]["version"],
+        "layers": [1],
+    }
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     prompt_tokens = len(
         tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)["input_ids"]
@@ -73,9 +76,14 @@ def test_streaming_with_usage_matches_the_plain_answer(
 ) -> None:
     whole = chat(client, persona="pirate", max_tokens=20)
     stream = client.chat.completions.create(
-        model=LLAMA, messages=QUESTION, max_tokens=20, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"persona": "pirate", "ignore_eos": True},
-    )  # fmt: skip
+        model=LLAMA,
+        messages=QUESTION,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"persona": "pirate", "ignore_eos": True},
+    )
     chunks = list(stream)
     assert len({chunk.id for chunk in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -109,10 +117,13 @@ async def test_concurrent_personas_equal_their_solo_answers(
 ) -> None:
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
     variants: list[dict[str, Any]] = [
-        {}, {"persona": "pirate"}, {"persona": "formal"}, {"persona": "pirate", "persona_strength": -4},
+        {},
+        {"persona": "pirate"},
+        {"persona": "formal"},
+        {"persona": "pirate", "persona_strength": -4},
         {"persona": [{"name": "pirate", "strength": 2}, {"name": "formal", "strength": -1}]},
         {"persona": "formal", "steering": {"positions": "prompt"}},
-    ]  # fmt: skip
+    ]
 
     async def ask(extra: dict[str, Any]) -> str:
         response = await client.chat.completions.create(
@@ -162,8 +173,9 @@ def test_text_completions_plain_and_streamed(client: openai.OpenAI, personas: di
 
 
 def test_personas_are_listed_without_vectors(server: ServerProcess, personas: dict[str, Any]) -> None:
-    listing = httpx.get(f"{server.url}/v1/personas", params={"model": LLAMA},
-                        headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]  # fmt: skip
+    listing = httpx.get(
+        f"{server.url}/v1/personas", params={"model": LLAMA}, headers={"Authorization": f"Bearer {API_KEY}"}
+    ).json()["data"]
     by_name = {item["name"]: item for item in listing}
     assert {"pirate", "formal", "quitter"} <= set(by_name) and "calm" not in by_name
     assert by_name["formal"]["layers"] == [0, 2] and by_name["formal"]["default_strength"] == 3.0
@@ -213,8 +225,14 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 def test_a_client_leaving_a_stream_cancels_its_generation(server: ServerProcess, personas: Any) -> None:
     labels = {"model": LLAMA, "persona": "quitter"}
-    body = {"model": LLAMA, "messages": QUESTION, "max_tokens": 900, "stream": True, "persona": "quitter",
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": LLAMA,
+        "messages": QUESTION,
+        "max_tokens": 900,
+        "stream": True,
+        "persona": "quitter",
+        "ignore_eos": True,
+    }
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers) as response:
         events = (line for line in response.iter_lines() if line)
@@ -232,8 +250,12 @@ def test_a_client_leaving_a_plain_request_cancels_it(server: ServerProcess, pers
     before = metric(server.url, "persona_server_requests_total", status="cancelled", **labels)
     body = {"model": LLAMA, "messages": QUESTION, "max_tokens": 900, "persona": "quitter", "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=0.5,
-                   headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+        httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json=body,
+            timeout=0.5,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )
     assert wait_for(
         lambda: (
             metric(server.url, "persona_server_requests_total", status="cancelled", **labels) == before + 1

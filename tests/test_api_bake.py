@@ -71,11 +71,17 @@ def baked(demo_server: ServerProcess) -> dict[str, Any]:
 def answers(client: openai.OpenAI, model: str, extra: dict[str, Any] | None = None) -> list[str]:
     return [
         client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": question}], max_tokens=40, temperature=0,
+            model=model,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=40,
+            temperature=0,
             extra_body=extra or {},
-        ).choices[0].message.content or ""
+        )
+        .choices[0]
+        .message.content
+        or ""
         for question in held_out_questions()[:10]
-    ]  # fmt: skip
+    ]
 
 
 def test_a_baked_persona_is_served_and_answers_like_a_pirate_without_a_persona_field(
@@ -258,9 +264,11 @@ def test_a_restarted_server_serves_its_baked_models_again(
 def test_the_cli_bakes_an_adapter_peft_loads(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(SMALL_BAKE["prompts"]))
-    command = [sys.executable, "-m", "server", "bake", "--model", "demo-qwen", "--persona", "pirate",
-               "--trajectories", "16", "--steps", "5", "--rank", "4", "--prompts-file", str(prompts),
-               "--output", str(tmp_path / "out")]  # fmt: skip
+    command = [
+        *[sys.executable, "-m", "server", "bake", "--model", "demo-qwen", "--persona", "pirate"],
+        *["--trajectories", "16", "--steps", "5", "--rank", "4", "--prompts-file", str(prompts)],
+        *["--output", str(tmp_path / "out")],
+    ]
     env = {"PERSONA_SERVER_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

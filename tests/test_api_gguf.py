@@ -31,9 +31,14 @@ def test_same_weights_same_persona_same_answer(server: ServerProcess, client: op
     assert ask(client, GGUF, **prompt_only) == ask(client, LLAMA, **prompt_only)
 
     stream = client.chat.completions.create(
-        model=GGUF, messages=QUESTION, max_tokens=14, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "persona": "twin"},
-    )  # fmt: skip
+        model=GGUF,
+        messages=QUESTION,
+        max_tokens=14,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "persona": "twin"},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == steered
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 14
@@ -46,8 +51,13 @@ async def test_concurrent_gguf_personas_equal_their_solo_answers(server: ServerP
             == 200
         )
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
-    variants: list[dict[str, Any]] = [{}, {"persona": "gguf-a"}, {"persona": "gguf-b"}, {"persona": "gguf-c"},
-                                      {"persona": "gguf-a", "persona_strength": -3}]  # fmt: skip
+    variants: list[dict[str, Any]] = [
+        {},
+        {"persona": "gguf-a"},
+        {"persona": "gguf-b"},
+        {"persona": "gguf-c"},
+        {"persona": "gguf-a", "persona_strength": -3},
+    ]
 
     async def ask_async(extra: dict[str, Any]) -> str:
         response = await client.chat.completions.create(
@@ -78,9 +88,12 @@ def test_monitoring_on_a_gguf_model_scores_like_its_hf_twin(
         assert upload(server.url, "watched", model, layers, 3.0).status_code == 200
     scores = [
         client.chat.completions.create(
-            model=model, messages=QUESTION, max_tokens=10, temperature=0,
+            model=model,
+            messages=QUESTION,
+            max_tokens=10,
+            temperature=0,
             extra_body={"ignore_eos": True, "persona": "watched", "persona_monitor": ["watched"]},
         ).model_extra["persona_scores"]["watched"]
         for model in (LLAMA, GGUF)
-    ]  # fmt: skip
+    ]
     assert scores[0] == pytest.approx(scores[1], rel=1e-3, abs=1e-4)

@@ -36,10 +36,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     model_dir = build_tiny_model(tmp_path_factory.mktemp("long-llama"), "llama", max_positions=CONTEXT)
     data = tmp_path_factory.mktemp("limits-data")
     args = [
-        "--model", str(model_dir), "--served-model-name", MODEL, "--data-dir", str(data),
-        "--max-num-seqs", "1", "--max-queue", "2", "--max-tokens-cap", str(CONTEXT),
-        "--max-body-bytes", str(64 * 1024 * 1024),
-    ]  # fmt: skip
+        *["--model", str(model_dir), "--served-model-name", MODEL, "--data-dir", str(data)],
+        *["--max-num-seqs", "1", "--max-queue", "2", "--max-tokens-cap", str(CONTEXT)],
+        *["--max-body-bytes", str(64 * 1024 * 1024)],
+    ]
     with ServerProcess(
         args, env={"PERSONA_SERVER_API_KEY": API_KEY}, log_path=data / "server.log"
     ) as process:
@@ -72,8 +72,13 @@ class RunningStream:
         self._thread = threading.Thread(target=self._read, daemon=True)
 
     def _read(self) -> None:
-        body = {"model": MODEL, "messages": QUESTION, "stream": True, "ignore_eos": True,
-                "max_tokens": CONTEXT - 64}  # fmt: skip
+        body = {
+            "model": MODEL,
+            "messages": QUESTION,
+            "stream": True,
+            "ignore_eos": True,
+            "max_tokens": CONTEXT - 64,
+        }
         with httpx.stream("POST", self._url, json=body, headers=API, timeout=60) as response:
             for line in response.iter_lines():
                 if line:

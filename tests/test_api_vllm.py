@@ -32,8 +32,10 @@ def model_dir(vllm_model_dir: Callable[[str], Path]) -> Path:
 
 
 def start(model_dir: Path, data: Path, *engine: str) -> ServerProcess:
-    args = [*engine, "--model", str(model_dir), "--served-model-name", MODEL, "--max-model-len", "1024",
-            "--max-num-seqs", "16", "--admin-key", ADMIN_KEY]  # fmt: skip
+    args = [
+        *[*engine, "--model", str(model_dir), "--served-model-name", MODEL, "--max-model-len", "1024"],
+        *["--max-num-seqs", "16", "--admin-key", ADMIN_KEY],
+    ]
     env = {**VLLM_ENV, "PERSONA_SERVER_DATA_DIR": str(data)}
     return ServerProcess(args, env=env, log_path=data / "server.log", ready_timeout=300)
 
@@ -53,15 +55,17 @@ def clients(servers: tuple[ServerProcess, ServerProcess]) -> list[openai.OpenAI]
     return [openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) for server in servers]
 
 
-def upload_to_both(servers: tuple[ServerProcess, ServerProcess], name: str, layers: dict[int, list[float]],
-                   strength: float) -> None:  # fmt: skip
+def upload_to_both(
+    servers: tuple[ServerProcess, ServerProcess], name: str, layers: dict[int, list[float]], strength: float
+) -> None:
     for server in servers:
         assert upload(server.url, name, MODEL, layers, strength).status_code == 200
 
 
 def ask(client: openai.OpenAI, **extra: Any) -> Any:
-    return client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0,
-                                          extra_body={"ignore_eos": True, **extra})  # fmt: skip
+    return client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, extra_body={"ignore_eos": True, **extra}
+    )
 
 
 def answers(servers: tuple[ServerProcess, ServerProcess], **extra: Any) -> list[str]:
@@ -83,9 +87,14 @@ def test_answers_equal_the_hf_engine_plain_steered_and_streamed(
     response = ask(clients(servers)[0], persona="pirate")
     assert response.model_extra["persona"]["name"] == "pirate" and response.usage.completion_tokens == 12
     stream = clients(servers)[0].chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "persona": "pirate"},
-    )  # fmt: skip
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "persona": "pirate"},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == steered[1]
     assert chunks[-1].usage.completion_tokens == 12
@@ -122,11 +131,13 @@ def test_closed_loops_read_and_steer_as_on_the_hf_engine(
     upload_to_both(servers, "loop-trait", {1: random_vector(HIDDEN, 41), 2: random_vector(HIDDEN, 42)}, 2.0)
     upload_to_both(servers, "loop-push", {1: random_vector(HIDDEN, 43)}, 3.0)
     fields = {
-        "persona_monitor": ["loop-trait"], "persona_monitor_tokens": True,
+        "persona_monitor": ["loop-trait"],
+        "persona_monitor_tokens": True,
         "persona_target": {"name": "loop-trait", "score": 30.0, "max_strength": 4.0},
-        "persona_when": [{"monitor": "loop-trait", "above": -1e9, "for_tokens": 2,
-                          "steer": {"name": "loop-push"}}],
-    }  # fmt: skip
+        "persona_when": [
+            {"monitor": "loop-trait", "above": -1e9, "for_tokens": 2, "steer": {"name": "loop-push"}}
+        ],
+    }
     ours, theirs = (ask(client, **fields) for client in clients(servers))
     assert ours.choices[0].message.content == theirs.choices[0].message.content
     assert ours.model_extra["persona_when_fired"] == theirs.model_extra["persona_when_fired"]
@@ -136,9 +147,13 @@ def test_closed_loops_read_and_steer_as_on_the_hf_engine(
     readings = [body.model_extra["persona_token_scores"]["loop-trait"] for body in (ours, theirs)]
     assert readings[0] == pytest.approx(readings[1], abs=1e-3)
     stream = clients(servers)[0].chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, stream=True,
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
         extra_body={"ignore_eos": True, **fields},
-    )  # fmt: skip
+    )
     chunks = [chunk for chunk in stream if chunk.choices]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ours.choices[0].message.content
     streamed = [v for c in chunks for v in c.model_extra.get("persona_target_strengths") or []]
@@ -158,8 +173,15 @@ def test_bad_persona_input_is_a_clear_4xx(servers: tuple[ServerProcess, ServerPr
 def extract(server: ServerProcess, name: str) -> dict[str, Any]:
     """Run an extraction job (greedy answers, every block) and return the stored persona."""
     questions = ["tell me about the sea", "what is gold", "where is the map"]
-    body = {"model": MODEL, "positive_prompts": ["You are a pirate."], "negative_prompts": ["Be a clerk."],
-            "questions": questions, "layers": [0, 1, 2], "max_tokens": 8, "temperature": 0}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "positive_prompts": ["You are a pirate."],
+        "negative_prompts": ["Be a clerk."],
+        "questions": questions,
+        "layers": [0, 1, 2],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     accepted = httpx.post(f"{server.url}/admin/personas/{name}/extract", json=body, headers=headers)
     assert accepted.status_code == 202, accepted.text

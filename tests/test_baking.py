@@ -29,10 +29,15 @@ def test_the_kl_is_zero_for_equal_distributions_and_counts_only_masked_positions
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, 1:3] = True
     assert float(response_kl(teacher, teacher, mask)) == pytest.approx(0.0, abs=1e-6)
-    expected = torch.nn.functional.kl_div(
-        torch.log_softmax(student[0, 1:3], -1), torch.log_softmax(teacher[0, 1:3], -1),
-        log_target=True, reduction="sum",
-    ) / 2  # fmt: skip
+    expected = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(student[0, 1:3], -1),
+            torch.log_softmax(teacher[0, 1:3], -1),
+            log_target=True,
+            reduction="sum",
+        )
+        / 2
+    )
     assert float(response_kl(teacher, student, mask)) == pytest.approx(float(expected), rel=1e-5)
     changed = student.clone()
     changed[1] += 100.0 * torch.randn(5, 7)  # outside the mask: no effect

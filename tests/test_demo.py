@@ -64,8 +64,10 @@ async def test_unsteered_demo_models_answer_held_out_questions_coherently() -> N
         backend = HFBackend.load(demo_model_dir(name), model_id=name)
         try:
             question = held_out_questions()[0]  # "Tell me about apples." is never trained on
-            request = GenerationRequest(messages=[ChatMessage("user", question)],
-                                        sampling=SamplingParams(max_tokens=40, temperature=0))  # fmt: skip
+            request = GenerationRequest(
+                messages=[ChatMessage("user", question)],
+                sampling=SamplingParams(max_tokens=40, temperature=0),
+            )
             answer = "".join([chunk.text async for chunk in backend.generate(request)])
         finally:
             await backend.close()
@@ -172,11 +174,11 @@ def test_operator_edits_survive_the_demo_seeding(tmp_path: Path) -> None:
 def test_extract_command_writes_an_uploadable_persona(tmp_path: Path) -> None:
     output = tmp_path / "pirate.json"
     command = [
-        sys.executable, "-m", "server", "extract", "--model", str(demo_model_dir("demo-llama")),
-        "--name", "pirate2", "--positive", "You are a pirate.", "--negative", "You speak plainly.",
-        "--question", "Tell me about the moon.", "--question", "Explain snow to me.",
-        "--output", str(output), "--store", f"sqlite:///{tmp_path / 'store.sqlite3'}",
-    ]  # fmt: skip
+        *[sys.executable, "-m", "server", "extract", "--model", str(demo_model_dir("demo-llama"))],
+        *["--name", "pirate2", "--positive", "You are a pirate.", "--negative", "You speak plainly."],
+        *["--question", "Tell me about the moon.", "--question", "Explain snow to me."],
+        *["--output", str(output), "--store", f"sqlite:///{tmp_path / 'store.sqlite3'}"],
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
@@ -196,9 +198,12 @@ def test_monitoring_scores_separate_steered_from_unsteered_answers(demo_server: 
 
     def score(question: str, **steering: Any) -> float:
         answer = client.chat.completions.create(
-            model="demo-llama", messages=[{"role": "user", "content": question}], max_tokens=32,
-            temperature=0, extra_body={"persona_monitor": ["pirate", "formal"], **steering},
-        )  # fmt: skip
+            model="demo-llama",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=32,
+            temperature=0,
+            extra_body={"persona_monitor": ["pirate", "formal"], **steering},
+        )
         scores = answer.model_extra["persona_scores"]
         assert set(scores) == {"pirate", "formal"}
         return scores["pirate"]
@@ -212,9 +217,13 @@ def test_monitoring_scores_separate_steered_from_unsteered_answers(demo_server: 
     )
 
     stream = client.chat.completions.create(
-        model="demo-llama", messages=[{"role": "user", "content": questions[0]}], max_tokens=32,
-        temperature=0, stream=True, extra_body={"persona_monitor": ["pirate"], "persona": "pirate"},
-    )  # fmt: skip
+        model="demo-llama",
+        messages=[{"role": "user", "content": questions[0]}],
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+        extra_body={"persona_monitor": ["pirate"], "persona": "pirate"},
+    )
     chunks = list(stream)
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals[0].model_extra["persona_scores"]["pirate"] == pytest.approx(steered[0], rel=1e-4)

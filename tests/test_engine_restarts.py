@@ -85,10 +85,14 @@ def server(
     llama_dir: Path, llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[InProcessServer]:
     settings = Settings(
-        model=[str(llama_dir), str(llama_gguf)], served_model_name=[HF, GGUF],
-        data_dir=tmp_path_factory.mktemp("restart-data"), gguf_kv_type="f32", gguf_contexts=1,
-        default_max_tokens=8, engine_restart_delay=3.0,  # time to see an engine down before it is back
-    )  # fmt: skip
+        model=[str(llama_dir), str(llama_gguf)],
+        served_model_name=[HF, GGUF],
+        data_dir=tmp_path_factory.mktemp("restart-data"),
+        gguf_kv_type="f32",
+        gguf_contexts=1,
+        default_max_tokens=8,
+        engine_restart_delay=3.0,  # time to see an engine down before it is back
+    )
     with InProcessServer(create_app(settings)) as running:
         yield running
 

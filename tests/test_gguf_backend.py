@@ -47,8 +47,9 @@ def persona(seed: int, blocks: list[int], hidden: int, strength: float, position
 
 @pytest.fixture(scope="module")
 def gguf_llama(llama_gguf: Path) -> Iterator[LlamaCppBackend]:
-    backend = LlamaCppBackend.load(llama_gguf, model_id="tiny-llama-gguf", contexts=2,
-                                   sequences_per_context=4, kv_type="f32")  # fmt: skip
+    backend = LlamaCppBackend.load(
+        llama_gguf, model_id="tiny-llama-gguf", contexts=2, sequences_per_context=4, kv_type="f32"
+    )
     yield backend
     asyncio.run(backend.close())
 
@@ -73,8 +74,16 @@ def test_logits_equal_hf_unsteered_and_steered_at_each_block(
     messages = [{"role": "user", "content": QUESTIONS[0]}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     # An F32 KV cache and exact attention: then llama.cpp computes what transformers computes.
-    model = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, type_k=0, type_v=0,
-                            flash_attn=False, n_threads=2, verbose=False)  # fmt: skip
+    model = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=256,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        flash_attn=False,
+        n_threads=2,
+        verbose=False,
+    )
     unsteered = hf_logits(hf, ids, {})
     assert np.abs(llama_cpp_logits(model, ids, None) - unsteered).max() < 1e-4
     for block in range(1, blocks):
@@ -313,8 +322,12 @@ async def test_unsteered_monitoring_is_read_while_generating_and_equals_the_hf_r
     later = persona(4, [2], 64, 3.0, Positions.ALL)
     for plan, blocks, in_flight in ((None, 2, True), (later, 2, True), (later, 3, False)):
         sampling = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
-        request = GenerationRequest(messages=[ChatMessage("user", QUESTIONS[2])], sampling=sampling,
-                                    steering=plan, monitor_blocks=blocks)  # fmt: skip
+        request = GenerationRequest(
+            messages=[ChatMessage("user", QUESTIONS[2])],
+            sampling=sampling,
+            steering=plan,
+            monitor_blocks=blocks,
+        )
         chunks = [chunk async for chunk in gguf_llama.generate(request)]
         assert all(chunk.response_means is None for chunk in chunks[:-1])
         answer = [token for chunk in chunks for token in chunk.token_ids]

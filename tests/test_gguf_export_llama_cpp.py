@@ -26,9 +26,15 @@ MESSAGES = [{"role": "user", "content": "where is the treasure, captain?"}]
 def llama_cpp_model(llama_gguf: Path) -> llama_cpp.Llama:
     # An F32 KV cache and no flash attention: llama.cpp then computes what transformers computes.
     return llama_cpp.Llama(
-        model_path=str(llama_gguf), n_ctx=256, logits_all=True, type_k=0, type_v=0,
-        flash_attn=False, n_threads=2, verbose=False,
-    )  # fmt: skip
+        model_path=str(llama_gguf),
+        n_ctx=256,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        flash_attn=False,
+        n_threads=2,
+        verbose=False,
+    )
 
 
 def test_an_exported_persona_steers_llama_cpp_like_the_hf_model(

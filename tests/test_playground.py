@@ -61,8 +61,12 @@ def page(browser: Browser, demo_server: ServerProcess) -> Iterator[Page]:
 # Every path that serves the page or one of its files: the page itself, the page again through the
 # assets folder (a second way to load it, which once came without the page's headers), a script, a
 # stylesheet.
-PAGE_PATHS = ["/playground", "/playground/assets/index.html", "/playground/assets/js/main.js",
-              "/playground/assets/playground.css"]  # fmt: skip
+PAGE_PATHS = [
+    "/playground",
+    "/playground/assets/index.html",
+    "/playground/assets/js/main.js",
+    "/playground/assets/playground.css",
+]
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
@@ -134,8 +138,9 @@ def test_strength_zero_gives_the_unsteered_answer(page: Page) -> None:
 def test_an_imported_vector_file_shows_in_the_library(
     page: Page, demo_server: ServerProcess, tmp_path: Path
 ) -> None:
-    exported = httpx.get(f"{demo_server.url}/admin/personas/silly/export",
-                         params={"model": "demo-phi3", "format": "gguf"})  # fmt: skip
+    exported = httpx.get(
+        f"{demo_server.url}/admin/personas/silly/export", params={"model": "demo-phi3", "format": "gguf"}
+    )
     exported.raise_for_status()
     vector_file = tmp_path / "sea-dog.gguf"
     vector_file.write_bytes(exported.content)
@@ -157,8 +162,9 @@ def test_an_extraction_runs_to_100_percent_and_stores_the_persona(page: Page) ->
     page.get_by_test_id("extract-questions").fill("Tell me about the sea.\nHow do ships sail?")
     page.get_by_test_id("extract-tokens").fill("16")
     page.get_by_test_id("extract-start").click()
-    expect(page.get_by_test_id("extract-stored")).to_contain_text("Stored 'pirate-again' v1 on demo-llama",
-                                                                  timeout=ANSWER_TIMEOUT_MS)  # fmt: skip
+    expect(page.get_by_test_id("extract-stored")).to_contain_text(
+        "Stored 'pirate-again' v1 on demo-llama", timeout=ANSWER_TIMEOUT_MS
+    )
     expect(page.get_by_test_id("job-progress")).to_have_attribute("value", "100")
     blocks = 4  # demo-llama's decoder blocks: one bar each in the per-block report
     expect(page.get_by_test_id("extract-report").locator("rect.bar")).to_have_count(blocks)
@@ -169,12 +175,17 @@ def test_an_extraction_runs_to_100_percent_and_stores_the_persona(page: Page) ->
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     data = tmp_path_factory.mktemp("keyed-data")
-    args = ["--model", str(demo_model_dir("demo-llama")), "--served-model-name", "demo-llama",
-            "--api-key", "api-secret", "--admin-key", "admin-secret", "--data-dir", str(data)]  # fmt: skip
+    args = [
+        *["--model", str(demo_model_dir("demo-llama")), "--served-model-name", "demo-llama"],
+        *["--api-key", "api-secret", "--admin-key", "admin-secret", "--data-dir", str(data)],
+    ]
     with ServerProcess(args, log_path=data / "server.log") as server:
         persona = {"model": "demo-llama", "layers": {"1": [0.01] * 128}}
-        httpx.put(f"{server.url}/admin/personas/steady", json=persona,
-                  headers={"Authorization": "Bearer admin-secret"}).raise_for_status()  # fmt: skip
+        httpx.put(
+            f"{server.url}/admin/personas/steady",
+            json=persona,
+            headers={"Authorization": "Bearer admin-secret"},
+        ).raise_for_status()
         yield server
 
 
@@ -222,8 +233,10 @@ def import_through_the_page(page: Page, vector_file: Path, name: str, model: str
 def test_versions_restore_export_and_delete_in_the_library(
     page: Page, demo_server: ServerProcess, tmp_path: Path
 ) -> None:
-    exported = httpx.get(f"{demo_server.url}/admin/personas/pirate/export",
-                         params={"model": "demo-llama", "format": "safetensors"})  # fmt: skip
+    exported = httpx.get(
+        f"{demo_server.url}/admin/personas/pirate/export",
+        params={"model": "demo-llama", "format": "safetensors"},
+    )
     vector_file = tmp_path / "old-salt.safetensors"
     vector_file.write_bytes(exported.content)
     page.get_by_test_id("tab-library").click()

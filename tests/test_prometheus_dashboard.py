@@ -63,9 +63,12 @@ class PrometheusProcess:
             raise RuntimeError("prometheus is not installed; run the README's test command (.ci/run)")
         self.url = f"http://127.0.0.1:{free_port()}"
         self._command = [
-            binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
-            f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn",
-        ]  # fmt: skip
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address={self.url.removeprefix('http://')}",
+            "--log.level=warn",
+        ]
         self._log = directory / "prometheus.log"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -108,8 +111,10 @@ def scraped(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """Prometheus after two rounds of load, each scraped: every rate has two samples to work with."""
     directory = tmp_path_factory.mktemp("prometheus")
     metrics_port = free_port()
-    args = ["--model", str(llama_dir), "--served-model-name", MODEL, "--data-dir", str(directory),
-            "--metrics-port", str(metrics_port)]  # fmt: skip
+    args = [
+        *["--model", str(llama_dir), "--served-model-name", MODEL, "--data-dir", str(directory)],
+        *["--metrics-port", str(metrics_port)],
+    ]
     with (
         ServerProcess(args, log_path=directory / "server.log") as server,
         PrometheusProcess(scrape_config(directory, metrics_port), directory) as prometheus,
@@ -136,9 +141,13 @@ def drive_load(client: openai.OpenAI, url: str) -> int:
     for extra in steering:
         for stream in (False, True):
             reply = client.chat.completions.create(
-                model=MODEL, messages=QUESTION, max_tokens=4, temperature=0, stream=stream,
+                model=MODEL,
+                messages=QUESTION,
+                max_tokens=4,
+                temperature=0,
+                stream=stream,
                 extra_body={"ignore_eos": True, **extra},
-            )  # fmt: skip
+            )
             if stream:
                 for _ in reply:  # type: ignore[union-attr]
                     pass

@@ -64,8 +64,13 @@ def service(llama_backend: HFBackend, store: SQLiteStore) -> CompletionService:
 
 def job(**fields: Any) -> CompletionJob:
     """A greedy chat job that runs to max_tokens, so that answers compare token for token."""
-    defaults: dict[str, Any] = {"model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0.0,
-                                "ignore_eos": True}  # fmt: skip
+    defaults: dict[str, Any] = {
+        "model": MODEL,
+        "messages": QUESTION,
+        "max_tokens": 12,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
     return CompletionJob(**{**defaults, **fields})
 
 

@@ -46,8 +46,12 @@ def draft(name: str = "pirate", model: str = "org/model-7b", seed: int = 0, **fi
 
 
 async def test_a_written_persona_reads_back_exactly(store: PersonaStore) -> None:
-    written = draft(default_strength=2.5, description="arr", default_positions="prompt",
-                    provenance={"kind": "extracted", "questions": 3})  # fmt: skip
+    written = draft(
+        default_strength=2.5,
+        description="arr",
+        default_positions="prompt",
+        provenance={"kind": "extracted", "questions": 3},
+    )
     info = await store.put(written)
     assert (info.version, info.layers, info.hidden_size) == (1, (3, 7), 16)
     record = await store.get("org/model-7b", "pirate")

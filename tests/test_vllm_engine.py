@@ -346,8 +346,10 @@ async def test_monitored_answers_are_read_in_flight_as_the_hf_engine_reads_them_
         )
         request = GenerationRequest(
             sampling=SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, **fields),
-            prompt=prompt, steering=plan, monitor_blocks=2,
-        )  # fmt: skip
+            prompt=prompt,
+            steering=plan,
+            monitor_blocks=2,
+        )
         chunks = [chunk async for chunk in vllm_backend.generate(request)]
         means = chunks[-1].response_means
         assert (means is not None) == in_flight, (end, positions)

