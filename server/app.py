@@ -90,12 +90,17 @@ def _persona_bakes(app: FastAPI, sources: list[tuple[str, str]], prompts: tuple[
         return await asyncio.to_thread(load_backend, folder, model_id, settings)
 
     return PersonaBakes(
-        app.state.registry, app.state.store, app.state.jobs,
-        sources={model_id: Path(source) for source, model_id in sources}, data_dir=settings.data_dir,
-        default_prompts=prompts, load=load, max_strength=settings.max_strength,
+        app.state.registry,
+        app.state.store,
+        app.state.jobs,
+        sources={model_id: Path(source) for source, model_id in sources},
+        data_dir=settings.data_dir,
+        default_prompts=prompts,
+        load=load,
+        max_strength=settings.max_strength,
         # A bake's teacher answers take a quarter of its model's batch rows: chat finds the rest free.
         requests_in_flight=max(1, settings.max_num_seqs // 4),
-    )  # fmt: skip
+    )
 
 
 def _engine_supervisor(app: FastAPI) -> EngineSupervisor:
@@ -126,9 +131,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     sources = model_sources(settings)
     backends = await asyncio.to_thread(load_backends, sources, settings)
     registry = ModelRegistry(
-        backends, settings.max_num_seqs + settings.max_queue, _baked_parents(sources),
+        backends,
+        settings.max_num_seqs + settings.max_queue,
+        _baked_parents(sources),
         sources={model_id: source for source, model_id in sources},
-    )  # fmt: skip
+    )
     largest = max(max(b.info.max_context, b.info.num_layers * b.info.hidden_size) for b in backends.values())
     app.state.max_body_bytes = settings.max_body_bytes or default_body_bytes(largest)
     limits = Limits(settings.max_tokens_cap, settings.default_max_tokens, settings.max_strength)

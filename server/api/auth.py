@@ -45,24 +45,40 @@ def _is_local(request: Request) -> bool:
 async def require_api_key(request: Request) -> None:
     expected = request.app.state.settings.api_key
     if expected and not _matches(_bearer(request), expected):
-        raise APIError(401, "a valid API key is required (Authorization: Bearer <key>)",
-                       "authentication_error", "invalid_api_key")  # fmt: skip
+        raise APIError(
+            401,
+            "a valid API key is required (Authorization: Bearer <key>)",
+            "authentication_error",
+            "invalid_api_key",
+        )
 
 
 async def require_admin(request: Request) -> None:
     expected = request.app.state.settings.admin_key
     if expected:
         if not _matches(_bearer(request), expected):
-            raise APIError(401, "a valid admin key is required (Authorization: Bearer <admin key>)",
-                           "authentication_error", "invalid_admin_key")  # fmt: skip
+            raise APIError(
+                401,
+                "a valid admin key is required (Authorization: Bearer <admin key>)",
+                "authentication_error",
+                "invalid_admin_key",
+            )
     elif not _is_local(request):
-        raise APIError(403, "no admin key is configured: admin routes accept only clients on this "
-                       "machine that come through no proxy (no X-Forwarded-For, Forwarded or X-Real-IP)",
-                       "permission_error", "admin_loopback_only")  # fmt: skip
+        raise APIError(
+            403,
+            "no admin key is configured: admin routes accept only clients on this "
+            "machine that come through no proxy (no X-Forwarded-For, Forwarded or X-Real-IP)",
+            "permission_error",
+            "admin_loopback_only",
+        )
 
 
 async def require_metrics_key(request: Request) -> None:
     expected = request.app.state.settings.metrics_key
     if expected and not _matches(_bearer(request), expected):
-        raise APIError(401, "a valid metrics key is required (Authorization: Bearer <metrics key>)",
-                       "authentication_error", "invalid_metrics_key")  # fmt: skip
+        raise APIError(
+            401,
+            "a valid metrics key is required (Authorization: Bearer <metrics key>)",
+            "authentication_error",
+            "invalid_metrics_key",
+        )

@@ -106,18 +106,22 @@ class PersonaTargetIn(BaseModel):
     name: PersonaName
     score: Float = Field(description="The trait score (projection) the answer should hold.")
     strength: Float | None = Field(
-        None, description="The prompt's strength (default: the persona's default); generated tokens start "
+        None,
+        description="The prompt's strength (default: the persona's default); generated tokens start "
         "there too when the persona's positions steer them, else at 0.",
-    )  # fmt: skip
+    )
     max_strength: Float | None = Field(
-        None, gt=0, description="The controller keeps |strength| within this (default: the persona's "
-        "default strength).",
-    )  # fmt: skip
+        None,
+        gt=0,
+        description="The controller keeps |strength| within this (default: the persona's default strength).",
+    )
     gain: Float = Field(
-        DEFAULT_GAIN, gt=0, le=100,
+        DEFAULT_GAIN,
+        gt=0,
+        le=100,
         description="How fast the strength follows the error (strength per unit of error, in units of "
         "the vector's norm).",
-    )  # fmt: skip
+    )
 
 
 class SteerIn(BaseModel):
@@ -138,9 +142,11 @@ class PersonaRuleIn(BaseModel):
     below: Float | None = Field(None, description="Fire when the projection is below this.")
     steer: SteerIn
     for_tokens: Int | None = Field(
-        None, ge=1, le=100_000, description="Steer at most this many tokens in a row (default: until "
-        "the projection drops back).",
-    )  # fmt: skip
+        None,
+        ge=1,
+        le=100_000,
+        description="Steer at most this many tokens in a row (default: until the projection drops back).",
+    )
 
     @model_validator(mode="after")
     def _one_threshold(self) -> PersonaRuleIn:
@@ -341,10 +347,11 @@ class ExtractionRequest(BaseModel):
         min_length=1, max_length=256
     )
     questions: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] = Field(
-        min_length=1, max_length=5000,
+        min_length=1,
+        max_length=5000,
         description="Each is answered samples_per_question times with each persona prompt set: at most "
         "20,000 answers in all (400 above).",
-    )  # fmt: skip
+    )
     layers: list[LayerIndex] | None = Field(
         None, min_length=1, max_length=256, description="Blocks to store (null: the recommended)."
     )
@@ -380,9 +387,11 @@ class BakeRequest(BaseModel):
     steps: Int = Field(300, ge=1, le=MAX_BAKE_STEPS, description="Training steps (batches of 8 answers).")
     max_tokens: Int = Field(48, ge=1, le=MAX_BAKE_TOKENS, description="Length of each sampled answer.")
     prompts: list[Annotated[Text, StringConstraints(min_length=1, max_length=4000)]] | None = Field(
-        None, min_length=2, max_length=MAX_BAKE_PROMPTS,
+        None,
+        min_length=2,
+        max_length=MAX_BAKE_PROMPTS,
         description="Prompts to answer (default: the fitting corpus).",
-    )  # fmt: skip
+    )
     served_name: Annotated[str, StringConstraints(pattern=SERVED_NAME_PATTERN)] | None = Field(
         None, description="The baked model's name (default: MODEL+PERSONA)."
     )

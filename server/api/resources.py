@@ -90,9 +90,10 @@ class JobStatus(BaseModel):
     kind: str = Field(description="extraction, mapping or bake.")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     queue_position: int | None = Field(
-        ge=1, description="While queued: 1 for the next job to start (when its models have a free place), "
+        ge=1,
+        description="While queued: 1 for the next job to start (when its models have a free place), "
         "2 for the one after; null once it runs.",
-    )  # fmt: skip
+    )
     progress: float = Field(ge=0, le=1)
     error: str | None = Field(description="Why the job failed (null unless it did).")
     result: dict[str, Any] | None = Field(

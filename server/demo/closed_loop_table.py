@@ -191,8 +191,16 @@ async def _rule_rows(backend: Backend, model: str, persona: _Persona, run: LoopR
     elicited = await _token_readings(backend, run, reads, calibration, system)
     threshold = float((plain.mean() + elicited.mean()) / 2)
     # Once it fires, it steers the rest of the answer (for_tokens: the answer's length).
-    rule = Rule(persona.direction, threshold, True, persona.name, persona.vectors, -persona.default_strength,
-                for_tokens=run.max_tokens, positions=persona.positions)  # fmt: skip
+    rule = Rule(
+        persona.direction,
+        threshold,
+        True,
+        persona.name,
+        persona.vectors,
+        -persona.default_strength,
+        for_tokens=run.max_tokens,
+        positions=persona.positions,
+    )
     ruled = LoopSpec(token_scores=(persona.direction,), rules=(rule,))
     rows = []
     for label, prompt in ((f"system prompt '{system}'", system), ("no system prompt", "")):
@@ -224,9 +232,12 @@ async def _token_readings(
 
 
 async def closed_loop_rows(
-    backend: Backend, model: str, run: LoopRun, personas: Sequence[str] | None = None,
+    backend: Backend,
+    model: str,
+    run: LoopRun,
+    personas: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
-) -> list[LoopRow]:  # fmt: skip
+) -> list[LoopRow]:
     rows: list[LoopRow] = []
     for draft in load_demo_personas(model):
         if personas is not None and draft.name not in personas:

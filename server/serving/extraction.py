@@ -72,9 +72,11 @@ def _requests(prompts: Sequence[str], spec: ExtractionSpec, side: int) -> list[G
     requests = []
     for q_index, sample, p_index in pairings(prompts, spec):
         sampling = SamplingParams(
-            max_tokens=spec.max_tokens, temperature=spec.temperature, clamp_to_context=True,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            clamp_to_context=True,
             seed=spec.seed + 1_000_003 * side + 1009 * q_index + sample,
-        )  # fmt: skip
+        )
         messages = conversation(prompts[p_index], spec.questions[q_index])
         requests.append(GenerationRequest(sampling=sampling, messages=messages))
     return requests

@@ -78,8 +78,12 @@ async def _answers(backend: Backend, spec: GenerationSpec, plan: SteeringPlan | 
     gate = asyncio.Semaphore(spec.concurrency)
 
     async def one(index: int, prompt: str) -> str:
-        sampling = SamplingParams(max_tokens=spec.max_tokens, temperature=spec.temperature,
-                                  seed=spec.seed + index, clamp_to_context=True)  # fmt: skip
+        sampling = SamplingParams(
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            seed=spec.seed + index,
+            clamp_to_context=True,
+        )
         async with gate:
             return "".join([chunk.text async for chunk in backend.generate(_request(prompt, sampling, plan))])
 
@@ -113,8 +117,10 @@ class _Contrast:
 async def _contrast(source: Backend, target: Backend, plan: SteeringPlan, spec: GenerationSpec) -> _Contrast:
     steered, plain = await asyncio.gather(_answers(source, spec, plan), _answers(source, spec, None))
     # Each answer in the target's tokens, once; a pair with an empty side is dropped.
-    encoded = [(prompt, target.answer_ids(a), target.answer_ids(b), b)
-               for prompt, a, b in zip(spec.prompts, steered, plain, strict=True)]  # fmt: skip
+    encoded = [
+        (prompt, target.answer_ids(a), target.answer_ids(b), b)
+        for prompt, a, b in zip(spec.prompts, steered, plain, strict=True)
+    ]
     kept = [(prompt, a_ids, b_ids, b) for prompt, a_ids, b_ids, b in encoded if a_ids and b_ids]
     if not kept:
         raise SteeringError("the source model wrote no answers to carry the persona with")
@@ -190,9 +196,16 @@ async def carry_by_generation(
     trials: list[tuple[dict[int, np.ndarray], StrengthCalibration]] = []
     for layers in placements:
         calibration = await calibrate_scale(
-            target, layers, {block: contrast.difference[block] for block in layers}, strength, positions,
-            prompts, plain, spec.max_tokens, spec.seed,
-        )  # fmt: skip
+            target,
+            layers,
+            {block: contrast.difference[block] for block in layers},
+            strength,
+            positions,
+            prompts,
+            plain,
+            spec.max_tokens,
+            spec.seed,
+        )
         trials.append((layers, calibration))
     layers, calibration = max(trials, key=lambda trial: trial[1].predicted_transfer)  # first of equals
     scaled = {block: (vector * calibration.scale).astype(np.float32) for block, vector in layers.items()}

@@ -55,8 +55,11 @@ def transfer_png(points: list[dict[str, Any]], title: str) -> bytes:
             if (point["source"], point["target"], point["persona"]) == (source, target, persona):
                 axes.scatter(point["perplexity"], point["trait_score"], s=30)
                 axes.annotate(point["condition"], (point["perplexity"], point["trait_score"]), fontsize=7)
-        axes.set(title=f"{persona}: {source} -> {target}", xlabel="perplexity (unsteered target)",
-                 ylabel="trait score")  # fmt: skip
+        axes.set(
+            title=f"{persona}: {source} -> {target}",
+            xlabel="perplexity (unsteered target)",
+            ylabel="trait score",
+        )
     for axes in list(grid.flat)[len(panels) :]:
         axes.axis("off")
     figure.suptitle(title)
@@ -100,8 +103,11 @@ def calibration_png(calibration: dict[str, Any], bar: float, title: str) -> byte
     figure, effect = plt.subplots(figsize=(6.5, 4))
     effect.plot(strengths, [step["effect"] for step in steps], marker="o", color="tab:blue", label="effect")
     effect.axhline(1.0, linestyle=":", color="tab:blue")
-    effect.set(xscale="log", xlabel=f"scale of the vectors (at strength {calibration['strength']:g})",
-               ylabel="effect (1 = the source's shift)")  # fmt: skip
+    effect.set(
+        xscale="log",
+        xlabel=f"scale of the vectors (at strength {calibration['strength']:g})",
+        ylabel="effect (1 = the source's shift)",
+    )
     fluency = effect.twinx()
     ratios = [step["perplexity_ratio"] for step in steps]
     fluency.plot(strengths, ratios, marker="s", color="tab:red", label="perplexity ratio")

@@ -138,13 +138,26 @@ async def _train(base: Backend, order: BakeOrder, progress: Progress) -> tuple[D
     plan = order.plan()
     sampling = {"max_tokens": order.max_tokens, "temperature": order.temperature}
     trajectories = await sample_trajectories(
-        base, tokenizer, plan, teaching, order.trajectories, **sampling, seed=order.spec.seed,
-        progress=lambda f: progress(0.2 * f), concurrency=order.requests_in_flight,
-    )  # fmt: skip
+        base,
+        tokenizer,
+        plan,
+        teaching,
+        order.trajectories,
+        **sampling,
+        seed=order.spec.seed,
+        progress=lambda f: progress(0.2 * f),
+        concurrency=order.requests_in_flight,
+    )
     held_out = await sample_trajectories(
-        base, tokenizer, plan, validating, max(order.trajectories // 4, 4), **sampling,
-        seed=order.spec.seed + 1_000_003, concurrency=order.requests_in_flight,
-    )  # fmt: skip
+        base,
+        tokenizer,
+        plan,
+        validating,
+        max(order.trajectories // 4, 4),
+        **sampling,
+        seed=order.spec.seed + 1_000_003,
+        concurrency=order.requests_in_flight,
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     training = (model, plan, trajectories, order.spec, pad, held_out, lambda f: progress(0.2 + 0.6 * f))
     if order.training_threads is None:
@@ -254,6 +267,9 @@ async def _retention(
     distilled = await persona_shift(base, baked, prompts, None, order)
     shift = steered - unsteered
     return {
-        "prompts": len(prompts), "unsteered_score": unsteered, "steered_score": steered,
-        "baked_score": distilled, "retained": (distilled - unsteered) / shift if shift else None,
-    }  # fmt: skip
+        "prompts": len(prompts),
+        "unsteered_score": unsteered,
+        "steered_score": steered,
+        "baked_score": distilled,
+        "retained": (distilled - unsteered) / shift if shift else None,
+    }

@@ -187,9 +187,13 @@ class PersonaMapper:
             # the jobs (429 past their queue), the other methods are arithmetic on stored vectors.
             async with self._admission.turn("map", (source_model, target_model)):
                 carried = await carry_by_generation(
-                    self._registry.get(source_model), self._registry.get(target_model), record.vectors,
-                    info.default_strength, info.default_positions, self._generation,
-                )  # fmt: skip
+                    self._registry.get(source_model),
+                    self._registry.get(target_model),
+                    record.vectors,
+                    info.default_strength,
+                    info.default_positions,
+                    self._generation,
+                )
             return carried.vectors, carried.provenance()
         concepts = (
             await self._concept_pairs(record.info.name, source_model, target_model)
@@ -197,11 +201,13 @@ class PersonaMapper:
             else []
         )
         vectors = map_persona_vectors(
-            method, record.vectors,
+            method,
+            record.vectors,
             model_shape(self._registry.get(source_model).info),
             model_shape(self._registry.get(target_model).info),
-            fitted=None if mapping is None else fitted_map(mapping), concepts=concepts,
-        )  # fmt: skip
+            fitted=None if mapping is None else fitted_map(mapping),
+            concepts=concepts,
+        )
         return vectors, None
 
     async def _mapping_for(

@@ -226,11 +226,14 @@ class LogprobWriter:
     def chat(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
         content = []
         for e in entries:
-            top = [{"token": (name := self._name(i, t)), "logprob": _floor(lp), "bytes": _utf8(name)}
-                   for i, t, lp in e.top]  # fmt: skip
+            top = [
+                {"token": (name := self._name(i, t)), "logprob": _floor(lp), "bytes": _utf8(name)}
+                for i, t, lp in e.top
+            ]
             token = self._name(e.token_id, e.token)
-            content.append({"token": token, "logprob": _floor(e.logprob), "bytes": _utf8(token),
-                            "top_logprobs": top})  # fmt: skip
+            content.append(
+                {"token": token, "logprob": _floor(e.logprob), "bytes": _utf8(token), "top_logprobs": top}
+            )
         return {"content": content, "refusal": None}
 
     def _alternatives(self, entry: TokenLogprob) -> dict[str, float]:
@@ -300,8 +303,13 @@ class ResponseShape:
         kind = (
             ("chat.completion.chunk" if streamed else "chat.completion") if self.chat else "text_completion"
         )
-        return {"id": self.response_id, "object": kind, "created": self.created, "model": self.model,
-                "choices": choices}  # fmt: skip
+        return {
+            "id": self.response_id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
     def _logprobs(self, entries: Sequence[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
         if entries is None:
@@ -341,8 +349,11 @@ class ResponseShape:
         for answer in answers:
             prefix = echo[answer.index] if echo else ""
             logprobs = self._logprobs(answer.logprobs, len(prefix))
-            choices.append(self._choice(answer.index, prefix + answer.text, answer.finish_reason, delta=None,
-                                        logprobs=logprobs))  # fmt: skip
+            choices.append(
+                self._choice(
+                    answer.index, prefix + answer.text, answer.finish_reason, delta=None, logprobs=logprobs
+                )
+            )
         body = {**self._envelope(False, choices), "usage": totals, "persona": persona}
         if scores is not None:
             body["persona_scores"] = scores

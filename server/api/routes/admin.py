@@ -245,9 +245,15 @@ async def bake_persona(name: NameParam, body: BakeRequest, request: Request) -> 
     """Distil the model steered by this persona into LoRA weights, then serve the result as a model
     (named in the job's result as model_id; default MODEL+PERSONA), as a background job."""
     options = BakeOptions(
-        strength=body.strength, rank=body.rank, trajectories=body.trajectories, steps=body.steps,
-        max_tokens=body.max_tokens, prompts=body.prompts, served_name=body.served_name, seed=body.seed,
-    )  # fmt: skip
+        strength=body.strength,
+        rank=body.rank,
+        trajectories=body.trajectories,
+        steps=body.steps,
+        max_tokens=body.max_tokens,
+        prompts=body.prompts,
+        served_name=body.served_name,
+        seed=body.seed,
+    )
     return _handle(await request.app.state.persona_bakes.start(name, body.model, options))
 
 
@@ -289,8 +295,11 @@ async def mapping_diagnostics(mapping_id: MappingIdParam, request: Request) -> R
     """Held-out error per lambda and the singular values of each block's map, as a picture."""
     info = await _fits(request).get(mapping_id)
     if info.metadata.get("method") != "ridge":
-        raise APIError(404, f"mapping {mapping_id} is a {info.metadata.get('method')} map: no CV diagnostics",
-                       "invalid_request_error")  # fmt: skip
+        raise APIError(
+            404,
+            f"mapping {mapping_id} is a {info.metadata.get('method')} map: no CV diagnostics",
+            "invalid_request_error",
+        )
     title = f"{info.source_model} -> {info.target_model} ({mapping_id})"
     png = await asyncio.to_thread(diagnostics_png, info.metadata, title)
     return Response(png, media_type="image/png")

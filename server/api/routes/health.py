@@ -74,6 +74,10 @@ async def ready(request: Request) -> Any:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics; they name the personas asked for (--metrics-key, --metrics-port)."""
     if request.app.state.settings.metrics_port is not None:
-        raise APIError(404, "/metrics is served on the metrics port (--metrics-port)",
-                       "invalid_request_error", "not_found")  # fmt: skip
+        raise APIError(
+            404,
+            "/metrics is served on the metrics port (--metrics-port)",
+            "invalid_request_error",
+            "not_found",
+        )
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
