@@ -17,6 +17,8 @@ import pytest
 from server.testing.server_process import ServerProcess
 from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error, random_vector, upload
 
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
+
 TOKENS = 12
 
 

@@ -21,6 +21,8 @@ from tests.api_helpers import (
     upload,
 )
 
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
+
 API = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import openai
 import pytest
 
 from server.testing.server_process import ServerProcess
-from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error, random_vector, upload
+from tests.api_helpers import GGUF, LLAMA, QUESTION, assert_openai_error, random_vector, upload
+
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
 
 
 def ask(client: openai.OpenAI, model: str, **extra: Any) -> str:
@@ -42,37 +43,6 @@ def test_same_weights_same_persona_same_answer(server: ServerProcess, client: op
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == steered
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 14
-
-
-async def test_concurrent_gguf_personas_equal_their_solo_answers(server: ServerProcess) -> None:
-    for index, name in enumerate(("gguf-a", "gguf-b", "gguf-c")):
-        assert (
-            upload(server.url, name, GGUF, {1 + index % 2: random_vector(64, 40 + index)}, 4.0).status_code
-            == 200
-        )
-    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
-    variants: list[dict[str, Any]] = [
-        {},
-        {"persona": "gguf-a"},
-        {"persona": "gguf-b"},
-        {"persona": "gguf-c"},
-        {"persona": "gguf-a", "persona_strength": -3},
-    ]
-
-    async def ask_async(extra: dict[str, Any]) -> str:
-        response = await client.chat.completions.create(
-            model=GGUF,
-            messages=QUESTION,
-            max_tokens=10,
-            temperature=0,
-            extra_body={"ignore_eos": True, **extra},
-        )
-        return response.choices[0].message.content or ""
-
-    solo = [await ask_async(extra) for extra in variants]
-    together = await asyncio.gather(*(ask_async(extra) for extra in variants * 2))
-    assert together == solo * 2 and len(set(solo)) >= 3  # a random model may garble two alike
-    await client.close()
 
 
 def test_block_0_of_a_gguf_model_is_refused_with_the_reason(server: ServerProcess) -> None:

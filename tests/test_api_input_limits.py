@@ -12,7 +12,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ import pytest
 
 from server.testing.server_process import ServerProcess
 from server.testing.tiny_models import build_tiny_model
-from tests.api_helpers import API_KEY, QUESTION, HealthProbe, assert_openai_error, metric
+from tests.api_helpers import API_KEY, QUESTION, HealthProbe, assert_openai_error, metric, wait_until
 
-pytestmark = pytest.mark.integration
+# A server with an 8192-token context fed 20 MB prompts.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "long-llama"
 CONTEXT = 8192
@@ -50,15 +51,6 @@ def rss_bytes(pid: int) -> int:
     """Resident memory of a process, from /proc."""
     status = Path(f"/proc/{pid}/status").read_text()
     return int(status.split("VmRSS:")[1].split()[0]) * 1024
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 class RunningStream:
@@ -90,7 +82,7 @@ class RunningStream:
 
     def __enter__(self) -> RunningStream:
         self._thread.start()
-        assert wait_until(lambda: bool(self.arrivals), 30), "the stream never started"
+        wait_until(lambda: bool(self.arrivals), 30, "the stream never started")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -173,22 +165,22 @@ def test_an_abandoned_waiting_stream_leaves_the_queue_at_once(server: ServerProc
     with RunningStream(server) as running:
         first, second = abandonable_stream(server), abandonable_stream(server)
         try:
-            assert wait_until(lambda: waiting() == 2, 10), "both streams should wait behind the running one"
+            wait_until(lambda: waiting() == 2, 10, "both streams should wait behind the running one")
             # Every batch row and queue place is taken: the next request is refused, and counted.
             full = post(server, "chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 2})
             assert_openai_error(full, 429)
             assert metric(server.url, "persona_server_requests_refused_total", status="429") == refusals + 1
             first.close()
-            assert wait_until(lambda: waiting() == 1, 3), "a stream abandoned in the queue stayed there"
+            wait_until(lambda: waiting() == 1, 3, "a stream abandoned in the queue stayed there")
             second.close()
-            assert wait_until(lambda: waiting() == 0, 3)
+            wait_until(lambda: waiting() == 0, 3, "the second abandoned stream stayed in the queue")
             assert not running.finished, "the running stream ended first: the test proves nothing"
         finally:
             first.close()
             second.close()
         # Their places are free again: a request is admitted (it waits for the row, not refused).
         queued = abandonable_stream(server)
-        assert wait_until(lambda: waiting() == 1, 10)
+        wait_until(lambda: waiting() == 1, 10, "a request was not admitted to the freed places")
         queued.close()
 
 

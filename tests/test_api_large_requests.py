@@ -12,7 +12,7 @@ from server.api.protocol import MAX_COMPOSED_PERSONAS, MAX_STOP_STRINGS
 from server.testing.server_process import ServerProcess
 from tests.api_helpers import API_KEY, LLAMA, QUESTION, HealthProbe, assert_openai_error
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
 
 API = {"Authorization": f"Bearer {API_KEY}"}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from typing import Any
 
 import httpx
@@ -19,21 +18,15 @@ from tests.api_helpers import (
     QUESTION,
     QWEN,
     assert_openai_error,
+    finished_job,
     random_vector,
     upload,
 )
 
+# Fits that read llama.cpp's block outputs: minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp, pytest.mark.slow]
+
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-def wait_for_job(server: ServerProcess, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{server.url}/admin/jobs/{job_id}", headers=ADMIN).json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def fit(server: ServerProcess, **body: Any) -> httpx.Response:
@@ -53,7 +46,7 @@ def fitted(server: ServerProcess) -> dict[str, Any]:
         assert upload(server.url, name, QWEN, {1: random_vector(48, 90 + index)}).status_code == 200
     started = fit(server, source_model=LLAMA, target_model=QWEN, folds=4)
     assert started.status_code == 202, started.text
-    job = wait_for_job(server, started.json()["id"])
+    job = finished_job(server.url, started.json()["status_url"], ADMIN, timeout=120)
     assert job["status"] == "succeeded", job
     return job["result"]
 
@@ -309,7 +302,7 @@ def test_a_gguf_model_reads_its_block_outputs_for_a_fit(server: ServerProcess) -
     # The GGUF copy of the tiny Llama reads block outputs through llama.cpp's evaluation callback.
     started = fit(server, source_model=GGUF, target_model=QWEN, layers={"1": 1}, folds=3)
     # One read per corpus text through the callback: minutes when the 2 cores are shared.
-    job = wait_for_job(server, started.json()["id"], timeout=480)
+    job = finished_job(server.url, started.json()["status_url"], ADMIN, timeout=480)
     assert job["status"] == "succeeded", job
     assert upload(server.url, "from-gguf", GGUF, {1: random_vector(64, 3)}).status_code == 200
     mapped = map_persona(server, "from-gguf", source_model=GGUF, target_model=QWEN)

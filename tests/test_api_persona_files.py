@@ -14,6 +14,8 @@ from persona_store.formats import read_gguf_control_vector, read_safetensors, wr
 from server.testing.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, LLAMA, QWEN, assert_openai_error, random_vector, upload
 
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
+
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 

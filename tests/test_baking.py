@@ -86,6 +86,7 @@ def _held_out_kl(distiller: Distiller, trajectories: list[Trajectory]) -> float:
     return distiller.validation_kl(trajectories, batch_size=8)
 
 
+@pytest.mark.slow  # trains a LoRA adapter
 def test_training_lowers_the_loss_and_moves_the_student_toward_the_teacher(
     tiny: Path, tmp_path: Path
 ) -> None:
@@ -127,6 +128,7 @@ def test_training_lowers_the_loss_and_moves_the_student_toward_the_teacher(
     assert read_provenance(tmp_path) is None
 
 
+@pytest.mark.slow  # trains LoRA adapters
 def test_the_same_seed_bakes_the_same_adapter(tiny: Path) -> None:
     plan = _plan(tiny)
     teaching = _trajectories(tiny, plan, PROMPTS, 16, seed=0)

@@ -17,7 +17,7 @@ from server.baking.outputs import save_adapter, save_merged
 from server.engine.llamacpp.convert import convert_hf_to_gguf, convert_lora_to_gguf
 from tests.llama_cpp_reference import llama_cpp_logits
 
-pytestmark = pytest.mark.integration  # runs llama.cpp
+pytestmark = [pytest.mark.llama_cpp, pytest.mark.slow]  # LoRA conversions and three llama.cpp loads a test
 
 
 def _logits(path: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from persona_store.formats import read_gguf_control_vector
 from server.cli import app
 from server.testing.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, LLAMA, random_vector
+
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
 
 
 def run(server: ServerProcess, *args: str) -> tuple[int, str]:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from server.demo.traits import shows_trait
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
 from server.testing.server_process import ServerProcess
-from tests.api_helpers import assert_openai_error
+from tests.api_helpers import assert_openai_error, finished_job
 
 
 def test_every_demo_model_built_is_shipped_and_served() -> None:
@@ -48,7 +47,7 @@ KNOWN_MISSES = {("demo-phi3", "formal", "lowered")}
 
 
 # In process, but the whole demo evaluation of every model: minutes on CPU, not for the quick loop.
-@pytest.mark.integration
+@pytest.mark.slow
 def test_each_persona_shifts_its_trait_and_stays_fluent(verdicts: list[PersonaVerdict]) -> None:
     table = format_table(verdicts)
     assert {v.persona for v in verdicts} == {"pirate", "formal", "silly"}
@@ -83,6 +82,7 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
         yield server
 
 
+@pytest.mark.integration  # the demo server
 def test_serve_without_a_model_serves_the_demos_with_their_personas(demo_server: ServerProcess) -> None:
     models = httpx.get(f"{demo_server.url}/v1/models").json()["data"]
     expected = [("demo-llama", 128), ("demo-qwen", 96), ("demo-phi3", 192)]
@@ -93,6 +93,7 @@ def test_serve_without_a_model_serves_the_demos_with_their_personas(demo_server:
         assert all(p["provenance"]["kind"] == "extracted" for p in listing)
 
 
+@pytest.mark.integration  # the demo server
 def test_the_readme_snippet_gives_a_visibly_steered_answer(demo_server: ServerProcess) -> None:
     import openai
 
@@ -108,6 +109,7 @@ def test_the_readme_snippet_gives_a_visibly_steered_answer(demo_server: ServerPr
     assert shows_trait(pirate.choices[0].message.content, "pirate"), pirate.choices[0].message.content
 
 
+@pytest.mark.integration  # the demo server
 def test_extraction_job_stores_a_persona(demo_server: ServerProcess) -> None:
     body = {
         "model": "demo-qwen",
@@ -122,14 +124,12 @@ def test_extraction_job_stores_a_persona(demo_server: ServerProcess) -> None:
     assert accepted.status_code == 202, accepted.text
     status_url = accepted.json()["status_url"]
     assert status_url == f"/admin/jobs/{accepted.json()['id']}"
-    deadline, job = time.monotonic() + 120, {}
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{demo_server.url}{status_url}").json()
+
+    def seen(job: dict[str, Any]) -> None:
         assert job["status"] in ("queued", "running", "succeeded"), job
         assert 0.0 <= job["progress"] <= 1.0
-        if job["status"] == "succeeded":
-            break
-        time.sleep(0.2)
+
+    job = finished_job(demo_server.url, status_url, timeout=120, seen=seen)
     assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["error"] is None
     result = job["result"]
     assert len(result["layers"]) == 4 and result["answers_used"] == {"positive": 12, "negative": 12}
@@ -142,6 +142,7 @@ def test_extraction_job_stores_a_persona(demo_server: ServerProcess) -> None:
     assert len(stored["layers"][str(result["recommended_layer"])]) == 96
 
 
+@pytest.mark.integration  # the demo server
 def test_extraction_requests_are_validated(demo_server: ServerProcess) -> None:
     base = {"model": "demo-llama", "positive_prompts": ["a"], "negative_prompts": ["b"], "questions": ["q?"]}
     url = f"{demo_server.url}/admin/personas/x/extract"
@@ -152,7 +153,8 @@ def test_extraction_requests_are_validated(demo_server: ServerProcess) -> None:
     assert_openai_error(httpx.get(f"{demo_server.url}/admin/jobs/job-unknown"), 404, "job-unknown")
 
 
-@pytest.mark.integration  # starts its own server process
+@pytest.mark.integration  # starts its own server process, twice: about 20 s
+@pytest.mark.slow
 def test_operator_edits_survive_the_demo_seeding(tmp_path: Path) -> None:
     with ServerProcess(["--data-dir", str(tmp_path)], log_path=tmp_path / "first.log") as server:
         deleted = httpx.delete(f"{server.url}/admin/personas/formal", params={"model": "demo-llama"})
@@ -170,7 +172,8 @@ def test_operator_edits_survive_the_demo_seeding(tmp_path: Path) -> None:
         assert pirate["default_strength"] == 1.5 and pirate["version"] == 2
 
 
-@pytest.mark.integration  # runs the CLI in a subprocess
+@pytest.mark.integration  # runs the CLI in a subprocess: about 15 s
+@pytest.mark.slow
 def test_extract_command_writes_an_uploadable_persona(tmp_path: Path) -> None:
     output = tmp_path / "pirate.json"
     command = [
@@ -188,6 +191,7 @@ def test_extract_command_writes_an_uploadable_persona(tmp_path: Path) -> None:
     assert body["model"] == "demo-llama" and all(len(v) == 128 for v in body["layers"].values())
 
 
+@pytest.mark.integration  # the demo server
 def test_monitoring_scores_separate_steered_from_unsteered_answers(demo_server: ServerProcess) -> None:
     import openai
 

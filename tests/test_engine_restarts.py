@@ -9,7 +9,6 @@ worker is killed by PID in tests/test_api_vllm.py.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,12 @@ from fastapi import FastAPI
 from server.app import create_app
 from server.settings import Settings
 from server.testing.server_process import free_port
-from tests.api_helpers import metric
+from tests.api_helpers import QUESTION, metric, running_stream, wait_until
 
-pytestmark = pytest.mark.integration
+# Engines killed and restarted.
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp, pytest.mark.slow]
 
 HF, GGUF = "hf-llama", "gguf-llama"
-QUESTION = [{"role": "user", "content": "tell me about the sea"}]
 
 
 class LaneKilled(BaseException):
@@ -56,7 +55,7 @@ class InProcessServer:
 
     def __enter__(self) -> InProcessServer:
         self._thread.start()
-        wait_for(lambda: self.ready().status_code == 200, 120, "the server never became ready")
+        wait_until(lambda: self.ready().status_code == 200, 120, "the server never became ready")
         return self
 
     def ready(self) -> httpx.Response:
@@ -71,13 +70,6 @@ class InProcessServer:
     def __exit__(self, *exc: object) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=60)
-
-
-def wait_for(condition: Any, seconds: float, message: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -112,20 +104,6 @@ def answer(client: openai.OpenAI, model: str, max_tokens: int = 8) -> str:
     return reply.choices[0].message.content or ""
 
 
-def running_stream(client: openai.OpenAI, model: str) -> Any:
-    """A streamed answer that has sent its first chunk and has long to go."""
-    stream = client.chat.completions.create(
-        model=model,
-        messages=QUESTION,
-        max_tokens=400,
-        temperature=0,
-        stream=True,  # type: ignore[arg-type]
-        extra_body={"ignore_eos": True},
-    )
-    next(iter(stream))
-    return stream
-
-
 def assert_ends_with_engine_error(stream: Any) -> None:
     """The stream ends with an error event naming the engine, neither hanging nor breaking off."""
     with pytest.raises(openai.APIError) as raised:
@@ -141,8 +119,8 @@ def assert_comes_back(server: InProcessServer, model: str, old: Any) -> None:
         down = server.ready()
         return down.status_code == 503 and model in down.json()["engines_down"]
 
-    wait_for(named_down, 2.0, f"/ready did not name {model}")
-    wait_for(lambda: server.ready().status_code == 200, 120, f"{model} never came back")
+    wait_until(named_down, 2.0, f"/ready did not name {model}")
+    wait_until(lambda: server.ready().status_code == 200, 120, f"{model} never came back")
     assert server.engine(model) is not old
     assert metric(server.url, "persona_server_engine_restarts_total", model=model) >= 1
 
@@ -200,9 +178,9 @@ def test_health_fails_only_while_no_engine_can_serve(server: InProcessServer, cl
     for model in engines:
         with pytest.raises(openai.APIStatusError):
             answer(client, model)
-    wait_for(lambda: len(server.app.state.registry.down) == 2, 10, "the deaths were not noticed")
+    wait_until(lambda: len(server.app.state.registry.down) == 2, 10, "the deaths were not noticed")
     health = httpx.get(f"{server.url}/health", timeout=5)
     assert health.status_code == 503 and set(health.json()["engines_down"]) == {HF, GGUF}
-    wait_for(lambda: server.ready().status_code == 200, 120, "the engines never came back")
+    wait_until(lambda: server.ready().status_code == 200, 120, "the engines never came back")
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
     assert all(answer(client, model) for model in engines)

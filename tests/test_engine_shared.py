@@ -1,20 +1,26 @@
-"""What both engines share (server/engine/scheduler.py, read_back.py), checked on each: a failed step
-fails its requests and the engine goes on, closing fails what is still running, and read-backs
-refuse an empty answer and clamp the blocks they read."""
+"""What both engines share (server/engine/scheduler.py, read_back.py), checked on each: requests with
+different personas at once answer as each alone, a failed step fails its requests and the engine goes
+on, closing fails what is still running, and read-backs refuse an empty answer and clamp the blocks
+they read. (vLLM's engine answers the same check in tests/test_vllm_engine.py, where its engines are.)"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from server.engine.base import ChatMessage, EngineError, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
 from server.engine.llamacpp.backend import LlamaCppBackend
+from server.steering.plan import Positions, SteeringPlan
+from tests.api_helpers import alone_and_together, wait_until_async
 
 QUESTIONS = ["where is the treasure", "tell me of the sea", "good morning captain", "a storm comes"]
 ANSWER = [5, 9, 14, 21]
@@ -38,11 +44,50 @@ def load(kind: str, request: pytest.FixtureRequest) -> Engine:
     return LlamaCppBackend.load(gguf, contexts=1, sequences_per_context=4, kv_type="f32")
 
 
-@pytest.fixture(scope="module", params=["hf", "gguf"])
+@pytest.fixture(scope="module", params=["hf", pytest.param("gguf", marks=pytest.mark.llama_cpp)])
 def backend(request: pytest.FixtureRequest) -> Iterator[Engine]:
     engine = load(request.param, request)
     yield engine
     asyncio.run(engine.close())
+
+
+def steered(
+    question: str, seed: int, blocks: list[int], strength: float, positions: Positions
+) -> GenerationRequest:
+    generator = torch.Generator().manual_seed(seed)
+    plan = SteeringPlan(
+        {block: torch.randn(64, generator=generator) for block in blocks},
+        strength=strength,
+        positions=positions,
+    )
+    return dataclasses.replace(chat(question, max_tokens=12), steering=plan)
+
+
+# llama.cpp steers rows with different personas through its evaluation callback, a block at a time:
+# sixteen such requests take it 30-45 s here.
+@pytest.mark.parametrize(
+    "backend",
+    ["hf", pytest.param("gguf", marks=[pytest.mark.llama_cpp, pytest.mark.slow])],
+    indirect=True,
+)
+async def test_concurrent_personas_equal_their_solo_runs(backend: Engine) -> None:
+    """Sixteen requests, every fourth without a persona, the others each with its own blocks, strength
+    and positions: together they answer token for token what each answers alone. llama.cpp's control
+    vectors cannot steer block 0, so only the HF engine is steered there too."""
+    block_sets = [[1], [2], [1, 2]] + ([[0], [0, 2], [0, 1, 2]] if isinstance(backend, HFBackend) else [])
+    positions = itertools.cycle(Positions)
+    requests = [
+        chat(QUESTIONS[index % 4], max_tokens=12)
+        if index % 4 == 3
+        else steered(
+            QUESTIONS[index % 4], index, block_sets[index % len(block_sets)], 1.0 + index / 2, next(positions)
+        )
+        for index in range(16)
+    ]
+    alone, together, arrivals = await alone_and_together(backend, requests)
+    assert together == alone
+    assert len(set(arrivals[: len(requests)])) > 1  # they ran interleaved, not one after another
+    assert len({tuple(tokens) for tokens in alone}) > 6  # the personas steer: the answers differ
 
 
 async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(
@@ -60,14 +105,12 @@ async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(
     assert all(isinstance(result, RuntimeError) and "step broke" in str(result) for result in failed)
     monkeypatch.undo()
     assert await tokens(backend, chat(QUESTIONS[0])) == before
-    for _ in range(500):  # the last chunk goes out just before its row leaves the batch
-        if backend.scheduler.num_running == 0:
-            break
-        await asyncio.sleep(0.01)
+    # The last chunk goes out just before its row leaves the batch.
+    await wait_until_async(lambda: backend.scheduler.num_running == 0, 5, "a row stayed in the batch")
     assert (backend.scheduler.num_running, backend.scheduler.num_waiting) == (0, 0)
 
 
-@pytest.mark.parametrize("kind", ["hf", "gguf"])
+@pytest.mark.parametrize("kind", ["hf", pytest.param("gguf", marks=pytest.mark.llama_cpp)])
 async def test_closing_the_engine_fails_the_requests_it_still_runs(
     kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:

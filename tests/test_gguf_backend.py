@@ -25,7 +25,7 @@ from server.steering.plan import Positions, SteeringPlan
 from tests.llama_cpp_reference import hf_logits, llama_cpp_logits
 
 # Every test runs real llama.cpp.
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.llama_cpp, pytest.mark.slow]  # llama.cpp conversions and loads, seconds a test
 
 QUESTIONS = ["where is the treasure", "tell me of the sea", "good morning captain", "a storm comes"]
 
@@ -103,16 +103,6 @@ async def test_greedy_tokens_equal_hf_for_each_position_rule(
         request = chat(QUESTIONS[index], plan)
         assert await tokens(gguf_llama, request) == await tokens(hf_llama, request)
     assert await tokens(gguf_llama, chat(QUESTIONS[3])) == await tokens(hf_llama, chat(QUESTIONS[3]))
-
-
-async def test_concurrent_personas_equal_their_solo_runs(gguf_llama: LlamaCppBackend) -> None:
-    # Five plans (and no plan) over two lanes of four: requests share lanes, wait for them, batch.
-    plans = [None] + [persona(20 + i, [1 + i % 2], 64, 3.0 + i, list(Positions)[i % 3]) for i in range(5)]
-    requests = [chat(QUESTIONS[i % 4], plans[i % len(plans)], max_tokens=12) for i in range(12)]
-    solo = [await tokens(gguf_llama, request) for request in requests]
-    together = await asyncio.gather(*(tokens(gguf_llama, request) for request in requests))
-    assert list(together) == solo
-    assert len({tuple(s) for s in solo}) > 4
 
 
 @pytest.mark.parametrize("positions", list(Positions))

@@ -17,7 +17,7 @@ from tests.llama_cpp_control_vectors import RefusedByLlamaCpp, load_control_vect
 from tests.llama_cpp_reference import hf_logits, llama_cpp_logits
 
 # Every test runs real llama.cpp.
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.llama_cpp  # under a second a test
 
 MESSAGES = [{"role": "user", "content": "where is the treasure, captain?"}]
 
@@ -37,6 +37,7 @@ def llama_cpp_model(llama_gguf: Path) -> llama_cpp.Llama:
     )
 
 
+@pytest.mark.integration  # the session server
 def test_an_exported_persona_steers_llama_cpp_like_the_hf_model(
     server: ServerProcess, llama_dir: Path, llama_cpp_model: llama_cpp.Llama, tmp_path: Path
 ) -> None:

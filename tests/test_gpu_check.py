@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtests" / "gpu_check.sh"
 
@@ -52,6 +54,7 @@ def test_without_a_gpu_it_falls_back_to_the_cpu_build(tmp_path: Path) -> None:
     assert f"{sys.executable} -m loadtests.vllm_bench --rounds 1" in out
 
 
+@pytest.mark.slow  # imports the benchmark: about 5 s
 def test_the_benchmark_it_runs_takes_its_arguments() -> None:
     """The benchmark parses the GPU plan's arguments (``--help`` imports it and exits)."""
     done = subprocess.run(

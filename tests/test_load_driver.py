@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.testing.server_process import ServerProcess
 from tests.api_helpers import API_KEY, LLAMA, metric
+
+# The load driver in a subprocess: seconds a test.
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]  # `-m loadtests.load` resolves from here
 

@@ -21,7 +21,7 @@ from server.demo.models import demo_model_dir
 from server.demo.traits import shows_trait
 from server.testing.server_process import ServerProcess
 
-pytestmark = pytest.mark.integration  # a server process and a browser process
+pytestmark = pytest.mark.integration  # a server process (and a browser for the tests marked so)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ANSWER_TIMEOUT_MS = 60_000
@@ -105,6 +105,8 @@ def pirate_scores(page: Page) -> list[float]:
     return [float(text.removeprefix("pirate ")) for text in texts]
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_a_pirate_steered_answer_differs_from_the_unsteered_one(page: Page, tmp_path: Path) -> None:
     assert page.url.endswith("/playground")
     page.get_by_test_id("model").select_option("demo-llama")
@@ -124,6 +126,8 @@ def test_a_pirate_steered_answer_differs_from_the_unsteered_one(page: Page, tmp_
     assert screenshot.read_bytes().startswith(PNG_SIGNATURE)
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_strength_zero_gives_the_unsteered_answer(page: Page) -> None:
     page.get_by_test_id("persona").select_option("pirate")
     page.get_by_test_id("strength").fill("0")
@@ -135,6 +139,8 @@ def test_strength_zero_gives_the_unsteered_answer(page: Page) -> None:
     assert generate(page)[1] != base  # the slider's value reaches the request
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_an_imported_vector_file_shows_in_the_library(
     page: Page, demo_server: ServerProcess, tmp_path: Path
 ) -> None:
@@ -154,6 +160,8 @@ def test_an_imported_vector_file_shows_in_the_library(
     expect(page.get_by_test_id("persona").locator('option[value="sea-dog"]')).to_have_count(1)
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_an_extraction_runs_to_100_percent_and_stores_the_persona(page: Page) -> None:
     page.get_by_test_id("tab-make").click()
     page.get_by_test_id("extract-name").fill("pirate-again")
@@ -195,6 +203,8 @@ def answer_key_dialog(page: Page, key: str) -> None:
     page.get_by_test_id("key-submit").click()
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_keys_are_asked_once_and_admin_actions_wait_for_the_admin_key(
     browser: Browser, keyed_server: ServerProcess
 ) -> None:
@@ -230,6 +240,8 @@ def import_through_the_page(page: Page, vector_file: Path, name: str, model: str
     page.get_by_test_id("import-submit").click()
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_versions_restore_export_and_delete_in_the_library(
     page: Page, demo_server: ServerProcess, tmp_path: Path
 ) -> None:
@@ -262,6 +274,8 @@ def test_versions_restore_export_and_delete_in_the_library(
     expect(row).to_have_count(0)
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_a_fit_then_a_mapped_persona_is_compared_with_the_native_one_on_the_target(page: Page) -> None:
     page.get_by_test_id("tab-make").click()
     page.get_by_test_id("fit-source").select_option("demo-llama")
@@ -288,6 +302,8 @@ def test_a_fit_then_a_mapped_persona_is_compared_with_the_native_one_on_the_targ
     page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=plot.element_handle())
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_a_bake_runs_to_100_percent_and_its_model_answers_beside_the_steered_one(page: Page) -> None:
     page.get_by_test_id("tab-make").click()
     page.get_by_test_id("bake-model").select_option("demo-llama")

@@ -12,7 +12,6 @@ import math
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ import pytest
 import yaml
 
 from server.testing.server_process import ServerProcess, free_port
-from tests.api_helpers import QUESTION, random_vector, upload
+from tests.api_helpers import QUESTION, random_vector, upload, wait_until
 
-pytestmark = pytest.mark.integration  # real uvicorn and prometheus
+# Real uvicorn and prometheus, waiting for its scrapes: about 15 s.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llama"
@@ -75,7 +75,7 @@ class PrometheusProcess:
     def __enter__(self) -> PrometheusProcess:
         log = open(self._log, "wb")
         self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._ready, f"prometheus not ready; see {self._log}")
+        wait_until(self._ready, 30, f"prometheus not ready; see {self._log}", interval=0.1)
         return self
 
     def _ready(self) -> bool:
@@ -98,14 +98,6 @@ class PrometheusProcess:
             self._process.wait(timeout=20)
 
 
-def wait_until(condition: Any, message: str, timeout: float = 30.0) -> None:
-    """Until ``condition()`` holds; ``timeout`` only ends a test that would otherwise hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def scraped(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusProcess]:
     """Prometheus after two rounds of load, each scraped: every rate has two samples to work with."""
@@ -126,7 +118,12 @@ def scraped(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         for _ in range(2):
             finished += drive_load(client, server.url)
             # Both rounds must land in separate scrapes for a rate over them to be more than zero.
-            wait_until(lambda n=finished: scraped_requests(prometheus) == n, "no scrape saw the load")
+            wait_until(
+                lambda n=finished: scraped_requests(prometheus) == n,
+                30,
+                "no scrape saw the load",
+                interval=0.1,
+            )
         yield prometheus
 
 

@@ -27,7 +27,7 @@ from persona_store.sqlite import SQLiteStore
 from tests.redis_process import RedisProcess
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.integration)])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=[pytest.mark.integration, pytest.mark.redis])])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[PersonaStore]:
     if request.param == "sqlite":
         opened: PersonaStore = SQLiteStore(tmp_path / "personas.sqlite3", keep_versions=3)

@@ -56,7 +56,7 @@ def test_overshoot_counts_as_one_and_a_bad_layout_is_refused() -> None:
         transfer_interval([1.0] * 7, [0.0] * 7, [1.0] * 7, questions=2)
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # demo models answer and are read back, in process: up to a minute
 async def test_a_persona_carried_by_generated_text_points_where_the_native_one_does() -> None:
     from server.demo.corpus import training_questions
     from server.demo.models import demo_model_dir, load_demo_personas
@@ -178,7 +178,7 @@ def test_the_transfer_table_compares_each_forecast_with_the_measured_transfer() 
     assert transfer_record(rows[3])["predicted_transfer"] is None
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # demo models answer and are read back, in process: up to a minute
 async def test_the_table_scores_the_generated_persona_at_the_stored_default() -> None:
     from server.demo.models import demo_model_dir, load_demo_personas
     from server.demo.transfer import TransferRun, transfer_table
@@ -226,7 +226,7 @@ def test_the_mean_interval_leaves_out_cells_without_an_estimate() -> None:
     assert mean.high - mean.estimate == pytest.approx(0.2 / np.sqrt(2))  # two cells of +-0.2
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # demo models answer and are read back, in process: up to a minute
 async def test_a_persona_carried_from_a_model_to_itself_comes_back_in_direction_and_scale() -> None:
     """The known truth: from a model to itself the map is the identity. The carried pirate must
     point where the persona points and need no rescaling."""

@@ -193,6 +193,7 @@ def test_captures_merge_across_pipeline_stages_and_tensor_parallel_copies() -> N
         merge_captures([part([0])], 2)
 
 
+@pytest.mark.vllm
 async def test_a_read_back_installs_the_workers_hooks_before_its_request_runs() -> None:
     """An extraction may be a fresh engine's first request: its read-backs must not run unhooked."""
     pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
@@ -276,6 +277,7 @@ def test_a_closed_loop_crosses_to_the_workers_whole() -> None:
     assert trace_in(trace_out(trace)) == trace
 
 
+@pytest.mark.vllm
 def test_an_engine_argument_vllm_does_not_have_is_a_clear_error() -> None:
     pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
     from server.engine.vllm.backend import VLLMBackend
@@ -327,6 +329,7 @@ async def test_a_failed_trace_rpc_fails_every_answer_waiting_on_it_and_not_the_n
     assert await taker.take("c", False) == [[1]]
 
 
+@pytest.mark.vllm
 def test_vllms_compile_cache_tells_our_model_from_plain_vllms(vllm_model_dir) -> None:
     """vLLM keys its compiled artifacts by its configuration, not by the model loader: without our
     additional_config, plain vLLM on the same folder would hand us its graph, which has no steering
