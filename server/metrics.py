@@ -59,25 +59,11 @@ class Metrics:
             buckets=(-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50),
             registry=self.registry,
         )
-        self.store_latency = Histogram(
-            "persona_server_store_latency_seconds",
-            "Calls that reached the persona store.",
-            ("operation",),
-            buckets=_TOKEN_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.store_errors = Counter(
-            "persona_server_store_errors",
-            "Persona store calls that failed (store unreachable or broken).",
-            ("operation",),
-            registry=self.registry,
-        )
-        self.store_cache_lookups = Counter(
-            "persona_server_store_cache_lookups",
-            "Persona lookups: hit (served from memory) or miss.",
-            ("result",),
-            registry=self.registry,
-        )
+        self._add_store_collectors()  # the exposition keeps this order
+        self._add_admission_collectors()
+        self._add_engine_collectors()
+
+    def _add_admission_collectors(self) -> None:
         self.requests_running = Gauge(
             "persona_server_requests_running",
             "Requests generating tokens.",
@@ -97,7 +83,27 @@ class Metrics:
             ("model",),
             registry=self.registry,
         )
-        self._add_engine_collectors()
+
+    def _add_store_collectors(self) -> None:
+        self.store_latency = Histogram(
+            "persona_server_store_latency_seconds",
+            "Calls that reached the persona store.",
+            ("operation",),
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "persona_server_store_errors",
+            "Persona store calls that failed (store unreachable or broken).",
+            ("operation",),
+            registry=self.registry,
+        )
+        self.store_cache_lookups = Counter(
+            "persona_server_store_cache_lookups",
+            "Persona lookups: hit (served from memory) or miss.",
+            ("result",),
+            registry=self.registry,
+        )
 
     def _add_engine_collectors(self) -> None:
         self.engine_deaths = Counter(

@@ -115,11 +115,13 @@ def assert_ends_with_engine_error(stream: Any) -> None:
 def assert_comes_back(server: InProcessServer, model: str, old: Any) -> None:
     """/ready names the model while it is down, then answers 200 with a new engine serving it."""
 
-    def named_down() -> bool:  # within a poll of the supervisor (0.5 s), before the restart (3 s)
+    def named_down() -> bool:
         down = server.ready()
         return down.status_code == 503 and model in down.json()["engines_down"]
 
-    wait_until(named_down, 2.0, f"/ready did not name {model}")
+    # An order, not a time: /ready names it down (the supervisor polls every 0.5 s) before it is back
+    # (the restart waits 3 s). Were it back first, /ready would never name it and this would fail.
+    wait_until(named_down, 60, f"/ready did not name {model} before it came back")
     wait_until(lambda: server.ready().status_code == 200, 120, f"{model} never came back")
     assert server.engine(model) is not old
     assert metric(server.url, "persona_server_engine_restarts_total", model=model) >= 1

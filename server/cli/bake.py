@@ -63,7 +63,11 @@ def bake(
             await base.close()
         return outcome.to_dict()
 
-    outcome = asyncio.run(run())
+    _report(asyncio.run(run()))
+
+
+def _report(outcome: dict) -> None:
+    """The bake's outputs, and how much of the steered shift the baked model keeps."""
     retention = outcome["provenance"]["retention"]
     typer.echo(json.dumps({k: outcome[k] for k in ("model_id", "adapter", "merged", "loss_curve")}, indent=1))
     scores = ", ".join(f"{k} {retention[k + '_score']:.3f}" for k in ("unsteered", "steered", "baked"))

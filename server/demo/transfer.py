@@ -133,18 +133,8 @@ async def transfer_table(
                 maps = fit_maps(xs, ys, layer_map)  # as a fit with the server's defaults (mean over tokens)
             others = [(personas[source][o], personas[target][o]) for o in personas[source] if o != name]
             pair = (shapes[source], shapes[target])
-            rows += await _cell(
-                (backends[source], backends[target]),
-                source,
-                target,
-                persona,
-                personas[target][name],
-                maps,
-                others,
-                pair,
-                questions,
-                run,
-            )
+            rows += await _cell((backends[source], backends[target]), source, target, persona,
+                                personas[target][name], maps, others, pair, questions, run)  # fmt: skip
     return rows
 
 
@@ -168,17 +158,8 @@ async def _cell(
     async def sweep(
         vectors: dict[int, np.ndarray], strengths: list[float], positions: Positions
     ) -> list[StrengthRow]:
-        return await evaluate_strengths(
-            backend,
-            name,
-            vectors,
-            strengths,
-            questions,
-            score,
-            samples=run.samples,
-            seed=11,
-            positions=positions,
-        )
+        return await evaluate_strengths(backend, name, vectors, strengths, questions, score,
+                                        samples=run.samples, seed=11, positions=positions)  # fmt: skip
 
     baseline = (await sweep(native.vectors, [0.0], Positions.ALL))[0]
     native_row = (
@@ -192,9 +173,8 @@ async def _cell(
     at_default = run.multiples.index(1.0)
     for method in run.methods:
         if method is MappingMethod.GENERATED:  # the source answers training questions only
-            carried = await carry_by_generation(
-                *engines, persona.vectors, persona.default_strength, persona.default_positions, GENERATION
-            )
+            carried = await carry_by_generation(*engines, persona.vectors, persona.default_strength,
+                                                persona.default_positions, GENERATION)  # fmt: skip
             vectors = carried.vectors
             predicted[method.value] = carried.calibration.predicted_transfer
         else:
@@ -209,13 +189,8 @@ async def _cell(
         measured[method.value] = (tried[at_default], max(fluent, key=lambda row: row.trait_score))
 
     def interval(row: StrengthRow) -> Interval:
-        return transfer_interval(
-            row.answer_scores,
-            baseline.answer_scores,
-            native_row.answer_scores,
-            len(questions),
-            overshoot_cap=OVERSHOOT_CAP,
-        )
+        return transfer_interval(row.answer_scores, baseline.answer_scores, native_row.answer_scores,
+                                 len(questions), overshoot_cap=OVERSHOOT_CAP)  # fmt: skip
 
     rows = []
     for condition, (at_default, best) in measured.items():
@@ -269,16 +244,10 @@ def format_transfer_table(rows: list[TransferRow]) -> str:
 def transfer_record(row: TransferRow) -> dict[str, object]:
     """A row as JSON: the best coherent row's measures (what the plot draws) and both transfers."""
     return {
-        "source": row.source,
-        "target": row.target,
-        "condition": row.condition,
-        "transfer": row.best_transfer.estimate,
-        "transfer_low": row.best_transfer.low,
-        "transfer_high": row.best_transfer.high,
-        "transfer_at_default": row.default_transfer.estimate,
+        "source": row.source, "target": row.target, "condition": row.condition,
+        "transfer": row.best_transfer.estimate, "transfer_low": row.best_transfer.low,
+        "transfer_high": row.best_transfer.high, "transfer_at_default": row.default_transfer.estimate,
         "transfer_at_default_low": row.default_transfer.low,
         "transfer_at_default_high": row.default_transfer.high,
-        "predicted_transfer": row.predicted,
-        "at_default": row.at_default.to_dict(),
-        **row.best.to_dict(),
-    }
+        "predicted_transfer": row.predicted, "at_default": row.at_default.to_dict(), **row.best.to_dict(),
+    }  # fmt: skip

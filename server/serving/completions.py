@@ -176,14 +176,11 @@ class CompletionService:
         arrived = time.perf_counter()
         loop = plan.loop
         request = GenerationRequest(
-            sampling=plan.sampling,
-            prompt=prompt,
-            messages=job.messages,
+            sampling=plan.sampling, prompt=prompt, messages=job.messages,
             steering=plan.personas.plan if loop is None else loop.prompt_plan,
-            monitor_blocks=monitored_blocks(plan.monitors) if plan.monitors else None,
-            n=job.n,
+            monitor_blocks=monitored_blocks(plan.monitors) if plan.monitors else None, n=job.n,
             loop=None if loop is None else loop.spec,
-        )
+        )  # fmt: skip
         release = ExitStack()
         release.enter_context(self._registry.admit(job.model, places=job.n))
         waiting = self._metrics.requests_waiting.labels(job.model)
@@ -198,17 +195,9 @@ class CompletionService:
             raise
         finally:
             waiting.dec()
-        return _Run(
-            job=job,
-            plan=plan,
-            stream=stream,
-            first=first,
-            arrived=arrived,
-            release=release,
-            request=request,
-            offset=offset,
-            report=None if loop is None else LoopReport(loop),
-        )
+        return _Run(job=job, plan=plan, stream=stream, first=first, arrived=arrived, release=release,
+                    request=request, offset=offset,
+                    report=None if loop is None else LoopReport(loop))  # fmt: skip
 
     async def _open_all(self, job: CompletionJob) -> list[_Run]:
         """Open every prompt's generation; if one fails, close the others and raise its error."""
@@ -308,9 +297,8 @@ class CompletionService:
             return None
         means = last.response_means
         if means is None:
-            unsteered = GenerationRequest(
-                sampling=run.request.sampling, prompt=run.request.prompt, messages=run.request.messages
-            )
+            unsteered = GenerationRequest(sampling=run.request.sampling, prompt=run.request.prompt,
+                                          messages=run.request.messages)  # fmt: skip
             blocks = monitored_blocks(run.plan.monitors)  # the read-back stops after the last block needed
             means = await run.plan.backend.response_activations(unsteered, run.token_ids, blocks)
         scores = persona_scores(means, run.plan.monitors)
@@ -385,16 +373,9 @@ class CompletionService:
                         persona = _persona_echo(job, run.plan.personas, run.report)  # the mean strength
                     if text or first or finish or chunk.logprobs or extras:
                         payload = shape.chunk(
-                            text,
-                            finish,
-                            persona,
-                            first=first,
-                            scores=scores,
-                            index=index,
-                            logprobs=chunk.logprobs,
-                            offset=offset,
-                            extras=extras,
-                        )
+                            text, finish, persona, first=first, scores=scores, index=index,
+                            logprobs=chunk.logprobs, offset=offset, extras=extras,
+                        )  # fmt: skip
                         yield responses.sse(payload)
         except EngineFault as exc:
             # The answer cannot end normally: an error event (as vLLM sends one), which the openai
