@@ -157,3 +157,24 @@ async def alone_and_together(
     arrivals: list[int] = []
     together = await asyncio.gather(*(tokens(index, arrivals) for index in range(len(requests))))
     return alone, list(together), arrivals
+
+
+def chat(client: openai.OpenAI, model: str, **fields: Any) -> Any:
+    """A chat completion of QUESTION: greedy, 10 tokens with EOS ignored, unless ``fields`` say
+    otherwise. Fields the openai client has no argument for travel in extra_body, as a client of
+    vLLM sends them."""
+    fields = {"max_tokens": 10, "temperature": 0, "ignore_eos": True, **fields}
+    return _create(client.chat.completions.create, fields, model=model, messages=QUESTION)
+
+
+def complete(client: openai.OpenAI, model: str, prompt: str | list[str], **fields: Any) -> Any:
+    """A text completion of ``prompt``, as ``chat`` asks (6 tokens)."""
+    fields = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, **fields}
+    return _create(client.completions.create, fields, model=model, prompt=prompt)
+
+
+def _create(create: Callable[..., Any], fields: dict[str, Any], **asked: Any) -> Any:
+    named = inspect.signature(create).parameters
+    native = {name: value for name, value in fields.items() if name in named}
+    extra = {name: value for name, value in fields.items() if name not in named}
+    return create(**asked, **native, extra_body=extra)

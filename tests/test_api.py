@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from server.testing.server_process import ServerProcess
+from tests import api_helpers
 from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, QWEN, metric, random_vector, upload, wait_until
 
 # The session server (it serves a GGUF model too).
@@ -19,13 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]
 
 
 def chat(client: openai.OpenAI, model: str = LLAMA, max_tokens: int = 12, **extra: Any) -> Any:
-    return client.chat.completions.create(
-        model=model,
-        messages=QUESTION,
-        max_tokens=max_tokens,
-        temperature=0,
-        extra_body={"ignore_eos": True, **extra},
-    )
+    return api_helpers.chat(client, model, max_tokens=max_tokens, **extra)
 
 
 def test_models_are_listed_with_their_shapes(client: openai.OpenAI) -> None:
@@ -77,14 +72,8 @@ def test_streaming_with_usage_matches_the_plain_answer(
     client: openai.OpenAI, personas: dict[str, Any]
 ) -> None:
     whole = chat(client, persona="pirate", max_tokens=20)
-    stream = client.chat.completions.create(
-        model=LLAMA,
-        messages=QUESTION,
-        max_tokens=20,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"persona": "pirate", "ignore_eos": True},
+    stream = chat(
+        client, max_tokens=20, stream=True, stream_options={"include_usage": True}, persona="pirate"
     )
     chunks = list(stream)
     assert len({chunk.id for chunk in chunks}) == 1
@@ -100,15 +89,7 @@ def test_streaming_with_usage_matches_the_plain_answer(
 
 def test_seeded_sampling_repeats(client: openai.OpenAI) -> None:
     def sampled(seed: int) -> str:
-        response = client.chat.completions.create(
-            model=LLAMA,
-            messages=QUESTION,
-            max_tokens=16,
-            temperature=0.9,
-            seed=seed,
-            extra_body={"ignore_eos": True},
-        )
-        return response.choices[0].message.content or ""
+        return chat(client, max_tokens=16, temperature=0.9, seed=seed).choices[0].message.content or ""
 
     assert sampled(7) == sampled(7)
     assert sampled(7) != sampled(8)
@@ -132,13 +113,7 @@ async def test_concurrent_personas_equal_their_solo_answers(server: ServerProces
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
 
     async def ask(extra: dict[str, Any]) -> str:
-        response = await client.chat.completions.create(
-            model=model,
-            messages=QUESTION,
-            max_tokens=12,
-            temperature=0,
-            extra_body={"ignore_eos": True, **extra},
-        )
+        response = await chat(client, model, **extra)  # type: ignore[arg-type]
         return response.choices[0].message.content or ""
 
     solo = [await ask(extra) for extra in variants]

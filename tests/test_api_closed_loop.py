@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from server.testing.server_process import ServerProcess
-from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error, random_vector, upload
+from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error, chat, random_vector, upload
 
 pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
 
@@ -23,14 +23,7 @@ TOKENS = 12
 
 
 def ask(client: openai.OpenAI, stream: bool = False, model: str = LLAMA, **extra: Any) -> Any:
-    return client.chat.completions.create(
-        model=model,
-        messages=QUESTION,
-        max_tokens=TOKENS,
-        temperature=0,
-        stream=stream,
-        extra_body={"ignore_eos": True, **extra},
-    )
+    return chat(client, model, max_tokens=TOKENS, stream=stream, **extra)
 
 
 def streamed(client: openai.OpenAI, model: str = LLAMA, **extra: Any) -> tuple[str, list[dict[str, Any]]]:

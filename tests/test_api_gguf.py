@@ -8,16 +8,13 @@ import openai
 import pytest
 
 from server.testing.server_process import ServerProcess
-from tests.api_helpers import GGUF, LLAMA, QUESTION, assert_openai_error, random_vector, upload
+from tests.api_helpers import GGUF, LLAMA, assert_openai_error, chat, random_vector, upload
 
 pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
 
 
 def ask(client: openai.OpenAI, model: str, **extra: Any) -> str:
-    response = client.chat.completions.create(
-        model=model, messages=QUESTION, max_tokens=14, temperature=0, extra_body={"ignore_eos": True, **extra}
-    )
-    return response.choices[0].message.content or ""
+    return chat(client, model, max_tokens=14, **extra).choices[0].message.content or ""
 
 
 def test_same_weights_same_persona_same_answer(server: ServerProcess, client: openai.OpenAI) -> None:
@@ -31,14 +28,8 @@ def test_same_weights_same_persona_same_answer(server: ServerProcess, client: op
     prompt_only = {"persona": "twin", "steering": {"positions": "prompt"}}
     assert ask(client, GGUF, **prompt_only) == ask(client, LLAMA, **prompt_only)
 
-    stream = client.chat.completions.create(
-        model=GGUF,
-        messages=QUESTION,
-        max_tokens=14,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True, "persona": "twin"},
+    stream = chat(
+        client, GGUF, max_tokens=14, stream=True, stream_options={"include_usage": True}, persona="twin"
     )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == steered
@@ -57,13 +48,9 @@ def test_monitoring_on_a_gguf_model_scores_like_its_hf_twin(
     for model in (LLAMA, GGUF):
         assert upload(server.url, "watched", model, layers, 3.0).status_code == 200
     scores = [
-        client.chat.completions.create(
-            model=model,
-            messages=QUESTION,
-            max_tokens=10,
-            temperature=0,
-            extra_body={"ignore_eos": True, "persona": "watched", "persona_monitor": ["watched"]},
-        ).model_extra["persona_scores"]["watched"]
+        chat(client, model, persona="watched", persona_monitor=["watched"]).model_extra["persona_scores"][
+            "watched"
+        ]
         for model in (LLAMA, GGUF)
     ]
     assert scores[0] == pytest.approx(scores[1], rel=1e-3, abs=1e-4)

@@ -16,7 +16,7 @@ from server.testing.server_process import ServerProcess
 from tests import openai_field_checks as checks
 from tests.api_helpers import (
     ADMIN_KEY,
-    QUESTION,
+    chat,
     finished_job,
     metric,
     random_vector,
@@ -71,9 +71,7 @@ def upload_to_both(
 
 
 def ask(client: openai.OpenAI, **extra: Any) -> Any:
-    return client.chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, extra_body={"ignore_eos": True, **extra}
-    )
+    return chat(client, MODEL, max_tokens=12, **extra)
 
 
 def answers(servers: tuple[ServerProcess, ServerProcess], **extra: Any) -> list[str]:
@@ -94,15 +92,7 @@ def test_answers_equal_the_hf_engine_plain_steered_and_streamed(
     assert plain[0] == plain[1] and steered[0] == steered[1] and steered[0] != plain[0]
     response = ask(clients(servers)[0], persona="pirate")
     assert response.model_extra["persona"]["name"] == "pirate" and response.usage.completion_tokens == 12
-    stream = clients(servers)[0].chat.completions.create(
-        model=MODEL,
-        messages=QUESTION,
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True, "persona": "pirate"},
-    )
+    stream = ask(clients(servers)[0], stream=True, stream_options={"include_usage": True}, persona="pirate")
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == steered[1]
     assert chunks[-1].usage.completion_tokens == 12
@@ -154,14 +144,7 @@ def test_closed_loops_read_and_steer_as_on_the_hf_engine(
         assert ours.model_extra[field] == pytest.approx(theirs.model_extra[field], abs=1e-3)
     readings = [body.model_extra["persona_token_scores"]["loop-trait"] for body in (ours, theirs)]
     assert readings[0] == pytest.approx(readings[1], abs=1e-3)
-    stream = clients(servers)[0].chat.completions.create(
-        model=MODEL,
-        messages=QUESTION,
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-        extra_body={"ignore_eos": True, **fields},
-    )
+    stream = ask(clients(servers)[0], stream=True, **fields)
     chunks = [chunk for chunk in stream if chunk.choices]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ours.choices[0].message.content
     streamed = [v for c in chunks for v in c.model_extra.get("persona_target_strengths") or []]

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -15,24 +14,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.baking.outputs import save_adapter, save_merged
 from server.engine.llamacpp.convert import convert_hf_to_gguf, convert_lora_to_gguf
-from tests.llama_cpp_reference import llama_cpp_logits
+from tests.llama_cpp_reference import exact_llama, llama_cpp_logits
 
 pytestmark = [pytest.mark.llama_cpp, pytest.mark.slow]  # LoRA conversions and three llama.cpp loads a test
 
 
 def _logits(path: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:
     extra = {} if lora is None else {"lora_path": str(lora)}
-    model = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=128,
-        logits_all=True,
-        type_k=0,
-        type_v=0,
-        flash_attn=False,
-        n_threads=2,
-        verbose=False,
-        **extra,
-    )
+    model = exact_llama(path, n_ctx=128, **extra)
     try:
         return llama_cpp_logits(model, ids, None)
     finally:

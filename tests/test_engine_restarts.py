@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from server.app import create_app
 from server.settings import Settings
 from server.testing.server_process import free_port
-from tests.api_helpers import QUESTION, metric, running_stream, wait_until
+from tests.api_helpers import chat, metric, running_stream, wait_until
 
 # Engines killed and restarted.
 pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp, pytest.mark.slow]
@@ -95,13 +95,7 @@ def client(server: InProcessServer) -> openai.OpenAI:
 
 
 def answer(client: openai.OpenAI, model: str, max_tokens: int = 8) -> str:
-    reply = client.chat.completions.create(
-        model=model,
-        messages=QUESTION,
-        max_tokens=max_tokens,
-        temperature=0,  # type: ignore[arg-type]
-    )
-    return reply.choices[0].message.content or ""
+    return chat(client, model, max_tokens=max_tokens, ignore_eos=False).choices[0].message.content or ""
 
 
 def assert_ends_with_engine_error(stream: Any) -> None:

@@ -7,7 +7,6 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -22,7 +21,7 @@ from server.engine.llamacpp.lane import Lane
 from server.engine.llamacpp.steering import steering_buffer
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
-from tests.llama_cpp_reference import hf_logits, llama_cpp_logits
+from tests.llama_cpp_reference import exact_llama, hf_logits, llama_cpp_logits
 
 # Every test runs real llama.cpp.
 pytestmark = [pytest.mark.llama_cpp, pytest.mark.slow]  # llama.cpp conversions and loads, seconds a test
@@ -73,17 +72,7 @@ def test_logits_equal_hf_unsteered_and_steered_at_each_block(
     hidden, blocks = hf.config.hidden_size, hf.config.num_hidden_layers
     messages = [{"role": "user", "content": QUESTIONS[0]}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    # An F32 KV cache and exact attention: then llama.cpp computes what transformers computes.
-    model = llama_cpp.Llama(
-        model_path=str(gguf),
-        n_ctx=256,
-        logits_all=True,
-        type_k=0,
-        type_v=0,
-        flash_attn=False,
-        n_threads=2,
-        verbose=False,
-    )
+    model = exact_llama(gguf)
     unsteered = hf_logits(hf, ids, {})
     assert np.abs(llama_cpp_logits(model, ids, None) - unsteered).max() < 1e-4
     for block in range(1, blocks):

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from server.testing.server_process import ServerProcess, free_port
-from tests.api_helpers import QUESTION, random_vector, upload, wait_until
+from tests.api_helpers import chat, random_vector, upload, wait_until
 
 # Real uvicorn and prometheus, waiting for its scrapes: about 15 s.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -137,14 +137,7 @@ def drive_load(client: openai.OpenAI, url: str) -> int:
     steering: list[dict[str, Any]] = [{}, {"persona": "pirate", "persona_monitor": ["pirate"]}]
     for extra in steering:
         for stream in (False, True):
-            reply = client.chat.completions.create(
-                model=MODEL,
-                messages=QUESTION,
-                max_tokens=4,
-                temperature=0,
-                stream=stream,
-                extra_body={"ignore_eos": True, **extra},
-            )
+            reply = chat(client, MODEL, max_tokens=4, stream=stream, **extra)
             if stream:
                 for _ in reply:  # type: ignore[union-attr]
                     pass
