@@ -67,13 +67,28 @@ def persona_conditions(family: str, url: str, model: str, concurrency: int) -> l
     return [
         Condition(f"persona-server {family}, unsteered", url, model, concurrency, [plain]),
         Condition(f"persona-server {family}, one persona", url, model, concurrency, [one]),
-        Condition(f"persona-server {family}, {PERSONAS} personas", url, model, concurrency,
-                  [{**plain, "persona": f"p{i}"} for i in range(PERSONAS)]),
-        Condition(f"persona-server {family}, one persona, monitored", url, model, concurrency,
-                  [{**one, "persona_monitor": ["p0"]}]),
-        Condition(f"persona-server {family}, unsteered, monitored", url, model, concurrency,
-                  [{**plain, "persona_monitor": ["p0"]}]),
-    ]  # fmt: skip
+        Condition(
+            f"persona-server {family}, {PERSONAS} personas",
+            url,
+            model,
+            concurrency,
+            [{**plain, "persona": f"p{i}"} for i in range(PERSONAS)],
+        ),
+        Condition(
+            f"persona-server {family}, one persona, monitored",
+            url,
+            model,
+            concurrency,
+            [{**one, "persona_monitor": ["p0"]}],
+        ),
+        Condition(
+            f"persona-server {family}, unsteered, monitored",
+            url,
+            model,
+            concurrency,
+            [{**plain, "persona_monitor": ["p0"]}],
+        ),
+    ]
 
 
 def closed_loop_conditions(family: str, url: str, model: str, concurrency: int) -> list[Condition]:
@@ -83,9 +98,14 @@ def closed_loop_conditions(family: str, url: str, model: str, concurrency: int) 
     quiet = {"monitor": "p0", "above": 1e9, "steer": {"name": "p1"}}
     return [
         Condition(f"persona-server {family}, one persona, target", url, model, concurrency, [target]),
-        Condition(f"persona-server {family}, unsteered, quiet rule", url, model, concurrency,
-                  [{"ignore_eos": True, "persona_when": [quiet]}]),
-    ]  # fmt: skip
+        Condition(
+            f"persona-server {family}, unsteered, quiet rule",
+            url,
+            model,
+            concurrency,
+            [{"ignore_eos": True, "persona_when": [quiet]}],
+        ),
+    ]
 
 
 def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float | None]]:
@@ -119,11 +139,13 @@ def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float | None]]
             out[f"{family}: persona-server {condition} / {peer}"] = (rate(condition) / by[(peer, n)], bar)
         if (f"{ours}, one persona, target", n) in by:
             out[f"{family}: one persona, target / one persona"] = (
-                rate("one persona, target") / rate("one persona"), None,
-            )  # fmt: skip
+                rate("one persona, target") / rate("one persona"),
+                None,
+            )
             out[f"{family}: unsteered, quiet rule / unsteered"] = (
-                rate("unsteered, quiet rule") / rate("unsteered"), None,
-            )  # fmt: skip
+                rate("unsteered, quiet rule") / rate("unsteered"),
+                None,
+            )
     return out
 
 
@@ -142,10 +164,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         model_dir = build_tiny_model(work / HF_MODEL, "llama", **REFERENCE_SIZES)
         gguf = convert_hf_to_gguf(model_dir, work / f"{HF_MODEL}.gguf")
         ours_args = [
-            "--model", str(model_dir), "--model", str(gguf), "--served-model-name", HF_MODEL,
-            "--served-model-name", GGUF_MODEL, "--data-dir", str(work / "data"),
-            "--max-tokens-cap", str(args.max_tokens),
-        ]  # fmt: skip
+            *["--model", str(model_dir), "--model", str(gguf), "--served-model-name", HF_MODEL],
+            *["--served-model-name", GGUF_MODEL, "--data-dir", str(work / "data")],
+            *["--max-tokens-cap", str(args.max_tokens)],
+        ]
         ours = servers.enter_context(ServerProcess(ours_args, log_path=work / "persona-server.log"))
         hf_peer = servers.enter_context(
             transformers_server(model_dir, work / "transformers.log", args.transformers_cli)
@@ -154,9 +176,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         upload_personas(ours.url, [HF_MODEL, GGUF_MODEL])
         check_llama_cpp_runs_to_max_tokens(gguf_peer.url, GGUF_MODEL, args.max_tokens)
         if args.vllm:
-            vllm_args = ["--engine", "vllm", "--model", str(model_dir), "--served-model-name", HF_MODEL,
-                         "--max-model-len", "2048", "--data-dir", str(work / "data-vllm"),
-                         "--max-tokens-cap", str(args.max_tokens)]  # fmt: skip
+            vllm_args = [
+                *["--engine", "vllm", "--model", str(model_dir), "--served-model-name", HF_MODEL],
+                *["--max-model-len", "2048", "--data-dir", str(work / "data-vllm")],
+                *["--max-tokens-cap", str(args.max_tokens)],
+            ]
             vllm_log = work / "persona-server-vllm.log"
             ours_vllm = servers.enter_context(
                 ServerProcess(vllm_args, env=VLLM_ENV, log_path=vllm_log, ready_timeout=600)
@@ -180,9 +204,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 Condition("llama_cpp.server", gguf_peer.url, GGUF_MODEL, n, [{}], count_usage=False)
             )
         await run_interleaved(conditions, args.rounds, args.requests, args.max_tokens)
-    print(f"\nReference Llama (d=512, 8 blocks, head dim 64, float32; GGUF F32), {os.cpu_count()} cores, "
-          f"{args.rounds} rounds x {args.requests} chat requests x {args.max_tokens} tokens, "
-          "greedy\n")  # fmt: skip
+    print(
+        f"\nReference Llama (d=512, 8 blocks, head dim 64, float32; GGUF F32), {os.cpu_count()} cores, "
+        f"{args.rounds} rounds x {args.requests} chat requests x {args.max_tokens} tokens, "
+        "greedy\n"
+    )
     figures = print_table(conditions)
     measured = ratios(conditions) if TARGET_CONCURRENCY in args.concurrency else {}
     print_ratios(measured)
@@ -204,9 +230,11 @@ if __name__ == "__main__":
         help="add a persona_target and a never-firing rule (HF, GGUF, vLLM)",
     )
     parser.add_argument(
-        "--transformers-cli", type=Path, default=None,
+        "--transformers-cli",
+        type=Path,
+        default=None,
         help="the `transformers` script of another environment (the vllm extra pins transformers < 5.20)",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", type=Path, default=None)
     arguments = parser.parse_args()
     summary = asyncio.run(main(arguments))

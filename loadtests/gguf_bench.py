@@ -44,10 +44,14 @@ def ratios(conditions: list[Condition]) -> dict[str, tuple[float, float]]:
     by = {(c.name, c.concurrency): c.tokens_per_second for c in conditions}
     out = {}
     for n in CONCURRENCIES:
-        out[f"same persona / unsteered, c={n}"] = (by[("persona-server, same persona", n)]
-                                                   / by[("persona-server, unsteered", n)], 0.97)  # fmt: skip
-    out["8 personas / unsteered, c=8"] = (by[("persona-server, 8 personas", 8)]
-                                          / by[("persona-server, unsteered", 8)], 0.97)  # fmt: skip
+        out[f"same persona / unsteered, c={n}"] = (
+            by[("persona-server, same persona", n)] / by[("persona-server, unsteered", n)],
+            0.97,
+        )
+    out["8 personas / unsteered, c=8"] = (
+        by[("persona-server, 8 personas", 8)] / by[("persona-server, unsteered", 8)],
+        0.97,
+    )
     for name in ("unsteered", "same persona", "8 personas"):
         out[f"persona-server {name} / llama_cpp.server, c=8"] = (
             by[(f"persona-server, {name}", 8)] / by[("llama_cpp.server", 8)],
@@ -61,8 +65,10 @@ async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | Non
         work = Path(folder)
         model_dir = build_tiny_model(work / MODEL, "llama", **REFERENCE_SIZES)
         gguf = convert_hf_to_gguf(model_dir, work / f"{MODEL}.gguf")
-        ours_args = ["--model", str(gguf), "--served-model-name", MODEL, "--data-dir", str(work / "data"),
-                     "--max-tokens-cap", str(max_tokens)]  # fmt: skip
+        ours_args = [
+            *["--model", str(gguf), "--served-model-name", MODEL, "--data-dir", str(work / "data")],
+            *["--max-tokens-cap", str(max_tokens)],
+        ]
         with (
             ServerProcess(ours_args, log_path=work / "persona-server.log") as ours,
             llama_cpp_server(gguf, MODEL, work / "llama_cpp.log") as peer,
@@ -76,15 +82,23 @@ async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | Non
             for n in CONCURRENCIES:
                 conditions += [
                     Condition("persona-server, unsteered", ours.url, MODEL, n, [plain]),
-                    Condition("persona-server, same persona", ours.url, MODEL, n,
-                              [{**plain, "persona": "p0"}]),
-                    Condition("persona-server, 8 personas", ours.url, MODEL, n,
-                              [{**plain, "persona": f"p{i}"} for i in range(PERSONAS)]),
+                    Condition(
+                        "persona-server, same persona", ours.url, MODEL, n, [{**plain, "persona": "p0"}]
+                    ),
+                    Condition(
+                        "persona-server, 8 personas",
+                        ours.url,
+                        MODEL,
+                        n,
+                        [{**plain, "persona": f"p{i}"} for i in range(PERSONAS)],
+                    ),
                     Condition("llama_cpp.server", peer.url, MODEL, n, [{}], count_usage=False),
-                ]  # fmt: skip
+                ]
             await run_interleaved(conditions, rounds, requests, max_tokens)
-    print(f"\nGGUF F32 reference Llama (d=512, 8 blocks), {os.cpu_count()} cores, {rounds} rounds x "
-          f"{requests} chat requests x {max_tokens} tokens, greedy\n")  # fmt: skip
+    print(
+        f"\nGGUF F32 reference Llama (d=512, 8 blocks), {os.cpu_count()} cores, {rounds} rounds x "
+        f"{requests} chat requests x {max_tokens} tokens, greedy\n"
+    )
     figures = print_table(conditions)
     measured = ratios(conditions)
     print_ratios(measured)

@@ -58,10 +58,14 @@ async def one_request(client: openai.AsyncOpenAI, condition: Condition, index: i
     first = last = finish = None
     usage = 0
     stream = await client.chat.completions.create(
-        model=condition.model, messages=[{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
-        max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+        model=condition.model,
+        messages=[{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
         extra_body=extra,
-    )  # fmt: skip
+    )
     async for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
@@ -119,8 +123,11 @@ def print_table(conditions: list[Condition]) -> dict[str, dict[str, float]]:
         ttft = statistics.median(c.ttft) * 1000 if c.ttft else float("nan")
         tpot = statistics.median(c.tpot) * 1000 if c.tpot else float("nan")
         print(f"| {c.name} | {c.concurrency} | {c.tokens_per_second:.1f} | {ttft:.0f} | {tpot:.1f} |")
-        figures[f"{c.name} c={c.concurrency}"] = {"tokens_per_second": c.tokens_per_second,
-                                                   "ttft_ms": ttft, "tpot_ms": tpot}  # fmt: skip
+        figures[f"{c.name} c={c.concurrency}"] = {
+            "tokens_per_second": c.tokens_per_second,
+            "ttft_ms": ttft,
+            "tpot_ms": tpot,
+        }
     return figures
 
 

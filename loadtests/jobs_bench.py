@@ -44,9 +44,12 @@ Sample = tuple[float, str]  # a chat's latency, and the bake's phase when it was
 async def chat_once(client: openai.AsyncOpenAI, index: int) -> float:
     started = time.perf_counter()
     answer = await client.chat.completions.create(
-        model=CHAT_MODEL, messages=[{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
-        max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True},
-    )  # fmt: skip
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     if answer.usage is None or answer.usage.completion_tokens != MAX_TOKENS:
         raise RuntimeError(f"an answer of {answer.usage} tokens, not {MAX_TOKENS}")
     return time.perf_counter() - started

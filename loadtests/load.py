@@ -24,10 +24,15 @@ import numpy as np
 import openai
 
 PROMPTS = [
-    "Tell me about the sea.", "What do you know about the moon?", "How is bread made?",
-    "Why does it rain?", "Describe a cat.", "What are mountains like?", "Tell me about trains.",
+    "Tell me about the sea.",
+    "What do you know about the moon?",
+    "How is bread made?",
+    "Why does it rain?",
+    "Describe a cat.",
+    "What are mountains like?",
+    "Tell me about trains.",
     "What is music?",
-]  # fmt: skip
+]
 
 
 @dataclass
@@ -51,10 +56,15 @@ async def one(client: openai.AsyncOpenAI, model: str, prompt: str, args: argpars
     chunks = usage = 0
     try:
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.max_tokens,
-            temperature=args.temperature, seed=args.seed, stream=True,
-            stream_options={"include_usage": True}, extra_body=args.extra_body,
-        )  # fmt: skip
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=args.extra_body,
+        )
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.usage is not None:
@@ -124,8 +134,10 @@ def summarize(results: list[Result], duration: float) -> dict[str, Any]:
 
 def print_report(summary: dict[str, Any]) -> None:
     print(f"completed {summary['completed']}, failed {summary['failed']}, {summary['duration_s']:.1f} s")
-    print(f"request throughput {summary['request_throughput']:.2f} req/s, "
-          f"output {summary['output_token_throughput']:.1f} tok/s")  # fmt: skip
+    print(
+        f"request throughput {summary['request_throughput']:.2f} req/s, "
+        f"output {summary['output_token_throughput']:.1f} tok/s"
+    )
     print("| metric (ms) | mean | p50 | p90 | p99 |\n|---|---|---|---|---|")
     for name in ("ttft", "tpot", "itl", "e2el"):
         s = summary[f"{name}_ms"]

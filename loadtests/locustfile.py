@@ -56,18 +56,26 @@ class ChatUser(HttpUser):
 
     def _record(self, name: str, seconds: float, length: int = 0) -> None:
         self.environment.events.request.fire(
-            request_type="SSE", name=name, response_time=seconds * 1000, response_length=length,
-            exception=None, context={},
-        )  # fmt: skip
+            request_type="SSE",
+            name=name,
+            response_time=seconds * 1000,
+            response_length=length,
+            exception=None,
+            context={},
+        )
 
     @task
     def chat(self) -> None:
         body = _body(self._random.choice(PROMPTS), next(self._personas))
         start = time.perf_counter()
         with self.client.post(
-            "/v1/chat/completions", json=body, headers=self._headers, stream=True, catch_response=True,
+            "/v1/chat/completions",
+            json=body,
+            headers=self._headers,
+            stream=True,
+            catch_response=True,
             name="chat",
-        ) as response:  # fmt: skip
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
                 return

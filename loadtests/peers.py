@@ -57,9 +57,9 @@ def llama_cpp_server(gguf: Path, alias: str, log: Path) -> PeerProcess:
     """
     port = free_port()
     argv = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--chat_format", "chatml",
-        "--n_ctx", "2048", "--port", str(port), "--model_alias", alias, "--interrupt_requests", "False",
-    ]  # fmt: skip
+        *[sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--chat_format", "chatml"],
+        *["--n_ctx", "2048", "--port", str(port), "--model_alias", alias, "--interrupt_requests", "False"],
+    ]
     return PeerProcess("llama_cpp.server", argv, port, "/v1/models", log)
 
 
@@ -69,9 +69,9 @@ def transformers_server(model_dir: Path, log: Path, cli: Path | None = None) -> 
     port = free_port()
     cli = cli or Path(sys.executable).with_name("transformers")
     argv = [
-        str(cli), "serve", str(model_dir), "--continuous-batching", "--device", "cpu", "--dtype", "float32",
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
+        *[str(cli), "serve", str(model_dir), "--continuous-batching", "--device", "cpu"],
+        *["--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)],
+    ]
     return PeerProcess("transformers serve", argv, port, "/health", log)
 
 
@@ -91,18 +91,23 @@ def vllm_server(
     compiled (vLLM's default; on CUDA with its default CUDA graphs) or with ``--enforce-eager``."""
     port = free_port()
     argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", name, "--dtype", dtype, "--max-model-len", "2048",
-        "--host", "127.0.0.1", "--port", str(port), *(["--enforce-eager"] if eager else []),
-    ]  # fmt: skip
+        *[sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)],
+        *["--served-model-name", name, "--dtype", dtype, "--max-model-len", "2048", "--host", "127.0.0.1"],
+        *["--port", str(port), *(["--enforce-eager"] if eager else [])],
+    ]
     os.environ.update(VLLM_ENV)  # inherited by the peer's processes
     return PeerProcess("vllm" + (" eager" if eager else ""), argv, port, "/v1/models", log)
 
 
 def check_llama_cpp_runs_to_max_tokens(url: str, model: str, max_tokens: int) -> None:
     """llama_cpp.server's usage over-reports, so its requests count max_tokens: check that they reach it."""
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[0]}],
-            "max_tokens": max_tokens, "temperature": 0, "min_tokens": max_tokens}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": QUESTIONS[0]}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "min_tokens": max_tokens,
+    }
     answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600).json()
     if answer["choices"][0]["finish_reason"] != "length":
         raise RuntimeError(f"llama_cpp.server stopped early despite min_tokens: {answer}")

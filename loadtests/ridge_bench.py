@@ -53,16 +53,21 @@ def main(n: int, source: int, target: int) -> None:
     true_map = rng.standard_normal((source, target)).astype(np.float32) / np.sqrt(source)
     x = rng.standard_normal((n, source)).astype(np.float32)
     y = x @ true_map + 0.5 * rng.standard_normal((n, target)).astype(np.float32)
-    print(f"N={n}, {source} -> {target}, {len(DEFAULT_LAMBDAS)} lambdas x 5 folds, "
-          f"{torch.get_num_threads()} threads, float64")  # fmt: skip
+    print(
+        f"N={n}, {source} -> {target}, {len(DEFAULT_LAMBDAS)} lambdas x 5 folds, "
+        f"{torch.get_num_threads()} threads, float64"
+    )
     fits: list[object] = []
     ours = timed("fit_ridge (whole CV + final map)", lambda: fits.append(fit_ridge(x, y, folds=5)))
     fit = fits[0]
     one = timed("one plain solve", lambda: plain_ridge(x, y, fit.chosen_lambda))  # type: ignore[attr-defined]
     naive = timed("plain CV (25 solves)", lambda: plain_cv(x, y, DEFAULT_LAMBDAS, 5))
     print("\n| fit | seconds | / one plain solve |\n|---|---|---|")
-    for label, seconds in (("fit_ridge, whole CV and final map", ours), ("one plain solve", one),
-                           ("plain CV, 25 solves", naive)):  # fmt: skip
+    for label, seconds in (
+        ("fit_ridge, whole CV and final map", ours),
+        ("one plain solve", one),
+        ("plain CV, 25 solves", naive),
+    ):
         print(f"| {label} | {seconds:.1f} | {seconds / one:.2f} |")
     print(
         f"\nchosen lambda {fit.chosen_lambda:.4g}, held-out R^2 {fit.r2:.4f}, "  # type: ignore[attr-defined]

@@ -48,9 +48,10 @@ OURS = "persona-server vllm"
 
 def ours(model_dir: Path, work: Path, dtype: str, eager: bool) -> ServerProcess:
     name = "eager" if eager else "compiled"
-    args = ["--engine", "vllm", "--model", str(model_dir), "--served-model-name", MODEL, "--dtype", dtype,
-            "--max-model-len", "2048", "--data-dir", str(work / f"data-{name}"),
-            "--max-tokens-cap", "2048"]  # fmt: skip
+    args = [
+        *["--engine", "vllm", "--model", str(model_dir), "--served-model-name", MODEL, "--dtype", dtype],
+        *["--max-model-len", "2048", "--data-dir", str(work / f"data-{name}"), "--max-tokens-cap", "2048"],
+    ]
     if eager:
         args += ["--vllm-engine-args", json.dumps({"enforce_eager": True})]
     return ServerProcess(args, env=VLLM_ENV, log_path=work / f"persona-server-{name}.log", ready_timeout=900)
@@ -126,9 +127,11 @@ async def main(args: argparse.Namespace) -> None:
             for c in conditions_at(n, compiled.url, eager.url, plain.url, plain_eager.url)
         ]
         await run_interleaved(conditions, args.rounds, args.requests, args.max_tokens)
-    print(f"\nLlama (d={hidden}, {blocks} blocks, {args.dtype}), {os.cpu_count()} cores, {args.rounds} "
-          f"rounds x {args.requests} chat requests (at least 2 x concurrency) x {args.max_tokens} tokens, "
-          "greedy\n")  # fmt: skip
+    print(
+        f"\nLlama (d={hidden}, {blocks} blocks, {args.dtype}), {os.cpu_count()} cores, {args.rounds} "
+        f"rounds x {args.requests} chat requests (at least 2 x concurrency) x {args.max_tokens} tokens, "
+        "greedy\n"
+    )
     figures = print_table(conditions)
     measured = ratios(conditions)
     print_ratios(measured)

@@ -13,21 +13,33 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         labels = ("model", "persona")
         self.request_latency = Histogram(
-            "persona_server_request_latency_seconds", "End-to-end request latency.",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "persona_server_request_latency_seconds",
+            "End-to-end request latency.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.time_to_first_token = Histogram(
-            "persona_server_time_to_first_token_seconds", "Time from arrival to the first token.",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "persona_server_time_to_first_token_seconds",
+            "Time from arrival to the first token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.queue_time = Histogram(
-            "persona_server_queue_time_seconds", "Time from submission to the prefill.",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "persona_server_queue_time_seconds",
+            "Time from submission to the prefill.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.inter_token_latency = Histogram(
-            "persona_server_inter_token_latency_seconds", "Time between consecutive tokens of a request.",
-            labels, buckets=_TOKEN_LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "persona_server_inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            labels,
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter(
             "persona_server_prompt_tokens", "Prompt tokens processed.", labels, registry=self.registry
         )
@@ -35,49 +47,77 @@ class Metrics:
             "persona_server_generation_tokens", "Tokens generated.", labels, registry=self.registry
         )
         self.requests = Counter(
-            "persona_server_requests", "Finished requests by status (finish reason or error class).",
-            (*labels, "status"), registry=self.registry,
-        )  # fmt: skip
+            "persona_server_requests",
+            "Finished requests by status (finish reason or error class).",
+            (*labels, "status"),
+            registry=self.registry,
+        )
         self.persona_score = Histogram(
-            "persona_server_persona_score", "Monitored persona scores (projection on the unit vector).",
-            labels, buckets=(-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50), registry=self.registry,
-        )  # fmt: skip
-        self.store_latency = Histogram(
-            "persona_server_store_latency_seconds", "Calls that reached the persona store.",
-            ("operation",), buckets=_TOKEN_LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self.store_errors = Counter(
-            "persona_server_store_errors", "Persona store calls that failed (store unreachable or broken).",
-            ("operation",), registry=self.registry,
-        )  # fmt: skip
-        self.store_cache_lookups = Counter(
-            "persona_server_store_cache_lookups", "Persona lookups: hit (served from memory) or miss.",
-            ("result",), registry=self.registry,
-        )  # fmt: skip
-        self.requests_running = Gauge(
-            "persona_server_requests_running", "Requests generating tokens.",
-            ("model",), registry=self.registry,
-        )  # fmt: skip
-        self.requests_refused = Counter(
-            "persona_server_requests_refused", "Requests refused before any work: 413 (body over the "
-            "cap) or 429 (every batch row and queue place of the model taken).",
-            ("status",), registry=self.registry,
-        )  # fmt: skip
-        self.requests_waiting = Gauge(
-            "persona_server_requests_waiting", "Requests admitted but without a first token yet.",
-            ("model",), registry=self.registry,
-        )  # fmt: skip
+            "persona_server_persona_score",
+            "Monitored persona scores (projection on the unit vector).",
+            labels,
+            buckets=(-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50),
+            registry=self.registry,
+        )
+        self._add_store_collectors()  # the exposition keeps this order
+        self._add_admission_collectors()
         self._add_engine_collectors()
+
+    def _add_admission_collectors(self) -> None:
+        self.requests_running = Gauge(
+            "persona_server_requests_running",
+            "Requests generating tokens.",
+            ("model",),
+            registry=self.registry,
+        )
+        self.requests_refused = Counter(
+            "persona_server_requests_refused",
+            "Requests refused before any work: 413 (body over the "
+            "cap) or 429 (every batch row and queue place of the model taken).",
+            ("status",),
+            registry=self.registry,
+        )
+        self.requests_waiting = Gauge(
+            "persona_server_requests_waiting",
+            "Requests admitted but without a first token yet.",
+            ("model",),
+            registry=self.registry,
+        )
+
+    def _add_store_collectors(self) -> None:
+        self.store_latency = Histogram(
+            "persona_server_store_latency_seconds",
+            "Calls that reached the persona store.",
+            ("operation",),
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "persona_server_store_errors",
+            "Persona store calls that failed (store unreachable or broken).",
+            ("operation",),
+            registry=self.registry,
+        )
+        self.store_cache_lookups = Counter(
+            "persona_server_store_cache_lookups",
+            "Persona lookups: hit (served from memory) or miss.",
+            ("result",),
+            registry=self.registry,
+        )
 
     def _add_engine_collectors(self) -> None:
         self.engine_deaths = Counter(
-            "persona_server_engine_deaths", "Engines found dead (a process or thread died, or steps kept "
-            "failing); the server restarts them.", ("model",), registry=self.registry,
-        )  # fmt: skip
+            "persona_server_engine_deaths",
+            "Engines found dead (a process or thread died, or steps kept failing); the server restarts them.",
+            ("model",),
+            registry=self.registry,
+        )
         self.engine_restarts = Counter(
-            "persona_server_engine_restarts", "Dead engines loaded again and serving.",
-            ("model",), registry=self.registry,
-        )  # fmt: skip
+            "persona_server_engine_restarts",
+            "Dead engines loaded again and serving.",
+            ("model",),
+            registry=self.registry,
+        )
 
     # The persona store's observer (persona_store.cache.StoreObserver), without importing it.
     def store_call(self, operation: str, seconds: float, failed: bool) -> None:

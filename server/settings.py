@@ -59,10 +59,12 @@ class Settings(BaseSettings):
         "ask for and the models served.",
     )
     metrics_port: int | None = Field(
-        None, ge=1, le=65535,
+        None,
+        ge=1,
+        le=65535,
         description="Serve /metrics on this port (on --host) instead of the API port, e.g. one that "
         "only Prometheus can reach. Unset: /metrics is on the API port.",
-    )  # fmt: skip
+    )
     engine: str = Field(
         "auto",
         pattern="^(auto|hf|llama.cpp|vllm)$",
@@ -75,20 +77,23 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="Torch device of HF models, e.g. cpu or cuda:0.")
     max_num_seqs: int = Field(32, ge=1, description="Requests decoded together per model (batch rows).")
     gguf_contexts: int = Field(
-        2, ge=1, le=64,
+        2,
+        ge=1,
+        le=64,
         description="GGUF models: control-vector contexts over the one loaded model. Each carries "
         "one steering plan at a time (free per token); requests with its plan batch together.",
-    )  # fmt: skip
+    )
     gguf_mixed_context: bool = Field(
         True,
         description="GGUF models: one more context that batches requests with different personas, "
         "each token steered by its own vector through llama.cpp's evaluation callback.",
     )
     gguf_context_tokens: int = Field(
-        8192, ge=64,
+        8192,
+        ge=64,
         description="GGUF models: KV cache cells per context, shared by its requests (memory grows "
         "with contexts x tokens).",
-    )  # fmt: skip
+    )
     gguf_threads: int | None = Field(None, ge=1, description="GGUF models: CPU threads (default: all cores).")
     gguf_kv_type: str = Field("f16", pattern="^(f16|f32)$", description="GGUF models: KV cache type.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM models: GPUs each model is split across.")
@@ -104,19 +109,21 @@ class Settings(BaseSettings):
         None, description="vLLM models: quantization method, e.g. awq, gptq, fp8 (default: the checkpoint's)."
     )
     enable_prefix_caching: bool = Field(
-        True, description="vLLM models: reuse KV of shared prefixes (steered requests share only with "
+        True,
+        description="vLLM models: reuse KV of shared prefixes (steered requests share only with "
         "requests steered alike).",
-    )  # fmt: skip
+    )
     vllm_engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM models: any other engine argument (a name of vLLM's AsyncEngineArgs), "
         """as JSON, e.g. --vllm-engine-args '{"block_size": 32, "kv_cache_dtype": "fp8"}'.""",
     )
     vllm_steering_slots: int | None = Field(
-        None, ge=4,
+        None,
+        ge=4,
         description="vLLM models: distinct steering plans each worker holds at once (default: "
         "--max-num-seqs); a request whose plan finds no free slot waits for one.",
-    )  # fmt: skip
+    )
     vllm_cpu_kv_cache_gib: int = Field(
         1, ge=1, description="vLLM on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, when unset)."
     )
@@ -124,28 +131,38 @@ class Settings(BaseSettings):
         256, ge=0, description="Requests per model that may wait for a batch row before 429 is answered."
     )
     max_jobs_per_kind: int = Field(
-        2, ge=1, le=64,
+        2,
+        ge=1,
+        le=64,
         description="Admin jobs of one kind (bake, extraction, mapping fit, and map requests of the "
         "generated method) that run at once; more wait in the job queue.",
-    )  # fmt: skip
+    )
     max_jobs_per_model: int = Field(
-        1, ge=1, le=64,
+        1,
+        ge=1,
+        le=64,
         description="Admin jobs of any kind that run at once on one model (a map or fit works on two). "
         "Jobs share the model's engine with chat: one at a time keeps chat latency near its usual.",
-    )  # fmt: skip
+    )
     max_queued_jobs: int = Field(
-        16, ge=0, le=10_000,
+        16,
+        ge=0,
+        le=10_000,
         description="Admin jobs that may wait for a place (their status gives their queue_position); "
         "past them a job is answered 429 with Retry-After.",
-    )  # fmt: skip
+    )
     engine_max_restarts: int = Field(
-        5, ge=0, description="Restarts of a model's dead engine within 10 minutes; past them it stays "
+        5,
+        ge=0,
+        description="Restarts of a model's dead engine within 10 minutes; past them it stays "
         "down and /ready answers 503 naming it, for the orchestrator to replace the replica.",
-    )  # fmt: skip
+    )
     engine_restart_delay: float = Field(
-        1.0, gt=0, description="Seconds before the first try to restart a dead engine (doubled before "
+        1.0,
+        gt=0,
+        description="Seconds before the first try to restart a dead engine (doubled before "
         "each of up to 5 tries); meanwhile its requests answer 503 with Retry-After.",
-    )  # fmt: skip
+    )
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that names none.")
     max_strength: float = Field(

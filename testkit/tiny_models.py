@@ -51,10 +51,22 @@ def build_tokenizer(vocab_size: int = 400, seed: int = 0) -> PreTrainedTokenizer
 
 
 # How each family's config names the shared knobs: hidden, intermediate, blocks, heads, positions, init.
-_LLAMA_NAMES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "max_position_embeddings", "initializer_range")  # fmt: skip
-_OPT_NAMES = ("hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
-              "init_std")  # fmt: skip
+_LLAMA_NAMES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "initializer_range",
+)
+_OPT_NAMES = (
+    "hidden_size",
+    "ffn_dim",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "init_std",
+)
 _KNOB_NAMES = {
     "gpt2": ("n_embd", "n_inner", "n_layer", "n_head", "n_positions", "initializer_range"),
     "gpt_neox": _LLAMA_NAMES,
@@ -63,8 +75,9 @@ _KNOB_NAMES = {
 _SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}
 
 
-def _family_fields(architecture: str, hidden_size: int, num_heads: int, num_kv_heads: int,
-                   max_positions: int) -> dict[str, Any]:  # fmt: skip
+def _family_fields(
+    architecture: str, hidden_size: int, num_heads: int, num_kv_heads: int, max_positions: int
+) -> dict[str, Any]:
     """What a family needs beyond the shared knobs (GPT-2 and OPT keep their tied embeddings)."""
     if architecture == "gpt2":
         return {}

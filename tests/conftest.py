@@ -1,9 +1,11 @@
 """Shared fixtures: tiny models built once per session, a real server, a real Redis.
 
-Tests that start a subprocess (uvicorn through ServerProcess, redis-server, llama.cpp) are marked
-``integration``, so that ``pytest -m "not integration"`` is a quick loop: a test that uses one of
-the fixtures below that start one is marked here; a module that starts its own says so itself
-(``pytestmark = pytest.mark.integration``).
+Markers say what a test needs (pyproject.toml lists them): ``integration`` (it starts a process),
+``llama_cpp``, ``vllm``, ``browser``, ``redis``; and ``slow`` (seconds or more: LoRA training,
+llama.cpp conversions and loads, vLLM engines, a browser, soak runs), so that
+``pytest -m "not slow"`` is the quick loop. Markers only select: a test whose need is missing
+fails, it is never skipped. A test that uses a fixture below that needs something carries its
+marker (a module says so in ``pytestmark``); collection fails on one that does not.
 """
 
 from __future__ import annotations
@@ -22,14 +24,30 @@ from testkit.tiny_models import build_tiny_model
 from tests.api_helpers import ADMIN_KEY, API_KEY, GGUF, LLAMA, QWEN, random_vector, upload
 from tests.redis_process import RedisProcess
 
-# The fixtures that start a real server, redis-server or llama.cpp (directly or through another).
-INTEGRATION_FIXTURES = frozenset({"server", "redis_server", "llama_gguf", "demo_server"})
+# What a fixture needs, as markers: a test that uses it (directly or through another fixture) must
+# carry them, so that deselecting a marker deselects every test that needs it.
+FIXTURE_MARKERS = {
+    "server": ("integration",),  # a server process (this one's llama_gguf adds llama_cpp)
+    "demo_server": ("integration",),
+    "keyed_server": ("integration",),
+    "redis_server": ("integration", "redis"),
+    "llama_gguf": ("llama_cpp",),
+    "vllm_model_dir": ("vllm",),
+    "browser": ("browser", "slow"),
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = []
     for item in items:
-        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.integration)
+        carried = {mark.name for mark in item.iter_markers()}
+        needed = {
+            mark for name in getattr(item, "fixturenames", ()) for mark in FIXTURE_MARKERS.get(name, ())
+        }
+        if needed - carried:
+            unmarked.append(f"{item.nodeid} needs {sorted(needed - carried)}")
+    if unmarked:
+        raise pytest.UsageError("tests without the markers of what they use:\n" + "\n".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -94,15 +112,18 @@ def server(
 ) -> Iterator[ServerProcess]:
     data = tmp_path_factory.mktemp("api-data")
     args = [
-        "--model", str(llama_dir), "--model", str(qwen_dir), "--model", str(llama_gguf),
-        "--served-model-name", LLAMA, "--served-model-name", QWEN, "--served-model-name", GGUF,
-        "--gguf-kv-type", "f32", "--gguf-contexts", "2",
-        "--admin-key", ADMIN_KEY, "--max-tokens-cap", "900", "--max-strength", "50",
-        "--default-max-tokens", "16", "--max-body-bytes", "200000",
-    ]  # fmt: skip
+        *["--model", str(llama_dir), "--model", str(qwen_dir), "--model", str(llama_gguf)],
+        *["--served-model-name", LLAMA, "--served-model-name", QWEN, "--served-model-name", GGUF],
+        *["--gguf-kv-type", "f32", "--gguf-contexts", "2", "--admin-key", ADMIN_KEY],
+        *["--max-tokens-cap", "900", "--max-strength", "50", "--default-max-tokens", "16"],
+        *["--max-body-bytes", "200000"],
+    ]
     # The API key comes from the environment, as every flag can.
-    with ServerProcess(args, env={"PERSONA_SERVER_API_KEY": API_KEY, "PERSONA_SERVER_DATA_DIR": str(data)},
-                       log_path=data / "server.log") as process:  # fmt: skip
+    with ServerProcess(
+        args,
+        env={"PERSONA_SERVER_API_KEY": API_KEY, "PERSONA_SERVER_DATA_DIR": str(data)},
+        log_path=data / "server.log",
+    ) as process:
         yield process
 
 

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
 import torch
+
+
+def exact_llama(path: Path, n_ctx: int = 256, **extra: Any) -> llama_cpp.Llama:
+    """A llama.cpp model that computes what transformers computes: an F32 KV cache, no flash
+    attention, every position's logits kept."""
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        flash_attn=False,
+        n_threads=2,
+        verbose=False,
+        **extra,
+    )
 
 
 def llama_cpp_logits(model: llama_cpp.Llama, ids: list[int], buffer: np.ndarray | None) -> np.ndarray:

@@ -14,32 +14,10 @@ from typing import Any
 import openai
 import pytest
 
-from tests.api_helpers import QUESTION
-
-# Fields the openai client has no argument for travel in extra_body, as a client of vLLM sends them.
-_EXTRA = {"ignore_eos", "top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids",
-          "return_tokens_as_token_ids", "persona", "persona_monitor"}  # fmt: skip
-
+from tests.api_helpers import QUESTION, chat, complete  # noqa: F401 - the checks' callers take them from here
 
 # Greedy with every penalty: engines on the same weights must give the same answer.
 PENALIZED = {"max_tokens": 16, "frequency_penalty": 0.7, "presence_penalty": 0.3, "repetition_penalty": 1.6}
-
-
-def _split(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    native = {k: v for k, v in fields.items() if k not in _EXTRA}
-    return native, {k: v for k, v in fields.items() if k in _EXTRA}
-
-
-def chat(client: openai.OpenAI, model: str, **fields: Any) -> Any:
-    fields = {"max_tokens": 10, "temperature": 0, "ignore_eos": True, **fields}
-    native, extra = _split(fields)
-    return client.chat.completions.create(model=model, messages=QUESTION, extra_body=extra, **native)
-
-
-def complete(client: openai.OpenAI, model: str, prompt: str | list[str], **fields: Any) -> Any:
-    fields = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, **fields}
-    native, extra = _split(fields)
-    return client.completions.create(model=model, prompt=prompt, extra_body=extra, **native)
 
 
 def token_ids(response: Any) -> list[int]:
@@ -61,8 +39,12 @@ def check_chat_logprobs(client: openai.OpenAI, model: str, persona: str) -> list
     assert steered[0].top_logprobs[0].logprob != pytest.approx(entries[0].top_logprobs[0].logprob, abs=1e-4)
 
     stream = chat(client, model, logprobs=True, top_logprobs=3, stream=True)
-    streamed = [entry for chunk in stream if chunk.choices and chunk.choices[0].logprobs
-                for entry in chunk.choices[0].logprobs.content]  # fmt: skip
+    streamed = [
+        entry
+        for chunk in stream
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
     assert [e.token for e in streamed] == [e.token for e in entries]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-6)
     plain = chat(client, model)
@@ -80,8 +62,9 @@ def check_text_logprobs(client: openai.OpenAI, model: str) -> None:
     logprobs = response.choices[0].logprobs
     count = response.usage.completion_tokens
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == count
-    for token, logprob, alternatives in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs,
-                                            strict=True):  # fmt: skip
+    for token, logprob, alternatives in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
+    ):
         assert alternatives[token] == pytest.approx(logprob) and 2 <= len(alternatives) <= 3
         assert logprob == pytest.approx(max(alternatives.values()), abs=1e-5)  # greedy
     texts = complete(client, model, "the sea is", logprobs=2).choices[0].logprobs
@@ -129,8 +112,16 @@ def check_seed_in_a_batch(client: openai.OpenAI, model: str) -> None:
 def check_penalties(client: openai.OpenAI, model: str) -> None:
     """Frequency and presence penalties, as OpenAI defines them: at every step the greedy token is the
     best of the raw logprobs minus 1.5 x its count so far minus 0.5 if it was used."""
-    response = chat(client, model, max_tokens=16, logprobs=True, top_logprobs=20,
-                    return_tokens_as_token_ids=True, frequency_penalty=1.5, presence_penalty=0.5)  # fmt: skip
+    response = chat(
+        client,
+        model,
+        max_tokens=16,
+        logprobs=True,
+        top_logprobs=20,
+        return_tokens_as_token_ids=True,
+        frequency_penalty=1.5,
+        presence_penalty=0.5,
+    )
     counts: Counter[str] = Counter()
     changed = False
     for entry in response.choices[0].logprobs.content:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import redis
 
 from testkit.server_process import free_port
+from tests.api_helpers import wait_until
 
 
 class RedisProcess:
@@ -20,22 +20,16 @@ class RedisProcess:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._command = [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory),
-            "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
-        ]  # fmt: skip
+            *[binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""],
+            *["--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec"],
+        ]
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisProcess:
         self._process = subprocess.Popen(self._command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise TimeoutError("redis-server did not answer")
+        wait_until(lambda: answers(client), 10, "redis-server did not answer")
+        return self
 
     def stop(self) -> None:
         if self._process is not None:
@@ -45,3 +39,10 @@ class RedisProcess:
 
     def flush(self) -> None:
         redis.Redis(port=self.port).flushall()
+
+
+def answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False

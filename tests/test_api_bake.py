@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,22 +20,12 @@ from server.demo.corpus import held_out_questions, training_questions
 from server.demo.models import demo_model_dir
 from server.demo.traits import trait_rate
 from testkit.server_process import ServerProcess
-from tests.api_helpers import assert_openai_error
+from tests.api_helpers import assert_openai_error, finished_job, wait_until
 
-pytestmark = pytest.mark.integration  # a server process, a CLI process
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a server and a CLI that train LoRA adapters
 
 # Few answers and steps: enough for the demo pirate to show, quick on two cores.
 SMALL_BAKE = {"trajectories": 48, "steps": 40, "prompts": [q for _, q in training_questions()][:40]}
-
-
-def wait_for(server: ServerProcess, status_url: str, timeout: float = 240) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{server.url}{status_url}").json()
-        if job["status"] not in ("queued", "running"):
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(status_url)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +51,7 @@ def baked(demo_server: ServerProcess) -> dict[str, Any]:
         f"{demo_server.url}/admin/personas/pirate/bake", json={"model": "demo-llama", **SMALL_BAKE}
     )
     assert started.status_code == 202, started.text
-    job = wait_for(demo_server, started.json()["status_url"])
+    job = finished_job(demo_server.url, started.json()["status_url"])
     assert job["status"] == "succeeded", job
     assert job["kind"] == "bake" and job["progress"] == 1.0
     return job["result"]
@@ -71,11 +60,17 @@ def baked(demo_server: ServerProcess) -> dict[str, Any]:
 def answers(client: openai.OpenAI, model: str, extra: dict[str, Any] | None = None) -> list[str]:
     return [
         client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": question}], max_tokens=40, temperature=0,
+            model=model,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=40,
+            temperature=0,
             extra_body=extra or {},
-        ).choices[0].message.content or ""
+        )
+        .choices[0]
+        .message.content
+        or ""
         for question in held_out_questions()[:10]
-    ]  # fmt: skip
+    ]
 
 
 def test_a_baked_persona_is_served_and_answers_like_a_pirate_without_a_persona_field(
@@ -119,12 +114,13 @@ def test_a_bake_can_be_cancelled(demo_server: ServerProcess, data_dir: Path) -> 
     body = {"model": "demo-qwen", "served_name": "never-served", **SMALL_BAKE, "steps": 3000}
     started = httpx.post(f"{demo_server.url}/admin/personas/pirate/bake", json=body)
     status_url = started.json()["status_url"]
-    while (
-        httpx.get(f"{demo_server.url}{status_url}").json()["progress"] <= 0.2
-    ):  # sampled; training has begun
-        time.sleep(0.3)
+
+    def progress() -> float:  # past 0.2, its answers are sampled and training has begun
+        return httpx.get(f"{demo_server.url}{status_url}").json()["progress"]
+
+    wait_until(lambda: progress() > 0.2, 240, "the bake never began training", interval=0.3)
     assert httpx.delete(f"{demo_server.url}{status_url}").json()["status"] == "cancelled"
-    assert wait_for(demo_server, status_url)["status"] == "cancelled"
+    assert finished_job(demo_server.url, status_url)["status"] == "cancelled"
     ids = [m["id"] for m in httpx.get(f"{demo_server.url}/v1/models").json()["data"]]
     assert "never-served" not in ids and not (data_dir / "baked" / "never-served").exists()
 
@@ -147,10 +143,10 @@ def test_bakes_posted_at_once_all_succeed_and_later_bakes_too(
     with httpx.Client(timeout=30) as client:
         started = [client.post(url, json=body) for body in bodies]
     assert all(r.status_code == 202 for r in started), [r.text for r in started]
-    jobs = [wait_for(demo_server, r.json()["status_url"]) for r in started]
+    jobs = [finished_job(demo_server.url, r.json()["status_url"]) for r in started]
     assert [job["status"] for job in jobs] == ["succeeded"] * len(jobs), [job.get("error") for job in jobs]
     later = httpx.post(url, json={"model": "demo-phi3", "served_name": "demo-phi3-later", **TINY_BAKE})
-    assert wait_for(demo_server, later.json()["status_url"])["status"] == "succeeded"
+    assert finished_job(demo_server.url, later.json()["status_url"])["status"] == "succeeded"
     ids = {m["id"] for m in httpx.get(f"{demo_server.url}/v1/models").json()["data"]}
     assert {body["served_name"] for body in bodies} | {"demo-phi3-later"} <= ids
 
@@ -205,11 +201,11 @@ def test_jobs_past_the_limits_wait_with_a_queue_position_then_get_429(
             httpx.delete(f"{demo_server.url}{started.json()['status_url']}").json()["status"] == "cancelled"
         )
     for started in (queued, *running):
-        assert wait_for(demo_server, started.json()["status_url"])["status"] == "cancelled"
+        assert finished_job(demo_server.url, started.json()["status_url"])["status"] == "cancelled"
     assert not [name for name in ("q-0", "q-1", "q-queued") if (data_dir / "baked" / name).exists()]
     after = httpx.post(url, json={**TINY_BAKE, "model": "demo-qwen", "served_name": "q-refused"})
     assert after.status_code == 202, after.text  # the refused bake's name was not kept
-    assert wait_for(demo_server, after.json()["status_url"])["status"] == "succeeded"
+    assert finished_job(demo_server.url, after.json()["status_url"])["status"] == "succeeded"
 
 
 def test_a_failed_bake_leaves_no_folder(demo_server: ServerProcess, data_dir: Path) -> None:
@@ -219,7 +215,7 @@ def test_a_failed_bake_leaves_no_folder(demo_server: ServerProcess, data_dir: Pa
     (folder / "gguf").write_text("in the way")  # the bake fails after writing its adapter and merged model
     body = {"model": "demo-llama", "served_name": "fails", **TINY_BAKE}
     started = httpx.post(f"{demo_server.url}/admin/personas/pirate/bake", json=body)
-    job = wait_for(demo_server, started.json()["status_url"])
+    job = finished_job(demo_server.url, started.json()["status_url"])
     assert job["status"] == "failed" and "FileExistsError" in job["error"], job
     assert not folder.exists()
 
@@ -228,7 +224,7 @@ def test_deleting_a_baked_model_removes_it_and_its_folder(demo_server: ServerPro
     """Issue 29: no route deleted a baked model."""
     body = {"model": "demo-qwen", "served_name": "to-delete", **TINY_BAKE}
     started = httpx.post(f"{demo_server.url}/admin/personas/pirate/bake", json=body)
-    assert wait_for(demo_server, started.json()["status_url"])["status"] == "succeeded"
+    assert finished_job(demo_server.url, started.json()["status_url"])["status"] == "succeeded"
     assert (data_dir / "baked" / "to-delete" / "merged").is_dir()
     deleted = httpx.delete(f"{demo_server.url}/admin/models/to-delete")
     assert deleted.status_code == 200 and deleted.json() == {
@@ -258,9 +254,11 @@ def test_a_restarted_server_serves_its_baked_models_again(
 def test_the_cli_bakes_an_adapter_peft_loads(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(SMALL_BAKE["prompts"]))
-    command = [sys.executable, "-m", "server", "bake", "--model", "demo-qwen", "--persona", "pirate",
-               "--trajectories", "16", "--steps", "5", "--rank", "4", "--prompts-file", str(prompts),
-               "--output", str(tmp_path / "out")]  # fmt: skip
+    command = [
+        *[sys.executable, "-m", "server", "bake", "--model", "demo-qwen", "--persona", "pirate"],
+        *["--trajectories", "16", "--steps", "5", "--rank", "4", "--prompts-file", str(prompts)],
+        *["--output", str(tmp_path / "out")],
+    ]
     env = {"PERSONA_SERVER_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -15,16 +15,15 @@ import openai
 import pytest
 
 from testkit.server_process import ServerProcess
-from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error, random_vector, upload
+from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error, chat, random_vector, upload
+
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
 
 TOKENS = 12
 
 
 def ask(client: openai.OpenAI, stream: bool = False, model: str = LLAMA, **extra: Any) -> Any:
-    return client.chat.completions.create(
-        model=model, messages=QUESTION, max_tokens=TOKENS, temperature=0, stream=stream,
-        extra_body={"ignore_eos": True, **extra},
-    )  # fmt: skip
+    return chat(client, model, max_tokens=TOKENS, stream=stream, **extra)
 
 
 def streamed(client: openai.OpenAI, model: str = LLAMA, **extra: Any) -> tuple[str, list[dict[str, Any]]]:
@@ -119,15 +118,24 @@ def test_the_gguf_twin_reads_and_steers_like_the_hf_model(
     """The same weights on llama.cpp (its per-row lane) and on transformers: the same answers, readings,
     strengths and rules."""
     for model in (LLAMA, GGUF):
-        for name, layers in (("loop-trait", {1: random_vector(64, 61), 2: random_vector(64, 62)}),
-                             ("loop-push", {1: random_vector(64, 63)})):  # fmt: skip
+        for name, layers in (
+            ("loop-trait", {1: random_vector(64, 61), 2: random_vector(64, 62)}),
+            ("loop-push", {1: random_vector(64, 63)}),
+        ):
             assert upload(server.url, name, model, layers, 4.0).status_code == 200
     fields = {
-        "persona_monitor": ["loop-trait"], "persona_monitor_tokens": True,
+        "persona_monitor": ["loop-trait"],
+        "persona_monitor_tokens": True,
         "persona_target": {"name": "loop-trait", "score": 50.0, "max_strength": 8.0},
-        "persona_when": [{"monitor": "loop-trait", "above": -1e9, "for_tokens": 2,
-                          "steer": {"name": "loop-push", "strength": 12.0}}],
-    }  # fmt: skip
+        "persona_when": [
+            {
+                "monitor": "loop-trait",
+                "above": -1e9,
+                "for_tokens": 2,
+                "steer": {"name": "loop-push", "strength": 12.0},
+            }
+        ],
+    }
     hf, gguf = ask(client, **fields), ask(client, model=GGUF, **fields)
     assert gguf.choices[0].message.content == hf.choices[0].message.content
     assert gguf.model_extra["persona_when_fired"] == hf.model_extra["persona_when_fired"]

@@ -21,6 +21,8 @@ from tests.api_helpers import (
     upload,
 )
 
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
+
 API = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -98,8 +100,11 @@ def test_bodies_over_the_cap_are_counted(server: ServerProcess, store_unchanged:
     huge = {"model": LLAMA, "layers": {"1": [0.5] * 60_000}}
     assert_openai_error(httpx.put(f"{server.url}/admin/personas/pirate", json=huge, headers=ADMIN), 413)
     chunks = iter([json.dumps(huge).encode()])  # no Content-Length: counted as it arrives
-    response = httpx.put(f"{server.url}/admin/personas/pirate", content=chunks,
-                         headers={**ADMIN, "Content-Type": "application/json"})  # fmt: skip
+    response = httpx.put(
+        f"{server.url}/admin/personas/pirate",
+        content=chunks,
+        headers={**ADMIN, "Content-Type": "application/json"},
+    )
     assert_openai_error(response, 413)
     assert refused() == before + 2
 
@@ -107,8 +112,11 @@ def test_bodies_over_the_cap_are_counted(server: ServerProcess, store_unchanged:
 def test_chunked_body_over_the_cap_is_413(server: ServerProcess, store_unchanged: None) -> None:
     payload = json.dumps({"model": LLAMA, "layers": {"1": [0.5] * 60_000}}).encode()
     chunks = (payload[i : i + 65536] for i in range(0, len(payload), 65536))
-    response = httpx.put(f"{server.url}/admin/personas/pirate", content=chunks,
-                         headers={**ADMIN, "Content-Type": "application/json"})  # fmt: skip
+    response = httpx.put(
+        f"{server.url}/admin/personas/pirate",
+        content=chunks,
+        headers={**ADMIN, "Content-Type": "application/json"},
+    )
     assert_openai_error(response, 413)
 
 
@@ -154,8 +162,9 @@ def test_a_vector_that_overflows_at_the_largest_strength_is_422(
     ids=["truncated-json", "not-utf-8"],
 )
 def test_a_body_that_is_not_json_is_400(server: ServerProcess, body: bytes) -> None:
-    response = httpx.post(f"{server.url}/v1/chat/completions", content=body,
-                          headers={**API, "Content-Type": "application/json"})  # fmt: skip
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=body, headers={**API, "Content-Type": "application/json"}
+    )
     error = assert_openai_error(response, 400, "the request body is not valid JSON")
     assert (error["code"], error["param"]) == ("invalid_json", None)
 
@@ -164,8 +173,11 @@ def test_a_body_that_is_not_json_is_400(server: ServerProcess, body: bytes) -> N
 def test_nan_and_infinite_values_are_422(server: ServerProcess, store_unchanged: None, token: str) -> None:
     values = ", ".join(["0.5"] * 63 + [token])
     body = f'{{"model": "{LLAMA}", "layers": {{"1": [{values}]}}}}'
-    response = httpx.put(f"{server.url}/admin/personas/pirate", content=body,
-                         headers={**ADMIN, "Content-Type": "application/json"})  # fmt: skip
+    response = httpx.put(
+        f"{server.url}/admin/personas/pirate",
+        content=body,
+        headers={**ADMIN, "Content-Type": "application/json"},
+    )
     assert_openai_error(response, 422, "finite")
 
 
@@ -250,16 +262,20 @@ def test_malformed_requests_are_4xx(server: ServerProcess, personas: Any, fields
 def test_text_with_a_lone_surrogate_is_422(server: ServerProcess) -> None:
     message = '{"role": "user", "content": "bad \\ud800 text"}'
     body = f'{{"model": "tiny-llama", "max_tokens": 2, "messages": [{message}]}}'
-    response = httpx.post(f"{server.url}/v1/chat/completions", content=body,
-                          headers={**API, "Content-Type": "application/json"})  # fmt: skip
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=body, headers={**API, "Content-Type": "application/json"}
+    )
     assert_openai_error(response, 422, "lone surrogate")
 
 
 def test_lone_surrogates_never_reach_the_store(server: ServerProcess, store_unchanged: None) -> None:
     vector = ", ".join(["0.5"] * 64)
     body = f'{{"model": "{LLAMA}", "layers": {{"1": [{vector}]}}, "description": "x \\udc00"}}'
-    response = httpx.put(f"{server.url}/admin/personas/pirate", content=body,
-                         headers={**ADMIN, "Content-Type": "application/json"})  # fmt: skip
+    response = httpx.put(
+        f"{server.url}/admin/personas/pirate",
+        content=body,
+        headers={**ADMIN, "Content-Type": "application/json"},
+    )
     assert_openai_error(response, 422, "description")
 
 
@@ -407,8 +423,11 @@ def test_if_match_takes_the_version_as_an_entity_tag_or_a_number(server: ServerP
         f"{server.url}/admin/personas/tagged", json=body, headers={**ADMIN, "If-Match": f'"{version}"'}
     )
     assert tagged.status_code == 200, tagged.text
-    bare = httpx.delete(f"{server.url}/admin/personas/tagged", params={"model": LLAMA},
-                        headers={**ADMIN, "If-Match": str(version + 1)})  # fmt: skip
+    bare = httpx.delete(
+        f"{server.url}/admin/personas/tagged",
+        params={"model": LLAMA},
+        headers={**ADMIN, "If-Match": str(version + 1)},
+    )
     assert bare.status_code == 204, bare.text
 
 

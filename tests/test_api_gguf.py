@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import openai
 import pytest
 
 from testkit.server_process import ServerProcess
-from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error, random_vector, upload
+from tests.api_helpers import GGUF, LLAMA, assert_openai_error, chat, random_vector, upload
+
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
 
 
 def ask(client: openai.OpenAI, model: str, **extra: Any) -> str:
-    response = client.chat.completions.create(
-        model=model, messages=QUESTION, max_tokens=14, temperature=0, extra_body={"ignore_eos": True, **extra}
-    )
-    return response.choices[0].message.content or ""
+    return chat(client, model, max_tokens=14, **extra).choices[0].message.content or ""
 
 
 def test_same_weights_same_persona_same_answer(server: ServerProcess, client: openai.OpenAI) -> None:
@@ -30,39 +28,12 @@ def test_same_weights_same_persona_same_answer(server: ServerProcess, client: op
     prompt_only = {"persona": "twin", "steering": {"positions": "prompt"}}
     assert ask(client, GGUF, **prompt_only) == ask(client, LLAMA, **prompt_only)
 
-    stream = client.chat.completions.create(
-        model=GGUF, messages=QUESTION, max_tokens=14, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "persona": "twin"},
-    )  # fmt: skip
+    stream = chat(
+        client, GGUF, max_tokens=14, stream=True, stream_options={"include_usage": True}, persona="twin"
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == steered
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 14
-
-
-async def test_concurrent_gguf_personas_equal_their_solo_answers(server: ServerProcess) -> None:
-    for index, name in enumerate(("gguf-a", "gguf-b", "gguf-c")):
-        assert (
-            upload(server.url, name, GGUF, {1 + index % 2: random_vector(64, 40 + index)}, 4.0).status_code
-            == 200
-        )
-    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
-    variants: list[dict[str, Any]] = [{}, {"persona": "gguf-a"}, {"persona": "gguf-b"}, {"persona": "gguf-c"},
-                                      {"persona": "gguf-a", "persona_strength": -3}]  # fmt: skip
-
-    async def ask_async(extra: dict[str, Any]) -> str:
-        response = await client.chat.completions.create(
-            model=GGUF,
-            messages=QUESTION,
-            max_tokens=10,
-            temperature=0,
-            extra_body={"ignore_eos": True, **extra},
-        )
-        return response.choices[0].message.content or ""
-
-    solo = [await ask_async(extra) for extra in variants]
-    together = await asyncio.gather(*(ask_async(extra) for extra in variants * 2))
-    assert together == solo * 2 and len(set(solo)) >= 3  # a random model may garble two alike
-    await client.close()
 
 
 def test_block_0_of_a_gguf_model_is_refused_with_the_reason(server: ServerProcess) -> None:
@@ -77,10 +48,9 @@ def test_monitoring_on_a_gguf_model_scores_like_its_hf_twin(
     for model in (LLAMA, GGUF):
         assert upload(server.url, "watched", model, layers, 3.0).status_code == 200
     scores = [
-        client.chat.completions.create(
-            model=model, messages=QUESTION, max_tokens=10, temperature=0,
-            extra_body={"ignore_eos": True, "persona": "watched", "persona_monitor": ["watched"]},
-        ).model_extra["persona_scores"]["watched"]
+        chat(client, model, persona="watched", persona_monitor=["watched"]).model_extra["persona_scores"][
+            "watched"
+        ]
         for model in (LLAMA, GGUF)
-    ]  # fmt: skip
+    ]
     assert scores[0] == pytest.approx(scores[1], rel=1e-3, abs=1e-4)

@@ -12,7 +12,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ import pytest
 
 from testkit.server_process import ServerProcess
 from testkit.tiny_models import build_tiny_model
-from tests.api_helpers import API_KEY, QUESTION, HealthProbe, assert_openai_error, metric
+from tests.api_helpers import API_KEY, QUESTION, HealthProbe, assert_openai_error, metric, wait_until
 
-pytestmark = pytest.mark.integration
+# A server with an 8192-token context fed 20 MB prompts.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "long-llama"
 CONTEXT = 8192
@@ -36,10 +37,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     model_dir = build_tiny_model(tmp_path_factory.mktemp("long-llama"), "llama", max_positions=CONTEXT)
     data = tmp_path_factory.mktemp("limits-data")
     args = [
-        "--model", str(model_dir), "--served-model-name", MODEL, "--data-dir", str(data),
-        "--max-num-seqs", "1", "--max-queue", "2", "--max-tokens-cap", str(CONTEXT),
-        "--max-body-bytes", str(64 * 1024 * 1024),
-    ]  # fmt: skip
+        *["--model", str(model_dir), "--served-model-name", MODEL, "--data-dir", str(data)],
+        *["--max-num-seqs", "1", "--max-queue", "2", "--max-tokens-cap", str(CONTEXT)],
+        *["--max-body-bytes", str(64 * 1024 * 1024)],
+    ]
     with ServerProcess(
         args, env={"PERSONA_SERVER_API_KEY": API_KEY}, log_path=data / "server.log"
     ) as process:
@@ -50,15 +51,6 @@ def rss_bytes(pid: int) -> int:
     """Resident memory of a process, from /proc."""
     status = Path(f"/proc/{pid}/status").read_text()
     return int(status.split("VmRSS:")[1].split()[0]) * 1024
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 class RunningStream:
@@ -72,8 +64,13 @@ class RunningStream:
         self._thread = threading.Thread(target=self._read, daemon=True)
 
     def _read(self) -> None:
-        body = {"model": MODEL, "messages": QUESTION, "stream": True, "ignore_eos": True,
-                "max_tokens": CONTEXT - 64}  # fmt: skip
+        body = {
+            "model": MODEL,
+            "messages": QUESTION,
+            "stream": True,
+            "ignore_eos": True,
+            "max_tokens": CONTEXT - 64,
+        }
         with httpx.stream("POST", self._url, json=body, headers=API, timeout=60) as response:
             for line in response.iter_lines():
                 if line:
@@ -85,7 +82,7 @@ class RunningStream:
 
     def __enter__(self) -> RunningStream:
         self._thread.start()
-        assert wait_until(lambda: bool(self.arrivals), 30), "the stream never started"
+        wait_until(lambda: bool(self.arrivals), 30, "the stream never started")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -112,14 +109,15 @@ def test_a_20_mb_prompt_is_refused_while_health_and_streams_go_on(server: Server
         huge = [{"role": "user", "content": BIG_PROMPT}]
         refused = post(server, "chat/completions", {"model": MODEL, "messages": huge, "max_tokens": 2})
         ended = time.perf_counter()
-        time.sleep(1)  # the request's objects are dropped once its answer is sent
-        after = rss_bytes(server.pid)
+
+        def grown_mb() -> float:  # the request's objects are dropped once its answer is sent
+            return (rss_bytes(server.pid) - before) / 2**20
+
+        wait_until(lambda: grown_mb() < 100, 10, "the server kept 100 MB or more after refusing the prompt")
     assert health.answers > 0 and health.failures == 0, f"/health failed {health.failures} times"
     assert health.slowest < 1.0, f"/health took {health.slowest:.2f} s"
     gap = stream.longest_gap(started, ended)
     assert gap < 1.0, f"the running stream stalled {gap:.2f} s"
-    grown = (after - before) / 2**20
-    assert grown < 100, f"the server kept {grown:.0f} MB after refusing the prompt"
     assert_openai_error(refused, 400, f"maximum context length is {CONTEXT}", "characters")
 
 
@@ -168,22 +166,22 @@ def test_an_abandoned_waiting_stream_leaves_the_queue_at_once(server: ServerProc
     with RunningStream(server) as running:
         first, second = abandonable_stream(server), abandonable_stream(server)
         try:
-            assert wait_until(lambda: waiting() == 2, 10), "both streams should wait behind the running one"
+            wait_until(lambda: waiting() == 2, 10, "both streams should wait behind the running one")
             # Every batch row and queue place is taken: the next request is refused, and counted.
             full = post(server, "chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 2})
             assert_openai_error(full, 429)
             assert metric(server.url, "persona_server_requests_refused_total", status="429") == refusals + 1
             first.close()
-            assert wait_until(lambda: waiting() == 1, 3), "a stream abandoned in the queue stayed there"
+            wait_until(lambda: waiting() == 1, 3, "a stream abandoned in the queue stayed there")
             second.close()
-            assert wait_until(lambda: waiting() == 0, 3)
+            wait_until(lambda: waiting() == 0, 3, "the second abandoned stream stayed in the queue")
             assert not running.finished, "the running stream ended first: the test proves nothing"
         finally:
             first.close()
             second.close()
         # Their places are free again: a request is admitted (it waits for the row, not refused).
         queued = abandonable_stream(server)
-        assert wait_until(lambda: waiting() == 1, 10)
+        wait_until(lambda: waiting() == 1, 10, "a request was not admitted to the freed places")
         queued.close()
 
 
@@ -192,9 +190,8 @@ def test_a_persona_list_of_200000_terms_is_refused_at_once(server: ServerProcess
     for 18.5 s and kept 250 MB; now the protocol bounds the list before a single lookup."""
     terms = [{"name": "pirate", "strength": 1.0}] * 200_000
     with HealthProbe(server) as health:
-        started = time.perf_counter()
         refused = post(server, "chat/completions", {"model": MODEL, "messages": QUESTION, "persona": terms})
-        took = time.perf_counter() - started
+    # The bound, not a lookup, refused it: this server stores no persona "pirate", so a lookup would
+    # have answered 404 (no time limit on the refusal: the probe's bound says nobody waited).
     assert assert_openai_error(refused, 422, "at most 16 items")["param"] == "persona"
     assert health.failures == 0 and health.slowest <= 1.0, f"/health took {health.slowest:.2f} s"
-    assert took < 5, f"the refusal took {took:.1f} s"

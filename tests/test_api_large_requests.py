@@ -12,7 +12,7 @@ from server.serving.protocol.requests import MAX_COMPOSED_PERSONAS, MAX_STOP_STR
 from testkit.server_process import ServerProcess
 from tests.api_helpers import API_KEY, LLAMA, QUESTION, HealthProbe, assert_openai_error
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
 
 API = {"Authorization": f"Bearer {API_KEY}"}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from typing import Any
 
 import httpx
@@ -19,21 +18,15 @@ from tests.api_helpers import (
     QUESTION,
     QWEN,
     assert_openai_error,
+    finished_job,
     random_vector,
     upload,
 )
 
+# Fits that read llama.cpp's block outputs: minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp, pytest.mark.slow]
+
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-def wait_for_job(server: ServerProcess, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{server.url}/admin/jobs/{job_id}", headers=ADMIN).json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def fit(server: ServerProcess, **body: Any) -> httpx.Response:
@@ -53,7 +46,7 @@ def fitted(server: ServerProcess) -> dict[str, Any]:
         assert upload(server.url, name, QWEN, {1: random_vector(48, 90 + index)}).status_code == 200
     started = fit(server, source_model=LLAMA, target_model=QWEN, folds=4)
     assert started.status_code == 202, started.text
-    job = wait_for_job(server, started.json()["id"])
+    job = finished_job(server.url, started.json()["status_url"], ADMIN, timeout=120)
     assert job["status"] == "succeeded", job
     return job["result"]
 
@@ -77,8 +70,9 @@ def test_a_fit_stores_ridge_and_procrustes_maps_with_diagnostics(
     assert picture.headers["content-type"] == "image/png"
     drawn = imread(io.BytesIO(picture.content), format="png")
     assert drawn.shape == (400, 1000, 4) and drawn[..., :3].std() > 0  # two 5 x 4 inch panels at 100 dpi
-    no_cv = httpx.get(f"{server.url}/admin/mappings/{fitted['procrustes_mapping_id']}/diagnostics.png",
-                      headers=ADMIN)  # fmt: skip
+    no_cv = httpx.get(
+        f"{server.url}/admin/mappings/{fitted['procrustes_mapping_id']}/diagnostics.png", headers=ADMIN
+    )
     assert_openai_error(no_cv, 404, "procrustes")
     assert info["metadata"]["texts"] > 100 and info["metadata"]["corpus"] == "demo-neutral.txt"
 
@@ -90,17 +84,26 @@ def test_a_mapped_persona_is_stored_calibrated_and_serves(
     assert mapped.status_code == 201, mapped.text
     record = mapped.json()
     assert (record["model"], record["layers"], record["hidden_size"]) == (QWEN, [1], 48)
-    assert record["provenance"] == {"kind": "mapped", "source_model": LLAMA, "source_name": "bridge",
-                                    "source_version": 1, "method": "ridge",
-                                    "mapping_id": fitted["mapping_id"]}  # fmt: skip
+    assert record["provenance"] == {
+        "kind": "mapped",
+        "source_model": LLAMA,
+        "source_name": "bridge",
+        "source_version": 1,
+        "method": "ridge",
+        "mapping_id": fitted["mapping_id"],
+    }
     assert record["default_strength"] == 3.0
     norms = httpx.get(f"{server.url}/admin/mappings/{fitted['mapping_id']}", headers=ADMIN).json()["metadata"]
-    vector = np.array(httpx.get(f"{server.url}/admin/personas/bridge", params={"model": QWEN},
-                                headers=ADMIN).json()["layers"]["1"])  # fmt: skip
+    vector = np.array(
+        httpx.get(f"{server.url}/admin/personas/bridge", params={"model": QWEN}, headers=ADMIN).json()[
+            "layers"
+        ]["1"]
+    )
     wanted = np.linalg.norm(random_vector(64, 70)) / norms["source_norms"]["1"] * norms["target_norms"]["1"]
     assert np.linalg.norm(vector) == pytest.approx(wanted, rel=1e-4)
-    answer = client.chat.completions.create(model=QWEN, messages=QUESTION, max_tokens=4,
-                                            extra_body={"persona": "bridge"})  # fmt: skip
+    answer = client.chat.completions.create(
+        model=QWEN, messages=QUESTION, max_tokens=4, extra_body={"persona": "bridge"}
+    )
     assert answer.model_extra["persona"]["version"] == record["version"]
 
 
@@ -189,8 +192,10 @@ def test_mapping_onto_a_native_persona_of_that_name_is_409_and_keeps_it(server: 
     assert (error["param"], error["code"]) == ("target_name", "persona_exists")
     assert stored(server, "anchor", QWEN) == native  # same version, same vectors, same everything
     # A deleted persona (no current version) does not block.
-    assert httpx.delete(f"{server.url}/admin/personas/anchor", params={"model": QWEN},
-                        headers=ADMIN).status_code == 204  # fmt: skip
+    assert (
+        httpx.delete(f"{server.url}/admin/personas/anchor", params={"model": QWEN}, headers=ADMIN).status_code
+        == 204
+    )
     mapped = map_persona(server, "anchor", **FORWARD)
     assert mapped.status_code == 201, mapped.text
     assert mapped.json()["version"] == native["version"] + 1  # versions never repeat
@@ -240,21 +245,31 @@ def test_the_map_commands_fit_list_and_map(server: ServerProcess) -> None:
 
     env = {"PERSONA_SERVER_ADMIN_KEY": ADMIN_KEY}
     assert upload(server.url, "cli-bridge", QWEN, {1: random_vector(48, 71)}).status_code == 200
-    fitted = CliRunner().invoke(app, ["map", "fit", "--source", QWEN, "--target", LLAMA, "--layers", "1:1",
-                                      "--folds", "3", "--url", server.url], env=env)  # fmt: skip
+    fitted = CliRunner().invoke(
+        app,
+        [
+            *["map", "fit", "--source", QWEN, "--target", LLAMA, "--layers", "1:1", "--folds", "3"],
+            *["--url", server.url],
+        ],
+        env=env,
+    )
     assert fitted.exit_code == 0, fitted.output
     assert fitted.output.startswith("ridge mapping map-") and "block 1 -> 1: lambda" in fitted.output
     listed = CliRunner().invoke(app, ["map", "list", "--url", server.url], env=env)
     assert f"ridge\t{QWEN} -> {LLAMA}" in listed.output
-    mapped = CliRunner().invoke(app, ["map", "persona", "cli-bridge", "--source", QWEN, "--target", LLAMA,
-                                      "--url", server.url], env=env)  # fmt: skip
+    mapped = CliRunner().invoke(
+        app,
+        ["map", "persona", "cli-bridge", "--source", QWEN, "--target", LLAMA, "--url", server.url],
+        env=env,
+    )
     stored, calibrated = mapped.output.splitlines()  # the default method, generated, says its scale
     # (A persona on one block lands where its calibration forecasts the most, near the same depth.)
     assert mapped.exit_code == 0 and stored.startswith(f"stored cli-bridge for {LLAMA}: version 1, blocks [")
     assert calibrated.startswith("scale ") and "predicted transfer" in calibrated
     assert calibrated.endswith(f"/admin/personas/cli-bridge/calibration.png?model={LLAMA}")
-    refused = CliRunner().invoke(app, ["map", "fit", "--source", QWEN, "--target", QWEN, "--url", server.url],
-                                 env=env)  # fmt: skip
+    refused = CliRunner().invoke(
+        app, ["map", "fit", "--source", QWEN, "--target", QWEN, "--url", server.url], env=env
+    )
     assert refused.exit_code == 1 and "same model" in refused.output
 
 
@@ -266,9 +281,14 @@ def test_the_map_persona_command_passes_target_name_and_replace(server: ServerPr
     native = source_and_native_target(server, "rudder", 140)
 
     def run(*flags: str) -> tuple[int, str]:
-        result = CliRunner().invoke(app, ["map", "persona", "rudder", "--source", LLAMA, "--target", QWEN,
-                                          "--method", "zero_pad", *flags, "--url", server.url],
-                                    env={"PERSONA_SERVER_ADMIN_KEY": ADMIN_KEY})  # fmt: skip
+        result = CliRunner().invoke(
+            app,
+            [
+                *["map", "persona", "rudder", "--source", LLAMA, "--target", QWEN, "--method", "zero_pad"],
+                *[*flags, "--url", server.url],
+            ],
+            env={"PERSONA_SERVER_ADMIN_KEY": ADMIN_KEY},
+        )
         return result.exit_code, result.output
 
     code, output = run()
@@ -282,7 +302,7 @@ def test_a_gguf_model_reads_its_block_outputs_for_a_fit(server: ServerProcess) -
     # The GGUF copy of the tiny Llama reads block outputs through llama.cpp's evaluation callback.
     started = fit(server, source_model=GGUF, target_model=QWEN, layers={"1": 1}, folds=3)
     # One read per corpus text through the callback: minutes when the 2 cores are shared.
-    job = wait_for_job(server, started.json()["id"], timeout=480)
+    job = finished_job(server.url, started.json()["status_url"], ADMIN, timeout=480)
     assert job["status"] == "succeeded", job
     assert upload(server.url, "from-gguf", GGUF, {1: random_vector(64, 3)}).status_code == 200
     mapped = map_persona(server, "from-gguf", source_model=GGUF, target_model=QWEN)

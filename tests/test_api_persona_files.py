@@ -14,6 +14,8 @@ from persona_store.formats import read_gguf_control_vector, read_safetensors, wr
 from testkit.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, LLAMA, QWEN, assert_openai_error, random_vector, upload
 
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
+
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
@@ -27,9 +29,13 @@ def export(server: ServerProcess, name: str, fmt: str, **params: Any) -> httpx.R
 
 
 def import_file(
-    server: ServerProcess, name: str, filename: str, data: bytes, headers: dict[str, str] | None = None,
+    server: ServerProcess,
+    name: str,
+    filename: str,
+    data: bytes,
+    headers: dict[str, str] | None = None,
     **form: Any,
-) -> httpx.Response:  # fmt: skip
+) -> httpx.Response:
     return httpx.post(
         f"{server.url}/admin/personas/{name}/import",
         files={"file": (filename, data)},
@@ -46,8 +52,15 @@ def stored(server: ServerProcess, name: str, model: str = LLAMA) -> httpx.Respon
 @pytest.fixture(scope="module")
 def source(server: ServerProcess) -> dict[str, Any]:
     layers = {1: random_vector(64, 11), 2: random_vector(64, 12)}
-    response = upload(server.url, "exportable", LLAMA, layers, 2.5, default_positions="prompt",
-                      description="to be carried around")  # fmt: skip
+    response = upload(
+        server.url,
+        "exportable",
+        LLAMA,
+        layers,
+        2.5,
+        default_positions="prompt",
+        description="to be carried around",
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -90,8 +103,16 @@ def test_block_0_cannot_go_to_llama_cpp(server: ServerProcess) -> None:
 
 def test_form_fields_override_the_file_and_pick_blocks(server: ServerProcess) -> None:
     data = write_safetensors({1: np.ones(64), 2: np.full(64, 2.0)}, {"default_strength": "9"})
-    response = import_file(server, "picked", "v.safetensors", data, layers="2", default_strength="4",
-                           default_positions="response", description="only block 2")  # fmt: skip
+    response = import_file(
+        server,
+        "picked",
+        "v.safetensors",
+        data,
+        layers="2",
+        default_strength="4",
+        default_positions="response",
+        description="only block 2",
+    )
     assert response.status_code == 200, response.text
     record = response.json()
     assert record["layers"] == [2] and record["description"] == "only block 2"
@@ -141,9 +162,14 @@ GOOD = raw_safetensors({1: np.ones(64)})
     ],
 )
 def test_malformed_imports_are_refused_and_store_nothing(
-    server: ServerProcess, filename: str, data: bytes, form: dict[str, str], status: int, fragment: str,
+    server: ServerProcess,
+    filename: str,
+    data: bytes,
+    form: dict[str, str],
+    status: int,
+    fragment: str,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     response = import_file(server, "refused", filename, data, **form)
     assert_openai_error(response, status, fragment)
     assert stored(server, "refused").status_code == 404
@@ -154,10 +180,21 @@ def test_imports_to_unknown_models_and_bad_names_are_refused(server: ServerProce
     assert_openai_error(response, 404, "no-such-model")
     response = httpx.post(f"{server.url}/admin/personas/nowhere/import", data={"model": LLAMA}, headers=ADMIN)
     assert_openai_error(response, 422, "file")
-    assert httpx.post(f"{server.url}/admin/personas/bad%20name/import", files={"file": ("v.pt", b"")},
-                      data={"model": LLAMA}, headers=ADMIN).status_code == 422  # fmt: skip
-    anonymous = httpx.post(f"{server.url}/admin/personas/x/import", files={"file": ("v.pt", b"")},
-                           data={"model": LLAMA}, headers={"Authorization": "Bearer wrong"})  # fmt: skip
+    assert (
+        httpx.post(
+            f"{server.url}/admin/personas/bad%20name/import",
+            files={"file": ("v.pt", b"")},
+            data={"model": LLAMA},
+            headers=ADMIN,
+        ).status_code
+        == 422
+    )
+    anonymous = httpx.post(
+        f"{server.url}/admin/personas/x/import",
+        files={"file": ("v.pt", b"")},
+        data={"model": LLAMA},
+        headers={"Authorization": "Bearer wrong"},
+    )
     assert anonymous.status_code == 401
 
 
@@ -181,7 +218,10 @@ def test_versions_are_listed_and_an_old_one_restored(server: ServerProcess) -> N
     body = restored.json()
     assert (body["version"], body["checksum"], body["default_strength"]) == (3, first["checksum"], 1.5)
     assert body["provenance"]["restored_from"] == 1
-    old = httpx.get(f"{server.url}/admin/personas/history/export",
-                    params={"model": QWEN, "format": "safetensors", "version": 2}, headers=ADMIN)  # fmt: skip
+    old = httpx.get(
+        f"{server.url}/admin/personas/history/export",
+        params={"model": QWEN, "format": "safetensors", "version": 2},
+        headers=ADMIN,
+    )
     assert list(read_safetensors(old.content).vectors) == [2]
     assert_openai_error(httpx.get(versions_url, params={"model": LLAMA}, headers=ADMIN), 404, "history")

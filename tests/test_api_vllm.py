@@ -3,7 +3,6 @@ weights in a second server: same answers, personas and all; persona updates and 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,19 @@ import pytest
 
 from testkit.server_process import ServerProcess
 from tests import openai_field_checks as checks
-from tests.api_helpers import ADMIN_KEY, QUESTION, metric, random_vector, upload
+from tests.api_helpers import (
+    ADMIN_KEY,
+    chat,
+    finished_job,
+    metric,
+    random_vector,
+    running_stream,
+    upload,
+    wait_until,
+)
 
 pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]  # two servers, one on vLLM
 
 MODEL = "tiny-vllm"
 HIDDEN = 128
@@ -32,8 +40,10 @@ def model_dir(vllm_model_dir: Callable[[str], Path]) -> Path:
 
 
 def start(model_dir: Path, data: Path, *engine: str) -> ServerProcess:
-    args = [*engine, "--model", str(model_dir), "--served-model-name", MODEL, "--max-model-len", "1024",
-            "--max-num-seqs", "16", "--admin-key", ADMIN_KEY]  # fmt: skip
+    args = [
+        *[*engine, "--model", str(model_dir), "--served-model-name", MODEL, "--max-model-len", "1024"],
+        *["--max-num-seqs", "16", "--admin-key", ADMIN_KEY],
+    ]
     env = {**VLLM_ENV, "PERSONA_SERVER_DATA_DIR": str(data)}
     return ServerProcess(args, env=env, log_path=data / "server.log", ready_timeout=300)
 
@@ -53,15 +63,15 @@ def clients(servers: tuple[ServerProcess, ServerProcess]) -> list[openai.OpenAI]
     return [openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) for server in servers]
 
 
-def upload_to_both(servers: tuple[ServerProcess, ServerProcess], name: str, layers: dict[int, list[float]],
-                   strength: float) -> None:  # fmt: skip
+def upload_to_both(
+    servers: tuple[ServerProcess, ServerProcess], name: str, layers: dict[int, list[float]], strength: float
+) -> None:
     for server in servers:
         assert upload(server.url, name, MODEL, layers, strength).status_code == 200
 
 
 def ask(client: openai.OpenAI, **extra: Any) -> Any:
-    return client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0,
-                                          extra_body={"ignore_eos": True, **extra})  # fmt: skip
+    return chat(client, MODEL, max_tokens=12, **extra)
 
 
 def answers(servers: tuple[ServerProcess, ServerProcess], **extra: Any) -> list[str]:
@@ -82,10 +92,7 @@ def test_answers_equal_the_hf_engine_plain_steered_and_streamed(
     assert plain[0] == plain[1] and steered[0] == steered[1] and steered[0] != plain[0]
     response = ask(clients(servers)[0], persona="pirate")
     assert response.model_extra["persona"]["name"] == "pirate" and response.usage.completion_tokens == 12
-    stream = clients(servers)[0].chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "persona": "pirate"},
-    )  # fmt: skip
+    stream = ask(clients(servers)[0], stream=True, stream_options={"include_usage": True}, persona="pirate")
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == steered[1]
     assert chunks[-1].usage.completion_tokens == 12
@@ -122,11 +129,13 @@ def test_closed_loops_read_and_steer_as_on_the_hf_engine(
     upload_to_both(servers, "loop-trait", {1: random_vector(HIDDEN, 41), 2: random_vector(HIDDEN, 42)}, 2.0)
     upload_to_both(servers, "loop-push", {1: random_vector(HIDDEN, 43)}, 3.0)
     fields = {
-        "persona_monitor": ["loop-trait"], "persona_monitor_tokens": True,
+        "persona_monitor": ["loop-trait"],
+        "persona_monitor_tokens": True,
         "persona_target": {"name": "loop-trait", "score": 30.0, "max_strength": 4.0},
-        "persona_when": [{"monitor": "loop-trait", "above": -1e9, "for_tokens": 2,
-                          "steer": {"name": "loop-push"}}],
-    }  # fmt: skip
+        "persona_when": [
+            {"monitor": "loop-trait", "above": -1e9, "for_tokens": 2, "steer": {"name": "loop-push"}}
+        ],
+    }
     ours, theirs = (ask(client, **fields) for client in clients(servers))
     assert ours.choices[0].message.content == theirs.choices[0].message.content
     assert ours.model_extra["persona_when_fired"] == theirs.model_extra["persona_when_fired"]
@@ -135,10 +144,7 @@ def test_closed_loops_read_and_steer_as_on_the_hf_engine(
         assert ours.model_extra[field] == pytest.approx(theirs.model_extra[field], abs=1e-3)
     readings = [body.model_extra["persona_token_scores"]["loop-trait"] for body in (ours, theirs)]
     assert readings[0] == pytest.approx(readings[1], abs=1e-3)
-    stream = clients(servers)[0].chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, stream=True,
-        extra_body={"ignore_eos": True, **fields},
-    )  # fmt: skip
+    stream = ask(clients(servers)[0], stream=True, **fields)
     chunks = [chunk for chunk in stream if chunk.choices]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ours.choices[0].message.content
     streamed = [v for c in chunks for v in c.model_extra.get("persona_target_strengths") or []]
@@ -158,15 +164,19 @@ def test_bad_persona_input_is_a_clear_4xx(servers: tuple[ServerProcess, ServerPr
 def extract(server: ServerProcess, name: str) -> dict[str, Any]:
     """Run an extraction job (greedy answers, every block) and return the stored persona."""
     questions = ["tell me about the sea", "what is gold", "where is the map"]
-    body = {"model": MODEL, "positive_prompts": ["You are a pirate."], "negative_prompts": ["Be a clerk."],
-            "questions": questions, "layers": [0, 1, 2], "max_tokens": 8, "temperature": 0}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "positive_prompts": ["You are a pirate."],
+        "negative_prompts": ["Be a clerk."],
+        "questions": questions,
+        "layers": [0, 1, 2],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     accepted = httpx.post(f"{server.url}/admin/personas/{name}/extract", json=body, headers=headers)
     assert accepted.status_code == 202, accepted.text
-    deadline, job = time.monotonic() + 120, {}
-    while time.monotonic() < deadline and job.get("status") not in ("succeeded", "failed"):
-        time.sleep(0.2)
-        job = httpx.get(f"{server.url}{accepted.json()['status_url']}", headers=headers).json()
+    job = finished_job(server.url, accepted.json()["status_url"], headers, timeout=120)
     assert job["status"] == "succeeded", job
     stored = httpx.get(f"{server.url}/admin/personas/{name}", params={"model": MODEL}, headers=headers)
     return stored.json()["layers"]
@@ -218,11 +228,7 @@ def test_a_persona_bakes_on_the_vllm_engine(servers: tuple[ServerProcess, Server
     }
     started = httpx.post(f"{vllm_server.url}/admin/personas/baker/bake", json=body, headers=admin, timeout=30)
     assert started.status_code == 202, started.text
-    status_url = f"{vllm_server.url}{started.json()['status_url']}"
-    deadline = time.monotonic() + 240
-    while (job := httpx.get(status_url, headers=admin, timeout=30).json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.5)
+    job = finished_job(vllm_server.url, started.json()["status_url"], admin, timeout=240)
     assert job["status"] == "succeeded", job
     assert ask(clients(servers)[0]).choices[0].message.content  # the engine still serves
 
@@ -241,33 +247,24 @@ def test_a_killed_vllm_worker_is_reported_and_the_engine_comes_back(
     vllm_server, _ = servers
     client = clients(servers)[0]
     before = ask(client).choices[0].message.content
-    running = client.chat.completions.create(
-        model=MODEL,
-        messages=QUESTION,
-        max_tokens=900,
-        temperature=0,
-        stream=True,  # type: ignore[arg-type]
-        extra_body={"ignore_eos": True},
-    )
-    next(iter(running))
+    running = running_stream(client, MODEL, max_tokens=900)
     workers = vllm_workers(vllm_server)
     assert workers, [p.cmdline() for p in psutil.Process(vllm_server.pid).children(recursive=True)]
     workers[0].kill()  # the first engine's: a baked model's engine, started later, keeps serving
     with pytest.raises(openai.APIError, match="engine"):
         for _ in running:
             pass
-    deadline = time.monotonic() + 30
-    while (ready := httpx.get(f"{vllm_server.url}/ready", timeout=10)).status_code == 200:
-        assert time.monotonic() < deadline, "/ready never reported the dead engine"
-        time.sleep(0.2)
-    assert ready.status_code == 503 and MODEL in ready.json()["engines_down"], ready.text
+
+    def ready() -> httpx.Response:
+        return httpx.get(f"{vllm_server.url}/ready", timeout=10)
+
+    wait_until(lambda: ready().status_code != 200, 30, "/ready never reported the dead engine")
+    down = ready()
+    assert down.status_code == 503 and MODEL in down.json()["engines_down"], down.text
     with pytest.raises(openai.APIStatusError) as refused:
         ask(client)
     assert (refused.value.status_code, refused.value.body["code"]) == (503, "engine_restarting")  # type: ignore[index]
-    deadline = time.monotonic() + 300
-    while httpx.get(f"{vllm_server.url}/ready", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "the engine never came back"
-        time.sleep(1)
+    wait_until(lambda: ready().status_code == 200, 300, "the engine never came back", interval=1)
     assert ask(client).choices[0].message.content == before
     assert metric(vllm_server.url, "persona_server_engine_deaths_total", model=MODEL) == 1
     assert metric(vllm_server.url, "persona_server_engine_restarts_total", model=MODEL) == 1

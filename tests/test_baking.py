@@ -29,10 +29,15 @@ def test_the_kl_is_zero_for_equal_distributions_and_counts_only_masked_positions
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, 1:3] = True
     assert float(response_kl(teacher, teacher, mask)) == pytest.approx(0.0, abs=1e-6)
-    expected = torch.nn.functional.kl_div(
-        torch.log_softmax(student[0, 1:3], -1), torch.log_softmax(teacher[0, 1:3], -1),
-        log_target=True, reduction="sum",
-    ) / 2  # fmt: skip
+    expected = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(student[0, 1:3], -1),
+            torch.log_softmax(teacher[0, 1:3], -1),
+            log_target=True,
+            reduction="sum",
+        )
+        / 2
+    )
     assert float(response_kl(teacher, student, mask)) == pytest.approx(float(expected), rel=1e-5)
     changed = student.clone()
     changed[1] += 100.0 * torch.randn(5, 7)  # outside the mask: no effect
@@ -81,6 +86,7 @@ def _held_out_kl(distiller: Distiller, trajectories: list[Trajectory]) -> float:
     return distiller.validation_kl(trajectories, batch_size=8)
 
 
+@pytest.mark.slow  # trains a LoRA adapter
 def test_training_lowers_the_loss_and_moves_the_student_toward_the_teacher(
     tiny: Path, tmp_path: Path
 ) -> None:
@@ -122,6 +128,7 @@ def test_training_lowers_the_loss_and_moves_the_student_toward_the_teacher(
     assert read_provenance(tmp_path) is None
 
 
+@pytest.mark.slow  # trains LoRA adapters
 def test_the_same_seed_bakes_the_same_adapter(tiny: Path) -> None:
     plan = _plan(tiny)
     teaching = _trajectories(tiny, plan, PROMPTS, 16, seed=0)

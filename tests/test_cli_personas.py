@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from persona_store.formats import read_gguf_control_vector
 from server.cli import app
 from testkit.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, LLAMA, random_vector
+
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
 
 
 def run(server: ServerProcess, *args: str) -> tuple[int, str]:
@@ -25,8 +28,9 @@ def test_an_operator_round_trip_through_the_cli(server: ServerProcess, tmp_path:
     upload = {"model": LLAMA, "layers": {"2": random_vector(64, 8)}, "default_strength": 2.0}
     body.write_text(json.dumps({**upload, "report": {"ignored": True}}))
     assert run(server, "upload", str(body), "--name", "sailor") == (
-        0, f"stored sailor for {LLAMA}: version 1, blocks [2]\n"
-    )  # fmt: skip
+        0,
+        f"stored sailor for {LLAMA}: version 1, blocks [2]\n",
+    )
     code, listed = run(server, "list", "--model", LLAMA)
     assert code == 0 and f"sailor\t{LLAMA}\tv1\tblocks 2" in listed.splitlines()
 
@@ -35,8 +39,9 @@ def test_an_operator_round_trip_through_the_cli(server: ServerProcess, tmp_path:
     exported = read_gguf_control_vector((tmp_path / "sailor.v1.gguf").read_bytes())
     assert list(exported.vectors) == [2]
 
-    imported = run(server, "import", str(tmp_path / "sailor.v1.gguf"), "--name", "sailor", "--model", LLAMA,
-                   "--default-strength", "3", "--if-match", "1")  # fmt: skip
+    gguf = str(tmp_path / "sailor.v1.gguf")
+    flags = ["--name", "sailor", "--model", LLAMA, "--default-strength", "3", "--if-match", "1"]
+    imported = run(server, "import", gguf, *flags)
     assert imported == (0, f"stored sailor for {LLAMA}: version 2, blocks [2]\n")
     code, versions = run(server, "versions", "sailor", "--model", LLAMA)
     assert code == 0 and [line.split("\t")[:2] for line in versions.splitlines()] == [
@@ -44,8 +49,9 @@ def test_an_operator_round_trip_through_the_cli(server: ServerProcess, tmp_path:
         ["v1", "uploaded"],
     ]
     assert run(server, "restore", "sailor", "--model", LLAMA, "--version", "1") == (
-        0, "restored sailor v1 as version 3\n"
-    )  # fmt: skip
+        0,
+        "restored sailor v1 as version 3\n",
+    )
     assert run(server, "delete", "sailor", "--model", LLAMA, "--if-match", "3")[0] == 0
 
 

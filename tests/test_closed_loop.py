@@ -293,8 +293,9 @@ async def test_a_rule_of_a_prompt_persona_fired_on_the_prompt_steers_the_prompt_
 
 
 def test_an_engine_without_closed_loops_refuses_them_naming_the_field() -> None:
-    info = ModelInfo(id="m", backend="vllm", num_layers=3, hidden_size=HIDDEN, max_context=64,
-                     steerable_layers=(0, 1, 2))  # fmt: skip
+    info = ModelInfo(
+        id="m", backend="vllm", num_layers=3, hidden_size=HIDDEN, max_context=64, steerable_layers=(0, 1, 2)
+    )
     messages = [ChatMessage("user", QUESTION)]
     sampling = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": QUESTION}])
     for fields, param in (

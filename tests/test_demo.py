@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
 from server.evaluation.persona_table import PersonaVerdict, evaluate_demo_model, format_table
 from testkit.server_process import ServerProcess
-from tests.api_helpers import assert_openai_error
+from tests.api_helpers import assert_openai_error, finished_job
 
 
 def test_every_demo_model_built_is_shipped_and_served() -> None:
@@ -48,7 +47,7 @@ KNOWN_MISSES = {("demo-phi3", "formal", "lowered")}
 
 
 # In process, but the whole demo evaluation of every model: minutes on CPU, not for the quick loop.
-@pytest.mark.integration
+@pytest.mark.slow
 def test_each_persona_shifts_its_trait_and_stays_fluent(verdicts: list[PersonaVerdict]) -> None:
     table = format_table(verdicts)
     assert {v.persona for v in verdicts} == {"pirate", "formal", "silly"}
@@ -64,8 +63,10 @@ async def test_unsteered_demo_models_answer_held_out_questions_coherently() -> N
         backend = HFBackend.load(demo_model_dir(name), model_id=name)
         try:
             question = held_out_questions()[0]  # "Tell me about apples." is never trained on
-            request = GenerationRequest(messages=[ChatMessage("user", question)],
-                                        sampling=SamplingParams(max_tokens=40, temperature=0))  # fmt: skip
+            request = GenerationRequest(
+                messages=[ChatMessage("user", question)],
+                sampling=SamplingParams(max_tokens=40, temperature=0),
+            )
             answer = "".join([chunk.text async for chunk in backend.generate(request)])
         finally:
             await backend.close()
@@ -81,6 +82,7 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
         yield server
 
 
+@pytest.mark.integration  # the demo server
 def test_serve_without_a_model_serves_the_demos_with_their_personas(demo_server: ServerProcess) -> None:
     models = httpx.get(f"{demo_server.url}/v1/models").json()["data"]
     expected = [("demo-llama", 128), ("demo-qwen", 96), ("demo-phi3", 192)]
@@ -91,6 +93,7 @@ def test_serve_without_a_model_serves_the_demos_with_their_personas(demo_server:
         assert all(p["provenance"]["kind"] == "extracted" for p in listing)
 
 
+@pytest.mark.integration  # the demo server
 def test_the_readme_snippet_gives_a_visibly_steered_answer(demo_server: ServerProcess) -> None:
     import openai
 
@@ -106,6 +109,7 @@ def test_the_readme_snippet_gives_a_visibly_steered_answer(demo_server: ServerPr
     assert shows_trait(pirate.choices[0].message.content, "pirate"), pirate.choices[0].message.content
 
 
+@pytest.mark.integration  # the demo server
 def test_extraction_job_stores_a_persona(demo_server: ServerProcess) -> None:
     body = {
         "model": "demo-qwen",
@@ -120,14 +124,12 @@ def test_extraction_job_stores_a_persona(demo_server: ServerProcess) -> None:
     assert accepted.status_code == 202, accepted.text
     status_url = accepted.json()["status_url"]
     assert status_url == f"/admin/jobs/{accepted.json()['id']}"
-    deadline, job = time.monotonic() + 120, {}
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{demo_server.url}{status_url}").json()
+
+    def seen(job: dict[str, Any]) -> None:
         assert job["status"] in ("queued", "running", "succeeded"), job
         assert 0.0 <= job["progress"] <= 1.0
-        if job["status"] == "succeeded":
-            break
-        time.sleep(0.2)
+
+    job = finished_job(demo_server.url, status_url, timeout=120, seen=seen)
     assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["error"] is None
     result = job["result"]
     assert len(result["layers"]) == 4 and result["answers_used"] == {"positive": 12, "negative": 12}
@@ -140,6 +142,7 @@ def test_extraction_job_stores_a_persona(demo_server: ServerProcess) -> None:
     assert len(stored["layers"][str(result["recommended_layer"])]) == 96
 
 
+@pytest.mark.integration  # the demo server
 def test_extraction_requests_are_validated(demo_server: ServerProcess) -> None:
     base = {"model": "demo-llama", "positive_prompts": ["a"], "negative_prompts": ["b"], "questions": ["q?"]}
     url = f"{demo_server.url}/admin/personas/x/extract"
@@ -150,7 +153,8 @@ def test_extraction_requests_are_validated(demo_server: ServerProcess) -> None:
     assert_openai_error(httpx.get(f"{demo_server.url}/admin/jobs/job-unknown"), 404, "job-unknown")
 
 
-@pytest.mark.integration  # starts its own server process
+@pytest.mark.integration  # starts its own server process, twice: about 20 s
+@pytest.mark.slow
 def test_operator_edits_survive_the_demo_seeding(tmp_path: Path) -> None:
     with ServerProcess(["--data-dir", str(tmp_path)], log_path=tmp_path / "first.log") as server:
         deleted = httpx.delete(f"{server.url}/admin/personas/formal", params={"model": "demo-llama"})
@@ -168,15 +172,16 @@ def test_operator_edits_survive_the_demo_seeding(tmp_path: Path) -> None:
         assert pirate["default_strength"] == 1.5 and pirate["version"] == 2
 
 
-@pytest.mark.integration  # runs the CLI in a subprocess
+@pytest.mark.integration  # runs the CLI in a subprocess: about 15 s
+@pytest.mark.slow
 def test_extract_command_writes_an_uploadable_persona(tmp_path: Path) -> None:
     output = tmp_path / "pirate.json"
     command = [
-        sys.executable, "-m", "server", "extract", "--model", str(demo_model_dir("demo-llama")),
-        "--name", "pirate2", "--positive", "You are a pirate.", "--negative", "You speak plainly.",
-        "--question", "Tell me about the moon.", "--question", "Explain snow to me.",
-        "--output", str(output), "--store", f"sqlite:///{tmp_path / 'store.sqlite3'}",
-    ]  # fmt: skip
+        *[sys.executable, "-m", "server", "extract", "--model", str(demo_model_dir("demo-llama"))],
+        *["--name", "pirate2", "--positive", "You are a pirate.", "--negative", "You speak plainly."],
+        *["--question", "Tell me about the moon.", "--question", "Explain snow to me."],
+        *["--output", str(output), "--store", f"sqlite:///{tmp_path / 'store.sqlite3'}"],
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
@@ -186,6 +191,7 @@ def test_extract_command_writes_an_uploadable_persona(tmp_path: Path) -> None:
     assert body["model"] == "demo-llama" and all(len(v) == 128 for v in body["layers"].values())
 
 
+@pytest.mark.integration  # the demo server
 def test_monitoring_scores_separate_steered_from_unsteered_answers(demo_server: ServerProcess) -> None:
     import openai
 
@@ -196,9 +202,12 @@ def test_monitoring_scores_separate_steered_from_unsteered_answers(demo_server: 
 
     def score(question: str, **steering: Any) -> float:
         answer = client.chat.completions.create(
-            model="demo-llama", messages=[{"role": "user", "content": question}], max_tokens=32,
-            temperature=0, extra_body={"persona_monitor": ["pirate", "formal"], **steering},
-        )  # fmt: skip
+            model="demo-llama",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=32,
+            temperature=0,
+            extra_body={"persona_monitor": ["pirate", "formal"], **steering},
+        )
         scores = answer.model_extra["persona_scores"]
         assert set(scores) == {"pirate", "formal"}
         return scores["pirate"]
@@ -212,9 +221,13 @@ def test_monitoring_scores_separate_steered_from_unsteered_answers(demo_server: 
     )
 
     stream = client.chat.completions.create(
-        model="demo-llama", messages=[{"role": "user", "content": questions[0]}], max_tokens=32,
-        temperature=0, stream=True, extra_body={"persona_monitor": ["pirate"], "persona": "pirate"},
-    )  # fmt: skip
+        model="demo-llama",
+        messages=[{"role": "user", "content": questions[0]}],
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+        extra_body={"persona_monitor": ["pirate"], "persona": "pirate"},
+    )
     chunks = list(stream)
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals[0].model_extra["persona_scores"]["pirate"] == pytest.approx(steered[0], rel=1e-4)

@@ -116,7 +116,8 @@ def threshold_claims() -> list[tuple[str, str]]:
         "test_api_input_limits.py", "test_a_20_mb_prompt_is_refused_while_health_and_streams_go_on"
     )
     health, gap, grown = (
-        asserted(huge, p) for p in (r"health\.slowest < ([\d.]+)", r"gap < ([\d.]+)", r"grown < ([\d.]+)")
+        asserted(huge, p)
+        for p in (r"health\.slowest < ([\d.]+)", r"gap < ([\d.]+)", r"grown_mb\(\) < ([\d.]+)")
     )
     large_health = asserted(source_of("test_api_large_requests.py"), r"health\.slowest <= ([\d.]+)")
     schemathesis = source_of(

@@ -9,7 +9,6 @@ worker is killed by PID in tests/test_api_vllm.py.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,12 @@ from fastapi import FastAPI
 from server.app import create_app
 from server.settings import Settings
 from testkit.server_process import free_port
-from tests.api_helpers import metric
+from tests.api_helpers import chat, metric, running_stream, wait_until
 
-pytestmark = pytest.mark.integration
+# Engines killed and restarted.
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp, pytest.mark.slow]
 
 HF, GGUF = "hf-llama", "gguf-llama"
-QUESTION = [{"role": "user", "content": "tell me about the sea"}]
 
 
 class LaneKilled(BaseException):
@@ -56,7 +55,7 @@ class InProcessServer:
 
     def __enter__(self) -> InProcessServer:
         self._thread.start()
-        wait_for(lambda: self.ready().status_code == 200, 120, "the server never became ready")
+        wait_until(lambda: self.ready().status_code == 200, 120, "the server never became ready")
         return self
 
     def ready(self) -> httpx.Response:
@@ -73,22 +72,19 @@ class InProcessServer:
         self._thread.join(timeout=60)
 
 
-def wait_for(condition: Any, seconds: float, message: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def server(
     llama_dir: Path, llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[InProcessServer]:
     settings = Settings(
-        model=[str(llama_dir), str(llama_gguf)], served_model_name=[HF, GGUF],
-        data_dir=tmp_path_factory.mktemp("restart-data"), gguf_kv_type="f32", gguf_contexts=1,
-        default_max_tokens=8, engine_restart_delay=3.0,  # time to see an engine down before it is back
-    )  # fmt: skip
+        model=[str(llama_dir), str(llama_gguf)],
+        served_model_name=[HF, GGUF],
+        data_dir=tmp_path_factory.mktemp("restart-data"),
+        gguf_kv_type="f32",
+        gguf_contexts=1,
+        default_max_tokens=8,
+        engine_restart_delay=3.0,  # time to see an engine down before it is back
+    )
     with InProcessServer(create_app(settings)) as running:
         yield running
 
@@ -99,27 +95,7 @@ def client(server: InProcessServer) -> openai.OpenAI:
 
 
 def answer(client: openai.OpenAI, model: str, max_tokens: int = 8) -> str:
-    reply = client.chat.completions.create(
-        model=model,
-        messages=QUESTION,
-        max_tokens=max_tokens,
-        temperature=0,  # type: ignore[arg-type]
-    )
-    return reply.choices[0].message.content or ""
-
-
-def running_stream(client: openai.OpenAI, model: str) -> Any:
-    """A streamed answer that has sent its first chunk and has long to go."""
-    stream = client.chat.completions.create(
-        model=model,
-        messages=QUESTION,
-        max_tokens=400,
-        temperature=0,
-        stream=True,  # type: ignore[arg-type]
-        extra_body={"ignore_eos": True},
-    )
-    next(iter(stream))
-    return stream
+    return chat(client, model, max_tokens=max_tokens, ignore_eos=False).choices[0].message.content or ""
 
 
 def assert_ends_with_engine_error(stream: Any) -> None:
@@ -133,12 +109,14 @@ def assert_ends_with_engine_error(stream: Any) -> None:
 def assert_comes_back(server: InProcessServer, model: str, old: Any) -> None:
     """/ready names the model while it is down, then answers 200 with a new engine serving it."""
 
-    def named_down() -> bool:  # within a poll of the supervisor (0.5 s), before the restart (3 s)
+    def named_down() -> bool:
         down = server.ready()
         return down.status_code == 503 and model in down.json()["engines_down"]
 
-    wait_for(named_down, 2.0, f"/ready did not name {model}")
-    wait_for(lambda: server.ready().status_code == 200, 120, f"{model} never came back")
+    # An order, not a time: /ready names it down (the supervisor polls every 0.5 s) before it is back
+    # (the restart waits 3 s). Were it back first, /ready would never name it and this would fail.
+    wait_until(named_down, 60, f"/ready did not name {model} before it came back")
+    wait_until(lambda: server.ready().status_code == 200, 120, f"{model} never came back")
     assert server.engine(model) is not old
     assert metric(server.url, "persona_server_engine_restarts_total", model=model) >= 1
 
@@ -196,9 +174,9 @@ def test_health_fails_only_while_no_engine_can_serve(server: InProcessServer, cl
     for model in engines:
         with pytest.raises(openai.APIStatusError):
             answer(client, model)
-    wait_for(lambda: len(server.app.state.services.registry.down) == 2, 10, "the deaths were not noticed")
+    wait_until(lambda: len(server.app.state.services.registry.down) == 2, 10, "the deaths were not noticed")
     health = httpx.get(f"{server.url}/health", timeout=5)
     assert health.status_code == 503 and set(health.json()["engines_down"]) == {HF, GGUF}
-    wait_for(lambda: server.ready().status_code == 200, 120, "the engines never came back")
+    wait_until(lambda: server.ready().status_code == 200, 120, "the engines never came back")
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
     assert all(answer(client, model) for model in engines)

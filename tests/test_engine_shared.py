@@ -1,20 +1,25 @@
-"""What both engines share (server/engine/scheduler.py, read_back.py), checked on each: a failed step
-fails its requests and the engine goes on, closing fails what is still running, and read-backs
-refuse an empty answer and clamp the blocks they read."""
+"""What both engines share (server/engine/scheduler.py, read_back.py), checked on each: requests with
+different personas at once answer as each alone, a failed step fails its requests and the engine goes
+on, closing fails what is still running, and read-backs refuse an empty answer and clamp the blocks
+they read. (vLLM's engine answers the same check in tests/test_vllm_engine.py, where its engines are.)"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from server.engine.base import ChatMessage, EngineError, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
 from server.engine.llamacpp.backend import LlamaCppBackend
+from server.steering.plan import Positions, SteeringPlan
+from tests.api_helpers import alone_and_together, wait_until_async
 
 QUESTIONS = ["where is the treasure", "tell me of the sea", "good morning captain", "a storm comes"]
 ANSWER = [5, 9, 14, 21]
@@ -35,14 +40,45 @@ def load(kind: str, request: pytest.FixtureRequest) -> Engine:
     if kind == "hf":
         return HFBackend.load(request.getfixturevalue("llama_dir"), model_id="tiny-llama")
     gguf: Path = request.getfixturevalue("llama_gguf")
-    return LlamaCppBackend.load(gguf, contexts=1, sequences_per_context=4, kv_type="f32")
+    return LlamaCppBackend.load(gguf, contexts=2, sequences_per_context=4, kv_type="f32")
 
 
-@pytest.fixture(scope="module", params=["hf", "gguf"])
+@pytest.fixture(scope="module", params=["hf", pytest.param("gguf", marks=pytest.mark.llama_cpp)])
 def backend(request: pytest.FixtureRequest) -> Iterator[Engine]:
     engine = load(request.param, request)
     yield engine
     asyncio.run(engine.close())
+
+
+def persona(seed: int, blocks: list[int], strength: float, positions: Positions) -> SteeringPlan:
+    generator = torch.Generator().manual_seed(seed)
+    vectors = {block: torch.randn(64, generator=generator) for block in blocks}
+    return SteeringPlan(vectors, strength=strength, positions=positions)
+
+
+# On llama.cpp the same twelve requests took from 2 s to 65 s here, run to run (with one context or
+# two): slow, and a lead for the llama.cpp engine's scheduling.
+@pytest.mark.parametrize(
+    "backend",
+    ["hf", pytest.param("gguf", marks=[pytest.mark.llama_cpp, pytest.mark.slow])],
+    indirect=True,
+)
+async def test_concurrent_personas_equal_their_solo_runs(backend: Engine) -> None:
+    """Twelve requests at once over five personas (each its own blocks, strength and positions) and
+    none: requests share lanes and batch rows, wait for them, and answer token for token what each
+    answers alone. llama.cpp's control vectors cannot steer block 0, so only the HF engine's are
+    steered there too."""
+    block_sets = [[1], [2], [1, 2]] + ([[0], [0, 2]] if isinstance(backend, HFBackend) else [])
+    positions = list(Positions)
+    plans = [None] + [
+        persona(20 + i, block_sets[i % len(block_sets)], 2.0 + i, positions[i % len(positions)])
+        for i in range(5)
+    ]
+    requests = [dataclasses.replace(chat(QUESTIONS[i % 4], 12), steering=plans[i % 6]) for i in range(12)]
+    alone, together, arrivals = await alone_and_together(backend, requests)
+    assert together == alone
+    assert len(set(arrivals[: len(requests)])) > 1  # they ran interleaved, not one after another
+    assert len({tuple(tokens) for tokens in alone}) > 4  # the personas steer: the answers differ
 
 
 async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(
@@ -60,14 +96,12 @@ async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(
     assert all(isinstance(result, RuntimeError) and "step broke" in str(result) for result in failed)
     monkeypatch.undo()
     assert await tokens(backend, chat(QUESTIONS[0])) == before
-    for _ in range(500):  # the last chunk goes out just before its row leaves the batch
-        if backend.scheduler.num_running == 0:
-            break
-        await asyncio.sleep(0.01)
+    # The last chunk goes out just before its row leaves the batch.
+    await wait_until_async(lambda: backend.scheduler.num_running == 0, 5, "a row stayed in the batch")
     assert (backend.scheduler.num_running, backend.scheduler.num_waiting) == (0, 0)
 
 
-@pytest.mark.parametrize("kind", ["hf", "gguf"])
+@pytest.mark.parametrize("kind", ["hf", pytest.param("gguf", marks=pytest.mark.llama_cpp)])
 async def test_closing_the_engine_fails_the_requests_it_still_runs(
     kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:

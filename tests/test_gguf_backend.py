@@ -7,7 +7,6 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -22,10 +21,10 @@ from server.engine.llamacpp.steering import steering_buffer
 from server.gguf.model import convert_hf_to_gguf
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
-from tests.llama_cpp_reference import hf_logits, llama_cpp_logits
+from tests.llama_cpp_reference import exact_llama, hf_logits, llama_cpp_logits
 
 # Every test runs real llama.cpp.
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.llama_cpp, pytest.mark.slow]  # llama.cpp conversions and loads, seconds a test
 
 QUESTIONS = ["where is the treasure", "tell me of the sea", "good morning captain", "a storm comes"]
 
@@ -47,8 +46,9 @@ def persona(seed: int, blocks: list[int], hidden: int, strength: float, position
 
 @pytest.fixture(scope="module")
 def gguf_llama(llama_gguf: Path) -> Iterator[LlamaCppBackend]:
-    backend = LlamaCppBackend.load(llama_gguf, model_id="tiny-llama-gguf", contexts=2,
-                                   sequences_per_context=4, kv_type="f32")  # fmt: skip
+    backend = LlamaCppBackend.load(
+        llama_gguf, model_id="tiny-llama-gguf", contexts=2, sequences_per_context=4, kv_type="f32"
+    )
     yield backend
     asyncio.run(backend.close())
 
@@ -72,9 +72,7 @@ def test_logits_equal_hf_unsteered_and_steered_at_each_block(
     hidden, blocks = hf.config.hidden_size, hf.config.num_hidden_layers
     messages = [{"role": "user", "content": QUESTIONS[0]}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    # An F32 KV cache and exact attention: then llama.cpp computes what transformers computes.
-    model = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, type_k=0, type_v=0,
-                            flash_attn=False, n_threads=2, verbose=False)  # fmt: skip
+    model = exact_llama(gguf)
     unsteered = hf_logits(hf, ids, {})
     assert np.abs(llama_cpp_logits(model, ids, None) - unsteered).max() < 1e-4
     for block in range(1, blocks):
@@ -94,16 +92,6 @@ async def test_greedy_tokens_equal_hf_for_each_position_rule(
         request = chat(QUESTIONS[index], plan)
         assert await tokens(gguf_llama, request) == await tokens(hf_llama, request)
     assert await tokens(gguf_llama, chat(QUESTIONS[3])) == await tokens(hf_llama, chat(QUESTIONS[3]))
-
-
-async def test_concurrent_personas_equal_their_solo_runs(gguf_llama: LlamaCppBackend) -> None:
-    # Five plans (and no plan) over two lanes of four: requests share lanes, wait for them, batch.
-    plans = [None] + [persona(20 + i, [1 + i % 2], 64, 3.0 + i, list(Positions)[i % 3]) for i in range(5)]
-    requests = [chat(QUESTIONS[i % 4], plans[i % len(plans)], max_tokens=12) for i in range(12)]
-    solo = [await tokens(gguf_llama, request) for request in requests]
-    together = await asyncio.gather(*(tokens(gguf_llama, request) for request in requests))
-    assert list(together) == solo
-    assert len({tuple(s) for s in solo}) > 4
 
 
 @pytest.mark.parametrize("positions", list(Positions))
@@ -313,8 +301,12 @@ async def test_unsteered_monitoring_is_read_while_generating_and_equals_the_hf_r
     later = persona(4, [2], 64, 3.0, Positions.ALL)
     for plan, blocks, in_flight in ((None, 2, True), (later, 2, True), (later, 3, False)):
         sampling = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
-        request = GenerationRequest(messages=[ChatMessage("user", QUESTIONS[2])], sampling=sampling,
-                                    steering=plan, monitor_blocks=blocks)  # fmt: skip
+        request = GenerationRequest(
+            messages=[ChatMessage("user", QUESTIONS[2])],
+            sampling=sampling,
+            steering=plan,
+            monitor_blocks=blocks,
+        )
         chunks = [chunk async for chunk in gguf_llama.generate(request)]
         assert all(chunk.response_means is None for chunk in chunks[:-1])
         answer = [token for chunk in chunks for token in chunk.token_ids]

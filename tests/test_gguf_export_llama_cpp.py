@@ -14,23 +14,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from testkit.server_process import ServerProcess
 from tests.api_helpers import ADMIN_KEY, LLAMA, random_vector, upload
 from tests.llama_cpp_control_vectors import RefusedByLlamaCpp, load_control_vector
-from tests.llama_cpp_reference import hf_logits, llama_cpp_logits
+from tests.llama_cpp_reference import exact_llama, hf_logits, llama_cpp_logits
 
 # Every test runs real llama.cpp.
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.llama_cpp  # under a second a test
 
 MESSAGES = [{"role": "user", "content": "where is the treasure, captain?"}]
 
 
 @pytest.fixture(scope="module")
 def llama_cpp_model(llama_gguf: Path) -> llama_cpp.Llama:
-    # An F32 KV cache and no flash attention: llama.cpp then computes what transformers computes.
-    return llama_cpp.Llama(
-        model_path=str(llama_gguf), n_ctx=256, logits_all=True, type_k=0, type_v=0,
-        flash_attn=False, n_threads=2, verbose=False,
-    )  # fmt: skip
+    return exact_llama(llama_gguf)
 
 
+@pytest.mark.integration  # the session server
 def test_an_exported_persona_steers_llama_cpp_like_the_hf_model(
     server: ServerProcess, llama_dir: Path, llama_cpp_model: llama_cpp.Llama, tmp_path: Path
 ) -> None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtests" / "gpu_check.sh"
 
@@ -20,8 +22,13 @@ def plan(tmp_path: Path, with_gpu: bool) -> str:
         fake.write_text("#!/bin/sh\necho fake\n")
         fake.chmod(0o755)
     path = f"{bin_dir}:{os.environ['PATH']}"
-    env = {**os.environ, "PATH": path, "GPU_CHECK_DRY_RUN": "1", "OUT": str(tmp_path / "out"),
-           "PYTHON": sys.executable}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": path,
+        "GPU_CHECK_DRY_RUN": "1",
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+    }
     if not with_gpu:
         env["GPU_CHECK_CPU"] = "1"
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, check=True)
@@ -47,9 +54,15 @@ def test_without_a_gpu_it_falls_back_to_the_cpu_build(tmp_path: Path) -> None:
     assert f"{sys.executable} -m loadtests.vllm_bench --rounds 1" in out
 
 
+@pytest.mark.slow  # imports the benchmark: about 5 s
 def test_the_benchmark_it_runs_takes_its_arguments() -> None:
     """The benchmark parses the GPU plan's arguments (``--help`` imports it and exits)."""
-    done = subprocess.run([sys.executable, "-m", "loadtests.vllm_bench", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.vllm_bench", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for flag in ("--hidden", "--blocks", "--dtype", "--rounds", "--requests", "--max-tokens", "--json"):
         assert flag in done.stdout

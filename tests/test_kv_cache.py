@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -34,6 +35,7 @@ def decode_run(runner: ModelRunner, steps: int) -> list[torch.Tensor]:
     return outputs
 
 
+@pytest.mark.slow  # about 5 s
 def test_growing_cache_decodes_as_the_concatenating_one(llama_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     runner = ModelRunner(model)

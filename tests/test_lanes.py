@@ -18,7 +18,7 @@ from server.engine.llamacpp import row_callback
 from server.engine.llamacpp.backend import LlamaCppBackend, _init_llama_cpp
 from server.engine.llamacpp.lane import Lane, LaneConfig, TokenSlot
 
-pytestmark = pytest.mark.integration  # real llama.cpp
+pytestmark = pytest.mark.llama_cpp  # about a second a test
 
 HIDDEN, BLOCKS, PROMPT = 64, 3, 16  # the tiny Llama's
 

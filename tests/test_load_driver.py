@@ -14,20 +14,32 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from testkit.server_process import ServerProcess
 from tests.api_helpers import API_KEY, LLAMA, metric
+
+# The load driver in a subprocess: seconds a test.
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]  # `-m loadtests.load` resolves from here
 
 
 def driver_command(server: ServerProcess, summary: Path, **overrides: object) -> list[str]:
     options: dict[str, object] = {
-        "base-url": f"{server.url}/v1", "api-key": API_KEY, "model": LLAMA, "num-prompts": 6,
-        "concurrency": 3, "request-rate": 0.0, "max-tokens": 5, "temperature": 0.0, "seed": 0,
-        "extra-body": {"ignore_eos": True}, "json": summary,
-    }  # fmt: skip
+        "base-url": f"{server.url}/v1",
+        "api-key": API_KEY,
+        "model": LLAMA,
+        "num-prompts": 6,
+        "concurrency": 3,
+        "request-rate": 0.0,
+        "max-tokens": 5,
+        "temperature": 0.0,
+        "seed": 0,
+        "extra-body": {"ignore_eos": True},
+        "json": summary,
+    }
     options.update({name.replace("_", "-"): value for name, value in overrides.items()})
     command = [sys.executable, "-m", "loadtests.load"]
     for name, value in options.items():
@@ -37,8 +49,9 @@ def driver_command(server: ServerProcess, summary: Path, **overrides: object) ->
 
 def drive(server: ServerProcess, tmp_path: Path, **overrides: object) -> dict[str, Any]:
     summary = tmp_path / "summary.json"
-    done = subprocess.run(driver_command(server, summary, **overrides), capture_output=True, text=True,
-                          timeout=300, cwd=REPO)  # fmt: skip
+    done = subprocess.run(
+        driver_command(server, summary, **overrides), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"completed {json.loads(summary.read_text())['completed']}" in done.stdout  # the printed report
     return json.loads(summary.read_text())
@@ -64,13 +77,20 @@ def test_failures_are_counted_with_their_reason(server: ServerProcess, tmp_path:
 
 # Every family the operator's dashboard reads (issue: metrics completeness), by its exposed name.
 OPERATOR_FAMILIES = {
-    "persona_server_request_latency_seconds", "persona_server_time_to_first_token_seconds",
-    "persona_server_inter_token_latency_seconds", "persona_server_queue_time_seconds",
-    "persona_server_prompt_tokens", "persona_server_generation_tokens", "persona_server_requests",
-    "persona_server_requests_running", "persona_server_requests_waiting",
-    "persona_server_store_latency_seconds", "persona_server_store_errors",
-    "persona_server_store_cache_lookups", "persona_server_persona_score",
-}  # fmt: skip
+    "persona_server_request_latency_seconds",
+    "persona_server_time_to_first_token_seconds",
+    "persona_server_inter_token_latency_seconds",
+    "persona_server_queue_time_seconds",
+    "persona_server_prompt_tokens",
+    "persona_server_generation_tokens",
+    "persona_server_requests",
+    "persona_server_requests_running",
+    "persona_server_requests_waiting",
+    "persona_server_store_latency_seconds",
+    "persona_server_store_errors",
+    "persona_server_store_cache_lookups",
+    "persona_server_persona_score",
+}
 
 
 async def test_metrics_show_the_load_while_the_driver_runs(
@@ -81,8 +101,9 @@ async def test_metrics_show_the_load_while_the_driver_runs(
     queued_before = metric(server.url, "persona_server_queue_time_seconds_count", **labels)
     extra = {"ignore_eos": True, "persona": "pirate", "persona_monitor": ["pirate"]}
     summary_path = tmp_path / "summary.json"
-    command = driver_command(server, summary_path, num_prompts=8, concurrency=4, max_tokens=40,
-                             extra_body=extra)  # fmt: skip
+    command = driver_command(
+        server, summary_path, num_prompts=8, concurrency=4, max_tokens=40, extra_body=extra
+    )
     log = tmp_path / "driver.log"
     with log.open("wb") as output:
         driver = await asyncio.create_subprocess_exec(*command, stdout=output, stderr=output, cwd=REPO)
@@ -93,8 +114,11 @@ async def test_metrics_show_the_load_while_the_driver_runs(
             families = {
                 f.name: f for f in text_string_to_metric_families((await scraper.get("/metrics")).text)
             }
-            running = [s.value for s in families["persona_server_requests_running"].samples
-                       if s.labels.get("model") == LLAMA]  # fmt: skip
+            running = [
+                s.value
+                for s in families["persona_server_requests_running"].samples
+                if s.labels.get("model") == LLAMA
+            ]
             running_seen = max(running_seen, *running, 0.0)
             await asyncio.sleep(0.02)
     assert exited.result() == 0, log.read_text()[-3000:]

@@ -211,8 +211,17 @@ def test_the_transfer_plot_is_a_png_with_a_row_per_three_panels() -> None:
     from server.evaluation.plots import transfer_png
 
     def points(persona: str) -> list[dict[str, object]]:
-        return [{"source": "a", "target": "b", "persona": persona, "condition": c, "perplexity": 1.5 + i,
-                 "trait_score": 0.1 * i} for i, c in enumerate(("none", "native", "ridge"))]  # fmt: skip
+        return [
+            {
+                "source": "a",
+                "target": "b",
+                "persona": persona,
+                "condition": c,
+                "perplexity": 1.5 + i,
+                "trait_score": 0.1 * i,
+            }
+            for i, c in enumerate(("none", "native", "ridge"))
+        ]
 
     one_row = imread(io.BytesIO(transfer_png(points("p"), "t")), format="png")
     two_rows = imread(io.BytesIO(transfer_png([p for n in "pqrs" for p in points(n)], "t")), format="png")

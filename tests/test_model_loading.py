@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from transformers import PreTrainedModel
 
@@ -75,6 +76,7 @@ def test_models_loaded_at_once_all_load_and_later_loads_too(tmp_path: Path) -> N
     close([HFBackend.load(demo_model_dir("demo-qwen"))])
 
 
+@pytest.mark.slow  # 24 figures drawn
 def test_loss_curves_drawn_at_once_all_draw() -> None:
     """Issue 29 (seen in CI): bakes that finished together drew their loss curves on worker threads at
     once, and pyplot's shared parser failed most of them ("Unknown symbol: \\mathdefault")."""

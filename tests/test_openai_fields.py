@@ -10,6 +10,8 @@ from testkit.server_process import ServerProcess
 from tests import openai_field_checks as checks
 from tests.api_helpers import GGUF, LLAMA, random_vector, upload
 
+pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp]  # the session server
+
 ENGINES = {LLAMA: "hf", GGUF: "llamacpp"}
 
 

@@ -79,8 +79,9 @@ def _refs(node: Any) -> Iterator[str]:
             yield from _refs(item)
 
 
-@pytest.mark.parametrize(("method", "path", "status", "success", "failures"), ROUTES,
-                         ids=[f"{r[0]} {r[1]}" for r in ROUTES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "path", "status", "success", "failures"), ROUTES, ids=[f"{r[0]} {r[1]}" for r in ROUTES]
+)
 def test_route_documents_its_answer_and_errors(
     schema: dict[str, Any], method: str, path: str, status: str, success: str | None, failures: set[int]
 ) -> None:
@@ -106,8 +107,10 @@ def test_ready_documents_its_503_as_readiness(schema: dict[str, Any]) -> None:
     assert _ref_name(ready["503"]["content"]["application/json"]["schema"]["$ref"]) == "Readiness"
 
 
-@pytest.mark.parametrize(("path", "chunk"), [("/v1/chat/completions", "ChatCompletionChunk"),
-                                             ("/v1/completions", "CompletionChunk")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("path", "chunk"),
+    [("/v1/chat/completions", "ChatCompletionChunk"), ("/v1/completions", "CompletionChunk")],
+)
 def test_streams_are_documented_as_server_sent_events(schema: dict[str, Any], path: str, chunk: str) -> None:
     ok = schema["paths"][path]["post"]["responses"]["200"]
     event = ok["content"]["text/event-stream"]["schema"]  # one event: its data is a chunk as JSON
@@ -174,10 +177,20 @@ def _answers(text: str = "hi!", logprobs: list[TokenLogprob] | None = None) -> l
 
 def test_chat_completion_wire() -> None:
     body = _shape(True).completion(_answers(), TOTALS, None)
-    choice = {"index": 0, "message": {"role": "assistant", "content": "hi!"}, "finish_reason": "stop",
-              "logprobs": None}  # fmt: skip
-    expected = {"id": "id-1", "object": "chat.completion", **HEAD, "choices": [choice], "usage": USAGE,
-                "persona": None}  # fmt: skip
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": "hi!"},
+        "finish_reason": "stop",
+        "logprobs": None,
+    }
+    expected = {
+        "id": "id-1",
+        "object": "chat.completion",
+        **HEAD,
+        "choices": [choice],
+        "usage": USAGE,
+        "persona": None,
+    }
     assert _wire(body) == _wire(expected)
     scored = _shape(True).completion(_answers(), TOTALS, [PIRATE], {"pirate": 0.5})
     assert _wire(scored) == _wire({**expected, "persona": [PIRATE], "persona_scores": {"pirate": 0.5}})
@@ -186,8 +199,14 @@ def test_chat_completion_wire() -> None:
 def test_text_completion_wire() -> None:
     body = _shape(False).completion(_answers(), TOTALS, PIRATE)
     choice = {"index": 0, "text": "hi!", "finish_reason": "stop", "logprobs": None}
-    expected = {"id": "id-1", "object": "text_completion", **HEAD, "choices": [choice], "usage": USAGE,
-                "persona": PIRATE}  # fmt: skip
+    expected = {
+        "id": "id-1",
+        "object": "text_completion",
+        **HEAD,
+        "choices": [choice],
+        "usage": USAGE,
+        "persona": PIRATE,
+    }
     assert _wire(body) == _wire(expected)
 
 
@@ -200,13 +219,15 @@ def test_chunk_wire() -> None:
     assert _wire(first) == _wire({**head, "choices": [choice], "persona": None})
     final = shape.chunk("", "length", PIRATE, scores={"pirate": -1.0})
     choice = {"index": 0, "delta": {"content": ""}, "finish_reason": "length", "logprobs": None}
-    assert _wire(final) == _wire({**head, "choices": [choice], "persona": PIRATE,
-                                  "persona_scores": {"pirate": -1.0}})  # fmt: skip
+    assert _wire(final) == _wire(
+        {**head, "choices": [choice], "persona": PIRATE, "persona_scores": {"pirate": -1.0}}
+    )
     assert _wire(shape.usage_chunk(TOTALS)) == _wire({**head, "choices": [], "usage": USAGE})
     text = _shape(False).chunk("x", None, None, first=True)
     choice = {"index": 0, "text": "x", "finish_reason": None, "logprobs": None}
-    assert _wire(text) == _wire({"id": "id-1", "object": "text_completion", **HEAD, "choices": [choice],
-                                 "persona": None})  # fmt: skip
+    assert _wire(text) == _wire(
+        {"id": "id-1", "object": "text_completion", **HEAD, "choices": [choice], "persona": None}
+    )
 
 
 @pytest.mark.parametrize("chat", [True, False])
@@ -296,9 +317,18 @@ def test_the_served_models_bound_their_requests(schema: dict[str, Any]) -> None:
     from server.admin.persona_admin import largest_value
     from server.api.openapi_rules import Served, add_served_bounds
 
-    served = Served(steerable_layers=[1, 2], blocks=3, hidden_sizes=(64, 64), max_strength=50.0,
-                    max_tokens_cap=16, default_max_tokens=8, max_answers=4, constrained_decoding=False,
-                    closed_loop=True, vocab_size=400)  # fmt: skip
+    served = Served(
+        steerable_layers=[1, 2],
+        blocks=3,
+        hidden_sizes=(64, 64),
+        max_strength=50.0,
+        max_tokens_cap=16,
+        default_max_tokens=8,
+        max_answers=4,
+        constrained_decoding=False,
+        closed_loop=True,
+        vocab_size=400,
+    )
     components = json.loads(json.dumps(schema["components"]["schemas"]))
     add_served_bounds(components, served)
     upload = components["PersonaUpload"]["properties"]

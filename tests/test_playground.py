@@ -21,7 +21,7 @@ from server.demo.models import demo_model_dir
 from server.demo.traits import shows_trait
 from testkit.server_process import ServerProcess
 
-pytestmark = pytest.mark.integration  # a server process and a browser process
+pytestmark = pytest.mark.integration  # a server process (and a browser for the tests marked so)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ANSWER_TIMEOUT_MS = 60_000
@@ -61,8 +61,12 @@ def page(browser: Browser, demo_server: ServerProcess) -> Iterator[Page]:
 # Every path that serves the page or one of its files: the page itself, the page again through the
 # assets folder (a second way to load it, which once came without the page's headers), a script, a
 # stylesheet.
-PAGE_PATHS = ["/playground", "/playground/assets/index.html", "/playground/assets/js/main.js",
-              "/playground/assets/playground.css"]  # fmt: skip
+PAGE_PATHS = [
+    "/playground",
+    "/playground/assets/index.html",
+    "/playground/assets/js/main.js",
+    "/playground/assets/playground.css",
+]
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
@@ -101,6 +105,8 @@ def pirate_scores(page: Page) -> list[float]:
     return [float(text.removeprefix("pirate ")) for text in texts]
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_a_pirate_steered_answer_differs_from_the_unsteered_one(page: Page, tmp_path: Path) -> None:
     assert page.url.endswith("/playground")
     page.get_by_test_id("model").select_option("demo-llama")
@@ -120,6 +126,8 @@ def test_a_pirate_steered_answer_differs_from_the_unsteered_one(page: Page, tmp_
     assert screenshot.read_bytes().startswith(PNG_SIGNATURE)
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_strength_zero_gives_the_unsteered_answer(page: Page) -> None:
     page.get_by_test_id("persona").select_option("pirate")
     page.get_by_test_id("strength").fill("0")
@@ -131,11 +139,14 @@ def test_strength_zero_gives_the_unsteered_answer(page: Page) -> None:
     assert generate(page)[1] != base  # the slider's value reaches the request
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_an_imported_vector_file_shows_in_the_library(
     page: Page, demo_server: ServerProcess, tmp_path: Path
 ) -> None:
-    exported = httpx.get(f"{demo_server.url}/admin/personas/silly/export",
-                         params={"model": "demo-phi3", "format": "gguf"})  # fmt: skip
+    exported = httpx.get(
+        f"{demo_server.url}/admin/personas/silly/export", params={"model": "demo-phi3", "format": "gguf"}
+    )
     exported.raise_for_status()
     vector_file = tmp_path / "sea-dog.gguf"
     vector_file.write_bytes(exported.content)
@@ -149,6 +160,8 @@ def test_an_imported_vector_file_shows_in_the_library(
     expect(page.get_by_test_id("persona").locator('option[value="sea-dog"]')).to_have_count(1)
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_an_extraction_runs_to_100_percent_and_stores_the_persona(page: Page) -> None:
     page.get_by_test_id("tab-make").click()
     page.get_by_test_id("extract-name").fill("pirate-again")
@@ -157,8 +170,9 @@ def test_an_extraction_runs_to_100_percent_and_stores_the_persona(page: Page) ->
     page.get_by_test_id("extract-questions").fill("Tell me about the sea.\nHow do ships sail?")
     page.get_by_test_id("extract-tokens").fill("16")
     page.get_by_test_id("extract-start").click()
-    expect(page.get_by_test_id("extract-stored")).to_contain_text("Stored 'pirate-again' v1 on demo-llama",
-                                                                  timeout=ANSWER_TIMEOUT_MS)  # fmt: skip
+    expect(page.get_by_test_id("extract-stored")).to_contain_text(
+        "Stored 'pirate-again' v1 on demo-llama", timeout=ANSWER_TIMEOUT_MS
+    )
     expect(page.get_by_test_id("job-progress")).to_have_attribute("value", "100")
     blocks = 4  # demo-llama's decoder blocks: one bar each in the per-block report
     expect(page.get_by_test_id("extract-report").locator("rect.bar")).to_have_count(blocks)
@@ -169,12 +183,17 @@ def test_an_extraction_runs_to_100_percent_and_stores_the_persona(page: Page) ->
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     data = tmp_path_factory.mktemp("keyed-data")
-    args = ["--model", str(demo_model_dir("demo-llama")), "--served-model-name", "demo-llama",
-            "--api-key", "api-secret", "--admin-key", "admin-secret", "--data-dir", str(data)]  # fmt: skip
+    args = [
+        *["--model", str(demo_model_dir("demo-llama")), "--served-model-name", "demo-llama"],
+        *["--api-key", "api-secret", "--admin-key", "admin-secret", "--data-dir", str(data)],
+    ]
     with ServerProcess(args, log_path=data / "server.log") as server:
         persona = {"model": "demo-llama", "layers": {"1": [0.01] * 128}}
-        httpx.put(f"{server.url}/admin/personas/steady", json=persona,
-                  headers={"Authorization": "Bearer admin-secret"}).raise_for_status()  # fmt: skip
+        httpx.put(
+            f"{server.url}/admin/personas/steady",
+            json=persona,
+            headers={"Authorization": "Bearer admin-secret"},
+        ).raise_for_status()
         yield server
 
 
@@ -184,6 +203,8 @@ def answer_key_dialog(page: Page, key: str) -> None:
     page.get_by_test_id("key-submit").click()
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_keys_are_asked_once_and_admin_actions_wait_for_the_admin_key(
     browser: Browser, keyed_server: ServerProcess
 ) -> None:
@@ -219,11 +240,15 @@ def import_through_the_page(page: Page, vector_file: Path, name: str, model: str
     page.get_by_test_id("import-submit").click()
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_versions_restore_export_and_delete_in_the_library(
     page: Page, demo_server: ServerProcess, tmp_path: Path
 ) -> None:
-    exported = httpx.get(f"{demo_server.url}/admin/personas/pirate/export",
-                         params={"model": "demo-llama", "format": "safetensors"})  # fmt: skip
+    exported = httpx.get(
+        f"{demo_server.url}/admin/personas/pirate/export",
+        params={"model": "demo-llama", "format": "safetensors"},
+    )
     vector_file = tmp_path / "old-salt.safetensors"
     vector_file.write_bytes(exported.content)
     page.get_by_test_id("tab-library").click()
@@ -249,6 +274,8 @@ def test_versions_restore_export_and_delete_in_the_library(
     expect(row).to_have_count(0)
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_a_fit_then_a_mapped_persona_is_compared_with_the_native_one_on_the_target(page: Page) -> None:
     page.get_by_test_id("tab-make").click()
     page.get_by_test_id("fit-source").select_option("demo-llama")
@@ -275,6 +302,8 @@ def test_a_fit_then_a_mapped_persona_is_compared_with_the_native_one_on_the_targ
     page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=plot.element_handle())
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_a_bake_runs_to_100_percent_and_its_model_answers_beside_the_steered_one(page: Page) -> None:
     page.get_by_test_id("tab-make").click()
     page.get_by_test_id("bake-model").select_option("demo-llama")

@@ -12,7 +12,6 @@ import math
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ import pytest
 import yaml
 
 from testkit.server_process import ServerProcess, free_port
-from tests.api_helpers import QUESTION, random_vector, upload
+from tests.api_helpers import chat, random_vector, upload, wait_until
 
-pytestmark = pytest.mark.integration  # real uvicorn and prometheus
+# Real uvicorn and prometheus, waiting for its scrapes: about 15 s.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llama"
@@ -63,16 +63,19 @@ class PrometheusProcess:
             raise RuntimeError("prometheus is not installed; run the README's test command (.ci/run)")
         self.url = f"http://127.0.0.1:{free_port()}"
         self._command = [
-            binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
-            f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn",
-        ]  # fmt: skip
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address={self.url.removeprefix('http://')}",
+            "--log.level=warn",
+        ]
         self._log = directory / "prometheus.log"
         self._process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> PrometheusProcess:
         log = open(self._log, "wb")
         self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._ready, f"prometheus not ready; see {self._log}")
+        wait_until(self._ready, 30, f"prometheus not ready; see {self._log}", interval=0.1)
         return self
 
     def _ready(self) -> bool:
@@ -95,21 +98,15 @@ class PrometheusProcess:
             self._process.wait(timeout=20)
 
 
-def wait_until(condition: Any, message: str, timeout: float = 30.0) -> None:
-    """Until ``condition()`` holds; ``timeout`` only ends a test that would otherwise hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def scraped(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusProcess]:
     """Prometheus after two rounds of load, each scraped: every rate has two samples to work with."""
     directory = tmp_path_factory.mktemp("prometheus")
     metrics_port = free_port()
-    args = ["--model", str(llama_dir), "--served-model-name", MODEL, "--data-dir", str(directory),
-            "--metrics-port", str(metrics_port)]  # fmt: skip
+    args = [
+        *["--model", str(llama_dir), "--served-model-name", MODEL, "--data-dir", str(directory)],
+        *["--metrics-port", str(metrics_port)],
+    ]
     with (
         ServerProcess(args, log_path=directory / "server.log") as server,
         PrometheusProcess(scrape_config(directory, metrics_port), directory) as prometheus,
@@ -121,7 +118,12 @@ def scraped(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         for _ in range(2):
             finished += drive_load(client, server.url)
             # Both rounds must land in separate scrapes for a rate over them to be more than zero.
-            wait_until(lambda n=finished: scraped_requests(prometheus) == n, "no scrape saw the load")
+            wait_until(
+                lambda n=finished: scraped_requests(prometheus) == n,
+                30,
+                "no scrape saw the load",
+                interval=0.1,
+            )
         yield prometheus
 
 
@@ -135,10 +137,7 @@ def drive_load(client: openai.OpenAI, url: str) -> int:
     steering: list[dict[str, Any]] = [{}, {"persona": "pirate", "persona_monitor": ["pirate"]}]
     for extra in steering:
         for stream in (False, True):
-            reply = client.chat.completions.create(
-                model=MODEL, messages=QUESTION, max_tokens=4, temperature=0, stream=stream,
-                extra_body={"ignore_eos": True, **extra},
-            )  # fmt: skip
+            reply = chat(client, MODEL, max_tokens=4, stream=stream, **extra)
             if stream:
                 for _ in reply:  # type: ignore[union-attr]
                     pass

@@ -93,6 +93,7 @@ def gguf_backend(llama_gguf: Path) -> Iterator[LlamaCppBackend]:
     backend.scheduler.stop()
 
 
+@pytest.mark.llama_cpp
 def test_llama_cpp_bounds_prompts_like_hf(gguf_backend: LlamaCppBackend, llama_dir: Path) -> None:
     assert gguf_backend.info.max_token_chars == hf_max_token_chars(AutoTokenizer.from_pretrained(llama_dir))
     for request in (

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from testkit.server_process import ServerProcess
-from tests.api_helpers import QUESTION, assert_openai_error, metric, random_vector, upload
+from tests.api_helpers import QUESTION, assert_openai_error, metric, random_vector, upload, wait_until
 from tests.redis_process import RedisProcess
 from tests.tcp_proxy import DeadOnUseProxy
 
-pytestmark = pytest.mark.integration  # real Redis servers and uvicorn replicas
+# Redis servers and uvicorn replicas restarted.
+pytestmark = [pytest.mark.integration, pytest.mark.redis, pytest.mark.slow]
 
 
 def test_a_persona_uploaded_on_one_replica_is_served_by_the_other(
@@ -44,11 +45,12 @@ def test_a_persona_uploaded_on_one_replica_is_served_by_the_other(
         new_layers = {2: random_vector(64, 4)}
         updated = upload(first.url, "pirate", "shared", new_layers, 2.0, admin_key=None, if_match=1)
         assert updated.status_code == 200, updated.text
-        deadline = time.monotonic() + 30.0
-        while (served := httpx.post(answer_url, json=body).json()["persona"])["version"] != 2:
-            assert time.monotonic() < deadline, f"the second replica still serves {served}"
-            time.sleep(0.05)
-        assert served == {"name": "pirate", "strength": 2.0, "version": 2, "layers": [2]}
+
+        def served() -> dict[str, Any]:
+            return httpx.post(answer_url, json=body).json()["persona"]
+
+        wait_until(lambda: served()["version"] == 2, 30, "the second replica still serves version 1")
+        assert served() == {"name": "pirate", "strength": 2.0, "version": 2, "layers": [2]}
 
 
 def test_a_redis_outage_serves_cached_personas_answers_503_otherwise_and_heals(

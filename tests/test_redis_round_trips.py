@@ -6,12 +6,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
+import pytest
 import redis.asyncio as aioredis
 
 from persona_store.mappings import MappingDraft
 from persona_store.records import PersonaDraft
 from persona_store.redis import RedisStore
 from tests.redis_process import RedisProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.redis]  # a real redis-server
 
 
 class Sends:

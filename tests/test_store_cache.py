@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,10 @@ from persona_store.cache import CachingStore
 from persona_store.errors import PersonaNotFound, StoreUnavailable
 from persona_store.records import PersonaDraft
 from persona_store.redis import KEY_PREFIX, RedisStore
+from tests.api_helpers import wait_until_async
 from tests.redis_process import RedisProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.redis]  # real redis-servers
 
 
 def draft(name: str, seed: int) -> PersonaDraft:
@@ -95,16 +96,6 @@ async def test_a_write_that_fails_in_an_outage_keeps_the_persona_serving(tmp_pat
         own.stop()
 
 
-async def wait_for(condition: object, timeout: float = 30.0) -> None:
-    """Until ``condition()`` (an async callable) holds; ``timeout`` only ends a hung test."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if await condition():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not within {timeout} s")
-
-
 async def test_pub_sub_drops_a_cached_persona_at_once_when_another_replica_writes(
     redis_server: RedisProcess,
 ) -> None:
@@ -115,14 +106,14 @@ async def test_pub_sub_drops_a_cached_persona_at_once_when_another_replica_write
     here.start()
     await other_replica.put(draft("pirate", 1))
     assert (await here.get("m", "pirate")).info.version == 1
-    await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+    await wait_until_async(lambda: here.feed_live, 30, "the change feed is not live")
 
     await other_replica.put(draft("pirate", 2))
     # The probes wait an hour, so only the feed can bring version 2 before the deadline ends a hung
     # test: how fast it arrives is a benchmark's question, not this test's.
-    await wait_for(lambda: version_of(here, "pirate", 2))
+    await wait_until_async(lambda: version_of(here, "pirate", 2), 30, "version 2 never reached this replica")
     await other_replica.delete("m", "pirate")
-    await wait_for(lambda: is_gone(here, "pirate"))
+    await wait_until_async(lambda: is_gone(here, "pirate"), 30, "the deleted persona is still served here")
     await here.close()
     await other_replica.close()
 
@@ -146,13 +137,13 @@ async def test_a_lost_change_message_is_healed_by_the_version_probe(redis_server
     writer = RedisStore.from_url(redis_server.url)
     await writer.put(draft("pirate", 1))
     await writer.put(draft("pirate", 2))
-    await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+    await wait_until_async(lambda: here.feed_live, 30, "the change feed is not live")
     assert (await here.get("m", "pirate")).info.version == 2
     # Move the current version back to 1 behind pub/sub's back, as if its message were lost.
     raw = redis.asyncio.Redis.from_url(redis_server.url)
     await raw.set(f"{KEY_PREFIX}:cur:m:pirate", 1)
     assert (await here.get("m", "pirate")).info.version == 2  # nothing told the cache yet
-    await wait_for(lambda: version_of(here, "pirate", 1))
+    await wait_until_async(lambda: version_of(here, "pirate", 1), 30, "version 1 never reached this replica")
     await raw.aclose()
     await here.close()
     await writer.close()
@@ -168,13 +159,15 @@ async def test_a_broken_subscription_resubscribes_and_probes_everything_cached(
     here.start()
     writer = RedisStore.from_url(redis_server.url)
     await writer.put(draft("pirate", 1))
-    await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+    await wait_until_async(lambda: here.feed_live, 30, "the change feed is not live")
     assert (await here.get("m", "pirate")).info.version == 1
     raw = redis.asyncio.Redis.from_url(redis_server.url)
     await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-    await wait_for(lambda: asyncio.sleep(0, not here.feed_live))
+    await wait_until_async(
+        lambda: not here.feed_live, 30, "the change feed did not notice the lost connection"
+    )
     await writer.put(draft("pirate", 2))  # published while nobody listens: this message is lost
-    await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+    await wait_until_async(lambda: here.feed_live, 30, "the change feed is not live")
     assert (await here.get("m", "pirate")).info.version == 2
     await raw.aclose()
     await here.close()
@@ -187,15 +180,17 @@ async def test_calls_succeed_as_soon_as_redis_is_back(tmp_path: Path) -> None:
     try:
         here = CachingStore(RedisStore.from_url(own.url), resubscribe_delay=0.2)
         here.start()
-        await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+        await wait_until_async(lambda: here.feed_live, 30, "the change feed is not live")
         await here.put(draft("pirate", 1))
         own.stop()
-        await wait_for(lambda: asyncio.sleep(0, not here.feed_live))
+        await wait_until_async(
+            lambda: not here.feed_live, 30, "the change feed did not notice the lost connection"
+        )
         with pytest.raises(StoreUnavailable):
             await here.ping()
         own.start()
         # Connections pooled before the restart look alive until used: none may fail a call now.
-        await wait_for(lambda: asyncio.sleep(0, here.feed_live))
+        await wait_until_async(lambda: here.feed_live, 30, "the change feed is not live")
         await here.ping()
         assert [info.name for info in await here.list("m")] == ["pirate"]
         await here.close()

@@ -27,7 +27,7 @@ from persona_store.sqlite import SQLiteStore
 from tests.redis_process import RedisProcess
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.integration)])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=[pytest.mark.integration, pytest.mark.redis])])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[PersonaStore]:
     if request.param == "sqlite":
         opened: PersonaStore = SQLiteStore(tmp_path / "personas.sqlite3", keep_versions=3)
@@ -46,8 +46,12 @@ def draft(name: str = "pirate", model: str = "org/model-7b", seed: int = 0, **fi
 
 
 async def test_a_written_persona_reads_back_exactly(store: PersonaStore) -> None:
-    written = draft(default_strength=2.5, description="arr", default_positions="prompt",
-                    provenance={"kind": "extracted", "questions": 3})  # fmt: skip
+    written = draft(
+        default_strength=2.5,
+        description="arr",
+        default_positions="prompt",
+        provenance={"kind": "extracted", "questions": 3},
+    )
     info = await store.put(written)
     assert (info.version, info.layers, info.hidden_size) == (1, (3, 7), 16)
     record = await store.get("org/model-7b", "pirate")

@@ -46,8 +46,9 @@ def test_the_interval_covers_the_true_ratio_and_narrows_with_samples() -> None:
 def test_overshoot_counts_as_one_and_a_bad_layout_is_refused() -> None:
     questions = 10
     high = scores(0.95, questions, 20, 1)
-    capped = transfer_interval(high, scores(0.05, questions, 20, 2), scores(0.5, questions, 20, 3), questions,
-                               overshoot_cap=1.0)  # fmt: skip
+    capped = transfer_interval(
+        high, scores(0.05, questions, 20, 2), scores(0.5, questions, 20, 3), questions, overshoot_cap=1.0
+    )
     assert capped.estimate == capped.high == 1.0
     raw = transfer_interval(high, scores(0.05, questions, 20, 2), scores(0.5, questions, 20, 3), questions)
     assert raw.estimate > 1.5
@@ -55,7 +56,7 @@ def test_overshoot_counts_as_one_and_a_bad_layout_is_refused() -> None:
         transfer_interval([1.0] * 7, [0.0] * 7, [1.0] * 7, questions=2)
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # demo models answer and are read back, in process: up to a minute
 async def test_a_persona_carried_by_generated_text_points_where_the_native_one_does() -> None:
     from server.demo.corpus import training_questions
     from server.demo.models import demo_model_dir, load_demo_personas
@@ -68,8 +69,9 @@ async def test_a_persona_carried_by_generated_text_points_where_the_native_one_d
         pirate = {p.name: p for p in load_demo_personas("demo-qwen")}["pirate"]
         native = {p.name: p for p in load_demo_personas("demo-llama")}["pirate"]
         spec = GenerationSpec(prompts=tuple(q for _, q in training_questions()[::3]), seed=7)
-        carried = await carry_by_generation(qwen, llama, pirate.vectors, pirate.default_strength,
-                                            pirate.default_positions, spec)  # fmt: skip
+        carried = await carry_by_generation(
+            qwen, llama, pirate.vectors, pirate.default_strength, pirate.default_positions, spec
+        )
         assert sorted(carried.vectors) == sorted(pirate.vectors)  # both demo models have 4 blocks
         for block, vector in carried.vectors.items():
             assert vector.shape == (128,) and vector.dtype == np.float32
@@ -87,8 +89,9 @@ async def test_a_persona_carried_by_generated_text_points_where_the_native_one_d
         assert calibration.scale in [step.scale for step in calibration.steps]
         chosen = next(step for step in calibration.steps if step.scale == calibration.scale)
         assert chosen.perplexity_ratio <= FLUENT_PERPLEXITY_RATIO or chosen is calibration.steps[0]
-        again = await carry_by_generation(qwen, llama, pirate.vectors, pirate.default_strength,
-                                          pirate.default_positions, spec)  # fmt: skip
+        again = await carry_by_generation(
+            qwen, llama, pirate.vectors, pirate.default_strength, pirate.default_positions, spec
+        )
         # Seeded: reproducible, the default strength too.
         assert all(np.allclose(again.vectors[b], carried.vectors[b], atol=1e-5) for b in carried.vectors)
         assert again.calibration.scale == carried.calibration.scale  # (batching moves the last digits)
@@ -124,12 +127,22 @@ def test_the_ablation_table_and_plot_average_each_setting_over_the_cells() -> No
     from server.evaluation.transfer_ablation import AblationPoint, format_ablation_table
 
     def point(ablation: str, persona: str, setting: int, transfer: float) -> AblationPoint:
-        return AblationPoint(ablation, "demo-llama", "demo-qwen", persona, setting,
-                             Interval(transfer, transfer - 0.1, transfer + 0.1))  # fmt: skip
+        return AblationPoint(
+            ablation,
+            "demo-llama",
+            "demo-qwen",
+            persona,
+            setting,
+            Interval(transfer, transfer - 0.1, transfer + 0.1),
+        )
 
-    points = [point("prompts", "pirate", 18, 0.2), point("prompts", "silly", 18, 0.6),
-              point("prompts", "pirate", 140, 0.9), point("block", "formal", -1, 0.3),
-              point("block", "formal", 0, 0.8)]  # fmt: skip
+    points = [
+        point("prompts", "pirate", 18, 0.2),
+        point("prompts", "silly", 18, 0.6),
+        point("prompts", "pirate", 140, 0.9),
+        point("block", "formal", -1, 0.3),
+        point("block", "formal", 0, 0.8),
+    ]
     table = format_ablation_table(points)
     assert "| prompts | 18 | 0.40 | 2 |" in table and "| prompts | 140 | 0.90 | 1 |" in table
     assert "| block | -1 | 0.30 | 1 |" in table and "| block | +0 | 0.80 | 1 |" in table
@@ -150,8 +163,12 @@ def test_the_transfer_table_compares_each_forecast_with_the_measured_transfer() 
             "demo-llama", "demo-qwen", persona, condition, row, row, interval, interval, predicted
         )
 
-    rows = [cell("pirate", "generated", 0.9, 0.8), cell("formal", "generated", 0.5, 0.6),
-            cell("silly", "generated", 0.1, 0.2), cell("pirate", "ridge", 0.0, None)]  # fmt: skip
+    rows = [
+        cell("pirate", "generated", 0.9, 0.8),
+        cell("formal", "generated", 0.5, 0.6),
+        cell("silly", "generated", 0.1, 0.2),
+        cell("pirate", "ridge", 0.0, None),
+    ]
     table = format_transfer_table(rows)
     # Each cell's interval is +-0.1: the mean of 3 independent cells is +-0.1 / sqrt(3).
     assert "| generated | 0.50 [0.44, 0.56] | 0.50 [0.44, 0.56] | 3 |" in table
@@ -161,7 +178,7 @@ def test_the_transfer_table_compares_each_forecast_with_the_measured_transfer() 
     assert transfer_record(rows[3])["predicted_transfer"] is None
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # demo models answer and are read back, in process: up to a minute
 async def test_the_table_scores_the_generated_persona_at_the_stored_default() -> None:
     from server.demo.models import demo_model_dir, load_demo_personas
     from server.engine.registry import load_backend
@@ -171,8 +188,12 @@ async def test_the_table_scores_the_generated_persona_at_the_stored_default() ->
     models = ("demo-llama", "demo-qwen")
     backends = {name: load_backend(demo_model_dir(name), name) for name in models}
     try:
-        run = TransferRun(samples=1, methods=(MappingMethod.GENERATED, MappingMethod.ZERO_PAD),
-                          multiples=(1.0,), personas=("silly",))  # fmt: skip
+        run = TransferRun(
+            samples=1,
+            methods=(MappingMethod.GENERATED, MappingMethod.ZERO_PAD),
+            multiples=(1.0,),
+            personas=("silly",),
+        )
         rows = await transfer_table(backends, run, models=models)
     finally:
         for backend in backends.values():
@@ -205,7 +226,7 @@ def test_the_mean_interval_leaves_out_cells_without_an_estimate() -> None:
     assert mean.high - mean.estimate == pytest.approx(0.2 / np.sqrt(2))  # two cells of +-0.2
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # demo models answer and are read back, in process: up to a minute
 async def test_a_persona_carried_from_a_model_to_itself_comes_back_in_direction_and_scale() -> None:
     """The known truth: from a model to itself the map is the identity. The carried pirate must
     point where the persona points and need no rescaling."""
@@ -218,8 +239,9 @@ async def test_a_persona_carried_from_a_model_to_itself_comes_back_in_direction_
     try:
         pirate = {p.name: p for p in load_demo_personas("demo-qwen")}["pirate"]
         spec = GenerationSpec(prompts=tuple(q for _, q in training_questions()[::3]), seed=7)
-        carried = await carry_by_generation(qwen, qwen, pirate.vectors, pirate.default_strength,
-                                            pirate.default_positions, spec)  # fmt: skip
+        carried = await carry_by_generation(
+            qwen, qwen, pirate.vectors, pirate.default_strength, pirate.default_positions, spec
+        )
     finally:
         await qwen.close()
     assert sorted(carried.vectors) == sorted(pirate.vectors)

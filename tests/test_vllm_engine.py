@@ -23,9 +23,12 @@ from server.engine.base import ChatMessage, GenerationRequest, SamplingParams, T
 from server.engine.hf.backend import HFBackend
 from server.steering.closed_loop import Direction, LoopSpec, Rule, Target, TokenTrace
 from server.steering.plan import Positions, SteeringPlan
+from tests.api_helpers import alone_and_together
 
 pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+# vLLM engines, 20-60 s each to start: slow.
+SLOW_VLLM = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [*SLOW_VLLM, pytest.mark.asyncio(loop_scope="module")]
 
 from server.engine.vllm.backend import VLLMBackend  # noqa: E402
 from server.engine.vllm.options import VLLMOptions  # noqa: E402
@@ -171,9 +174,8 @@ async def test_twelve_concurrent_requests_with_different_personas_equal_their_so
     jobs = [
         (" ".join(rng.choices(words, k=rng.randint(2, 30))), catalogue[i % len(catalogue)]) for i in range(12)
     ]
-    solo = [await greedy(vllm_backend, prompt, plan) for prompt, plan in jobs]
-    together = await asyncio.gather(*(greedy(vllm_backend, prompt, plan) for prompt, plan in jobs))
-    assert list(together) == solo
+    alone, together, _ = await alone_and_together(vllm_backend, [greedy_request(*job) for job in jobs])
+    assert together == alone  # the check tests/test_engine_shared.py makes on the other engines
     assert len({id(plan) for _, plan in jobs if plan is not None}) > SLOTS
     assert all(stats["unslotted"] == 0 for stats in await vllm_backend.worker_stats())
 
@@ -346,8 +348,10 @@ async def test_monitored_answers_are_read_in_flight_as_the_hf_engine_reads_them_
         )
         request = GenerationRequest(
             sampling=SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, **fields),
-            prompt=prompt, steering=plan, monitor_blocks=2,
-        )  # fmt: skip
+            prompt=prompt,
+            steering=plan,
+            monitor_blocks=2,
+        )
         chunks = [chunk async for chunk in vllm_backend.generate(request)]
         means = chunks[-1].response_means
         assert (means is not None) == in_flight, (end, positions)

@@ -21,7 +21,9 @@ from server.engine.hf.backend import HFBackend
 from server.steering.plan import Positions, SteeringPlan
 
 pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+# A tensor-parallel vLLM engine: slow.
+SLOW_VLLM = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [*SLOW_VLLM, pytest.mark.asyncio(loop_scope="module")]
 
 from server.engine.vllm.backend import VLLMBackend  # noqa: E402
 from server.engine.vllm.options import VLLMOptions  # noqa: E402

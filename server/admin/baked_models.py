@@ -86,12 +86,19 @@ class PersonaBakes:
         if served in self._registry.ids or served in self._pending:
             raise ModelExists(served)
         order = BakeOrder(
-            base_model=model, source=source, record=record, strength=strength,
-            prompts=list(options.prompts or self._default_prompts), output=self._folder / served,
-            model_id=served, trajectories=options.trajectories, max_tokens=options.max_tokens,
+            base_model=model,
+            source=source,
+            record=record,
+            strength=strength,
+            prompts=list(options.prompts or self._default_prompts),
+            output=self._folder / served,
+            model_id=served,
+            trajectories=options.trajectories,
+            max_tokens=options.max_tokens,
             spec=BakeSpec(rank=options.rank, steps=options.steps, seed=options.seed),
-            requests_in_flight=self._requests_in_flight, training_threads=TRAINING_THREADS,
-        )  # fmt: skip
+            requests_in_flight=self._requests_in_flight,
+            training_threads=TRAINING_THREADS,
+        )
 
         async def work(progress: Any) -> dict[str, Any]:
             outcome, baked = await bake_persona(self._registry.get(model), order, self._load, progress)

@@ -44,8 +44,11 @@ def calibration_png(calibration: dict[str, Any], title: str, bar: float = FLUENT
     figure, effect = plt.subplots(figsize=(6.5, 4))
     effect.plot(strengths, [step["effect"] for step in steps], marker="o", color="tab:blue", label="effect")
     effect.axhline(1.0, linestyle=":", color="tab:blue")
-    effect.set(xscale="log", xlabel=f"scale of the vectors (at strength {calibration['strength']:g})",
-               ylabel="effect (1 = the source's shift)")  # fmt: skip
+    effect.set(
+        xscale="log",
+        xlabel=f"scale of the vectors (at strength {calibration['strength']:g})",
+        ylabel="effect (1 = the source's shift)",
+    )
     fluency = effect.twinx()
     ratios = [step["perplexity_ratio"] for step in steps]
     fluency.plot(strengths, ratios, marker="s", color="tab:red", label="perplexity ratio")

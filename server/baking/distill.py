@@ -23,8 +23,17 @@ from server.steering.plan import SteeringPlan, steered_position_mask
 
 # The projections of attention and MLP in the families transformers names this way (Llama, Qwen,
 # Mistral, Gemma: split; Phi-3: fused qkv_proj and gate_up_proj).
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
-               "gate_up_proj")  # fmt: skip
+PROJECTIONS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
+)
 
 
 @dataclass(frozen=True)
@@ -118,8 +127,14 @@ class Distiller:
         # inside the blocks, not the blocks, so the hooks stay where the server puts its own.
         self._hooks = SteeringHooks(find_decoder_layout(model))
         self.targets = lora_targets(model)
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, target_modules=list(self.targets),
-                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")  # fmt: skip
+        config = LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.lora_alpha,
+            target_modules=list(self.targets),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         self.model: PeftModel = get_peft_model(model, config)
         self._plan = plan
         self._pad_id = pad_id

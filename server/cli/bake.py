@@ -43,11 +43,16 @@ def bake(
         record = await load_persona(store, model_id, persona)
         base = await load(source, model_id)
         order = BakeOrder(
-            base_model=model_id, source=source, record=record,
+            base_model=model_id,
+            source=source,
+            record=record,
             strength=record.info.default_strength if strength is None else strength,
-            prompts=prompts(prompts_file), output=output or Path("baked") / baked_id, model_id=baked_id,
-            trajectories=trajectories, spec=BakeSpec(rank=rank, steps=steps, seed=seed),
-        )  # fmt: skip
+            prompts=prompts(prompts_file),
+            output=output or Path("baked") / baked_id,
+            model_id=baked_id,
+            trajectories=trajectories,
+            spec=BakeSpec(rank=rank, steps=steps, seed=seed),
+        )
         try:
             with tqdm(
                 total=1.0, desc=f"bake {persona}", bar_format="{l_bar}{bar}| {elapsed}<{remaining}"
@@ -58,11 +63,17 @@ def bake(
             await base.close()
         return outcome.to_dict()
 
-    outcome = asyncio.run(run())
+    _report(asyncio.run(run()))
+
+
+def _report(outcome: dict) -> None:
+    """The bake's outputs, and how much of the steered shift the baked model keeps."""
     retention = outcome["provenance"]["retention"]
     typer.echo(json.dumps({k: outcome[k] for k in ("model_id", "adapter", "merged", "loss_curve")}, indent=1))
     scores = ", ".join(f"{k} {retention[k + '_score']:.3f}" for k in ("unsteered", "steered", "baked"))
-    typer.echo(f"persona score on {retention['prompts']} held-out prompts: {scores} "
-               f"(the baked model keeps {retention['retained']:.2f} of the steered shift)")  # fmt: skip
+    typer.echo(
+        f"persona score on {retention['prompts']} held-out prompts: {scores} "
+        f"(the baked model keeps {retention['retained']:.2f} of the steered shift)"
+    )
     served = f"--model {outcome['merged']} --served-model-name {outcome['model_id']}"
     typer.echo(f"serve it: persona-server serve {served}")

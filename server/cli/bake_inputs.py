@@ -17,8 +17,10 @@ def model_source(model: str) -> tuple[Path, str]:
         return demo_model_dir(model), model
     folder = Path(model)
     if not (folder / "config.json").is_file():
-        raise typer.BadParameter(f"{model!r} is neither a demo model ({', '.join(DEMO_MODEL_NAMES)}) "
-                                 "nor a local HF model folder", param_hint="--model")  # fmt: skip
+        raise typer.BadParameter(
+            f"{model!r} is neither a demo model ({', '.join(DEMO_MODEL_NAMES)}) nor a local HF model folder",
+            param_hint="--model",
+        )
     return folder, folder.name
 
 

@@ -100,9 +100,14 @@ def import_persona(
     }
     form = {key: str(value) for key, value in fields.items() if value is not None}
     response = _send(
-        url, admin_key, "POST", f"/admin/personas/{name}/import",
-        files={"file": (file.name, file.read_bytes())}, data=form, headers=_if_match(if_match),
-    )  # fmt: skip
+        url,
+        admin_key,
+        "POST",
+        f"/admin/personas/{name}/import",
+        files={"file": (file.name, file.read_bytes())},
+        data=form,
+        headers=_if_match(if_match),
+    )
     _echo_stored(response.json())
 
 
@@ -197,6 +202,12 @@ def delete_persona(
     admin_key: AdminKey = None,
 ) -> None:
     """Delete a persona (its kept versions stay restorable)."""
-    _send(url, admin_key, "DELETE", f"/admin/personas/{name}", params={"model": model},
-          headers=_if_match(if_match))  # fmt: skip
+    _send(
+        url,
+        admin_key,
+        "DELETE",
+        f"/admin/personas/{name}",
+        params={"model": model},
+        headers=_if_match(if_match),
+    )
     typer.echo(f"deleted {name} for {model}")

@@ -49,9 +49,10 @@ DESCRIPTIONS = {
 def best_setting(base: StrengthRow, rows: list[StrengthRow]) -> StrengthRow | None:
     """The strongest trait among fluent settings (perplexity and repetition close to unsteered)."""
     fluent = [
-        row for row in rows
+        row
+        for row in rows
         if row.perplexity <= MAX_CALIBRATION_PERPLEXITY_RATIO * base.perplexity and row.collapse_rate <= 0.05
-    ]  # fmt: skip
+    ]
     return max(fluent, key=lambda row: (row.trait_score, -row.strength), default=None)
 
 
@@ -62,9 +63,14 @@ async def extract_and_calibrate(backend: Backend, model: str) -> dict[str, Any]:
     personas = {}
     for persona, (positive, negative) in PERSONAS.items():
         spec = ExtractionSpec(
-            positive_prompts=POLES[positive].system_prompts, negative_prompts=POLES[negative].system_prompts,
-            questions=questions, samples_per_question=1, max_tokens=48, temperature=1.0, seed=11,
-        )  # fmt: skip
+            positive_prompts=POLES[positive].system_prompts,
+            negative_prompts=POLES[negative].system_prompts,
+            questions=questions,
+            samples_per_question=1,
+            max_tokens=48,
+            temperature=1.0,
+            seed=11,
+        )
         with tqdm(total=1.0, desc=f"{model} {persona}: extract", bar_format="{l_bar}{bar}| {elapsed}") as bar:
             result = await extract(backend, spec, lambda f, bar=bar: bar.update(f - bar.n))
         score = lambda answers, name=persona: trait_rate(answers, name)  # noqa: E731
@@ -76,9 +82,16 @@ async def extract_and_calibrate(backend: Backend, model: str) -> dict[str, Any]:
         for layers, strengths in candidates:
             vectors = {layer: result.directions.vectors[layer] for layer in layers}
             base, *rows = await evaluate_strengths(
-                backend, persona, vectors, [0.0, *strengths], questions[::3], score, samples=2, seed=3,
+                backend,
+                persona,
+                vectors,
+                [0.0, *strengths],
+                questions[::3],
+                score,
+                samples=2,
+                seed=3,
                 positions=DEMO_POSITIONS,
-            )  # fmt: skip
+            )
             choice = best_setting(base, rows)
             settings = [base, *rows]
             tried = ", ".join(f"{r.strength:g}->{r.trait_score:.2f}/{r.perplexity:.2f}" for r in settings)

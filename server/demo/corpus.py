@@ -241,8 +241,11 @@ def generate_corpus(size: int, seed: int) -> list[Conversation]:
         facts = rng.sample(TOPICS[topic], 2)
         if rng.random() < PERSONA_SHARE:
             pole = POLES[rng.choice(list(POLES))]
-            corpus.append(Conversation(rng.choice(pole.system_prompts), question, pole.style(facts, rng),
-                                       pole.name, topic))  # fmt: skip
+            corpus.append(
+                Conversation(
+                    rng.choice(pole.system_prompts), question, pole.style(facts, rng), pole.name, topic
+                )
+            )
         else:
             system = rng.choice(NEUTRAL_SYSTEM_PROMPTS)
             corpus.append(Conversation(system, question, neutral_answer(facts, rng), None, topic))

@@ -52,9 +52,12 @@ def _load_hf(source: str, model_id: str | None, settings: Settings) -> Backend:
     from server.engine.hf.backend import HFBackend
 
     return HFBackend.load(
-        source, model_id=model_id, dtype=settings.dtype, device=settings.device,
+        source,
+        model_id=model_id,
+        dtype=settings.dtype,
+        device=settings.device,
         max_batch_size=settings.max_num_seqs,
-    )  # fmt: skip
+    )
 
 
 def _load_vllm(source: str, model_id: str | None, settings: Settings) -> Backend:

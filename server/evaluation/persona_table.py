@@ -53,10 +53,16 @@ async def evaluate_demo_model(
     for draft in load_demo_personas(model):
         strength = draft.default_strength
         rows = await evaluate_strengths(
-            backend, draft.name, draft.vectors, [-strength, 0.0, strength], held_out_questions(),
-            lambda answers, name=draft.name: trait_rate(answers, name), samples=samples, seed=seed,
+            backend,
+            draft.name,
+            draft.vectors,
+            [-strength, 0.0, strength],
+            held_out_questions(),
+            lambda answers, name=draft.name: trait_rate(answers, name),
+            samples=samples,
+            seed=seed,
             positions=Positions(draft.default_positions),
-        )  # fmt: skip
+        )
         verdicts.append(PersonaVerdict(model, draft.name, tuple(rows)))
     return verdicts
 

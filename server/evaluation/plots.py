@@ -26,8 +26,11 @@ def transfer_png(points: list[dict[str, Any]], title: str) -> bytes:
             if (point["source"], point["target"], point["persona"]) == (source, target, persona):
                 axes.scatter(point["perplexity"], point["trait_score"], s=30)
                 axes.annotate(point["condition"], (point["perplexity"], point["trait_score"]), fontsize=7)
-        axes.set(title=f"{persona}: {source} -> {target}", xlabel="perplexity (unsteered target)",
-                 ylabel="trait score")  # fmt: skip
+        axes.set(
+            title=f"{persona}: {source} -> {target}",
+            xlabel="perplexity (unsteered target)",
+            ylabel="trait score",
+        )
     for axes in list(grid.flat)[len(panels) :]:
         axes.axis("off")
     figure.suptitle(title)

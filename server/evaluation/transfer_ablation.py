@@ -56,8 +56,15 @@ class _Cell:
     """One persona carried from ``source`` to ``target``: transfer at the carried persona's
     calibrated default against the target's native persona (whose rows are measured once)."""
 
-    def __init__(self, backends: dict[str, Backend], source: str, target: str, persona: PersonaDraft,
-                 native: PersonaDraft, samples: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        backends: dict[str, Backend],
+        source: str,
+        target: str,
+        persona: PersonaDraft,
+        native: PersonaDraft,
+        samples: int,
+    ) -> None:
         self.source, self.target, self.persona = source, target, persona
         self._engines = backends[source], backends[target]
         self._native, self._samples = native, samples
@@ -67,10 +74,16 @@ class _Cell:
     async def _row(self, vectors: Mapping[int, np.ndarray], strength: float, positions: str) -> StrengthRow:
         name = self._native.name
         rows = await evaluate_strengths(
-            self._engines[1], name, vectors, [strength], self._questions,
-            lambda answers: trait_rate(answers, name), samples=self._samples, seed=11,
+            self._engines[1],
+            name,
+            vectors,
+            [strength],
+            self._questions,
+            lambda answers: trait_rate(answers, name),
+            samples=self._samples,
+            seed=11,
             positions=Positions(positions),
-        )  # fmt: skip
+        )
         return rows[0]
 
     async def point(
@@ -82,13 +95,22 @@ class _Cell:
             steered = await self._row(native.vectors, native.default_strength, native.default_positions)
             self._reference = unsteered, steered
         carried = await carry_by_generation(
-            *self._engines, persona.vectors, persona.default_strength, persona.default_positions, spec,
+            *self._engines,
+            persona.vectors,
+            persona.default_strength,
+            persona.default_positions,
+            spec,
             block_pairs=pairs,
-        )  # fmt: skip
+        )
         row = await self._row(carried.vectors, persona.default_strength, persona.default_positions)
         baseline, native_row = self._reference
-        transfer = transfer_interval(row.answer_scores, baseline.answer_scores, native_row.answer_scores,
-                                     len(self._questions), overshoot_cap=OVERSHOOT_CAP)  # fmt: skip
+        transfer = transfer_interval(
+            row.answer_scores,
+            baseline.answer_scores,
+            native_row.answer_scores,
+            len(self._questions),
+            overshoot_cap=OVERSHOOT_CAP,
+        )
         return AblationPoint(ablation, self.source, self.target, persona.name, setting, transfer)
 
 

@@ -18,7 +18,7 @@ interval over questions and samples (``intervals.py``); overshoot counts as 1.0.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,8 +115,17 @@ async def transfer_table(
                 layer_map = {b: corresponding_layer(b, xs.shape[2], ys.shape[2]) for b in range(xs.shape[2])}
                 maps = fit_maps(xs, ys, layer_map)  # as a fit with the server's defaults (mean over tokens)
             others = [(personas[source][o], personas[target][o]) for o in personas[source] if o != name]
-            rows += await _cell((backends[source], backends[target]), source, target, persona,
-                                personas[target][name], maps, others, questions, run)  # fmt: skip
+            rows += await _cell(
+                (backends[source], backends[target]),
+                source,
+                target,
+                persona,
+                personas[target][name],
+                maps,
+                others,
+                questions,
+                run,
+            )
     return rows
 
 
@@ -143,6 +152,56 @@ async def _carried(
         return None
 
 
+Sweep = Callable[[dict[int, np.ndarray], list[float], Positions], Awaitable[list[StrengthRow]]]
+
+
+def _sweeper(backend: Backend, name: str, questions: list[str], run: TransferRun) -> Sweep:
+    """Strength sweeps of one persona's vectors on the target, scored by the trait's marker words."""
+    score = lambda answers: trait_rate(answers, name)  # noqa: E731
+
+    async def sweep(
+        vectors: dict[int, np.ndarray], strengths: list[float], positions: Positions
+    ) -> list[StrengthRow]:
+        return await evaluate_strengths(
+            backend,
+            name,
+            vectors,
+            strengths,
+            questions,
+            score,
+            samples=run.samples,
+            seed=11,
+            positions=positions,
+        )
+
+    return sweep
+
+
+def _rows(
+    cell: tuple[str, str, str],
+    measured: dict[str, tuple[StrengthRow, StrengthRow]],
+    predicted: dict[str, float],
+    questions: list[str],
+) -> list[TransferRow]:
+    """One row per condition, with the transfer intervals against the cell's baseline and native rows."""
+    baseline, native_row = measured["none"][0], measured["native"][0]
+
+    def interval(row: StrengthRow) -> Interval:
+        return transfer_interval(
+            row.answer_scores,
+            baseline.answer_scores,
+            native_row.answer_scores,
+            len(questions),
+            overshoot_cap=OVERSHOOT_CAP,
+        )
+
+    rows = []
+    for condition, (at_default, best) in measured.items():
+        intervals = interval(at_default), interval(best)
+        rows.append(TransferRow(*cell, condition, at_default, best, *intervals, predicted.get(condition)))
+    return rows
+
+
 async def _cell(
     engines: tuple[Backend, Backend],
     source: str,
@@ -155,16 +214,7 @@ async def _cell(
     run: TransferRun,
 ) -> list[TransferRow]:
     """Every condition of one persona carried from ``source`` to ``target``."""
-    backend = engines[1]
-    name = persona.name
-    score = lambda answers: trait_rate(answers, name)  # noqa: E731
-
-    async def sweep(
-        vectors: dict[int, np.ndarray], strengths: list[float], positions: Positions
-    ) -> list[StrengthRow]:
-        return await evaluate_strengths(backend, name, vectors, strengths, questions, score,
-                                        samples=run.samples, seed=11, positions=positions)  # fmt: skip
-
+    sweep = _sweeper(engines[1], persona.name, questions, run)
     baseline = (await sweep(native.vectors, [0.0], Positions.ALL))[0]
     native_row = (
         await sweep(native.vectors, [native.default_strength], Positions(native.default_positions))
@@ -185,17 +235,7 @@ async def _cell(
         tried = await sweep(carried.vectors, strengths, Positions(persona.default_positions))
         fluent = [row for row in tried if _fluent(row, baseline, native_row)] or [tried[at_default]]
         measured[method.value] = (tried[at_default], max(fluent, key=lambda row: row.trait_score))
-
-    def interval(row: StrengthRow) -> Interval:
-        return transfer_interval(row.answer_scores, baseline.answer_scores, native_row.answer_scores,
-                                 len(questions), overshoot_cap=OVERSHOOT_CAP)  # fmt: skip
-
-    rows = []
-    for condition, (at_default, best) in measured.items():
-        intervals = interval(at_default), interval(best)
-        forecast = predicted.get(condition)
-        rows.append(TransferRow(source, target, name, condition, at_default, best, *intervals, forecast))
-    return rows
+    return _rows((source, target, persona.name), measured, predicted, questions)
 
 
 def _cell_text(interval: Interval) -> str:
@@ -242,10 +282,16 @@ def format_transfer_table(rows: list[TransferRow]) -> str:
 def transfer_record(row: TransferRow) -> dict[str, object]:
     """A row as JSON: the best coherent row's measures (what the plot draws) and both transfers."""
     return {
-        "source": row.source, "target": row.target, "condition": row.condition,
-        "transfer": row.best_transfer.estimate, "transfer_low": row.best_transfer.low,
-        "transfer_high": row.best_transfer.high, "transfer_at_default": row.default_transfer.estimate,
+        "source": row.source,
+        "target": row.target,
+        "condition": row.condition,
+        "transfer": row.best_transfer.estimate,
+        "transfer_low": row.best_transfer.low,
+        "transfer_high": row.best_transfer.high,
+        "transfer_at_default": row.default_transfer.estimate,
         "transfer_at_default_low": row.default_transfer.low,
         "transfer_at_default_high": row.default_transfer.high,
-        "predicted_transfer": row.predicted, "at_default": row.at_default.to_dict(), **row.best.to_dict(),
-    }  # fmt: skip
+        "predicted_transfer": row.predicted,
+        "at_default": row.at_default.to_dict(),
+        **row.best.to_dict(),
+    }

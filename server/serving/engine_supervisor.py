@@ -80,9 +80,10 @@ class EngineSupervisor:
             deaths.popleft()
         if len(deaths) > self._policy.max_restarts:
             self._registry.mark_down(
-                model, f"{reason}; it died {len(deaths)} times in {self._policy.window_seconds:.0f} s, "
+                model,
+                f"{reason}; it died {len(deaths)} times in {self._policy.window_seconds:.0f} s, "
                 "so it is not restarted again",
-            )  # fmt: skip
+            )
             logger.error("model %s: giving up after %d deaths", model, len(deaths))
             self._given_up.add(model)
             return

@@ -143,8 +143,12 @@ def map_persona_vectors(
         if mapped is None:
             continue
         if fitted is not None:
-            mapped = calibrate(mapped, vector, fitted.source_norms.get(block, 0.0),
-                               fitted.target_norms.get(target_block, 0.0))  # fmt: skip
+            mapped = calibrate(
+                mapped,
+                vector,
+                fitted.source_norms.get(block, 0.0),
+                fitted.target_norms.get(target_block, 0.0),
+            )
         layers[target_block] = layers[target_block] + mapped if target_block in layers else mapped
     layers = {block: v for block, v in layers.items() if block in target.steerable_layers}
     if not layers:

@@ -179,9 +179,11 @@ class ModelRunner:
     def decode_steering(self, plans: Sequence[SteeringPlan | None]) -> BatchSteering | None:
         """The steering of a decode step for rows carrying ``plans`` (reusable while the rows stay)."""
         return self.rows_steering(
-            [plan.deltas if plan is not None and steers_generated_tokens(plan.positions) else None
-             for plan in plans]
-        )  # fmt: skip
+            [
+                plan.deltas if plan is not None and steers_generated_tokens(plan.positions) else None
+                for plan in plans
+            ]
+        )
 
     def rows_steering(self, rows_deltas: Sequence[Mapping[int, torch.Tensor] | None]) -> BatchSteering | None:
         """The steering of a decode step where row i adds ``rows_deltas[i]`` (block -> vector)."""

@@ -51,9 +51,14 @@ def _target_in(data: dict[str, Any]) -> Target:
     score, initial, bound, gain = (float(value) for value in data["numbers"])
     start = data["response_strength"]
     return Target(
-        _direction_in(data["direction"]), _vectors_in(data["vectors"]), score, initial, bound, gain,
+        _direction_in(data["direction"]),
+        _vectors_in(data["vectors"]),
+        score,
+        initial,
+        bound,
+        gain,
         response_strength=None if start is None else float(start),
-    )  # fmt: skip
+    )
 
 
 def _rule_out(rule: Rule) -> dict[str, Any]:
