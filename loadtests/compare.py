@@ -33,15 +33,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from loadtests.bench_options import bench_parser
 from loadtests.engine_bench import REFERENCE_SIZES
-from loadtests.interleaved import Condition, print_ratios, print_table, run_interleaved
+from loadtests.interleaved import Condition, report, run_interleaved
 from loadtests.peers import (
     VLLM_ENV,
     check_llama_cpp_runs_to_max_tokens,
@@ -204,24 +204,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 Condition("llama_cpp.server", gguf_peer.url, GGUF_MODEL, n, [{}], count_usage=False)
             )
         await run_interleaved(conditions, args.rounds, args.requests, args.max_tokens)
-    print(
+    heading = (
         f"\nReference Llama (d=512, 8 blocks, head dim 64, float32; GGUF F32), {os.cpu_count()} cores, "
         f"{args.rounds} rounds x {args.requests} chat requests x {args.max_tokens} tokens, "
         "greedy\n"
     )
-    figures = print_table(conditions)
     measured = ratios(conditions) if TARGET_CONCURRENCY in args.concurrency else {}
-    print_ratios(measured)
-    return {"figures": figures, "ratios": {name: value for name, (value, _) in measured.items()}}
+    return report(conditions, measured, heading, args.json)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=16, help="requests per condition and round")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser = bench_parser(__doc__, rounds=3, requests=16)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, TARGET_CONCURRENCY])
     parser.add_argument("--vllm", action="store_true", help="add the vLLM engine and plain vLLM")
     parser.add_argument(
@@ -235,8 +228,4 @@ if __name__ == "__main__":
         default=None,
         help="the `transformers` script of another environment (the vllm extra pins transformers < 5.20)",
     )
-    parser.add_argument("--json", type=Path, default=None)
-    arguments = parser.parse_args()
-    summary = asyncio.run(main(arguments))
-    if arguments.json is not None:
-        arguments.json.write_text(json.dumps(summary, indent=2))
+    asyncio.run(main(parser.parse_args()))

@@ -10,7 +10,6 @@ shuffled order each round, so that the machine's drift hits them all alike; the 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from loadtests.bench_options import bench_parser
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
 from server.steering.plan import SteeringPlan
@@ -164,12 +164,5 @@ async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | Non
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=32, help="requests per condition and round")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
-    args = parser.parse_args()
+    args = bench_parser(__doc__, rounds=3, requests=32).parse_args()
     asyncio.run(main(args.rounds, args.requests, args.max_tokens, args.json))

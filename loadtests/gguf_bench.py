@@ -20,15 +20,14 @@ requests counts max_tokens tokens.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import tempfile
 from pathlib import Path
 
+from loadtests.bench_options import bench_parser
 from loadtests.engine_bench import REFERENCE_SIZES
-from loadtests.interleaved import Condition, print_ratios, print_table, run_interleaved
+from loadtests.interleaved import Condition, report, run_interleaved
 from loadtests.peers import check_llama_cpp_runs_to_max_tokens, llama_cpp_server
 from server.gguf.model import convert_hf_to_gguf
 from testkit.personas import random_vector, upload
@@ -95,25 +94,13 @@ async def main(rounds: int, requests: int, max_tokens: int, json_out: Path | Non
                     Condition("llama_cpp.server", peer.url, MODEL, n, [{}], count_usage=False),
                 ]
             await run_interleaved(conditions, rounds, requests, max_tokens)
-    print(
+    heading = (
         f"\nGGUF F32 reference Llama (d=512, 8 blocks), {os.cpu_count()} cores, {rounds} rounds x "
         f"{requests} chat requests x {max_tokens} tokens, greedy\n"
     )
-    figures = print_table(conditions)
-    measured = ratios(conditions)
-    print_ratios(measured)
-    if json_out is not None:
-        summary = {"figures": figures, "ratios": {k: v for k, (v, _) in measured.items()}}
-        json_out.write_text(json.dumps(summary, indent=2))
+    report(conditions, ratios(conditions), heading, json_out)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--requests", type=int, default=16, help="requests per condition and round")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = bench_parser(__doc__, rounds=2, requests=16).parse_args()
     asyncio.run(main(args.rounds, args.requests, args.max_tokens, args.json))

@@ -13,9 +13,11 @@ False: llama_cpp.server), where each request counts max_tokens and must end by l
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -139,3 +141,19 @@ def print_ratios(ratios: dict[str, tuple[float, float]] | dict[str, tuple[float,
             print(f"| {name} | {value:.3f} | none | |")
         else:
             print(f"| {name} | {value:.3f} | >= {target} | {'yes' if value >= target else 'no'} |")
+
+
+def report(
+    conditions: list[Condition],
+    measured: dict[str, tuple[float, float]] | dict[str, tuple[float, float | None]],
+    heading: str,
+    json_out: Path | None = None,
+) -> dict[str, Any]:
+    """The run's heading, its figures' table and its ratios' table; the same as JSON in ``json_out``."""
+    print(heading)
+    figures = print_table(conditions)
+    print_ratios(measured)
+    summary = {"figures": figures, "ratios": {name: value for name, (value, _) in measured.items()}}
+    if json_out is not None:
+        json_out.write_text(json.dumps(summary, indent=2))
+    return summary

@@ -32,8 +32,9 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+from loadtests.bench_options import bench_parser
 from loadtests.engine_bench import REFERENCE_SIZES
-from loadtests.interleaved import Condition, print_ratios, print_table, run_interleaved
+from loadtests.interleaved import Condition, report, run_interleaved
 from loadtests.peers import VLLM_ENV, vllm_server
 from testkit.personas import random_vector, upload
 from testkit.server_process import ServerProcess
@@ -127,29 +128,17 @@ async def main(args: argparse.Namespace) -> None:
             for c in conditions_at(n, compiled.url, eager.url, plain.url, plain_eager.url)
         ]
         await run_interleaved(conditions, args.rounds, args.requests, args.max_tokens)
-    print(
+    heading = (
         f"\nLlama (d={hidden}, {blocks} blocks, {args.dtype}), {os.cpu_count()} cores, {args.rounds} "
         f"rounds x {args.requests} chat requests (at least 2 x concurrency) x {args.max_tokens} tokens, "
         "greedy\n"
     )
-    figures = print_table(conditions)
-    measured = ratios(conditions)
-    print_ratios(measured)
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps({"figures": figures, "ratios": {k: v for k, (v, _) in measured.items()}}, indent=2)
-        )
+    report(conditions, ratios(conditions), heading, args.json)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=16, help="requests per condition and round")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser = bench_parser(__doc__, rounds=3, requests=16)
     parser.add_argument("--hidden", type=int, default=None, help="hidden size (default: the reference 512)")
     parser.add_argument("--blocks", type=int, default=None, help="decoder blocks (default: the reference 8)")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--json", type=Path, default=None)
     asyncio.run(main(parser.parse_args()))
