@@ -25,11 +25,16 @@ _WORDS = (
 SUPPORTED_ARCHITECTURES = (
     "llama",
     "mistral",
+    "mixtral",
     "qwen2",
     "qwen3",
+    "qwen3_moe",
     "gemma2",
     "gemma3_text",
     "phi3",
+    "olmo2",
+    "granite",
+    "gpt_oss",
     "gpt2",
     "gpt_neox",
     "opt",
@@ -86,11 +91,37 @@ def _family_fields(
     if architecture == "opt":
         return {"word_embed_proj_dim": hidden_size}
     fields: dict[str, Any] = {"num_key_value_heads": num_kv_heads, "tie_word_embeddings": False}
-    if architecture in ("qwen3", "gemma2", "gemma3_text"):
+    if architecture in ("qwen3", "qwen3_moe", "gemma2", "gemma3_text", "gpt_oss"):
         fields["head_dim"] = hidden_size // num_heads
-    if architecture in ("gemma2", "gemma3_text"):
+    if architecture in ("gemma2", "gemma3_text", "gpt_oss"):
         fields["sliding_window"] = max_positions
-    return fields
+    return {**fields, **_MIXTURE_FIELDS.get(architecture, {})}
+
+
+# Mixtures of experts: four experts, two per token, every block sparse. Granite's multipliers are set
+# away from 1 so that a steering test sees its scaled residual, embeddings and logits.
+_MIXTURE_FIELDS: dict[str, dict[str, Any]] = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+    # GPT-OSS: plain RoPE (its default YaRN scaling warns on a 1,024-position toy).
+    "gpt_oss": {
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "rope_parameters": {"rope_type": "default"},
+    },
+    "granite": {
+        "residual_multiplier": 0.5,
+        "embedding_multiplier": 2.0,
+        "attention_multiplier": 0.25,
+        "logits_scaling": 2.0,
+    },
+}
 
 
 def tiny_config(

@@ -35,13 +35,18 @@ def llama_cpp_buffer_offset(block: int, hidden_size: int) -> int:
 DECODER_BLOCK_PATHS: dict[str, str] = {
     "llama": "model.layers",
     "mistral": "model.layers",
+    "mixtral": "model.layers",
     "qwen2": "model.layers",
     "qwen3": "model.layers",
+    "qwen3_moe": "model.layers",
     "gemma": "model.layers",
     "gemma2": "model.layers",
     "gemma3_text": "model.layers",
     "gemma3": "model.language_model.layers",
     "phi3": "model.layers",
+    "olmo2": "model.layers",
+    "granite": "model.layers",  # its blocks scale their own residual branch: the output is the stream
+    "gpt_oss": "model.layers",
     "gpt2": "transformer.h",
     "gpt_neox": "gpt_neox.layers",
     "opt": "model.decoder.layers",
