@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,12 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from server.engine.model_loading import load_causal_lm
+from server.gguf.families import FAMILIES, Family, is_fused_expert, split_experts
 
-ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
-    "llama": gguf.MODEL_ARCH.LLAMA,
-    "mistral": gguf.MODEL_ARCH.LLAMA,
-    "qwen2": gguf.MODEL_ARCH.QWEN2,
-    "phi3": gguf.MODEL_ARCH.PHI3,
-}
-PERMUTED_ROPE = {gguf.MODEL_ARCH.LLAMA}
+ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {name: family.arch for name, family in FAMILIES.items()}
+PERMUTED_ROPE = {family.arch for family in FAMILIES.values() if family.permuted_rope}
+# Model types llama.cpp cannot be made to compute as transformers does: type -> why.
+NOT_CONVERTIBLE: dict[str, str] = {}
 
 
 class ConversionError(ValueError):
@@ -56,6 +55,7 @@ def _gguf_name(model_dir: str | Path) -> str:
 
 def _rope_theta(config: Any) -> float:
     parameters = getattr(config, "rope_parameters", None) or {}
+    parameters = parameters.get("full_attention", parameters)  # Gemma 3: per layer type
     if parameters.get("rope_type", "default") not in ("default", None):
         raise ConversionError(f"rope scaling {parameters['rope_type']!r} is not supported by this converter")
     return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
@@ -93,53 +93,85 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def convert_hf_to_gguf(model_dir: str | Path, output: str | Path) -> Path:
-    """Write ``model_dir`` (a local HF checkpoint) to ``output`` as an F32 GGUF model."""
-    config = AutoConfig.from_pretrained(model_dir)
-    arch = ARCHITECTURES.get(config.model_type)
-    if arch is None:
-        raise ConversionError(
-            f"cannot convert model type {config.model_type!r}; supported: {sorted(ARCHITECTURES)}"
-        )
-    model = load_causal_lm(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    n_head, n_kv_head = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+def _family(config: Any) -> Family:
+    model_type = config.model_type
+    if model_type in NOT_CONVERTIBLE:
+        raise ConversionError(f"cannot convert model type {model_type!r}: {NOT_CONVERTIBLE[model_type]}")
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ConversionError(f"cannot convert model type {model_type!r}; supported: {sorted(FAMILIES)}")
+    for check in family.checks:
+        problem = check(config)
+        if problem is not None:
+            raise ConversionError(f"cannot convert this {model_type} model: {problem}")
+    return family
 
-    output = Path(output)
-    writer = gguf.GGUFWriter(str(output), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(_gguf_name(model_dir))
+
+def _write_metadata(writer: gguf.GGUFWriter, config: Any, family: Family, vocab_size: int) -> None:
+    n_head = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv_head)
+    writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    vocab_size = model.get_input_embeddings().weight.shape[0]
     writer.add_vocab_size(vocab_size)
-    _write_tokenizer(writer, tokenizer, vocab_size)
+    family.metadata(writer, config)
 
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    state = model.state_dict()
+
+def _tensors(model: Any, config: Any, family: Family) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, data) of every tensor, in llama.cpp's layout."""
+    names = gguf.get_tensor_name_map(family.arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, tensor in state.items():
+    for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp falls back to token_embd for the output projection
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise ConversionError(f"no GGUF name for tensor {hf_name!r}")
         data = tensor.detach().to(torch.float32).numpy()
-        if arch in PERMUTED_ROPE and hf_name.endswith("q_proj.weight"):
-            data = permute_rope_rows(data, n_head)
-        elif arch in PERMUTED_ROPE and hf_name.endswith("k_proj.weight"):
-            data = permute_rope_rows(data, n_kv_head)
-        writer.add_tensor(name, np.ascontiguousarray(data))
+        parts = split_experts(hf_name, data, family) if is_fused_expert(hf_name) else [(hf_name, data)]
+        for part_name, part in parts:
+            yield _gguf_tensor_name(names, part_name), _layout(part_name, part, config, family)
+
+
+def _gguf_tensor_name(names: gguf.TensorNameMap, hf_name: str) -> str:
+    if hf_name == "lm_head.weight":
+        return "output.weight"  # some maps (Gemma 2) know only a tied output
+    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ConversionError(f"no GGUF name for tensor {hf_name!r}")
+    return name + ".weight" if name.endswith("attn_sinks") else name
+
+
+def _layout(hf_name: str, data: np.ndarray, config: Any, family: Family) -> np.ndarray:
+    if family.permuted_rope and hf_name.endswith("q_proj.weight"):
+        data = permute_rope_rows(data, config.num_attention_heads)
+    elif family.permuted_rope and hf_name.endswith("k_proj.weight"):
+        data = permute_rope_rows(data, config.num_key_value_heads)
+    elif family.norm_plus_one and hf_name.endswith("norm.weight"):
+        data = data + 1.0
+    return np.ascontiguousarray(data)
+
+
+def convert_hf_to_gguf(model_dir: str | Path, output: str | Path) -> Path:
+    """Write ``model_dir`` (a local HF checkpoint) to ``output`` as an F32 GGUF model."""
+    config = AutoConfig.from_pretrained(model_dir)
+    family = _family(config)
+    model = load_causal_lm(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    output = Path(output)
+    writer = gguf.GGUFWriter(str(output), gguf.MODEL_ARCH_NAMES[family.arch])
+    writer.add_name(_gguf_name(model_dir))
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    _write_metadata(writer, config, family, vocab_size)
+    _write_tokenizer(writer, tokenizer, vocab_size)
+    for name, data in _tensors(model, config, family):
+        writer.add_tensor(name, data)
     write_file(writer)
     return output
 
