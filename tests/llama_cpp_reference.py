@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,9 @@ from typing import Any
 import llama_cpp
 import numpy as np
 import torch
+
+from server.engine.model_loading import causal_lm_from_config
+from testkit.tiny_models import build_tokenizer, tiny_config
 
 
 def exact_llama(path: Path, n_ctx: int = 256, **extra: Any) -> llama_cpp.Llama:
@@ -59,3 +63,39 @@ def hf_logits(model: torch.nn.Module, ids: list[int], additions: Mapping[int, ob
     finally:
         for handle in handles:
             handle.remove()
+
+
+def tiny_variant(directory: Path, architecture: str, fields: Mapping[str, object]) -> Path:
+    """testkit's tiny model of ``architecture`` with ``fields`` of its config changed (random weights)."""
+    tokenizer = build_tokenizer()
+    config = tiny_config(architecture, len(tokenizer))
+    for name, value in fields.items():
+        setattr(config, name, value)
+    torch.manual_seed(0)
+    causal_lm_from_config(config, dtype=torch.float32).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+class Float16TableGelu(torch.nn.Module):
+    """GELU as llama.cpp's CPU kernel computes it (``GGML_GELU_FP16``): the input, rounded to float16,
+    indexes ggml's table of float16 values; 0 at -10 and below, the input itself at 10 and above. The
+    table is ggml's own, filled once llama.cpp has made a CPU backend (load a model first), read from
+    the copy of libggml-cpu that filled it (a wheel may ship the library twice, not as links)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        tables = [
+            np.frombuffer(
+                (ctypes.c_uint16 * (1 << 16)).in_dll(ctypes.CDLL(str(path)), "ggml_table_gelu_f16"),
+                np.float16,
+            )
+            for path in sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-cpu.so*"))
+        ]
+        filled = [table for table in tables if table.any()]
+        assert filled, "no filled GELU table: load a llama.cpp model first"
+        self.table = torch.from_numpy(filled[0].astype(np.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        looked_up = self.table[x.half().view(torch.int16).long() & 0xFFFF]
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, looked_up))

@@ -1,4 +1,20 @@
-"""The GGUF backend steers exactly like the HF backend on the same weights; lanes serve concurrently."""
+"""The GGUF backend steers exactly like the HF backend on the same weights; lanes serve concurrently.
+
+The converter writes llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, phi3, olmo2, granite and gpt_oss,
+and llama.cpp's logits equal transformers' within 1e-4 on each tiny model, unsteered and steered at
+each block 1..N-1; every one of those graphs names block N's output ``l_out-N``, after its control
+vector, which is where the engine reads and steers it. What is refused, and why:
+- gemma2 and gemma3_text (``NOT_CONVERTIBLE``): llama.cpp's CPU kernel for the GELU of Gemma's MLP
+  reads a table of float16 values (``GGML_GELU_FP16``), so its logits differ from transformers' by
+  about 1e-3 on the same weights. Written anyway (their layout is known: RMSNorm weights + 1, the
+  softcaps, the sliding window and local RoPE base), they equal transformers' once its MLP reads that
+  table, up to inputs that round to the neighbouring float16 entry.
+- a qwen3_moe model with ``norm_topk_prob`` false (the tiny default): llama.cpp's Qwen3-MoE always
+  renormalises the chosen experts' weights. Its test model is the tiny one with it true.
+- a Gemma whose ``query_pre_attn_scalar`` is not the one llama.cpp derives from the shape, or a Gemma 2
+  whose output is not its embedding (llama.cpp's Gemma 2 reads no output tensor).
+transformers' sdpa attention leaves out Gemma 2's attention softcapping: compare it with eager.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +34,11 @@ from server.engine.hf.backend import HFBackend
 from server.engine.llamacpp.backend import LlamaCppBackend
 from server.engine.llamacpp.lane import Lane
 from server.engine.llamacpp.steering import steering_buffer
-from server.gguf.model import convert_hf_to_gguf
+from server.gguf import model as gguf_model
+from server.gguf.model import NOT_CONVERTIBLE, ConversionError, convert_hf_to_gguf
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
-from tests.llama_cpp_reference import exact_llama, hf_logits, llama_cpp_logits
+from tests.llama_cpp_reference import Float16TableGelu, exact_llama, hf_logits, llama_cpp_logits, tiny_variant
 
 # Every test runs real llama.cpp.
 pytestmark = [pytest.mark.llama_cpp, pytest.mark.slow]  # llama.cpp conversions and loads, seconds a test
@@ -60,12 +77,57 @@ def hf_llama(llama_dir: Path) -> Iterator[HFBackend]:
     asyncio.run(backend.close())
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2", "phi3"])
-def test_logits_equal_hf_unsteered_and_steered_at_each_block(
-    architecture: str, llama_dir: Path, qwen_dir: Path, tiny_model_dir: Callable[[str], Path], tmp_path: Path
-) -> None:
+# Every model type the converter writes; a mixture has four experts, two per token.
+CONVERTED = [
+    "llama",
+    "qwen2",
+    "phi3",
+    "mistral",
+    "qwen3",
+    "granite",
+    "olmo2",
+    "mixtral",
+    "qwen3_moe",
+    "gpt_oss",
+]
+# What a tiny model of a type changes to be one llama.cpp computes as transformers does (the refusals
+# below show why). Gemma's: its output tied to its embedding, its queries scaled by 1/sqrt(head_dim).
+VARIANTS: dict[str, dict[str, object]] = {
+    "qwen3_moe": {"norm_topk_prob": True},
+    "gemma2": {"tie_word_embeddings": True, "query_pre_attn_scalar": 16},
+    "gemma3_text": {"query_pre_attn_scalar": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir_of(
+    llama_dir: Path,
+    qwen_dir: Path,
+    tiny_model_dir: Callable[[str], Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str], Path]:
+    """The tiny model of a type that the conversion tests use (its variant, where it has one)."""
     # The phi3 model's directory name holds "phi3", which llama.cpp would read as Microsoft's Phi-3.
-    model_dir = {"llama": llama_dir, "qwen2": qwen_dir}.get(architecture) or tiny_model_dir(architecture)
+    built: dict[str, Path] = {"llama": llama_dir, "qwen2": qwen_dir}
+
+    def model_dir(architecture: str) -> Path:
+        if architecture not in built:
+            fields = VARIANTS.get(architecture)
+            built[architecture] = (
+                tiny_variant(tmp_path_factory.mktemp(architecture), architecture, fields)
+                if fields
+                else tiny_model_dir(architecture)
+            )
+        return built[architecture]
+
+    return model_dir
+
+
+@pytest.mark.parametrize("architecture", CONVERTED)
+def test_logits_equal_hf_unsteered_and_steered_at_each_block(
+    architecture: str, model_dir_of: Callable[[str], Path], tmp_path: Path
+) -> None:
+    model_dir = model_dir_of(architecture)
     gguf = convert_hf_to_gguf(model_dir, tmp_path / f"{architecture}.gguf")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -81,6 +143,74 @@ def test_logits_equal_hf_unsteered_and_steered_at_each_block(
         steered = llama_cpp_logits(model, ids, steering_buffer(plan, hidden, blocks))
         assert np.abs(steered - expected).max() < 1e-4, f"block {block}"
         assert np.abs(expected - unsteered).max() > 0.05, "the vector must change the logits"
+
+
+@pytest.mark.parametrize("architecture", CONVERTED[4:])  # the types after Phi-3 and Mistral
+async def test_the_per_row_lane_reads_and_steers_each_types_block_outputs_as_hf(
+    architecture: str, model_dir_of: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The engine reads and steers block N at llama.cpp's ``l_out-N``: each type's graph names its
+    block outputs so (after the control vector), and the per-row lane steers them as the HF engine."""
+    model_dir = model_dir_of(architecture)
+    path = convert_hf_to_gguf(model_dir, tmp_path / f"{architecture}.gguf")
+    gguf = LlamaCppBackend.load(path, contexts=0, kv_type="f32")  # every request on the per-row lane
+    hf = HFBackend.load(model_dir, model_id=architecture)
+    try:
+        texts = [QUESTIONS[0], QUESTIONS[1]]
+        assert np.abs(await gguf.text_activations(texts) - await hf.text_activations(texts)).max() < 1e-4
+        blocks = [[1], [2], [1, 2]]
+        plans = [persona(80 + i, on, hf.info.hidden_size, 4.0, Positions.ALL) for i, on in enumerate(blocks)]
+        requests = [chat(QUESTIONS[i], plan) for i, plan in enumerate(plans)]
+        expected = [await tokens(hf, request) for request in requests]
+        assert list(await asyncio.gather(*(tokens(gguf, request) for request in requests))) == expected
+    finally:
+        await gguf.close()
+        await hf.close()
+
+
+@pytest.mark.parametrize(
+    ("architecture", "reason"), [*dict.fromkeys(NOT_CONVERTIBLE, "float16 table").items()]
+)
+def test_a_type_llama_cpp_computes_otherwise_is_refused_with_the_reason(
+    architecture: str, reason: str, tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ConversionError, match=reason):
+        convert_hf_to_gguf(tiny_model_dir(architecture), tmp_path / "refused.gguf")
+
+
+def test_a_model_llama_cpp_would_route_scale_or_tie_otherwise_is_refused(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConversionError, match="norm_topk_prob is false"):
+        convert_hf_to_gguf(tiny_model_dir("qwen3_moe"), tmp_path / "refused.gguf")
+    monkeypatch.setattr(gguf_model, "NOT_CONVERTIBLE", {})  # what Gemma would meet next
+    with pytest.raises(ConversionError, match="query_pre_attn_scalar is 256"):
+        convert_hf_to_gguf(tiny_model_dir("gemma3_text"), tmp_path / "refused.gguf")
+    untied = tiny_variant(tmp_path / "untied", "gemma2", {"query_pre_attn_scalar": 16})
+    with pytest.raises(ConversionError, match="reads no output tensor"):
+        convert_hf_to_gguf(untied, tmp_path / "refused.gguf")
+
+
+@pytest.mark.parametrize("architecture", list(NOT_CONVERTIBLE))
+def test_gemma_differs_from_transformers_by_llama_cpp_float16_gelu_alone(
+    architecture: str, model_dir_of: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Why Gemma is refused: written anyway, llama.cpp's logits differ from transformers' beyond 1e-4,
+    and equal them once transformers' MLP computes GELU from llama.cpp's float16 table."""
+    monkeypatch.setattr(gguf_model, "NOT_CONVERTIBLE", {})
+    model_dir = model_dir_of(architecture)
+    path = convert_hf_to_gguf(model_dir, tmp_path / f"{architecture}.gguf")
+    # Eager attention: transformers' sdpa path leaves out Gemma 2's attention softcapping.
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    ids = AutoTokenizer.from_pretrained(model_dir)(" ".join(QUESTIONS))["input_ids"]
+    llama = llama_cpp_logits(exact_llama(path), ids, None)
+    difference = np.abs(llama - hf_logits(hf, ids, {})).max()
+    for layer in hf.model.layers:
+        layer.mlp.act_fn = Float16TableGelu()
+    emulated = np.abs(llama - hf_logits(hf, ids, {})).max()
+    # Not to zero: an input one float32 rounding away from llama.cpp's may round to the next float16
+    # and take the neighbouring table entry (1e-3 apart), so what is left is that, not a layout error.
+    assert difference > 1e-4 and emulated < difference / 3, (difference, emulated)
 
 
 @pytest.mark.parametrize("positions", list(Positions))

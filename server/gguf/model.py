@@ -1,4 +1,6 @@
-"""A small HF -> GGUF (F32) model writer for the decoder-only architectures llama.cpp shares with us.
+"""A small HF -> GGUF (F32) model writer for the decoder-only architectures llama.cpp shares with us:
+llama, mistral and mixtral (as llama.cpp's LLAMA), qwen2, qwen3, qwen3_moe, phi3, olmo2, granite and
+gpt_oss (per-family details in ``families.py``); ``NOT_CONVERTIBLE`` says why Gemma 2 and 3 are not.
 
 It exists so that the GGUF backend can be tested against the HF backend on the very same weights
 (the tiny test models, the demo models) without llama.cpp's own conversion script, which is not part
@@ -36,7 +38,11 @@ from server.gguf.families import FAMILIES, Family, is_fused_expert, split_expert
 ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {name: family.arch for name, family in FAMILIES.items()}
 PERMUTED_ROPE = {family.arch for family in FAMILIES.values() if family.permuted_rope}
 # Model types llama.cpp cannot be made to compute as transformers does: type -> why.
-NOT_CONVERTIBLE: dict[str, str] = {}
+_GELU_TABLE = (
+    "llama.cpp's CPU GELU (Gemma's GeGLU) reads a float16 table, GGML_GELU_FP16: its logits differ from "
+    "transformers' by about 1e-3, beyond the 1e-4 steering on GGUF is held to"
+)
+NOT_CONVERTIBLE: dict[str, str] = {"gemma2": _GELU_TABLE, "gemma3_text": _GELU_TABLE}
 
 
 class ConversionError(ValueError):
