@@ -1,9 +1,10 @@
 """The GGUF backend steers exactly like the HF backend on the same weights; lanes serve concurrently.
 
 The converter writes llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, phi3, olmo2, granite and gpt_oss,
-and llama.cpp's logits equal transformers' within 1e-4 on each tiny model, unsteered and steered at
-each block 1..N-1; every one of those graphs names block N's output ``l_out-N``, after its control
-vector, which is where the engine reads and steers it. What is refused, and why:
+and llama.cpp's logits equal transformers' within 1e-4 on each tiny model (GPT-OSS's with a sliding
+window shorter than its prompts), unsteered and steered at each block 1..N-1; every one of those
+graphs names block N's output ``l_out-N``, after its control vector, which is where the engine reads
+and steers it. What is refused, and why:
 - gemma2 and gemma3_text (``NOT_CONVERTIBLE``): llama.cpp's CPU kernel for the GELU of Gemma's MLP
   reads a table of float16 values (``GGML_GELU_FP16``), so its logits differ from transformers' by
   about 1e-3 on the same weights. Written anyway (their layout is known: RMSNorm weights + 1, the
@@ -90,10 +91,12 @@ CONVERTED = [
     "qwen3_moe",
     "gpt_oss",
 ]
-# What a tiny model of a type changes to be one llama.cpp computes as transformers does (the refusals
-# below show why). Gemma's: its output tied to its embedding, its queries scaled by 1/sqrt(head_dim).
+# What a tiny model of a type changes: to be one llama.cpp computes as transformers does (the refusals
+# below show why; Gemma's output tied to its embedding, its queries scaled by 1/sqrt(head_dim)), or
+# to put a detail to work (GPT-OSS's sliding window, 1,024 positions in testkit's model).
 VARIANTS: dict[str, dict[str, object]] = {
     "qwen3_moe": {"norm_topk_prob": True},
+    "gpt_oss": {"sliding_window": 8},  # shorter than the prompts: its sliding layers see part of them
     "gemma2": {"tie_word_embeddings": True, "query_pre_attn_scalar": 16},
     "gemma3_text": {"query_pre_attn_scalar": 16},
 }
