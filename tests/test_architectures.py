@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
+from server.engine.model_loading import causal_lm_from_config, load_causal_lm
 from server.steering.plan import Positions, SteeringPlan
-from testkit.tiny_models import SUPPORTED_ARCHITECTURES
+from testkit.tiny_models import SUPPORTED_ARCHITECTURES, tiny_config
 from tests.api_helpers import alone_and_together
 
 QUESTIONS = ["where is the treasure", "tell me of the sea", "good morning captain"]
@@ -84,3 +86,24 @@ async def test_monitoring_in_flight_equals_the_read_back(engine: HFBackend) -> N
         unsteered = dataclasses.replace(request, steering=None, monitor_blocks=None)
         read_back = await engine.response_activations(unsteered, tokens, num_blocks=2)
         assert np.abs(means - read_back).max() < 1e-4
+
+
+def test_gemma2_attention_is_softcapped_as_the_model_asks(tmp_path: Path) -> None:
+    """transformers' default attention (sdpa) skips Gemma 2's attention-logit softcapping; only its
+    eager attention applies it. The product's loader (every engine build, bakes and the GGUF
+    converter go through it) must give the model it was asked for: equal to eager attention. With a
+    cap of 1.0 the cap changes the logits, so the check can tell."""
+    config = tiny_config("gemma2", 400)
+    config.attn_logit_softcapping = 1.0
+    causal_lm_from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    prompt = torch.tensor([[5, 17, 42, 9, 100, 23, 7]])
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(prompt).logits
+
+    loaded = logits(load_causal_lm(tmp_path, dtype=torch.float32))
+    eager = logits(AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager"))
+    uncapped = logits(AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa"))
+    assert (eager - uncapped).abs().max().item() > 1e-3  # the cap matters here
+    assert (loaded - eager).abs().max().item() < 1e-5

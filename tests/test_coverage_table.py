@@ -67,7 +67,7 @@ def cell(column: str, architecture: str) -> str:
         return "tested"
     refused = getattr(gguf_model, "NOT_CONVERTIBLE", {}).get(architecture)
     if column.startswith("llama.cpp") and refused:
-        return f"not supported ({refused})"
+        return f"not supported ({refused.split(':')[0]})"  # the reason's head; the page says the rest
     return "not tested yet"
 
 

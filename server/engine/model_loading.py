@@ -21,7 +21,7 @@ from pathlib import Path
 from threading import Lock
 from typing import Any
 
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 # Process-wide on purpose: what it guards (transformers' patches of classes and of torch) is
 # process-wide too, shared by every app and thread in the process.
@@ -29,9 +29,22 @@ _BUILDING = Lock()
 
 
 def load_causal_lm(source: str | Path, **kwargs: Any) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained(source, **kwargs)``, never beside another build."""
+    """``AutoModelForCausalLM.from_pretrained(source, **kwargs)``, never beside another build; with
+    the attention the model's config needs unless the caller names one."""
+    if "attn_implementation" not in kwargs:
+        config = AutoConfig.from_pretrained(str(source), revision=kwargs.get("revision"))
+        kwargs |= _attention_for(config)
     with _BUILDING:
         return AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+
+
+def _attention_for(config: PretrainedConfig) -> dict[str, str]:
+    """Eager attention for a model that caps its attention logits (Gemma 2): transformers' default,
+    sdpa, skips the cap without a word, and answers as another model would."""
+    text_config = getattr(config, "text_config", None) or config
+    if getattr(text_config, "attn_logit_softcapping", None):
+        return {"attn_implementation": "eager"}
+    return {}
 
 
 def causal_lm_from_config(config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:
