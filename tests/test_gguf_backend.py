@@ -24,13 +24,14 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.demo.models import demo_model_dir
-from server.engine.base import ChatMessage, GenerationRequest, SamplingParams, TokenChunk
+from server.engine.base import ChatMessage, EngineError, GenerationRequest, SamplingParams, TokenChunk
 from server.engine.hf.backend import HFBackend
 from server.engine.llamacpp.backend import LlamaCppBackend
 from server.engine.llamacpp.lane import Lane
@@ -453,3 +454,15 @@ async def test_unsteered_monitoring_is_read_while_generating_and_equals_the_hf_r
         assert means is not None and means.shape == (blocks, 64)
         read_back = await hf_llama.response_activations(request, answer, num_blocks=blocks)
         assert np.abs(means - read_back).max() < 1e-4
+
+
+def test_a_gguf_of_an_architecture_llama_cpp_does_not_know_is_refused_naming_it(tmp_path: Path) -> None:
+    """A clear error at load, naming the file's architecture, never a silent engine (issue 31, item 8)."""
+    path = tmp_path / "unknown.gguf"
+    writer = gguf.GGUFWriter(str(path), "no-such-arch")
+    writer.add_block_count(2)
+    writer.add_embedding_length(8)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    gguf_model.write_file(writer)
+    with pytest.raises(EngineError, match="architecture 'no-such-arch'"):
+        LlamaCppBackend.load(path)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gguf
 import llama_cpp
 import numpy as np
 import torch
@@ -69,6 +70,15 @@ def _response_nll(lane: Lane, tokens: list[int], first_scored: int) -> float:
     if not math.isfinite(total):
         raise EngineError("the response has zero probability under the model")
     return total
+
+
+def _architecture(path: Path) -> str:
+    """The file's ``general.architecture``, as its GGUF header names it (for the error at load)."""
+    try:
+        field = gguf.GGUFReader(path).get_field("general.architecture")
+        return field.contents() if field is not None else "unnamed"
+    except (ValueError, OSError, IndexError):
+        return "unreadable"
 
 
 class LlamaCppBackend(InProcessBackend[LaneScheduler]):
@@ -127,7 +137,10 @@ class LlamaCppBackend(InProcessBackend[LaneScheduler]):
         params = llama_cpp.llama_model_default_params()
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
-            raise EngineError(f"llama.cpp could not load {path}")
+            raise EngineError(
+                f"llama.cpp could not load {path} (architecture {_architecture(path)!r}): llama.cpp "
+                f"{llama_cpp.__version__} does not know that architecture, or the file is damaged"
+            )
         config = LaneConfig(
             context_tokens=context_tokens,
             sequences=sequences_per_context,
