@@ -348,3 +348,41 @@ def test_vllms_compile_cache_tells_our_model_from_plain_vllms(vllm_model_dir) ->
 
 
 RESERVED_BY_US = ("worker_extension_cls", "load_format", "model_loader_extra_config", "additional_config")
+
+
+class _Vocab:
+    """A tokenizer of one character per id, for text streams in tests without a model."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def decode(self, ids: list[int], **_: Any) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.mark.parametrize("ending", ["stop string", "stop id", "length"])
+def test_an_answer_held_for_its_last_step_takes_no_token_past_its_end(ending: str) -> None:
+    """vLLM may hand several tokens in one output (it ran ahead before the output was read, as under
+    load). An answer monitored in flight holds its last chunk until the step that feeds that token
+    back; the tokens after its end in the same output are not its own, and must not be emitted: they
+    would lengthen the answer whose outputs the means average (seen in .ci/run: the means of a
+    stop-string answer off by 0.35 from the HF engine's read-back)."""
+    from types import SimpleNamespace
+
+    from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
+    from server.engine.sequence import ResponseCapture, Sequence
+    from server.engine.vllm.backend import VLLMBackend
+
+    fields = {"stop string": {"stop": ("cd",)}, "stop id": {"stop_token_ids": (3,)}, "length": {}}[ending]
+    sampling = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, **fields)
+    request = GenerationRequest(messages=[ChatMessage("user", "x")], sampling=sampling, monitor_blocks=1)
+    info = ModelInfo("m", "vllm", 2, 8, 1024, (0, 1))
+    chunks: list[Any] = []
+    sequence = Sequence.for_request(request, [1, 2], info, _Vocab(), chunks.append)
+    sequence.capture = ResponseCapture(1)
+    completion = SimpleNamespace(token_ids=[0, 1, 2, 3, 4, 5], finish_reason=None, logprobs=None)
+    engine = SimpleNamespace(_eos_ids={63})
+    VLLMBackend._emit_all(engine, sequence, completion, chunks, None)  # type: ignore[arg-type]
+    assert sequence.output_ids == [0, 1, 2, 3]  # "abcd": 'cd' ends at id 3, id 3 stops, or 4 tokens
+    assert sequence.capture.held is not None and sequence.capture.held.token_ids == (3,)
+    assert [chunk.token_ids for chunk in chunks] == [(0,), (1,), (2,)]

@@ -309,8 +309,8 @@ class VLLMBackend:
         for index, token in enumerate(completion.token_ids):
             trace = traces[index] if traces is not None else None
             emit(sequence, token, self._eos_ids, token_logprob(sequence, completion, index), trace)
-            if sequence.finished:
-                return
+            if sequence.finished or holds_last(sequence):
+                return  # what vLLM ran past the answer's end in the same output is not the answer's
         if completion.finish_reason is not None:  # vLLM stopped on an id we do not know
             finish_last(sequence, chunks)
 
