@@ -13,8 +13,10 @@ from typing import Any
 
 import httpx
 import openai
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.steering.plan import Positions, SteeringPlan
 from testkit import personas
 from testkit.personas import random_vector  # noqa: F401 - the tests take it from here
 
@@ -178,3 +180,12 @@ def _create(create: Callable[..., Any], fields: dict[str, Any], **asked: Any) ->
     native = {name: value for name, value in fields.items() if name in named}
     extra = {name: value for name, value in fields.items() if name not in named}
     return create(**asked, **native, extra_body=extra)
+
+
+def random_plan(
+    seed: int, blocks: list[int], strength: float, positions: Positions, hidden: int = 64
+) -> SteeringPlan:
+    """A persona of random vectors (seeded) on ``blocks`` of a tiny model: the engine tests' persona."""
+    generator = torch.Generator().manual_seed(seed)
+    vectors = {block: torch.randn(hidden, generator=generator) for block in blocks}
+    return SteeringPlan(vectors, strength=strength, positions=positions)

@@ -22,7 +22,7 @@ from server.engine.hf.backend import HFBackend
 from server.engine.model_loading import causal_lm_from_config, load_causal_lm
 from server.steering.plan import Positions, SteeringPlan
 from testkit.tiny_models import SUPPORTED_ARCHITECTURES, tiny_config
-from tests.api_helpers import alone_and_together
+from tests.api_helpers import alone_and_together, random_plan
 
 QUESTIONS = ["where is the treasure", "tell me of the sea", "good morning captain"]
 HIDDEN = 64  # testkit's tiny models
@@ -47,20 +47,11 @@ def chat(
     )
 
 
-def persona(seed: int, blocks: list[int], strength: float, positions: Positions) -> SteeringPlan:
-    generator = torch.Generator().manual_seed(seed)
-    return SteeringPlan(
-        {block: torch.randn(HIDDEN, generator=generator) for block in blocks},
-        strength=strength,
-        positions=positions,
-    )
-
-
 async def test_personas_mixed_in_a_batch_answer_as_each_alone(engine: HFBackend) -> None:
     plans = [
-        persona(1, [0], 4.0, Positions.ALL),
-        persona(2, [1, 2], 6.0, Positions.RESPONSE),
-        persona(3, [2], 8.0, Positions.PROMPT),
+        random_plan(1, [0], 4.0, Positions.ALL),
+        random_plan(2, [1, 2], 6.0, Positions.RESPONSE),
+        random_plan(3, [2], 8.0, Positions.PROMPT),
     ]
     # Every question unsteered (the first three), then under every persona: twelve in one batch.
     requests = [chat(q) for q in QUESTIONS] + [chat(q, plan) for plan in plans for q in QUESTIONS]
@@ -78,7 +69,7 @@ async def answer_with_means(
 
 async def test_monitoring_in_flight_equals_the_read_back(engine: HFBackend) -> None:
     """Unsteered, and steered only after the monitored blocks (blocks 0-1 read, block 2 steered)."""
-    requests = [chat(QUESTIONS[0], None, 2), chat(QUESTIONS[1], persona(4, [2], 6.0, Positions.ALL), 2)]
+    requests = [chat(QUESTIONS[0], None, 2), chat(QUESTIONS[1], random_plan(4, [2], 6.0, Positions.ALL), 2)]
     for request, (tokens, means) in zip(
         requests, await asyncio.gather(*(answer_with_means(engine, r) for r in requests)), strict=True
     ):

@@ -20,7 +20,7 @@ from server.engine.base import (
 from server.engine.hf.backend import HFBackend
 from server.steering.errors import SteeringError
 from server.steering.plan import Positions, SteeringPlan
-from tests.api_helpers import wait_until_async
+from tests.api_helpers import random_plan, wait_until_async
 
 QUESTIONS = [
     "hello friend",
@@ -49,18 +49,9 @@ def tokens_of(chunks: list[TokenChunk]) -> list[int]:
     return [token for chunk in chunks for token in chunk.token_ids]
 
 
-def persona(seed: int, layers: list[int], strength: float, positions: Positions) -> SteeringPlan:
-    generator = torch.Generator().manual_seed(seed)
-    return SteeringPlan(
-        {layer: torch.randn(64, generator=generator) for layer in layers},
-        strength=strength,
-        positions=positions,
-    )
-
-
 async def test_a_request_joining_mid_batch_gets_its_solo_tokens(llama_backend: HFBackend) -> None:
-    long_request = chat(QUESTIONS[1], max_tokens=60, plan=persona(7, [1], 4.0, Positions.ALL))
-    late_request = chat(QUESTIONS[2], max_tokens=8, plan=persona(8, [0, 2], 2.0, Positions.RESPONSE))
+    long_request = chat(QUESTIONS[1], max_tokens=60, plan=random_plan(7, [1], 4.0, Positions.ALL))
+    late_request = chat(QUESTIONS[2], max_tokens=8, plan=random_plan(8, [0, 2], 2.0, Positions.RESPONSE))
     solo_long = tokens_of(await collect(llama_backend, long_request))
     solo_late = tokens_of(await collect(llama_backend, late_request))
 
@@ -174,7 +165,7 @@ async def test_n_answers_share_one_prefill_row(
         return prefill(prompts, plans)
 
     monkeypatch.setattr(llama_backend._runner, "prefill", counting)
-    plan = persona(7, [1], 4.0, Positions.ALL)
+    plan = random_plan(7, [1], 4.0, Positions.ALL)
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=4, ignore_eos=True)
     request = GenerationRequest(prompt="the captain sails", sampling=params, steering=plan, n=3)
     chunks = await collect(llama_backend, request)

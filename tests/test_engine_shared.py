@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from server.engine.base import ChatMessage, EngineError, GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
 from server.engine.llamacpp.backend import LlamaCppBackend
-from server.steering.plan import Positions, SteeringPlan
-from tests.api_helpers import alone_and_together, wait_until_async
+from server.steering.plan import Positions
+from tests.api_helpers import alone_and_together, random_plan, wait_until_async
 
 QUESTIONS = ["where is the treasure", "tell me of the sea", "good morning captain", "a storm comes"]
 ANSWER = [5, 9, 14, 21]
@@ -50,12 +49,6 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Engine]:
     asyncio.run(engine.close())
 
 
-def persona(seed: int, blocks: list[int], strength: float, positions: Positions) -> SteeringPlan:
-    generator = torch.Generator().manual_seed(seed)
-    vectors = {block: torch.randn(64, generator=generator) for block in blocks}
-    return SteeringPlan(vectors, strength=strength, positions=positions)
-
-
 # On llama.cpp the same twelve requests took from 2 s to 65 s here, run to run (with one context or
 # two): slow, and a lead for the llama.cpp engine's scheduling.
 @pytest.mark.parametrize(
@@ -71,7 +64,7 @@ async def test_concurrent_personas_equal_their_solo_runs(backend: Engine) -> Non
     block_sets = [[1], [2], [1, 2]] + ([[0], [0, 2]] if isinstance(backend, HFBackend) else [])
     positions = list(Positions)
     plans = [None] + [
-        persona(20 + i, block_sets[i % len(block_sets)], 2.0 + i, positions[i % len(positions)])
+        random_plan(20 + i, block_sets[i % len(block_sets)], 2.0 + i, positions[i % len(positions)])
         for i in range(5)
     ]
     requests = [dataclasses.replace(chat(QUESTIONS[i % 4], 12), steering=plans[i % 6]) for i in range(12)]
