@@ -36,6 +36,7 @@ from server.demo.traits import trait_rate
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from server.engine.llamacpp.backend import LlamaCppBackend
 from server.gguf.model import convert_hf_to_gguf
+from server.serving.monitoring import Monitor, monitored_blocks, persona_scores
 from server.steering.plan import Positions, SteeringPlan
 
 pytestmark = [pytest.mark.llama_cpp, pytest.mark.slow]
@@ -86,9 +87,12 @@ async def tokens(engine: LlamaCppBackend, asked: GenerationRequest) -> list[int]
 
 
 async def reading(engine: LlamaCppBackend, question: str, answer: list[int], persona: PersonaDraft) -> float:
-    means = await engine.response_activations(request(question), answer, num_blocks=max(persona.vectors) + 1)
-    units = {block: vector / np.linalg.norm(vector) for block, vector in persona.vectors.items()}
-    return float(np.mean([means[block] @ unit for block, unit in units.items()]))
+    """The persona's score of the answer, as the server reports it (``persona_scores``)."""
+    monitor = Monitor(persona.name, {b: v / np.linalg.norm(v) for b, v in persona.vectors.items()})
+    means = await engine.response_activations(
+        request(question), answer, num_blocks=monitored_blocks([monitor])
+    )
+    return persona_scores(means, [monitor])[persona.name]
 
 
 async def measure(path: Path) -> tuple[Figures, bool]:
