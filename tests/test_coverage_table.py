@@ -11,7 +11,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from server.gguf import model as gguf_model
+from server.gguf.model import NOT_CONVERTIBLE
 from testkit.tiny_models import SUPPORTED_ARCHITECTURES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def covers(test: str, architecture: str) -> bool:
 def cell(column: str, architecture: str) -> str:
     if covers(COLUMNS[column], architecture):
         return "tested"
-    refused = getattr(gguf_model, "NOT_CONVERTIBLE", {}).get(architecture)
+    refused = NOT_CONVERTIBLE.get(architecture)
     if column.startswith("llama.cpp") and refused:
         return f"not supported ({refused.split(':')[0]})"  # the reason's head; the page says the rest
     return "not tested yet"
