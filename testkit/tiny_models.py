@@ -31,6 +31,7 @@ SUPPORTED_ARCHITECTURES = (
     "qwen3_moe",
     "gemma2",
     "gemma3_text",
+    "gemma3",
     "phi3",
     "olmo2",
     "granite",
@@ -95,6 +96,8 @@ def _family_fields(
         fields["head_dim"] = hidden_size // num_heads
     if architecture in ("gemma2", "gemma3_text", "gpt_oss"):
         fields["sliding_window"] = max_positions
+    if architecture in ("gemma2", "gemma3_text"):
+        fields["tie_word_embeddings"] = True  # as every released Gemma (vLLM's Gemma 2 has no lm_head)
     return {**fields, **_MIXTURE_FIELDS.get(architecture, {})}
 
 
@@ -109,11 +112,21 @@ _MIXTURE_FIELDS: dict[str, dict[str, Any]] = {
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
     },
-    # GPT-OSS: plain RoPE (its default YaRN scaling warns on a 1,024-position toy).
+    # GPT-OSS: YaRN as released (factor 32 over 4,096 positions), scaled down to a 1,024-position toy,
+    # with its correction range rounded ("truncate"), as llama.cpp computes YaRN; the released config
+    # says false, which llama.cpp cannot follow (tests/test_gguf_backend.py measures the difference).
     "gpt_oss": {
         "num_local_experts": 4,
         "num_experts_per_tok": 2,
-        "rope_parameters": {"rope_type": "default"},
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 256,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": True,
+        },
     },
     "granite": {
         "residual_multiplier": 0.5,
@@ -121,6 +134,18 @@ _MIXTURE_FIELDS: dict[str, dict[str, Any]] = {
         "attention_multiplier": 0.25,
         "logits_scaling": 2.0,
     },
+}
+
+
+# Gemma 3's SigLIP vision tower, as small as it goes: one block, 32 wide, 4 patches of 16 pixels.
+_TINY_VISION = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 16,
 }
 
 
@@ -139,6 +164,30 @@ def tiny_config(
     """A random-weight config of ``architecture`` small enough for a unit test."""
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"no tiny config for {architecture}")
+    if architecture == "gemma3":  # Gemma 3 with its vision tower: the text stack is gemma3_text's
+        text = tiny_config(
+            "gemma3_text",
+            vocab_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
+            max_positions=max_positions,
+            initializer_range=initializer_range,
+        )
+        return AutoConfig.for_model(
+            "gemma3",
+            text_config=text.to_dict(),
+            vision_config=_TINY_VISION,
+            mm_tokens_per_image=4,
+            # The image tokens are the tokenizer's last ids: a text prompt never holds them.
+            boi_token_index=vocab_size - 3,
+            eoi_token_index=vocab_size - 2,
+            image_token_index=vocab_size - 1,
+            initializer_range=initializer_range,
+            **_SPECIAL_IDS,
+        )
     names = _KNOB_NAMES.get(architecture, _LLAMA_NAMES)
     knobs = (hidden_size, intermediate_size, num_layers, num_heads, max_positions, initializer_range)
     fields = {

@@ -65,7 +65,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
 
 # vLLM's CPU attention needs a head dimension of at least 32: 4 heads of 32.
 VLLM_TINY_SIZES = {"hidden_size": 128, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}
-VLLM_TINY_SEEDS = {"llama": 11, "qwen2": 12, "phi3": 13}
+VLLM_TINY_SEEDS = {"llama": 11, "qwen2": 12, "phi3": 13, "mistral": 21, "mixtral": 22, "qwen3": 23}
+VLLM_TINY_SEEDS |= {"qwen3_moe": 24, "gemma2": 26, "gemma3_text": 27, "olmo2": 25, "granite": 28}
+VLLM_TINY_SEEDS |= {"gpt_oss": 29}
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
+from server.engine.vllm.model_types import BLOCK_OUTPUTS
 from server.gguf.model import NOT_CONVERTIBLE
 from testkit.tiny_models import SUPPORTED_ARCHITECTURES
 
@@ -18,22 +19,32 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "architectures.md"
 BEGIN, END = "<!-- coverage table: begin -->", "<!-- coverage table: end -->"
 
-# Column -> the test whose parametrised cases stand behind it (one case per model type).
-COLUMNS: dict[str, str] = {
+# Column -> the tests whose parametrised cases stand behind it (one case per model type each).
+VLLM_ENGINE, VLLM_TYPES = "tests/test_vllm_engine.py", "tests/test_vllm_architectures.py"
+COLUMNS: dict[str, tuple[str, ...]] = {
     "HF: steering = hand computation, every position rule": (
-        "tests/test_steering_reference.py::test_steered_logits_match_hand_computation"
+        "tests/test_steering_reference.py::test_steered_logits_match_hand_computation",
     ),
     "HF: personas mixed in a batch = each alone": (
-        "tests/test_architectures.py::test_personas_mixed_in_a_batch_answer_as_each_alone"
+        "tests/test_architectures.py::test_personas_mixed_in_a_batch_answer_as_each_alone",
     ),
     "HF: monitoring in flight = read-back": (
-        "tests/test_architectures.py::test_monitoring_in_flight_equals_the_read_back"
+        "tests/test_architectures.py::test_monitoring_in_flight_equals_the_read_back",
     ),
     "llama.cpp: logits and steering = HF": (
-        "tests/test_gguf_backend.py::test_logits_equal_hf_unsteered_and_steered_at_each_block"
+        "tests/test_gguf_backend.py::test_logits_equal_hf_unsteered_and_steered_at_each_block",
     ),
-    "vLLM: steered greedy tokens = HF": (
-        "tests/test_vllm_engine.py::test_greedy_tokens_equal_the_hf_engine_unsteered_and_at_every_rule"
+    "vLLM: steered greedy tokens = HF, every rule": (
+        f"{VLLM_ENGINE}::test_greedy_tokens_equal_the_hf_engine_unsteered_and_at_every_rule",
+        f"{VLLM_TYPES}::test_steered_greedy_tokens_equal_the_hf_engine_at_every_rule",
+    ),
+    "vLLM: personas mixed in a batch = each alone": (
+        f"{VLLM_ENGINE}::test_twelve_concurrent_requests_with_different_personas_equal_their_solo_answers",
+        f"{VLLM_TYPES}::test_personas_mixed_in_one_batch_equal_each_alone",
+    ),
+    "vLLM: monitoring in flight = HF read-back": (
+        f"{VLLM_ENGINE}::test_monitored_answers_are_read_in_flight_as_the_hf_engine_reads_them_back",
+        f"{VLLM_TYPES}::test_read_backs_and_monitoring_equal_the_hf_engine",
     ),
 }
 
@@ -41,7 +52,7 @@ COLUMNS: dict[str, str] = {
 @cache
 def collected() -> tuple[str, ...]:
     """The ids of every case the suite collects from the modules behind the columns."""
-    modules = sorted({test.split("::")[0] for test in COLUMNS.values()})
+    modules = sorted({test.split("::")[0] for tests in COLUMNS.values() for test in tests})
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *modules],
         cwd=ROOT,
@@ -53,11 +64,11 @@ def collected() -> tuple[str, ...]:
     return tuple(line for line in result.stdout.splitlines() if "::" in line)
 
 
-def covers(test: str, architecture: str) -> bool:
-    """Whether ``test`` has a case for ``architecture`` (a whole token of its parameter id)."""
+def covers(tests: tuple[str, ...], architecture: str) -> bool:
+    """Whether one of ``tests`` has a case for ``architecture`` (a whole token of its parameter id)."""
     for case in collected():
         name, _, parameters = case.partition("[")
-        if name == test and architecture in re.split(r"[-\[\]]", parameters):
+        if name in tests and architecture in re.split(r"[-\[\]]", parameters):
             return True
     return False
 
@@ -88,9 +99,23 @@ def test_the_coverage_table_is_the_suites() -> None:
 
 
 def test_every_column_names_a_test_that_exists() -> None:
-    """A renamed test would turn its column to "not tested yet" silently: each column's test has
-    cases, and the dense Llama has one in each (a row the table can never lose)."""
-    assert all(covers(test, "llama") for test in COLUMNS.values())
+    """A renamed test would turn its column to "not tested yet" silently: each test behind a column
+    has cases, and the dense Llama has one in each column (a row the table can never lose)."""
+    assert all(covers(tests, "llama") for tests in COLUMNS.values())
+    names = {case.partition("[")[0] for case in collected()}
+    assert all(test in names for tests in COLUMNS.values() for test in tests)
+
+
+def test_the_vllm_engine_accepts_exactly_the_types_its_tests_cover() -> None:
+    """server/engine/vllm/model_types.py refuses a type at load unless every vLLM column of the
+    table is "tested" for it (issue 31, item 8): a type may join the list only with its tests."""
+    vllm_columns = [column for column in COLUMNS if column.startswith("vLLM")]
+    covered = {
+        architecture
+        for architecture in SUPPORTED_ARCHITECTURES
+        if all(covers(COLUMNS[column], architecture) for column in vllm_columns)
+    }
+    assert set(BLOCK_OUTPUTS) == covered
 
 
 if __name__ == "__main__":

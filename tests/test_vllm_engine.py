@@ -7,9 +7,7 @@ The engines hold 4 steering slots, fewer than the distinct plans some tests run 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
-import os
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,13 +15,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytest_asyncio
-import torch
 
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams, TokenChunk
 from server.engine.hf.backend import HFBackend
 from server.steering.closed_loop import Direction, LoopSpec, Rule, Target, TokenTrace
 from server.steering.plan import Positions, SteeringPlan
 from tests.api_helpers import alone_and_together
+from tests.vllm_helpers import (
+    assert_hf_agrees,
+    greedy,
+    greedy_request,
+    mixed_requests,
+    plans,
+    vector,
+    vllm_beside_hf,
+)
 
 pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
 # vLLM engines, 20-60 s each to start: slow.
@@ -31,10 +37,6 @@ SLOW_VLLM = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]
 pytestmark = [*SLOW_VLLM, pytest.mark.asyncio(loop_scope="module")]
 
 from server.engine.vllm.backend import VLLMBackend  # noqa: E402
-from server.engine.vllm.options import VLLMOptions  # noqa: E402
-
-HIDDEN = 128
-
 
 SLOTS = 4
 
@@ -51,67 +53,9 @@ def model_dir(engine_kind: str, vllm_model_dir: Callable[[str], Path]) -> Path:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engines(engine_kind: str, model_dir: Path) -> AsyncIterator[tuple[VLLMBackend, HFBackend]]:
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # both cores of this machine
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     eager = {"enforce_eager": True} if engine_kind.endswith("-eager") else {}
-    options = VLLMOptions(max_model_len=1024, max_num_seqs=16, steering_slots=SLOTS, extra=eager)
-    vllm_backend = await asyncio.to_thread(VLLMBackend.load, model_dir, options=options)
-    hf_backend = HFBackend.load(model_dir)
-    yield vllm_backend, hf_backend
-    await vllm_backend.close()
-    await hf_backend.close()
-
-
-def vector(seed: int, scale: float = 2.0) -> torch.Tensor:
-    return torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed)) * scale
-
-
-def greedy_request(prompt: str, plan: SteeringPlan | None, max_tokens: int = 10) -> GenerationRequest:
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    return GenerationRequest(sampling=sampling, prompt=prompt, steering=plan)
-
-
-async def greedy(backend: object, prompt: str, plan: SteeringPlan | None, max_tokens: int = 10) -> list[int]:
-    ids: list[int] = []
-    async for chunk in backend.generate(greedy_request(prompt, plan, max_tokens)):  # type: ignore[attr-defined]
-        ids += chunk.token_ids
-    return ids
-
-
-# Two engines' float32 logits differ by ~1e-5 (other kernels, another summation order), so on random
-# weights a greedy answer may fork where its two likeliest tokens are that close; vLLM's own tests
-# compare engines the same way (check_logprobs_close). A fork anywhere else is a steering fault.
-TIE = 1e-3
-
-
-async def assert_hf_agrees(
-    hf_backend: HFBackend, ours: list[int], request: GenerationRequest, name: str = ""
-) -> None:
-    """``ours`` (vLLM's greedy answer) equals the HF engine's answer to ``request``, or is the same up
-    to a token where the HF engine's two likeliest tokens tie within ``TIE`` and ours is the other."""
-    asked = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, logprobs=2))
-    chunks = [chunk async for chunk in hf_backend.generate(asked)]
-    theirs = [token for chunk in chunks for token in chunk.token_ids]
-    if ours == theirs:
-        return
-    fork = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
-    assert fork is not None, f"{name}: same tokens, other lengths: {ours} vs {theirs}"
-    logprobs = [entry for chunk in chunks for entry in chunk.logprobs or ()]
-    top = {token: logprob for token, _, logprob in logprobs[fork].top}
-    assert ours[fork] in top and top[theirs[fork]] - top[ours[fork]] < TIE, (
-        f"{name}: answers fork at {fork} with no tie: {ours} vs {theirs}, HF's top two {top}"
-    )
-
-
-def plans() -> dict[str, SteeringPlan]:
-    return {
-        "all": SteeringPlan({1: vector(1)}, strength=3.0),
-        "prompt": SteeringPlan({0: vector(2), 2: vector(3)}, strength=4.0, positions=Positions.PROMPT),
-        "response": SteeringPlan({1: vector(4)}, strength=3.0, positions=Positions.RESPONSE),
-        "composed": SteeringPlan.compose(
-            [({1: vector(5)}, 2.0, "a"), ({1: vector(6), 2: vector(7)}, -1.5, "b")]
-        ),
-    }
+    async with vllm_beside_hf(model_dir, SLOTS, eager) as engines:
+        yield engines
 
 
 async def test_greedy_tokens_equal_the_hf_engine_unsteered_and_at_every_rule(engines) -> None:
@@ -168,15 +112,10 @@ async def test_twelve_concurrent_requests_with_different_personas_equal_their_so
     """Six distinct plans (and unsteered requests) at once on 4 steering slots: requests wait for a
     slot, none is steered by another's plan or left unsteered."""
     vllm_backend, _ = engines
-    rng = random.Random(0)
-    words = ["sea", "ship", "wind", "gold", "map", "storm", "island", "crew"]
-    catalogue = [None, *plans().values(), SteeringPlan({0: vector(9)}, strength=-2.0)]
-    jobs = [
-        (" ".join(rng.choices(words, k=rng.randint(2, 30))), catalogue[i % len(catalogue)]) for i in range(12)
-    ]
-    alone, together, _ = await alone_and_together(vllm_backend, [greedy_request(*job) for job in jobs])
+    requests = mixed_requests()
+    alone, together, _ = await alone_and_together(vllm_backend, requests)
     assert together == alone  # the check tests/test_engine_shared.py makes on the other engines
-    assert len({id(plan) for _, plan in jobs if plan is not None}) > SLOTS
+    assert len({id(request.steering) for request in requests if request.steering is not None}) > SLOTS
     assert all(stats["unslotted"] == 0 for stats in await vllm_backend.worker_stats())
 
 

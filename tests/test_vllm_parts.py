@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from server.engine.base import EngineError, ModelInfo
-from server.engine.vllm.backend import cache_salt
+from server.engine.vllm.backend import VLLMBackend, cache_salt
 from server.engine.vllm.capture import TAIL, StepCapture, WorkerCaptures
 from server.engine.vllm.loop_wire import LoopRef, trace_in, trace_out
+from server.engine.vllm.model_types import check_model_type
 from server.engine.vllm.options import VLLMOptions
 from server.engine.vllm.read_backs import ReadBacks, merge_captures
 from server.engine.vllm.resident import ResidentSets
@@ -22,6 +23,7 @@ from server.engine.vllm.trace_taker import TraceTaker
 from server.engine.vllm.wire import CaptureSpec, SteeringRef, pack, unpack
 from server.engine.vllm.worker_steering import steered_offsets
 from server.steering.closed_loop import Direction, LoopProgress, LoopSpec, Rule, Target, TokenTrace
+from server.steering.errors import UnsupportedArchitectureError
 from server.steering.plan import PlanTerm, Positions, SteeringPlan, prompt_position_mask
 
 
@@ -386,3 +388,14 @@ def test_an_answer_held_for_its_last_step_takes_no_token_past_its_end(ending: st
     assert sequence.output_ids == [0, 1, 2, 3]  # "abcd": 'cd' ends at id 3, id 3 stops, or 4 tokens
     assert sequence.capture.held is not None and sequence.capture.held.token_ids == (3,)
     assert [chunk.token_ids for chunk in chunks] == [(0,), (1,), (2,)]
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "opt"])
+def test_a_model_type_whose_vllm_blocks_are_unknown_is_refused_before_vllm_starts(
+    architecture: str, tiny_model_dir: Any
+) -> None:
+    """Issue 31, item 8: never a silent no-op. The refusal comes from the front end, naming the type,
+    before any vLLM process is started (a started engine would take tens of seconds to fail)."""
+    with pytest.raises(UnsupportedArchitectureError, match=f"model type '{architecture}'.*vLLM engine"):
+        VLLMBackend.load(tiny_model_dir(architecture), options=VLLMOptions())
+    assert check_model_type(tiny_model_dir("llama")) == "llama"

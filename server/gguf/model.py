@@ -17,11 +17,15 @@ These details make llama.cpp compute exactly what transformers computes:
   Phi-3 vocabulary (whitespace stripped after special tokens, and a lookup of ``</s>`` that fails to
   load any other vocabulary), so such a name is written with the family spelt "phi_3".
   Phi-3's RoPE is NeoX-style in llama.cpp, and its fused qkv/gate_up weights go as they are.
+- YaRN (GPT-OSS) is written as llama.cpp's scaling keys. llama.cpp rounds YaRN's correction range
+  outwards, as transformers does with ``truncate`` true; released GPT-OSS says false, and there the
+  two differ a little (the converter warns).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +39,8 @@ from transformers import AutoConfig, AutoTokenizer
 from server.engine.model_loading import load_causal_lm
 from server.gguf.families import FAMILIES, Family, is_fused_expert, split_experts
 
+logger = logging.getLogger(__name__)
+
 ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {name: family.arch for name, family in FAMILIES.items()}
 PERMUTED_ROPE = {family.arch for family in FAMILIES.values() if family.permuted_rope}
 # Model types llama.cpp cannot be made to compute as transformers does: type -> why.
@@ -42,7 +48,11 @@ _GELU_TABLE = (
     "llama.cpp's CPU GELU (Gemma's GeGLU) reads a float16 table, GGML_GELU_FP16: its logits differ from "
     "transformers' by about 1e-3, beyond the 1e-4 steering on GGUF is held to"
 )
-NOT_CONVERTIBLE: dict[str, str] = {"gemma2": _GELU_TABLE, "gemma3_text": _GELU_TABLE}
+NOT_CONVERTIBLE: dict[str, str] = {
+    "gemma2": _GELU_TABLE,
+    "gemma3_text": _GELU_TABLE,
+    "gemma3": _GELU_TABLE + " (Gemma 3's text stack; its vision tower would go in a separate mmproj file)",
+}
 
 
 class ConversionError(ValueError):
@@ -59,12 +69,25 @@ def _gguf_name(model_dir: str | Path) -> str:
     return re.sub(r"phi-?3", "phi_3", Path(model_dir).name, flags=re.IGNORECASE)
 
 
-def _rope_theta(config: Any) -> float:
+def _write_rope(writer: gguf.GGUFWriter, config: Any) -> None:
+    """RoPE's base and, for YaRN (GPT-OSS as released), its scaling, as llama.cpp reads them."""
     parameters = getattr(config, "rope_parameters", None) or {}
     parameters = parameters.get("full_attention", parameters)  # Gemma 3: per layer type
-    if parameters.get("rope_type", "default") not in ("default", None):
-        raise ConversionError(f"rope scaling {parameters['rope_type']!r} is not supported by this converter")
-    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    rope_type = parameters.get("rope_type", "default")
+    writer.add_rope_freq_base(float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    if rope_type in ("default", None):
+        return
+    if rope_type != "yarn":
+        raise ConversionError(f"rope scaling {rope_type!r} is not supported by this converter")
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(parameters["factor"]))
+    writer.add_rope_scaling_orig_ctx_len(int(parameters["original_max_position_embeddings"]))
+    writer.add_rope_scaling_yarn_beta_fast(float(parameters.get("beta_fast", 32.0)))
+    writer.add_rope_scaling_yarn_beta_slow(float(parameters.get("beta_slow", 1.0)))
+    if not parameters.get("truncate", True):
+        # llama.cpp always rounds YaRN's correction range outwards; GPT-OSS as released does not, so
+        # its logits on llama.cpp differ from transformers' a little (as with llama.cpp's own converter).
+        logger.warning("YaRN with truncate=false: llama.cpp rounds the correction range; logits will differ")
 
 
 def _merges(tokenizer: Any) -> list[str]:
@@ -125,7 +148,7 @@ def _write_metadata(writer: gguf.GGUFWriter, config: Any, family: Family, vocab_
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(_rope_theta(config))
+    _write_rope(writer, config)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_vocab_size(vocab_size)

@@ -33,6 +33,7 @@ from server.engine.sequence import Sequence, emit, finish_last, holds_last
 from server.engine.vllm.faults import as_engine_errors, raise_if_dead
 from server.engine.vllm.in_flight import InFlightMonitor, in_flight_monitor
 from server.engine.vllm.loops import LoopRun, open_loop
+from server.engine.vllm.model_types import check_model_type
 from server.engine.vllm.options import VLLMOptions
 from server.engine.vllm.read_backs import ReadBacks
 from server.engine.vllm.resident import ResidentSets
@@ -156,6 +157,7 @@ class VLLMBackend:
             engine_args = AsyncEngineArgs(**options.engine_kwargs(str(source), name))
         except TypeError as exc:  # a name in --vllm-engine-args that vLLM does not have
             raise EngineError(f"--vllm-engine-args: {exc}") from exc
+        check_model_type(source)  # before vLLM starts: a type it would steer wrongly is refused here
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         try:
             generation_config = GenerationConfig.from_pretrained(str(source))

@@ -47,13 +47,20 @@ class SteeringBuffers(nn.Module):
     def step(self, block: int, output: Any) -> Any:
         """Block ``block``'s output with its steering added; the residual stream after it summed into
         the read rows. vLLM's Llama-family blocks return ``(hidden, residual)`` and the stream is their
-        sum (the next block's fused add and norm adds them), so adding to ``hidden`` steers it."""
+        sum (the next block's fused add and norm adds them), so adding to ``hidden`` steers it; blocks
+        that return the stream itself (OLMo 2, Granite, transformers' blocks) return one tensor, or a
+        tuple whose second part is no tensor."""
+        split = isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor)
         hidden = output[0] if isinstance(output, tuple) else output
-        count = hidden.shape[0]
+        # vLLM's own models pass the flat batch as (tokens, hidden); its Transformers backend runs
+        # transformers' blocks on (1, tokens, hidden). Either way the tokens are the flat batch's.
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        count = flat.shape[0]
         added = self.token_scale[:count, None] * self.tables[block].index_select(0, self.token_slot[:count])
-        hidden = hidden + added.to(hidden.dtype)
-        stream = hidden + output[1] if isinstance(output, tuple) else hidden
+        flat = flat + added.to(flat.dtype)
+        stream = flat + output[1].reshape(flat.shape) if split else flat
         self.reads[block].index_add_(0, self.token_read[:count], stream.float())
+        hidden = flat.reshape(hidden.shape)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
