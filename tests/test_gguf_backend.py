@@ -220,6 +220,21 @@ def test_gemma_differs_from_transformers_by_llama_cpp_float16_gelu_alone(
     assert difference > 1e-4 and emulated < difference / 3, (difference, emulated)
 
 
+@pytest.mark.parametrize("architecture", CONVERTED)
+def test_a_model_whose_output_is_its_embedding_converts_loads_and_equals_hf(
+    architecture: str, tmp_path: Path
+) -> None:
+    """Tied output and embedding (every demo model, Gemma, small Qwens): llama.cpp reuses the embedding
+    where the family lets it and needs an output tensor where it does not (GPT-OSS, which before
+    converted and then failed to load)."""
+    fields = {**VARIANTS.get(architecture, {}), "tie_word_embeddings": True}
+    model_dir = tiny_variant(tmp_path / architecture, architecture, fields)
+    path = convert_hf_to_gguf(model_dir, tmp_path / f"{architecture}.gguf")
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = AutoTokenizer.from_pretrained(model_dir)(" ".join(QUESTIONS))["input_ids"]
+    assert np.abs(llama_cpp_logits(exact_llama(path), ids, None) - hf_logits(hf, ids, {})).max() < 1e-4
+
+
 def test_gpt_oss_as_released_differs_by_llama_cpp_rounding_yarn_alone(
     tiny_model_dir: Callable[[str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

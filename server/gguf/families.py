@@ -31,6 +31,8 @@ class Family:
     arch: gguf.MODEL_ARCH
     permuted_rope: bool = False  # Llama-style RoPE: q/k rows to adjacent pairs
     norm_plus_one: bool = False  # Gemma: HF's RMSNorm scales by 1 + weight
+    # llama.cpp loads this family only with an output tensor, even where it is the embedding (tied).
+    needs_output: bool = False
     metadata: Metadata = _no_metadata
     checks: tuple[Checker, ...] = field(default=())
 
@@ -129,7 +131,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family(gguf.MODEL_ARCH.QWEN3MOE, metadata=_qwen3_moe, checks=(_normalized_top_k,)),
     "phi3": Family(gguf.MODEL_ARCH.PHI3),
     "granite": Family(gguf.MODEL_ARCH.GRANITE, permuted_rope=True, metadata=_granite),
-    "olmo2": Family(gguf.MODEL_ARCH.OLMO2),
+    "olmo2": Family(gguf.MODEL_ARCH.OLMO2, needs_output=True),
     "gemma2": Family(
         gguf.MODEL_ARCH.GEMMA2,
         norm_plus_one=True,
@@ -143,7 +145,10 @@ FAMILIES: dict[str, Family] = {
         checks=(_gemma_scale(62), _sliding_every(6)),
     ),
     "gpt_oss": Family(
-        gguf.MODEL_ARCH.GPT_OSS, metadata=_gpt_oss, checks=(_sliding_every(2), _gpt_oss_activation)
+        gguf.MODEL_ARCH.GPT_OSS,
+        needs_output=True,
+        metadata=_gpt_oss,
+        checks=(_sliding_every(2), _gpt_oss_activation),
     ),
 }
 

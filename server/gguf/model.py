@@ -160,7 +160,7 @@ def _tensors(model: Any, config: Any, family: Family) -> Iterator[tuple[str, np.
     names = gguf.get_tensor_name_map(family.arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
+        if tied and hf_name == "lm_head.weight" and not family.needs_output:
             continue  # llama.cpp falls back to token_embd for the output projection
         data = tensor.detach().to(torch.float32).numpy()
         parts = split_experts(hf_name, data, family) if is_fused_expert(hf_name) else [(hf_name, data)]
