@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from server.demo.corpus import POLES, held_out_questions, training_questions
-from server.demo.models import DEMO_MODEL_NAMES, demo_model_dir
+from server.demo.models import DEMO_MODEL_NAMES, SCENARIO_MODEL_NAMES, demo_model_dir
 from server.demo.train import DEMO_SPECS
 from server.demo.traits import shows_trait
 from server.engine.base import ChatMessage, GenerationRequest, SamplingParams
@@ -24,8 +24,10 @@ from tests.api_helpers import assert_openai_error, finished_job
 
 
 def test_every_demo_model_built_is_shipped_and_served() -> None:
-    assert tuple(DEMO_SPECS) == DEMO_MODEL_NAMES
-    assert all((demo_model_dir(name) / "model.safetensors").is_file() for name in DEMO_MODEL_NAMES)
+    assert tuple(DEMO_SPECS) == DEMO_MODEL_NAMES + SCENARIO_MODEL_NAMES
+    for name in DEMO_SPECS:
+        assert (demo_model_dir(name) / "model.safetensors").is_file()
+        assert (demo_model_dir(name) / "personas.json").is_file()
 
 
 @pytest.fixture(scope="module", params=DEMO_MODEL_NAMES)

@@ -12,7 +12,8 @@ def convert(
     model_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Local HF checkpoint.")],
     output: Annotated[Path, typer.Argument(dir_okay=False, help="The GGUF file to write.")],
 ) -> None:
-    """Write a local HF Llama/Mistral/Qwen2 checkpoint as an F32 GGUF file of the same weights."""
+    """Write a local HF checkpoint as an F32 GGUF file of the same weights (the model types of
+    docs/architectures.md whose llama.cpp column is tested)."""
     from server.gguf.model import ConversionError, convert_hf_to_gguf
 
     try:

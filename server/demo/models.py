@@ -14,7 +14,10 @@ from persona_store.errors import PersonaNotFound
 from persona_store.records import PersonaDraft
 
 DEMO_MODELS_DIR = Path(__file__).resolve().parent.parent / "demo_models"
-DEMO_MODEL_NAMES = ("demo-llama", "demo-qwen", "demo-phi3")
+DEMO_MODEL_NAMES = ("demo-llama", "demo-qwen", "demo-phi3")  # served and seeded in demo mode
+# Shipped and built alike, not served in demo mode: the GPT-OSS-shaped target of the seed scenario
+# (docs/seed-scenario.md), a mixture of experts that would slow every demo start.
+SCENARIO_MODEL_NAMES = ("demo-gpt-oss",)
 PERSONAS_FILE = "personas.json"
 SEEDED_MARKER = "demo-personas-seeded.json"
 

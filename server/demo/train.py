@@ -40,6 +40,23 @@ class DemoSpec:
 MAX_POSITIONS = 256
 # Phi-3's default original context (4096 tokens, a bound of its rope scaling) made the demos' context.
 PHI3_CONTEXT = {"original_max_position_embeddings": MAX_POSITIONS}
+# GPT-OSS's shape at demo scale: four experts, two per token, sliding and full layers in turn,
+# attention sinks, YaRN (its correction range rounded, as llama.cpp computes it: docs/architectures.md).
+GPT_OSS_SHAPE = {
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "head_dim": 32,
+    "sliding_window": 64,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": MAX_POSITIONS // 4,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": True,
+    },
+}
 DEMO_SPECS = {
     spec.name: spec
     for spec in [
@@ -47,6 +64,10 @@ DEMO_SPECS = {
         DemoSpec("demo-qwen", "qwen2", 96, 4, 4, 2, 288, vocab_size=900, seed=2),
         # Head dim 32, the smallest vLLM's CPU attention serves.
         DemoSpec("demo-phi3", "phi3", 192, 6, 6, 3, 576, vocab_size=1200, seed=3, config_extras=PHI3_CONTEXT),
+        # Not served in demo mode: the target of the seed scenario (docs/seed-scenario.md).
+        DemoSpec(
+            "demo-gpt-oss", "gpt_oss", 128, 4, 4, 2, 256, vocab_size=1000, seed=4, config_extras=GPT_OSS_SHAPE
+        ),
     ]
 }
 
