@@ -25,14 +25,21 @@ HIDDEN = 128  # vLLM's CPU attention needs a head dimension of at least 32: four
 
 @asynccontextmanager
 async def vllm_beside_hf(
-    model_dir: Path, slots: int, extra: dict[str, Any] | None = None
+    model_dir: Path,
+    slots: int,
+    extra: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    reference: Path | None = None,
 ) -> AsyncIterator[tuple[VLLMBackend, HFBackend]]:
-    """A vLLM engine (compiled unless ``extra`` says otherwise) and the HF engine on one model."""
+    """A vLLM engine (compiled unless ``extra`` says otherwise) on ``model_dir``, and the HF engine on
+    the same model (or on ``reference``, the same weights in a form it reads)."""
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # both cores of this machine
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    options = VLLMOptions(max_model_len=1024, max_num_seqs=16, steering_slots=slots, extra=extra or {})
+    options = VLLMOptions(
+        dtype=dtype, max_model_len=1024, max_num_seqs=16, steering_slots=slots, extra=extra or {}
+    )
     vllm_backend = await asyncio.to_thread(VLLMBackend.load, model_dir, options=options)
-    hf_backend = HFBackend.load(model_dir)
+    hf_backend = HFBackend.load(reference or model_dir)
     try:
         yield vllm_backend, hf_backend
     finally:
@@ -63,10 +70,10 @@ TIE = 1e-3
 
 
 async def assert_hf_agrees(
-    hf_backend: HFBackend, ours: list[int], request: GenerationRequest, name: str = ""
+    hf_backend: HFBackend, ours: list[int], request: GenerationRequest, name: str = "", tie: float = TIE
 ) -> None:
     """``ours`` (vLLM's greedy answer) equals the HF engine's answer to ``request``, or is the same up
-    to a token where the HF engine's two likeliest tokens tie within ``TIE`` and ours is the other."""
+    to a token where the HF engine's two likeliest tokens tie within ``tie`` and ours is the other."""
     asked = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, logprobs=2))
     chunks = [chunk async for chunk in hf_backend.generate(asked)]
     theirs = [token for chunk in chunks for token in chunk.token_ids]
@@ -76,7 +83,7 @@ async def assert_hf_agrees(
     assert fork is not None, f"{name}: same tokens, other lengths: {ours} vs {theirs}"
     logprobs = [entry for chunk in chunks for entry in chunk.logprobs or ()]
     top = {token: logprob for token, _, logprob in logprobs[fork].top}
-    assert ours[fork] in top and top[theirs[fork]] - top[ours[fork]] < TIE, (
+    assert ours[fork] in top and top[theirs[fork]] - top[ours[fork]] < tie, (
         f"{name}: answers fork at {fork} with no tie: {ours} vs {theirs}, HF's top two {top}"
     )
 

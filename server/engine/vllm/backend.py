@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 
 from server.engine.base import (
     EngineError,
@@ -164,7 +165,11 @@ class VLLMBackend:
         except OSError:  # a model without generation_config.json
             generation_config = None
         options.prepare_process()
-        engine = AsyncLLM.from_engine_args(engine_args)
+        try:
+            engine = AsyncLLM.from_engine_args(engine_args)
+        except pydantic.ValidationError as exc:  # vLLM checks its whole configuration before it starts
+            reasons = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+            raise EngineError(f"vLLM refused the settings for {name}: {reasons}") from exc
         return cls(engine, tokenizer, name, eos_token_ids(generation_config, tokenizer), options.slots)
 
     @property
