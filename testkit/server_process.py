@@ -64,6 +64,15 @@ class ServerProcess:
     def log(self) -> str:
         return self._log_path.read_text(errors="replace") if self._log_path else ""
 
+    def terminate(self) -> None:
+        """SIGTERM, as Kubernetes and docker stop a container; the process is left to finish."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self._process is not None
+        return self._process.wait(timeout=timeout)
+
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGINT)
