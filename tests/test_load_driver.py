@@ -98,11 +98,13 @@ async def test_metrics_show_the_load_while_the_driver_runs(
 ) -> None:
     """Scrape /metrics during a steered, monitored run: the load shows up live and every family is there."""
     labels = {"model": LLAMA, "persona": "pirate"}
+    # Answers long enough to be in flight across several scrapes: with 40 tokens a warm server
+    # finished all eight between two scrapes once (seen in .ci/run), and the gauge read 0 throughout.
     queued_before = metric(server.url, "persona_server_queue_time_seconds_count", **labels)
     extra = {"ignore_eos": True, "persona": "pirate", "persona_monitor": ["pirate"]}
     summary_path = tmp_path / "summary.json"
     command = driver_command(
-        server, summary_path, num_prompts=8, concurrency=4, max_tokens=40, extra_body=extra
+        server, summary_path, num_prompts=8, concurrency=4, max_tokens=200, extra_body=extra
     )
     log = tmp_path / "driver.log"
     with log.open("wb") as output:
