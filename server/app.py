@@ -157,7 +157,7 @@ async def _build_services(settings: Settings, metrics: Metrics) -> Services:
         jobs=jobs,
         persona_extraction=PersonaExtraction(registry, persona_admin, jobs),
         mapping_fits=MappingFits(registry, store, jobs, corpus),
-        persona_mapper=PersonaMapper(registry, store, persona_admin, corpus, jobs.admission),
+        persona_mapper=PersonaMapper(registry, store, persona_admin, corpus, jobs),
         persona_bakes=_persona_bakes(settings, registry, store, jobs, sources, corpus.texts),
         max_body_bytes=settings.max_body_bytes or default_body_bytes(largest),
     )

@@ -192,7 +192,7 @@ def test_jobs_past_the_limits_wait_with_a_queue_position_then_get_429(
     refused = httpx.post(url, json={**long, "served_name": "q-refused"})
     assert assert_openai_error(refused, 429, "retry later")["code"] == "overloaded"
     assert int(refused.headers["Retry-After"]) >= 1
-    # A synchronous map of the generated method takes a turn among the jobs: none is left for it.
+    # A map of the generated method is a job that drives both models: no place is left for it.
     body = {"source_model": "demo-llama", "target_model": "demo-qwen", "target_name": "pirate-mapped"}
     mapped = httpx.post(f"{demo_server.url}/admin/personas/pirate/map", json=body, timeout=60)
     assert_openai_error(mapped, 429)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import httpx
@@ -34,8 +35,25 @@ def fit(server: ServerProcess, **body: Any) -> httpx.Response:
 
 
 def map_persona(server: ServerProcess, name: str, **body: Any) -> httpx.Response:
-    # The generated method answers, reads back and calibrates before it answers (up to a minute here).
-    return httpx.post(f"{server.url}/admin/personas/{name}/map", json=body, headers=ADMIN, timeout=180)
+    """The map request: 202 with its job, or the refusal."""
+    return httpx.post(f"{server.url}/admin/personas/{name}/map", json=body, headers=ADMIN, timeout=30)
+
+
+def map_job(server: ServerProcess, name: str, **body: Any) -> dict[str, Any]:
+    """A map request's job, once it ended (the generated method answers, reads back and calibrates:
+    up to a minute here)."""
+    started = map_persona(server, name, **body)
+    assert started.status_code == 202, started.text
+    assert started.json()["status_url"] == f"/admin/jobs/{started.json()['id']}"
+    return finished_job(server.url, started.json()["status_url"], ADMIN, timeout=180)
+
+
+def mapped(server: ServerProcess, name: str, **body: Any) -> dict[str, Any]:
+    """The persona a map request stored (its job succeeded)."""
+    job = map_job(server, name, **body)
+    assert job["status"] == "succeeded" and job["kind"] == "map", job
+    assert job["result"]["source_updated"] is False and job["result"]["warning"] is None
+    return job["result"]["persona"]
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +98,7 @@ def test_a_fit_stores_ridge_and_procrustes_maps_with_diagnostics(
 def test_a_mapped_persona_is_stored_calibrated_and_serves(
     server: ServerProcess, fitted: dict[str, Any], client: Any
 ) -> None:
-    mapped = map_persona(server, "bridge", source_model=LLAMA, target_model=QWEN, method="ridge")
-    assert mapped.status_code == 201, mapped.text
-    record = mapped.json()
+    record = mapped(server, "bridge", source_model=LLAMA, target_model=QWEN, method="ridge")
     assert (record["model"], record["layers"], record["hidden_size"]) == (QWEN, [1], 48)
     assert record["provenance"] == {
         "kind": "mapped",
@@ -111,19 +127,18 @@ def test_a_mapped_persona_is_stored_calibrated_and_serves(
     "method", ["procrustes", "concept", "zero_pad", "interpolate", "random", "generated"]
 )
 def test_every_method_maps(server: ServerProcess, fitted: dict[str, Any], method: str) -> None:
-    mapped = map_persona(server, "bridge", source_model=LLAMA, target_model=QWEN, method=method)
-    assert mapped.status_code == 201, mapped.text
-    assert mapped.json()["provenance"]["method"] == method and mapped.json()["hidden_size"] == 48
+    record = mapped(server, "bridge", source_model=LLAMA, target_model=QWEN, method=method)
+    assert record["provenance"]["method"] == method and record["hidden_size"] == 48
     if method == "generated":  # the vectors' scale is calibrated on the target, at the source's default
-        calibration = mapped.json()["provenance"]["strength_calibration"]
-        assert mapped.json()["default_strength"] == calibration["strength"] == 3.0
+        calibration = record["provenance"]["strength_calibration"]
+        assert record["default_strength"] == calibration["strength"] == 3.0
         assert calibration["scale"] in [step["scale"] for step in calibration["steps"]]
         # A persona on one block is tried around the same depth; the best forecast is kept (the
         # first of equals, nearest first).
         tried = calibration["blocks_tried"]
         assert len(tried) >= 2 and tried[0]["blocks"] == [1]  # the same relative depth comes first
         kept = max(tried, key=lambda placement: placement["predicted_transfer"])
-        assert list(mapped.json()["layers"]) == kept["blocks"]
+        assert list(record["layers"]) == kept["blocks"]
         assert calibration["predicted_transfer"] == kept["predicted_transfer"]
         assert 0.0 <= calibration["predicted_transfer"] <= 1.0
     picture_url = f"{server.url}/admin/personas/bridge/calibration.png"
@@ -132,6 +147,54 @@ def test_every_method_maps(server: ServerProcess, fitted: dict[str, Any], method
         assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
     else:  # a map keeps the source's strength: nothing was calibrated
         assert_openai_error(picture, 404, "no strength calibration")
+
+
+def running_map(server: ServerProcess, name: str, **body: Any) -> str:
+    """A generated map's job, once it has made progress: its status URL."""
+    started = map_persona(server, name, **body)
+    assert started.status_code == 202, started.text
+    status_url = started.json()["status_url"]
+    for _ in range(600):
+        job = httpx.get(f"{server.url}{status_url}", headers=ADMIN).json()
+        if job["status"] == "running" and job["progress"] > 0:
+            return status_url
+        assert job["status"] in ("queued", "running"), job
+        time.sleep(0.05)
+    raise AssertionError(f"the map made no progress: {job}")
+
+
+def test_a_generated_map_reports_progress_and_a_cancelled_one_stores_nothing(
+    server: ServerProcess, client: Any
+) -> None:
+    assert upload(server.url, "gauge", LLAMA, {1: random_vector(64, 150)}, 2.0).status_code == 200
+    seen: list[float] = []
+    started = map_persona(server, "gauge", source_model=LLAMA, target_model=QWEN)
+    job = finished_job(
+        server.url, started.json()["status_url"], ADMIN, 180, lambda j: seen.append(j["progress"])
+    )
+    assert job["status"] == "succeeded", job
+    assert seen == sorted(seen) and len(set(seen)) >= 3 and seen[-1] == 1.0  # it moves, and only forward
+    status_url = running_map(server, "gauge", source_model=LLAMA, target_model=QWEN, target_name="gauge-2")
+    cancelled = httpx.delete(f"{server.url}{status_url}", headers=ADMIN).json()
+    assert cancelled["status"] == "cancelled"
+    time.sleep(1)  # were it still running, it would store now
+    assert httpx.get(f"{server.url}{status_url}", headers=ADMIN).json()["status"] == "cancelled"
+    missing = httpx.get(f"{server.url}/admin/personas/gauge-2", params={"model": QWEN}, headers=ADMIN)
+    assert_openai_error(missing, 404, "gauge-2")
+    answer = client.chat.completions.create(model=QWEN, messages=QUESTION, max_tokens=4)  # serves on
+    assert answer.usage.completion_tokens == 4
+
+
+def test_a_source_updated_while_it_is_mapped_is_reported(server: ServerProcess) -> None:
+    assert upload(server.url, "tide", LLAMA, {1: random_vector(64, 160)}).status_code == 200
+    status_url = running_map(server, "tide", source_model=LLAMA, target_model=QWEN)
+    assert upload(server.url, "tide", LLAMA, {1: random_vector(64, 161)}).status_code == 200  # version 2
+    job = finished_job(server.url, status_url, ADMIN, timeout=180)
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert result["source_updated"] is True and result["source_version"] == 1
+    assert "'tide'" in result["warning"] and "updated to version 2" in result["warning"]
+    assert result["persona"]["provenance"]["source_version"] == 1  # what was carried is on record
 
 
 @pytest.mark.parametrize(
@@ -196,16 +259,12 @@ def test_mapping_onto_a_native_persona_of_that_name_is_409_and_keeps_it(server: 
         httpx.delete(f"{server.url}/admin/personas/anchor", params={"model": QWEN}, headers=ADMIN).status_code
         == 204
     )
-    mapped = map_persona(server, "anchor", **FORWARD)
-    assert mapped.status_code == 201, mapped.text
-    assert mapped.json()["version"] == native["version"] + 1  # versions never repeat
+    assert mapped(server, "anchor", **FORWARD)["version"] == native["version"] + 1  # versions never repeat
 
 
 def test_target_name_stores_the_mapped_persona_under_another_name(server: ServerProcess) -> None:
     native = source_and_native_target(server, "keel", 110)
-    mapped = map_persona(server, "keel", target_name="keel-from-llama", **FORWARD)
-    assert mapped.status_code == 201, mapped.text
-    record = mapped.json()
+    record = mapped(server, "keel", target_name="keel-from-llama", **FORWARD)
     assert (record["name"], record["model"], record["version"]) == ("keel-from-llama", QWEN, 1)
     assert record["provenance"]["source_name"] == "keel" and record["provenance"]["kind"] == "mapped"
     assert stored(server, "keel", QWEN) == native
@@ -215,9 +274,7 @@ def test_target_name_stores_the_mapped_persona_under_another_name(server: Server
 
 def test_replace_true_replaces_a_native_persona(server: ServerProcess) -> None:
     native = source_and_native_target(server, "mast", 120)
-    replaced = map_persona(server, "mast", replace=True, **FORWARD)
-    assert replaced.status_code == 201, replaced.text
-    record = replaced.json()
+    record = mapped(server, "mast", replace=True, **FORWARD)
     assert record["version"] == native["version"] + 1 and record["layers"] == [1]
     assert record["provenance"]["kind"] == "mapped" and record["provenance"]["source_model"] == LLAMA
 
@@ -225,17 +282,15 @@ def test_replace_true_replaces_a_native_persona(server: ServerProcess) -> None:
 def test_a_persona_mapped_from_the_same_source_is_remapped_without_replace(server: ServerProcess) -> None:
     for name, seed in (("hull", 130), ("deck", 131)):
         assert upload(server.url, name, LLAMA, {1: random_vector(64, seed)}).status_code == 200
-    first = map_persona(server, "hull", target_name="hull-mapped", **FORWARD)
-    assert first.status_code == 201, first.text
-    again = map_persona(server, "hull", target_name="hull-mapped", **{**FORWARD, "method": "interpolate"})
-    assert again.status_code == 201, again.text
-    assert again.json()["version"] == first.json()["version"] + 1
-    assert again.json()["provenance"]["method"] == "interpolate"
+    first = mapped(server, "hull", target_name="hull-mapped", **FORWARD)
+    again = mapped(server, "hull", target_name="hull-mapped", **{**FORWARD, "method": "interpolate"})
+    assert again["version"] == first["version"] + 1
+    assert again["provenance"]["method"] == "interpolate"
     # Another source persona mapped onto that name is another persona: refused unless replace.
     other = map_persona(server, "deck", target_name="hull-mapped", **FORWARD)
     error = assert_openai_error(other, 409, "'hull-mapped'", "mapped from 'hull'", LLAMA)
     assert error["code"] == "persona_exists"
-    assert stored(server, "hull-mapped", QWEN)["version"] == again.json()["version"]
+    assert stored(server, "hull-mapped", QWEN)["version"] == again["version"]
 
 
 def test_the_map_commands_fit_list_and_map(server: ServerProcess) -> None:
@@ -305,5 +360,7 @@ def test_a_gguf_model_reads_its_block_outputs_for_a_fit(server: ServerProcess) -
     job = finished_job(server.url, started.json()["status_url"], ADMIN, timeout=480)
     assert job["status"] == "succeeded", job
     assert upload(server.url, "from-gguf", GGUF, {1: random_vector(64, 3)}).status_code == 200
-    mapped = map_persona(server, "from-gguf", source_model=GGUF, target_model=QWEN)
-    assert mapped.status_code == 201 and mapped.json()["provenance"]["source_model"] == GGUF
+    assert (
+        mapped(server, "from-gguf", source_model=GGUF, target_model=QWEN)["provenance"]["source_model"]
+        == GGUF
+    )

@@ -41,7 +41,7 @@ ROUTES = [
     ("get", "/admin/personas/{name}/calibration.png", "200", "image/png", ADMIN | {404, 422, 503}),
     ("get", "/admin/personas", "200", "PersonaList", ADMIN | {404, 503}),
     ("post", "/admin/personas/{name}/extract", "202", "JobHandle", ADMIN | {400, 404, 413, 422, 429}),
-    ("post", "/admin/personas/{name}/map", "201", "Persona", ADMIN | {400, 404, 409, 413, 422, 429, 503}),
+    ("post", "/admin/personas/{name}/map", "202", "JobHandle", ADMIN | {400, 404, 409, 413, 422, 429, 503}),
     ("post", "/admin/personas/{name}/bake", "202", "JobHandle", ADMIN | {400, 404, 409, 413, 422, 429}),
     ("delete", "/admin/models/{model}", "200", "ModelDeleted", ADMIN | {400, 404, 409}),
     ("get", "/admin/jobs/{job_id}", "200", "JobStatus", ADMIN | {404}),

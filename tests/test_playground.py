@@ -288,6 +288,8 @@ def test_a_fit_then_a_mapped_persona_is_compared_with_the_native_one_on_the_targ
     page.get_by_test_id("map-start").click()
     stored = "stored 'pirate-from-demo-llama' v1 on demo-qwen"
     expect(page.get_by_test_id("map-status")).to_contain_text(stored, timeout=ANSWER_TIMEOUT_MS)
+    expect(page.get_by_test_id("map-progress")).to_have_attribute("value", "100")  # a job, followed
+    expect(page.get_by_test_id("map-cancel")).to_be_disabled()
     panes = {name: page.get_by_test_id(f"pane-map-{name}") for name in ("base", "native", "mapped")}
     for pane in panes.values():
         expect(pane).to_have_attribute("data-state", "done", timeout=ANSWER_TIMEOUT_MS)
@@ -300,6 +302,23 @@ def test_a_fit_then_a_mapped_persona_is_compared_with_the_native_one_on_the_targ
     plot = page.get_by_test_id("calibration").locator("img")
     expect(plot).to_be_visible()
     page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=plot.element_handle())
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_map_can_be_cancelled_and_stores_nothing(page: Page, demo_server: ServerProcess) -> None:
+    page.get_by_test_id("tab-make").click()
+    page.get_by_test_id("fit-source").select_option("demo-qwen")
+    page.get_by_test_id("fit-target").select_option("demo-llama")
+    page.get_by_test_id("map-persona").select_option("silly")
+    page.get_by_test_id("map-name").fill("silly-cancelled")
+    page.get_by_test_id("map-start").click()
+    expect(page.get_by_test_id("map-status")).to_contain_text("running", timeout=ANSWER_TIMEOUT_MS)
+    page.get_by_test_id("map-cancel").click()
+    expect(page.locator("#error")).to_contain_text("the map job was cancelled", timeout=ANSWER_TIMEOUT_MS)
+    expect(page.get_by_test_id("map-start")).to_be_enabled()
+    stored = httpx.get(f"{demo_server.url}/admin/personas/silly-cancelled", params={"model": "demo-llama"})
+    assert stored.status_code == 404, stored.text
 
 
 @pytest.mark.browser

@@ -23,6 +23,7 @@ from server.demo.models import demo_model_dir
 from server.demo.traits import trait_rate
 from server.gguf.model import convert_hf_to_gguf
 from testkit.server_process import ServerProcess
+from tests.api_helpers import finished_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.llama_cpp, pytest.mark.slow]
 
@@ -63,13 +64,15 @@ def mapped(server: ServerProcess) -> dict[str, Any]:
     for name, model, fields in uploads:
         answer = httpx.put(f"{server.url}/admin/personas/{name}", json={"model": model, **fields}, timeout=30)
         assert answer.status_code in (200, 201), answer.text
-    carried = httpx.post(
+    started = httpx.post(
         f"{server.url}/admin/personas/pirate/map",
         json={"source_model": SOURCE, "target_model": TARGET},
-        timeout=900,
+        timeout=30,
     )
-    assert carried.status_code == 201, carried.text
-    return carried.json()
+    assert started.status_code == 202, started.text
+    job = finished_job(server.url, started.json()["status_url"], timeout=900)
+    assert job["status"] == "succeeded", job
+    return job["result"]["persona"]
 
 
 def ask(client: openai.OpenAI, model: str, question: str, **persona: Any) -> Any:

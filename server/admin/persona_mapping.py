@@ -1,5 +1,10 @@
 """Carrying a stored persona to another served model with a stored map, and storing the result.
 
+A map request is a background job (``jobs.py``): what can be refused is refused when it is asked
+(4xx), then the carrying runs (the generated method answers and reads hundreds of prompts: minutes on
+a real model) with progress, cancellable; the job's result is the stored persona, and says whether
+the source persona was updated while it was carried (the map is then of the version it started with).
+
 The carrying itself, by any method, is ``server.transfer.carry.carry_persona`` (the evaluation's
 transfer table calls it too): this service finds the records (the persona, the map, the concept
 personas) and stores the mapped persona with its provenance, never over another persona by
@@ -9,15 +14,16 @@ the same source persona and model, or when asked.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from persona_store.base import ABSENT, PersonaStore
 from persona_store.errors import PersonaNotFound
 from persona_store.mappings import MappingRecord
 from persona_store.records import PersonaInfo, PersonaRecord
 from server.admin.fitting_corpus import FittingCorpus
-from server.admin.job_admission import Admission
+from server.admin.jobs import Job, JobRegistry
 from server.admin.mapping_fits import check_distinct, check_mapping_id
 from server.admin.persona_admin import PersonaAdmin
 from server.serving.errors import PersonaExists, RequestRejected
@@ -77,17 +83,18 @@ class PersonaMapper:
         store: PersonaStore,
         admin: PersonaAdmin,
         corpus: FittingCorpus,
-        admission: Admission,
+        jobs: JobRegistry,
     ) -> None:
         self._registry = registry
         self._store = store
         self._admin = admin
-        self._admission = admission
+        self._jobs = jobs
         self._generation = GenerationSpec.server_default(corpus.texts)
 
-    async def map_persona(
+    async def start(
         self, name: str, source_model: str, target: MapTarget, mapping_id: str | None, method: MappingMethod
-    ) -> PersonaInfo:
+    ) -> Job:
+        """Check everything that can be checked now (errors answer 4xx), then map in the background."""
         self._admin.check_name(name)
         self._admin.check_name(target.name)
         self._registry.get(source_model)
@@ -95,11 +102,56 @@ class PersonaMapper:
         check_distinct(source_model, target.model)
         record = await self._store.get(source_model, name)
         mapping = await self._usable_mapping(source_model, target.model, mapping_id, method)
-        # After the checks that say the request cannot map at all, before the (possibly slow) maths;
-        # the write expects the version seen here, so a persona written to the target meanwhile is a
-        # 409 version_conflict, never silently replaced.
+        # The write expects the version seen here, so a persona written to the target meanwhile
+        # fails the job (version_conflict), never silently replaced.
         expected = None if target.replace else await self._expected_target(name, source_model, target)
-        carried = await self._carry(record, source_model, target.model, mapping, method)
+
+        # Arithmetic on stored vectors is carried now, so that what it cannot map is refused now (4xx).
+        arithmetic = (
+            None
+            if drives_models(method)
+            else await self._carry(record, source_model, target.model, mapping, method, lambda _: None)
+        )
+
+        async def work(progress: Callable[[float], None]) -> dict[str, Any]:
+            carried = arithmetic or await self._carry(
+                record, source_model, target.model, mapping, method, progress
+            )
+            info = await self._store_carried(record, source_model, target, mapping, method, carried, expected)
+            return {"persona": info.to_dict(), **await self._source_now(record.info, source_model)}
+
+        # A method that drives both models generates and reads for minutes: it takes its turn on them
+        # among the other jobs; arithmetic holds no model.
+        models = (source_model, target.model) if drives_models(method) else ()
+        return self._jobs.submit("map", work, models=models)
+
+    async def _source_now(self, mapped: PersonaInfo, source_model: str) -> dict[str, Any]:
+        """Whether the source persona is still the version that was carried."""
+        try:
+            now: int | None = (await self._store.get(source_model, mapped.name)).info.version
+        except PersonaNotFound:
+            now = None
+        if now == mapped.version:
+            return {"source_version": mapped.version, "source_updated": False, "warning": None}
+        what = "deleted" if now is None else f"updated to version {now}"
+        return {
+            "source_version": mapped.version,
+            "source_updated": True,
+            "warning": f"persona '{mapped.name}' on '{source_model}' was {what} while it was mapped: the "
+            f"mapped persona carries version {mapped.version}; map it again to carry the new one",
+        }
+
+    async def _store_carried(
+        self,
+        record: PersonaRecord,
+        source_model: str,
+        target: MapTarget,
+        mapping: MappingRecord | None,
+        method: MappingMethod,
+        carried: CarriedPersona,
+        expected: int | None,
+    ) -> PersonaInfo:
+        name = record.info.name
         calibration = carried.provenance()
         return await self._admin.put(
             name=target.name,
@@ -158,6 +210,7 @@ class PersonaMapper:
         target_model: str,
         mapping: MappingRecord | None,
         method: MappingMethod,
+        progress: Callable[[float], None],
     ) -> CarriedPersona:
         """The persona carried to the target model by ``method`` (``carry_persona``)."""
         info = record.info
@@ -166,19 +219,16 @@ class PersonaMapper:
             if method is MappingMethod.CONCEPT
             else []
         )
-        # A method that drives both models generates and reads for a while, as a job does: it waits
-        # for a turn among the jobs (429 past their queue); the others are arithmetic on stored vectors.
-        models = (source_model, target_model)
-        async with self._admission.turn("map", models) if drives_models(method) else nullcontext():
-            return await carry_persona(
-                method,
-                SourcePersona(record.vectors, info.default_strength, info.default_positions),
-                self._registry.get(source_model),
-                self._registry.get(target_model),
-                generation=self._generation,
-                fitted=None if mapping is None else fitted_map(mapping),
-                concepts=concepts,
-            )
+        return await carry_persona(
+            method,
+            SourcePersona(record.vectors, info.default_strength, info.default_positions),
+            self._registry.get(source_model),
+            self._registry.get(target_model),
+            generation=self._generation,
+            fitted=None if mapping is None else fitted_map(mapping),
+            concepts=concepts,
+            progress=lambda fraction: progress(0.98 * fraction),  # the write is the last step
+        )
 
     async def _mapping_for(
         self, source_model: str, target_model: str, method: str, mapping_id: str | None
@@ -216,8 +266,10 @@ class PersonaMapper:
         pairs: list[ConceptPair] = []
         for info in await self._store.list(source_model):
             other = targets.get(info.name)
-            if info.name == name or other is None or other.provenance.get("kind") == "mapped":
+            if info.name == name or other is None:
                 continue
+            if "mapped" in (info.provenance.get("kind"), other.provenance.get("kind")):
+                continue  # a pair one side of which was carried from the other teaches nothing new
             source = await self._store.get(source_model, info.name)
             target = await self._store.get(target_model, info.name)
             pairs.append((source.vectors, target.vectors))

@@ -13,6 +13,26 @@ from server.cli.personas import DEFAULT_URL, AdminKey, ServerUrl, _fail, _send
 app = typer.Typer(help="Fit linear maps between served models and map personas with them.")
 
 
+def _follow(url: str, admin_key: str | None, status_url: str, what: str) -> dict[str, Any]:
+    """Wait for a job, with a progress bar on a terminal; its result. Ctrl-C cancels the job."""
+    from tqdm import tqdm
+
+    bar_format = "{l_bar}{bar}| {elapsed}<{remaining}"
+    with tqdm(total=1.0, desc=what, bar_format=bar_format, disable=None) as bar:  # None: only on a tty
+        try:
+            while True:
+                state = _send(url, admin_key, "GET", status_url).json()
+                bar.update(state["progress"] - bar.n)
+                if state["status"] == "succeeded":
+                    return state["result"]
+                if state["status"] in ("failed", "cancelled"):
+                    _fail(f"the {what} {state['status']}: {state['error'] or 'cancelled on the server'}")
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            _send(url, admin_key, "DELETE", status_url)
+            _fail(f"the {what} was cancelled")
+
+
 def _layer_map(text: str) -> dict[str, int]:
     try:
         pairs = [part.split(":") for part in text.split(",")]
@@ -41,14 +61,7 @@ def fit(
     if folds is not None:
         body["folds"] = folds
     job = _send(url, admin_key, "POST", "/admin/mappings", json=body).json()
-    while True:
-        state = _send(url, admin_key, "GET", job["status_url"]).json()
-        if state["status"] == "failed":
-            _fail(f"the fit failed: {state['error']}")
-        if state["status"] == "succeeded":
-            break
-        time.sleep(0.5)
-    result = state["result"]
+    result = _follow(url, admin_key, job["status_url"], "fit")
     typer.echo(f"ridge mapping {result['mapping_id']}, procrustes mapping {result['procrustes_mapping_id']}")
     for block, diagnostics in result["diagnostics"].items():
         typer.echo(
@@ -94,7 +107,9 @@ def map_persona(
         "target_name": target_name,
         "replace": replace,
     }
-    info = _send(url, admin_key, "POST", f"/admin/personas/{name}/map", json=body).json()
+    job = _send(url, admin_key, "POST", f"/admin/personas/{name}/map", json=body).json()
+    result = _follow(url, admin_key, job["status_url"], "map")
+    info = result["persona"]
     typer.echo(
         f"stored {info['name']} for {info['model']}: version {info['version']}, blocks {info['layers']}"
     )
@@ -105,3 +120,5 @@ def map_persona(
             f"{calibration['predicted_transfer']:.2f}; the ladder: GET /admin/personas/{info['name']}"
             f"/calibration.png?model={info['model']}"
         )
+    if result["warning"] is not None:  # the source persona changed while it was carried
+        typer.echo(f"warning: {result['warning']}", err=True)

@@ -22,7 +22,7 @@ answers: read as bare text, the same answers gave directions further from the na
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,11 @@ from server.transfer.strength_calibration import StrengthCalibration, calibrate_
 # request waits for all of it.
 GENERATION_PROMPTS = 48
 CALIBRATION_PROMPTS = 24
+# Where the generated method stands (of 1) once the source has written the contrast and the target
+# has read it; the rest is the target's calibration, shared among the placements tried.
+WRITTEN, READ, CALIBRATING = 0.45, 0.55, 0.6
+
+Progress = Callable[[float], None]
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,9 @@ class CarriedPersona:
         return record
 
 
-async def _answers(backend: Backend, spec: GenerationSpec, plan: SteeringPlan | None) -> list[Answer]:
+async def _answers(
+    backend: Backend, spec: GenerationSpec, plan: SteeringPlan | None, progress: Callable[[int], None] | None
+) -> list[Answer]:
     requests = [
         ask(
             prompt,
@@ -119,7 +126,7 @@ async def _answers(backend: Backend, spec: GenerationSpec, plan: SteeringPlan | 
         )
         for index, prompt in enumerate(spec.prompts)
     ]
-    return await answer_all(backend, requests, concurrency=spec.concurrency)
+    return await answer_all(backend, requests, concurrency=spec.concurrency, progress=progress)
 
 
 async def _read_as_answers(backend: Backend, spec: GenerationSpec, answers: list[Answer]) -> np.ndarray:
@@ -138,8 +145,28 @@ class _Contrast:
     target_norms: np.ndarray  # per target block
 
 
-async def _contrast(source: Backend, target: Backend, plan: SteeringPlan, spec: GenerationSpec) -> _Contrast:
-    steered, plain = await asyncio.gather(_answers(source, spec, plan), _answers(source, spec, None))
+def _counted(progress: Progress | None, total: int, share: float) -> Callable[[int], None] | None:
+    """A count of ``total`` pieces of work (several callers may report: they are summed) as a
+    fraction up to ``share``."""
+    if progress is None:
+        return None
+    done = 0
+
+    def one_more(_: int) -> None:
+        nonlocal done
+        done += 1
+        progress(share * done / total)
+
+    return one_more
+
+
+async def _contrast(
+    source: Backend, target: Backend, plan: SteeringPlan, spec: GenerationSpec, progress: Progress | None
+) -> _Contrast:
+    written_one = _counted(progress, 2 * len(spec.prompts), WRITTEN)
+    steered, plain = await asyncio.gather(
+        _answers(source, spec, plan, written_one), _answers(source, spec, None, written_one)
+    )
     # Each answer in the target's tokens, once; a pair with an empty side is dropped.
     encoded = [(a.in_tokens_of(target), b.in_tokens_of(target)) for a, b in zip(steered, plain, strict=True)]
     kept = [(a, b) for a, b in encoded if written(a) and written(b)]
@@ -150,6 +177,8 @@ async def _contrast(source: Backend, target: Backend, plan: SteeringPlan, spec: 
     # Norms for calibration as every mapping method takes them: last tokens of plain text.
     source_plain = await source.text_activations([b.text for _, b in kept])
     target_plain_text = await target.text_activations([b.text for _, b in kept])
+    if progress is not None:
+        progress(READ)
     return _Contrast(
         target_steered - target_plain,
         np.linalg.norm(source_plain[:, 0], axis=-1).mean(axis=0),
@@ -197,6 +226,7 @@ async def carry_by_generation(
     positions: str,
     spec: GenerationSpec,
     block_pairs: Mapping[int, int] | None = None,
+    progress: Progress | None = None,
 ) -> CarriedPersona:
     """The persona (source block -> vector, at ``strength`` and ``positions``) on the target:
     target block -> vector (float32), at the target blocks of the same relative depth, each scaled so
@@ -205,9 +235,10 @@ async def carry_by_generation(
     source's ``strength`` (``strength_calibration``): the persona keeps the source's default. A
     persona on one block is also tried ``spec.block_search`` blocks around that depth (the
     placement whose calibration forecasts the most transfer is kept). ``block_pairs`` (source block
-    -> target block) fixes the placement instead."""
+    -> target block) fixes the placement instead. ``progress`` hears the fraction done (a job's
+    callback: it may raise to stop the work)."""
     plan = SteeringPlan(dict(vectors), strength=strength, positions=Positions(positions))
-    contrast = await _contrast(source, target, plan, spec)
+    contrast = await _contrast(source, target, plan, spec, progress)
     steerable = set(target.info.steerable_layers)
     placements = _placements(vectors, contrast, steerable, block_pairs, spec.block_search)
     if not placements:
@@ -215,7 +246,9 @@ async def carry_by_generation(
     prompts = spec.calibration_subset()
     plain = await read_unsteered(target, prompts, spec.max_tokens, spec.seed)
     trials: list[tuple[dict[int, np.ndarray], StrengthCalibration]] = []
-    for layers in placements:
+    for index, layers in enumerate(placements):
+        if progress is not None:
+            progress(CALIBRATING + (1 - CALIBRATING) * index / len(placements))
         calibration = await calibrate_scale(
             target,
             layers,
@@ -253,16 +286,24 @@ async def carry_persona(
     generation: GenerationSpec,
     fitted: FittedMap | None = None,
     concepts: Sequence[ConceptPair] = (),
+    progress: Progress | None = None,
 ) -> CarriedPersona:
     """``persona`` on ``target``, carried from ``source`` by ``method``.
 
     ``fitted`` is the map the method goes through (``FittedMaps.for_method``, or the stored map of
     that kind): a learned method applies it, the others take target blocks and norm calibration
     from it when given. ``concepts`` feed the concept adapter; ``generation`` is how the source
-    writes the generated method's contrast (``GenerationSpec.server_default`` on the server)."""
+    writes the generated method's contrast (``GenerationSpec.server_default`` on the server);
+    ``progress`` hears the generated method's fraction done."""
     if drives_models(method):
         return await carry_by_generation(
-            source, target, persona.vectors, persona.default_strength, persona.default_positions, generation
+            source,
+            target,
+            persona.vectors,
+            persona.default_strength,
+            persona.default_positions,
+            generation,
+            progress=progress,
         )
     shapes = model_shape(source.info), model_shape(target.info)
     return CarriedPersona(

@@ -1,4 +1,5 @@
-"""Admin routes: create, read, delete, list, restore, import and export persona vectors; extraction jobs."""
+"""Admin routes: create, read, delete, list, restore, import and export persona vectors; the jobs
+(extraction, map fits, persona maps, bakes)."""
 
 from __future__ import annotations
 
@@ -299,12 +300,13 @@ async def delete_mapping(mapping_id: MappingIdParam, services: ServicesDep) -> R
 
 @router.post(
     "/personas/{name}/map",
-    status_code=201,
-    response_model=Persona,
+    status_code=202,
+    response_model=JobHandle,
     responses=errors(400, 404, 409, 413, 422, 429, 503),
 )
-async def map_persona(name: NameParam, body: PersonaMapRequest, services: ServicesDep) -> dict[str, Any]:
-    """Carry a persona from source_model to target_model and store it there, under target_name.
+async def map_persona(name: NameParam, body: PersonaMapRequest, services: ServicesDep) -> JobHandle:
+    """Carry a persona from source_model to target_model and store it there, under target_name, as a
+    background job (its result: the stored persona, and whether the source changed meanwhile).
 
     A persona of that name on the target that was not itself mapped from this persona and source
     model is kept (409) unless replace is true.
@@ -312,10 +314,9 @@ async def map_persona(name: NameParam, body: PersonaMapRequest, services: Servic
     target = MapTarget(
         body.target_model, name if body.target_name is None else body.target_name, body.replace
     )
-    info = await services.persona_mapper.map_persona(
-        name, body.source_model, target, body.mapping_id, body.method
+    return _handle(
+        await services.persona_mapper.start(name, body.source_model, target, body.mapping_id, body.method)
     )
-    return info.to_dict()
 
 
 @router.get(

@@ -105,6 +105,8 @@ export async function waitForJob(statusUrl, onProgress, intervalMs = 400) {
     onProgress(job.progress, status);
     if (job.status === "succeeded") return job.result;
     if (job.status === "failed") throw new ApiError(500, job.error || "the job failed");
+    // Cancelled (here or by anyone else): the job will never end otherwise.
+    if (job.status === "cancelled") throw new ApiError(409, `the ${job.kind} job was cancelled`);
     await new Promise((resolve) => setTimeout(resolve, intervalMs));
   }
 }

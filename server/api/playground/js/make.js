@@ -1,7 +1,7 @@
 // The make view: extract a persona (a background job with progress and a per-block report), fit a
 // map between two served models, carry a persona across, and compare it with the target's own.
 
-import { getBlob, sendJson, waitForJob } from "./api.js";
+import { getBlob, request, sendJson, waitForJob } from "./api.js";
 import { barChart } from "./chart.js";
 import { baseRequest } from "./compare.js";
 import { runPanes } from "./panes.js";
@@ -97,6 +97,10 @@ async function compareOnTarget(target, nativeName, mapped) {
   await runPanes($("map-compare"), baseRequest(target), specs);
 }
 
+let mapStatusUrl = null;
+
+// A map is a job (the generated method answers and reads hundreds of prompts): its progress shows,
+// Cancel stops it, and a source persona updated meanwhile is said.
 async function mapPersona(event) {
   event.preventDefault();
   clearError();
@@ -104,14 +108,19 @@ async function mapPersona(event) {
   const target = $("fit-target").value;
   const persona = $("map-persona").value;
   const targetName = $("map-name").value.trim() || `${persona}-from-${source}`;
+  const progress = progressShower($("map-progress"), $("map-status"));
   $("map-start").disabled = true;
-  $("map-status").textContent = `mapping '${persona}' from ${source} to ${target}…`;
+  $("map-cancel").disabled = false;
   try {
+    progress(0, "queued");
     const body = { source_model: source, target_model: target, method: $("map-method").value, target_name: targetName };
-    const mapped = await sendJson("POST", `/admin/personas/${encodeURIComponent(persona)}/map`, body);
+    mapStatusUrl = (await sendJson("POST", `/admin/personas/${encodeURIComponent(persona)}/map`, body)).status_url;
+    const result = await waitForJob(mapStatusUrl, progress);
+    const mapped = result.persona;
     const scale = mapped.provenance.strength_calibration;
     const note = scale ? `, vector scale ×${scale.scale}, predicted transfer ${scale.predicted_transfer.toFixed(2)}` : "";
-    $("map-status").textContent = `stored '${mapped.name}' v${mapped.version} on ${target}${note}`;
+    const warning = result.warning ? ` (${result.warning})` : "";
+    $("map-status").textContent = `stored '${mapped.name}' v${mapped.version} on ${target}${note}${warning}`;
     announcePersonasChanged();
     await compareOnTarget(target, persona, mapped);
   } catch (error) {
@@ -119,7 +128,13 @@ async function mapPersona(event) {
     showError(error);
   } finally {
     $("map-start").disabled = false;
+    $("map-cancel").disabled = true;
+    mapStatusUrl = null;
   }
+}
+
+async function cancelMap() {
+  if (mapStatusUrl) await request(mapStatusUrl, { method: "DELETE" }).catch(showError);
 }
 
 function showSourcePersonas() {
@@ -139,6 +154,7 @@ export function initMake(shared) {
   $("extract-form").addEventListener("submit", extract);
   $("fit-start").addEventListener("click", fit);
   $("fit-form").addEventListener("submit", mapPersona);
+  $("map-cancel").addEventListener("click", cancelMap);
   $("fit-source").addEventListener("change", () => showSourcePersonas().catch(showError));
   document.addEventListener("personas-changed", () => showSourcePersonas().catch(showError));
 }
