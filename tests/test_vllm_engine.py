@@ -22,6 +22,7 @@ from server.steering.closed_loop import Direction, LoopSpec, Rule, Target, Token
 from server.steering.plan import Positions, SteeringPlan
 from tests.api_helpers import alone_and_together
 from tests.vllm_helpers import (
+    VLLM_MARKS,
     assert_hf_agrees,
     greedy,
     greedy_request,
@@ -33,8 +34,7 @@ from tests.vllm_helpers import (
 
 pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
 # vLLM engines, 20-60 s each to start: slow.
-SLOW_VLLM = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]
-pytestmark = [*SLOW_VLLM, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = VLLM_MARKS
 
 from server.engine.vllm.backend import VLLMBackend  # noqa: E402
 

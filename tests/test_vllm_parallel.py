@@ -19,11 +19,11 @@ import torch
 from server.engine.base import GenerationRequest, SamplingParams
 from server.engine.hf.backend import HFBackend
 from server.steering.plan import Positions, SteeringPlan
+from tests.vllm_helpers import VLLM_MARKS
 
 pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
 # A tensor-parallel vLLM engine: slow.
-SLOW_VLLM = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]
-pytestmark = [*SLOW_VLLM, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = VLLM_MARKS
 
 from server.engine.vllm.backend import VLLMBackend  # noqa: E402
 from server.engine.vllm.options import VLLMOptions  # noqa: E402

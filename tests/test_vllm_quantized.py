@@ -19,6 +19,7 @@ from server.engine.hf.backend import HFBackend
 from testkit.awq import write_awq_checkpoint
 from tests.api_helpers import alone_and_together
 from tests.vllm_helpers import (
+    VLLM_MARKS,
     assert_hf_agrees,
     first_step_logprobs,
     greedy,
@@ -29,12 +30,7 @@ from tests.vllm_helpers import (
 )
 
 pytest.importorskip("vllm", reason="the vLLM tests need pip install -e '.[vllm]'")
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.asyncio(loop_scope="module"),
-]
+pytestmark = VLLM_MARKS
 
 from server.engine.vllm.backend import VLLMBackend  # noqa: E402
 from server.engine.vllm.options import VLLMOptions  # noqa: E402

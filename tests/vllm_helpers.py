@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from server.engine.base import GenerationRequest, SamplingParams
@@ -20,6 +21,14 @@ from server.engine.vllm.backend import VLLMBackend
 from server.engine.vllm.options import VLLMOptions
 from server.steering.plan import Positions, SteeringPlan
 
+# The marks of every vLLM test module: engine starts take about 50 s each; a module shares its engines
+# on its own event loop.
+VLLM_MARKS = [
+    pytest.mark.integration,
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.asyncio(loop_scope="module"),
+]
 HIDDEN = 128  # vLLM's CPU attention needs a head dimension of at least 32: four heads of 32
 
 
