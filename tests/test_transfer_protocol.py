@@ -62,7 +62,6 @@ async def test_a_persona_carried_by_generated_text_points_where_the_native_one_d
     from server.demo.models import demo_model_dir, load_demo_personas
     from server.engine.registry import load_backend
     from server.transfer.carry import GenerationSpec, carry_by_generation
-    from server.transfer.strength_calibration import FLUENT_PERPLEXITY_RATIO
 
     llama, qwen = (load_backend(demo_model_dir(name), name) for name in ("demo-llama", "demo-qwen"))
     try:
@@ -88,7 +87,8 @@ async def test_a_persona_carried_by_generated_text_points_where_the_native_one_d
         assert calibration.strength == pirate.default_strength  # the persona keeps the source's default
         assert calibration.scale in [step.scale for step in calibration.steps]
         chosen = next(step for step in calibration.steps if step.scale == calibration.scale)
-        assert chosen.perplexity_ratio <= FLUENT_PERPLEXITY_RATIO or chosen is calibration.steps[0]
+        assert chosen.perplexity_ratio <= calibration.fluency_bar or chosen is calibration.steps[0]
+        assert calibration.fluency_bar > 1.6  # pirate reads as unlikely to the unsteered source too
         again = await carry_by_generation(
             qwen, llama, pirate.vectors, pirate.default_strength, pirate.default_positions, spec
         )
@@ -119,6 +119,16 @@ def test_the_calibrated_scale_is_the_first_fluent_step_that_reaches_the_source()
     # The weakest step already past the bar (or no answers at all): the weakest.
     assert chosen_scale(ladder((1, 0.2, 2.5)), last=False) == 1
     assert chosen_scale(ladder((1, 0.0, float("nan"))), last=False) == 1
+    # A persona that costs the source perplexity itself gets that much room (and 10% more).
+    assert chosen_scale(ladder((1, 0.5, 2.0), (2, 1.2, 2.5)), last=False, bar=3.0) == 2
+    assert chosen_scale(ladder((1, 0.5, 2.0), (2, 1.2, 2.5)), last=False) == 1  # the fixed bar, 1.6
+
+
+def test_the_fluency_bar_is_the_sources_own_cost_with_room_or_the_fixed_bar() -> None:
+    from server.transfer.strength_calibration import FLUENT_PERPLEXITY_RATIO, fluency_bar
+
+    assert fluency_bar(2.5) == pytest.approx(2.75)
+    assert fluency_bar(1.2) == fluency_bar(None) == fluency_bar(float("nan")) == FLUENT_PERPLEXITY_RATIO
 
 
 def test_the_ablation_table_and_plot_average_each_setting_over_the_cells() -> None:

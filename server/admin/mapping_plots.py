@@ -36,9 +36,11 @@ def diagnostics_png(metadata: dict[str, Any], title: str) -> bytes:
 
 
 @drawn_alone
-def calibration_png(calibration: dict[str, Any], title: str, bar: float = FLUENT_PERPLEXITY_RATIO) -> bytes:
+def calibration_png(calibration: dict[str, Any], title: str) -> bytes:
     """A carried persona's ladder of vector scales: the effect (share of the source's shift its
     answers reach) and the perplexity ratio per scale, the fluency bar and the chosen scale."""
+    # Personas mapped before the bar followed the source's own perplexity cost stored none.
+    bar = float(calibration.get("fluency_bar", FLUENT_PERPLEXITY_RATIO))
     steps = calibration["steps"]
     strengths = [step["scale"] for step in steps]
     figure, effect = plt.subplots(figsize=(6.5, 4))

@@ -23,7 +23,7 @@ from server.serving.protocol.json_types import (
     Seed,
     Text,
 )
-from server.steering.mapping import MappingMethod
+from server.steering.mapping import DEFAULT_METHOD, MappingMethod
 from server.steering.plan import Positions
 
 # A served model's name as a bake gives it (also its folder under the data dir).
@@ -91,7 +91,7 @@ class PersonaMapRequest(BaseModel):
     target_model: Text
     mapping_id: MappingId | None = Field(None, description="Default: the newest fitting mapping.")
     method: MappingMethod = Field(
-        MappingMethod.GENERATED,
+        DEFAULT_METHOD,
         description="generated (the default: the source writes with and without the persona, the "
         "target reads both; no fitted map needed), or a map: ridge, procrustes, concept, zero_pad, "
         "interpolate, random.",

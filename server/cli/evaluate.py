@@ -1,4 +1,4 @@
-"""`persona-server eval`: the demo personas' measured effect, or the cross-model transfer table."""
+"""`persona-server eval`: the demo personas' measured effect, or the cross-model transfer tables."""
 
 from __future__ import annotations
 
@@ -18,7 +18,15 @@ def evaluate(
     transfer: Annotated[
         bool,
         typer.Option(
-            help="Instead: the transfer table of every demo persona mapped between the demo models."
+            help="Instead: every demo persona carried between the demo models as the map request "
+            "carries it, scored by three judges on both halves of the held-out questions."
+        ),
+    ] = False,
+    rivals: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: the mapping methods side by side (learned maps, baselines, generated), "
+            "with strength sweeps."
         ),
     ] = False,
     ablation: Annotated[
@@ -30,13 +38,14 @@ def evaluate(
     ] = False,
     methods: Annotated[
         list[str] | None,
-        typer.Option("--method", help="With --transfer: only these mapping methods (repeat; default all)."),
+        typer.Option("--method", help="With --rivals: only these mapping methods (repeat; default all)."),
     ] = None,
     personas: Annotated[
         list[str] | None,
         typer.Option(
             "--persona",
-            help="With --transfer, --bake or --closed-loop: only these personas (repeat; default all).",
+            help="With --transfer, --rivals, --bake or --closed-loop: only these personas (repeat; "
+            "default all).",
         ),
     ] = None,
     bake: Annotated[
@@ -50,10 +59,10 @@ def evaluate(
         bool, typer.Option(help="Instead: fixed strengths against persona_target, and persona_when rules.")
     ] = False,
     at_default_only: Annotated[
-        bool, typer.Option(help="With --transfer: score the stored default strength only, no sweep.")
+        bool, typer.Option(help="With --rivals: score the stored default strength only, no sweep.")
     ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="With --transfer or --ablation: draw it (PNG).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="With --rivals or --ablation: draw it (PNG).")] = None,
 ) -> None:
     """Print what the demo personas do at -s, 0, +s on held-out questions (trait score, perplexity)."""
     table_run = _transfer_run(samples, methods, personas, at_default_only)  # refused before loading
@@ -65,8 +74,10 @@ def evaluate(
             await _bake(backends, samples, steps, personas, json_out)
         elif ablation:
             await _ablation(backends, samples, json_out, plot)
+        elif rivals:
+            await _rivals(backends, table_run, json_out, plot)
         elif transfer:
-            await _transfer(backends, table_run, json_out, plot)
+            await _transfer(backends, samples, personas, json_out)
         else:
             await _persona_table(backends, samples)
 
@@ -125,6 +136,17 @@ def _write(records: list[dict[str, Any]], json_out: Path | None, plot: Path | No
 
 
 async def _transfer(
+    backends: dict[str, Any], samples: int, personas: list[str] | None, json_out: Path | None
+) -> None:
+    from server.evaluation.served_transfer import ServedRun, format_served_table, served_transfer_table
+
+    run = ServedRun(samples=samples, personas=tuple(personas) if personas else None)
+    cells = await served_transfer_table(backends, run, progress=_progress)
+    typer.echo(format_served_table(cells))
+    _write([cell.to_dict() for cell in cells], json_out, None, None)
+
+
+async def _rivals(
     backends: dict[str, Any], run: TransferRun, json_out: Path | None, plot: Path | None
 ) -> None:
     from server.evaluation.plots import transfer_png

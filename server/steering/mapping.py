@@ -45,6 +45,10 @@ class MappingMethod(StrEnum):
     GENERATED = "generated"
 
 
+# The method a map request uses when it names none.
+DEFAULT_METHOD = MappingMethod.GENERATED
+
+
 class MappingError(ValueError):
     """Inputs a map cannot be fitted or applied on (too few pairs, mismatched shapes)."""
 

@@ -32,8 +32,14 @@ from server.engine.base import Backend, ModelInfo
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingMethod, calibrate, corresponding_layer
 from server.steering.plan import Positions, SteeringPlan
+from server.steering.text_quality import perplexity
 from server.transfer.maps import ConceptPair, FittedMap, ModelShape, map_persona_vectors
-from server.transfer.strength_calibration import StrengthCalibration, calibrate_scale, read_unsteered
+from server.transfer.strength_calibration import (
+    StrengthCalibration,
+    calibrate_scale,
+    fluency_bar,
+    read_unsteered,
+)
 
 # The server's generated method: how many texts of the fitting corpus the source answers (twice
 # each), and how many of them the target answers per calibration step. Few suffice: on the demo
@@ -143,6 +149,9 @@ class _Contrast:
     difference: np.ndarray  # [target blocks, hidden]
     source_norms: np.ndarray  # typical residual norm per source block
     target_norms: np.ndarray  # per target block
+    # The persona's cost in fluency on the source: its steered answers' perplexity under the
+    # unsteered source over its unsteered answers'.
+    source_perplexity_ratio: float
 
 
 def _counted(progress: Progress | None, total: int, share: float) -> Callable[[int], None] | None:
@@ -170,8 +179,14 @@ async def _contrast(
     # Each answer in the target's tokens, once; a pair with an empty side is dropped.
     encoded = [(a.in_tokens_of(target), b.in_tokens_of(target)) for a, b in zip(steered, plain, strict=True)]
     kept = [(a, b) for a, b in encoded if written(a) and written(b)]
+    as_written = [
+        pair
+        for pair, (a, b) in zip(zip(steered, plain, strict=True), encoded, strict=True)
+        if written(a) and written(b)
+    ]
     if not kept:
         raise SteeringError("the source model wrote no answers to carry the persona with")
+    source_ratio = await _perplexity_ratio(source, spec, as_written)
     target_steered = await _read_as_answers(target, spec, [a for a, _ in kept])
     target_plain = await _read_as_answers(target, spec, [b for _, b in kept])
     # Norms for calibration as every mapping method takes them: last tokens of plain text.
@@ -183,6 +198,21 @@ async def _contrast(
         target_steered - target_plain,
         np.linalg.norm(source_plain[:, 0], axis=-1).mean(axis=0),
         np.linalg.norm(target_plain_text[:, 0], axis=-1).mean(axis=0),
+        source_ratio,
+    )
+
+
+async def _perplexity_ratio(
+    source: Backend, spec: GenerationSpec, pairs: list[tuple[Answer, Answer]]
+) -> float:
+    """The source's steered answers' perplexity over its unsteered answers', both read back by the
+    unsteered source (its own tokens: the answers as it wrote them)."""
+    read = await read_all(
+        source, [answer for pair in pairs for answer in pair], ReadBack(nll=True), spec.concurrency
+    )
+    steered, plain = read[0::2], read[1::2]
+    return perplexity(sum(a.nll for a in steered), sum(a.nll_tokens for a in steered)) / perplexity(
+        sum(a.nll for a in plain), sum(a.nll_tokens for a in plain)
     )
 
 
@@ -259,6 +289,7 @@ async def carry_by_generation(
             plain,
             spec.max_tokens,
             spec.seed,
+            fluency_bar(contrast.source_perplexity_ratio),
         )
         trials.append((layers, calibration))
     layers, calibration = max(trials, key=lambda trial: trial[1].predicted_transfer)  # first of equals

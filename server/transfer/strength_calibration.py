@@ -31,6 +31,20 @@ from server.steering.text_quality import perplexity
 SCALE_STEPS = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)
 # Perplexity over the unsteered answers' that still reads fluently (as the demo personas' defaults).
 FLUENT_PERPLEXITY_RATIO = 1.6
+# A persona whose own style reads as unlikely to the unsteered model (a pirate's "arr") costs
+# perplexity on the source too: the bar is then the source's own ratio with this much room, since a
+# bar below it stops the ladder before the target writes as the source does (carried to its own
+# model, pirate reached 0.2 of the native effect under every judge with the fixed bar).
+SOURCE_PERPLEXITY_ROOM = 1.1
+
+
+def fluency_bar(source_ratio: float | None) -> float:
+    """The perplexity ratio the target's steered answers may reach: the fixed bar, or the persona's
+    own cost on the source (its steered over unsteered answers' perplexity, both under the unsteered
+    source) with ``SOURCE_PERPLEXITY_ROOM``, whichever is higher."""
+    if source_ratio is None or not np.isfinite(source_ratio):
+        return FLUENT_PERPLEXITY_RATIO
+    return max(FLUENT_PERPLEXITY_RATIO, SOURCE_PERPLEXITY_ROOM * source_ratio)
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,7 @@ class StrengthCalibration:
     scale: float  # applied to the norm-calibrated vectors
     strength: float  # the source's default strength the ladder ran at (the persona's default)
     steps: tuple[CalibrationStep, ...]
+    fluency_bar: float = FLUENT_PERPLEXITY_RATIO  # the perplexity ratio the ladder stayed within
 
     @property
     def predicted_transfer(self) -> float:
@@ -62,6 +77,7 @@ class StrengthCalibration:
             "scale": self.scale,
             "strength": self.strength,
             "predicted_transfer": round(self.predicted_transfer, 4),
+            "fluency_bar": round(self.fluency_bar, 4),
             "steps": [step.to_dict() for step in self.steps],
         }
 
@@ -89,13 +105,15 @@ async def _read_own_answers(
     return Reading(np.mean([a.activations for a in read], axis=0), perplexity(nll, count))
 
 
-def chosen_scale(steps: Sequence[CalibrationStep], last: bool) -> float | None:
+def chosen_scale(
+    steps: Sequence[CalibrationStep], last: bool, bar: float = FLUENT_PERPLEXITY_RATIO
+) -> float | None:
     """The scale once the ladder (so far ``steps``; ``last`` when no step follows) decides it:
     the first step that reaches the source's effect while fluent; else the step before the first
     one past the perplexity bar (stronger steps read worse still), the weakest if that is the first;
     else, at the end, the strongest."""
     step = steps[-1]
-    if not step.perplexity_ratio <= FLUENT_PERPLEXITY_RATIO:  # also a NaN perplexity (no answers)
+    if not step.perplexity_ratio <= bar:  # also a NaN perplexity (no answers)
         return steps[-2].scale if len(steps) > 1 else step.scale
     if step.effect >= 1.0 or last:
         return step.scale
@@ -130,10 +148,12 @@ async def calibrate_scale(
     plain: Reading,
     max_tokens: int = 48,
     seed: int = 0,
+    bar: float = FLUENT_PERPLEXITY_RATIO,
 ) -> StrengthCalibration:
     """The scale for ``vectors`` on ``target`` at ``source_strength``: ``reference`` is, per target
     block, the shift the source's steered answers showed the target (what the persona should reach);
-    ``plain`` is ``read_unsteered`` of the same prompts, max_tokens and seed."""
+    ``plain`` is ``read_unsteered`` of the same prompts, max_tokens and seed; ``bar`` the perplexity
+    ratio a step may reach (``fluency_bar``)."""
     steps: list[CalibrationStep] = []
     for index, scale in enumerate(SCALE_STEPS):
         scaled = {block: vector * scale for block, vector in vectors.items()}
@@ -142,7 +162,7 @@ async def calibrate_scale(
         shift = steered.activations - plain.activations if steered.activations.size else steered.activations
         step = CalibrationStep(scale, _effect(shift, reference), steered.perplexity / plain.perplexity)
         steps.append(step)
-        chosen = chosen_scale(steps, last=index == len(SCALE_STEPS) - 1)
+        chosen = chosen_scale(steps, last=index == len(SCALE_STEPS) - 1, bar=bar)
         if chosen is not None:
-            return StrengthCalibration(chosen, source_strength, tuple(steps))
+            return StrengthCalibration(chosen, source_strength, tuple(steps), bar)
     raise AssertionError("the last step always decides")
