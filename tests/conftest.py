@@ -10,6 +10,10 @@ marker (a module says so in ``pytestmark``); collection fails on one that does n
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,17 +74,48 @@ VLLM_TINY_SEEDS |= {"qwen3_moe": 24, "gemma2": 26, "gemma3_text": 27, "olmo2": 2
 VLLM_TINY_SEEDS |= {"gpt_oss": 29}
 
 
+# vLLM keys its compile cache (~/.cache/vllm) by the model's path among other things: a tiny model
+# rebuilt under a fresh temporary path each run is compiled again (about 17 of each engine start's
+# 50 s here). The vLLM tests' models are therefore kept under a path named by everything that makes
+# them (the builder's source, the library versions, the arguments), rebuilt whenever any of it changes.
+TEST_MODEL_CACHE = Path(
+    os.environ.get("PERSONA_SERVER_TEST_MODELS", Path.home() / ".cache" / "persona-server" / "test-models")
+)
+
+
+def _model_key(architecture: str, seed: int) -> str:
+    import torch
+    import transformers
+
+    import testkit.tiny_models
+
+    source = Path(testkit.tiny_models.__file__).read_bytes()
+    facts = repr(
+        (architecture, seed, sorted(VLLM_TINY_SIZES.items()), torch.__version__, transformers.__version__)
+    )
+    return hashlib.sha256(source + facts.encode()).hexdigest()[:16]
+
+
+def cached_tiny_model(architecture: str, seed: int) -> Path:
+    """The tiny model under its content-named path, built there (atomically) if absent."""
+    directory = TEST_MODEL_CACHE / f"vllm-{architecture}-{_model_key(architecture, seed)}"
+    if not (directory / "config.json").exists():
+        TEST_MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(dir=TEST_MODEL_CACHE, prefix=f".{architecture}-"))
+        build_tiny_model(building, architecture, seed=seed, **VLLM_TINY_SIZES)
+        try:
+            building.rename(directory)
+        except OSError:  # another run finished it first: theirs is the same model
+            shutil.rmtree(building, ignore_errors=True)
+    return directory
+
+
 @pytest.fixture(scope="session")
-def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """Build (once per session) a tiny model of an architecture that vLLM's CPU build can run."""
-    built: dict[str, Path] = {}
+def vllm_model_dir() -> Callable[[str], Path]:
+    """A tiny model of an architecture that vLLM's CPU build can run (kept between runs)."""
 
     def build(architecture: str) -> Path:
-        if architecture not in built:
-            directory = tmp_path_factory.mktemp(f"vllm-{architecture}")
-            seed = VLLM_TINY_SEEDS[architecture]
-            built[architecture] = build_tiny_model(directory, architecture, seed=seed, **VLLM_TINY_SIZES)
-        return built[architecture]
+        return cached_tiny_model(architecture, VLLM_TINY_SEEDS[architecture])
 
     return build
 
