@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from persona_store.errors import VersionConflict
 from persona_store.records import PersonaDraft, PersonaRecord
 from persona_store.sqlite import SQLiteStore
 from server.admin.fitting_corpus import FittingCorpus
-from server.admin.job_admission import Admission, JobLimits
+from server.admin.jobs import Job, JobRegistry
 from server.admin.persona_admin import PersonaAdmin
 from server.admin.persona_mapping import MapTarget, PersonaMapper
 from server.engine.hf.backend import HFBackend
@@ -61,15 +60,22 @@ async def test_a_persona_written_between_check_and_write_is_kept(
     registry = ModelRegistry({SOURCE: llama_backend, TARGET: qwen_backend}, max_in_flight=4)
     corpus = FittingCorpus("texts", ("the sea is wide",))  # only the generated method reads it
     admin = PersonaAdmin(registry, store, max_strength=50.0)
-    mapper = PersonaMapper(registry, store, admin, corpus, Admission(JobLimits()))
+    mapper = PersonaMapper(registry, store, admin, corpus, JobRegistry())
     await store.put(PersonaDraft(model=SOURCE, name="pilot", vectors=vectors(64, 1)))
     target = MapTarget(TARGET, "pilot")
+
+    async def mapped() -> Job:
+        job = await mapper.start("pilot", SOURCE, target, None, MappingMethod.ZERO_PAD)
+        assert job.task is not None
+        await job.task
+        return job
+
     if mapped_before:  # the check passes (it may replace this one) but the write must not
-        await mapper.map_persona("pilot", SOURCE, target, None, MappingMethod.ZERO_PAD)
+        assert (await mapped()).status == "succeeded"
     native = PersonaDraft(model=TARGET, name="pilot", vectors=vectors(48, 2), provenance={"kind": "uploaded"})
     store.sneaked = native
-    with pytest.raises(VersionConflict):
-        await mapper.map_persona("pilot", SOURCE, target, None, MappingMethod.ZERO_PAD)
+    job = await mapped()
+    assert job.status == "failed" and job.error is not None and job.error.startswith("VersionConflict")
     kept = await store.get(TARGET, "pilot")
     assert kept.info.provenance == {"kind": "uploaded"} and np.array_equal(kept.vectors[1], native.vectors[1])
     await store.close()

@@ -13,29 +13,35 @@ if TYPE_CHECKING:
     from server.evaluation.transfer_table import TransferRun
 
 
+# The tables other than the default one, each a flag (their help is long).
+TransferFlag = Annotated[
+    bool,
+    typer.Option(
+        help="Instead: every demo persona carried between the demo models as the map request carries "
+        "it, scored by three judges on both halves of the held-out questions."
+    ),
+]
+RivalsFlag = Annotated[
+    bool,
+    typer.Option(
+        help="Instead: the mapping methods side by side (learned maps, baselines, generated), with "
+        "strength sweeps."
+    ),
+]
+AblationFlag = Annotated[
+    bool,
+    typer.Option(
+        help="Instead: the default mapping method's transfer against the number of prompts and against "
+        "the target block."
+    ),
+]
+
+
 def evaluate(
     samples: Annotated[int, typer.Option(help="Sampled answers per held-out question and strength.")] = 4,
-    transfer: Annotated[
-        bool,
-        typer.Option(
-            help="Instead: every demo persona carried between the demo models as the map request "
-            "carries it, scored by three judges on both halves of the held-out questions."
-        ),
-    ] = False,
-    rivals: Annotated[
-        bool,
-        typer.Option(
-            help="Instead: the mapping methods side by side (learned maps, baselines, generated), "
-            "with strength sweeps."
-        ),
-    ] = False,
-    ablation: Annotated[
-        bool,
-        typer.Option(
-            help="Instead: the default mapping method's transfer against the number of prompts and "
-            "against the target block."
-        ),
-    ] = False,
+    transfer: TransferFlag = False,
+    rivals: RivalsFlag = False,
+    ablation: AblationFlag = False,
     methods: Annotated[
         list[str] | None,
         typer.Option("--method", help="With --rivals: only these mapping methods (repeat; default all)."),

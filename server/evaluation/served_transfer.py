@@ -289,27 +289,30 @@ def _text(interval: Interval) -> str:
     return f"{interval.estimate:.2f}"
 
 
-def format_served_table(cells: list[ServedCell]) -> str:
+def _cell_lines(cells: list[ServedCell], half: str) -> list[str]:
     lines: list[str] = []
-    for half in HALVES:
-        label = "reported" if half == "held-out" else "used while improving the method"
-        lines += [
-            f"### {half} half ({label}): transfer at the stored default strength, each judge",
-            "",
-            "| source -> target | persona | "
-            + " | ".join(f"{j} {s}" for s in SAMPLINGS for j in JUDGES)
-            + " | perplexity carried / native (T=1.0) | forecast |",
-            "|---|---|" + "---|" * (len(JUDGES) * len(SAMPLINGS) + 2),
-        ]
-        for c in cells:
-            values = " | ".join(_text(c.transfer[(half, s, j)]) for s in SAMPLINGS for j in JUDGES)
-            forecast = "" if c.predicted is None else f"{c.predicted:.2f}"
-            lines.append(
-                f"| {c.source} -> {c.target} | {c.persona} | {values} | "
-                f"{c.perplexity_ratio[(half, 'T=1.0')]:.2f} | {forecast} |"
-            )
-        lines.append("")
+    label = "reported" if half == "held-out" else "used while improving the method"
     lines += [
+        f"### {half} half ({label}): transfer at the stored default strength, each judge",
+        "",
+        "| source -> target | persona | "
+        + " | ".join(f"{j} {s}" for s in SAMPLINGS for j in JUDGES)
+        + " | perplexity carried / native (T=1.0) | forecast |",
+        "|---|---|" + "---|" * (len(JUDGES) * len(SAMPLINGS) + 2),
+    ]
+    for c in cells:
+        values = " | ".join(_text(c.transfer[(half, s, j)]) for s in SAMPLINGS for j in JUDGES)
+        forecast = "" if c.predicted is None else f"{c.predicted:.2f}"
+        lines.append(
+            f"| {c.source} -> {c.target} | {c.persona} | {values} | "
+            f"{c.perplexity_ratio[(half, 'T=1.0')]:.2f} | {forecast} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _summary_lines(cells: list[ServedCell]) -> list[str]:
+    lines = [
         "### summary: mean over the cells [95% CI], the weakest cell, cells at or above "
         f"{CELL_TARGET} (targets on the held-out half: mean >= {MEAN_TARGET}, every cell >= {CELL_TARGET})",
         "",
@@ -330,6 +333,14 @@ def format_served_table(cells: list[ServedCell]) -> str:
                 lines.append(
                     f"| {half} | {sampling} | {judge} | {ci} | {weakest:.2f} | {passing} | {verdict} |"
                 )
+    return lines
+
+
+def format_served_table(cells: list[ServedCell]) -> str:
+    lines: list[str] = []
+    for half in HALVES:
+        lines += _cell_lines(cells, half)
+    lines += _summary_lines(cells)
     ratios = [c.perplexity_ratio[("held-out", "T=1.0")] for c in cells]
     within = sum(r <= PERPLEXITY_TARGET for r in ratios)
     lines += [
