@@ -24,7 +24,6 @@ held-out half (what is reported).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,14 +32,15 @@ import numpy as np
 from persona_store.records import PersonaDraft
 from server.admin.fitting_corpus import DEMO_CORPUS, FittingCorpus
 from server.demo.corpus import held_out_questions
-from server.demo.models import DEMO_MODEL_NAMES, load_demo_personas
+from server.demo.models import DEMO_MODEL_NAMES
 from server.demo.traits import shows_trait
 from server.engine.answers import Answer, ReadBack, answer_all, ask, written
 from server.engine.base import Backend
 from server.evaluation.intervals import Interval, mean_interval, transfer_interval
 from server.evaluation.strength_sweep import question_seeds
 from server.evaluation.style_classifier import style_scores
-from server.serving.monitoring import Monitor, persona_scores
+from server.evaluation.transfer_table import demo_personas, persona_directions
+from server.serving.monitoring import persona_scores, unit_monitor
 from server.steering.mapping import DEFAULT_METHOD
 from server.steering.plan import Positions, SteeringPlan
 from server.steering.text_quality import collapsed, perplexity
@@ -57,10 +57,14 @@ MEAN_TARGET, CELL_TARGET, PERPLEXITY_TARGET = 0.80, 0.60, 1.10
 Key = tuple[str, str, str]  # (half, sampling, judge)
 
 
+# The held-out questions in two fixed halves, alternating over the sorted topics: which rows of a
+# [question, sample] grid each half holds.
+HALF_ROWS = {"development": slice(0, None, 2), "held-out": slice(1, None, 2)}
+
+
 def question_halves() -> dict[str, list[str]]:
-    """The held-out questions in two fixed halves, alternating over the sorted topics."""
     questions = held_out_questions()
-    return {"development": questions[0::2], "held-out": questions[1::2]}
+    return {half: questions[rows] for half, rows in HALF_ROWS.items()}
 
 
 def served_generation() -> GenerationSpec:
@@ -122,17 +126,6 @@ class ServedCell:
         }
 
 
-def _unit_monitor(native: PersonaDraft) -> Monitor:
-    return Monitor(
-        native.name,
-        {
-            b: (v / np.linalg.norm(v)).astype(np.float32)
-            for b, v in native.vectors.items()
-            if np.linalg.norm(v) > 0
-        },
-    )
-
-
 class TargetJudge:
     """Answers and scores conditions on one target for one persona, with the target's native persona
     as the reading judge; the unsteered and native conditions are answered once and kept."""
@@ -140,7 +133,7 @@ class TargetJudge:
     def __init__(self, backend: Backend, native: PersonaDraft, run: ServedRun) -> None:
         self._backend = backend
         self._native = native
-        self._monitor = _unit_monitor(native)
+        self._monitor = unit_monitor(native.name, native.vectors)
         self._run = run
         self._questions = held_out_questions()
         self.unsteered: Scored | None = None
@@ -214,7 +207,7 @@ def compare(
     transfer: dict[Key, Interval] = {}
     shifts: dict[Key, float] = {}
     ratios: dict[tuple[str, str], float] = {}
-    for half_name, rows in (("development", slice(0, None, 2)), ("held-out", slice(1, None, 2))):
+    for half_name, rows in HALF_ROWS.items():
         for sampling in SAMPLINGS:
             ratios[(half_name, sampling)] = carried.perplexity(sampling, rows) / native.perplexity(
                 sampling, rows
@@ -267,21 +260,15 @@ async def served_transfer_table(
     progress: Callable[[str], None] | None = None,
     models: tuple[str, ...] = DEMO_MODEL_NAMES,
 ) -> list[ServedCell]:
-    personas = {model: {p.name: p for p in load_demo_personas(model)} for model in models}
+    personas = demo_personas(models)
     judges: dict[tuple[str, str], TargetJudge] = {}
     cells = []
-    for source, target in itertools.permutations(models, 2):
-        for name, persona in personas[source].items():
-            if run.personas is not None and name not in run.personas:
-                continue
-            if progress is not None:
-                progress(f"{source} -> {target}: {name}")
-            judge = judges.setdefault(
-                (target, name), TargetJudge(backends[target], personas[target][name], run)
-            )
-            cells.append(
-                await served_cell((source, backends[source]), (target, backends[target]), persona, judge)
-            )
+    for source, target, persona in persona_directions(personas, run.personas, progress):
+        native = personas[target][persona.name]
+        judge = judges.setdefault((target, persona.name), TargetJudge(backends[target], native, run))
+        cells.append(
+            await served_cell((source, backends[source]), (target, backends[target]), persona, judge)
+        )
     return cells
 
 

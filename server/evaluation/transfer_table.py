@@ -18,7 +18,7 @@ interval over questions and samples (``intervals.py``); overshoot counts as 1.0.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +93,27 @@ class _Activations:
         return self._cache[key]
 
 
+DemoPersonas = dict[str, dict[str, PersonaDraft]]  # model -> persona name -> its shipped persona
+
+
+def demo_personas(models: tuple[str, ...]) -> DemoPersonas:
+    return {model: {p.name: p for p in load_demo_personas(model)} for model in models}
+
+
+def persona_directions(
+    personas: DemoPersonas, only: tuple[str, ...] | None, progress: Callable[[str], None] | None
+) -> Iterator[tuple[str, str, PersonaDraft]]:
+    """Every (source, target, persona of the source) over the ordered pairs of models, ``only`` these
+    personas if given, each announced to ``progress``."""
+    for source, target in itertools.permutations(personas, 2):
+        for name, persona in personas[source].items():
+            if only is not None and name not in only:
+                continue
+            if progress is not None:
+                progress(f"{source} -> {target}: {name}")
+            yield source, target, persona
+
+
 async def transfer_table(
     backends: dict[str, Backend],
     run: TransferRun = TransferRun(),
@@ -100,32 +121,28 @@ async def transfer_table(
     models: tuple[str, ...] = DEMO_MODEL_NAMES,
 ) -> list[TransferRow]:
     activations = _Activations(backends)
-    personas = {name: {p.name: p for p in load_demo_personas(name)} for name in models}
+    personas = demo_personas(models)
     questions = held_out_questions()
     rows: list[TransferRow] = []
-    for source, target in itertools.permutations(models, 2):
-        for name, persona in personas[source].items():
-            if run.personas is not None and name not in run.personas:
-                continue
-            if progress is not None:
-                progress(f"{source} -> {target}: {name}")
-            maps = None
-            if not all(drives_models(method) for method in run.methods):  # a method needs fitted maps
-                xs, ys = await activations.get(source, name), await activations.get(target, name)
-                layer_map = {b: corresponding_layer(b, xs.shape[2], ys.shape[2]) for b in range(xs.shape[2])}
-                maps = fit_maps(xs, ys, layer_map)  # as a fit with the server's defaults (mean over tokens)
-            others = [(personas[source][o], personas[target][o]) for o in personas[source] if o != name]
-            rows += await _cell(
-                (backends[source], backends[target]),
-                source,
-                target,
-                persona,
-                personas[target][name],
-                maps,
-                others,
-                questions,
-                run,
-            )
+    for source, target, persona in persona_directions(personas, run.personas, progress):
+        name = persona.name
+        maps = None
+        if not all(drives_models(method) for method in run.methods):  # a method needs fitted maps
+            xs, ys = await activations.get(source, name), await activations.get(target, name)
+            layer_map = {b: corresponding_layer(b, xs.shape[2], ys.shape[2]) for b in range(xs.shape[2])}
+            maps = fit_maps(xs, ys, layer_map)  # as a fit with the server's defaults (mean over tokens)
+        others = [(personas[source][o], personas[target][o]) for o in personas[source] if o != name]
+        rows += await _cell(
+            (backends[source], backends[target]),
+            source,
+            target,
+            persona,
+            personas[target][name],
+            maps,
+            others,
+            questions,
+            run,
+        )
     return rows
 
 

@@ -8,7 +8,7 @@ averaged over the persona's blocks. Higher means more of the trait.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,13 +29,19 @@ async def load_monitors(store: PersonaStore, model: ModelInfo, names: Sequence[s
     monitors = []
     for name in dict.fromkeys(names):
         record = await lookup(store, model, name, "persona_monitor")
-        directions = {
-            block: (vector / np.linalg.norm(vector)).astype(np.float32)
-            for block, vector in record.vectors.items()
-            if block < model.num_layers and np.linalg.norm(vector) > 0
-        }
-        monitors.append(Monitor(name, directions))
+        inside = {block: vector for block, vector in record.vectors.items() if block < model.num_layers}
+        monitors.append(unit_monitor(name, inside))
     return monitors
+
+
+def unit_monitor(name: str, vectors: Mapping[int, np.ndarray]) -> Monitor:
+    """The persona's blocks as unit vectors (a zero vector reads nothing and is left out)."""
+    directions = {
+        block: (vector / np.linalg.norm(vector)).astype(np.float32)
+        for block, vector in vectors.items()
+        if np.linalg.norm(vector) > 0
+    }
+    return Monitor(name, directions)
 
 
 def monitored_blocks(monitors: Sequence[Monitor]) -> int:

@@ -176,14 +176,15 @@ async def _contrast(
     steered, plain = await asyncio.gather(
         _answers(source, spec, plan, written_one), _answers(source, spec, None, written_one)
     )
-    # Each answer in the target's tokens, once; a pair with an empty side is dropped.
-    encoded = [(a.in_tokens_of(target), b.in_tokens_of(target)) for a, b in zip(steered, plain, strict=True)]
-    kept = [(a, b) for a, b in encoded if written(a) and written(b)]
-    as_written = [
-        pair
-        for pair, (a, b) in zip(zip(steered, plain, strict=True), encoded, strict=True)
-        if written(a) and written(b)
-    ]
+    # Each pair as the source wrote it (for its perplexity cost) and in the target's tokens, once;
+    # a pair with an empty side is dropped.
+    as_written: list[tuple[Answer, Answer]] = []
+    kept: list[tuple[Answer, Answer]] = []
+    for a, b in zip(steered, plain, strict=True):
+        encoded = a.in_tokens_of(target), b.in_tokens_of(target)
+        if all(map(written, encoded)):
+            as_written.append((a, b))
+            kept.append(encoded)
     if not kept:
         raise SteeringError("the source model wrote no answers to carry the persona with")
     source_ratio = await _perplexity_ratio(source, spec, as_written)
