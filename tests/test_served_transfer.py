@@ -34,7 +34,7 @@ from server.evaluation.served_transfer import (
 )
 from server.evaluation.style_classifier import _texts, style_scores
 from server.steering.mapping import DEFAULT_METHOD
-from server.transfer.carry import GENERATION_PROMPTS, CarriedPersona
+from server.transfer.carry import GENERATION_PROMPTS, CarriedPersona, reads_as_prose
 
 MODEL = "demo-llama"
 TWIN = "demo-llama-twin"  # the same weights served under another name: a map's known-truth target
@@ -128,3 +128,33 @@ async def test_the_served_method_carries_a_persona_to_its_own_model(twins: tuple
     cell: ServedCell = await served_cell((MODEL, source), (TWIN, target), persona, judge)  # type: ignore[arg-type]
     for judge_name in JUDGES:
         assert cell.transfer[("held-out", "T=1.0", judge_name)].estimate >= 0.9, judge_name
+
+
+def test_only_answers_that_read_as_prose_enter_the_contrast() -> None:
+    assert reads_as_prose("Arr, matey! The sea be deep an' wide.")
+    for broken in ("!", "ho!", "Arr, matey!", "arr! aye! arr! aye! arr! aye! arr! aye!"):
+        assert not reads_as_prose(broken), broken
+
+
+@pytest.mark.slow  # two demo models; the carry (~10 s) and four conditions of 28 questions (~15 s)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_persona_whose_source_writes_some_broken_answers_still_carries() -> None:
+    """demo-phi3's silly (strength 8) writes a bare "!" to a third of the prompts: read as answers,
+    they made the target steered by the carried persona write *less* silly than unsteered
+    (-0.15 of the native effect, forecast 0.00); without them the persona carries."""
+    from server.demo.models import demo_model_dir, load_demo_personas
+    from server.engine.registry import load_backend
+
+    source = load_backend(demo_model_dir("demo-phi3"), "demo-phi3")
+    target = load_backend(demo_model_dir("demo-qwen"), "demo-qwen")
+    try:
+        silly = next(p for p in load_demo_personas("demo-phi3") if p.name == "silly")
+        native = next(p for p in load_demo_personas("demo-qwen") if p.name == "silly")
+        judge = TargetJudge(target, native, RUN)
+        cell = await served_cell(("demo-phi3", source), ("demo-qwen", target), silly, judge)
+    finally:
+        await source.close()
+        await target.close()
+    assert cell.predicted is not None and cell.predicted >= 0.5
+    for judge_name in JUDGES:
+        assert cell.transfer[("development", "T=1.0", judge_name)].estimate >= 0.4, judge_name

@@ -32,7 +32,7 @@ from server.engine.base import Backend, ModelInfo
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingMethod, calibrate, corresponding_layer
 from server.steering.plan import Positions, SteeringPlan
-from server.steering.text_quality import perplexity
+from server.steering.text_quality import collapsed, perplexity
 from server.transfer.maps import ConceptPair, FittedMap, ModelShape, map_persona_vectors
 from server.transfer.strength_calibration import (
     StrengthCalibration,
@@ -47,6 +47,14 @@ from server.transfer.strength_calibration import (
 # request waits for all of it.
 GENERATION_PROMPTS = 48
 CALIBRATION_PROMPTS = 24
+# A pair enters the contrast only when both answers read as prose: at least this many words and not
+# collapsed into repetition. A persona pushed hard makes the source write now and then a bare "!" or
+# "ho!", or one phrase over and over; read as an answer, such text is a direction of breakdown, not of
+# the persona, and each answer weighs as much as a long one in the mean. On the demo models, demo-phi3's
+# personas (strength 8) wrote such answers to a third of the prompts, and the target steered by the
+# contrast wrote *less* silly than unsteered; without them, 0.6-0.7 of the native effect
+# (docs/results/transfer.md).
+CONTRAST_MIN_WORDS = 4
 # Where the generated method stands (of 1) once the source has written the contrast and the target
 # has read it; the rest is the target's calibration, shared among the placements tried.
 WRITTEN, READ, CALIBRATING = 0.45, 0.55, 0.6
@@ -154,6 +162,12 @@ class _Contrast:
     source_perplexity_ratio: float
 
 
+def reads_as_prose(text: str) -> bool:
+    """Whether an answer may enter the contrast (``CONTRAST_MIN_WORDS``, no repetition collapse)."""
+    words = text.lower().split()
+    return len(words) >= CONTRAST_MIN_WORDS and not collapsed(words)
+
+
 def _counted(progress: Progress | None, total: int, share: float) -> Callable[[int], None] | None:
     """A count of ``total`` pieces of work (several callers may report: they are summed) as a
     fraction up to ``share``."""
@@ -177,16 +191,19 @@ async def _contrast(
         _answers(source, spec, plan, written_one), _answers(source, spec, None, written_one)
     )
     # Each pair as the source wrote it (for its perplexity cost) and in the target's tokens, once;
-    # a pair with an empty side is dropped.
+    # a pair with a side that is not prose is dropped.
     as_written: list[tuple[Answer, Answer]] = []
     kept: list[tuple[Answer, Answer]] = []
     for a, b in zip(steered, plain, strict=True):
         encoded = a.in_tokens_of(target), b.in_tokens_of(target)
-        if all(map(written, encoded)):
+        if all(map(written, encoded)) and reads_as_prose(a.text) and reads_as_prose(b.text):
             as_written.append((a, b))
             kept.append(encoded)
     if not kept:
-        raise SteeringError("the source model wrote no answers to carry the persona with")
+        raise SteeringError(
+            f"the source model wrote no answers of {CONTRAST_MIN_WORDS} words or more, free of repetition, "
+            "to carry the persona with"
+        )
     source_ratio = await _perplexity_ratio(source, spec, as_written)
     target_steered = await _read_as_answers(target, spec, [a for a, _ in kept])
     target_plain = await _read_as_answers(target, spec, [b for _, b in kept])
