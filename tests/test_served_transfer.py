@@ -34,7 +34,7 @@ from server.evaluation.served_transfer import (
 )
 from server.evaluation.style_classifier import _texts, style_scores
 from server.steering.mapping import DEFAULT_METHOD
-from server.transfer.carry import GENERATION_PROMPTS, CarriedPersona, reads_as_prose
+from server.transfer.carry import GENERATION_PROMPTS, CarriedPersona, enters_contrast
 
 MODEL = "demo-llama"
 TWIN = "demo-llama-twin"  # the same weights served under another name: a map's known-truth target
@@ -130,10 +130,11 @@ async def test_the_served_method_carries_a_persona_to_its_own_model(twins: tuple
         assert cell.transfer[("held-out", "T=1.0", judge_name)].estimate >= 0.9, judge_name
 
 
-def test_only_answers_that_read_as_prose_enter_the_contrast() -> None:
-    assert reads_as_prose("Arr, matey! The sea be deep an' wide.")
-    for broken in ("!", "ho!", "Arr, matey!", "arr! aye! arr! aye! arr! aye! arr! aye!"):
-        assert not reads_as_prose(broken), broken
+def test_only_answers_with_words_to_read_enter_the_contrast() -> None:
+    for kept in ("Arr, matey! The sea be deep an' wide.", "arr matey arr matey arr matey arr matey"):
+        assert enters_contrast(kept), kept  # repetition is still the persona
+    for stub in ("!", "ho!", "Arr, matey!", "Wheee! Tea sooo"):
+        assert not enters_contrast(stub), stub
 
 
 @pytest.mark.slow  # two demo models; the carry (~10 s) and four conditions of 28 questions (~15 s)

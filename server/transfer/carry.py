@@ -32,7 +32,7 @@ from server.engine.base import Backend, ModelInfo
 from server.steering.errors import SteeringError
 from server.steering.mapping import MappingMethod, calibrate, corresponding_layer
 from server.steering.plan import Positions, SteeringPlan
-from server.steering.text_quality import collapsed, perplexity
+from server.steering.text_quality import perplexity
 from server.transfer.maps import ConceptPair, FittedMap, ModelShape, map_persona_vectors
 from server.transfer.strength_calibration import (
     StrengthCalibration,
@@ -47,13 +47,14 @@ from server.transfer.strength_calibration import (
 # request waits for all of it.
 GENERATION_PROMPTS = 48
 CALIBRATION_PROMPTS = 24
-# A pair enters the contrast only when both answers read as prose: at least this many words and not
-# collapsed into repetition. A persona pushed hard makes the source write now and then a bare "!" or
-# "ho!", or one phrase over and over; read as an answer, such text is a direction of breakdown, not of
-# the persona, and each answer weighs as much as a long one in the mean. On the demo models, demo-phi3's
-# personas (strength 8) wrote such answers to a third of the prompts, and the target steered by the
-# contrast wrote *less* silly than unsteered; without them, 0.6-0.7 of the native effect
-# (docs/results/transfer.md).
+# A pair enters the contrast only when both answers have at least this many words. A persona pushed
+# hard makes the source answer now and then with a bare "!" or "ho!": read as an answer, such a stub
+# is a direction of breakdown, not of the persona, and it weighs as much as a long answer in the
+# mean. On the demo models, demo-phi3's personas (strength 8) wrote such stubs to a third of the
+# prompts, and the target steered by the contrast wrote *less* silly than unsteered; without them,
+# 0.6-0.7 of the native effect (docs/results/transfer.md). Repetition is kept: a pirate answer that
+# says "arr, matey" over and over is still the persona (dropping such answers too halved
+# demo-qwen -> demo-llama pirate).
 CONTRAST_MIN_WORDS = 4
 # Where the generated method stands (of 1) once the source has written the contrast and the target
 # has read it; the rest is the target's calibration, shared among the placements tried.
@@ -162,10 +163,9 @@ class _Contrast:
     source_perplexity_ratio: float
 
 
-def reads_as_prose(text: str) -> bool:
-    """Whether an answer may enter the contrast (``CONTRAST_MIN_WORDS``, no repetition collapse)."""
-    words = text.lower().split()
-    return len(words) >= CONTRAST_MIN_WORDS and not collapsed(words)
+def enters_contrast(text: str) -> bool:
+    """Whether an answer has the words to enter the contrast (``CONTRAST_MIN_WORDS``)."""
+    return len(text.split()) >= CONTRAST_MIN_WORDS
 
 
 def _counted(progress: Progress | None, total: int, share: float) -> Callable[[int], None] | None:
@@ -191,18 +191,18 @@ async def _contrast(
         _answers(source, spec, plan, written_one), _answers(source, spec, None, written_one)
     )
     # Each pair as the source wrote it (for its perplexity cost) and in the target's tokens, once;
-    # a pair with a side that is not prose is dropped.
+    # a pair with a side too short to read is dropped.
     as_written: list[tuple[Answer, Answer]] = []
     kept: list[tuple[Answer, Answer]] = []
     for a, b in zip(steered, plain, strict=True):
         encoded = a.in_tokens_of(target), b.in_tokens_of(target)
-        if all(map(written, encoded)) and reads_as_prose(a.text) and reads_as_prose(b.text):
+        if all(map(written, encoded)) and enters_contrast(a.text) and enters_contrast(b.text):
             as_written.append((a, b))
             kept.append(encoded)
     if not kept:
         raise SteeringError(
-            f"the source model wrote no answers of {CONTRAST_MIN_WORDS} words or more, free of repetition, "
-            "to carry the persona with"
+            f"the source model wrote no answers of {CONTRAST_MIN_WORDS} words or more to carry the "
+            "persona with"
         )
     source_ratio = await _perplexity_ratio(source, spec, as_written)
     target_steered = await _read_as_answers(target, spec, [a for a, _ in kept])
