@@ -118,7 +118,7 @@ async def test_a_persona_carried_unchanged_to_its_own_model_scores_one_under_eve
 @pytest.mark.xfail(
     strict=True,
     reason="missed (docs/results/transfer.md, served path): the generated method carries pirate to "
-    "its own model at about a quarter of the native effect; the contrast read from the steered "
+    "its own model at about half of the native effect; the contrast read from the steered "
     "source's answers is not the direction that makes the target write them",
 )
 async def test_the_served_method_carries_a_persona_to_its_own_model(twins: tuple[object, object]) -> None:
