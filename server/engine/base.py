@@ -196,6 +196,8 @@ class ModelInfo:
     max_token_chars: int | None = None
     # Whether it serves GenerationRequest.loop (per-token readings, targets, rules).
     closed_loop: bool = False
+    # The steering operators its plans may carry (server/steering/operators.py).
+    operators: tuple[str, ...] = ("add",)
     # The token ids it accepts in stop_token_ids are below this (None: it checks none).
     vocab_size: int | None = None
 

@@ -28,7 +28,8 @@ def in_flight_capture(
     if monitor_blocks is None:
         return None
     blocks = leading_blocks(monitor_blocks, num_layers)
-    steered = set(plan.deltas if plan is not None else ()) | (loop.steered_blocks if loop else set())
+    edited = set(plan.edits) if plan is not None else set()
+    steered = set(plan.deltas if plan is not None else ()) | edited | (loop.steered_blocks if loop else set())
     if min(steered, default=num_layers) < blocks:
         return None
     return ResponseCapture(blocks)

@@ -45,7 +45,10 @@ class SamplingRequest(Protocol):
 @dataclass(frozen=True)
 class PersonaTerm:
     name: str
-    strength: float | None = None  # None: the persona's stored default strength
+    strength: float | None = None  # None: the persona's stored default strength (add) or 1 (ablate)
+    operator: str = "add"  # add, ablate or cap (server/steering/operators.py)
+    cap_max: float | None = None  # a cap's bounds, in the units of the per-block readings
+    cap_min: float | None = None
 
 
 @dataclass(frozen=True)

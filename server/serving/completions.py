@@ -123,6 +123,15 @@ class CompletionService:
                 "persona_monitor scores one answer: it cannot be combined with n > 1 or several prompts",
                 param="n" if job.n > 1 else "prompt",
             )
+        operated = isinstance(job.persona, list) and any(term.operator != "add" for term in job.persona)
+        if operated and job.closed_loop:
+            raise RequestRejected(
+                "ablate and cap do not combine with persona_target, persona_when or persona_monitor_tokens "
+                "yet: the in-flight readings assume a persona is added",
+                param="persona_operator"
+                if isinstance(job.persona, list) and len(job.persona) == 1
+                else "persona",
+            )
         if job.echo and job.sampling.logprob_count() is not None:
             raise RequestRejected("echo cannot be combined with logprobs", param="echo")
         if job.sampling.structured_output() is not None and not backend.info.constrained_decoding:

@@ -14,7 +14,8 @@ from server.engine.base import ModelInfo
 from server.serving.completion_job import PersonaTerm, SteeringOverride
 from server.serving.errors import RequestRejected
 from server.steering.errors import SteeringError
-from server.steering.plan import Positions, SteeringPlan
+from server.steering.operators import Operator, edit_bounds
+from server.steering.plan import EditTerm, Positions, SteeringPlan
 
 
 @dataclass(frozen=True)
@@ -22,17 +23,24 @@ class PersonaEcho:
     """What the response reports of each persona applied."""
 
     name: str
-    strength: float
+    strength: float | None  # None: a cap (it has bounds, no strength)
     version: int
     layers: tuple[int, ...]
+    operator: str = "add"
+    cap: tuple[float | None, float | None] = (None, None)  # (min, max) of a cap
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        echo: dict[str, object] = {
             "name": self.name,
             "strength": self.strength,
             "version": self.version,
             "layers": list(self.layers),
         }
+        if self.operator != Operator.ADD:
+            echo["operator"] = self.operator
+        if self.operator == Operator.CAP:
+            echo["min"], echo["max"] = self.cap
+        return echo
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,43 @@ def _check_summed_strength(
         )
 
 
+def _check_operator(model: ModelInfo, operator: Operator, param: str) -> None:
+    if operator.value not in model.operators:
+        raise RequestRejected(
+            f"the {model.backend} engine serving '{model.id}' does not apply operator '{operator}' yet "
+            f"(it applies: {', '.join(model.operators)}; the hf engine applies all)",
+            param=param,
+        )
+
+
+def _term_strength(
+    term: PersonaTerm, operator: Operator, record: PersonaRecord, max_strength: float, param: str
+) -> float | None:
+    """The strength an added or ablated term applies (a cap has none): the request's, else the
+    stored default for an addition (an ablation's default is 1, never the stored strength)."""
+    if operator is Operator.CAP:
+        return None
+    default = record.info.default_strength if operator is Operator.ADD else 1.0
+    strength = default if term.strength is None else term.strength
+    if not math.isfinite(strength) or abs(strength) > max_strength:
+        raise RequestRejected(
+            f"strength {strength} of persona '{term.name}' is outside [-{max_strength}, {max_strength}]",
+            param="persona_strength" if param == "persona" else param,
+        )
+    return strength
+
+
+def _term_layers(name: str, layers: tuple[int, ...], override: SteeringOverride | None) -> tuple[int, ...]:
+    """The persona's blocks, or those the request's steering.layers picks among them."""
+    if override is None or override.layers is None:
+        return layers
+    missing = sorted(set(override.layers) - set(layers))
+    if missing:
+        message = f"persona '{name}' has no vector for layers {missing}; its layers are "
+        raise SteeringError(message + str(list(layers)), param="steering.layers")
+    return tuple(sorted(set(override.layers)))
+
+
 async def resolve_personas(
     store: PersonaStore,
     model: ModelInfo,
@@ -105,35 +150,41 @@ async def resolve_personas(
         if persona_strength is not None or override is not None:
             raise RequestRejected("persona_strength and steering need a persona", param="persona")
         return NO_PERSONA
-    terms, echoes, stored_positions = [], [], set()
+    terms: list[tuple[dict[int, Any], float, str] | EditTerm] = []
+    echoes, stored_positions = [], set()
+    edited_blocks: set[int] = set()
     for term in _terms(persona, persona_strength):
+        operator = Operator(term.operator)
+        _check_operator(model, operator, param)
         record = await lookup(store, model, term.name, param)
-        stored_positions.add(record.info.default_positions)
-        strength = record.info.default_strength if term.strength is None else term.strength
-        if not math.isfinite(strength) or abs(strength) > max_strength:
+        if operator is Operator.ADD:
+            stored_positions.add(record.info.default_positions)
+        strength = _term_strength(term, operator, record, max_strength, param)
+        layers = _term_layers(term.name, tuple(record.vectors), override)
+        vectors = {layer: record.vectors[layer] for layer in layers}
+        if operator is Operator.ADD and (edited := sorted(edited_blocks & set(layers))):
             raise RequestRejected(
-                f"strength {strength} of persona '{term.name}' is outside [-{max_strength}, {max_strength}]",
-                param="persona_strength" if param == "persona" else param,
+                f"persona '{term.name}' is added after an ablate or cap of block {edited[0]}: at a block "
+                "the additions apply first, so list the added persona before the edit",
+                param=param,
             )
-        layers = tuple(record.vectors)
-        if override is not None and override.layers is not None:
-            missing = sorted(set(override.layers) - set(layers))
-            if missing:
-                message = f"persona '{term.name}' has no vector for layers {missing}; its layers are "
-                raise SteeringError(message + str(list(layers)), param="steering.layers")
-            layers = tuple(sorted(set(override.layers)))
-        # The source names what the vectors are, so an engine holding old ones knows they are stale.
-        source = f"{model.id}/{term.name}/{','.join(map(str, layers))}"
-        terms.append(({layer: record.vectors[layer] for layer in layers}, strength, source))
-        echoes.append(PersonaEcho(term.name, strength, record.info.version, layers))
-    _check_summed_strength(terms, max_strength, param)
+        if operator is Operator.ADD:
+            # The source names what the vectors are, so an engine holding old ones knows they are stale.
+            terms.append((vectors, strength, f"{model.id}/{term.name}/{','.join(map(str, layers))}"))
+        else:
+            alpha, low, high = edit_bounds(operator, strength, term.cap_min, term.cap_max)
+            terms.append(EditTerm(vectors, alpha, low, high))
+            edited_blocks.update(layers)
+        cap = (term.cap_min, term.cap_max)
+        echoes.append(PersonaEcho(term.name, strength, record.info.version, layers, operator.value, cap))
+    _check_summed_strength([t for t in terms if not isinstance(t, EditTerm)], max_strength, param)
     # The request's positions win; else the personas' own, when they agree; else all.
     positions = Positions(stored_positions.pop()) if len(stored_positions) == 1 else Positions.ALL
     if override is not None and override.positions is not None:
         positions = override.positions
     plan = SteeringPlan.compose(terms, positions=positions)
     plan.validate_for(model.num_layers, model.hidden_size)
-    for layer in plan.vectors:
+    for layer in sorted({*plan.vectors, *plan.edits}):
         if layer not in model.steerable_layers:
             raise SteeringError(
                 f"layer {layer} cannot be steered on model '{model.id}'{model.why_unsteerable(layer)}",

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
 from server.steering.layers import DecoderLayout
+from server.steering.operators import BlockEdit, apply_edit
 from server.steering.plan import SteeringPlan
 
 
@@ -41,10 +42,63 @@ class LayerAddition:
 
 
 @dataclass(frozen=True)
+class LayerEdit:
+    """One round of edits at a block in one forward pass: the k-th edit of each row that has one
+    there (``operators.py``), at the row's steered positions; other rows are not touched."""
+
+    rows: torch.Tensor  # long [n]
+    mask: torch.Tensor  # bool [n, tokens]: where each row's edit applies
+    units: torch.Tensor  # float32 [n, 1, hidden]
+    alpha: torch.Tensor  # float32 [n, 1]
+    low: torch.Tensor  # float32 [n, 1]
+    high: torch.Tensor  # float32 [n, 1]
+
+    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        chosen = hidden.index_select(0, self.rows)
+        edited = apply_edit(chosen, self.units, self.alpha, self.low, self.high)
+        if edited is chosen:  # nothing moved (a cap above every reading): leave the batch as it is
+            return hidden
+        change = torch.where(self.mask.unsqueeze(-1), edited - chosen, torch.zeros_like(chosen))
+        return hidden.index_add(0, self.rows, change)
+
+    @classmethod
+    def of_rows(
+        cls, entries: Sequence[tuple[int, torch.Tensor, BlockEdit]], device: torch.device | str
+    ) -> LayerEdit:
+        """``entries``: (row, position mask [tokens], edit) per edited row."""
+        edits = [edit for _, _, edit in entries]
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32).unsqueeze(-1).to(device)
+
+        return cls(
+            rows=torch.tensor([row for row, _, _ in entries], dtype=torch.long, device=device),
+            mask=torch.stack([mask for _, mask, _ in entries]).to(device),
+            units=torch.stack([edit.unit for edit in edits]).unsqueeze(1).to(device),
+            alpha=column([edit.alpha for edit in edits]),
+            low=column([edit.low for edit in edits]),
+            high=column([edit.high for edit in edits]),
+        )
+
+
+@dataclass(frozen=True)
 class BatchSteering:
-    """Steering of one batched forward pass, keyed by decoder block index."""
+    """Steering of one batched forward pass, keyed by decoder block index: what each block adds,
+    then the rounds of edits it applies."""
 
     layers: dict[int, LayerAddition]
+    edits: dict[int, tuple[LayerEdit, ...]] = field(default_factory=dict)
+
+    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Block ``layer``'s output steered, or None where this pass leaves the block alone."""
+        addition, edits = self.layers.get(layer), self.edits.get(layer, ())
+        if addition is None and not edits:
+            return None
+        if addition is not None:
+            hidden = addition.apply(hidden)
+        for edit in edits:
+            hidden = edit.apply(hidden)
+        return hidden
 
     @classmethod
     def build(
@@ -57,7 +111,8 @@ class BatchSteering:
     ) -> BatchSteering | None:
         """``position_masks`` is bool [rows, tokens]: where each row's plan applies in this forward."""
         deltas = [None if plan is None else plan.deltas for plan in plans]
-        return cls.from_deltas(deltas, position_masks, dtype=dtype, device=device)
+        added = cls.from_deltas(deltas, position_masks, dtype=dtype, device=device)
+        return with_edits(added, plans, position_masks, device)
 
     @classmethod
     def from_deltas(
@@ -91,6 +146,32 @@ class BatchSteering:
         return cls(layers=layers)
 
 
+def with_edits(
+    steering: BatchSteering | None,
+    plans: Sequence[SteeringPlan | None],
+    position_masks: torch.Tensor,
+    device: torch.device | str,
+) -> BatchSteering | None:
+    """``steering`` with the edits of ``plans`` (row i's at its ``position_masks[i]``) after it."""
+    rounds: dict[int, list[list[tuple[int, torch.Tensor, BlockEdit]]]] = {}
+    for row, plan in enumerate(plans):
+        if plan is None or not plan.edits or not bool(position_masks[row].any()):
+            continue
+        for layer, listed in plan.edits.items():
+            layer_rounds = rounds.setdefault(layer, [])
+            for index, edit in enumerate(listed):
+                if index == len(layer_rounds):
+                    layer_rounds.append([])
+                layer_rounds[index].append((row, position_masks[row], edit))
+    if not rounds:
+        return steering
+    edits = {
+        layer: tuple(LayerEdit.of_rows(entries, device) for entries in layer_rounds)
+        for layer, layer_rounds in rounds.items()
+    }
+    return BatchSteering(layers=steering.layers if steering is not None else {}, edits=edits)
+
+
 def summed(parts: Sequence[BatchSteering | None], num_rows: int) -> BatchSteering | None:
     """One forward's steering that adds what each of ``parts`` adds (over the same rows and tokens)."""
     present = [part for part in parts if part is not None]
@@ -100,7 +181,10 @@ def summed(parts: Sequence[BatchSteering | None], num_rows: int) -> BatchSteerin
     for layer in sorted({layer for part in present for layer in part.layers}):
         additions = [part.layers[layer].dense(num_rows) for part in present if layer in part.layers]
         layers[layer] = LayerAddition(rows=None, addition=torch.stack(additions).sum(dim=0))
-    return BatchSteering(layers=layers)
+    # Edits are not summed: at most one part carries them (the request's plan; the others are a
+    # closed loop's or a rule's additions).
+    edits = next((part.edits for part in present if part.edits), {})
+    return BatchSteering(layers=layers, edits=edits)
 
 
 class SteeringHooks:
@@ -116,13 +200,14 @@ class SteeringHooks:
     def _make_hook(self, layer: int) -> Any:
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
             steering = self._current
-            addition = steering.layers.get(layer) if steering is not None else None
-            if addition is None:
+            if steering is None:
                 return None
             # transformers >= 5 blocks return the hidden states; older ones a tuple led by them.
-            if isinstance(output, torch.Tensor):
-                return addition.apply(output)
-            return (addition.apply(output[0]), *output[1:])
+            hidden = output if isinstance(output, torch.Tensor) else output[0]
+            steered = steering.apply(layer, hidden)
+            if steered is None:
+                return None
+            return steered if isinstance(output, torch.Tensor) else (steered, *output[1:])
 
         return hook
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from server.steering.errors import SteeringError
+from server.steering.operators import BlockEdit
 
 
 class Positions(StrEnum):
@@ -66,6 +67,20 @@ class PlanTerm:
 
 
 @dataclass(frozen=True)
+class EditTerm:
+    """A persona of a composition applied by an edit (ablate or cap, ``operators.py``) instead of
+    an addition: its vectors give the directions, ``alpha``, ``low``, ``high`` the edit."""
+
+    vectors: Mapping[int, VectorLike]
+    alpha: float = 0.0
+    low: float = -math.inf
+    high: float = math.inf
+
+
+AddTerm = tuple[Mapping[int, VectorLike], float] | tuple[Mapping[int, VectorLike], float, str]
+
+
+@dataclass(frozen=True)
 class SteeringPlan:
     """For one request: layer -> float32 vector, a strength, and the positions steered.
 
@@ -77,6 +92,8 @@ class SteeringPlan:
     positions: Positions = Positions.ALL
     # The personas summed into ``vectors`` (set by ``compose``); a plan built directly is one term.
     terms: tuple[PlanTerm, ...] = field(default=(), repr=False, compare=False)
+    # block -> the edits applied there after the additions, in the order given (``operators.py``).
+    edits: Mapping[int, tuple[BlockEdit, ...]] = field(default_factory=dict)
     _deltas: dict[int, torch.Tensor] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,34 +110,48 @@ class SteeringPlan:
             layer: vector * self.strength for layer, vector in self.vectors.items() if self.strength != 0
         }
         object.__setattr__(self, "_deltas", deltas)
+        object.__setattr__(self, "edits", {int(b): tuple(e) for b, e in sorted(self.edits.items()) if e})
         if not self.terms:
             object.__setattr__(self, "terms", (PlanTerm(self.vectors, float(self.strength)),))
 
     @classmethod
     def compose(
-        cls,
-        terms: Sequence[tuple[Mapping[int, VectorLike], float] | tuple[Mapping[int, VectorLike], float, str]],
-        positions: Positions | str = Positions.ALL,
+        cls, terms: Sequence[AddTerm | EditTerm], positions: Positions | str = Positions.ALL
     ) -> SteeringPlan:
-        """Sum several personas: each term is (layer -> vector, strength[, source]); the result has
-        strength 1 and keeps the terms."""
+        """Sum several personas: each term is (layer -> vector, strength[, source]), added, or an
+        ``EditTerm``; the result has strength 1 and keeps the added terms. At a block, the additions
+        apply before the edits, so an addition listed after an edit of the same block is refused."""
         summed: dict[int, torch.Tensor] = {}
         kept: list[PlanTerm] = []
-        for vectors, strength, *source in terms:
-            if not math.isfinite(strength):
-                raise SteeringError(f"strength must be a finite number, got {strength}")
-            layer_vectors = {layer: _as_vector(layer, vector) for layer, vector in vectors.items()}
-            term = PlanTerm(layer_vectors, float(strength), source[0] if source else "")
-            kept.append(term)
-            for layer, vector in term.vectors.items():
-                scaled = vector * term.strength
+        edits: dict[int, list[BlockEdit]] = {}
+        for term in terms:
+            if isinstance(term, EditTerm):
+                for layer, vector in term.vectors.items():
+                    edit = BlockEdit.along(_as_vector(layer, vector), term.alpha, term.low, term.high)
+                    edits.setdefault(int(layer), []).append(edit)
+                continue
+            added = _added_term(term)
+            if edited := sorted(set(added.vectors) & set(edits)):
+                raise SteeringError(
+                    f"an added persona is listed after an ablate or cap of block {edited[0]}: additions "
+                    "apply first at a block, so list the added persona before the edit"
+                )
+            kept.append(added)
+            for layer, vector in added.vectors.items():
+                scaled = vector * added.strength
                 if layer in summed:
                     if summed[layer].shape != scaled.shape:
                         raise SteeringError(f"composed vectors for layer {layer} differ in size")
                     summed[layer] = summed[layer] + scaled
                 else:
                     summed[layer] = scaled
-        return cls(vectors=summed, strength=1.0, positions=Positions(positions), terms=tuple(kept))
+        return cls(
+            vectors=summed,
+            strength=1.0,
+            positions=Positions(positions),
+            terms=tuple(kept),
+            edits={layer: tuple(listed) for layer, listed in edits.items()},
+        )
 
     @property
     def deltas(self) -> dict[int, torch.Tensor]:
@@ -129,11 +160,13 @@ class SteeringPlan:
 
     @property
     def is_noop(self) -> bool:
-        return not self._deltas
+        return not self._deltas and not self.edits
 
     def validate_for(self, num_layers: int, hidden_size: int) -> None:
         """Raise SteeringError unless every layer and vector fits a model of this shape."""
-        for layer, vector in self.vectors.items():
+        sized = [(layer, vector) for layer, vector in self.vectors.items()]
+        sized += [(layer, edit.unit) for layer, listed in self.edits.items() for edit in listed]
+        for layer, vector in sized:
             if layer >= num_layers:
                 raise SteeringError(f"layer {layer} does not exist: the model has blocks 0..{num_layers - 1}")
             if vector.shape[0] != hidden_size:
@@ -148,7 +181,19 @@ class SteeringPlan:
         for layer, delta in self._deltas.items():
             digest.update(layer.to_bytes(4, "little"))
             digest.update(delta.numpy().tobytes())
+        for layer, listed in self.edits.items():
+            digest.update(b"edit" + layer.to_bytes(4, "little"))
+            for edit in listed:
+                edit.digest(digest)
         return digest.hexdigest()[:16]
+
+
+def _added_term(term: AddTerm) -> PlanTerm:
+    vectors, strength, *source = term
+    if not math.isfinite(strength):
+        raise SteeringError(f"strength must be a finite number, got {strength}")
+    layer_vectors = {layer: _as_vector(layer, vector) for layer, vector in vectors.items()}
+    return PlanTerm(layer_vectors, float(strength), source[0] if source else "")
 
 
 def steered_position_mask(

@@ -52,6 +52,7 @@ class HFBackend(InProcessBackend[Scheduler]):
             steerable_layers=tuple(range(layout.num_layers)),
             max_token_chars=hf_max_token_chars(tokenizer),
             closed_loop=True,
+            operators=("add", "ablate", "cap"),
             vocab_size=len(tokenizer),  # what Sequence.for_request checks stop_token_ids against
         )
         eos_ids = eos_token_ids(model.generation_config, tokenizer)

@@ -11,7 +11,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.kv_cache import GrowingCache
-from server.steering.hooks import BatchSteering, SteeringHooks, summed
+from server.steering.hooks import BatchSteering, SteeringHooks, summed, with_edits
 from server.steering.layers import find_decoder_layout
 from server.steering.plan import Positions, SteeringPlan, prompt_position_mask, steers_generated_tokens
 
@@ -178,17 +178,21 @@ class ModelRunner:
 
     def decode_steering(self, plans: Sequence[SteeringPlan | None]) -> BatchSteering | None:
         """The steering of a decode step for rows carrying ``plans`` (reusable while the rows stay)."""
-        return self.rows_steering(
-            [
-                plan.deltas if plan is not None and steers_generated_tokens(plan.positions) else None
-                for plan in plans
-            ]
-        )
+        generating = [
+            plan if plan is not None and steers_generated_tokens(plan.positions) else None for plan in plans
+        ]
+        return self.rows_steering([None if plan is None else plan.deltas for plan in generating], generating)
 
-    def rows_steering(self, rows_deltas: Sequence[Mapping[int, torch.Tensor] | None]) -> BatchSteering | None:
-        """The steering of a decode step where row i adds ``rows_deltas[i]`` (block -> vector)."""
+    def rows_steering(
+        self,
+        rows_deltas: Sequence[Mapping[int, torch.Tensor] | None],
+        edited_by: Sequence[SteeringPlan | None] = (),
+    ) -> BatchSteering | None:
+        """The steering of a decode step where row i adds ``rows_deltas[i]`` (block -> vector), then
+        applies the edits of ``edited_by[i]`` where given."""
         mask = torch.ones((len(rows_deltas), 1), dtype=torch.bool)
-        return BatchSteering.from_deltas(rows_deltas, mask, dtype=self.dtype, device=self.device)
+        added = BatchSteering.from_deltas(rows_deltas, mask, dtype=self.dtype, device=self.device)
+        return with_edits(added, edited_by, mask, self.device)
 
     @contextmanager
     def _capturing(self, rows: Sequence[int], num_blocks: int) -> Iterator[list[torch.Tensor]]:

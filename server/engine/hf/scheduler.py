@@ -20,6 +20,7 @@ from server.engine.scheduler import EngineScheduler, ModelTask
 from server.engine.sequence import Sequence, blocks_read, holds_last
 from server.steering.closed_loop import TokenTrace
 from server.steering.hooks import BatchSteering
+from server.steering.plan import steers_generated_tokens
 
 
 class Scheduler(EngineScheduler[Sequence, ModelTask]):
@@ -158,7 +159,13 @@ class Scheduler(EngineScheduler[Sequence, ModelTask]):
         its row's steering from token to token."""
         if not any(sequence.loop is not None for sequence in self._rows):
             return self._decode_steering
-        return self._runner.rows_steering([sequence.generated_deltas() for sequence in self._rows])
+        return self._runner.rows_steering(
+            [sequence.generated_deltas() for sequence in self._rows],
+            [
+                s.plan if s.plan is not None and steers_generated_tokens(s.plan.positions) else None
+                for s in self._rows
+            ],
+        )
 
     def _decode_step(self) -> None:
         last_tokens = [s.output_ids[-1] for s in self._rows]

@@ -22,8 +22,15 @@ from pydantic import (
 )
 
 from server.engine.base import MAX_LOGPROBS, ChatMessage, SamplingParams, StructuredOutput
-from server.serving.completion_job import CompletionJob, PersonaTerm, SteeringOverride, TargetTerm, WhenRule
+from server.serving.completion_job import (
+    CompletionJob,
+    PersonaTerm,
+    SteeringOverride,
+    TargetTerm,
+    WhenRule,
+)
 from server.serving.errors import RequestRejected
+from server.serving.persona_terms import persona_fields, persona_term
 from server.serving.protocol.json_types import (
     VALID_UNICODE,
     Bool,
@@ -36,6 +43,7 @@ from server.serving.protocol.json_types import (
     TokenId,
 )
 from server.steering.closed_loop import DEFAULT_GAIN
+from server.steering.operators import Operator
 from server.steering.plan import Positions
 
 PromptText = Annotated[str, StringConstraints(min_length=1), VALID_UNICODE]
@@ -79,6 +87,16 @@ class PersonaTermIn(BaseModel):
 
     name: PersonaName
     strength: Float | None = None
+    operator: Operator | None = Field(
+        None,
+        description="add (the default): strength * vector; ablate: remove strength (default 1) times the "
+        "projection on the persona's direction; cap: clamp that projection into [min, max].",
+    )
+    max: Float | None = Field(None, description="With operator cap: the highest projection let through.")
+    min: Float | None = Field(None, description="With operator cap: the lowest projection let through.")
+
+    def to_term(self) -> PersonaTerm:
+        return persona_term(self.name, self.strength, self.operator, self.max, self.min)
 
 
 class SteeringIn(BaseModel):
@@ -215,6 +233,11 @@ class _CompletionRequest(BaseModel):
     persona_strength: Float | None = Field(
         None, description="Multiplies the persona's vector (default: the persona's default strength)."
     )
+    persona_operator: Operator | None = Field(
+        None, description="How the persona is applied: add (the default), ablate or cap (see persona terms)."
+    )
+    persona_cap_max: Float | None = Field(None, description="With persona_operator cap: the upper bound.")
+    persona_cap_min: Float | None = Field(None, description="With persona_operator cap: the lower bound.")
     steering: SteeringIn | None = None
     ignore_eos: Bool = Field(False, description="Keep generating past end-of-sequence (as in vLLM).")
     persona_monitor: list[PersonaName] | None = Field(
@@ -273,6 +296,12 @@ class _CompletionRequest(BaseModel):
             clamp_to_context=self.max_tokens is None,
         )
 
+    def _persona_terms(self) -> tuple[str | list[PersonaTerm] | None, float | None]:
+        listed = [term.to_term() for term in self.persona] if isinstance(self.persona, list) else None
+        single = self.persona if isinstance(self.persona, str) else None
+        operator = (self.persona_operator, self.persona_cap_max, self.persona_cap_min)
+        return persona_fields(single, listed, self.persona_strength, *operator)
+
     def _job(self, **prompt: Any) -> CompletionJob:
         """The job this request asks for; ``prompt``: its messages, or its prompt (and echo)."""
         if self.best_of is not None and self.best_of != self.n:
@@ -280,9 +309,7 @@ class _CompletionRequest(BaseModel):
                 "best_of other than n is not supported (vLLM dropped it too)", param="best_of"
             )
         self.structured_output()  # refuses a json_schema without its schema before the model is looked up
-        persona = self.persona
-        if isinstance(persona, list):
-            persona = [PersonaTerm(term.name, term.strength) for term in persona]
+        persona, persona_strength = self._persona_terms()
         steering = None
         if self.steering is not None:
             layers = tuple(self.steering.layers) if self.steering.layers is not None else None
@@ -296,7 +323,7 @@ class _CompletionRequest(BaseModel):
             stream=self.stream,
             include_usage=bool(self.stream_options and self.stream_options.include_usage),
             persona=persona,
-            persona_strength=self.persona_strength,
+            persona_strength=persona_strength,
             steering=steering,
             persona_monitor=tuple(self.persona_monitor or ()),
             monitor_tokens=self.persona_monitor_tokens,
