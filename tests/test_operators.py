@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from server.engine.hf.kv_batch import KVBatch
 from server.engine.hf.runner import ModelRunner
 from server.steering.plan import EditTerm, Positions, SteeringPlan
-from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error
+from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_error, random_vector, upload
 
 PROMPT = [5, 17, 42, 9, 100, 23, 7]
 
@@ -305,21 +305,64 @@ def test_an_unknown_operator_is_refused_as_a_bad_value(server: Any, personas: di
 
 
 @on_server
-def test_an_engine_without_the_operator_refuses_it_by_name(server: Any, personas: dict[str, Any]) -> None:
-    body = {
-        "model": GGUF,
-        "messages": QUESTION,
-        "max_tokens": 4,
-        "persona": "pirate",
-        "persona_operator": "ablate",
-    }
-    response = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {API_KEY}"},
-        timeout=30,
-    )
-    assert_openai_error(response, 400, "does not apply operator 'ablate'")
+@pytest.mark.parametrize(
+    "terms",
+    [
+        [{"name": "pirate", "operator": "ablate"}],
+        [{"name": "pirate", "operator": "ablate", "strength": 0.5}],
+        [{"name": "pirate", "strength": 12.0}, {"name": "pirate", "operator": "cap", "max": 0.0}],
+        [
+            {"name": "pirate", "strength": -12.0},
+            {"name": "pirate", "operator": "cap", "min": -0.5, "max": 0.5},
+        ],
+    ],
+    ids=["ablate", "ablate-half", "add-then-cap", "add-then-cap-both"],
+)
+def test_the_same_operators_give_the_same_answer_on_hf_and_llama_cpp(
+    client: openai.OpenAI, server: Any, personas: dict[str, Any], terms: list[dict[str, Any]]
+) -> None:
+    """The GGUF model is the tiny Llama's very weights: its per-row lane edits in compiled C what
+    the HF hooks edit in torch."""
+    ensure_on_gguf(server, personas)
+
+    def answer(model: str, persona: Any) -> tuple[str, list[float]]:
+        completion = client.chat.completions.create(
+            model=model,
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=0,
+            logprobs=True,
+            extra_body={"persona": persona},
+        )
+        choice = completion.choices[0]
+        return choice.message.content or "", [token.logprob for token in choice.logprobs.content]
+
+    hf_text, hf_logprobs = answer(LLAMA, terms)
+    gguf_text, gguf_logprobs = answer(GGUF, terms)
+    assert gguf_text == hf_text
+    assert max(abs(a - b) for a, b in zip(hf_logprobs, gguf_logprobs, strict=True)) < 1e-3
+    if len(terms) > 1:  # the cap acted: the answer is not the added persona's alone
+        assert hf_text != answer(LLAMA, terms[:1])[0]
+
+
+def ensure_on_gguf(server: Any, personas: dict[str, Any]) -> None:
+    """pirate on the GGUF model too: the vector the session's personas gave it on its HF twin."""
+    response = upload(server.url, "pirate", GGUF, {1: random_vector(64, 1)}, 6.0)
+    assert response.status_code == 200, response.text
+
+
+def test_an_engine_without_an_operator_refuses_it_by_name() -> None:
+    import asyncio
+
+    from server.engine.base import ModelInfo
+    from server.serving.completion_job import PersonaTerm
+    from server.serving.errors import RequestRejected
+    from server.serving.personas import resolve_personas
+
+    info = ModelInfo("m", "vllm", 2, 8, 64, (0, 1), operators=("add",))
+    with pytest.raises(RequestRejected, match="does not apply operator 'cap'") as refused:
+        asyncio.run(resolve_personas(None, info, [PersonaTerm("p", None, "cap", 1.0)], None, None, 10.0))  # type: ignore[arg-type]
+    assert refused.value.param == "persona"
 
 
 @on_server
@@ -340,3 +383,32 @@ def test_the_answer_echoes_each_personas_operator(server: Any, personas: dict[st
     echoed = response.json()["persona"]
     assert echoed[0]["name"] == "pirate" and "operator" not in echoed[0]
     assert echoed[1]["operator"] == "cap" and echoed[1]["max"] == 0.5 and echoed[1]["strength"] is None
+
+
+@on_server
+@pytest.mark.parametrize("model", [LLAMA, GGUF])
+def test_operators_mixed_in_one_batch_equal_their_solo_answers(
+    client: openai.OpenAI, server: Any, personas: dict[str, Any], model: str
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ensure_on_gguf(server, personas)
+    requests: list[Any] = [
+        None,
+        "pirate",
+        [{"name": "pirate", "operator": "ablate"}],
+        [{"name": "pirate", "strength": 12.0}, {"name": "pirate", "operator": "cap", "max": 0.0}],
+        [{"name": "pirate", "strength": -12.0}, {"name": "pirate", "operator": "cap", "min": 0.0}],
+    ]
+
+    def answer(persona: Any) -> str:
+        completion = client.chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=16, temperature=0, extra_body={"persona": persona}
+        )
+        return completion.choices[0].message.content or ""
+
+    solo = [answer(persona) for persona in requests]
+    with ThreadPoolExecutor(len(requests) * 2) as pool:
+        together = list(pool.map(answer, requests * 2))
+    assert together == solo * 2
+    assert len(set(solo)) >= 2  # the batch mixes answers that differ

@@ -10,6 +10,10 @@
  *   - additions: block -> [rows, n_embd] floats added to that block's output ("l_out-N"), one row
  *     per batch row (the last block keeps only the rows that ask for logits: `output_rows` picks
  *     their additions);
+ *   - edits: block -> rounds of per-row edits of that block's output along a unit direction, after
+ *     the additions (server/steering/operators.py): the projection p = h . u becomes
+ *     clamp((1 - alpha) p, low, high); per round, [rows, n_embd] units and [rows, 4] parameters
+ *     (active, alpha, low, high), a row with active 0 left as it is;
  *   - reading: blocks 0..read_blocks-1 copied out at `read_rows` (after the additions, as the HF
  *     engine's hooks read), into `read_out` [n_read, read_blocks, n_embd];
  *   - stop_after_block: returning false once that block is done ends the graph there (a capture
@@ -48,6 +52,9 @@ typedef struct {
     int64_t n_outputs;          /* rows that ask for logits */
     const int64_t *output_rows; /* [n_outputs], ascending */
     float *const *additions;    /* [n_blocks]: NULL, or [batch_rows, n_embd] */
+    float *const *edit_units;   /* [n_blocks]: NULL, or [edit_rounds[block], batch_rows, n_embd] */
+    float *const *edit_params;  /* [n_blocks]: NULL, or [edit_rounds[block], batch_rows, 4] */
+    const int32_t *edit_rounds; /* [n_blocks] */
     int32_t read_blocks;        /* read blocks 0..read_blocks-1 */
     int64_t n_read;
     const int64_t *read_rows;   /* [n_read]: batch rows */
@@ -82,8 +89,46 @@ static bool wanted(const row_callback_plan *plan, int32_t block) {
     if (block < 0) {
         return false;
     }
-    return (block < plan->n_blocks && plan->additions[block] != NULL) || block < plan->read_blocks ||
-           block == plan->stop_after_block;
+    return (block < plan->n_blocks && (plan->additions[block] != NULL || plan->edit_units[block] != NULL)) ||
+           block < plan->read_blocks || block == plan->stop_after_block;
+}
+
+/* One row's edit: only a projection the edit moves changes the row (a cap it does not reach adds
+   nothing, bit for bit). */
+static void edit_row(float *target, const float *unit, const float *params, int64_t width) {
+    if (params[0] == 0.0f) {
+        return;
+    }
+    double projection = 0.0;
+    for (int64_t i = 0; i < width; ++i) {
+        projection += (double)target[i] * (double)unit[i];
+    }
+    double wanted = (1.0 - (double)params[1]) * projection;
+    if (wanted < (double)params[2]) {
+        wanted = (double)params[2];
+    }
+    if (wanted > (double)params[3]) {
+        wanted = (double)params[3];
+    }
+    if (wanted == projection) {
+        return;
+    }
+    const double change = wanted - projection;
+    for (int64_t i = 0; i < width; ++i) {
+        target[i] += (float)(change * (double)unit[i]);
+    }
+}
+
+static void edit_rows(const row_callback_plan *plan, int32_t block, float *output, bool logits_only) {
+    const int64_t rows = logits_only ? plan->n_outputs : plan->batch_rows;
+    for (int32_t round = 0; round < plan->edit_rounds[block]; ++round) {
+        const float *units = plan->edit_units[block] + (int64_t)round * plan->batch_rows * plan->n_embd;
+        const float *params = plan->edit_params[block] + (int64_t)round * plan->batch_rows * 4;
+        for (int64_t row = 0; row < rows; ++row) {
+            const int64_t source = logits_only ? plan->output_rows[row] : row;
+            edit_row(output + row * plan->n_embd, units + source * plan->n_embd, params + source * 4, plan->n_embd);
+        }
+    }
 }
 
 static void add_rows(const row_callback_plan *plan, const float *additions, float *output, bool logits_only) {
@@ -133,6 +178,9 @@ bool persona_row_callback(void *tensor, bool ask, void *user_data) {
     float *output = plan->tensor_data(tensor);
     if (block < plan->n_blocks && plan->additions[block] != NULL) {
         add_rows(plan, plan->additions[block], output, logits_only);
+    }
+    if (block < plan->n_blocks && plan->edit_units[block] != NULL) {
+        edit_rows(plan, block, output, logits_only);
     }
     if (block < plan->read_blocks) {
         read_rows(plan, block, output, logits_only);

@@ -107,6 +107,7 @@ class LlamaCppBackend(InProcessBackend[LaneScheduler]):
             unsteerable_note=LLAMA_CPP_UNSTEERABLE_NOTE,
             max_token_chars=self._vocab.max_token_chars,
             closed_loop=mixed is not None,  # in the per-row lane
+            operators=("add", "ablate", "cap") if mixed is not None else ("add",),  # edits: per row
         )
         self._scheduler = LaneScheduler(self._lanes, self._vocab.eog_tokens, n_embd)
 
@@ -168,6 +169,7 @@ class LlamaCppBackend(InProcessBackend[LaneScheduler]):
             sequence.steering = steering_buffer(sequence.plan, self._info.hidden_size, self._info.num_layers)
             sequence.steering_key = sequence.plan.fingerprint()
             sequence.deltas = row_deltas(sequence.plan)
+            sequence.edits = dict(sequence.plan.edits)
         if any(lane.per_row for lane in self._lanes):  # its callback reads the blocks while generating
             blocks, plan = request.monitor_blocks, sequence.plan
             sequence.capture = in_flight_capture(blocks, plan, request.loop, self._info.num_layers)

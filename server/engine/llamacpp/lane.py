@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
-from server.engine.llamacpp.row_callback import Reading, RowCallback
+from server.engine.llamacpp.row_callback import Reading, RowCallback, RowEdits
 from server.engine.llamacpp.steering import set_control_vector
 from server.engine.read_back import leading_blocks
 
@@ -119,23 +119,28 @@ class Lane:
         additions: dict[int, np.ndarray] | None,
         rows: list[int],
         num_blocks: int,
+        edits: RowEdits | None = None,
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """``decode``, also returning the outputs of blocks ``0..num_blocks-1`` at the slots ``rows``
         (each asks for logits): [len(rows), num_blocks, n_embd], what the steering left there."""
         if not self.per_row:
             raise ValueError("reading block outputs needs a per-row lane")
-        logits, outputs = self._decode(slots, additions, Reading(np.asarray(rows), num_blocks))
+        logits, outputs = self._decode(slots, additions, Reading(np.asarray(rows), num_blocks), edits=edits)
         return logits, outputs  # type: ignore[return-value]
 
     def decode(
-        self, slots: list[TokenSlot], additions: dict[int, np.ndarray] | None = None
+        self,
+        slots: list[TokenSlot],
+        additions: dict[int, np.ndarray] | None = None,
+        edits: RowEdits | None = None,
     ) -> list[np.ndarray]:
         """Decode the slots in one call; the logits of the slots that asked for them, in order.
 
         ``additions`` (per-row lanes only): block -> [len(slots), n_embd] rows added to that block's
-        output, one per slot (zeros where a token is not steered).
+        output, one per slot (zeros where a token is not steered); ``edits`` (per-row lanes only) the
+        rounds of edits after them (``steering.per_row_edits``).
         """
-        return self._decode(slots, additions)[0]
+        return self._decode(slots, additions, edits=edits)[0]
 
     def _decode(
         self,
@@ -143,6 +148,7 @@ class Lane:
         additions: dict[int, np.ndarray] | None,
         reading: Reading | None = None,
         stop_after_block: int = -1,
+        edits: RowEdits | None = None,
     ) -> tuple[list[np.ndarray], np.ndarray | None]:
         """The logits asked for (none when the graph stops after ``stop_after_block``: it never
         reaches the output layer) and what ``reading`` read."""
@@ -150,8 +156,8 @@ class Lane:
             return [], None
         if len(slots) > self.batch_capacity:
             raise ValueError(f"{len(slots)} tokens exceed the batch of {self.batch_capacity}")
-        if additions and not self.per_row:
-            raise ValueError("per-row additions need a per-row lane")
+        if (additions or edits) and not self.per_row:
+            raise ValueError("per-row additions and edits need a per-row lane")
         batch = self._batch
         for index, slot in enumerate(slots):
             batch.token[index] = slot.token
@@ -161,9 +167,10 @@ class Lane:
             batch.logits[index] = slot.logits
         batch.n_tokens = len(slots)
         read = None
-        if additions or reading is not None or stop_after_block >= 0:
+        if additions or edits or reading is not None or stop_after_block >= 0:
             output_rows = np.flatnonzero([slot.logits for slot in slots])
-            with self._callback.armed(output_rows, len(slots), additions, reading, stop_after_block) as read:
+            armed = self._callback.armed(output_rows, len(slots), additions, reading, stop_after_block, edits)
+            with armed as read:
                 status = llama_cpp.llama_decode(self._ctx, batch)
         else:
             status = llama_cpp.llama_decode(self._ctx, batch)

@@ -40,6 +40,9 @@ class _Plan(ctypes.Structure):
         ("n_outputs", ctypes.c_int64),
         ("output_rows", _INT64_ARRAY),
         ("additions", ctypes.POINTER(_FLOAT_ARRAY)),
+        ("edit_units", ctypes.POINTER(_FLOAT_ARRAY)),
+        ("edit_params", ctypes.POINTER(_FLOAT_ARRAY)),
+        ("edit_rounds", ctypes.POINTER(ctypes.c_int32)),
         ("read_blocks", ctypes.c_int32),
         ("n_read", ctypes.c_int64),
         ("read_rows", _INT64_ARRAY),
@@ -83,6 +86,10 @@ def _int64s(values: np.ndarray) -> ctypes._Pointer:  # type: ignore[name-defined
     return values.ctypes.data_as(_INT64_ARRAY)
 
 
+# block -> rounds of ([rows, n_embd] unit directions, [rows, 4] active/alpha/low/high) (steering.py).
+RowEdits = dict[int, list[tuple[np.ndarray, np.ndarray]]]
+
+
 @dataclass(frozen=True)
 class Reading:
     """Read blocks ``0..blocks-1`` at batch ``rows`` (each asks for logits, unless every row does)."""
@@ -116,11 +123,13 @@ class RowCallback:
         additions: dict[int, np.ndarray] | None = None,
         reading: Reading | None = None,
         stop_after_block: int = -1,
+        edits: RowEdits | None = None,
     ) -> Iterator[np.ndarray | None]:
         """For the decode run inside: add ``additions`` (block -> [batch_rows, n_embd] float32) to the
         block outputs, read ``reading`` into the array yielded ([rows, blocks, n_embd], filled once
-        the decode returns), and end the graph after ``stop_after_block``. Raises if a block output
-        had a shape the plan did not expect."""
+        the decode returns), and end the graph after ``stop_after_block``; ``edits`` (block -> rounds
+        of ([batch_rows, n_embd] units, [batch_rows, 4] active/alpha/low/high)) edit the block
+        outputs after the additions. Raises if a block output had a shape the plan did not expect."""
         plan = self._plan
         output_rows = np.ascontiguousarray(output_rows, dtype=np.int64)
         kept = [output_rows]  # what the plan points at lives until the decode is done
@@ -132,6 +141,8 @@ class RowCallback:
                 raise ValueError(f"block {block} additions are {rows.shape}, not {expected}")
             kept.append(rows)
             table[block] = rows.ctypes.data_as(_FLOAT_ARRAY)
+        units_table, params_table, rounds = self._edit_tables(batch_rows, edits or {}, kept)
+        plan.edit_units, plan.edit_params, plan.edit_rounds = units_table, params_table, rounds
         out = None
         plan.read_blocks, plan.n_read = 0, 0
         if reading is not None:
@@ -159,3 +170,22 @@ class RowCallback:
                 f"per-row steering failed: block {plan.error_block}'s output has neither every row of "
                 f"the batch ({batch_rows}) nor its {len(output_rows)} rows with logits"
             )
+
+    def _edit_tables(
+        self, batch_rows: int, edits: RowEdits, kept: list[object]
+    ) -> tuple[object, object, object]:
+        """The plan's edit tables for ``edits``; what they point at is appended to ``kept``."""
+        units_table = (_FLOAT_ARRAY * self._n_blocks)()
+        params_table = (_FLOAT_ARRAY * self._n_blocks)()
+        rounds = (ctypes.c_int32 * self._n_blocks)()
+        for block, listed in edits.items():
+            units = np.ascontiguousarray(np.stack([u for u, _ in listed]), dtype=np.float32)
+            params = np.ascontiguousarray(np.stack([p for _, p in listed]), dtype=np.float32)
+            if units.shape[1:] != (batch_rows, self._n_embd) or params.shape[1:] != (batch_rows, 4):
+                raise ValueError(f"block {block} edits are {units.shape} and {params.shape}")
+            kept += [units, params]
+            units_table[block] = units.ctypes.data_as(_FLOAT_ARRAY)
+            params_table[block] = params.ctypes.data_as(_FLOAT_ARRAY)
+            rounds[block] = len(listed)
+        kept += [units_table, params_table, rounds]
+        return units_table, params_table, rounds

@@ -37,10 +37,11 @@ import numpy as np
 import torch
 
 from server.engine.llamacpp.lane import Lane, TokenSlot
-from server.engine.llamacpp.steering import RowSteering, per_row_additions
+from server.engine.llamacpp.steering import RowSteering, per_row_additions, per_row_edits
 from server.engine.scheduler import EngineScheduler, ModelTask
 from server.engine.sequence import Sequence, blocks_read, holds_last
 from server.steering.closed_loop import TokenTrace
+from server.steering.operators import BlockEdit
 from server.steering.plan import Positions, prompt_position_mask, steers_generated_tokens
 
 
@@ -49,6 +50,7 @@ class LaneSequence(Sequence):
     steering_key: str = ""  # the plan's fingerprint; "" when unsteered
     steering: np.ndarray | None = None  # the control-vector buffer, block 1 first
     deltas: dict[int, np.ndarray] = field(default_factory=dict)  # block -> strength * vector
+    edits: dict[int, tuple[BlockEdit, ...]] = field(default_factory=dict)  # the plan's ablates and caps
     slot: int = -1
     position: int = 0  # tokens of this sequence in its lane's cache
     steers_generated: bool = field(init=False, default=False)  # read on every decode step
@@ -205,8 +207,10 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
         key = sequence.steering_key
         vector_lanes = [s for s in self._states if not s.lane.per_row]
         mixed = next((s for s in self._states if s.lane.per_row and s.has_room(sequence)), None)
-        if sequence.loop is not None or sequence.capture is not None:
-            return mixed  # its blocks are read (and its steering may change token by token): per row only
+        if sequence.loop is not None or sequence.capture is not None or sequence.edits:
+            # Its blocks are read, its steering may change token by token, or it edits block
+            # outputs (no control vector can): per row only.
+            return mixed
         if mixed is not None and mixed.rows:
             return mixed  # one batch for everything beats a batch per plan
         for state in vector_lanes:
@@ -312,20 +316,24 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
             for start in range(begin, end, lane.batch_capacity):
                 stop = min(start + lane.batch_capacity, end)
                 slots = [TokenSlot(ids[p], p, sequence.slot, p == len(ids) - 1) for p in range(start, stop)]
-                additions = None
+                additions, edits = None, None
                 if lane.per_row and any(steers for _, steers in rows[start:stop]):
                     additions = per_row_additions(rows[start:stop], self._hidden)
+                if lane.per_row and sequence.edits:
+                    editing = [(sequence.edits, steers) for steers in steered[start:stop]]
+                    edits = per_row_edits(editing, self._hidden)
                 if read and stop == len(ids):
-                    logits, outputs = lane.decode_reading(slots, additions, [len(slots) - 1], read)
+                    logits, outputs = lane.decode_reading(slots, additions, [len(slots) - 1], read, edits)
                 else:
-                    logits = lane.decode(slots, additions)
+                    logits = lane.decode(slots, additions, edits)
                 sequence.position = stop
         return logits[-1], outputs
 
     def _decode_step(self, state: LaneState) -> None:
-        additions = None
+        additions, edits = None, None
         if state.lane.per_row:
             additions = per_row_additions([s.step_steering() for s in state.rows], self._hidden)
+            edits = per_row_edits([(s.edits, s.steers_generated) for s in state.rows], self._hidden)
         else:
             state.lane.steer(state.steering if state.rows[0].steers_generated else None)
         slots = [TokenSlot(s.output_ids[-1], s.position, s.slot, True) for s in state.rows]
@@ -333,7 +341,7 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
         traces: dict[int, TokenTrace] = {}
         if reading:
             num_blocks = max(blocks_read(state.rows[row]) for row in reading)
-            rows, outputs = state.lane.decode_reading(slots, additions, reading, num_blocks)
+            rows, outputs = state.lane.decode_reading(slots, additions, reading, num_blocks, edits)
             for row, row_outputs in zip(reading, outputs, strict=True):
                 sequence = state.rows[row]
                 if sequence.capture is not None:  # the fed token is a response token
@@ -341,7 +349,7 @@ class LaneScheduler(EngineScheduler[LaneSequence, LaneTask]):
                 if sequence.loop is not None and not holds_last(sequence):
                     traces[row] = sequence.loop.observe(torch.from_numpy(row_outputs))
         else:
-            rows = state.lane.decode(slots, additions)
+            rows = state.lane.decode(slots, additions, edits)
         for row, (sequence, logits) in enumerate(zip(state.rows, rows, strict=True)):
             sequence.position += 1
             if holds_last(sequence):

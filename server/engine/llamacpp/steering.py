@@ -15,12 +15,14 @@ import ctypes
 import llama_cpp
 import numpy as np
 
+from server.engine.llamacpp.row_callback import RowEdits
 from server.steering.errors import SteeringError
 from server.steering.layers import (
     LLAMA_CPP_FIRST_STEERABLE_BLOCK,
     LLAMA_CPP_UNSTEERABLE_NOTE,
     llama_cpp_buffer_offset,
 )
+from server.steering.operators import BlockEdit
 from server.steering.plan import SteeringPlan
 
 # (block -> delta of one sequence, is this token steered?) for each row of a per-row batch.
@@ -69,3 +71,34 @@ def per_row_additions(rows: list[RowSteering], hidden: int) -> dict[int, np.ndar
             for block, delta in deltas.items():
                 additions[block][index] = delta
     return additions
+
+
+# (block -> the edits of one sequence, is this token steered?) for each row of a per-row batch.
+RowEditing = tuple[dict[int, tuple[BlockEdit, ...]], bool]
+
+
+def per_row_edits(rows: list[RowEditing], hidden: int) -> RowEdits | None:
+    """block -> rounds of ([len(rows), hidden] units, [len(rows), 4] active/alpha/low/high): the
+    k-th edit of each row that has one there, where its token is steered (None: no edits)."""
+    rounds: dict[int, int] = {}
+    for edits, steered in rows:
+        if steered:
+            for block, listed in edits.items():
+                rounds[block] = max(rounds.get(block, 0), len(listed))
+    if not rounds:
+        return None
+    tables: RowEdits = {
+        block: [
+            (np.zeros((len(rows), hidden), np.float32), np.zeros((len(rows), 4), np.float32))
+            for _ in range(n)
+        ]
+        for block, n in rounds.items()
+    }
+    for index, (edits, steered) in enumerate(rows):
+        if not steered:
+            continue
+        for block, listed in edits.items():
+            for (units, params), edit in zip(tables[block], listed, strict=False):
+                units[index] = edit.unit.numpy()
+                params[index] = (1.0, edit.alpha, edit.low, edit.high)
+    return tables
