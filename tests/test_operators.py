@@ -412,3 +412,31 @@ def test_operators_mixed_in_one_batch_equal_their_solo_answers(
         together = list(pool.map(answer, requests * 2))
     assert together == solo * 2
     assert len(set(solo)) >= 2  # the batch mixes answers that differ
+
+
+@pytest.mark.slow  # a demo model answers the 28 held-out questions under five conditions: ~10 s
+def test_cap_and_ablate_bring_a_pushed_persona_back_to_unsteered_on_a_demo_model() -> None:
+    import asyncio
+
+    from server.demo.models import demo_model_dir, load_demo_personas
+    from server.engine.registry import load_backend
+    from server.evaluation.operator_table import operator_rows
+
+    async def rows() -> dict[str, Any]:
+        backend = load_backend(demo_model_dir("demo-llama"), "demo-llama")
+        try:
+            pirate = next(p for p in load_demo_personas("demo-llama") if p.name == "pirate")
+            return {
+                row.condition: row for row in await operator_rows(backend, "demo-llama", pirate, samples=1)
+            }
+        finally:
+            await backend.close()
+
+    by_condition = asyncio.run(rows())
+    unsteered, pushed = by_condition["unsteered"], by_condition["pushed"]
+    assert pushed.markers > unsteered.markers + 0.5 and pushed.perplexity_ratio > 2
+    for edited in ("pushed + cap", "pushed + ablate"):
+        row = by_condition[edited]
+        assert abs(row.markers - unsteered.markers) < 0.1, edited
+        assert abs(row.classifier - unsteered.classifier) < 0.1, edited
+        assert row.perplexity_ratio < 1.2, edited

@@ -50,8 +50,8 @@ def evaluate(
         list[str] | None,
         typer.Option(
             "--persona",
-            help="With --transfer, --rivals, --bake or --closed-loop: only these personas (repeat; "
-            "default all).",
+            help="With --transfer, --rivals, --bake, --closed-loop or --operators: only these personas "
+            "(repeat; default all).",
         ),
     ] = None,
     bake: Annotated[
@@ -64,6 +64,9 @@ def evaluate(
     closed_loop: Annotated[
         bool, typer.Option(help="Instead: fixed strengths against persona_target, and persona_when rules.")
     ] = False,
+    operators: Annotated[
+        bool, typer.Option(help="Instead: a persona pushed to twice its strength, then capped or ablated.")
+    ] = False,
     at_default_only: Annotated[
         bool, typer.Option(help="With --rivals: score the stored default strength only, no sweep.")
     ] = False,
@@ -74,7 +77,9 @@ def evaluate(
     table_run = _transfer_run(samples, methods, personas, at_default_only)  # refused before loading
 
     async def table(backends: dict[str, Any]) -> None:
-        if closed_loop:
+        if operators:
+            await _operators(backends, samples, personas, json_out)
+        elif closed_loop:
             await _closed_loop(backends, samples, personas, json_out)
         elif bake:
             await _bake(backends, samples, steps, personas, json_out)
@@ -197,4 +202,19 @@ async def _closed_loop(
     for model, backend in backends.items():
         rows += await closed_loop_rows(backend, model, LoopRun(samples=samples), personas, _progress)
     typer.echo(format_loop_table(rows))
+    _write([row.to_dict() for row in rows], json_out, None, None)
+
+
+async def _operators(
+    backends: dict[str, Any], samples: int, personas: list[str] | None, json_out: Path | None
+) -> None:
+    from server.demo.models import load_demo_personas
+    from server.evaluation.operator_table import format_operator_table, operator_rows
+
+    rows = []
+    for model, backend in backends.items():
+        for draft in load_demo_personas(model):
+            if personas is None or draft.name in personas:
+                rows += await operator_rows(backend, model, draft, samples, progress=_progress)
+    typer.echo(format_operator_table(rows))
     _write([row.to_dict() for row in rows], json_out, None, None)
