@@ -98,6 +98,35 @@ def test_answers_equal_the_hf_engine_plain_steered_and_streamed(
     assert chunks[-1].usage.completion_tokens == 12
 
 
+def test_operators_equal_the_hf_engine_alone_and_mixed_in_a_batch(
+    servers: tuple[ServerProcess, ServerProcess],
+) -> None:
+    """ablate and cap inside vLLM's compiled graph (in_graph.py) answer as the HF hooks do."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    upload_to_both(servers, "edgy", {1: random_vector(HIDDEN, 21), 2: random_vector(HIDDEN, 22)}, 4.0)
+    pushed = {"name": "edgy", "strength": 8.0}
+    requests: list[Any] = [
+        [{"name": "edgy", "operator": "ablate"}],
+        [pushed, {"name": "edgy", "operator": "cap", "max": 0.0}],
+        [pushed, {"name": "edgy", "operator": "cap", "min": -0.5, "max": 0.5}],
+        [pushed, {"name": "edgy", "operator": "cap", "max": 1e6}],
+        [pushed],
+        None,
+    ]
+    solo = [answers(servers, persona=persona) for persona in requests]
+    assert all(vllm == hf for vllm, hf in solo), solo
+    assert solo[3] == solo[4] and solo[1] != solo[4]  # a cap above every reading changes nothing
+    vllm_client = clients(servers)[0]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda p: ask(vllm_client, persona=p).choices[0].message.content, requests))
+    assert together == [vllm for vllm, _ in solo]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    twice = [*requests[1], {"name": "edgy", "operator": "ablate"}]
+    refused = httpx.post(f"{servers[0].url}/v1/chat/completions", json={**body, "persona": twice}, timeout=30)
+    assert refused.status_code == 400 and "at most 1 ablate or cap per block" in refused.text
+
+
 def test_a_persona_update_and_delete_take_effect_on_the_next_request(
     servers: tuple[ServerProcess, ServerProcess],
 ) -> None:

@@ -399,3 +399,24 @@ def test_a_model_type_whose_vllm_blocks_are_unknown_is_refused_before_vllm_start
     with pytest.raises(UnsupportedArchitectureError, match=f"model type '{architecture}'.*vLLM engine"):
         VLLMBackend.load(tiny_model_dir(architecture), options=VLLMOptions())
     assert check_model_type(tiny_model_dir("llama")) == "llama"
+
+
+def test_an_edit_travels_as_a_set_and_keeps_its_cache_apart() -> None:
+    from server.engine.vllm.plan_refs import edit_term, plan_ref
+    from server.steering.plan import EditTerm
+
+    vector = {1: torch.ones(4), 2: torch.arange(4.0)}
+    added = SteeringPlan.compose([(vector, 2.0)])
+    capped = SteeringPlan.compose([(vector, 2.0), EditTerm(vector, 0.0, high=0.5)])
+    ablated = SteeringPlan.compose([(vector, 2.0), EditTerm(vector, 1.0)])
+    assert len({cache_salt(plan, 10) for plan in (added, capped, ablated)}) == 3
+    ref = plan_ref(capped)
+    assert ref.edit is not None and SteeringRef.from_extra_args(ref.to_extra_args()) == ref
+    edit_only = plan_ref(SteeringPlan.compose([EditTerm(vector, 1.0)]))
+    assert SteeringRef.from_extra_args(edit_only.to_extra_args()) == edit_only
+    held = edit_term(capped)
+    assert held is not None and sorted(held.vectors) == [1, 2]
+    packed = held.vectors[2]  # the unit direction, then alpha, low, high
+    assert torch.allclose(packed[:4], torch.arange(4.0) / torch.arange(4.0).norm())
+    assert packed[4:].tolist() == [0.0, float("-inf"), 0.5]
+    assert edit_term(added) is None and plan_ref(added).edit is None

@@ -198,6 +198,8 @@ class ModelInfo:
     closed_loop: bool = False
     # The steering operators its plans may carry (server/steering/operators.py).
     operators: tuple[str, ...] = ("add",)
+    # How many ablates and caps a plan may apply at one block (None: any number).
+    edits_per_block: int | None = None
     # The token ids it accepts in stop_token_ids are below this (None: it checks none).
     vocab_size: int | None = None
 

@@ -183,6 +183,13 @@ async def resolve_personas(
     if override is not None and override.positions is not None:
         positions = override.positions
     plan = SteeringPlan.compose(terms, positions=positions)
+    limit = model.edits_per_block
+    if limit is not None and (crowded := [b for b, listed in plan.edits.items() if len(listed) > limit]):
+        raise RequestRejected(
+            f"the {model.backend} engine serving '{model.id}' applies at most {limit} ablate or cap per "
+            f"block; block {crowded[0]} has {len(plan.edits[crowded[0]])}",
+            param=param,
+        )
     plan.validate_for(model.num_layers, model.hidden_size)
     for layer in sorted({*plan.vectors, *plan.edits}):
         if layer not in model.steerable_layers:

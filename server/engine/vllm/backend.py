@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,43 +36,12 @@ from server.engine.vllm.in_flight import InFlightMonitor, in_flight_monitor
 from server.engine.vllm.loops import LoopRun, open_loop
 from server.engine.vllm.model_types import check_model_type
 from server.engine.vllm.options import VLLMOptions
+from server.engine.vllm.plan_refs import cache_salt, edit_term, slots_wanted, steering_args
 from server.engine.vllm.read_backs import ReadBacks
 from server.engine.vllm.resident import ResidentSets
-from server.engine.vllm.slot_gate import LOOP_DEMAND, SlotGate
+from server.engine.vllm.slot_gate import SlotGate
 from server.engine.vllm.trace_taker import TraceTaker
-from server.engine.vllm.wire import SteeringRef, slot_key
 from server.steering.closed_loop import TokenTrace
-from server.steering.plan import SteeringPlan
-
-
-def cache_salt(plan: SteeringPlan, num_prompt_tokens: int) -> str:
-    """What keeps a plan's KV cache its own: its terms and positions. Under ``prompt`` and
-    ``response`` which cached positions were steered depends on the prompt's length, so it is in
-    the salt too; unsteered requests carry no salt and share prefixes as before."""
-    terms = "+".join(f"{term.key}*{term.strength!r}" for term in plan.terms)
-    length = "" if plan.positions.value == "all" else f"@{num_prompt_tokens}"
-    return f"persona:{plan.positions.value}{length}:{terms}"
-
-
-def plan_ref(plan: SteeringPlan) -> SteeringRef:
-    """A plan as the workers know it: references to the sets they hold, strengths, positions."""
-    return SteeringRef(tuple((term.key, term.strength) for term in plan.terms), plan.positions.value)
-
-
-def steering_args(plan: SteeringPlan | None) -> dict[str, Any]:
-    """What a request steered by ``plan`` tells the workers."""
-    return {} if plan is None else plan_ref(plan).to_extra_args()
-
-
-def slots_wanted(sequence: Sequence) -> dict[Hashable, int]:
-    """The workers' steering slots a request takes while it runs (slot_gate.py): its plan's, shared
-    by every request with that plan, and a closed loop's own."""
-    wanted: dict[Hashable, int] = {}
-    if sequence.plan is not None:
-        wanted[slot_key(plan_ref(sequence.plan))[0]] = 1
-    if sequence.loop is not None:
-        wanted[object()] = LOOP_DEMAND
-    return wanted
 
 
 def _pipeline_stages(engine: Any) -> int:
@@ -138,6 +107,8 @@ class VLLMBackend:
             max_token_chars=hf_max_token_chars(tokenizer),
             # A loop's readings steer earlier blocks in the next pass: one worker must hold every block.
             closed_loop=_pipeline_stages(engine) == 1,
+            operators=("add", "ablate", "cap"),
+            edits_per_block=1,  # one edit slot per token in the compiled graph (in_graph.py)
         )
         self._eos_ids = eos_ids
         self._resident = ResidentSets(self._rpc, resident_capacity)
@@ -235,7 +206,8 @@ class VLLMBackend:
         ]
         first = sequences[0]
         await self._ensure_set_up()
-        keys = await self._resident.acquire(first.plan.terms) if first.plan is not None else []
+        held = [] if first.plan is None else [*first.plan.terms, *filter(None, [edit_term(first.plan)])]
+        keys = await self._resident.acquire(held)
         # vLLM refuses n > 1 when greedy: the answers are equal, so one is generated and shared.
         shared = first.sampling.greedy and request.n > 1
         loop: LoopRun | None = None

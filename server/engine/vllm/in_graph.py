@@ -10,7 +10,11 @@ only tensor arithmetic on buffers whose addresses never change:
 - ``tables[block, slot]``: what slot ``slot`` adds to block ``block``'s output (slot 0: zeros);
 - ``token_slot[t]``, ``token_scale[t]``: the slot token ``t`` of the flat batch reads and its scale;
 - ``token_read[t]``: the row of ``reads`` that block outputs at token ``t`` are summed into (row 0:
-  the discard row); ``reads[block, row]`` accumulates them, in float32.
+  the discard row); ``reads[block, row]`` accumulates them, in float32;
+- ``edit_units[block, slot]`` and ``edit_params[block, slot]`` (alpha, low, high), ``token_edit[t]``:
+  the one edit (ablate or cap, server/steering/operators.py) token ``t`` applies after the
+  additions, along a unit direction (slot 0: a zero direction and zero parameters, which change
+  nothing: the projection is 0 and stays 0).
 
 The worker fills the token buffers before each forward, outside the compiled region, and takes the
 reads out after it (``worker_steering.py``). A batch with nothing steered adds exact zeros.
@@ -43,6 +47,10 @@ class SteeringBuffers(nn.Module):
         self.register_buffer(
             "reads", torch.zeros(num_blocks, read_rows + 1, hidden, dtype=torch.float32), persistent=False
         )
+        edit_units = torch.zeros(num_blocks, slots + 1, hidden, dtype=torch.float32)
+        self.register_buffer("edit_units", edit_units, persistent=False)
+        self.register_buffer("edit_params", torch.zeros(num_blocks, slots + 1, 3), persistent=False)
+        self.register_buffer("token_edit", torch.zeros(max_tokens, dtype=torch.long), persistent=False)
 
     def step(self, block: int, output: Any) -> Any:
         """Block ``block``'s output with its steering added; the residual stream after it summed into
@@ -58,10 +66,22 @@ class SteeringBuffers(nn.Module):
         count = flat.shape[0]
         added = self.token_scale[:count, None] * self.tables[block].index_select(0, self.token_slot[:count])
         flat = flat + added.to(flat.dtype)
-        stream = flat + output[1].reshape(flat.shape) if split else flat
+        residual = output[1].reshape(flat.shape) if split else None
+        flat = flat + self._edit(block, flat if residual is None else flat + residual, count).to(flat.dtype)
+        stream = flat + residual if residual is not None else flat
         self.reads[block].index_add_(0, self.token_read[:count], stream.float())
         hidden = flat.reshape(hidden.shape)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def _edit(self, block: int, stream: torch.Tensor, count: int) -> torch.Tensor:
+        """What each token's edit changes in the stream (float32 [count, hidden]; zeros for tokens
+        of slot 0): the projection p on the unit direction becomes clamp((1 - alpha) p, low, high)."""
+        slot = self.token_edit[:count]
+        units = self.edit_units[block].index_select(0, slot)
+        alpha, low, high = self.edit_params[block].index_select(0, slot).unbind(-1)
+        projection = (stream.float() * units).sum(-1)
+        wanted = torch.minimum(torch.maximum((1 - alpha) * projection, low), high)
+        return (wanted - projection).unsqueeze(-1) * units
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

@@ -34,26 +34,31 @@ class SteeringRef:
 
     terms: tuple[tuple[str, float], ...]  # (vector-set key, strength)
     positions: str = "all"
+    # The set of the request's edits (ablate, cap), one per block: block -> unit vector followed by
+    # alpha, low, high (``edit_set``); None: no edit.
+    edit: str | None = None
 
     def to_extra_args(self) -> dict[str, object]:
-        return {
-            EXTRA_ARGS_KEY: {
-                "terms": [[key, strength] for key, strength in self.terms],
-                "positions": self.positions,
-            }
+        entry: dict[str, object] = {
+            "terms": [[key, strength] for key, strength in self.terms],
+            "positions": self.positions,
         }
+        if self.edit is not None:
+            entry["edit"] = self.edit
+        return {EXTRA_ARGS_KEY: entry}
 
     @classmethod
     def from_extra_args(cls, extra_args: dict[str, object] | None) -> SteeringRef | None:
         """The reference a request carries, or None when it steers nothing."""
         entry = (extra_args or {}).get(EXTRA_ARGS_KEY)
-        if not isinstance(entry, dict) or not entry.get("terms"):
+        if not isinstance(entry, dict) or not (entry.get("terms") or entry.get("edit")):
             return None
-        terms = tuple((str(key), float(strength)) for key, strength in entry["terms"])
+        terms = tuple((str(key), float(strength)) for key, strength in entry.get("terms") or ())
         positions = str(entry.get("positions", "all"))
         if positions not in POSITIONS:
             raise ValueError(f"unknown positions rule {positions!r}")
-        return cls(terms=terms, positions=positions)
+        edit = entry.get("edit")
+        return cls(terms=terms, positions=positions, edit=None if edit is None else str(edit))
 
 
 def slot_key(ref: SteeringRef) -> tuple[tuple[object, ...], float]:

@@ -85,22 +85,25 @@ class TokenStaging:
         cuda = device.type == "cuda"
         make = lambda dtype: torch.zeros(max_tokens, dtype=dtype, pin_memory=cuda)  # noqa: E731
         self._slot, self._scale, self._read = make(torch.long), make(torch.float32), make(torch.long)
+        self._edit = make(torch.long)
         self._copied = torch.cuda.Event() if cuda else None
 
-    def arrays(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Zeroed numpy views of the first ``count`` entries: slot, scale, read row per token."""
+    def arrays(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Zeroed numpy views of the first ``count`` entries: slot, scale, read row, edit slot."""
         if self._copied is not None:
             self._copied.synchronize()
-        views = (self._slot.numpy()[:count], self._scale.numpy()[:count], self._read.numpy()[:count])
+        tensors = (self._slot, self._scale, self._read, self._edit)
+        views = tuple(tensor.numpy()[:count] for tensor in tensors)
         for view in views:
             view.fill(0)
-        return views
+        return views  # type: ignore[return-value]
 
     def copy_to(self, buffers: SteeringBuffers, count: int) -> None:
         pinned = self._copied is not None
         buffers.token_slot[:count].copy_(self._slot[:count], non_blocking=pinned)
         buffers.token_scale[:count].copy_(self._scale[:count], non_blocking=pinned)
         buffers.token_read[:count].copy_(self._read[:count], non_blocking=pinned)
+        buffers.token_edit[:count].copy_(self._edit[:count], non_blocking=pinned)
         if self._copied is not None:
             self._copied.record()
 
@@ -130,6 +133,7 @@ class WorkerSteering:
         self.captures = captures
         self.loops = WorkerLoops()
         self._slots = SlotTable(buffers.num_slots)
+        self._edit_slots = SlotTable(buffers.num_slots)  # the edit table's (ablate, cap), by set key
         self._staging = TokenStaging(buffers.max_tokens, buffers.tables.device)
         self._sets: dict[str, Vectors] = {}
         self._combined: dict[SteeringRef, Vectors] = {}
@@ -160,6 +164,7 @@ class WorkerSteering:
         for key in keys:
             self._sets.pop(key, None)
             self._slots.forget(("set", key))
+            self._edit_slots.forget(key)
         self._combined.clear()
 
     # --- around each forward ------------------------------------------------------------------------
@@ -170,24 +175,27 @@ class WorkerSteering:
         count = rows[-1].end if rows else 0
         reads = StepReads()
         additions: list[Addition] = []
+        edits: list[tuple[np.ndarray, str]] = []  # (flat tokens, edit set key)
         loop_reads: list[LoopRead] = []
         read_row = np.zeros(count, dtype=np.int64)
         for row in rows:
             if row.end <= row.start:
                 continue
             additions += self._row_additions(row, loop_reads)
+            edits += self._row_edits(row)
             if row.capture is not None:
                 self._add_capture(row, row.capture, reads, read_row)
         # A loop's reading shares the read row of an in-flight capture at the same token.
         reads.loops = [(read, self._read_row_of(read.token, reads, read_row)) for read in loop_reads]
-        if not additions and not reads and not self._dirty:
+        if not additions and not edits and not reads and not self._dirty:
             return reads  # the buffers hold zeros already: nothing to write
         if count > self._buffers.max_tokens:
             raise RuntimeError(f"a forward of {count} tokens, past the buffers' {self._buffers.max_tokens}")
-        slot, scale, read = self._staging.arrays(count)
+        slot, scale, read, edit = self._staging.arrays(count)
         self._place(additions, slot, scale)
+        self._place_edits(edits, edit)
         read[:] = read_row
-        self._write(count, bool(slot.any() or read.any()))
+        self._write(count, bool(slot.any() or read.any() or edit.any()))
         self.captures.begin(reads.captures)
         return reads
 
@@ -217,6 +225,18 @@ class WorkerSteering:
             return []
         key, scale = slot_key(row.ref)
         return [Addition(offsets + row.start, key, functools.partial(self._slot_vectors, row.ref), scale)]
+
+    def _row_edits(self, row: BatchRow) -> list[tuple[np.ndarray, str]]:
+        """The request's edit (ablate, cap) at its steered tokens, where the worker holds its set."""
+        ref = row.ref
+        if ref is None or ref.edit is None or row.loop is not None:
+            return []
+        if ref.edit not in self._sets:
+            self.missing_sets += 1
+            logger.error("a request names an edit set this worker does not hold; not edited")
+            return []
+        offsets = steered_offsets(ref.positions, row.positions, row.num_prompt_tokens)
+        return [(offsets + row.start, ref.edit)] if offsets.size else []
 
     def _loop_additions(
         self, row: BatchRow, loop: LoopState, vectors: Vectors | None, loop_reads: list[LoopRead]
@@ -294,6 +314,25 @@ class WorkerSteering:
             scale[addition.tokens] = addition.scale
             self.steered_rows += int(addition.tokens.size)
 
+    def _place_edits(self, edits: list[tuple[np.ndarray, str]], edit: np.ndarray) -> None:
+        """Give every edit set a slot of the edit table (written when new to it); mark its tokens."""
+        placed = self._edit_slots.assign([key for _, key in edits])
+        for tokens, key in edits:
+            index, new = placed.get(key, (None, False))
+            if index is None:
+                self.unslotted += 1
+                logger.error("a forward carries more edits than the %d slots", self._edit_slots.size)
+                continue
+            if new:
+                units, params = self._buffers.edit_units, self._buffers.edit_params
+                units[:, index].zero_()
+                params[:, index].zero_()
+                for layer, packed in self._sets[key].items():
+                    units[layer, index].copy_(packed[:-3])  # the unit direction, then alpha, low, high
+                    params[layer, index].copy_(packed[-3:])
+            edit[tokens] = index
+            self.steered_rows += int(tokens.size)
+
     def _fill_slot(self, index: int, vectors: Vectors) -> None:
         tables = self._buffers.tables
         tables[:, index].zero_()
@@ -309,6 +348,7 @@ class WorkerSteering:
             buffers.token_slot[count : self._dirty].zero_()
             buffers.token_scale[count : self._dirty].zero_()
             buffers.token_read[count : self._dirty].zero_()
+            buffers.token_edit[count : self._dirty].zero_()
         self._dirty = count if any_set else 0
 
     # --- vector sets -------------------------------------------------------------------------------------
