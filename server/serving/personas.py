@@ -135,6 +135,27 @@ def _term_layers(name: str, layers: tuple[int, ...], override: SteeringOverride 
     return tuple(sorted(set(override.layers)))
 
 
+def _check_plan_fits(
+    plan: SteeringPlan, model: ModelInfo, override: SteeringOverride | None, param: str
+) -> None:
+    """Refuse a plan the model cannot apply: too many edits at a block for its engine, a vector of
+    the wrong size, a block it cannot steer."""
+    limit = model.edits_per_block
+    if limit is not None and (crowded := [b for b, listed in plan.edits.items() if len(listed) > limit]):
+        raise RequestRejected(
+            f"the {model.backend} engine serving '{model.id}' applies at most {limit} ablate or cap per "
+            f"block; block {crowded[0]} has {len(plan.edits[crowded[0]])}",
+            param=param,
+        )
+    plan.validate_for(model.num_layers, model.hidden_size)
+    for layer in sorted({*plan.vectors, *plan.edits}):
+        if layer not in model.steerable_layers:
+            raise SteeringError(
+                f"layer {layer} cannot be steered on model '{model.id}'{model.why_unsteerable(layer)}",
+                param="steering.layers" if override is not None and override.layers is not None else param,
+            )
+
+
 async def resolve_personas(
     store: PersonaStore,
     model: ModelInfo,
@@ -183,18 +204,5 @@ async def resolve_personas(
     if override is not None and override.positions is not None:
         positions = override.positions
     plan = SteeringPlan.compose(terms, positions=positions)
-    limit = model.edits_per_block
-    if limit is not None and (crowded := [b for b, listed in plan.edits.items() if len(listed) > limit]):
-        raise RequestRejected(
-            f"the {model.backend} engine serving '{model.id}' applies at most {limit} ablate or cap per "
-            f"block; block {crowded[0]} has {len(plan.edits[crowded[0]])}",
-            param=param,
-        )
-    plan.validate_for(model.num_layers, model.hidden_size)
-    for layer in sorted({*plan.vectors, *plan.edits}):
-        if layer not in model.steerable_layers:
-            raise SteeringError(
-                f"layer {layer} cannot be steered on model '{model.id}'{model.why_unsteerable(layer)}",
-                param="steering.layers" if override is not None and override.layers is not None else param,
-            )
+    _check_plan_fits(plan, model, override, param)
     return ResolvedPersonas(plan=plan, echoes=tuple(echoes))
