@@ -158,16 +158,35 @@ def upload_personas(url: str, models: list[str]) -> None:
             upload(url, f"p{index}", model, layers, 2.0, admin_key=None).raise_for_status()
 
 
+def reference_server_args(work: Path, max_tokens: int) -> tuple[Path, Path, list[str]]:
+    """The reference model built under ``work`` (an HF folder and its GGUF), and the arguments of a
+    persona-server serving both."""
+    model_dir = build_tiny_model(work / HF_MODEL, "llama", **REFERENCE_SIZES)
+    gguf = convert_hf_to_gguf(model_dir, work / f"{HF_MODEL}.gguf")
+    return (
+        model_dir,
+        gguf,
+        [
+            *["--model", str(model_dir), "--model", str(gguf), "--served-model-name", HF_MODEL],
+            *["--served-model-name", GGUF_MODEL, "--data-dir", str(work / "data")],
+            *["--max-tokens-cap", str(max_tokens)],
+        ],
+    )
+
+
+def vllm_server_args(model_dir: Path, work: Path, max_tokens: int) -> list[str]:
+    """The arguments of a persona-server serving the reference model's HF folder on vLLM."""
+    return [
+        *["--engine", "vllm", "--model", str(model_dir), "--served-model-name", HF_MODEL],
+        *["--max-model-len", "2048", "--data-dir", str(work / "data-vllm")],
+        *["--max-tokens-cap", str(max_tokens)],
+    ]
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder, ExitStack() as servers:
         work = Path(folder)
-        model_dir = build_tiny_model(work / HF_MODEL, "llama", **REFERENCE_SIZES)
-        gguf = convert_hf_to_gguf(model_dir, work / f"{HF_MODEL}.gguf")
-        ours_args = [
-            *["--model", str(model_dir), "--model", str(gguf), "--served-model-name", HF_MODEL],
-            *["--served-model-name", GGUF_MODEL, "--data-dir", str(work / "data")],
-            *["--max-tokens-cap", str(args.max_tokens)],
-        ]
+        model_dir, gguf, ours_args = reference_server_args(work, args.max_tokens)
         ours = servers.enter_context(ServerProcess(ours_args, log_path=work / "persona-server.log"))
         hf_peer = servers.enter_context(
             transformers_server(model_dir, work / "transformers.log", args.transformers_cli)
@@ -176,11 +195,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         upload_personas(ours.url, [HF_MODEL, GGUF_MODEL])
         check_llama_cpp_runs_to_max_tokens(gguf_peer.url, GGUF_MODEL, args.max_tokens)
         if args.vllm:
-            vllm_args = [
-                *["--engine", "vllm", "--model", str(model_dir), "--served-model-name", HF_MODEL],
-                *["--max-model-len", "2048", "--data-dir", str(work / "data-vllm")],
-                *["--max-tokens-cap", str(args.max_tokens)],
-            ]
+            vllm_args = vllm_server_args(model_dir, work, args.max_tokens)
             vllm_log = work / "persona-server-vllm.log"
             ours_vllm = servers.enter_context(
                 ServerProcess(vllm_args, env=VLLM_ENV, log_path=vllm_log, ready_timeout=600)

@@ -24,13 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.bench_options import bench_parser
-from loadtests.compare import GGUF_MODEL, HF_MODEL, PERSONAS, TARGET_CONCURRENCY, upload_personas
-from loadtests.engine_bench import REFERENCE_SIZES
+from loadtests.compare import (
+    GGUF_MODEL,
+    HF_MODEL,
+    PERSONAS,
+    TARGET_CONCURRENCY,
+    reference_server_args,
+    upload_personas,
+    vllm_server_args,
+)
 from loadtests.interleaved import Condition, report, run_interleaved
 from loadtests.peers import VLLM_ENV
-from server.gguf.model import convert_hf_to_gguf
 from testkit.server_process import ServerProcess
-from testkit.tiny_models import build_tiny_model
 
 ADDED = {"name": "p0"}
 OPERATORS = {
@@ -72,24 +77,14 @@ def _server(args: list[str], work: Path, name: str, env: dict[str, str] | None =
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder, ExitStack() as servers:
         work = Path(folder)
-        model_dir = build_tiny_model(work / HF_MODEL, "llama", **REFERENCE_SIZES)
-        gguf = convert_hf_to_gguf(model_dir, work / f"{HF_MODEL}.gguf")
-        ours_args = [
-            *["--model", str(model_dir), "--model", str(gguf), "--served-model-name", HF_MODEL],
-            *["--served-model-name", GGUF_MODEL, "--data-dir", str(work / "data")],
-            *["--max-tokens-cap", str(args.max_tokens)],
-        ]
+        model_dir, _, ours_args = reference_server_args(work, args.max_tokens)
         ours = servers.enter_context(_server(ours_args, work, "persona-server"))
         upload_personas(ours.url, [HF_MODEL, GGUF_MODEL])
         conditions = operator_conditions("HF", ours.url, HF_MODEL, TARGET_CONCURRENCY)
         conditions += operator_conditions("GGUF", ours.url, GGUF_MODEL, TARGET_CONCURRENCY)
         families = ["HF", "GGUF"]
         if args.vllm:
-            vllm_args = [
-                *["--engine", "vllm", "--model", str(model_dir), "--served-model-name", HF_MODEL],
-                *["--max-model-len", "2048", "--data-dir", str(work / "data-vllm")],
-                *["--max-tokens-cap", str(args.max_tokens)],
-            ]
+            vllm_args = vllm_server_args(model_dir, work, args.max_tokens)
             ours_vllm = servers.enter_context(_server(vllm_args, work, "persona-server-vllm", VLLM_ENV))
             upload_personas(ours_vllm.url, [HF_MODEL])
             conditions += operator_conditions("vLLM", ours_vllm.url, HF_MODEL, TARGET_CONCURRENCY)

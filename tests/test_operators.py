@@ -23,6 +23,13 @@ from tests.api_helpers import API_KEY, GGUF, LLAMA, QUESTION, assert_openai_erro
 PROMPT = [5, 17, 42, 9, 100, 23, 7]
 
 
+def post_chat(server: Any, **fields: Any) -> httpx.Response:
+    """A short chat request to the tiny Llama with ``fields`` added, over plain HTTP."""
+    body = {"model": LLAMA, "messages": QUESTION, "max_tokens": 4, **fields}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+
+
 def on_server(test: Any) -> Any:
     """The marks of a test on the session server (it serves a GGUF model too)."""
     return pytest.mark.integration(pytest.mark.llama_cpp(test))
@@ -275,32 +282,14 @@ def test_operators_through_the_openai_client(client: openai.OpenAI, personas: di
 def test_operator_fields_that_do_not_go_together_are_400(
     server: Any, personas: dict[str, Any], fields: dict[str, Any], param: str, fragment: str
 ) -> None:
-    body = {"model": LLAMA, "messages": QUESTION, "max_tokens": 4, **fields}
-    response = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {API_KEY}"},
-        timeout=30,
-    )
+    response = post_chat(server, **fields)
     error = assert_openai_error(response, 400, fragment)
     assert error["param"] == param, error
 
 
 @on_server
 def test_an_unknown_operator_is_refused_as_a_bad_value(server: Any, personas: dict[str, Any]) -> None:
-    body = {
-        "model": LLAMA,
-        "messages": QUESTION,
-        "max_tokens": 4,
-        "persona": "pirate",
-        "persona_operator": "shrink",
-    }
-    response = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {API_KEY}"},
-        timeout=30,
-    )
+    response = post_chat(server, persona="pirate", persona_operator="shrink")
     assert assert_openai_error(response, 422, "'add', 'ablate' or 'cap'")["param"] == "persona_operator"
 
 
@@ -367,18 +356,8 @@ def test_an_engine_without_an_operator_refuses_it_by_name() -> None:
 
 @on_server
 def test_the_answer_echoes_each_personas_operator(server: Any, personas: dict[str, Any]) -> None:
-    body = {
-        "model": LLAMA,
-        "messages": QUESTION,
-        "max_tokens": 4,
-        "persona": [{"name": "pirate", "strength": 3.0}, {"name": "pirate", "operator": "cap", "max": 0.5}],
-    }
-    response = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {API_KEY}"},
-        timeout=30,
-    )
+    capped = [{"name": "pirate", "strength": 3.0}, {"name": "pirate", "operator": "cap", "max": 0.5}]
+    response = post_chat(server, persona=capped)
     assert response.status_code == 200, response.text
     echoed = response.json()["persona"]
     assert echoed[0]["name"] == "pirate" and "operator" not in echoed[0]
