@@ -141,6 +141,28 @@ def test_strength_zero_gives_the_unsteered_answer(page: Page) -> None:
 
 @pytest.mark.browser
 @pytest.mark.slow
+def test_a_pushed_persona_capped_in_the_page_answers_as_unsteered(page: Page) -> None:
+    """Operators in the compare view: pirate at twice its default, then capped at the unsteered
+    reading (docs/results/operators.md) in a second row of the composition."""
+    page.get_by_test_id("model").select_option("demo-llama")
+    page.get_by_test_id("persona").select_option("pirate")
+    page.get_by_test_id("strength-value").fill("4")
+    base, pushed = generate(page)
+    assert shows_trait(pushed, "pirate") and not shows_trait(base, "pirate"), (base, pushed)
+    page.get_by_test_id("add-persona").click()
+    page.get_by_test_id("persona-2").select_option("pirate")
+    page.get_by_test_id("operator-2").select_option("cap")
+    expect(page.get_by_test_id("strength-2")).to_be_hidden()  # a cap has bounds, no strength
+    page.get_by_test_id("cap-max-2").fill("-1.8")
+    _, capped = generate(page)
+    expect(page.get_by_test_id("pane-steered").locator("h3")).to_have_text(
+        "pirate × 4 + cap pirate (max -1.8)"
+    )
+    assert not shows_trait(capped, "pirate") and capped != pushed, capped
+
+
+@pytest.mark.browser
+@pytest.mark.slow
 def test_an_imported_vector_file_shows_in_the_library(
     page: Page, demo_server: ServerProcess, tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ import { $, clearError, el, fillSelect, showError } from "./ui.js";
 const SPAN = 3;
 const STEPS_PER_DEFAULT = 20;
 const SWEEP_MULTIPLES = [0, 0.5, 1, 2];
+const OPERATORS = ["add", "ablate", "cap"];
 
 let state;
 let running = null;
@@ -39,10 +40,33 @@ function termRow(personas, index) {
     slider.value = value;
   });
   setSlider(slider, number, byName());
+  const operator = el("select", { "data-testid": `operator${suffix}`, "aria-label": "operator" });
+  fillSelect(operator, OPERATORS);
+  // A cap's bounds (either may be empty); a cap has no strength, an ablation's defaults to 1.
+  const max = el("input", { type: "number", step: "any", placeholder: "max", "data-testid": `cap-max${suffix}` });
+  const min = el("input", { type: "number", step: "any", placeholder: "min", "data-testid": `cap-min${suffix}` });
+  const showOperator = () => {
+    const cap = operator.value === "cap";
+    max.hidden = min.hidden = !cap;
+    slider.hidden = number.hidden = cap;
+  };
+  operator.addEventListener("change", showOperator);
+  showOperator();
   const remove = el("button", { type: "button", text: "×", title: "remove", onclick: () => row.remove() });
-  const row = el("div", { class: "term" }, select, slider, number, index === 0 ? null : remove);
-  row.term = () => ({ name: select.value, strength: Number(number.value) });
+  const row = el("div", { class: "term" }, select, operator, slider, number, min, max, index === 0 ? null : remove);
+  row.term = () => termOf(select.value, operator.value, Number(number.value), min.value, max.value);
   return row;
+}
+
+// A row as a request's persona term: {name, strength} for add (the API's default), and the
+// operator with its bounds (a cap) or its strength (an ablation) otherwise.
+function termOf(name, operator, strength, min, max) {
+  if (operator === "add") return { name, strength };
+  if (operator === "ablate") return { name, operator, strength };
+  const term = { name, operator };
+  if (max !== "") term.max = Number(max);
+  if (min !== "") term.min = Number(min);
+  return term;
 }
 
 // The sweep's strengths follow the first persona: 0, half, once and twice its default.
@@ -82,8 +106,15 @@ export function baseRequest(model, monitored = []) {
 function composeSpecs(chosen, positions) {
   const base = { id: "base", title: "unsteered", steered: false, fields: {} };
   if (!chosen.length) return [base]; // this model has no persona yet: nothing to compare with
-  const title = chosen.map((t) => `${t.name} × ${t.strength}`).join(" + ");
+  const title = chosen.map(termTitle).join(" + ");
   return [base, { id: "steered", title, steered: true, fields: steeringFields(chosen, positions) }];
+}
+
+function termTitle(term) {
+  if (!term.operator) return `${term.name} × ${term.strength}`;
+  if (term.operator === "ablate") return `ablate ${term.name} × ${term.strength}`;
+  const bounds = [term.min === undefined ? "" : `min ${term.min}`, term.max === undefined ? "" : `max ${term.max}`];
+  return `cap ${term.name} (${bounds.filter(Boolean).join(", ")})`;
 }
 
 function sweepSpecs(chosen, positions) {

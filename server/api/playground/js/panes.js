@@ -53,14 +53,15 @@ export async function runPanes(container, base, specs, signal) {
   );
 }
 
-// The steering fields of a request: one persona, or a composition of several.
+// The steering fields of a request: one persona added, or a list of terms (a composition, or any
+// term with an operator: ablate, cap).
 export function steeringFields(terms, positions) {
   const fields = {};
-  if (terms.length === 1) {
+  if (terms.length === 1 && !terms[0].operator) {
     fields.persona = terms[0].name;
     fields.persona_strength = terms[0].strength;
-  } else if (terms.length > 1) {
-    fields.persona = terms.map(({ name, strength }) => ({ name, strength }));
+  } else if (terms.length) {
+    fields.persona = terms.map((term) => ({ ...term }));
   }
   if (positions && terms.length) fields.steering = { positions };
   return fields;
