@@ -54,6 +54,25 @@ def _target_also_fixed(body: Body) -> bool:
     return (body.get("persona_target") or {}).get("name") in _persona_names(body)
 
 
+def _cap_fields_clash(body: Body) -> bool:
+    """A single persona's operator, strength and cap bounds that do not go together
+    (serving/persona_terms.py): a cap needs a bound and takes no strength, bounds belong to a cap,
+    min is not above max; they need a single persona; and an edit takes no closed-loop field yet
+    (completions.py)."""
+    low, high = body.get("persona_cap_min"), body.get("persona_cap_max")
+    bounded = low is not None or high is not None
+    operator = body.get("persona_operator") or ("cap" if bounded else "add")
+    looped = body.get("persona_target") or body.get("persona_when") or body.get("persona_monitor_tokens")
+    if operator != "add" and looped:
+        return True
+    if (body.get("persona_operator") is not None or bounded) and not isinstance(body.get("persona"), str):
+        return True  # the single-persona fields, without a single persona
+    if operator != "cap":
+        return bounded
+    crossed = low is not None and high is not None and low > high
+    return not bounded or body.get("persona_strength") is not None or crossed
+
+
 def _same_models(body: Body) -> bool:
     return body.get("source_model") == body.get("target_model")
 
@@ -64,11 +83,19 @@ RULES: list[Rule] = [
     # steering_loops.py, mapping_fits.py): best_of = n, min_tokens <= max_tokens (or the default
     # length, which the schema could state but schemathesis then cannot generate from it), n times the
     # prompts within the answers a model runs at once (n alone is bounded in the schema), a
-    # persona not both fixed and targeted, a map between two models, enough texts for the folds.
+    # persona not both fixed and targeted, a single persona's operator against its cap bounds and
+    # strength (JSON Schema could state most of it, but each if/then doubles what schemathesis
+    # generates from, and it gives up past a few), a map between two models, enough texts for the
+    # folds.
     ("/completions", _best_of_not_n, frozenset({"best_of"})),
     ("/completions", _min_over_max, frozenset({"min_tokens"})),
     ("/v1/completions", lambda body: _prompts(body) > 1, frozenset({"n"})),
     ("/completions", _target_also_fixed, frozenset({"persona_target"})),
+    (
+        "/completions",
+        _cap_fields_clash,
+        frozenset({"persona_operator", "persona_strength", "persona_cap_max"}),
+    ),
     ("/admin/mappings", _same_models, frozenset({"target_model"})),
     ("/admin/mappings", lambda body: body.get("texts") is not None, frozenset({"texts"})),
     # What the server stores: a persona's layers and strengths, the blocks a file format can hold,
